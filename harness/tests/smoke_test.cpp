@@ -1,0 +1,2 @@
+#include <gtest/gtest.h>
+TEST(HarnessSmoke, TorchLinks) { EXPECT_EQ(torch::ones({2}).sum().item<float>(), 2.0f); }
