@@ -1,0 +1,416 @@
+#include "harness/model/config.h"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <set>
+
+#include "harness/io/input_error.h"
+
+namespace cpharness::model {
+namespace {
+
+using nlohmann::json;
+using io::InputError;
+
+std::vector<LayerType> repeat_pattern(int sliding_per_full, int repeats) {
+  std::vector<LayerType> types;
+  for (int r = 0; r < repeats; ++r) {
+    for (int s = 0; s < sliding_per_full; ++s) types.push_back(LayerType::kSliding);
+    types.push_back(LayerType::kFull);
+  }
+  return types;
+}
+
+ModelConfig e2b() {
+  ModelConfig c;
+  c.name = "e2b";
+  c.vocab_size = 262144;
+  c.hidden_size = 1536;
+  c.intermediate_size = 6144;
+  c.num_hidden_layers = 35;
+  c.layer_types = repeat_pattern(4, 7);
+  c.num_attention_heads = 8;
+  c.num_key_value_heads = 1;
+  c.head_dim = 256;
+  c.global_head_dim = 512;
+  c.sliding_window = 512;
+  c.num_kv_shared_layers = 20;
+  c.hidden_size_per_layer_input = 256;
+  c.vocab_size_per_layer_input = 262144;
+  c.use_double_wide_mlp = true;
+  return c;
+}
+
+ModelConfig e4b() {
+  ModelConfig c = e2b();
+  c.name = "e4b";
+  c.hidden_size = 2560;
+  c.intermediate_size = 10240;
+  c.num_hidden_layers = 42;
+  c.layer_types = repeat_pattern(5, 7);
+  c.num_key_value_heads = 2;
+  c.num_kv_shared_layers = 18;
+  c.use_double_wide_mlp = false;
+  return c;
+}
+
+ModelConfig b31() {
+  ModelConfig c;
+  c.name = "31b";
+  c.vocab_size = 262144;
+  c.hidden_size = 5376;
+  c.intermediate_size = 21504;
+  c.num_hidden_layers = 60;
+  c.layer_types = repeat_pattern(5, 10);
+  c.num_attention_heads = 32;
+  c.num_key_value_heads = 16;
+  c.num_global_key_value_heads = 4;
+  c.attention_k_eq_v = true;
+  c.head_dim = 256;
+  c.global_head_dim = 512;
+  c.sliding_window = 1024;
+  c.num_kv_shared_layers = 0;
+  c.hidden_size_per_layer_input = 0;
+  c.use_bidirectional_attention = "vision";
+  return c;
+}
+
+// Tiny widths that keep the layer count, layer pattern, KV-sharing layout, double-wide MLP, per-layer inputs,
+// GQA ratio, k_eq_v and vision setting of the real model (head counts shrink by the same factor).
+ModelConfig tiny(ModelConfig c, int64_t heads, int64_t kv_heads, std::optional<int64_t> global_kv_heads) {
+  c.name = "tiny-" + c.name;
+  c.vocab_size = 512;
+  c.hidden_size = 64;
+  c.intermediate_size = 4 * 64;
+  c.num_attention_heads = heads;
+  c.num_key_value_heads = kv_heads;
+  c.num_global_key_value_heads = global_kv_heads;
+  c.head_dim = 16;
+  c.global_head_dim = 32;
+  c.sliding_window = 32;
+  if (c.hidden_size_per_layer_input > 0) {
+    c.hidden_size_per_layer_input = 8;
+    c.vocab_size_per_layer_input = 512;
+  }
+  return c;
+}
+
+template <typename T>
+T read_field(const json& j, const std::string& key, const std::string& source, const std::string& prefix) {
+  const json& v = j.at(key);
+  bool ok = false;
+  if constexpr (std::is_same_v<T, bool>) ok = v.is_boolean();
+  else if constexpr (std::is_integral_v<T>) ok = v.is_number_integer();
+  else if constexpr (std::is_floating_point_v<T>) ok = v.is_number();
+  else if constexpr (std::is_same_v<T, std::string>) ok = v.is_string();
+  if (!ok) throw InputError(source, prefix + key, fmt::format("wrong type: {}", v.type_name()));
+  return v.get<T>();
+}
+
+RopeConfig read_rope(const json& j, const std::string& source, const std::string& field) {
+  if (!j.is_object()) throw InputError(source, field, "expected an object");
+  RopeConfig r;
+  for (auto& [k, v] : j.items()) {
+    if (k == "rope_type") r.rope_type = read_field<std::string>(j, k, source, field + ".");
+    else if (k == "rope_theta") r.theta = read_field<double>(j, k, source, field + ".");
+    else if (k == "partial_rotary_factor") r.partial_rotary_factor = read_field<double>(j, k, source, field + ".");
+    else if (k == "factor") r.factor = read_field<double>(j, k, source, field + ".");
+  }
+  if (r.rope_type != "default" && r.rope_type != "proportional")
+    throw InputError(source, field + ".rope_type", "unsupported rope type '" + r.rope_type + "'");
+  return r;
+}
+
+// Applies HF config keys onto `c`. `strict`: unknown keys are errors (case files); HF files carry many keys
+// that do not change the text math (architectures, torch_dtype, token ids of other modalities), so not there.
+void apply_hf_keys(ModelConfig& c, const json& j, const std::string& source, const std::string& prefix, bool strict) {
+  if (!j.is_object()) throw InputError(source, prefix.empty() ? "config" : prefix, "expected a JSON object");
+  using Setter = std::function<void(const std::string&)>;
+  auto i64 = [&](int64_t& dst) { return Setter([&](const std::string& k) { dst = read_field<int64_t>(j, k, source, prefix); }); };
+  auto dbl = [&](double& dst) { return Setter([&](const std::string& k) { dst = read_field<double>(j, k, source, prefix); }); };
+  auto bln = [&](bool& dst) { return Setter([&](const std::string& k) { dst = read_field<bool>(j, k, source, prefix); }); };
+  bool layer_types_given = false;
+  const std::map<std::string, Setter> setters = {
+      {"vocab_size", i64(c.vocab_size)},
+      {"hidden_size", i64(c.hidden_size)},
+      {"intermediate_size", i64(c.intermediate_size)},
+      {"num_hidden_layers", i64(c.num_hidden_layers)},
+      {"num_attention_heads", i64(c.num_attention_heads)},
+      {"num_key_value_heads", i64(c.num_key_value_heads)},
+      {"head_dim", i64(c.head_dim)},
+      {"global_head_dim", i64(c.global_head_dim)},
+      {"num_global_key_value_heads",
+       [&](const std::string& k) {
+         if (j.at(k).is_null()) c.num_global_key_value_heads.reset();
+         else c.num_global_key_value_heads = read_field<int64_t>(j, k, source, prefix);
+       }},
+      {"attention_k_eq_v", bln(c.attention_k_eq_v)},
+      {"sliding_window", i64(c.sliding_window)},
+      {"rms_norm_eps", dbl(c.rms_norm_eps)},
+      {"final_logit_softcapping",
+       [&](const std::string& k) {
+         if (j.at(k).is_null()) c.final_logit_softcapping.reset();
+         else c.final_logit_softcapping = read_field<double>(j, k, source, prefix);
+       }},
+      {"hidden_size_per_layer_input", i64(c.hidden_size_per_layer_input)},
+      {"vocab_size_per_layer_input", i64(c.vocab_size_per_layer_input)},
+      {"num_kv_shared_layers", i64(c.num_kv_shared_layers)},
+      {"use_double_wide_mlp", bln(c.use_double_wide_mlp)},
+      {"pad_token_id", i64(c.pad_token_id)},
+      {"tie_word_embeddings", bln(c.tie_word_embeddings)},
+      {"use_bidirectional_attention",
+       [&](const std::string& k) {
+         if (j.at(k).is_null()) c.use_bidirectional_attention.clear();
+         else c.use_bidirectional_attention = read_field<std::string>(j, k, source, prefix);
+       }},
+      {"layer_types",
+       [&](const std::string& k) {
+         const json& v = j.at(k);
+         if (!v.is_array()) throw InputError(source, prefix + k, "expected an array of layer type strings");
+         c.layer_types.clear();
+         for (size_t i = 0; i < v.size(); ++i) {
+           if (v[i] == "sliding_attention") c.layer_types.push_back(LayerType::kSliding);
+           else if (v[i] == "full_attention") c.layer_types.push_back(LayerType::kFull);
+           else throw InputError(source, fmt::format("{}{}[{}]", prefix, k, i), "expected sliding_attention or full_attention");
+         }
+         layer_types_given = true;
+       }},
+      {"rope_parameters",
+       [&](const std::string& k) {
+         const json& v = j.at(k);
+         if (!v.is_object()) throw InputError(source, prefix + k, "expected an object keyed by layer type");
+         for (auto& [type, r] : v.items()) {
+           if (type == "sliding_attention") c.rope_sliding = read_rope(r, source, prefix + k + "." + type);
+           else if (type == "full_attention") c.rope_full = read_rope(r, source, prefix + k + "." + type);
+           else if (strict) throw InputError(source, prefix + k + "." + type, "unknown layer type");
+         }
+       }},
+      // Newest transformers folds global_head_dim / num_global_key_value_heads into per_layer_config.
+      {"per_layer_config",
+       [&](const std::string& k) {
+         const json& v = j.at(k);
+         if (v.is_object() && v.contains("full_attention") && v["full_attention"].is_object()) {
+           const json& f = v["full_attention"];
+           if (f.contains("head_dim")) c.global_head_dim = read_field<int64_t>(f, "head_dim", source, prefix + k + ".full_attention.");
+         }
+       }},
+  };
+  for (auto& [key, value] : j.items()) {
+    auto it = setters.find(key);
+    if (it != setters.end()) it->second(key);
+    else if (strict) throw InputError(source, prefix + key, "unknown key");
+  }
+  if (!layer_types_given && (c.layer_types.empty() || int64_t(c.layer_types.size()) != c.num_hidden_layers)) {
+    // HF default: i % 6 == 5 is full, and the last layer is forced to full.
+    c.layer_types.clear();
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i)
+      c.layer_types.push_back(i % 6 == 5 ? LayerType::kFull : LayerType::kSliding);
+    if (!c.layer_types.empty()) c.layer_types.back() = LayerType::kFull;
+  }
+}
+
+std::string layer_type_name(LayerType t) { return t == LayerType::kFull ? "full_attention" : "sliding_attention"; }
+
+}  // namespace
+
+int64_t ModelConfig::layer_kv_heads(int64_t layer) const {
+  if (attention_k_eq_v && is_full(layer) && num_global_key_value_heads) return *num_global_key_value_heads;
+  return num_key_value_heads;
+}
+
+bool ModelConfig::is_kv_shared(int64_t layer) const {
+  const int64_t first = first_kv_shared_layer();
+  return num_kv_shared_layers > 0 && first > 0 && layer >= first;
+}
+
+int64_t ModelConfig::kv_source_layer(int64_t layer) const {
+  if (!is_kv_shared(layer)) return -1;
+  for (int64_t j = first_kv_shared_layer() - 1; j >= 0; --j)
+    if (layer_types[j] == layer_types[layer]) return j;
+  return -1;
+}
+
+bool ModelConfig::stores_full_length_kv(int64_t layer) const {
+  if (num_kv_shared_layers <= 0 || is_kv_shared(layer)) return false;
+  for (int64_t j = layer + 1; j < first_kv_shared_layer(); ++j)
+    if (layer_types[j] == layer_types[layer]) return false;
+  return true;
+}
+
+bool ModelConfig::owns_kv_weights(int64_t layer) const {
+  return !is_kv_shared(layer) || kv_share_semantics == KvShareSemantics::kCacheGated;
+}
+
+int64_t ModelConfig::layer_intermediate_size(int64_t layer) const {
+  return (use_double_wide_mlp && is_kv_shared(layer)) ? 2 * intermediate_size : intermediate_size;
+}
+
+std::optional<int64_t> ModelConfig::layer_window(int64_t layer) const {
+  if (is_full(layer)) return std::nullopt;
+  return sliding_window;
+}
+
+bool ModelConfig::layer_vision_bidirectional(int64_t layer) const {
+  return use_bidirectional_attention == "vision" && !is_full(layer);
+}
+
+void ModelConfig::validate(const std::string& source) const {
+  auto positive = [&](int64_t v, const char* field) {
+    if (v <= 0) throw InputError(source, field, fmt::format("must be positive, got {}", v));
+  };
+  positive(vocab_size, "vocab_size");
+  positive(hidden_size, "hidden_size");
+  positive(intermediate_size, "intermediate_size");
+  positive(num_hidden_layers, "num_hidden_layers");
+  positive(num_attention_heads, "num_attention_heads");
+  positive(num_key_value_heads, "num_key_value_heads");
+  positive(head_dim, "head_dim");
+  positive(global_head_dim, "global_head_dim");
+  positive(sliding_window, "sliding_window");
+  if (head_dim % 2 || global_head_dim % 2) throw InputError(source, "head_dim", "head dims must be even for RoPE");
+  if (int64_t(layer_types.size()) != num_hidden_layers)
+    throw InputError(source, "layer_types", fmt::format("has {} entries for {} layers", layer_types.size(), num_hidden_layers));
+  for (int64_t i = 0; i < num_hidden_layers; ++i)
+    if (num_attention_heads % layer_kv_heads(i))
+      throw InputError(source, "num_key_value_heads", fmt::format("layer {}: {} heads not a multiple of {} KV heads", i, num_attention_heads, layer_kv_heads(i)));
+  if (attention_k_eq_v && !num_global_key_value_heads)
+    throw InputError(source, "num_global_key_value_heads", "required when attention_k_eq_v is true");
+  if (num_kv_shared_layers < 0 || num_kv_shared_layers > num_hidden_layers)
+    throw InputError(source, "num_kv_shared_layers", fmt::format("{} outside [0, {}]", num_kv_shared_layers, num_hidden_layers));
+  for (int64_t i = 0; i < num_hidden_layers; ++i)
+    if (is_kv_shared(i) && kv_source_layer(i) < 0)
+      throw InputError(source, "num_kv_shared_layers", fmt::format("shared layer {} ({}) has no earlier layer of its type", i, layer_type_name(layer_types[i])));
+  if (hidden_size_per_layer_input < 0) throw InputError(source, "hidden_size_per_layer_input", "must be >= 0");
+  if (hidden_size_per_layer_input > 0) positive(vocab_size_per_layer_input, "vocab_size_per_layer_input");
+  if (!use_bidirectional_attention.empty() && use_bidirectional_attention != "vision")
+    throw InputError(source, "use_bidirectional_attention", "only null or \"vision\" is supported, got \"" + use_bidirectional_attention + "\"");
+  if (!tie_word_embeddings) throw InputError(source, "tie_word_embeddings", "Gemma4 ties the LM head; false is not supported");
+  if (rope_full.partial_rotary_factor <= 0 || rope_full.partial_rotary_factor > 1)
+    throw InputError(source, "rope_parameters.full_attention.partial_rotary_factor", "must be in (0, 1]");
+  if (pad_token_id < 0 || pad_token_id >= vocab_size) throw InputError(source, "pad_token_id", "outside the vocabulary");
+}
+
+json ModelConfig::to_json() const {
+  json types = json::array();
+  for (auto t : layer_types) types.push_back(layer_type_name(t));
+  auto rope = [](const RopeConfig& r) {
+    json j = {{"rope_type", r.rope_type}, {"rope_theta", r.theta}};
+    if (r.rope_type == "proportional") j["partial_rotary_factor"] = r.partial_rotary_factor;
+    if (r.factor != 1.0) j["factor"] = r.factor;
+    return j;
+  };
+  json j = {
+      {"model_type", "gemma4_text"},
+      {"vocab_size", vocab_size},
+      {"hidden_size", hidden_size},
+      {"intermediate_size", intermediate_size},
+      {"num_hidden_layers", num_hidden_layers},
+      {"num_attention_heads", num_attention_heads},
+      {"num_key_value_heads", num_key_value_heads},
+      {"head_dim", head_dim},
+      {"global_head_dim", global_head_dim},
+      {"num_global_key_value_heads", num_global_key_value_heads ? json(*num_global_key_value_heads) : json(nullptr)},
+      {"attention_k_eq_v", attention_k_eq_v},
+      {"layer_types", types},
+      {"sliding_window", sliding_window},
+      {"rope_parameters", {{"sliding_attention", rope(rope_sliding)}, {"full_attention", rope(rope_full)}}},
+      {"rms_norm_eps", rms_norm_eps},
+      {"final_logit_softcapping", final_logit_softcapping ? json(*final_logit_softcapping) : json(nullptr)},
+      {"hidden_size_per_layer_input", hidden_size_per_layer_input},
+      {"vocab_size_per_layer_input", vocab_size_per_layer_input},
+      {"num_kv_shared_layers", num_kv_shared_layers},
+      {"use_double_wide_mlp", use_double_wide_mlp},
+      {"use_bidirectional_attention", use_bidirectional_attention.empty() ? json(nullptr) : json(use_bidirectional_attention)},
+      {"hidden_activation", "gelu_pytorch_tanh"},
+      {"attention_bias", false},
+      {"pad_token_id", pad_token_id},
+      {"tie_word_embeddings", tie_word_embeddings},
+  };
+  return j;
+}
+
+std::vector<std::string> preset_names() { return {"e2b", "e4b", "31b", "tiny-e2b", "tiny-e4b", "tiny-31b"}; }
+
+ModelConfig preset_config(const std::string& name) {
+  if (name == "e2b") return e2b();
+  if (name == "e4b") return e4b();
+  if (name == "31b") return b31();
+  // GQA ratios kept: E2B 8:1, E4B 4:1 (8:2), 31B 8:4 sliding and 8:1 full (32:16, 32:4).
+  if (name == "tiny-e2b") return tiny(e2b(), 8, 1, std::nullopt);
+  if (name == "tiny-e4b") return tiny(e4b(), 4, 1, std::nullopt);
+  if (name == "tiny-31b") return tiny(b31(), 8, 4, 1);
+  std::string known;
+  for (auto& n : preset_names()) known += (known.empty() ? "" : ", ") + n;
+  throw InputError("preset", name, "unknown preset (known: " + known + ")");
+}
+
+ModelConfig config_from_hf_json(const json& j, const std::string& source) {
+  if (!j.is_object()) throw InputError(source, "config", "expected a JSON object");
+  const bool nested = j.contains("text_config");
+  if (nested && !j["text_config"].is_object()) throw InputError(source, "text_config", "expected an object");
+  ModelConfig c;
+  c.layer_types.clear();
+  apply_hf_keys(c, nested ? j["text_config"] : j, source, nested ? "text_config." : "", /*strict=*/false);
+  c.name = "hf";
+  c.validate(source);
+  return c;
+}
+
+ModelConfig load_hf_config_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw InputError(path, "config", "cannot open file");
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::parse_error& e) {
+    throw InputError(path, "config", std::string("malformed JSON: ") + e.what());
+  }
+  return config_from_hf_json(j, path);
+}
+
+std::string to_string(KvShareSemantics s) {
+  return s == KvShareSemantics::kCacheGated ? "cache-gated" : "shared-kv-states";
+}
+
+KvShareSemantics kv_share_semantics_from_string(const std::string& s, const std::string& source) {
+  if (s == "shared-kv-states") return KvShareSemantics::kSharedKvStates;
+  if (s == "cache-gated") return KvShareSemantics::kCacheGated;
+  throw InputError(source, "kv_share_semantics", "expected \"shared-kv-states\" or \"cache-gated\", got \"" + s + "\"");
+}
+
+ModelConfig config_from_case_json(const json& j, const std::string& source) {
+  if (!j.is_object()) throw InputError(source, "model", "expected an object");
+  ModelConfig c;
+  const bool has_preset = j.contains("preset"), has_config = j.contains("config");
+  if (has_preset == has_config) throw InputError(source, "model", "give exactly one of \"preset\" or \"config\"");
+  for (auto& [key, value] : j.items()) {
+    static const std::set<std::string> known = {"preset", "config", "overrides", "kv_share_semantics"};
+    if (!known.count(key)) throw InputError(source, "model." + key, "unknown key");
+  }
+  if (has_preset) {
+    if (!j["preset"].is_string()) throw InputError(source, "model.preset", "wrong type: expected a string");
+    try {
+      c = preset_config(j["preset"].get<std::string>());
+    } catch (const InputError& e) {
+      throw InputError(source, "model.preset", e.what());
+    }
+    if (j.contains("overrides")) apply_hf_keys(c, j["overrides"], source, "model.overrides.", /*strict=*/true);
+  } else {
+    if (j.contains("overrides")) throw InputError(source, "model.overrides", "only allowed with \"preset\"");
+    c.layer_types.clear();
+    apply_hf_keys(c, j["config"], source, "model.config.", /*strict=*/true);
+    c.name = "inline";
+  }
+  if (j.contains("kv_share_semantics")) {
+    if (!j["kv_share_semantics"].is_string()) throw InputError(source, "model.kv_share_semantics", "wrong type: expected a string");
+    c.kv_share_semantics = kv_share_semantics_from_string(j["kv_share_semantics"].get<std::string>(), source);
+  }
+  c.validate(source);
+  return c;
+}
+
+}  // namespace cpharness::model

@@ -1,0 +1,39 @@
+#include "harness/model/init.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <string>
+
+namespace cpharness::model {
+namespace {
+
+uint64_t fnv1a(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char ch : s) h = (h ^ ch) * 1099511628211ull;
+  return h;
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+torch::Tensor draw(const std::string& name, const torch::Tensor& like, uint64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed ^ fnv1a(name));
+  auto normal = torch::randn(like.sizes(), gen, torch::TensorOptions().dtype(torch::kFloat64));
+  const bool is_norm = name.find("norm") != std::string::npos;
+  if (ends_with(name, "layer_scalar") || is_norm) return 1.0 + 0.1 * normal;
+  if (like.dim() == 2 && name.find("embed_tokens") != std::string::npos) return normal;
+  if (like.dim() == 2) return normal / std::sqrt(double(like.size(1)));  // linear [out, in]
+  return normal;
+}
+
+}  // namespace
+
+void init_weights(Gemma4Model& model, uint64_t seed) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : model->named_parameters()) p.value().copy_(draw(p.key(), p.value(), seed));
+  for (auto& b : model->named_buffers())
+    if (ends_with(b.key(), "layer_scalar")) b.value().copy_(draw(b.key(), b.value(), seed));
+}
+
+}  // namespace cpharness::model

@@ -1,0 +1,15 @@
+// Seeded deterministic initialisation: every tensor is drawn from its own generator seeded by (seed, name), so
+// the weights are identical on every rank, in every process and whatever the order of construction.
+#pragma once
+#include <cstdint>
+
+#include "harness/model/gemma4.h"
+
+namespace cpharness::model {
+
+// Linear weights ~ N(0, 1/fan_in) (activations stay O(1) at tiny widths, so masks and gradients matter);
+// embedding tables ~ N(0, 1); norm weights 1 + 0.1·N(0, 1) (so a norm that ignores or offsets its weight shows);
+// layer_scalar 1 + 0.1·N(0, 1) (so code that assumes 1.0 shows).
+void init_weights(Gemma4Model& model, uint64_t seed);
+
+}  // namespace cpharness::model
