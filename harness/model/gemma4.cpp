@@ -16,11 +16,16 @@ torch::Tensor gelu_tanh(const torch::Tensor& x) { return torch::gelu(x, "tanh");
 // HF's ScaledWordEmbedding: lookup with padding_idx (row `pad` gets no gradient from the lookup), times a
 // 0-d fp32 scale cast to the weight dtype (so under bf16 the multiplier itself is bf16-rounded).
 torch::Tensor scaled_embedding(const torch::Tensor& weight, const torch::Tensor& ids, int64_t pad, double scale) {
-  auto scale_tensor = torch::tensor(float(scale), torch::TensorOptions().dtype(torch::kFloat32)).to(weight.scalar_type());
-  return torch::embedding(weight, ids, pad) * scale_tensor.to(weight.device());
+  return torch::embedding(weight, ids, pad) * embedding_multiplier(scale, weight.scalar_type()).to(weight.device());
 }
 
 }  // namespace
+
+torch::Tensor embedding_multiplier(double scale, torch::ScalarType dtype) {
+  return torch::tensor(float(scale), torch::TensorOptions().dtype(torch::kFloat32)).to(dtype);
+}
+
+torch::Tensor softcap(const torch::Tensor& logits, double cap) { return torch::tanh(logits / cap) * cap; }
 
 Gemma4AttentionImpl::Gemma4AttentionImpl(const ModelConfig& c, int64_t layer)
     : layer_(layer),
@@ -171,10 +176,7 @@ torch::Tensor Gemma4ModelImpl::forward(const ModelInputs& inputs, AttentionBacke
   }
   h = norm(h);
   auto logits = torch::linear(h, embed_tokens->weight);  // tied LM head
-  if (c.final_logit_softcapping) {
-    const double cap = *c.final_logit_softcapping;
-    logits = torch::tanh(logits / cap) * cap;
-  }
+  if (c.final_logit_softcapping) logits = softcap(logits, *c.final_logit_softcapping);
   return logits;
 }
 

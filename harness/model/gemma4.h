@@ -114,6 +114,13 @@ class Gemma4ModelImpl : public torch::nn::Module {
 };
 TORCH_MODULE(Gemma4Model);
 
+// The embedding multiplier as HF applies it: a 0-d fp32 tensor holding `scale`, cast to the weight dtype
+// (bf16: sqrt(1536) = 39.19 becomes 39.25).
+torch::Tensor embedding_multiplier(double scale, torch::ScalarType dtype);
+
+// Final logit softcap: tanh(logits / cap) * cap, each op in the logits dtype.
+torch::Tensor softcap(const torch::Tensor& logits, double cap);
+
 // Labels for next-token prediction: target[t] = labels[t + 1], the last position -100 (HF ForCausalLMLoss).
 torch::Tensor shift_labels(const torch::Tensor& labels);
 

@@ -1,0 +1,114 @@
+#include "harness/model/weights.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <set>
+
+#include "harness/io/input_error.h"
+
+namespace cpharness::model {
+namespace {
+
+bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
+
+// "model.language_model.x" / "model.x" / "x" -> "x"; other prefixes (vision tower, audio) stay as they are.
+std::string strip_text_prefix(const std::string& name) {
+  for (const char* prefix : {"model.language_model.", "language_model.model.", "model."})
+    if (starts_with(name, prefix)) return name.substr(std::string(prefix).size());
+  return name;
+}
+
+bool is_non_text(const std::string& stripped) {
+  for (const char* p : {"vision_tower.", "audio_tower.", "embed_vision.", "embed_audio.", "multi_modal_projector.",
+                        "vision_", "audio_"})
+    if (starts_with(stripped, p)) return true;
+  return stripped == "lm_head.weight";  // tied to embed_tokens
+}
+
+std::string shape_str(at::IntArrayRef s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
+
+}  // namespace
+
+std::vector<TensorSpec> tensor_specs(const ModelConfig& c) {
+  std::vector<TensorSpec> specs;
+  const int64_t H = c.hidden_size, L = c.num_hidden_layers, P = c.hidden_size_per_layer_input;
+  specs.push_back({"embed_tokens.weight", {c.vocab_size, H}});
+  if (c.has_per_layer_inputs()) {
+    specs.push_back({"embed_tokens_per_layer.weight", {c.vocab_size_per_layer_input, L * P}});
+    specs.push_back({"per_layer_model_projection.weight", {L * P, H}});
+    specs.push_back({"per_layer_projection_norm.weight", {P}});
+  }
+  for (int64_t i = 0; i < L; ++i) {
+    const std::string l = fmt::format("layers.{}.", i);
+    const int64_t hd = c.layer_head_dim(i), kv = c.layer_kv_heads(i), heads = c.num_attention_heads;
+    const int64_t I = c.layer_intermediate_size(i);
+    specs.push_back({l + "self_attn.q_proj.weight", {heads * hd, H}});
+    if (c.owns_kv_weights(i)) {
+      specs.push_back({l + "self_attn.k_proj.weight", {kv * hd, H}});
+      if (c.has_v_proj(i)) specs.push_back({l + "self_attn.v_proj.weight", {kv * hd, H}});
+    }
+    specs.push_back({l + "self_attn.o_proj.weight", {H, heads * hd}});
+    specs.push_back({l + "self_attn.q_norm.weight", {hd}});
+    if (c.owns_kv_weights(i)) specs.push_back({l + "self_attn.k_norm.weight", {hd}});
+    specs.push_back({l + "mlp.gate_proj.weight", {I, H}});
+    specs.push_back({l + "mlp.up_proj.weight", {I, H}});
+    specs.push_back({l + "mlp.down_proj.weight", {H, I}});
+    for (const char* n : {"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"})
+      specs.push_back({l + n + ".weight", {H}});
+    if (c.has_per_layer_inputs()) {
+      specs.push_back({l + "per_layer_input_gate.weight", {P, H}});
+      specs.push_back({l + "per_layer_projection.weight", {H, P}});
+      specs.push_back({l + "post_per_layer_input_norm.weight", {H}});
+    }
+    specs.push_back({l + "layer_scalar", {1}, true});
+  }
+  specs.push_back({"norm.weight", {H}});
+  return specs;
+}
+
+std::map<std::string, torch::Tensor> model_tensors(Gemma4Model& model) {
+  std::map<std::string, torch::Tensor> out;
+  for (auto& p : model->named_parameters()) out[p.key()] = p.value().detach();
+  for (auto& b : model->named_buffers()) out[b.key()] = b.value().detach();
+  return out;
+}
+
+LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::Tensor>& tensors, const std::string& source) {
+  const ModelConfig& c = model->config();
+  auto targets = model_tensors(model);
+  // Names a shared layer may carry in checkpoints but never uses (Google's originals keep them).
+  std::set<std::string> redundant;
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    if (!c.is_kv_shared(i) || c.owns_kv_weights(i)) continue;
+    for (const char* n : {"k_proj.weight", "v_proj.weight", "k_norm.weight"})
+      redundant.insert(fmt::format("layers.{}.self_attn.{}", i, n));
+  }
+  LoadSummary summary;
+  std::vector<std::string> unknown, mismatched;
+  std::set<std::string> seen;
+  torch::NoGradGuard no_grad;
+  for (auto& [raw_name, tensor] : tensors) {
+    const std::string name = strip_text_prefix(raw_name);
+    if (is_non_text(name)) { summary.skipped_non_text.push_back(raw_name); continue; }
+    if (redundant.count(name)) { summary.skipped_redundant.push_back(raw_name); continue; }
+    auto it = targets.find(name);
+    if (it == targets.end()) { unknown.push_back(raw_name); continue; }
+    if (it->second.sizes() != tensor.sizes()) {
+      mismatched.push_back(fmt::format("{} has shape {}, the model expects {}", raw_name, shape_str(tensor.sizes()), shape_str(it->second.sizes())));
+      continue;
+    }
+    if (!seen.insert(name).second) throw io::InputError(source, raw_name, "tensor given twice (under two prefixes)");
+    it->second.copy_(tensor.to(it->second.scalar_type()));
+    ++summary.loaded;
+  }
+  std::vector<std::string> missing;
+  for (auto& [name, t] : targets)
+    if (!seen.count(name)) missing.push_back(name);
+  if (!mismatched.empty()) throw io::InputError(source, mismatched.front(), fmt::format("shape mismatch ({} tensors: {})", mismatched.size(), fmt::join(mismatched, "; ")));
+  if (!missing.empty()) throw io::InputError(source, missing.front(), fmt::format("missing tensor ({} missing: {})", missing.size(), fmt::join(missing, ", ")));
+  if (!unknown.empty()) throw io::InputError(source, unknown.front(), fmt::format("unknown tensor ({} unknown: {})", unknown.size(), fmt::join(unknown, ", ")));
+  return summary;
+}
+
+}  // namespace cpharness::model

@@ -1,0 +1,38 @@
+// Weights in and out of the model: the expected names and shapes (computed from the config, no allocation),
+// loading from a name -> tensor map (HF safetensors checkpoints: `model.language_model.` or `model.` prefixes,
+// bf16/fp16/fp32, with or without the shared layers' redundant k/v tensors), and checkpoint files.
+#pragma once
+#include <torch/torch.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "harness/model/config.h"
+#include "harness/model/gemma4.h"
+
+namespace cpharness::model {
+
+struct TensorSpec {
+  std::string name;  // checkpoint name without prefix, e.g. "layers.0.self_attn.q_proj.weight"
+  std::vector<int64_t> shape;
+  bool is_buffer = false;  // layer_scalar
+};
+
+// Every tensor the model of `config` owns, in model order, without allocating anything.
+std::vector<TensorSpec> tensor_specs(const ModelConfig& config);
+
+struct LoadSummary {
+  int64_t loaded = 0;
+  std::vector<std::string> skipped_redundant;   // shared layers' k/v tensors the model does not own
+  std::vector<std::string> skipped_non_text;    // vision/audio towers, lm_head (tied)
+};
+
+// Copies `tensors` into `model` (converting dtype). Missing tensors, unknown text-model names and shape
+// mismatches are io::InputError naming `source` and every offending tensor.
+LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::Tensor>& tensors, const std::string& source);
+
+// The model's tensors by checkpoint name (parameters and layer_scalar buffers), detached.
+std::map<std::string, torch::Tensor> model_tensors(Gemma4Model& model);
+
+}  // namespace cpharness::model

@@ -1,0 +1,149 @@
+// KV-sharing layout and parameter shapes of the released presets (gemma4-spec §4.1, §6), without allocating.
+#include <gtest/gtest.h>
+
+#include <map>
+
+#include "harness/io/input_error.h"
+#include "harness/model/config.h"
+#include "harness/model/weights.h"
+#include "model_fixtures.h"
+
+namespace cpharness::model {
+namespace {
+
+using Shape = std::vector<int64_t>;
+
+std::map<std::string, Shape> shapes_of(const ModelConfig& c) {
+  std::map<std::string, Shape> out;
+  for (auto& s : tensor_specs(c)) out[s.name] = s.shape;
+  return out;
+}
+
+void expect_sources(const ModelConfig& c, int64_t first_shared, int64_t sliding_src, int64_t full_src) {
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    if (i < first_shared) {
+      EXPECT_FALSE(c.is_kv_shared(i)) << c.name << " layer " << i;
+      EXPECT_EQ(c.kv_source_layer(i), -1);
+      EXPECT_EQ(c.stores_full_length_kv(i), i == sliding_src || i == full_src) << c.name << " layer " << i;
+    } else {
+      EXPECT_TRUE(c.is_kv_shared(i)) << c.name << " layer " << i;
+      EXPECT_EQ(c.kv_source_layer(i), c.is_full(i) ? full_src : sliding_src) << c.name << " layer " << i;
+    }
+  }
+}
+
+TEST(ModelStructure, KvShareSourcesOfReleasedPresets) {
+  expect_sources(preset_config("e2b"), 15, 13, 14);
+  expect_sources(preset_config("e4b"), 24, 22, 23);
+  auto b31 = preset_config("31b");
+  for (int64_t i = 0; i < 60; ++i) EXPECT_FALSE(b31.is_kv_shared(i));
+  // The tiny variants keep the layout.
+  expect_sources(preset_config("tiny-e2b"), 15, 13, 14);
+  expect_sources(preset_config("tiny-e4b"), 24, 22, 23);
+}
+
+TEST(ModelStructure, E2bShapesMatchTheSpecTables) {
+  auto s = shapes_of(preset_config("e2b"));
+  EXPECT_EQ(s["layers.0.self_attn.q_proj.weight"], (Shape{2048, 1536}));
+  EXPECT_EQ(s["layers.0.self_attn.k_proj.weight"], (Shape{256, 1536}));
+  EXPECT_EQ(s["layers.0.self_attn.v_proj.weight"], (Shape{256, 1536}));
+  EXPECT_EQ(s["layers.0.self_attn.o_proj.weight"], (Shape{1536, 2048}));
+  EXPECT_EQ(s["layers.4.self_attn.q_proj.weight"], (Shape{4096, 1536}));
+  EXPECT_EQ(s["layers.4.self_attn.k_proj.weight"], (Shape{512, 1536}));
+  EXPECT_EQ(s["layers.4.self_attn.o_proj.weight"], (Shape{1536, 4096}));
+  EXPECT_EQ(s["embed_tokens_per_layer.weight"], (Shape{262144, 8960}));
+  EXPECT_EQ(s["per_layer_model_projection.weight"], (Shape{8960, 1536}));
+  EXPECT_EQ(s["layers.14.mlp.gate_proj.weight"], (Shape{6144, 1536}));
+  EXPECT_EQ(s["layers.15.mlp.gate_proj.weight"], (Shape{12288, 1536}));  // double-wide on shared layers
+  EXPECT_EQ(s["layers.34.mlp.down_proj.weight"], (Shape{1536, 12288}));
+  EXPECT_EQ(s.count("layers.15.self_attn.k_proj.weight"), 0u);  // shared layers own no k/v
+  EXPECT_EQ(s["embed_tokens.weight"], (Shape{262144, 1536}));
+}
+
+TEST(ModelStructure, E4bShapesMatchTheSpecTables) {
+  auto s = shapes_of(preset_config("e4b"));
+  EXPECT_EQ(s["layers.0.self_attn.q_proj.weight"], (Shape{2048, 2560}));
+  EXPECT_EQ(s["layers.0.self_attn.k_proj.weight"], (Shape{512, 2560}));
+  EXPECT_EQ(s["layers.5.self_attn.q_proj.weight"], (Shape{4096, 2560}));
+  EXPECT_EQ(s["layers.5.self_attn.k_proj.weight"], (Shape{1024, 2560}));
+  EXPECT_EQ(s["embed_tokens_per_layer.weight"], (Shape{262144, 10752}));
+  EXPECT_EQ(s["layers.24.mlp.gate_proj.weight"], (Shape{10240, 2560}));  // not double-wide
+  EXPECT_EQ(s.count("layers.24.self_attn.v_proj.weight"), 0u);
+}
+
+TEST(ModelStructure, B31ShapesMatchTheSpecTables) {
+  auto s = shapes_of(preset_config("31b"));
+  EXPECT_EQ(s["layers.0.self_attn.q_proj.weight"], (Shape{8192, 5376}));
+  EXPECT_EQ(s["layers.0.self_attn.k_proj.weight"], (Shape{4096, 5376}));
+  EXPECT_EQ(s["layers.0.self_attn.v_proj.weight"], (Shape{4096, 5376}));
+  EXPECT_EQ(s["layers.0.self_attn.o_proj.weight"], (Shape{5376, 8192}));
+  EXPECT_EQ(s["layers.5.self_attn.q_proj.weight"], (Shape{16384, 5376}));
+  EXPECT_EQ(s["layers.5.self_attn.k_proj.weight"], (Shape{2048, 5376}));
+  EXPECT_EQ(s.count("layers.5.self_attn.v_proj.weight"), 0u);  // k_eq_v
+  EXPECT_EQ(s["layers.5.self_attn.k_norm.weight"], (Shape{512}));
+  EXPECT_EQ(s["layers.5.self_attn.o_proj.weight"], (Shape{5376, 16384}));
+  EXPECT_EQ(s.count("embed_tokens_per_layer.weight"), 0u);
+  EXPECT_EQ(s["layers.59.mlp.up_proj.weight"], (Shape{21504, 5376}));
+}
+
+TEST(ModelStructure, TensorSpecsEqualTheConstructedModel) {
+  for (const char* name : {"tiny-e2b", "tiny-e4b", "tiny-31b"}) {
+    for (auto sem : {KvShareSemantics::kSharedKvStates, KvShareSemantics::kCacheGated}) {
+      auto c = preset_config(name);
+      c.kv_share_semantics = sem;
+      Gemma4Model m(c);
+      auto actual = model_tensors(m);
+      auto expected = tensor_specs(c);
+      ASSERT_EQ(actual.size(), expected.size()) << name;
+      for (auto& spec : expected) {
+        ASSERT_TRUE(actual.count(spec.name)) << spec.name;
+        EXPECT_EQ(actual[spec.name].sizes().vec(), spec.shape) << spec.name;
+      }
+    }
+  }
+}
+
+TEST(ModelStructure, TinyPresetsKeepTheStructure) {
+  for (auto [real, tiny] : {std::pair{"e2b", "tiny-e2b"}, {"e4b", "tiny-e4b"}, {"31b", "tiny-31b"}}) {
+    auto r = preset_config(real), t = preset_config(tiny);
+    EXPECT_EQ(r.layer_types, t.layer_types) << tiny;
+    EXPECT_EQ(r.num_kv_shared_layers, t.num_kv_shared_layers);
+    EXPECT_EQ(r.use_double_wide_mlp, t.use_double_wide_mlp);
+    EXPECT_EQ(r.has_per_layer_inputs(), t.has_per_layer_inputs());
+    EXPECT_EQ(r.attention_k_eq_v, t.attention_k_eq_v);
+    EXPECT_EQ(r.use_bidirectional_attention, t.use_bidirectional_attention);
+    for (int64_t i = 0; i < r.num_hidden_layers; ++i)
+      EXPECT_EQ(r.num_attention_heads / r.layer_kv_heads(i), t.num_attention_heads / t.layer_kv_heads(i)) << tiny << " layer " << i;
+  }
+}
+
+TEST(ModelStructure, HfConfigJsonReadsTextConfigAndRoundTrips) {
+  auto c = preset_config("tiny-e4b");
+  nlohmann::json wrapped = {{"architectures", {"Gemma4ForConditionalGeneration"}}, {"text_config", c.to_json()}};
+  auto back = config_from_hf_json(wrapped, "config.json");
+  EXPECT_EQ(back.layer_types, c.layer_types);
+  EXPECT_EQ(back.hidden_size_per_layer_input, 8);
+  EXPECT_EQ(back.num_kv_shared_layers, 18);
+  EXPECT_EQ(tensor_specs(back).size(), tensor_specs(c).size());
+}
+
+TEST(ModelStructure, BadConfigsNameTheField) {
+  auto expect_error = [](const nlohmann::json& j, const std::string& needle) {
+    try {
+      config_from_case_json(j, "case.json");
+      FAIL() << "no error for " << j.dump();
+    } catch (const io::InputError& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("case.json"), std::string::npos) << e.what();
+    }
+  };
+  expect_error({{"preset", "e3b"}}, "model.preset");
+  expect_error({{"preset", "tiny-e2b"}, {"overrides", {{"hidden_sise", 3}}}}, "model.overrides.hidden_sise");
+  expect_error({{"preset", "tiny-e2b"}, {"overrides", {{"hidden_size", "64"}}}}, "model.overrides.hidden_size");
+  expect_error({{"preset", "tiny-e2b"}, {"colour", 1}}, "model.colour");
+  expect_error({{"preset", "tiny-e2b"}, {"kv_share_semantics", "sometimes"}}, "kv_share_semantics");
+  expect_error({{"preset", "tiny-e2b"}, {"overrides", {{"num_attention_heads", 3}}}}, "num_key_value_heads");
+}
+
+}  // namespace
+}  // namespace cpharness::model

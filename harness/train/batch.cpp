@@ -1,0 +1,63 @@
+#include "harness/train/batch.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <fmt/format.h>
+
+#include "harness/io/input_error.h"
+
+namespace cpharness::train {
+
+Batch make_batch(const BatchSpec& spec) {
+  const int64_t B = spec.batch, S = spec.seq_len, valid = S - spec.padding;
+  if (B <= 0 || S <= 0) throw io::InputError("batch", "seq_len", "batch and seq_len must be positive");
+  if (spec.padding < 0 || spec.padding > S) throw io::InputError("batch", "padding", fmt::format("{} outside [0, {}]", spec.padding, S));
+  if (spec.vocab_size < 2) throw io::InputError("batch", "vocab_size", "needs at least 2 tokens");
+  std::vector<int64_t> docs = spec.document_lengths;
+  if (docs.empty()) docs.push_back(valid);
+  int64_t total = 0;
+  for (auto d : docs) {
+    if (d <= 0) throw io::InputError("batch", "document_lengths", "lengths must be positive");
+    total += d;
+  }
+  if (total != valid)
+    throw io::InputError("batch", "document_lengths", fmt::format("sum to {}, but seq_len - padding = {}", total, valid));
+
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(spec.seed);
+  auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+  // Token ids avoid the pad id 0 on real tokens.
+  auto ids = torch::randint(1, spec.vocab_size, {B, S}, gen, i64);
+  auto doc_ids = torch::zeros({B, S}, i64);
+  auto positions = torch::zeros({B, S}, i64);
+  auto labels = ids.clone();
+  auto padding = torch::zeros({B, S}, torch::TensorOptions().dtype(torch::kBool));
+  int64_t start = 0;
+  for (size_t d = 0; d < docs.size(); ++d) {
+    doc_ids.narrow(1, start, docs[d]).fill_(int64_t(d + 1));
+    positions.narrow(1, start, docs[d]).copy_(torch::arange(docs[d], i64).expand({B, docs[d]}));
+    labels.narrow(1, start, 1).fill_(-100);  // no target across a document edge
+    start += docs[d];
+  }
+  if (spec.padding > 0) {
+    ids.narrow(1, valid, spec.padding).fill_(0);
+    labels.narrow(1, valid, spec.padding).fill_(-100);
+    padding.narrow(1, valid, spec.padding).fill_(true);
+    const int64_t last = docs.back();
+    positions.narrow(1, valid, spec.padding).copy_(torch::arange(last, last + spec.padding, i64).expand({B, spec.padding}));
+  }
+  Batch batch{ids, labels, positions, {}};
+  batch.meta.document_ids = doc_ids;
+  batch.meta.padding = padding;
+  if (!spec.vision_runs.empty()) {
+    auto groups = torch::full({B, S}, -1, i64);
+    int64_t gid = 0;
+    for (auto& run : spec.vision_runs) {
+      if (run.start < 0 || run.length <= 0 || run.start + run.length > valid)
+        throw io::InputError("batch", "vision_runs", fmt::format("run [{}, {}) outside the valid tokens [0, {})", run.start, run.start + run.length, valid));
+      groups.narrow(1, run.start, run.length).fill_(gid++);
+    }
+    batch.meta.vision_group_ids = groups;
+  }
+  return batch;
+}
+
+}  // namespace cpharness::train

@@ -1,0 +1,38 @@
+// Seeded synthetic training batches with the structure CP gets wrong: packed documents (position ids restart,
+// no attention across documents, no target across a document edge), tail padding and vision groups.
+#pragma once
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels/mask_spec.h"
+
+namespace cpharness::train {
+
+struct VisionRun {
+  int64_t start = 0;   // first token of a contiguous vision run (global index)
+  int64_t length = 0;
+};
+
+struct BatchSpec {
+  int64_t batch = 1;
+  int64_t seq_len = 64;
+  std::vector<int64_t> document_lengths;  // packed documents from position 0; empty: one document
+  int64_t padding = 0;                    // padding tokens at the end of each row
+  std::vector<VisionRun> vision_runs;     // each run is one vision group (ids 0, 1, ... in order)
+  int64_t vocab_size = 512;
+  uint64_t seed = 0;
+};
+
+struct Batch {
+  torch::Tensor input_ids;     // [B, S] int64; pad id 0 on padding
+  torch::Tensor labels;        // [B, S] int64, unshifted; -100 on padding and on the first token of a document
+  torch::Tensor position_ids;  // [B, S] int64; restart at 0 for each document, continue through padding
+  kernels::TokenMetadata meta; // document ids (1-based, 0 = pad), padding, vision group ids (-1 = text)
+};
+
+// Throws io::InputError (source "batch") when the spec is inconsistent.
+Batch make_batch(const BatchSpec& spec);
+
+}  // namespace cpharness::train

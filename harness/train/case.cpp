@@ -1,0 +1,164 @@
+#include "harness/train/case.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+#include "harness/io/input_error.h"
+
+namespace cpharness::train {
+namespace {
+
+using nlohmann::json;
+using io::InputError;
+
+void reject_unknown(const json& j, const std::set<std::string>& known, const std::string& path, const std::string& prefix) {
+  for (auto& [key, value] : j.items())
+    if (!known.count(key)) throw InputError(path, prefix + key, "unknown key");
+}
+
+const json& object_at(const json& j, const std::string& key, const std::string& path, const std::string& field) {
+  if (!j.at(key).is_object()) throw InputError(path, field, "wrong type: expected an object");
+  return j.at(key);
+}
+
+int64_t int_value(const json& v, const std::string& path, const std::string& field, int64_t min_value) {
+  if (!v.is_number_integer()) throw InputError(path, field, fmt::format("wrong type: expected an integer, got {}", v.type_name()));
+  const int64_t x = v.get<int64_t>();
+  if (x < min_value) throw InputError(path, field, fmt::format("must be >= {}, got {}", min_value, x));
+  return x;
+}
+
+int64_t int_at(const json& j, const std::string& key, const std::string& path, const std::string& field, int64_t min_value) {
+  return int_value(j.at(key), path, field, min_value);
+}
+
+double number_at(const json& j, const std::string& key, const std::string& path, const std::string& field) {
+  if (!j.at(key).is_number()) throw InputError(path, field, "wrong type: expected a number");
+  return j.at(key).get<double>();
+}
+
+std::string string_at(const json& j, const std::string& key, const std::string& path, const std::string& field) {
+  if (!j.at(key).is_string()) throw InputError(path, field, "wrong type: expected a string");
+  return j.at(key).get<std::string>();
+}
+
+std::vector<int64_t> ints_at(const json& j, const std::string& key, const std::string& path, const std::string& field, int64_t min_value) {
+  if (!j.at(key).is_array()) throw InputError(path, field, "wrong type: expected an array of integers");
+  std::vector<int64_t> out;
+  for (size_t i = 0; i < j.at(key).size(); ++i) out.push_back(int_value(j.at(key)[i], path, fmt::format("{}[{}]", field, i), min_value));
+  return out;
+}
+
+}  // namespace
+
+std::string to_string(DtypeLane lane) { return lane == DtypeLane::kBf16 ? "bf16" : "fp32"; }
+
+Case case_from_json(const json& j, const std::string& path) {
+  if (!j.is_object()) throw InputError(path, "case", "expected a JSON object");
+  reject_unknown(j, {"id", "description", "model", "weights", "data", "dtype", "steps", "optimizer", "cp", "requires"}, path, "");
+  Case c;
+  c.path = path;
+  c.raw = j;
+  for (const char* required : {"id", "model", "data"})
+    if (!j.contains(required)) throw InputError(path, required, "missing required key");
+  c.id = string_at(j, "id", path, "id");
+  if (j.contains("description")) c.description = string_at(j, "description", path, "description");
+  c.model = model::config_from_case_json(j.at("model"), path);
+
+  if (j.contains("weights")) {
+    const json& w = object_at(j, "weights", path, "weights");
+    reject_unknown(w, {"init_seed", "checkpoint"}, path, "weights.");
+    if (w.contains("init_seed")) c.init_seed = uint64_t(int_at(w, "init_seed", path, "weights.init_seed", 0));
+    if (w.contains("checkpoint")) c.checkpoint = string_at(w, "checkpoint", path, "weights.checkpoint");
+  }
+
+  const json& d = object_at(j, "data", path, "data");
+  reject_unknown(d, {"batch", "seq_len", "document_lengths", "padding", "vision_runs", "seed"}, path, "data.");
+  if (!d.contains("seq_len")) throw InputError(path, "data.seq_len", "missing required key");
+  c.data.seq_len = int_at(d, "seq_len", path, "data.seq_len", 2);
+  if (d.contains("batch")) c.data.batch = int_at(d, "batch", path, "data.batch", 1);
+  if (d.contains("padding")) c.data.padding = int_at(d, "padding", path, "data.padding", 0);
+  if (d.contains("seed")) c.data.seed = uint64_t(int_at(d, "seed", path, "data.seed", 0));
+  if (d.contains("document_lengths")) c.data.document_lengths = ints_at(d, "document_lengths", path, "data.document_lengths", 1);
+  if (d.contains("vision_runs")) {
+    if (!d["vision_runs"].is_array()) throw InputError(path, "data.vision_runs", "wrong type: expected an array of [start, length]");
+    for (size_t i = 0; i < d["vision_runs"].size(); ++i) {
+      const json& r = d["vision_runs"][i];
+      const std::string field = fmt::format("data.vision_runs[{}]", i);
+      if (!r.is_array() || r.size() != 2 || !r[0].is_number_integer() || !r[1].is_number_integer())
+        throw InputError(path, field, "expected [start, length]");
+      c.data.vision_runs.push_back({r[0].get<int64_t>(), r[1].get<int64_t>()});
+    }
+  }
+  c.data.vocab_size = c.model.vocab_size;
+  try {
+    make_batch(c.data);  // validates lengths, padding and runs against each other
+  } catch (const InputError& e) {
+    throw InputError(path, "data", e.what());
+  }
+
+  if (j.contains("dtype")) {
+    const auto lane = string_at(j, "dtype", path, "dtype");
+    if (lane == "fp32") c.dtype = DtypeLane::kFp32;
+    else if (lane == "bf16") c.dtype = DtypeLane::kBf16;
+    else throw InputError(path, "dtype", "expected \"fp32\" or \"bf16\", got \"" + lane + "\"");
+  }
+  if (j.contains("steps")) c.steps = int_at(j, "steps", path, "steps", 1);
+  if (j.contains("optimizer")) {
+    const json& o = object_at(j, "optimizer", path, "optimizer");
+    reject_unknown(o, {"lr", "beta1", "beta2", "eps", "weight_decay"}, path, "optimizer.");
+    if (o.contains("lr")) c.optimizer.lr = number_at(o, "lr", path, "optimizer.lr");
+    if (o.contains("beta1")) c.optimizer.beta1 = number_at(o, "beta1", path, "optimizer.beta1");
+    if (o.contains("beta2")) c.optimizer.beta2 = number_at(o, "beta2", path, "optimizer.beta2");
+    if (o.contains("eps")) c.optimizer.eps = number_at(o, "eps", path, "optimizer.eps");
+    if (o.contains("weight_decay")) c.optimizer.weight_decay = number_at(o, "weight_decay", path, "optimizer.weight_decay");
+  }
+  if (j.contains("cp")) c.cp_sizes = ints_at(j, "cp", path, "cp", 1);
+  if (j.contains("requires")) {
+    if (!j["requires"].is_array()) throw InputError(path, "requires", "wrong type: expected an array of strings");
+    for (auto& r : j["requires"]) {
+      if (!r.is_string() || r != "cuda") throw InputError(path, "requires", "known requirements: \"cuda\"");
+      c.requires_features.push_back(r.get<std::string>());
+    }
+  }
+  return c;
+}
+
+Case load_case(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw InputError(path, "case", "cannot open file");
+  json j;
+  try {
+    j = json::parse(in);
+  } catch (const json::parse_error& e) {
+    throw InputError(path, "case", std::string("malformed JSON: ") + e.what());
+  }
+  return case_from_json(j, path);
+}
+
+std::vector<Case> load_cases(const std::vector<std::string>& paths) {
+  namespace fs = std::filesystem;
+  std::vector<Case> cases;
+  for (auto& p : paths) {
+    if (fs::is_directory(p)) {
+      std::vector<std::string> files;
+      for (auto& entry : fs::directory_iterator(p))
+        if (entry.path().extension() == ".json") files.push_back(entry.path().string());
+      std::sort(files.begin(), files.end());
+      if (files.empty()) throw InputError(p, "cases", "directory holds no *.json case");
+      for (auto& f : files) cases.push_back(load_case(f));
+    } else {
+      cases.push_back(load_case(p));
+    }
+  }
+  std::set<std::string> ids;
+  for (auto& c : cases)
+    if (!ids.insert(c.id).second) throw InputError(c.path, "id", "duplicate case id '" + c.id + "'");
+  return cases;
+}
+
+}  // namespace cpharness::train

@@ -1,0 +1,33 @@
+#include "harness/train/trainer.h"
+
+namespace cpharness::train {
+
+double grad_norm(const std::vector<torch::Tensor>& parameters) {
+  double sum = 0;
+  for (auto& p : parameters)
+    if (p.grad().defined()) sum += p.grad().to(torch::kFloat64).pow(2).sum().item<double>();
+  return std::sqrt(sum);
+}
+
+Trainer::Trainer(model::Gemma4Model model, const OptimizerOptions& o, bool use_share_holder)
+    : model_(std::move(model)), use_share_holder_(use_share_holder) {
+  auto options = torch::optim::AdamWOptions(o.lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(o.weight_decay);
+  optimizer_ = std::make_unique<torch::optim::AdamW>(model_->parameters(), options);
+}
+
+StepResult Trainer::step(const Batch& batch, model::AttentionBackend& backend) {
+  optimizer_->zero_grad();
+  model::KvShareHolder holder;
+  model::ForwardOptions options;
+  if (use_share_holder_) options.holder = &holder;
+  model::ModelInputs inputs{batch.input_ids, batch.position_ids, batch.meta, {}};
+  auto logits = model_->forward(inputs, backend, options);
+  auto loss = model::token_loss(logits, model::shift_labels(batch.labels));
+  auto mean = loss.sum / double(std::max<int64_t>(loss.count, 1));
+  mean.backward();
+  StepResult result{mean.item<double>(), grad_norm(model_->parameters()), loss.count};
+  optimizer_->step();
+  return result;
+}
+
+}  // namespace cpharness::train

@@ -1,0 +1,43 @@
+// One training step on one process: forward, loss (sum over counted tokens / their count), backward, global
+// grad norm, AdamW. The CP runtime wraps the same pieces with collectives.
+#pragma once
+#include <torch/torch.h>
+
+#include <memory>
+
+#include "harness/model/gemma4.h"
+#include "harness/train/batch.h"
+
+namespace cpharness::train {
+
+struct OptimizerOptions {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.01;
+};
+
+struct StepResult {
+  double loss = 0;
+  double grad_norm = 0;  // L2 norm over every parameter gradient, before the update
+  int64_t counted_tokens = 0;
+};
+
+// sqrt(sum over parameters of sum(grad^2)), accumulated in fp64.
+double grad_norm(const std::vector<torch::Tensor>& parameters);
+
+class Trainer {
+ public:
+  // `use_share_holder`: pass a fresh KV-share holder to every forward (matters for cache-gated semantics).
+  Trainer(model::Gemma4Model model, const OptimizerOptions& options, bool use_share_holder = true);
+  StepResult step(const Batch& batch, model::AttentionBackend& backend);
+  model::Gemma4Model& model() { return model_; }
+
+ private:
+  model::Gemma4Model model_;
+  std::unique_ptr<torch::optim::AdamW> optimizer_;
+  bool use_share_holder_;
+};
+
+}  // namespace cpharness::train
