@@ -112,3 +112,31 @@ LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::
 }
 
 }  // namespace cpharness::model
+
+#include "harness/io/hdf5_tensors.h"
+#include "harness/io/safetensors.h"
+
+namespace cpharness::model {
+
+LoadSummary load_checkpoint(Gemma4Model& model, const std::string& path) {
+  return load_weights(model, io::read_safetensors_checkpoint(path), path);
+}
+
+void save_weights_hdf5(Gemma4Model& model, const std::string& path) {
+  io::TensorMap tensors;
+  for (auto& [name, t] : model_tensors(model)) tensors["weights/" + name] = t;
+  io::write_hdf5(path, tensors, {{"/", {{"config", model->config().to_json().dump()}}}});
+}
+
+LoadSummary load_weights_hdf5(Gemma4Model& model, const std::string& path) {
+  std::map<std::string, torch::Tensor> tensors;
+  for (auto& [full_name, t] : io::read_hdf5(path, "/weights")) {
+    std::string name = full_name;
+    for (const std::string prefix : {"/", "weights/"})
+      if (starts_with(name, prefix)) name = name.substr(prefix.size());
+    tensors[name] = t;
+  }
+  return load_weights(model, tensors, path);
+}
+
+}  // namespace cpharness::model

@@ -36,3 +36,15 @@ LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::
 std::map<std::string, torch::Tensor> model_tensors(Gemma4Model& model);
 
 }  // namespace cpharness::model
+
+namespace cpharness::model {
+
+// An HF safetensors checkpoint (file, directory, or sharded index json) into `model`.
+LoadSummary load_checkpoint(Gemma4Model& model, const std::string& path);
+
+// The model's tensors as an HDF5 file (dataset per checkpoint name under /weights, config json as an attribute),
+// and back. Loading checks names and shapes like load_weights.
+void save_weights_hdf5(Gemma4Model& model, const std::string& path);
+LoadSummary load_weights_hdf5(Gemma4Model& model, const std::string& path);
+
+}  // namespace cpharness::model

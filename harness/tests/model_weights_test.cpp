@@ -1,0 +1,160 @@
+// Checkpoints: HF safetensors (prefixes, dtypes, sharded, with or without the shared layers' redundant k/v)
+// and the harness's HDF5 weights, with errors that name the tensor.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "harness/io/input_error.h"
+#include "harness/io/safetensors.h"
+#include "harness/model/weights.h"
+#include "model_fixtures.h"
+
+namespace cpharness::model {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::inputs_of;
+using testing::make_model;
+using testing::structured_batch;
+
+class ModelWeights : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("cpharness_weights_" + std::to_string(::getpid()) + "_" +
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+  fs::path dir_;
+};
+
+torch::Tensor logits_of(Gemma4Model& m, const train::Batch& b) {
+  EagerAttention eager;
+  torch::NoGradGuard ng;
+  return m->forward(inputs_of(b), eager);
+}
+
+io::TensorMap with_prefix(Gemma4Model& m, const std::string& prefix, torch::ScalarType dtype) {
+  io::TensorMap out;
+  for (auto& [name, t] : model_tensors(m)) out[prefix + name] = t.to(dtype);
+  return out;
+}
+
+TEST_F(ModelWeights, SafetensorsRoundTripGivesAnIdenticalForward) {
+  for (const std::string prefix : {"model.language_model.", "model."}) {
+    auto source = make_model("tiny-e4b", torch::kFloat32, 5);
+    auto tensors = with_prefix(source, prefix, torch::kFloat32);
+    tensors["lm_head.weight"] = source->embed_tokens->weight.detach();  // tied, as Google writes it
+    io::write_safetensors(path("model.safetensors"), tensors);
+    auto target = make_model("tiny-e4b", torch::kFloat32, 99);
+    auto summary = load_checkpoint(target, dir_.string());
+    EXPECT_EQ(summary.loaded, int64_t(model_tensors(target).size()));
+    auto b = structured_batch(source->config());
+    EXPECT_TRUE(torch::equal(logits_of(source, b), logits_of(target, b))) << prefix;
+  }
+}
+
+TEST_F(ModelWeights, Bf16CheckpointLoadsIntoAnFp32Model) {
+  auto source = make_model("tiny-31b", torch::kBFloat16, 5);
+  io::write_safetensors(path("m.safetensors"), with_prefix(source, "model.", torch::kBFloat16));
+  auto target = make_model("tiny-31b", torch::kFloat32, 99);
+  load_checkpoint(target, path("m.safetensors"));
+  EXPECT_TRUE(torch::equal(target->norm->weight, source->norm->weight.to(torch::kFloat32)));
+}
+
+TEST_F(ModelWeights, RedundantSharedLayerKvTensorsAreSkipped) {
+  // A Google-style checkpoint carries k/v for the shared layers; a shared-kv-states model skips them.
+  auto gated_cfg = preset_config("tiny-e2b");
+  gated_cfg.kv_share_semantics = KvShareSemantics::kCacheGated;
+  auto gated = make_model(gated_cfg, torch::kFloat32, 5);
+  io::write_safetensors(path("google.safetensors"), with_prefix(gated, "model.language_model.", torch::kFloat32));
+  auto shared = make_model("tiny-e2b", torch::kFloat32, 99);
+  auto summary = load_checkpoint(shared, path("google.safetensors"));
+  EXPECT_EQ(summary.skipped_redundant.size(), 20u * 3u);  // 20 shared layers x (k_proj, v_proj, k_norm)
+  // And a cache-gated model needs them: loading a checkpoint without them names the first missing one.
+  auto reference = make_model("tiny-e2b", torch::kFloat32, 5);
+  io::write_safetensors(path("new.safetensors"), with_prefix(reference, "model.", torch::kFloat32));
+  auto gated2 = make_model(gated_cfg, torch::kFloat32, 1);
+  try {
+    load_checkpoint(gated2, path("new.safetensors"));
+    FAIL() << "missing k/v not reported";
+  } catch (const io::InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("layers.15.self_attn.k_norm.weight"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(ModelWeights, ShardedCheckpointThroughTheIndex) {
+  auto source = make_model("tiny-31b", torch::kFloat32, 5);
+  auto all = with_prefix(source, "model.", torch::kFloat32);
+  io::TensorMap a, b;
+  nlohmann::json weight_map;
+  int i = 0;
+  for (auto& [name, t] : all) {
+    (i++ % 2 ? a : b)[name] = t;
+    weight_map[name] = (i % 2) ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
+  }
+  io::write_safetensors(path("model-00001-of-00002.safetensors"), a);
+  io::write_safetensors(path("model-00002-of-00002.safetensors"), b);
+  std::ofstream(path("model.safetensors.index.json")) << nlohmann::json{{"metadata", {}}, {"weight_map", weight_map}}.dump();
+  auto target = make_model("tiny-31b", torch::kFloat32, 99);
+  load_checkpoint(target, dir_.string());
+  auto batch = structured_batch(source->config());
+  EXPECT_TRUE(torch::equal(logits_of(source, batch), logits_of(target, batch)));
+}
+
+TEST_F(ModelWeights, MissingAndMisshapenTensorsAreNamed) {
+  auto source = make_model("tiny-31b", torch::kFloat32, 5);
+  auto tensors = with_prefix(source, "model.", torch::kFloat32);
+  tensors.erase("model.layers.7.mlp.up_proj.weight");
+  io::write_safetensors(path("missing.safetensors"), tensors);
+  auto target = make_model("tiny-31b");
+  try {
+    load_checkpoint(target, path("missing.safetensors"));
+    FAIL();
+  } catch (const io::InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("layers.7.mlp.up_proj.weight"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("missing.safetensors"), std::string::npos) << e.what();
+  }
+  tensors = with_prefix(source, "model.", torch::kFloat32);
+  tensors["model.layers.2.self_attn.q_proj.weight"] = torch::zeros({3, 3});
+  io::write_safetensors(path("shape.safetensors"), tensors);
+  try {
+    load_checkpoint(target, path("shape.safetensors"));
+    FAIL();
+  } catch (const io::InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("layers.2.self_attn.q_proj.weight has shape [3, 3]"), std::string::npos) << e.what();
+  }
+  tensors = with_prefix(source, "model.", torch::kFloat32);
+  tensors["model.layers.2.self_attn.q_projection.weight"] = torch::zeros({3});
+  io::write_safetensors(path("unknown.safetensors"), tensors);
+  EXPECT_THROW(load_checkpoint(target, path("unknown.safetensors")), io::InputError);
+}
+
+TEST_F(ModelWeights, TruncatedSafetensorsIsAnInputError) {
+  auto source = make_model("tiny-31b");
+  io::write_safetensors(path("t.safetensors"), with_prefix(source, "model.", torch::kFloat32));
+  fs::resize_file(path("t.safetensors"), fs::file_size(path("t.safetensors")) / 2);
+  auto target = make_model("tiny-31b");
+  try {
+    load_checkpoint(target, path("t.safetensors"));
+    FAIL();
+  } catch (const io::InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("t.safetensors"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(ModelWeights, Hdf5WeightsRoundTripBitExactly) {
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    auto source = make_model("tiny-e2b", dtype, 5);
+    save_weights_hdf5(source, path("w.h5"));
+    auto target = make_model("tiny-e2b", dtype, 99);
+    load_weights_hdf5(target, path("w.h5"));
+    auto a = model_tensors(source), b = model_tensors(target);
+    for (auto& [name, t] : a) EXPECT_TRUE(torch::equal(t, b[name])) << name;
+  }
+}
+
+}  // namespace
+}  // namespace cpharness::model
