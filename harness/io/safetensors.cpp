@@ -32,15 +32,24 @@ constexpr const char* kMetadataKey = "__metadata__";
 struct DtypeEntry {
   const char* name;
   torch::ScalarType type;
+  int rank;  // position in the reference implementation's Dtype enum; its writer orders tensors by it, descending
 };
 
 constexpr DtypeEntry kDtypes[] = {
-    {"F64", torch::kFloat64},        {"F32", torch::kFloat32},      {"F16", torch::kFloat16},
-    {"BF16", torch::kBFloat16},      {"F8_E4M3", torch::kFloat8_e4m3fn}, {"F8_E5M2", torch::kFloat8_e5m2},
-    {"I64", torch::kInt64},          {"I32", torch::kInt32},        {"I16", torch::kInt16},
-    {"I8", torch::kInt8},            {"U64", torch::kUInt64},       {"U32", torch::kUInt32},
-    {"U16", torch::kUInt16},         {"U8", torch::kUInt8},         {"BOOL", torch::kBool},
+    {"BOOL", torch::kBool, 0},          {"U8", torch::kUInt8, 1},     {"I8", torch::kInt8, 2},
+    {"F8_E5M2", torch::kFloat8_e5m2, 3}, {"F8_E4M3", torch::kFloat8_e4m3fn, 4},
+    {"I16", torch::kInt16, 5},          {"U16", torch::kUInt16, 6},   {"F16", torch::kFloat16, 7},
+    {"BF16", torch::kBFloat16, 8},      {"I32", torch::kInt32, 9},    {"U32", torch::kUInt32, 10},
+    {"F32", torch::kFloat32, 11},       {"F64", torch::kFloat64, 12}, {"I64", torch::kInt64, 13},
+    {"U64", torch::kUInt64, 14},
 };
+
+int dtype_rank(torch::ScalarType t) {
+  for (const auto& e : kDtypes) {
+    if (e.type == t) return e.rank;
+  }
+  return -1;
+}
 
 bool dtype_from_name(const std::string& name, torch::ScalarType* out) {
   for (const auto& e : kDtypes) {
@@ -358,10 +367,11 @@ void write_safetensors(const std::string& path, const TensorMap& tensors, const 
     }
     items.push_back({&name, tensor.detach().to(torch::kCPU).contiguous(), dtype});
   }
-  // Reference order: larger elements first (keeps every tensor aligned), then by name.
+  // The reference writer's order: by dtype (its enum order, descending: 8-byte types first, so every tensor stays
+  // aligned), then by name. With it, our files are byte-identical to safetensors' save_file output.
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
-    const auto sa = a.t.element_size(), sb = b.t.element_size();
-    if (sa != sb) return sa > sb;
+    const int ra = dtype_rank(a.t.scalar_type()), rb = dtype_rank(b.t.scalar_type());
+    if (ra != rb) return ra > rb;
     return *a.name < *b.name;
   });
 

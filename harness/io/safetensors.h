@@ -36,9 +36,9 @@ StringMap read_safetensors_metadata(const std::string& path);
 // its shard does not hold is an InputError naming the index, the tensor and the shard.
 TensorMap read_safetensors_checkpoint(const std::string& path);
 
-// Writes `tensors` (any device/layout; stored contiguous from CPU) with optional "__metadata__", the way the
-// Python reference does: tensors ordered by element size (largest first) then name, header padded with spaces to
-// a multiple of 8. Atomic: writes PATH.tmp-* in the same directory, then renames it over PATH.
+// Writes `tensors` (any device/layout; stored contiguous from CPU) with optional "__metadata__", byte-identical to
+// the Python reference's save_file: compact JSON with "__metadata__" first, tensors ordered by dtype (U64 I64 F64
+// F32 U32 I32 BF16 F16 U16 I16 F8_E4M3 F8_E5M2 I8 U8 BOOL) then name, header padded with spaces to a multiple of 8. Atomic: writes PATH.tmp-* in the same directory, then renames it over PATH.
 // A tensor named "__metadata__" or of an unsupported dtype is an InputError.
 void write_safetensors(const std::string& path, const TensorMap& tensors, const StringMap& metadata = {});
 
