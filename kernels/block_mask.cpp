@@ -1,7 +1,6 @@
 #include "kernels/block_mask.h"
 
-#include <fmt/format.h>
-#include <fmt/ranges.h>
+#include <sstream>
 
 #include "kernels/dense_mask.h"
 
@@ -80,14 +79,23 @@ BlockMask build_block_mask_brute_force(const TokenMetadata& q_meta, const TokenM
 }
 
 std::optional<std::string> block_mask_mismatch(const BlockMask& a, const BlockMask& b) {
+  // No fmt here: libtorch ships its own fmt headers, which shadow the system library's.
+  std::ostringstream os;
+  auto range = [&](const char* name, TokenRange r) { os << name << " [" << r.start << ", +" << r.length << ")"; };
   if (a.q_range.start != b.q_range.start || a.q_range.length != b.q_range.length ||
-      a.kv_range.start != b.kv_range.start || a.kv_range.length != b.kv_range.length)
-    return fmt::format("ranges differ: q [{}, +{}) kv [{}, +{}) vs q [{}, +{}) kv [{}, +{})", a.q_range.start,
-                       a.q_range.length, a.kv_range.start, a.kv_range.length, b.q_range.start, b.q_range.length,
-                       b.kv_range.start, b.kv_range.length);
-  if (a.q_block != b.q_block || a.kv_block != b.kv_block || a.batch != b.batch)
-    return fmt::format("block sizes / batch differ: {}x{} b{} vs {}x{} b{}", a.q_block, a.kv_block, a.batch, b.q_block,
-                       b.kv_block, b.batch);
+      a.kv_range.start != b.kv_range.start || a.kv_range.length != b.kv_range.length) {
+    os << "ranges differ: ";
+    range("q", a.q_range);
+    range(" kv", a.kv_range);
+    range(" vs q", b.q_range);
+    range(" kv", b.kv_range);
+    return os.str();
+  }
+  if (a.q_block != b.q_block || a.kv_block != b.kv_block || a.batch != b.batch) {
+    os << "block sizes / batch differ: " << a.q_block << "x" << a.kv_block << " b" << a.batch << " vs " << b.q_block
+       << "x" << b.kv_block << " b" << b.batch;
+    return os.str();
+  }
   const std::pair<const char*, std::pair<const torch::Tensor*, const torch::Tensor*>> fields[] = {
       {"kv_num_blocks", {&a.kv_num_blocks, &b.kv_num_blocks}},
       {"kv_indices", {&a.kv_indices, &b.kv_indices}},
@@ -101,9 +109,11 @@ std::optional<std::string> block_mask_mismatch(const BlockMask& a, const BlockMa
   for (const auto& [name, pair] : fields) {
     const auto& x = *pair.first;
     const auto& y = *pair.second;
-    if (x.sizes() != y.sizes() || x.scalar_type() != y.scalar_type())
-      return fmt::format("{}: shape/dtype {} {} vs {} {}", name, fmt::join(x.sizes(), "x"), c10::toString(x.scalar_type()),
-                         fmt::join(y.sizes(), "x"), c10::toString(y.scalar_type()));
+    if (x.sizes() != y.sizes() || x.scalar_type() != y.scalar_type()) {
+      os << name << ": shape/dtype " << x.sizes() << " " << x.scalar_type() << " vs " << y.sizes() << " "
+         << y.scalar_type();
+      return os.str();
+    }
     if (!torch::equal(x, y)) {
       const int64_t flat = (x != y).flatten().nonzero()[0][0].item<int64_t>();
       std::vector<int64_t> at(x.dim());
@@ -111,8 +121,9 @@ std::optional<std::string> block_mask_mismatch(const BlockMask& a, const BlockMa
         at[d] = rest % x.size(d);
         rest /= x.size(d);
       }
-      return fmt::format("{} differs at [{}]: {} vs {}", name, fmt::join(at, ", "),
-                         x.flatten()[flat].item<int64_t>(), y.flatten()[flat].item<int64_t>());
+      os << name << " differs at " << c10::IntArrayRef(at) << ": " << x.flatten()[flat].item<int64_t>() << " vs "
+         << y.flatten()[flat].item<int64_t>();
+      return os.str();
     }
   }
   return std::nullopt;
