@@ -7,18 +7,26 @@ TokenMetadata TokenMetadata::slice(int64_t start, int64_t length) const {
   return {cut(document_ids), cut(padding), cut(vision_group_ids)};
 }
 
-torch::Tensor dense_mask(const TokenMetadata& q_meta, const TokenMetadata& kv_meta, TokenRange q_range,
-                         TokenRange kv_range, const LayerGeometry& geometry, int64_t batch) {
-  auto opts = torch::TensorOptions().dtype(torch::kInt64);
-  auto qi = torch::arange(q_range.start, q_range.end(), opts).view({1, -1, 1});
-  auto ki = torch::arange(kv_range.start, kv_range.end(), opts).view({1, 1, -1});
-  auto allowed = torch::ones({1, q_range.length, kv_range.length}, torch::kBool);
+bool vision_term_active(const TokenMetadata& q_meta, const TokenMetadata& kv_meta, const LayerGeometry& geometry) {
+  return geometry.vision_bidirectional && geometry.window.has_value() && q_meta.vision_group_ids.defined() &&
+         kv_meta.vision_group_ids.defined();
+}
+
+bool mask_depends_on_batch(const TokenMetadata& q_meta, const TokenMetadata& kv_meta) {
+  return q_meta.document_ids.defined() || q_meta.padding.defined() || q_meta.vision_group_ids.defined() ||
+         kv_meta.document_ids.defined() || kv_meta.padding.defined() || kv_meta.vision_group_ids.defined();
+}
+
+torch::Tensor dense_mask_at(const TokenMetadata& q_meta, const TokenMetadata& kv_meta, const torch::Tensor& q_index,
+                            const torch::Tensor& kv_index, const LayerGeometry& geometry, int64_t batch) {
+  const int64_t sq = q_index.numel(), skv = kv_index.numel();
+  auto qi = q_index.to(torch::kInt64).view({1, -1, 1});
+  auto ki = kv_index.to(torch::kInt64).view({1, 1, -1});
+  auto allowed = torch::ones({1, sq, skv}, torch::kBool);
   if (geometry.causal) allowed = allowed & (ki <= qi);
   if (geometry.window) allowed = allowed & ((qi - ki) < *geometry.window);
-  allowed = allowed.expand({batch, q_range.length, kv_range.length});
-  const bool vision = geometry.vision_bidirectional && geometry.window.has_value() &&
-                      q_meta.vision_group_ids.defined() && kv_meta.vision_group_ids.defined();
-  if (vision) {
+  allowed = allowed.expand({batch, sq, skv});
+  if (vision_term_active(q_meta, kv_meta, geometry)) {
     auto gq = q_meta.vision_group_ids.unsqueeze(2);
     auto gk = kv_meta.vision_group_ids.unsqueeze(1);
     allowed = allowed | ((gq == gk) & (gq >= 0));
@@ -30,6 +38,13 @@ torch::Tensor dense_mask(const TokenMetadata& q_meta, const TokenMetadata& kv_me
   }
   if (kv_meta.padding.defined()) allowed = allowed & kv_meta.padding.logical_not().unsqueeze(1);
   return allowed.contiguous();
+}
+
+torch::Tensor dense_mask(const TokenMetadata& q_meta, const TokenMetadata& kv_meta, TokenRange q_range,
+                         TokenRange kv_range, const LayerGeometry& geometry, int64_t batch) {
+  auto opts = torch::TensorOptions().dtype(torch::kInt64);
+  return dense_mask_at(q_meta, kv_meta, torch::arange(q_range.start, q_range.end(), opts),
+                       torch::arange(kv_range.start, kv_range.end(), opts), geometry, batch);
 }
 
 torch::Tensor dense_mask(const TokenMetadata& meta, const LayerGeometry& geometry, int64_t batch, int64_t seq_len) {

@@ -17,4 +17,19 @@ torch::Tensor dense_mask(const TokenMetadata& q_meta, const TokenMetadata& kv_me
 // The same for one sequence seen whole: q and kv both cover [0, S) of `meta`.
 torch::Tensor dense_mask(const TokenMetadata& meta, const LayerGeometry& geometry, int64_t batch, int64_t seq_len);
 
+// The same rule at arbitrary global indices: `q_index` [Sq] and `kv_index` [Skv] (int64) name the global
+// token index of each row / column, and `q_meta` / `kv_meta` hold the metadata at exactly those tokens
+// ([B, Sq] / [B, Skv]). The range forms above are this with contiguous indices. Chunk attention uses it to
+// evaluate the elements of partial blocks only.
+torch::Tensor dense_mask_at(const TokenMetadata& q_meta, const TokenMetadata& kv_meta, const torch::Tensor& q_index,
+                            const torch::Tensor& kv_index, const LayerGeometry& geometry, int64_t batch);
+
+// Whether the vision-bidirectional term is live for this geometry and these metadata (windowed layer, flag
+// set, group ids on both sides).
+bool vision_term_active(const TokenMetadata& q_meta, const TokenMetadata& kv_meta, const LayerGeometry& geometry);
+
+// Whether the mask depends on the batch row at all (some metadata tensor is defined). When it does not, block
+// masks keep a single row that serves every batch element (flex attention's B = None).
+bool mask_depends_on_batch(const TokenMetadata& q_meta, const TokenMetadata& kv_meta);
+
 }  // namespace cpharness::kernels

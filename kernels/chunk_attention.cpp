@@ -1,0 +1,219 @@
+#include "kernels/chunk_attention.h"
+
+#include <limits>
+#include <vector>
+
+#include "kernels/dense_mask.h"
+
+namespace cpharness::kernels {
+namespace {
+
+using torch::indexing::Slice;
+
+// The tokens of one row of tiles (a q block's kv tiles or a kv block's q tiles), in ascending tile order:
+// their local indices, and which of them (positions into `tokens`) lie in partial tiles.
+struct TileRow {
+  std::vector<int64_t> tokens;
+  std::vector<int64_t> partial_pos;
+  std::vector<int64_t> partial_tokens;
+  int64_t partial_tiles = 0, full_tiles = 0;
+  bool contiguous() const { return !tokens.empty() && tokens.back() - tokens.front() + 1 == int64_t(tokens.size()); }
+};
+
+TileRow tile_row(const torch::Tensor& pnum, const torch::Tensor& pidx, const torch::Tensor& fnum,
+                 const torch::Tensor& fidx, int64_t b, int64_t r, int64_t block, int64_t length) {
+  TileRow row;
+  const int32_t np = pnum.accessor<int32_t, 2>()[b][r], nf = fnum.accessor<int32_t, 2>()[b][r];
+  const int32_t* p = pidx.data_ptr<int32_t>() + (b * pidx.size(1) + r) * pidx.size(2);
+  const int32_t* f = fidx.data_ptr<int32_t>() + (b * fidx.size(1) + r) * fidx.size(2);
+  row.partial_tiles = np;
+  row.full_tiles = nf;
+  int32_t a = 0, c = 0;
+  while (a < np || c < nf) {  // merge the two ascending lists
+    const bool take_partial = c >= nf || (a < np && p[a] < f[c]);
+    const int64_t tile = take_partial ? p[a++] : f[c++];
+    const int64_t t0 = tile * block, t1 = std::min(length, t0 + block);
+    for (int64_t t = t0; t < t1; ++t) {
+      if (take_partial) {
+        row.partial_pos.push_back(int64_t(row.tokens.size()));
+        row.partial_tokens.push_back(t);
+      }
+      row.tokens.push_back(t);
+    }
+  }
+  return row;
+}
+
+torch::Tensor as_index(const std::vector<int64_t>& v) {
+  return torch::from_blob(const_cast<int64_t*>(v.data()), {int64_t(v.size())}, torch::kInt64).clone();
+}
+
+// x [..., S, D]-like along `dim`: the rows named by `row` (a narrow when they are contiguous).
+torch::Tensor take(const torch::Tensor& x, int64_t dim, const TileRow& row, const torch::Tensor& index) {
+  return row.contiguous() ? x.narrow(dim, row.tokens.front(), int64_t(row.tokens.size())) : x.index_select(dim, index);
+}
+
+TokenMetadata batch_row(const TokenMetadata& m, int64_t b) {
+  auto cut = [&](const torch::Tensor& t) { return t.defined() ? t.narrow(0, b, 1) : t; };
+  return {cut(m.document_ids), cut(m.padding), cut(m.vision_group_ids)};
+}
+
+TokenMetadata gather(const TokenMetadata& m, const torch::Tensor& local_index) {
+  auto cut = [&](const torch::Tensor& t) { return t.defined() ? t.index_select(1, local_index.to(t.device())) : t; };
+  return {cut(m.document_ids), cut(m.padding), cut(m.vision_group_ids)};
+}
+
+// Mask elements of partial tiles only: rows `q_local` x columns `kv_local` (local indices), batch row mb.
+torch::Tensor partial_mask(const BlockMask& mask, int64_t mb, const torch::Tensor& q_local,
+                           const torch::Tensor& kv_local) {
+  auto qm = gather(batch_row(mask.q_meta, mb), q_local);
+  auto km = gather(batch_row(mask.kv_meta, mb), kv_local);
+  return dense_mask_at(qm, km, q_local + mask.q_range.start, kv_local + mask.kv_range.start, mask.geometry, 1)
+      .select(0, 0)
+      .cpu();
+}
+
+void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const BlockMask& mask) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "chunk attention: q, k, v must be [B, H, S, D]");
+  TORCH_CHECK(k.sizes() == v.sizes(), "chunk attention: k and v shapes differ");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), "chunk attention: batch / head dim mismatch");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "chunk attention: Hq must be a multiple of Hkv");
+  TORCH_CHECK(q.size(2) == mask.q_range.length && k.size(2) == mask.kv_range.length,
+              "chunk attention: sequence lengths differ from the block mask's ranges");
+  TORCH_CHECK(mask.batch == 1 || mask.batch == q.size(0), "chunk attention: mask batch must be 1 or B");
+}
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+}  // namespace
+
+torch::ScalarType accumulation_dtype(torch::ScalarType dtype) {
+  return dtype == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+}
+
+AttentionPartial chunk_attention_forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                         const BlockMask& mask, double scale, AttentionWork* work) {
+  check_inputs(q, k, v, mask);
+  const auto acc = accumulation_dtype(q.scalar_type());
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3), Hkv = k.size(1), G = Hq / Hkv;
+  auto qa = q.to(acc).contiguous(), ka = k.to(acc).contiguous(), va = v.to(acc).contiguous();
+  auto out = torch::zeros({B, Hq, Sq, D}, qa.options());
+  auto lse = torch::full({B, Hq, Sq}, -kInf, qa.options());
+  AttentionWork w;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t mb = mask.batch == 1 ? 0 : b;
+    auto qb = qa[b].view({Hkv, G, Sq, D});
+    auto ob = out[b].view({Hkv, G, Sq, D});
+    auto lb = lse[b].view({Hkv, G, Sq});
+    for (int64_t i = 0; i < mask.num_q_blocks(); ++i) {
+      const TileRow row = tile_row(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
+                                   mask.full_kv_indices, mb, i, mask.kv_block, mask.kv_range.length);
+      if (row.tokens.empty()) continue;
+      const int64_t q0 = i * mask.q_block, ql = mask.q_block_len(i), n = int64_t(row.tokens.size());
+      auto cols = as_index(row.tokens);
+      auto ks = take(ka[b], 1, row, cols), vs = take(va[b], 1, row, cols);  // [Hkv, n, D]
+      auto s = torch::matmul(qb.narrow(2, q0, ql).reshape({Hkv, G * ql, D}), ks.transpose(1, 2)) * scale;
+      if (!row.partial_pos.empty()) {
+        auto allowed = torch::ones({ql, n}, torch::kBool);
+        allowed.index_copy_(1, as_index(row.partial_pos),
+                            partial_mask(mask, mb, torch::arange(q0, q0 + ql, torch::kInt64), as_index(row.partial_tokens)));
+        s = s.view({Hkv, G, ql, n}).masked_fill(allowed.logical_not(), -kInf).view({Hkv, G * ql, n});
+        w.mask_elements += ql * int64_t(row.partial_tokens.size());
+      }
+      auto l = torch::logsumexp(s, -1);  // [Hkv, G*ql]; -inf for rows with no allowed key
+      auto shift = torch::where(torch::isinf(l), torch::zeros_like(l), l);
+      auto p = torch::exp(s - shift.unsqueeze(-1));
+      ob.narrow(2, q0, ql).copy_(torch::matmul(p, vs).view({Hkv, G, ql, D}));
+      lb.narrow(2, q0, ql).copy_(l.view({Hkv, G, ql}));
+      w.score_elements += Hq * ql * n;
+      w.partial_blocks += row.partial_tiles;
+      w.full_blocks += row.full_tiles;
+    }
+  }
+  if (work) *work += w;
+  return {out, lse};
+}
+
+ChunkAttentionGrads chunk_attention_backward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                             const torch::Tensor& out, const torch::Tensor& lse,
+                                             const torch::Tensor& dout, const BlockMask& mask, double scale,
+                                             AttentionWork* work) {
+  check_inputs(q, k, v, mask);
+  TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes(), "chunk attention backward: out/dout shape");
+  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3), "chunk attention backward: lse must be [B, Hq, Sq]");
+  const auto acc = accumulation_dtype(q.scalar_type());
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3), Hkv = k.size(1), Skv = k.size(2),
+                G = Hq / Hkv;
+  auto qa = q.to(acc).contiguous(), ka = k.to(acc).contiguous(), va = v.to(acc).contiguous();
+  auto da = dout.to(acc).contiguous();
+  auto delta = (da * out.to(acc)).sum(-1).contiguous();  // [B, Hq, Sq]
+  // exp(s - (+inf)) = 0: rows empty over all chunks contribute nothing (and never NaN).
+  auto lse_safe = lse.to(acc);
+  lse_safe = torch::where(torch::isinf(lse_safe), torch::full({}, kInf, lse_safe.options()), lse_safe).contiguous();
+  auto dq = torch::zeros({B, Hq, Sq, D}, qa.options());
+  auto dk = torch::zeros({B, Hkv, Skv, D}, qa.options());
+  auto dv = torch::zeros({B, Hkv, Skv, D}, qa.options());
+  AttentionWork w;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t mb = mask.batch == 1 ? 0 : b;
+    auto qb = qa[b].view({Hkv, G, Sq, D}), db = da[b].view({Hkv, G, Sq, D});
+    auto lb = lse_safe[b].view({Hkv, G, Sq}), deb = delta[b].view({Hkv, G, Sq});
+    // dq: q-major.
+    auto dqb = dq[b].view({Hkv, G, Sq, D});
+    for (int64_t i = 0; i < mask.num_q_blocks(); ++i) {
+      const TileRow row = tile_row(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
+                                   mask.full_kv_indices, mb, i, mask.kv_block, mask.kv_range.length);
+      if (row.tokens.empty()) continue;
+      const int64_t q0 = i * mask.q_block, ql = mask.q_block_len(i), n = int64_t(row.tokens.size());
+      auto cols = as_index(row.tokens);
+      auto ks = take(ka[b], 1, row, cols), vs = take(va[b], 1, row, cols);  // [Hkv, n, D]
+      auto s = torch::matmul(qb.narrow(2, q0, ql).reshape({Hkv, G * ql, D}), ks.transpose(1, 2)) * scale;
+      if (!row.partial_pos.empty()) {
+        auto allowed = torch::ones({ql, n}, torch::kBool);
+        allowed.index_copy_(1, as_index(row.partial_pos),
+                            partial_mask(mask, mb, torch::arange(q0, q0 + ql, torch::kInt64), as_index(row.partial_tokens)));
+        s = s.view({Hkv, G, ql, n}).masked_fill(allowed.logical_not(), -kInf).view({Hkv, G * ql, n});
+        w.mask_elements += ql * int64_t(row.partial_tokens.size());
+      }
+      auto p = torch::exp(s - lb.narrow(2, q0, ql).reshape({Hkv, G * ql, 1}));
+      auto dob = db.narrow(2, q0, ql).reshape({Hkv, G * ql, D});
+      auto dp = torch::matmul(dob, vs.transpose(1, 2));
+      auto ds = p * (dp - deb.narrow(2, q0, ql).reshape({Hkv, G * ql, 1}));
+      dqb.narrow(2, q0, ql).copy_((torch::matmul(ds, ks) * scale).view({Hkv, G, ql, D}));
+      w.score_elements += Hq * ql * n;
+      w.partial_blocks += row.partial_tiles;
+      w.full_blocks += row.full_tiles;
+    }
+    // dk, dv: kv-major over the transposes.
+    for (int64_t j = 0; j < mask.num_kv_blocks(); ++j) {
+      const TileRow row = tile_row(mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices,
+                                   mb, j, mask.q_block, mask.q_range.length);
+      if (row.tokens.empty()) continue;
+      const int64_t k0 = j * mask.kv_block, kl = mask.kv_block_len(j), m = int64_t(row.tokens.size());
+      auto rows = as_index(row.tokens);
+      auto qs = take(qb, 2, row, rows).reshape({Hkv, G * m, D});
+      auto dos = take(db, 2, row, rows).reshape({Hkv, G * m, D});
+      auto ls = take(lb, 2, row, rows).reshape({Hkv, G * m, 1});
+      auto des = take(deb, 2, row, rows).reshape({Hkv, G * m, 1});
+      auto kb = ka[b].narrow(1, k0, kl), vb = va[b].narrow(1, k0, kl);  // [Hkv, kl, D]
+      auto s = torch::matmul(qs, kb.transpose(1, 2)) * scale;          // [Hkv, G*m, kl]
+      if (!row.partial_pos.empty()) {
+        auto allowed = torch::ones({m, kl}, torch::kBool);
+        allowed.index_copy_(0, as_index(row.partial_pos),
+                            partial_mask(mask, mb, as_index(row.partial_tokens), torch::arange(k0, k0 + kl, torch::kInt64)));
+        s = s.view({Hkv, G, m, kl}).masked_fill(allowed.logical_not(), -kInf).view({Hkv, G * m, kl});
+        w.mask_elements += kl * int64_t(row.partial_tokens.size());
+      }
+      auto p = torch::exp(s - ls);
+      dv[b].narrow(1, k0, kl).copy_(torch::matmul(p.transpose(1, 2), dos));
+      auto dp = torch::matmul(dos, vb.transpose(1, 2));
+      auto ds = p * (dp - des);
+      dk[b].narrow(1, k0, kl).copy_(torch::matmul(ds.transpose(1, 2), qs) * scale);
+      w.score_elements += Hq * kl * m;
+    }
+  }
+  if (work) *work += w;
+  return {dq, dk, dv};
+}
+
+}  // namespace cpharness::kernels
