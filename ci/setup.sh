@@ -7,6 +7,8 @@ set -euo pipefail
 start=$(date +%s)
 venv="${CPHARNESS_VENV:-$HOME/.local/share/cpharness/venv}"
 torch_version="2.11.0"
+# libfmt-dev is kept for tools outside libtorch; targets that include libtorch use its bundled fmt headers
+# header-only (see CMakeLists.txt).
 debian_packages=(g++ cmake make libhdf5-dev nlohmann-json3-dev libfmt-dev libgtest-dev
                  libopenmpi-dev openmpi-bin python3 python3-venv python3-h5py python3-jsonschema)
 # A lighter install than `pip install torch` (measured: 1.7 GB instead of ~5 GB, about a minute on this
