@@ -30,6 +30,8 @@
 
 #include <torch/torch.h>
 
+#include "harness/io/input_error.h"  // every error of this API is an InputError
+
 namespace cpharness::io {
 
 using TensorMap = std::map<std::string, torch::Tensor>;
