@@ -28,7 +28,7 @@ inline void expect_count(Failures& f, const std::string& what, int64_t got, int6
 // What rank `r` sends in the ring: a float32 [3, 4] block, an int64 [5] vector, a bool [2, 1], an empty tensor.
 inline std::vector<at::Tensor> ring_payload(int r) {
   return {at::arange(12, at::kFloat).view({3, 4}) + 100.0f * static_cast<float>(r),
-          at::full({5}, static_cast<int64_t>(r) * 7 + 1, at::kLong), at::tensor({r % 2 == 0, r % 2 == 1}).view({2, 1}),
+          at::full({5}, static_cast<int64_t>(r) * 7 + 1, at::kLong), at::tensor({static_cast<int64_t>(r % 2 == 0), static_cast<int64_t>(r % 2 == 1)}, at::kLong).to(at::kBool).view({2, 1}),
           at::empty({0, 3}, at::kDouble)};
 }
 

@@ -65,7 +65,7 @@ TEST_P(CpLocalComm, FullRingVisitsEveryOwnerOnce) {
     for (int s = 0; s < n; ++s) EXPECT_EQ(owners[r][static_cast<size_t>(s)], ((r - s) % n + n) % n) << r << "," << s;
 }
 
-INSTANTIATE_TEST_SUITE_P(Sizes, CpLocalComm, ::testing::Values(1, 2, 3, 4));
+INSTANTIATE_TEST_SUITE_P(Cp, CpLocalComm, ::testing::Values(1, 2, 3, 4));
 
 TEST(CpLocalCommStats, ResetAndToString) {
   run_local(2, [](Comm& c) {
