@@ -251,6 +251,8 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
       if (n <= 0) return n == 0;  // true at EOF
       (void)!::write(2, buf, static_cast<size_t>(n));
       pending.append(buf, static_cast<size_t>(n));
+      res.stderr_tail.append(buf, static_cast<size_t>(n));
+      if (res.stderr_tail.size() > (128u << 10)) res.stderr_tail.erase(0, res.stderr_tail.size() - (64u << 10));
       size_t nl;
       while ((nl = pending.find('\n')) != std::string::npos) {
         scan.line(pending.substr(0, nl));
@@ -284,6 +286,7 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
   }
   if (!eof) drain();  // what is already buffered; children left behind cannot keep us waiting
   if (!pending.empty()) scan.line(pending);
+  if (res.stderr_tail.size() > (64u << 10)) res.stderr_tail.erase(0, res.stderr_tail.size() - (64u << 10));
   ::close(pipefd[0]);
 
   res.seconds = std::chrono::duration<double>(Clock::now() - t0).count();

@@ -70,6 +70,7 @@ struct LaunchResult {
   int failed_rank = -1;   // the rank the failure was pinned on (-1 none/unknown)
   double seconds = 0;
   std::string message;    // one line; names the rank on failure
+  std::string stderr_tail;  // the last 64 KiB of the job's stderr (also forwarded live)
 };
 
 // Runs `exe args...` under mpirun with N ranks, forwarding its stdout/stderr, and waits for it. Stderr is scanned
