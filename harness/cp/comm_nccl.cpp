@@ -1,8 +1,9 @@
 // The nccl backend: one GPU per rank, CUDA tensors.
 //
 // Rendezvous: rank 0 creates the NCCL unique id and publishes it in c10d's TCPStore (from libtorch_cpu; header
-// torch/csrc/distributed/c10d/TCPStore.hpp in the wheel) at MASTER_ADDR:MASTER_PORT; the other ranks read it.
-// Under torchrun the agent already serves the store (TORCHELASTIC_USE_AGENT_STORE), so every rank is a client.
+// torch/csrc/distributed/c10d/TCPStore.hpp in the wheel) at MASTER_ADDR:MASTER_PORT; the other ranks read it
+// (store_rendezvous in launcher.cpp, tested on CPU). Under torchrun the agent already serves the store
+// (TORCHELASTIC_USE_AGENT_STORE), so every rank is a client.
 //
 // Timeouts: the communicator is nonblocking (ncclConfig_t.blocking = 0); every operation is polled with
 // ncclCommGetAsyncError / cudaStreamQuery against its deadline, and on timeout the communicator is aborted
@@ -21,8 +22,6 @@
 #if CPHARNESS_HAVE_NCCL
 #include <cuda_runtime_api.h>
 #include <nccl.h>
-
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <atomic>
 #include <cstdlib>
@@ -71,35 +70,16 @@ class NcclComm final : public Comm {
                       "init", rank_);
     cuda_check(cudaSetDevice(device_), "cudaSetDevice");
 
-    // Rendezvous through the TCPStore.
+    // Rendezvous through c10d's TCPStore (store_rendezvous, launcher.cpp).
     ncclUniqueId id;
-    const std::string key = "cpharness/nccl_unique_id/" + std::to_string(g_generation++);
-    try {
-      c10d::TCPStoreOptions o;
-      o.port = static_cast<std::uint16_t>(env.master_port);
-      o.isServer = env.rank == 0 && !env.agent_store;
-      o.numWorkers = std::nullopt;
-      o.waitWorkers = false;
-      o.timeout = timeout;
-      store_ = c10::make_intrusive<c10d::TCPStore>(env.master_addr, o);
-      if (rank_ == 0) {
-        nccl_check(ncclGetUniqueId(&id), "ncclGetUniqueId", -1);
-        std::vector<uint8_t> bytes(sizeof(id));
-        std::memcpy(bytes.data(), &id, sizeof(id));
-        store_->set(key, bytes);
-      } else {
-        store_->wait({key}, timeout);
-        const auto bytes = store_->get(key);
-        if (bytes.size() != sizeof(id)) throw CommError("nccl unique id has the wrong size", "init", rank_, 0);
-        std::memcpy(&id, bytes.data(), sizeof(id));
-      }
-    } catch (const CommError&) {
-      throw;
-    } catch (const std::exception& e) {
-      throw CommError("rank " + std::to_string(rank_) + " (nccl) init: rendezvous at " + env.master_addr + ":" +
-                          std::to_string(env.master_port) + " failed: " + e.what(),
-                      "init", rank_, 0);
+    std::vector<uint8_t> bytes(sizeof(id));
+    if (rank_ == 0) {
+      nccl_check(ncclGetUniqueId(&id), "ncclGetUniqueId", -1);
+      std::memcpy(bytes.data(), &id, sizeof(id));
     }
+    bytes = store_rendezvous(env, "cpharness/nccl_unique_id/" + std::to_string(g_generation++), bytes, timeout);
+    if (bytes.size() != sizeof(id)) throw CommError(prefix("init") + "NCCL unique id has the wrong size", "init", rank_, 0);
+    std::memcpy(&id, bytes.data(), sizeof(id));
 
     ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
     cfg.blocking = 0;
@@ -238,7 +218,6 @@ class NcclComm final : public Comm {
 
   int rank_, size_;
   int device_ = 0;
-  c10::intrusive_ptr<c10d::TCPStore> store_;
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
   void* scratch_ = nullptr;

@@ -18,6 +18,8 @@
 #include <stdexcept>
 #include <thread>
 
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
 extern char** environ;
 
 #ifndef CPHARNESS_MPIEXEC
@@ -310,6 +312,44 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
   }
   if (!res.message.empty()) std::cerr << res.message << std::endl;
   return res;
+}
+
+std::vector<uint8_t> store_rendezvous(const LaunchEnv& env, const std::string& key, const std::vector<uint8_t>& value,
+                                      std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  const std::string where = "rank " + std::to_string(env.rank) + " rendezvous at " + env.master_addr + ":" +
+                            std::to_string(env.master_port) + " (key " + key + "): ";
+  const std::string ack = key + "/acks";
+  try {
+    c10d::TCPStoreOptions o;
+    o.port = static_cast<std::uint16_t>(env.master_port);
+    o.isServer = env.rank == 0 && !env.agent_store;
+    o.waitWorkers = false;
+    o.timeout = timeout;
+    c10d::TCPStore store(env.master_addr, o);
+    if (env.rank == 0) {
+      store.set(key, value);
+      int64_t acks = 0;
+      while ((acks = store.add(ack, 0)) < env.world_size - 1) {
+        if (std::chrono::steady_clock::now() >= deadline)
+          throw CommError(where + "timed out: " + std::to_string(acks) + " of " + std::to_string(env.world_size - 1) +
+                              " ranks took the value",
+                          "rendezvous", env.rank);
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      }
+      return value;
+    }
+    store.wait({key}, timeout);
+    auto got = store.get(key);
+    store.add(ack, 1);
+    return got;
+  } catch (const CommError&) {
+    throw;
+  } catch (const std::exception& e) {
+    std::string w = e.what();
+    if (const auto nl = w.find('\n'); nl != std::string::npos) w.resize(nl);  // drop c10's backtrace
+    throw CommError(where + w, "rendezvous", env.rank, env.rank == 0 ? -1 : 0);
+  }
 }
 
 [[noreturn]] void fail_rank(Comm* comm, int rank, const std::string& what) {

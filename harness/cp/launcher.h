@@ -89,6 +89,13 @@ std::string self_exe();
 // Runs body() and returns its exit code; any exception -> fail_rank(comm, rank, what) (exit 2 for the whole job).
 int guarded_rank_main(Comm* comm, int rank, const std::function<int()>& body);
 
+// Rendezvous through c10d's TCPStore (libtorch_cpu): rank 0 publishes `value` under `key` at
+// env.master_addr:env.master_port (serving the store itself unless env.agent_store); every other rank waits for it,
+// reads it and acknowledges; rank 0 returns once all world_size - 1 acknowledgements arrived. Returns the value on
+// every rank. Throws CommError (op "rendezvous", naming the rank) on timeout or store errors. Used for the NCCL id.
+std::vector<uint8_t> store_rendezvous(const LaunchEnv& env, const std::string& key, const std::vector<uint8_t>& value,
+                                      std::chrono::milliseconds timeout);
+
 // A free TCP port on 127.0.0.1 (for MASTER_PORT).
 int free_loopback_port();
 

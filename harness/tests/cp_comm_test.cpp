@@ -250,6 +250,49 @@ TEST(CpLauncher, RelaunchDecisionAndCommand) {
   EXPECT_LT(port, 65536);
 }
 
+// The NCCL id rendezvous through c10d's TCPStore works from the CPU-only link (libtorch_cpu).
+TEST(CpLauncher, TcpStoreRendezvousDeliversRankZerosValue) {
+  const int port = free_loopback_port();
+  const std::vector<uint8_t> secret{1, 2, 3, 250, 0, 7};
+  std::vector<std::vector<uint8_t>> got(3);
+  std::vector<std::string> errors(3);
+  std::vector<std::thread> ts;
+  for (int r = 0; r < 3; ++r)
+    ts.emplace_back([&, r] {
+      LaunchEnv e;
+      e.source = LaunchEnv::Source::Torchrun;
+      e.rank = r;
+      e.world_size = 3;
+      e.master_port = port;
+      try {
+        got[static_cast<size_t>(r)] =
+            store_rendezvous(e, "test/id", r == 0 ? secret : std::vector<uint8_t>{}, std::chrono::seconds(20));
+      } catch (const std::exception& ex) {
+        errors[static_cast<size_t>(r)] = ex.what();
+      }
+    });
+  for (auto& t : ts) t.join();
+  for (int r = 0; r < 3; ++r) {
+    EXPECT_EQ(errors[static_cast<size_t>(r)], "") << "rank " << r;
+    EXPECT_EQ(got[static_cast<size_t>(r)], secret) << "rank " << r;
+  }
+}
+
+TEST(CpLauncher, TcpStoreRendezvousTimesOutWithCommError) {
+  LaunchEnv e;
+  e.world_size = 2;  // rank 1 never comes
+  e.master_port = free_loopback_port();
+  const auto t0 = Clock::now();
+  try {
+    store_rendezvous(e, "test/id", {9}, std::chrono::milliseconds(300));
+    FAIL() << "no CommError";
+  } catch (const CommError& err) {
+    EXPECT_EQ(err.op(), "rendezvous");
+    EXPECT_NE(std::string(err.what()).find("0 of 1 ranks"), std::string::npos) << err.what();
+  }
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 3.0);
+}
+
 // ---- nccl ---------------------------------------------------------------------------------------------------
 
 // Creating an nccl Comm where there is no GPU (CI) fails with a clear CommError, not a crash or a hang.
