@@ -1,0 +1,378 @@
+#include "harness/cp/launcher.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <regex>
+#include <stdexcept>
+#include <thread>
+
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+extern char** environ;
+
+#ifndef CPHARNESS_MPIEXEC
+#define CPHARNESS_MPIEXEC "mpirun"
+#endif
+
+namespace cpharness::cp {
+
+const char* launch_source_name(LaunchEnv::Source s) {
+  switch (s) {
+    case LaunchEnv::Source::None: return "none";
+    case LaunchEnv::Source::Mpirun: return "mpirun";
+    case LaunchEnv::Source::Torchrun: return "torchrun";
+    case LaunchEnv::Source::Slurm: return "slurm";
+  }
+  return "?";
+}
+
+namespace {
+
+int parse_int(const char* name, const char* v) {
+  char* end = nullptr;
+  errno = 0;
+  const long x = std::strtol(v, &end, 10);
+  if (errno != 0 || end == v || *end != '\0' || x < 0 || x > 1000000000)
+    throw std::runtime_error(std::string("launcher: environment variable ") + name + "='" + v +
+                             "' is not a non-negative integer");
+  return static_cast<int>(x);
+}
+
+}  // namespace
+
+LaunchEnv detect_launch_env() {
+  return detect_launch_env([](const char* k) -> const char* { return std::getenv(k); });
+}
+
+LaunchEnv detect_launch_env(const std::function<const char*(const char*)>& getenv_fn) {
+  LaunchEnv e;
+  auto get = [&](const char* k) -> const char* {
+    const char* v = getenv_fn(k);
+    return (v && *v) ? v : nullptr;
+  };
+  struct Triple {
+    LaunchEnv::Source src;
+    const char *rank, *size, *local;
+  };
+  const Triple sources[] = {
+      {LaunchEnv::Source::Mpirun, "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"},
+      {LaunchEnv::Source::Torchrun, "RANK", "WORLD_SIZE", "LOCAL_RANK"},
+      {LaunchEnv::Source::Slurm, "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"},
+  };
+  for (const auto& s : sources) {
+    const char* r = get(s.rank);
+    const char* n = get(s.size);
+    if (!r || !n) continue;
+    e.source = s.src;
+    e.rank = parse_int(s.rank, r);
+    e.world_size = parse_int(s.size, n);
+    const char* l = get(s.local);
+    e.local_rank = l ? parse_int(s.local, l) : 0;
+    if (e.world_size < 1 || e.rank >= e.world_size)
+      throw std::runtime_error(std::string("launcher: ") + s.rank + "=" + r + " is outside [0, " + s.size + "=" + n +
+                               ")");
+    break;
+  }
+  if (const char* a = get("MASTER_ADDR")) e.master_addr = a;
+  if (const char* p = get("MASTER_PORT")) {
+    e.master_port = parse_int("MASTER_PORT", p);
+    if (e.master_port < 1 || e.master_port > 65535)
+      throw std::runtime_error(std::string("launcher: MASTER_PORT=") + p + " is not a TCP port");
+  }
+  if (const char* s = get("TORCHELASTIC_USE_AGENT_STORE")) e.agent_store = std::string(s) == "True" || std::string(s) == "1";
+  return e;
+}
+
+bool needs_relaunch(Backend backend, int nproc, const LaunchEnv& env) {
+  return backend != Backend::Local && nproc > 1 && !env.launched();
+}
+
+std::vector<std::string> mpirun_command(int nproc, const std::string& exe, const std::vector<std::string>& args,
+                                        const MpirunOptions& opt) {
+  std::string mpirun = opt.mpirun;
+  if (mpirun.empty()) {
+    const char* v = std::getenv("CPHARNESS_MPIRUN");
+    mpirun = (v && *v) ? v : CPHARNESS_MPIEXEC;
+  }
+  std::vector<std::string> cmd{mpirun, "-np", std::to_string(nproc), "--allow-run-as-root", "--oversubscribe",
+                               "--bind-to", "none"};
+  cmd.insert(cmd.end(), opt.extra_args.begin(), opt.extra_args.end());
+  cmd.push_back(exe);
+  cmd.insert(cmd.end(), args.begin(), args.end());
+  return cmd;
+}
+
+std::string self_exe() {
+  char buf[4096];
+  const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  if (n <= 0) throw std::runtime_error("launcher: cannot read /proc/self/exe");
+  return std::string(buf, static_cast<size_t>(n));
+}
+
+int free_loopback_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) throw std::runtime_error("launcher: socket() failed");
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  socklen_t len = sizeof(a);
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    ::close(fd);
+    throw std::runtime_error("launcher: cannot bind a loopback port");
+  }
+  const int port = ntohs(a.sin_port);
+  ::close(fd);
+  return port;
+}
+
+namespace {
+
+// Pins a failure on one rank from the job's stderr. Evidence, strongest first: a rank mpirun saw die (signal or
+// non-zero exit); a rank blamed by a peer's CommError that never reported anything itself (it hung); a rank that
+// reported its own failure; any blamed rank.
+struct StderrScanner {
+  struct Seen {
+    int rank;
+    std::string line;
+  };
+  bool hard_failure = false;  // a rank failed (not only "the ranks exited 1 together")
+  std::vector<Seen> died, blamed, self_failed, reporters;
+  const std::regex ours{R"(cpharness: rank (\d+): .*?(\[culprit: rank (\d+)\])?$)"};
+  const std::regex sig{R"(process rank (\d+) with PID .* exited on signal)"};
+  const std::regex abort_{R"(MPI_ABORT was invoked on rank (\d+))"};
+  const std::regex procname{R"(Process name: \[\[\d+,\d+\],(\d+)\])"};
+  const std::regex exitcode{R"(Exit code:\s+(\d+))"};
+
+  void line(const std::string& l) {
+    std::smatch m;
+    if (std::regex_search(l, m, ours)) {
+      hard_failure = true;
+      const int r = std::stoi(m[1].str());
+      reporters.push_back({r, l});
+      if (m[3].matched) blamed.push_back({std::stoi(m[3].str()), l});
+      else self_failed.push_back({r, l});
+    } else if (std::regex_search(l, m, sig)) {
+      hard_failure = true;
+      died.push_back({std::stoi(m[1].str()), l});
+    } else if (std::regex_search(l, m, abort_)) {
+      hard_failure = true;
+    } else if (std::regex_search(l, m, procname)) {
+      died.push_back({std::stoi(m[1].str()), l});
+    } else if (std::regex_search(l, m, exitcode)) {
+      if (m[1].str() != "1") hard_failure = true;
+    }
+  }
+  const Seen* culprit() const {
+    if (!died.empty()) return &died.front();
+    for (const auto& b : blamed) {
+      bool reported = false;
+      for (const auto& r : reporters) reported = reported || r.rank == b.rank;
+      if (!reported) return &b;
+    }
+    if (!self_failed.empty()) return &self_failed.front();
+    if (!blamed.empty()) return &blamed.front();
+    return nullptr;
+  }
+};
+
+}  // namespace
+
+LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std::vector<std::string>& args,
+                                   const MpirunOptions& opt) {
+  using Clock = std::chrono::steady_clock;
+  const auto t0 = Clock::now();
+  LaunchResult res;
+  const auto cmd = mpirun_command(nproc, exe, args, opt);
+
+  // The environment of the job, built before fork (no allocation between fork and exec).
+  std::vector<std::string> env_s;
+  for (char** e = environ; e && *e; ++e) {
+    const std::string kv(*e);
+    bool replaced = false;
+    for (const char* k : {"OMPI_ALLOW_RUN_AS_ROOT=", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=",
+                          "OMPI_MCA_btl_vader_single_copy_mechanism=", "MASTER_ADDR=", "MASTER_PORT="})
+      replaced = replaced || kv.rfind(k, 0) == 0;
+    if (!replaced) env_s.push_back(kv);
+  }
+  env_s.push_back("OMPI_ALLOW_RUN_AS_ROOT=1");
+  env_s.push_back("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1");
+  env_s.push_back("OMPI_MCA_btl_vader_single_copy_mechanism=none");
+  {
+    const char* a = std::getenv("MASTER_ADDR");
+    const char* p = std::getenv("MASTER_PORT");
+    env_s.push_back(std::string("MASTER_ADDR=") + ((a && *a) ? a : "127.0.0.1"));
+    env_s.push_back("MASTER_PORT=" + ((p && *p) ? std::string(p) : std::to_string(free_loopback_port())));
+  }
+  std::vector<char*> envp, argv;
+  for (auto& s : env_s) envp.push_back(s.data());
+  envp.push_back(nullptr);
+  std::vector<std::string> cmd_copy = cmd;
+  for (auto& s : cmd_copy) argv.push_back(s.data());
+  argv.push_back(nullptr);
+
+  int pipefd[2];
+  if (::pipe(pipefd) != 0) throw std::runtime_error("launcher: pipe() failed");
+  std::cout.flush();
+  std::cerr.flush();
+  std::fflush(nullptr);
+  const pid_t pid = ::fork();
+  if (pid < 0) throw std::runtime_error("launcher: fork() failed");
+  if (pid == 0) {
+    ::setpgid(0, 0);  // own process group: a job timeout kills mpirun and everything it started
+    ::dup2(pipefd[1], 2);
+    ::close(pipefd[0]);
+    ::close(pipefd[1]);
+    ::execvpe(argv[0], argv.data(), envp.data());
+    const char msg[] = "cpharness: launcher: cannot execute mpirun\n";
+    (void)!::write(2, msg, sizeof(msg) - 1);
+    ::_exit(127);
+  }
+  ::close(pipefd[1]);
+  ::fcntl(pipefd[0], F_SETFL, ::fcntl(pipefd[0], F_GETFL) | O_NONBLOCK);
+
+  StderrScanner scan;
+  std::string pending;
+  auto drain = [&] {
+    char buf[4096];
+    for (;;) {
+      const ssize_t n = ::read(pipefd[0], buf, sizeof(buf));
+      if (n <= 0) return n == 0;  // true at EOF
+      (void)!::write(2, buf, static_cast<size_t>(n));
+      pending.append(buf, static_cast<size_t>(n));
+      res.stderr_tail.append(buf, static_cast<size_t>(n));
+      if (res.stderr_tail.size() > (128u << 10)) res.stderr_tail.erase(0, res.stderr_tail.size() - (64u << 10));
+      size_t nl;
+      while ((nl = pending.find('\n')) != std::string::npos) {
+        scan.line(pending.substr(0, nl));
+        pending.erase(0, nl + 1);
+      }
+    }
+  };
+
+  int status = 0;
+  bool exited = false, eof = false, timed_out = false;
+  Clock::time_point kill_at{};
+  while (!exited) {
+    pollfd p{pipefd[0], POLLIN, 0};
+    if (!eof) {
+      ::poll(&p, 1, 50);
+      eof = drain();
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    const pid_t w = ::waitpid(pid, &status, WNOHANG);
+    if (w == pid) exited = true;
+    if (!exited && opt.job_timeout.count() > 0 && Clock::now() - t0 > opt.job_timeout) {
+      if (!timed_out) {
+        timed_out = true;
+        ::kill(-pid, SIGTERM);
+        kill_at = Clock::now() + std::chrono::seconds(2);
+      } else if (Clock::now() > kill_at) {
+        ::kill(-pid, SIGKILL);
+      }
+    }
+  }
+  if (!eof) drain();  // what is already buffered; children left behind cannot keep us waiting
+  if (!pending.empty()) scan.line(pending);
+  if (res.stderr_tail.size() > (64u << 10)) res.stderr_tail.erase(0, res.stderr_tail.size() - (64u << 10));
+  ::close(pipefd[0]);
+
+  res.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  res.mpirun_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  const auto* culprit = scan.culprit();
+  res.failed_rank = culprit ? culprit->rank : -1;
+  if (timed_out) {
+    res.exit_code = 2;
+    res.message = "cpharness: run failed: the job exceeded its " + std::to_string(opt.job_timeout.count()) +
+                  " ms limit and was killed (exit 2)";
+  } else if (res.mpirun_status == 0) {
+    res.exit_code = 0;
+  } else if (res.mpirun_status == 1 && !scan.hard_failure) {
+    res.exit_code = 1;  // ranks agreed that a check failed
+  } else {
+    res.exit_code = 2;
+    std::string why = culprit ? "rank " + std::to_string(culprit->rank) + " failed or hung; evidence: " + culprit->line
+                              : std::string("a rank failed (mpirun named no rank)");
+    res.message = "cpharness: run failed: " + why + " (mpirun status " + std::to_string(res.mpirun_status) +
+                  ", exit 2)";
+  }
+  if (!res.message.empty()) std::cerr << res.message << std::endl;
+  return res;
+}
+
+std::vector<uint8_t> store_rendezvous(const LaunchEnv& env, const std::string& key, const std::vector<uint8_t>& value,
+                                      std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  const std::string where = "rank " + std::to_string(env.rank) + " rendezvous at " + env.master_addr + ":" +
+                            std::to_string(env.master_port) + " (key " + key + "): ";
+  const std::string ack = key + "/acks";
+  try {
+    c10d::TCPStoreOptions o;
+    o.port = static_cast<std::uint16_t>(env.master_port);
+    o.isServer = env.rank == 0 && !env.agent_store;
+    o.waitWorkers = false;
+    o.timeout = timeout;
+    c10d::TCPStore store(env.master_addr, o);
+    if (env.rank == 0) {
+      store.set(key, value);
+      int64_t acks = 0;
+      while ((acks = store.add(ack, 0)) < env.world_size - 1) {
+        if (std::chrono::steady_clock::now() >= deadline)
+          throw CommError(where + "timed out: " + std::to_string(acks) + " of " + std::to_string(env.world_size - 1) +
+                              " ranks took the value",
+                          "rendezvous", env.rank);
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      }
+      return value;
+    }
+    store.wait({key}, timeout);
+    auto got = store.get(key);
+    store.add(ack, 1);
+    return got;
+  } catch (const CommError&) {
+    throw;
+  } catch (const std::exception& e) {
+    std::string w = e.what();
+    if (const auto nl = w.find('\n'); nl != std::string::npos) w.resize(nl);  // drop c10's backtrace
+    throw CommError(where + w, "rendezvous", env.rank, env.rank == 0 ? -1 : 0);
+  }
+}
+
+[[noreturn]] void fail_rank(Comm* comm, int rank, const std::string& what) {
+  std::string line = "cpharness: rank " + std::to_string(rank) + ": " + what;
+  for (auto& c : line)
+    if (c == '\n') c = ' ';
+  std::cerr << line << std::endl;
+  if (comm) comm->terminate_job(2, what);
+  std::_Exit(2);
+}
+
+int guarded_rank_main(Comm* comm, int rank, const std::function<int()>& body) {
+  try {
+    return body();
+  } catch (const CommError& e) {
+    std::string what = std::string("CommError: ") + e.what();
+    if (e.peer() >= 0 && e.peer() != rank) what += " [culprit: rank " + std::to_string(e.peer()) + "]";
+    fail_rank(comm, rank, what);
+  } catch (const std::exception& e) {
+    fail_rank(comm, rank, e.what());
+  } catch (...) {
+    fail_rank(comm, rank, "unknown exception");
+  }
+}
+
+}  // namespace cpharness::cp

@@ -1,0 +1,102 @@
+// Where this process sits in a multi-rank job, and how `--nproc N` starts one.
+//
+// Rank/world detection (detect_launch_env), first match wins:
+//   mpirun (OpenMPI)  OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE, OMPI_COMM_WORLD_LOCAL_RANK
+//   torchrun          RANK, WORLD_SIZE, LOCAL_RANK (+ MASTER_ADDR, MASTER_PORT)
+//   srun (Slurm)      SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID
+// MASTER_ADDR / MASTER_PORT are read under every launcher (default 127.0.0.1:29500: rendezvous binds to loopback
+// unless told otherwise).
+//
+// --nproc N (relaunch_under_mpirun): the current binary is re-executed as
+//   mpirun -np N --allow-run-as-root --oversubscribe --bind-to none <exe> <args...>
+// with OMPI_ALLOW_RUN_AS_ROOT=1, OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 and
+// OMPI_MCA_btl_vader_single_copy_mechanism=none (containers forbid the cross-memory-attach copy) set, and
+// MASTER_ADDR/MASTER_PORT (a free loopback port) exported for the nccl backend. The children see
+// OMPI_COMM_WORLD_* and do not relaunch. The local backend needs no launch (ranks are threads).
+//
+// Failure contract: a rank that fails prints "cpharness: rank R: <what>" (fail_rank) and ends the whole job
+// with exit 2 (MPI_Abort: mpirun kills every other rank at once). A rank that crashes or exits non-zero makes
+// mpirun kill the others (OpenMPI's default). A rank that hangs makes its peers time out (CommError naming it),
+// and they end the job. The parent maps every failure to exit 2 and prints one line naming the rank.
+// Ranks must agree on a non-zero "check failed" exit (all_reduce it) before exiting, since one rank exiting
+// non-zero ends the job.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "harness/cp/comm.h"
+
+namespace cpharness::cp {
+
+struct LaunchEnv {
+  enum class Source { None, Mpirun, Torchrun, Slurm };
+  Source source = Source::None;
+  int rank = 0;
+  int world_size = 1;
+  int local_rank = 0;
+  std::string master_addr = "127.0.0.1";
+  int master_port = 29500;
+  bool agent_store = false;  // torchrun's agent already serves a TCPStore at MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE)
+
+  bool launched() const { return source != Source::None; }
+};
+const char* launch_source_name(LaunchEnv::Source s);
+
+// Reads the process environment (or `getenv_fn`, for tests). Throws std::runtime_error on malformed values
+// (non-numeric, rank outside [0, world)).
+LaunchEnv detect_launch_env();
+LaunchEnv detect_launch_env(const std::function<const char*(const char*)>& getenv_fn);
+
+// Does `--nproc nproc` with this backend need a relaunch from this process? (mpi/nccl, nproc > 1, and not
+// already under a launcher.)
+bool needs_relaunch(Backend backend, int nproc, const LaunchEnv& env);
+
+struct MpirunOptions {
+  std::string mpirun;                    // empty: $CPHARNESS_MPIRUN, else the mpiexec CMake found, else "mpirun"
+  std::chrono::milliseconds job_timeout{0};  // > 0: kill the job (exit 2) if it runs longer
+  std::vector<std::string> extra_args;   // put before the executable (e.g. {"-x", "OMP_NUM_THREADS=1"})
+};
+
+// The full argv of the relaunch: mpirun ... exe args...
+std::vector<std::string> mpirun_command(int nproc, const std::string& exe, const std::vector<std::string>& args,
+                                        const MpirunOptions& opt = {});
+
+struct LaunchResult {
+  int exit_code = 0;      // 0 or 1 passed through from the ranks; every other outcome is 2
+  int mpirun_status = 0;  // mpirun's own exit status (128+signal if it was killed)
+  int failed_rank = -1;   // the rank the failure was pinned on (-1 none/unknown)
+  double seconds = 0;
+  std::string message;    // one line; names the rank on failure
+  std::string stderr_tail;  // the last 64 KiB of the job's stderr (also forwarded live)
+};
+
+// Runs `exe args...` under mpirun with N ranks, forwarding its stdout/stderr, and waits for it. Stderr is scanned
+// for the failing rank ("cpharness: rank R", mpirun's "process rank R" and "Process name: [[job,R]]").
+// On failure, prints result.message to stderr.
+LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std::vector<std::string>& args,
+                                   const MpirunOptions& opt = {});
+
+// This executable (/proc/self/exe).
+std::string self_exe();
+
+// Prints "cpharness: rank R: <what>" to stderr and ends the job with exit 2: through comm->terminate_job when a
+// process backend is given (MPI_Abort makes mpirun stop every rank), else std::_Exit(2).
+[[noreturn]] void fail_rank(Comm* comm, int rank, const std::string& what);
+
+// Runs body() and returns its exit code; any exception -> fail_rank(comm, rank, what) (exit 2 for the whole job).
+int guarded_rank_main(Comm* comm, int rank, const std::function<int()>& body);
+
+// Rendezvous through c10d's TCPStore (libtorch_cpu): rank 0 publishes `value` under `key` at
+// env.master_addr:env.master_port (serving the store itself unless env.agent_store); every other rank waits for it,
+// reads it and acknowledges; rank 0 returns once all world_size - 1 acknowledgements arrived. Returns the value on
+// every rank. Throws CommError (op "rendezvous", naming the rank) on timeout or store errors. Used for the NCCL id.
+std::vector<uint8_t> store_rendezvous(const LaunchEnv& env, const std::string& key, const std::vector<uint8_t>& value,
+                                      std::chrono::milliseconds timeout);
+
+// A free TCP port on 127.0.0.1 (for MASTER_PORT).
+int free_loopback_port();
+
+}  // namespace cpharness::cp
