@@ -1,0 +1,82 @@
+#include "harness/cp/cp_step.h"
+
+namespace cpharness::cp {
+
+void all_reduce_gradients(Comm& comm, const std::vector<torch::Tensor>& parameters) {
+  if (parameters.empty()) return;
+  // One flat buffer in the widest dtype present, so one collective serves every tensor.
+  auto dtype = torch::kFloat32;
+  for (auto& p : parameters)
+    if (p.scalar_type() == torch::kFloat64) dtype = torch::kFloat64;
+  std::vector<torch::Tensor> flat;
+  for (auto& p : parameters)
+    flat.push_back(p.grad().defined() ? p.grad().reshape({-1}).to(dtype) : torch::zeros({p.numel()}, p.options().dtype(dtype)));
+  auto buffer = torch::cat(flat).contiguous();
+  comm.all_reduce(buffer);
+  int64_t offset = 0;
+  torch::NoGradGuard no_grad;
+  for (auto& p : parameters) {
+    auto slice = buffer.narrow(0, offset, p.numel()).view(p.sizes()).to(p.scalar_type());
+    if (p.grad().defined()) p.mutable_grad().copy_(slice);
+    else p.mutable_grad() = slice.clone();
+    offset += p.numel();
+  }
+}
+
+CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingAttention& ring, const train::Batch& batch,
+                                    uint64_t generation, bool use_share_holder, std::vector<torch::Tensor>* hidden_states) {
+  const int n = comm.size(), rank = comm.rank();
+  CpForwardResult result;
+  result.plan = ShardPlan(batch.input_ids.size(1), n);
+  TokenBatch full;
+  full.input_ids = batch.input_ids;
+  full.labels = batch.labels;
+  full.position_ids = batch.position_ids;
+  full.padding_mask = batch.meta.padding;
+  full.document_ids = batch.meta.document_ids;
+  full.vision_group_ids = batch.meta.vision_group_ids;
+  auto shard = shard_batch(prepare_cp_batch(full, result.plan, model->config().pad_token_id), result.plan, rank);
+
+  ring.begin_batch(generation, result.plan.local_len());
+  model::KvShareHolder holder;
+  model::ForwardOptions options;
+  if (use_share_holder) options.holder = &holder;
+  options.hidden_states = hidden_states;
+  kernels::TokenMetadata meta{shard.document_ids, shard.padding_mask, shard.vision_group_ids};
+  auto logits = model->forward({shard.input_ids, shard.position_ids, meta, {}}, ring, options);
+  auto loss = model::token_loss(logits, shard.labels);  // labels were shifted on the full sequence
+
+  auto stats = torch::tensor({loss.sum.item<double>(), double(loss.count)}, torch::kFloat64);
+  {
+    CommTimer timer(ring);
+    comm.all_reduce(stats);
+  }
+  const double global_sum = stats[0].item<double>();
+  result.counted_tokens = int64_t(stats[1].item<double>());
+  const double denominator = double(std::max<int64_t>(result.counted_tokens, 1));
+  (loss.sum / denominator).backward();
+  {
+    CommTimer timer(ring);
+    all_reduce_gradients(comm, model->parameters());
+  }
+  result.loss = global_sum / denominator;
+  result.local_logits = logits.detach();
+  return result;
+}
+
+CpTrainer::CpTrainer(Comm& comm, model::Gemma4Model model, const train::OptimizerOptions& o, RingOptions ring_options,
+                     bool use_share_holder)
+    : comm_(comm), model_(std::move(model)), ring_(comm, ring_options), use_share_holder_(use_share_holder) {
+  auto options = torch::optim::AdamWOptions(o.lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(o.weight_decay);
+  optimizer_ = std::make_unique<torch::optim::AdamW>(model_->parameters(), options);
+}
+
+train::StepResult CpTrainer::step(const train::Batch& batch) {
+  optimizer_->zero_grad();
+  auto r = cp_forward_backward(comm_, model_, ring_, batch, ++generation_, use_share_holder_);
+  train::StepResult result{r.loss, train::grad_norm(model_->parameters()), r.counted_tokens};
+  optimizer_->step();
+  return result;
+}
+
+}  // namespace cpharness::cp

@@ -1,0 +1,53 @@
+// One training step at CP = N, on one rank: shard the batch (labels shifted on the full sequence first), run
+// the unmodified model with ring attention as its attention backend, then reduce across ranks: the loss is the
+// sum of per-token losses over all ranks divided by the global count of counted tokens (not a mean of rank
+// means), every gradient is summed, the grad norm is global. At cp = 1 with the eager backend it is the
+// reference step.
+#pragma once
+#include <torch/torch.h>
+
+#include <memory>
+
+#include "harness/cp/comm.h"
+#include "harness/cp/ring_attention.h"
+#include "harness/cp/shard_plan.h"
+#include "harness/model/gemma4.h"
+#include "harness/train/batch.h"
+#include "harness/train/trainer.h"
+
+namespace cpharness::cp {
+
+struct CpForwardResult {
+  double loss = 0;              // global
+  int64_t counted_tokens = 0;   // global
+  torch::Tensor local_logits;   // [B, S_loc, V] of this rank (detached)
+  ShardPlan plan;
+};
+
+// Forward and backward on this rank's shard; afterwards every parameter's .grad() holds the global gradient
+// (all-reduced). `hidden_states`, when given, receives this rank's residual stream per layer.
+CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingAttention& ring, const train::Batch& batch,
+                                    uint64_t generation, bool use_share_holder,
+                                    std::vector<torch::Tensor>* hidden_states = nullptr);
+
+// Sums every parameter gradient over the ranks in one flat collective (undefined grads count as zero).
+void all_reduce_gradients(Comm& comm, const std::vector<torch::Tensor>& parameters);
+
+class CpTrainer {
+ public:
+  CpTrainer(Comm& comm, model::Gemma4Model model, const train::OptimizerOptions& options, RingOptions ring_options = {},
+            bool use_share_holder = true);
+  train::StepResult step(const train::Batch& batch);
+  model::Gemma4Model& model() { return model_; }
+  RingAttention& ring() { return ring_; }
+
+ private:
+  Comm& comm_;
+  model::Gemma4Model model_;
+  RingAttention ring_;
+  std::unique_ptr<torch::optim::AdamW> optimizer_;
+  bool use_share_holder_;
+  uint64_t generation_ = 0;
+};
+
+}  // namespace cpharness::cp
