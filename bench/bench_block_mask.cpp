@@ -1,6 +1,6 @@
 // Block-mask build time, analytic vs brute force, for the masks a contiguous ring builds (every q shard
 // against every kv chunk), and the work efficiency of block-sparse attention. Prints figures; not a test.
-//   bench_block_mask [--quick] [--threads N]   (libtorch intra-op threads for the brute force; default 1)
+//   bench_block_mask [--quick] [--threads N] [--profile [packed]]   (libtorch intra-op threads for the brute force; default 1)
 #include <algorithm>
 #include <ctime>
 #include <cstdio>
@@ -69,10 +69,12 @@ int main(int argc, char** argv) {
     if (std::strcmp(argv[a], "--quick") == 0) quick = true;
     else if (std::strcmp(argv[a], "--profile") == 0) {  // one 64k causal mask, many times (for perf)
       torch::set_num_threads(1);
-      const double us = median_us(200, [] {
-        build_block_mask(TokenMetadata{}, TokenMetadata{}, {0, 65536}, {0, 65536}, LayerGeometry{}, 1, 128, 128);
+      const bool docs = a + 1 < argc && std::strcmp(argv[a + 1], "packed") == 0;
+      const TokenMetadata meta = docs ? packed_documents(65536) : TokenMetadata{};
+      const double us = median_us(200, [&] {
+        build_block_mask(meta, meta, {0, 65536}, {0, 65536}, LayerGeometry{}, 1, 128, 128);
       });
-      std::printf("causal 64k cp1 analytic: %.1f us (median of 200)\n", us);
+      std::printf("%s 64k cp1 analytic: %.1f us (median of 200)\n", docs ? "packed_docs" : "causal", us);
       return 0;
     } else if (std::strcmp(argv[a], "--threads") == 0 && a + 1 < argc) threads = std::atoi(argv[++a]);
     else {

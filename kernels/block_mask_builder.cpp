@@ -33,14 +33,20 @@ torch::Tensor cpu_bool(const torch::Tensor& t) { return t.defined() ? t.to(torch
 
 Side make_side(int64_t length, int64_t block, const int64_t* doc, const int64_t* group, const bool* pad) {
   Side s;
-  if (!doc && !group && !pad && length > 0) s.runs.push_back({0, length, 1, -1, false});  // no metadata: one run
-  for (int64_t t = s.runs.empty() ? 0 : length; t < length; ++t) {
+  for (int64_t t = 0; t < length;) {
     const int64_t d = doc ? doc[t] : 1, g = group ? group[t] : -1;
     const bool p = pad ? pad[t] : false;
-    if (s.runs.empty() || s.runs.back().doc != d || s.runs.back().group != g || s.runs.back().pad != p)
-      s.runs.push_back({t, t + 1, d, g, p});
-    else
-      s.runs.back().end = t + 1;
+    int64_t e = t + 1;
+    if (!group && !pad) {  // the common cases (no metadata, documents only) in a tight loop
+      if (doc)
+        while (e < length && doc[e] == d) ++e;
+      else
+        e = length;
+    } else {
+      while (e < length && (!doc || doc[e] == d) && (!group || group[e] == g) && (!pad || pad[e] == p)) ++e;
+    }
+    s.runs.push_back({t, e, d, g, p});
+    t = e;
   }
   const int64_t nb = (length + block - 1) / block;
   s.first_run.resize(nb);
