@@ -24,7 +24,8 @@ torch::Tensor dense_mask_at(const TokenMetadata& q_meta, const TokenMetadata& kv
   auto ki = kv_index.to(torch::kInt64).view({1, 1, -1});
   auto allowed = torch::ones({1, sq, skv}, torch::kBool);
   if (geometry.causal) allowed = allowed & (ki <= qi);
-  if (geometry.window) allowed = allowed & ((qi - ki) < *geometry.window);
+  // q - k < W, written as k > q - W so no [Sq, Skv] int64 difference is materialised.
+  if (geometry.window) allowed = allowed & (ki > (qi - *geometry.window));
   allowed = allowed.expand({batch, sq, skv});
   if (vision_term_active(q_meta, kv_meta, geometry)) {
     auto gq = q_meta.vision_group_ids.unsqueeze(2);

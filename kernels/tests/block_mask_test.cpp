@@ -114,6 +114,21 @@ TEST(BlockMask, AnalyticEqualsBruteForce_1500Seeds) {
   EXPECT_GT(with_full, 400);
 }
 
+// Longer sequences with fewer tokens per tile boundary: exercises the run-skipping and bulk-full paths of the
+// analytic builder (tiles of whole runs, band edges) more than the short configurations above.
+TEST(BlockMask, AnalyticEqualsBruteForceOnLongSequences_200Seeds) {
+  for (uint64_t seed = 0; seed < 200; ++seed) {
+    auto c = testing::random_mask_config(30000 + seed, 1200);
+    std::mt19937_64 rng(seed);
+    if (testing::coin(rng, 0.5)) c.meta.padding = torch::Tensor();
+    if (testing::coin(rng, 0.5)) c.meta.vision_group_ids = torch::Tensor();
+    c.q_block = 8 << testing::uniform(rng, 0, 4);
+    c.kv_block = testing::coin(rng, 0.7) ? c.q_block : 8 << testing::uniform(rng, 0, 4);
+    auto diff = block_mask_mismatch(analytic(c), brute(c));
+    ASSERT_FALSE(diff.has_value()) << "seed " << seed << ": " << c.describe() << ": " << *diff;
+  }
+}
+
 TEST(BlockMask, BruteForceClassesAreTheTileReduceOfTheDenseMask) {
   for (uint64_t seed = 0; seed < 300; ++seed) {
     auto c = testing::random_mask_config(50000 + seed, 100);

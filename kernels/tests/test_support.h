@@ -10,6 +10,13 @@
 
 namespace cpharness::kernels::testing {
 
+// Small tensors, shared 2-core machines: libtorch's intra-op pool costs ~10x here (threads spin against each
+// other and against other processes). Every test binary that includes this runs single-threaded.
+inline const bool kSingleThreaded = [] {
+  torch::set_num_threads(1);
+  return true;
+}();
+
 // One random mask problem: global metadata for [0, S), a geometry, a q range, a kv range and block sizes.
 struct MaskConfig {
   int64_t batch = 1;
