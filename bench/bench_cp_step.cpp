@@ -43,7 +43,7 @@ int main(int argc, char** argv) {
       ring.reset_comm_seconds();
       comm.barrier();
       const auto t0 = std::chrono::steady_clock::now();
-      auto r = cp::cp_forward_backward(comm, m, ring, batch, uint64_t(s + 1), true);
+      auto r = cp::cp_forward_backward(comm, m, ring, batch, uint64_t(s + 1));
       const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       const double waiting = ring.comm_seconds();
       auto times = torch::zeros({comm.size(), 2}, torch::kFloat64);

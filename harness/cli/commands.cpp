@@ -11,9 +11,14 @@
 
 #include "cpharness/version.h"
 #include "harness/io/input_error.h"
-#include "harness/model/init.h"
+#include "harness/report/json_report.h"
+#include "harness/report/junit.h"
+#include "harness/report/compare.h"
+#include "harness/report/run_dump.h"
+#include "harness/runner/golden.h"
+#include "harness/runner/selftest.h"
+#include "harness/runner/suite.h"
 #include "harness/train/case.h"
-#include "harness/train/trainer.h"
 
 namespace cpharness::cli {
 namespace {
@@ -26,88 +31,244 @@ struct UsageError : std::runtime_error {
 
 constexpr const char* kUsage =
     "usage: cpharness <verb> [options]\n"
-    "  run CASE... [--cp 1] [--out DIR]   train each case at cp 1, print per-step loss and grad norm\n"
-    "  list [CASE...]                     list cases and what they need\n";
+    "  run CASE... [--cp 2,4] [--comm local] [--out DIR] [--report F] [--junit F] [--dump-dir D] [--timeout S]\n"
+    "        cp 1 reference + cp N candidates, every check; exit 0 pass, 1 a check failed, 2 usage/input error\n"
+    "  selftest [--only MUTANT]... [--out DIR]   every check against its known-bad mutant; exit 0 when all caught\n"
+    "  golden record CASE -o F.h5 [--force]      write the cp 1 reference of CASE as a golden\n"
+    "  golden verify CASE F.h5 [--out DIR]       golden.match: a fresh run against the golden\n"
+    "  compare A.h5 B.h5 [--policy SPEC] [--json F]   tensor-by-tensor diff (B is the reference); exit 1 on a difference\n"
+    "  bisect CASE --golden F.h5                 for git bisect run: 0 good, 1 bad, 125 skip\n"
+    "  list [CASE...]                            cases and what they need\n";
 
-void write_atomically(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    if (!out) throw io::InputError(path, "output", "cannot write");
-    out << text;
-    if (!out.flush()) throw io::InputError(path, "output", "write failed");
+struct RunArgs {
+  std::vector<std::string> cases;
+  std::optional<std::vector<int>> cp;
+  std::string comm = "local";
+  std::string out_dir, report_path, junit_path, dump_dir;
+  double timeout_s = 120;
+  std::vector<std::string> only;  // selftest: mutant names
+};
+
+std::vector<int> parse_int_list(const std::string& flag, const std::string& value) {
+  std::vector<int> out;
+  std::stringstream ss(value);
+  for (std::string item; std::getline(ss, item, ',');) {
+    try {
+      size_t used = 0;
+      const int v = std::stoi(item, &used);
+      if (used != item.size() || v < 1) throw std::invalid_argument(item);
+      out.push_back(v);
+    } catch (...) {
+      throw UsageError(flag + " expects a comma-separated list of positive integers, got '" + value + "'");
+    }
   }
-  std::filesystem::rename(tmp, path);
+  if (out.empty()) throw UsageError(flag + " needs a value");
+  return out;
 }
 
-json run_case_cp1(const train::Case& c) {
-  model::Gemma4Model m(c.model);
-  model::init_weights(m, c.init_seed);
-  if (!c.checkpoint.empty()) throw io::InputError(c.path, "weights.checkpoint", "checkpoint loading is not wired into run yet");
-  m->to(c.dtype == train::DtypeLane::kBf16 ? torch::kBFloat16 : torch::kFloat32);
-  train::Trainer trainer(m, c.optimizer, /*use_share_holder=*/true);
-  auto batch = train::make_batch(c.data);
-  model::EagerAttention eager;
-  json losses = json::array(), norms = json::array();
-  for (int64_t s = 0; s < c.steps; ++s) {
-    auto r = trainer.step(batch, eager);
-    const bool finite = std::isfinite(r.loss) && std::isfinite(r.grad_norm);
-    std::cerr << fmt::format("[{}] cp1 {} step {}: loss {:.6f} grad_norm {:.6f} {}\n", c.id, train::to_string(c.dtype), s,
-                             r.loss, r.grad_norm, finite ? "ok" : "NON-FINITE");
-    losses.push_back(r.loss);
-    norms.push_back(r.grad_norm);
+RunArgs parse_run_args(const std::vector<std::string>& args) {
+  RunArgs a;
+  auto value = [&](size_t& i) -> const std::string& {
+    if (i + 1 >= args.size()) throw UsageError(args[i] + " needs a value");
+    return args[++i];
+  };
+  for (size_t i = 0; i < args.size(); ++i) {
+    const auto& f = args[i];
+    if (f == "--cp") a.cp = parse_int_list(f, value(i));
+    else if (f == "--comm") a.comm = value(i);
+    else if (f == "--out") a.out_dir = value(i);
+    else if (f == "--report") a.report_path = value(i);
+    else if (f == "--junit") a.junit_path = value(i);
+    else if (f == "--dump-dir") a.dump_dir = value(i);
+    else if (f == "--only") a.only.push_back(value(i));
+    else if (f == "--timeout") {
+      try {
+        a.timeout_s = std::stod(value(i));
+      } catch (...) {
+        throw UsageError("--timeout expects seconds");
+      }
+    } else if (f.rfind("--", 0) == 0) throw UsageError("unknown option " + f);
+    else a.cases.push_back(f);
   }
-  return {{"id", c.id}, {"dtype", train::to_string(c.dtype)}, {"model", c.model.name},
-          {"trajectories", {{"1", {{"loss", losses}, {"grad_norm", norms}}}}}};
+  if (a.comm != "local")
+    throw UsageError("--comm " + a.comm + ": the runner drives ranks as threads (local); mpi and nccl run through the "
+                     "CP runtime's own tests and launcher so far");
+  if (!a.out_dir.empty()) {
+    if (a.report_path.empty()) a.report_path = a.out_dir + "/report.json";
+    if (a.junit_path.empty()) a.junit_path = a.out_dir + "/report.xml";
+  }
+  return a;
+}
+
+void write_reports(const RunArgs& a, const report::Report& r) {
+  if (!a.out_dir.empty()) std::filesystem::create_directories(a.out_dir);
+  if (!a.report_path.empty()) report::write_report_json(a.report_path, r);
+  if (!a.junit_path.empty()) report::write_junit_xml(a.junit_path, r);
+}
+
+// Bad input found before any case ran: an error report (never a partial or passing one), exit 2.
+int input_error_report(const RunArgs& a, const std::string& message) {
+  std::cerr << "cpharness: error: " << message << "\n";
+  report::Report r;
+  r.error = message;
+  r.environment.device = "cpu";
+  try {
+    write_reports(a, r);
+  } catch (const std::exception& e) {
+    std::cerr << "cpharness: could not write the error report: " << e.what() << "\n";
+  }
+  return 2;
+}
+
+runner::SuiteOptions suite_options(const RunArgs& a) {
+  runner::SuiteOptions o;
+  o.cp_sizes = a.cp;
+  o.comm = a.comm;
+  o.dump_dir = a.dump_dir;
+  o.timeout = std::chrono::milliseconds(int64_t(a.timeout_s * 1000));
+  return o;
 }
 
 }  // namespace
 
 int run_command(const std::vector<std::string>& args) {
-  std::vector<std::string> case_paths;
-  std::string out_dir;
-  std::vector<int64_t> cp = {1};
-  for (size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--out" && i + 1 < args.size()) out_dir = args[++i];
-    else if (args[i] == "--cp" && i + 1 < args.size()) {
-      cp.clear();
-      std::stringstream ss(args[++i]);
-      for (std::string item; std::getline(ss, item, ',');) {
-        try {
-          cp.push_back(std::stoll(item));
-        } catch (...) {
-          throw UsageError("--cp expects a comma-separated list of integers, got '" + args[i] + "'");
-        }
-      }
-    } else if (args[i].rfind("--", 0) == 0) throw UsageError("unknown option " + args[i]);
-    else case_paths.push_back(args[i]);
+  const auto a = parse_run_args(args);
+  if (a.cases.empty()) throw UsageError("run needs at least one CASE (a file or a directory of *.json)");
+  std::vector<train::Case> cases;
+  try {
+    cases = train::load_cases(a.cases);  // validate every case before running any
+  } catch (const io::InputError& e) {
+    return input_error_report(a, e.what());
   }
-  if (case_paths.empty()) throw UsageError("run needs at least one CASE");
-  for (auto n : cp)
-    if (n != 1) throw UsageError(fmt::format("--cp {}: only cp 1 runs so far (the CP runtime is not built yet)", n));
-  auto cases = train::load_cases(case_paths);  // validate every case before running any
-  const auto start = std::chrono::steady_clock::now();
-  json results = json::array();
-  bool all_finite = true;
-  for (auto& c : cases) {
-    if (!c.requires_features.empty()) {
-      std::cerr << fmt::format("[{}] skipped: requires {}\n", c.id, c.requires_features.front());
-      results.push_back({{"id", c.id}, {"status", "skipped"}, {"reason", "requires " + c.requires_features.front()}});
-      continue;
+  auto r = runner::run_suite(cases, suite_options(a));
+  std::cerr << runner::summary_table(r);
+  write_reports(a, r);
+  return report::exit_code(r);
+}
+
+int selftest_command(const std::vector<std::string>& args) {
+  const auto a = parse_run_args(args);
+  if (!a.cases.empty()) throw UsageError("selftest takes no CASE (it runs its own)");
+  auto r = runner::run_selftest(suite_options(a), a.only);
+  std::cerr << runner::summary_table(r);
+  write_reports(a, r);
+  return report::exit_code(r);
+}
+
+// golden record CASE -o F.h5 [--force] | golden verify CASE F.h5 [--report F] [--junit F] [--out DIR]
+int golden_command(const std::vector<std::string>& args) {
+  if (args.empty()) throw UsageError("golden needs a sub-verb: record or verify");
+  const std::vector<std::string> rest(args.begin() + 1, args.end());
+  if (args[0] == "record") {
+    std::string case_path, out_path;
+    bool force = false;
+    for (size_t i = 0; i < rest.size(); ++i) {
+      if ((rest[i] == "-o" || rest[i] == "--output") && i + 1 < rest.size()) out_path = rest[++i];
+      else if (rest[i] == "--force") force = true;
+      else if (rest[i].rfind("-", 0) == 0) throw UsageError("unknown option " + rest[i]);
+      else if (case_path.empty()) case_path = rest[i];
+      else throw UsageError("golden record takes one CASE");
     }
-    auto r = run_case_cp1(c);
-    for (auto& v : r["trajectories"]["1"]["loss"]) all_finite = all_finite && std::isfinite(v.get<double>());
-    results.push_back(r);
+    if (case_path.empty() || out_path.empty()) throw UsageError("usage: golden record CASE -o F.h5 [--force]");
+    if (std::filesystem::exists(out_path) && !force)
+      throw io::InputError(out_path, "golden", "exists; refreshing a golden is explicit: pass --force");
+    const auto c = train::load_case(case_path);
+    if (!c.requires_features.empty()) throw io::InputError(case_path, "requires", "cannot record a golden here: requires " + c.requires_features.front());
+    report::write_run_dump(out_path, runner::reference_dump(c, report::kKindGolden));
+    std::cerr << fmt::format("recorded {} ({}, {} steps) -> {}\n", c.id, train::to_string(c.dtype), c.steps, out_path);
+    return 0;
   }
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  if (!out_dir.empty()) {
-    std::filesystem::create_directories(out_dir);
-    json out = {{"tool", {{"name", kToolName}, {"version", kToolVersion}, {"git_sha", kGitSha}}},
-                {"duration_s", seconds}, {"cases", results}};
-    write_atomically(out_dir + "/cp1_run.json", out.dump(2) + "\n");
+  if (args[0] == "verify") {
+    std::vector<std::string> positional, flags;
+    for (size_t i = 0; i < rest.size(); ++i) {
+      if (rest[i].rfind("--", 0) == 0) {
+        flags.push_back(rest[i]);
+        if (i + 1 < rest.size()) flags.push_back(rest[++i]);
+      } else {
+        positional.push_back(rest[i]);
+      }
+    }
+    if (positional.size() != 2) throw UsageError("usage: golden verify CASE F.h5 [--report F] [--junit F] [--out DIR]");
+    const auto a = parse_run_args(flags);
+    report::Report r;
+    r.timestamp = report::utc_timestamp_now();
+    r.environment.device = "cpu";
+    report::CaseReport cr;
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      const auto c = train::load_case(positional[0]);
+      cr.id = c.id;
+      cr.dtype = train::to_string(c.dtype);
+      cr.cp_sizes = {1};
+      report::CompareResult cmp;
+      cr.checks.push_back(runner::verify_golden(c, positional[1], &cmp));
+      std::cerr << report::render_text(cmp, "run", positional[1]);
+    } catch (const io::InputError& e) {
+      cr.id = cr.id.empty() ? positional[0] : cr.id;
+      cr.error = e.what();
+      std::cerr << "cpharness: error: " << e.what() << "\n";
+    }
+    cr.duration_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    r.cases.push_back(cr);
+    r.duration_s = cr.duration_s;
+    write_reports(a, r);
+    std::cerr << runner::summary_table(r);
+    return report::exit_code(r);
   }
-  std::cerr << fmt::format("{} case(s) in {:.1f}s\n", cases.size(), seconds);
-  return all_finite ? 0 : 1;
+  throw UsageError("unknown golden sub-verb '" + args[0] + "' (record or verify)");
+}
+
+// compare A.h5 B.h5 [--policy SPEC] [--json F]: B is the reference.
+int compare_command(const std::vector<std::string>& args) {
+  std::vector<std::string> files;
+  std::string policy_spec = "fp32", json_path;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--policy" && i + 1 < args.size()) policy_spec = args[++i];
+    else if (args[i] == "--json" && i + 1 < args.size()) json_path = args[++i];
+    else if (args[i].rfind("--", 0) == 0) throw UsageError("unknown option " + args[i]);
+    else files.push_back(args[i]);
+  }
+  if (files.size() != 2) throw UsageError("usage: compare A.h5 B.h5 [--policy fp32|exact|rel:X[,CATEGORY:X...]] [--json F]");
+  report::ComparePolicy policy;
+  try {
+    policy = report::ComparePolicy::parse(policy_spec);
+  } catch (const std::invalid_argument& e) {
+    throw UsageError(std::string("--policy: ") + e.what());
+  }
+  const auto a = report::read_run_dump(files[0]);
+  const auto b = report::read_run_dump(files[1]);
+  const auto result = report::compare_dumps(a, b, policy);
+  std::cout << report::render_text(result, files[0], files[1]);
+  if (!json_path.empty()) report::write_file_atomically(json_path, report::to_json(result).dump(2) + "\n");
+  return result.passed ? 0 : 1;
+}
+
+// bisect CASE --golden F.h5: for `git bisect run`: 0 good, 1 bad, 125 when the run could not be made.
+int bisect_command(const std::vector<std::string>& args) {
+  std::string case_path, golden;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--golden" && i + 1 < args.size()) golden = args[++i];
+    else if (case_path.empty() && args[i].rfind("--", 0) != 0) case_path = args[i];
+    else {
+      std::cerr << "usage: cpharness bisect CASE --golden F.h5\n";
+      return 125;
+    }
+  }
+  if (case_path.empty() || golden.empty()) {
+    std::cerr << "usage: cpharness bisect CASE --golden F.h5\n";
+    return 125;
+  }
+  try {
+    const auto c = train::load_case(case_path);
+    report::CompareResult cmp;
+    const auto check = runner::verify_golden(c, golden, &cmp);
+    std::cerr << report::render_text(cmp, "run", golden);
+    std::cerr << fmt::format("bisect: {} ({})\n", check.status == report::Status::Pass ? "good" : "bad", check.message);
+    return check.status == report::Status::Pass ? 0 : 1;
+  } catch (const std::exception& e) {
+    std::cerr << "bisect: skip (the run could not be made): " << e.what() << "\n";
+    return 125;
+  }
 }
 
 int list_command(const std::vector<std::string>& args) {
@@ -127,6 +288,10 @@ int dispatch(const std::vector<std::string>& args) {
     const std::vector<std::string> rest(args.begin() + 1, args.end());
     if (args[0] == "run") return run_command(rest);
     if (args[0] == "list") return list_command(rest);
+    if (args[0] == "selftest") return selftest_command(rest);
+    if (args[0] == "golden") return golden_command(rest);
+    if (args[0] == "compare") return compare_command(rest);
+    if (args[0] == "bisect") return bisect_command(rest);
     throw UsageError("unknown verb '" + args[0] + "'");
   } catch (const UsageError& e) {
     std::cerr << "cpharness: " << e.what() << "\n" << kUsage;

@@ -24,7 +24,7 @@ void all_reduce_gradients(Comm& comm, const std::vector<torch::Tensor>& paramete
 }
 
 CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingAttention& ring, const train::Batch& batch,
-                                    uint64_t generation, bool use_share_holder, std::vector<torch::Tensor>* hidden_states) {
+                                    uint64_t generation, const CpStepOptions& step_options) {
   const int n = comm.size(), rank = comm.rank();
   CpForwardResult result;
   result.plan = ShardPlan(batch.input_ids.size(1), n);
@@ -35,13 +35,15 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
   full.padding_mask = batch.meta.padding;
   full.document_ids = batch.meta.document_ids;
   full.vision_group_ids = batch.meta.vision_group_ids;
+  full.labels_shifted = step_options.shift_labels_after_sharding;  // the mutant skips the full-sequence shift
   auto shard = shard_batch(prepare_cp_batch(full, result.plan, model->config().pad_token_id), result.plan, rank);
+  if (step_options.shift_labels_after_sharding) shard.labels = shift_labels(shard.labels);
 
   ring.begin_batch(generation, result.plan.local_len());
   model::KvShareHolder holder;
   model::ForwardOptions options;
-  if (use_share_holder) options.holder = &holder;
-  options.hidden_states = hidden_states;
+  if (step_options.use_share_holder) options.holder = &holder;
+  options.hidden_states = step_options.hidden_states;
   kernels::TokenMetadata meta{shard.document_ids, shard.padding_mask, shard.vision_group_ids};
   auto logits = model->forward({shard.input_ids, shard.position_ids, meta, {}}, ring, options);
   auto loss = model::token_loss(logits, shard.labels);  // labels were shifted on the full sequence
@@ -65,15 +67,19 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
 }
 
 CpTrainer::CpTrainer(Comm& comm, model::Gemma4Model model, const train::OptimizerOptions& o, RingOptions ring_options,
-                     bool use_share_holder)
-    : comm_(comm), model_(std::move(model)), ring_(comm, ring_options), use_share_holder_(use_share_holder) {
+                     CpStepOptions step_options)
+    : comm_(comm), model_(std::move(model)), ring_(comm, ring_options), step_options_(step_options) {
   auto options = torch::optim::AdamWOptions(o.lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(o.weight_decay);
   optimizer_ = std::make_unique<torch::optim::AdamW>(model_->parameters(), options);
 }
 
-train::StepResult CpTrainer::step(const train::Batch& batch) {
+train::StepResult CpTrainer::step(const train::Batch& batch, CpForwardResult* forward,
+                                  std::vector<torch::Tensor>* hidden_states) {
   optimizer_->zero_grad();
-  auto r = cp_forward_backward(comm_, model_, ring_, batch, ++generation_, use_share_holder_);
+  auto options = step_options_;
+  options.hidden_states = hidden_states;
+  auto r = cp_forward_backward(comm_, model_, ring_, batch, ++generation_, options);
+  if (forward) *forward = r;
   train::StepResult result{r.loss, train::grad_norm(model_->parameters()), r.counted_tokens};
   optimizer_->step();
   return result;

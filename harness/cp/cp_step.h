@@ -24,11 +24,16 @@ struct CpForwardResult {
   ShardPlan plan;
 };
 
+struct CpStepOptions {
+  bool use_share_holder = true;               // pass a fresh KV-share holder (cache-gated semantics need it)
+  bool shift_labels_after_sharding = false;   // KNOWN-BAD, selftest only: each rank shifts its own shard
+  std::vector<torch::Tensor>* hidden_states = nullptr;  // receives this rank's residual stream per layer
+};
+
 // Forward and backward on this rank's shard; afterwards every parameter's .grad() holds the global gradient
-// (all-reduced). `hidden_states`, when given, receives this rank's residual stream per layer.
+// (all-reduced).
 CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingAttention& ring, const train::Batch& batch,
-                                    uint64_t generation, bool use_share_holder,
-                                    std::vector<torch::Tensor>* hidden_states = nullptr);
+                                    uint64_t generation, const CpStepOptions& options = {});
 
 // Sums every parameter gradient over the ranks in one flat collective (undefined grads count as zero).
 void all_reduce_gradients(Comm& comm, const std::vector<torch::Tensor>& parameters);
@@ -36,8 +41,11 @@ void all_reduce_gradients(Comm& comm, const std::vector<torch::Tensor>& paramete
 class CpTrainer {
  public:
   CpTrainer(Comm& comm, model::Gemma4Model model, const train::OptimizerOptions& options, RingOptions ring_options = {},
-            bool use_share_holder = true);
-  train::StepResult step(const train::Batch& batch);
+            CpStepOptions step_options = {});
+  // One optimizer step; `forward`, when given, receives the forward result (local logits, plan), and
+  // `hidden_states` this rank's residual stream per layer. Gradients stay readable until the next step.
+  train::StepResult step(const train::Batch& batch, CpForwardResult* forward = nullptr,
+                         std::vector<torch::Tensor>* hidden_states = nullptr);
   model::Gemma4Model& model() { return model_; }
   RingAttention& ring() { return ring_; }
 
@@ -46,7 +54,7 @@ class CpTrainer {
   model::Gemma4Model model_;
   RingAttention ring_;
   std::unique_ptr<torch::optim::AdamW> optimizer_;
-  bool use_share_holder_;
+  CpStepOptions step_options_;
   uint64_t generation_ = 0;
 };
 

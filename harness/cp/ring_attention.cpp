@@ -64,8 +64,8 @@ std::shared_ptr<const kernels::BlockMask> mask_for(RingAttention& ring, const ke
   const int64_t S = ring.local_len();
   const kernels::TokenRange q_range{ring.comm().rank() * S, S}, kv_range{chunk.owner * S, S};
   const auto& o = ring.options();
-  return ring.cache().lookup(ring.generation(), q_meta, chunk.meta, q_range, kv_range, geometry, batch, o.q_block,
-                             o.kv_block, device);
+  return ring.cache().lookup(ring.generation(), q_meta, chunk.meta, q_range, kv_range,
+                             ring.chunk_geometry(chunk.owner, geometry), batch, o.q_block, o.kv_block, device);
 }
 
 bool has_work(const kernels::BlockMask& mask) { return kernels::computed_score_elements(mask) > 0; }
@@ -96,7 +96,8 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
       entry.computed.push_back(work);
       if (work) partials.push_back(kernels::chunk_attention_forward(q, chunk.k, chunk.v, *mask, scale));
       if (ring->options().record_chunks) {
-        ChunkRecord rec{layer, chunk.owner, work};
+        ChunkRecord rec;
+        rec.layer = layer, rec.owner = chunk.owner, rec.computed = work;
         if (work) rec.out = partials.back().out, rec.lse = partials.back().lse;
         ring->records().push_back(rec);
       }
@@ -108,6 +109,10 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
                 torch::full({q.size(0), q.size(1), q.size(2)}, -std::numeric_limits<double>::infinity(), q.options().dtype(acc))};
     } else {
       merged = kernels::lse_merge(partials, ring->options().merge);
+    }
+    if (ring->options().mutation == RingMutation::kPaddedRowsNotZeroed) {
+      auto fill = v.select(2, 0).repeat_interleave(q.size(1) / v.size(1), 1).unsqueeze(2).to(merged.out.scalar_type());
+      merged.out = torch::where(torch::isinf(merged.lse).unsqueeze(-1), fill.expand_as(merged.out), merged.out);
     }
     ring->trace().push_back(std::move(entry));
     ctx->save_for_backward({q, k, v, merged.out, merged.lse, or_empty(meta.document_ids), or_empty(meta.padding),
@@ -199,6 +204,17 @@ void RingAttention::begin_batch(uint64_t generation, int64_t local_len) {
   if (options_.mutation == RingMutation::kStaleGeneration && generation_frozen_) return;
   generation_ = generation;
   generation_frozen_ = true;
+}
+
+kernels::LayerGeometry ring_chunk_geometry(const RingOptions& options, int rank, int owner,
+                                           const kernels::LayerGeometry& geometry) {
+  auto g = geometry;
+  if (options.mutation == RingMutation::kWindowOffByOneAtEdge && owner != rank && g.window) *g.window += 1;
+  return g;
+}
+
+kernels::LayerGeometry RingAttention::chunk_geometry(int owner, const kernels::LayerGeometry& geometry) const {
+  return ring_chunk_geometry(options_, comm_.rank(), owner, geometry);
 }
 
 int RingAttention::owner_at_step(int step) const {

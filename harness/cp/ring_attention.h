@@ -24,6 +24,8 @@ enum class RingMutation {
   kReverseRotation,   // owners labelled as if chunks came from rank + s instead of rank - s
   kDropGradReturn,    // foreign dK/dV are never sent back to their owners
   kStaleGeneration,   // the cache generation never advances (a stale mask survives a new batch)
+  kWindowOffByOneAtEdge,  // foreign chunks use q - k <= W instead of q - k < W (a window bug at shard edges)
+  kPaddedRowsNotZeroed,   // rows with no allowed key take V of local index 0 (upstream's trick, never zeroed)
 };
 
 struct RingOptions {
@@ -56,6 +58,10 @@ struct RingTraceEntry {
   int64_t bytes_sent = 0;
 };
 
+// The geometry rank `rank` uses against `owner`'s chunk: the layer's own, except under the window mutant.
+kernels::LayerGeometry ring_chunk_geometry(const RingOptions& options, int rank, int owner,
+                                           const kernels::LayerGeometry& geometry);
+
 class RingAttention : public model::AttentionBackend {
  public:
   RingAttention(Comm& comm, RingOptions options = {});
@@ -77,6 +83,9 @@ class RingAttention : public model::AttentionBackend {
   double comm_seconds() const { return comm_seconds_; }
   void add_comm_seconds(double s) { comm_seconds_ += s; }
   void reset_comm_seconds() { comm_seconds_ = 0; }
+
+  // The geometry this rank uses against `owner`'s chunk (honours the window mutant).
+  kernels::LayerGeometry chunk_geometry(int owner, const kernels::LayerGeometry& geometry) const;
 
   // Owner of the chunk held at ring step s (honours the rotation mutant).
   int owner_at_step(int step) const;

@@ -8,6 +8,8 @@
 #include <fstream>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -50,10 +52,12 @@ constexpr const char* kGoodCase = R"({"id": "t", "model": {"preset": "tiny-31b"}
 TEST_F(CliTest, RunPrintsPerStepLossAndWritesOutput) {
   auto c = write("good.json", kGoodCase);
   auto out = dir_ / "out";
-  auto r = run_cli("run " + c + " --cp 1 --out " + out.string());
+  auto r = run_cli("run " + c + " --cp 2 --out " + out.string());
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("[t] cp1 fp32 step 1: loss"), std::string::npos) << r.output;
-  EXPECT_TRUE(fs::exists(out / "cp1_run.json"));
+  EXPECT_NE(r.output.find("[t] cp2 fp32 step 1: loss"), std::string::npos) << r.output;
+  EXPECT_TRUE(fs::exists(out / "report.json"));
+  EXPECT_TRUE(fs::exists(out / "report.xml"));
 }
 
 TEST_F(CliTest, MalformedJsonIsExit2NamingTheFile) {
@@ -62,7 +66,12 @@ TEST_F(CliTest, MalformedJsonIsExit2NamingTheFile) {
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.output.find("broken.json"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("malformed JSON"), std::string::npos) << r.output;
-  EXPECT_FALSE(fs::exists(dir_ / "out")) << "no partial output on bad input";
+  // An error report, never a partial or passing one.
+  std::ifstream in(dir_ / "out" / "report.json");
+  ASSERT_TRUE(in) << "the error report is written";
+  auto j = nlohmann::json::parse(in);
+  EXPECT_EQ(j["status"], "error");
+  EXPECT_TRUE(j["cases"].empty());
 }
 
 TEST_F(CliTest, UnknownPresetIsExit2NamingTheField) {

@@ -59,7 +59,8 @@ std::string to_string(DtypeLane lane) { return lane == DtypeLane::kBf16 ? "bf16"
 
 Case case_from_json(const json& j, const std::string& path) {
   if (!j.is_object()) throw InputError(path, "case", "expected a JSON object");
-  reject_unknown(j, {"id", "description", "model", "weights", "data", "dtype", "steps", "optimizer", "cp", "requires"}, path, "");
+  reject_unknown(j, {"id", "description", "model", "weights", "data", "dtype", "steps", "optimizer", "cp", "requires", "checks",
+                     "tolerances", "block_size", "block_mask_cache"}, path, "");
   Case c;
   c.path = path;
   c.raw = j;
@@ -124,6 +125,34 @@ Case case_from_json(const json& j, const std::string& path) {
       if (!r.is_string() || r != "cuda") throw InputError(path, "requires", "known requirements: \"cuda\"");
       c.requires_features.push_back(r.get<std::string>());
     }
+  }
+  if (j.contains("checks")) {
+    if (!j["checks"].is_array()) throw InputError(path, "checks", "wrong type: expected an array of check names");
+    static const std::vector<std::string> known = {
+        "mask.", "ring.", "attention.", "kvshare.", "cache.", "train.", "determinism.", "golden.", "hf."};
+    for (size_t i = 0; i < j["checks"].size(); ++i) {
+      const json& v = j["checks"][i];
+      const std::string field = fmt::format("checks[{}]", i);
+      if (!v.is_string()) throw InputError(path, field, "wrong type: expected a string");
+      const auto name = v.get<std::string>();
+      bool ok = false;
+      for (auto& k : known) ok = ok || name.rfind(k, 0) == 0;
+      if (!ok) throw InputError(path, field, "unknown check '" + name + "'");
+      c.checks.push_back(name);
+    }
+  }
+  if (j.contains("tolerances")) {
+    const json& t = object_at(j, "tolerances", path, "tolerances");
+    reject_unknown(t, {"fp32_relative", "bf16_k", "bf16_floor", "cp_growth"}, path, "tolerances.");
+    if (t.contains("fp32_relative")) c.tolerances.fp32_relative = number_at(t, "fp32_relative", path, "tolerances.fp32_relative");
+    if (t.contains("bf16_k")) c.tolerances.bf16_k = number_at(t, "bf16_k", path, "tolerances.bf16_k");
+    if (t.contains("bf16_floor")) c.tolerances.bf16_floor = number_at(t, "bf16_floor", path, "tolerances.bf16_floor");
+    if (t.contains("cp_growth")) c.tolerances.cp_growth = number_at(t, "cp_growth", path, "tolerances.cp_growth");
+  }
+  if (j.contains("block_size")) c.block_size = int_at(j, "block_size", path, "block_size", 1);
+  if (j.contains("block_mask_cache")) {
+    if (!j["block_mask_cache"].is_boolean()) throw InputError(path, "block_mask_cache", "wrong type: expected a boolean");
+    c.block_mask_cache = j["block_mask_cache"].get<bool>();
   }
   return c;
 }

@@ -15,6 +15,14 @@ namespace cpharness::train {
 
 enum class DtypeLane { kFp32, kBf16 };
 
+// Tolerances of a case (design.md "Tolerance policy"); the check layer turns them into thresholds.
+struct CaseTolerances {
+  double fp32_relative = 1e-5;
+  double bf16_k = 2.0;
+  double bf16_floor = 1e-3;
+  double cp_growth = 0.0;  // thresholds x (1 + cp_growth * log2(cp))
+};
+
 struct Case {
   std::string id;
   std::string path;
@@ -28,6 +36,10 @@ struct Case {
   OptimizerOptions optimizer;
   std::vector<int64_t> cp_sizes = {2};
   std::vector<std::string> requires_features;  // e.g. "cuda"
+  std::vector<std::string> checks;             // catalogue names or prefixes ("cache."); empty: all
+  CaseTolerances tolerances;
+  int64_t block_size = 128;                    // block-mask q and kv block size
+  bool block_mask_cache = true;                // run the candidate with the block-mask cache on
   nlohmann::json raw;                          // the file as read, for provenance
 };
 

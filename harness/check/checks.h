@@ -1,0 +1,62 @@
+// The check catalogue of design.md. Each function reads what the runner recorded (or runs the small, exact
+// computation it needs) and returns CheckResults with the observed value, the threshold and the policy.
+// Checks never train: the runner does.
+#pragma once
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "harness/check/tolerance.h"
+#include "harness/cp/ring_attention.h"
+#include "harness/report/report.h"
+#include "harness/runner/case_runner.h"
+#include "harness/train/case.h"
+
+namespace cpharness::check {
+
+using report::CheckResult;
+
+// Known-bad block-mask builder for the selftest: partial tiles classified as full.
+enum class BlockMaskMutation { kNone, kPartialAsFull };
+
+// mask.dense_slice and mask.block_classification: for every distinct layer geometry of the case, every rank and
+// every ring chunk, the rank-local mask (as the ring builds it) equals the slice of the cp 1 global mask, and
+// the analytic block mask equals the brute-force one.
+std::vector<CheckResult> check_masks(const train::Case& c, int cp, const cp::RingOptions& ring,
+                                     BlockMaskMutation mutation = BlockMaskMutation::kNone);
+
+// attention.parity: seeded fp64 Q/K/V with the case's metadata and head geometry, ring vs full attention per
+// rank (out, dQ, dK, dV) and per chunk (out, LSE); padded rows exactly zero in output and dQ.
+std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, const cp::RingOptions& ring);
+
+// ring.rotation_order and ring.grad_return from the candidate's step-0 traces and comm counts.
+std::vector<CheckResult> check_ring(const train::Case& c, const runner::LaneRun& candidate);
+
+// cache.build_count, cache.hit_count, cache.generation_reset per rank and step. `uncached` is a one-step run
+// with the cache off (builds must equal lookups); the expected counts are derived from the case.
+std::vector<CheckResult> check_cache(const train::Case& c, const runner::LaneRun& candidate,
+                                     const runner::LaneRun* uncached);
+
+// train.loss_parity, train.grad_norm_parity, train.param_parity per step (and step-0 logits and gradients);
+// on failure the first diverging layer and tensor is named, and both tensors are dumped under `dump_dir`.
+// `oracle` (cp 1 fp32) is required for the bf16 lane.
+std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& tol, const runner::LaneRun& reference,
+                                        const runner::LaneRun& candidate, const runner::LaneRun* oracle,
+                                        const std::string& dump_dir);
+
+// kvshare.loss_parity (cp N with the holder under cache-gated semantics vs the cp 1 sharing reference) and
+// kvshare.bug_detected (without the holder the loss must move beyond tolerance). Only for cases with KV sharing.
+std::vector<CheckResult> check_kvshare(const train::Case& c, int cp, const Tolerances& tol,
+                                       const runner::LaneRun& reference, const runner::RunOptions& options);
+
+// determinism.repeat_bitwise: two runs are bit-identical (losses, grad norms, final parameters).
+CheckResult check_determinism(const train::Case& c, int cp, const runner::LaneRun& first, const runner::LaneRun& second);
+
+// The counts the cache checks expect for one rank and step of `c` at `cp`.
+struct ExpectedCacheCounts {
+  int64_t lookups = 0;  // layers x chunks x passes
+  int64_t builds = 0;   // distinct keys: layer geometries x kv offsets
+};
+ExpectedCacheCounts expected_cache_counts(const train::Case& c, int cp, bool cache_enabled);
+
+}  // namespace cpharness::check

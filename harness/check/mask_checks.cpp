@@ -1,0 +1,185 @@
+// mask.dense_slice, mask.block_classification and attention.parity: exact computations on the case's own
+// metadata and layer geometries, independent of training.
+#include <ATen/CPUGeneratorImpl.h>
+#include <fmt/format.h>
+
+#include <mutex>
+
+#include "harness/check/checks.h"
+#include "harness/cp/comm.h"
+#include "harness/cp/shard_plan.h"
+#include "kernels/block_mask_builder.h"
+#include "kernels/dense_mask.h"
+
+namespace cpharness::check {
+namespace {
+
+using torch::Tensor;
+using report::Policy;
+
+struct LayerShape {
+  kernels::LayerGeometry geometry;
+  int64_t kv_heads = 1, head_dim = 8;
+  std::string name;  // "sliding" / "full"
+};
+
+// One entry per distinct layer geometry of the model, with the head shape of its first layer.
+std::vector<LayerShape> distinct_layers(const model::ModelConfig& m) {
+  std::vector<LayerShape> out;
+  for (int64_t l = 0; l < m.num_hidden_layers; ++l) {
+    kernels::LayerGeometry g{true, m.layer_window(l), m.layer_vision_bidirectional(l)};
+    bool seen = false;
+    for (auto& s : out) seen = seen || s.geometry == g;
+    if (!seen) out.push_back({g, m.layer_kv_heads(l), m.layer_head_dim(l), m.is_full(l) ? "full" : "sliding"});
+  }
+  return out;
+}
+
+// The case's step-0 metadata padded for `cp` (cp-reference §4 pad values).
+kernels::TokenMetadata padded_meta(const train::Batch& b, const cp::ShardPlan& plan) {
+  kernels::TokenMetadata m;
+  m.document_ids = plan.pad(b.meta.document_ids, 0);
+  m.padding = plan.pad(b.meta.padding, true);
+  if (b.meta.vision_group_ids.defined()) m.vision_group_ids = plan.pad(b.meta.vision_group_ids, -1);
+  return m;
+}
+
+kernels::TokenMetadata shard_meta(const kernels::TokenMetadata& m, const cp::ShardPlan& plan, int r) {
+  return m.slice(plan.begin(r), plan.local_len());
+}
+
+// Full attention in fp64 with autograd; rows without an allowed key give 0 and lse -inf.
+Tensor reference_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& allowed, Tensor* lse_out) {
+  const int64_t groups = q.size(1) / k.size(1);
+  auto kk = k.repeat_interleave(groups, 1), vv = v.repeat_interleave(groups, 1);
+  auto s = torch::matmul(q, kk.transpose(2, 3));
+  auto a = allowed.unsqueeze(1);
+  auto lse = torch::logsumexp(torch::where(a, s, torch::full({}, -INFINITY, s.options())), -1, true);
+  auto safe = torch::where(a.any(-1, true), lse, torch::zeros_like(lse));
+  auto p = torch::where(a, torch::exp(s - safe), torch::zeros_like(s));
+  if (lse_out) *lse_out = lse.squeeze(-1).detach();
+  return torch::matmul(p, vv);
+}
+
+double rel(const Tensor& a, const Tensor& b) {
+  const double denom = b.norm().item<double>();
+  const double diff = (a.to(torch::kFloat64) - b).norm().item<double>();
+  if (!std::isfinite(diff)) return INFINITY;
+  return denom == 0 ? diff : diff / denom;
+}
+
+}  // namespace
+
+std::vector<CheckResult> check_masks(const train::Case& c, int cp, const cp::RingOptions& ring, BlockMaskMutation mutation) {
+  const auto batch = runner::batch_for_step(c, 0);
+  const cp::ShardPlan plan(c.data.seq_len, cp);
+  const auto meta = padded_meta(batch, plan);
+  const int64_t B = c.data.batch, L = plan.local_len();
+  std::vector<CheckResult> out;
+  for (int r = 0; r < cp; ++r) {
+    int64_t dense_mismatch = 0, block_mismatch = 0, pairs = 0;
+    nlohmann::json dense_first, block_first;
+    for (auto& layer : distinct_layers(c.model)) {
+      auto global = kernels::dense_mask(meta, layer.geometry, B, plan.padded_len());
+      for (int owner = 0; owner < cp; ++owner) {
+        ++pairs;
+        const kernels::TokenRange q_range{plan.begin(r), L}, kv_range{plan.begin(owner), L};
+        const auto q_meta = shard_meta(meta, plan, r), kv_meta = shard_meta(meta, plan, owner);
+        const auto geometry = cp::ring_chunk_geometry(ring, r, owner, layer.geometry);
+        auto local = kernels::dense_mask(q_meta, kv_meta, q_range, kv_range, geometry, B);
+        auto expected = global.narrow(1, q_range.start, L).narrow(2, kv_range.start, L);
+        const int64_t wrong = (local != expected).sum().item<int64_t>();
+        if (wrong && dense_first.is_null())
+          dense_first = {{"layer_type", layer.name}, {"owner", owner}, {"wrong_elements", wrong}};
+        dense_mismatch += wrong;
+
+        auto analytic = kernels::build_block_mask(q_meta, kv_meta, q_range, kv_range, geometry, B, ring.q_block, ring.kv_block);
+        if (mutation == BlockMaskMutation::kPartialAsFull) {
+          auto classes = kernels::block_classes(analytic);
+          classes.masked_fill_(classes == kernels::kPartialBlock, uint8_t(kernels::kFullBlock));
+          kernels::fill_block_lists(analytic, classes);
+        }
+        auto brute = kernels::build_block_mask_brute_force(q_meta, kv_meta, q_range, kv_range, geometry, B, ring.q_block, ring.kv_block);
+        if (auto diff = kernels::block_mask_mismatch(analytic, brute)) {
+          ++block_mismatch;
+          if (block_first.is_null()) block_first = {{"layer_type", layer.name}, {"owner", owner}, {"difference", *diff}};
+        }
+      }
+    }
+    out.push_back(CheckResult::judge("mask.dense_slice", cp, r, "mismatched_elements", double(dense_mismatch), 0, Policy::Count,
+                                     {{"first_mismatch", dense_first}, {"chunks_checked", pairs}}));
+    out.push_back(CheckResult::judge("mask.block_classification", cp, r, "mismatched_chunks", double(block_mismatch), 0,
+                                     Policy::Count, {{"first_mismatch", block_first}, {"chunks_checked", pairs}}));
+  }
+  return out;
+}
+
+std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, const cp::RingOptions& ring_options) {
+  const auto batch = runner::batch_for_step(c, 0);
+  const cp::ShardPlan plan(c.data.seq_len, cp);
+  const auto meta = padded_meta(batch, plan);
+  const int64_t B = c.data.batch, L = plan.local_len(), S = plan.padded_len(), Hq = c.model.num_attention_heads;
+  const double threshold = 1e-9;  // fp64: the same math in another order
+  struct RankError {
+    double worst = 0, padded = 0;
+    nlohmann::json where;
+  };
+  std::vector<RankError> errors(size_t(cp));
+  uint64_t seed = 1000;
+  for (auto& layer : distinct_layers(c.model)) {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed++);
+    auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+    auto q = torch::randn({B, Hq, S, layer.head_dim}, gen, f64), k = torch::randn({B, layer.kv_heads, S, layer.head_dim}, gen, f64);
+    auto v = torch::randn({B, layer.kv_heads, S, layer.head_dim}, gen, f64), dout = torch::randn({B, Hq, S, layer.head_dim}, gen, f64);
+    auto allowed = kernels::dense_mask(meta, layer.geometry, B, S);
+    auto qr = q.clone().requires_grad_(), kr = k.clone().requires_grad_(), vr = v.clone().requires_grad_();
+    auto ref_out = reference_attention(qr, kr, vr, allowed, nullptr);
+    (ref_out * dout).sum().backward();
+    std::mutex mu;
+    cp::run_local(cp, [&](cp::Comm& comm) {
+      const int r = comm.rank();
+      auto options = ring_options;
+      options.record_chunks = true;
+      cp::RingAttention ring(comm, options);
+      ring.begin_batch(1, L);
+      auto rows = [&](const Tensor& t) { return t.narrow(2, r * L, L); };
+      auto lq = rows(q).clone().requires_grad_(), lk = rows(k).clone().requires_grad_(), lv = rows(v).clone().requires_grad_();
+      auto out = ring.attend({lq, lk, lv, layer.geometry, 1.0, 0}, shard_meta(meta, plan, r));
+      (out * rows(dout)).sum().backward();
+      std::vector<std::pair<std::string, double>> errs = {{"out", rel(out.detach(), rows(ref_out.detach()))},
+                                                          {"dq", rel(lq.grad(), rows(qr.grad()))},
+                                                          {"dk", rel(lk.grad(), rows(kr.grad()))},
+                                                          {"dv", rel(lv.grad(), rows(vr.grad()))}};
+      for (auto& rec : ring.records()) {
+        if (!rec.computed) continue;
+        auto chunk_allowed = allowed.narrow(1, r * L, L).narrow(2, rec.owner * L, L);
+        Tensor lse;
+        auto chunk_out = reference_attention(rows(q), k.narrow(2, rec.owner * L, L), v.narrow(2, rec.owner * L, L), chunk_allowed, &lse);
+        auto finite = torch::isfinite(lse);
+        errs.push_back({fmt::format("chunk {} out", rec.owner), rel(rec.out, chunk_out)});
+        const bool same_pattern = torch::equal(torch::isfinite(rec.lse), finite);
+        errs.push_back({fmt::format("chunk {} lse", rec.owner),
+                        same_pattern ? rel(torch::where(finite, rec.lse, torch::zeros_like(rec.lse)), torch::where(finite, lse, torch::zeros_like(lse))) : INFINITY});
+      }
+      // Padded query rows: exactly zero output and gradient.
+      auto pad_rows = shard_meta(meta, plan, r).padding.unsqueeze(1).unsqueeze(-1);  // [B, 1, L, 1]
+      const double padded = std::max((out.detach() * pad_rows).abs().max().item<double>(), (lq.grad() * pad_rows).abs().max().item<double>());
+      std::lock_guard<std::mutex> lock(mu);
+      auto& e = errors[size_t(r)];
+      for (auto& [what, err] : errs)
+        if (!(err <= e.worst)) e.worst = err, e.where = {{"layer_type", layer.name}, {"tensor", what}};
+      e.padded = std::max(e.padded, padded);
+    });
+  }
+  std::vector<CheckResult> out;
+  for (int r = 0; r < cp; ++r) {
+    auto& e = errors[size_t(r)];
+    out.push_back(CheckResult::judge("attention.parity", cp, r, "rel_l2_fp64", e.worst, threshold, Policy::Fp32Relative,
+                                     {{"worst", e.where}}));
+    out.push_back(CheckResult::judge("attention.parity", cp, r, "padded_rows_max_abs", e.padded, 0, Policy::Exact,
+                                     {{"what", "output and dQ of padded query rows"}}));
+  }
+  return out;
+}
+
+}  // namespace cpharness::check

@@ -1,0 +1,294 @@
+// Checks over what the runner recorded: ring traces, cache counters, training trajectories and tensors,
+// KV-share parity and determinism.
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <set>
+
+#include "harness/check/checks.h"
+#include "harness/io/hdf5_tensors.h"
+
+namespace cpharness::check {
+namespace {
+
+using report::Policy;
+using torch::Tensor;
+
+double rel(const Tensor& a, const Tensor& b) {
+  const double diff = (a - b).norm().item<double>();
+  if (!std::isfinite(diff)) return INFINITY;
+  const double denom = b.norm().item<double>();
+  return denom == 0 ? diff : diff / denom;
+}
+
+double rel_scalar(double a, double b) {
+  if (!std::isfinite(a) || !std::isfinite(b)) return INFINITY;
+  return b == 0 ? std::abs(a - b) : std::abs(a - b) / std::abs(b);
+}
+
+// Real (non-padding) tokens of step 0 as a [B, S, 1] fp64 mask: padded rows are HF-uniform in the reference
+// and zero under the ring, and neither carries loss.
+Tensor valid_tokens(const train::Case& c) {
+  return runner::batch_for_step(c, 0).meta.padding.logical_not().unsqueeze(-1).to(torch::kFloat64);
+}
+
+// Backward order for gradients: the final norm, then layers from last to first, then the embedding side.
+int64_t backward_rank(const std::string& name) {
+  if (name.rfind("norm.", 0) == 0) return -1;
+  if (name.rfind("layers.", 0) == 0) return 1000000 - std::stoll(name.substr(7, name.find('.', 7) - 7));
+  return 2000000;
+}
+
+struct Divergence {
+  std::string kind, tensor;
+  int64_t layer = -1;
+  double error = 0;
+  Tensor reference, candidate;
+};
+
+// The first tensor out of tolerance: logits? no, forward order: hidden states by layer, then gradients in
+// backward order. `bound` gives the allowed relative error for each pair.
+std::optional<Divergence> first_divergence(const train::Case& c, const runner::LaneRun& ref, const runner::LaneRun& cand,
+                                           const std::function<double(const std::string&)>& bound) {
+  auto valid = valid_tokens(c);
+  for (size_t i = 0; i < std::min(ref.hidden.size(), cand.hidden.size()); ++i) {
+    const double e = rel(cand.hidden[i] * valid, ref.hidden[i] * valid);
+    const std::string name = i == 0 ? "embeddings" : fmt::format("layers.{}.output", i - 1);
+    if (!(e <= bound(name))) return Divergence{"hidden_state", name, int64_t(i) - 1, e, ref.hidden[i], cand.hidden[i]};
+  }
+  std::vector<std::string> names;
+  for (auto& [n, t] : ref.grads) names.push_back(n);
+  std::stable_sort(names.begin(), names.end(), [](auto& a, auto& b) { return backward_rank(a) < backward_rank(b); });
+  for (auto& n : names) {
+    auto it = cand.grads.find(n);
+    if (it == cand.grads.end()) return Divergence{"gradient", n, -1, INFINITY, ref.grads.at(n), Tensor()};
+    const double e = rel(it->second, ref.grads.at(n));
+    if (!(e <= bound(n))) {
+      int64_t layer = n.rfind("layers.", 0) == 0 ? std::stoll(n.substr(7, n.find('.', 7) - 7)) : -1;
+      return Divergence{"gradient", n, layer, e, ref.grads.at(n), it->second};
+    }
+  }
+  return std::nullopt;
+}
+
+std::string dump_divergence(const std::string& dump_dir, const train::Case& c, int cp, const Divergence& d) {
+  if (dump_dir.empty()) return "";
+  std::filesystem::create_directories(dump_dir);
+  const std::string path = fmt::format("{}/{}-cp{}-first-divergence.h5", dump_dir, c.id, cp);
+  io::TensorMap tensors = {{"reference/" + d.tensor, d.reference}};
+  if (d.candidate.defined()) tensors["candidate/" + d.tensor] = d.candidate;
+  io::write_hdf5(path, tensors, {{"/", {{"case_id", c.id}, {"cp", std::to_string(cp)}, {"kind", d.kind}, {"tensor", d.tensor}}}});
+  return path;
+}
+
+}  // namespace
+
+std::vector<CheckResult> check_ring(const train::Case& c, const runner::LaneRun& cand) {
+  const int n = cand.cp;
+  const int64_t layers = c.model.num_hidden_layers;
+  std::vector<CheckResult> out;
+  for (int r = 0; r < n; ++r) {
+    const auto& trace = cand.traces.at(size_t(r));
+    int64_t wrong_owner = 0, wrong_return = 0, entries[2] = {0, 0};
+    nlohmann::json first;
+    for (auto& e : trace) {
+      ++entries[e.pass == "backward"];
+      std::set<int> seen(e.owners.begin(), e.owners.end());
+      bool ok = int(e.owners.size()) == n && int(seen.size()) == n;
+      for (int s = 0; ok && s < n; ++s) ok = e.owners[size_t(s)] == ((r - s) % n + n) % n;
+      if (!ok) {
+        ++wrong_owner;
+        if (first.is_null()) first = {{"layer", e.layer}, {"pass", e.pass}, {"owners", e.owners}};
+      }
+      if (e.pass == "backward" && e.grad_returns != n - 1) ++wrong_return;
+    }
+    const bool complete = entries[0] == layers && entries[1] == layers;
+    out.push_back(CheckResult::judge("ring.rotation_order", n, r, "wrong_passes", double(wrong_owner + (complete ? 0 : 1)), 0,
+                                     Policy::Count, {{"first_wrong", first}, {"forward_passes", entries[0]}, {"backward_passes", entries[1]}}));
+    // Comm counts per step against the formula: forward cp-1 ring steps per layer, backward cp-1 replay steps
+    // and cp-1 direct returns per layer, two all-reduces (loss statistics, gradients).
+    const auto& stats = cand.comm_step0.at(size_t(r));
+    int64_t expected_bytes = 0;
+    const cp::ShardPlan plan(c.data.seq_len, n);
+    const int64_t acc_bytes = 4;  // dK/dV travel home in fp32
+    for (int64_t l = 0; l < layers; ++l)
+      expected_bytes += 2 * c.data.batch * c.model.layer_kv_heads(l) * plan.local_len() * c.model.layer_head_dim(l) * acc_bytes * (n - 1);
+    const int64_t got_ring = stats.ops(cp::CommOp::RingExchange), got_exchange = stats.ops(cp::CommOp::Exchange);
+    const int64_t got_bytes = stats.bytes(cp::CommOp::Exchange);
+    const double misses = double(std::abs(got_ring - 2 * layers * (n - 1)) + std::abs(got_exchange - layers * (n - 1)) +
+                                 (got_bytes != expected_bytes) + wrong_return + std::abs(stats.ops(cp::CommOp::AllReduce) - 2));
+    out.push_back(CheckResult::judge("ring.grad_return", n, r, "count_mismatches", misses, 0, Policy::Count,
+                                     {{"ring_exchanges", got_ring}, {"expected_ring_exchanges", 2 * layers * (n - 1)},
+                                      {"grad_returns", got_exchange}, {"expected_grad_returns", layers * (n - 1)},
+                                      {"grad_return_bytes", got_bytes}, {"expected_grad_return_bytes", expected_bytes},
+                                      {"passes_without_full_return", wrong_return}}));
+  }
+  return out;
+}
+
+ExpectedCacheCounts expected_cache_counts(const train::Case& c, int cp, bool cache_enabled) {
+  std::set<std::pair<int64_t, bool>> geometries;
+  for (int64_t l = 0; l < c.model.num_hidden_layers; ++l)
+    geometries.insert({c.model.layer_window(l).value_or(-1), c.model.layer_vision_bidirectional(l)});
+  ExpectedCacheCounts e;
+  e.lookups = c.model.num_hidden_layers * cp * 2;  // every layer, every chunk, forward and backward replay
+  e.builds = cache_enabled ? int64_t(geometries.size()) * cp : e.lookups;
+  return e;
+}
+
+std::vector<CheckResult> check_cache(const train::Case& c, const runner::LaneRun& cand, const runner::LaneRun* uncached) {
+  const int n = cand.cp;
+  const auto on = expected_cache_counts(c, n, true), off = expected_cache_counts(c, n, false);
+  std::vector<CheckResult> out;
+  for (int r = 0; r < n; ++r) {
+    int64_t build_miss = 0, hit_miss = 0, reset_miss = 0;
+    nlohmann::json per_step = nlohmann::json::array();
+    for (size_t s = 0; s < cand.cache.size(); ++s) {
+      const auto& k = cand.cache[s][size_t(r)];
+      per_step.push_back({{"lookups", k.lookups}, {"builds", k.builds}, {"hits", k.hits}, {"resets", k.resets}});
+      build_miss += (k.builds != on.builds) + (k.lookups != on.lookups);
+      hit_miss += k.hits != k.lookups - k.builds || k.hits != on.lookups - on.builds;
+      reset_miss += k.resets != 1;
+    }
+    nlohmann::json uncached_counts = nullptr;
+    if (uncached) {
+      const auto& k = uncached->cache.at(0).at(size_t(r));
+      uncached_counts = {{"lookups", k.lookups}, {"builds", k.builds}};
+      build_miss += (k.builds != off.builds) + (k.lookups != off.lookups);
+    }
+    nlohmann::json details = {{"expected_builds_cached", on.builds}, {"expected_builds_uncached", off.builds},
+                              {"expected_lookups", on.lookups}, {"per_step", per_step}, {"uncached_step", uncached_counts}};
+    out.push_back(CheckResult::judge("cache.build_count", n, r, "steps_with_wrong_counts", double(build_miss), 0, Policy::Count, details));
+    out.push_back(CheckResult::judge("cache.hit_count", n, r, "steps_with_wrong_hits", double(hit_miss), 0, Policy::Count,
+                                     {{"expected_hits", on.lookups - on.builds}, {"per_step", per_step}}));
+    out.push_back(CheckResult::judge("cache.generation_reset", n, r, "steps_without_one_reset", double(reset_miss), 0,
+                                     Policy::Count, {{"per_step", per_step}}));
+  }
+  return out;
+}
+
+std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& tol, const runner::LaneRun& ref,
+                                        const runner::LaneRun& cand, const runner::LaneRun* oracle, const std::string& dump_dir) {
+  const int n = cand.cp;
+  const bool bf16 = cand.lane == "bf16";
+  std::vector<CheckResult> out;
+  // bf16: each metric's bound is k x (error of cp1-bf16 against the fp32 oracle) + floor, against that oracle.
+  const runner::LaneRun& base = bf16 ? *oracle : ref;
+  auto bound = [&](double cp1_error) { return bf16 ? tol.bf16(cp1_error, n) : tol.fp32(n); };
+  const auto policy = bf16 ? Policy::Bf16OracleRelative : Policy::Fp32Relative;
+
+  std::vector<std::string> failing;
+  for (size_t s = 0; s < std::min(cand.steps.size(), base.steps.size()); ++s) {
+    auto judge = [&](const char* name, double c_val, double r_val, double b_val) {
+      const double observed = rel_scalar(c_val, b_val);
+      const double allowed = bound(bf16 ? rel_scalar(r_val, b_val) : 0.0);
+      auto res = CheckResult::judge(name, n, std::nullopt, "rel_abs_diff", observed, allowed, policy,
+                                    {{"candidate", c_val}, {"reference", b_val}, {"cp1_same_lane", r_val}});
+      res.step = int(s);
+      if (res.status != report::Status::Pass) failing.push_back(name);
+      out.push_back(res);
+    };
+    judge("train.loss_parity", cand.steps[s].loss, ref.steps[s].loss, base.steps[s].loss);
+    judge("train.grad_norm_parity", cand.steps[s].grad_norm, ref.steps[s].grad_norm, base.steps[s].grad_norm);
+    judge("train.param_parity", cand.steps[s].param_norm, ref.steps[s].param_norm, base.steps[s].param_norm);
+  }
+  // Final parameters tensor by tensor, and step-0 logits and gradients.
+  double worst_param = 0;
+  std::string worst_name;
+  for (auto& [name, p] : base.final_params) {
+    auto it = cand.final_params.find(name);
+    const double e = it == cand.final_params.end() ? INFINITY : rel(it->second, p);
+    const double allowed = bound(bf16 ? rel(ref.final_params.at(name), p) : 0.0);
+    if (!(e <= allowed) && (worst_name.empty() || e / allowed > worst_param)) worst_param = e / allowed, worst_name = name;
+  }
+  {
+    auto res = CheckResult::judge("train.param_parity", n, std::nullopt, "tensors_out_of_tolerance_worst_ratio", worst_param, 1.0,
+                                  policy, {{"worst_tensor", worst_name}, {"what", "final parameters, relative L2 per tensor / allowed"}});
+    if (worst_name.empty()) res = CheckResult::judge("train.param_parity", n, std::nullopt, "tensors_out_of_tolerance_worst_ratio", 0.0, 1.0, policy,
+                                                     {{"what", "final parameters, relative L2 per tensor / allowed"}});
+    if (res.status != report::Status::Pass) failing.push_back("train.param_parity");
+    out.push_back(res);
+  }
+  if (base.logits.defined() && cand.logits.defined()) {
+    auto valid = valid_tokens(c);
+    const double e = rel(cand.logits * valid, base.logits * valid);
+    const double allowed = bound(bf16 ? rel(ref.logits * valid, base.logits * valid) : 0.0);
+    auto res = CheckResult::judge("train.loss_parity", n, std::nullopt, "logits_rel_l2_step0", e, allowed, policy,
+                                  {{"what", "step-0 logits on real tokens, global order"}});
+    if (res.status != report::Status::Pass) failing.push_back("train.loss_parity");
+    out.push_back(res);
+  }
+  // Localisation: the first layer and tensor where cp N leaves tolerance, named in every failing training check.
+  if (!failing.empty() && base.hidden.size() && cand.hidden.size()) {
+    auto valid = valid_tokens(c);
+    // fp32: the lane's tolerance; bf16: k x the cp1-bf16 error of the same tensor + floor.
+    auto bound_for = [&](const std::string& name) -> double {
+      if (!bf16) return tol.fp32(n);
+      if (name == "embeddings" || name.rfind(".output") == name.size() - 7) {
+        const size_t i = name == "embeddings" ? 0 : size_t(std::stoll(name.substr(7)) + 1);
+        return tol.bf16(rel(ref.hidden.at(i) * valid, base.hidden.at(i) * valid), n);
+      }
+      return tol.bf16(rel(ref.grads.at(name), base.grads.at(name)), n);
+    };
+    if (auto d = first_divergence(c, base, cand, bound_for)) {
+      const std::string path = dump_divergence(dump_dir, c, n, *d);
+      nlohmann::json where = {{"kind", d->kind}, {"tensor", d->tensor}, {"layer", d->layer}, {"rel_error", d->error}, {"dump", path}};
+      for (auto& res : out) {
+        if (res.status == report::Status::Pass || res.name.rfind("train.", 0) != 0) continue;
+        res.details["first_divergence"] = where;
+        res.message += fmt::format("; first divergence: {} {} (rel {:.3g})", d->kind, d->tensor, d->error);
+      }
+    }
+  }
+  return out;
+}
+
+std::vector<CheckResult> check_kvshare(const train::Case& c, int cp, const Tolerances& tol, const runner::LaneRun& ref,
+                                       const runner::RunOptions& options) {
+  std::vector<CheckResult> out;
+  if (c.model.num_kv_shared_layers == 0) return out;
+  runner::RunOptions gated = options;
+  gated.semantics = model::KvShareSemantics::kCacheGated;
+  gated.record_tensors = false;
+  auto one_step = c;
+  one_step.steps = 1;
+  const auto with_holder = runner::run_cp(one_step, ref.lane, cp, gated);
+  gated.use_share_holder = false;
+  const auto without = runner::run_cp(one_step, ref.lane, cp, gated);
+  const double ref_loss = ref.steps.at(0).loss;
+  const double allowed = ref.lane == "bf16" ? tol.bf16_floor : tol.fp32(cp);
+  const double with_err = rel_scalar(with_holder.steps.at(0).loss, ref_loss);
+  out.push_back(CheckResult::judge("kvshare.loss_parity", cp, std::nullopt, "rel_abs_diff_loss", with_err, allowed,
+                                   ref.lane == "bf16" ? Policy::Bf16OracleRelative : Policy::Fp32Relative,
+                                   {{"cp_loss_with_holder", with_holder.steps.at(0).loss}, {"cp1_shared_loss", ref_loss},
+                                    {"holder", options.use_share_holder}}));
+  // The 5.5.0-style path without a holder must move the loss beyond tolerance; observed is the margin below
+  // which the bug would be invisible (pass when the loss moved by more than the tolerance).
+  const double moved = rel_scalar(without.steps.at(0).loss, ref_loss);
+  auto detected = CheckResult::judge("kvshare.bug_detected", cp, std::nullopt, "tolerance_over_loss_shift",
+                                     moved > 0 ? allowed / moved : INFINITY, 1.0, Policy::Fp32Relative,
+                                     {{"cp_loss_without_holder", without.steps.at(0).loss}, {"cp1_shared_loss", ref_loss},
+                                      {"relative_shift", moved}});
+  out.push_back(detected);
+  return out;
+}
+
+CheckResult check_determinism(const train::Case& c, int cp, const runner::LaneRun& a, const runner::LaneRun& b) {
+  int64_t differences = 0;
+  nlohmann::json first;
+  for (size_t s = 0; s < std::max(a.steps.size(), b.steps.size()); ++s) {
+    const bool same = s < a.steps.size() && s < b.steps.size() && a.steps[s].loss == b.steps[s].loss &&
+                      a.steps[s].grad_norm == b.steps[s].grad_norm;
+    if (!same && ++differences && first.is_null()) first = {{"step", s}};
+  }
+  for (auto& [name, p] : a.final_params) {
+    auto it = b.final_params.find(name);
+    if (it == b.final_params.end() || !torch::equal(it->second, p)) {
+      if (++differences && first.is_null()) first = {{"tensor", name}};
+    }
+  }
+  return CheckResult::judge("determinism.repeat_bitwise", cp, std::nullopt, "differences", double(differences), 0,
+                            Policy::Count, {{"first_difference", first}, {"what", "losses, grad norms, final parameters"}});
+}
+
+}  // namespace cpharness::check

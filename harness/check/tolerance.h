@@ -1,0 +1,20 @@
+// Tolerance policy (design.md): fp32 lane relative, bf16 lane relative to the fp32 oracle, exact where the
+// math is identical. Every threshold a check uses comes from here and is written into the report.
+#pragma once
+#include <algorithm>
+#include <cmath>
+
+namespace cpharness::check {
+
+struct Tolerances {
+  double fp32_relative = 1e-5;  // loss |d| <= t |loss|; tensors ||d|| / ||ref|| <= t
+  double bf16_k = 2.0;          // err(cpN-bf16 vs fp32 oracle) <= k * err(cp1-bf16 vs oracle) + floor
+  double bf16_floor = 1e-3;     // relative floor, so a lucky cp1-bf16 (err ~ 0) cannot make the bound 0
+  double cp_growth = 0.0;       // thresholds scale by (1 + cp_growth * log2(cp)) for larger cp
+
+  double fp32(int cp) const { return fp32_relative * scale(cp); }
+  double bf16(double cp1_error, int cp) const { return (bf16_k * cp1_error + bf16_floor) * scale(cp); }
+  double scale(int cp) const { return 1.0 + cp_growth * std::log2(double(std::max(cp, 1))); }
+};
+
+}  // namespace cpharness::check

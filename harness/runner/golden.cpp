@@ -1,0 +1,82 @@
+#include "harness/runner/golden.h"
+
+#include <fmt/format.h>
+
+#include "harness/io/input_error.h"
+#include "harness/report/json_report.h"
+
+namespace cpharness::runner {
+
+std::string case_hash(const train::Case& c) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char ch : c.raw.dump()) h = (h ^ ch) * 1099511628211ull;
+  return fmt::format("{:016x}", h);
+}
+
+report::RunDump reference_dump(const train::Case& c, const std::string& kind) {
+  const std::string lane = train::to_string(c.dtype);
+  const auto run = run_reference(c, lane);
+  report::RunDump d;
+  d.provenance = report::base_provenance(kind);
+  d.provenance["dtype"] = lane;
+  d.provenance["case_id"] = c.id;
+  d.provenance["case_hash"] = case_hash(c);
+  d.provenance["config"] = c.model.to_json().dump();
+  d.provenance["kv_share_semantics"] = model::to_string(c.model.kv_share_semantics);
+  const auto batch = batch_for_step(c, 0);
+  d.inputs = {{"input_ids", batch.input_ids}, {"labels", batch.labels}, {"position_ids", batch.position_ids},
+              {"document_ids", batch.meta.document_ids}, {"padding", batch.meta.padding}};
+  if (batch.meta.vision_group_ids.defined()) d.inputs["vision_group_ids"] = batch.meta.vision_group_ids;
+  const std::string last_layer = fmt::format("layers.{}.", c.model.num_hidden_layers - 1);
+  for (size_t s = 0; s < run.steps.size(); ++s) {
+    report::StepRecord rec;
+    rec.loss = run.steps[s].loss;
+    rec.grad_norm = run.steps[s].grad_norm;
+    rec.param_norm = run.steps[s].param_norm;
+    if (s == 0) {
+      // fp32 storage is exact for both lanes (the fp64 copies hold fp32 or bf16 values).
+      rec.logits = run.logits.to(torch::kFloat32);
+      for (size_t i = 0; i < run.hidden.size(); ++i) rec.hidden[int64_t(i)] = run.hidden[i].to(torch::kFloat32);
+      for (auto& [name, g] : run.grads)
+        if (name.rfind("layers.", 0) != 0 || name.rfind("layers.0.", 0) == 0 || name.rfind(last_layer, 0) == 0)
+          rec.grads[name] = g.to(torch::kFloat32);
+    }
+    d.steps[int64_t(s)] = rec;
+  }
+  return d;
+}
+
+report::ComparePolicy golden_policy(const std::string& lane) {
+  return lane == "bf16" ? report::ComparePolicy::relative(2e-2) : report::ComparePolicy::fp32();
+}
+
+report::CheckResult verify_golden(const train::Case& c, const std::string& golden_path, report::CompareResult* out) {
+  const auto golden = report::read_run_dump(golden_path);
+  auto get = [&](const char* key) {
+    auto it = golden.provenance.find(key);
+    return it == golden.provenance.end() ? std::string() : it->second;
+  };
+  if (get("case_id") != c.id)
+    throw io::InputError(golden_path, "provenance/case_id", fmt::format("golden of case '{}', not '{}'", get("case_id"), c.id));
+  const std::string lane = train::to_string(c.dtype);
+  if (!get("dtype").empty() && get("dtype") != lane)
+    throw io::InputError(golden_path, "provenance/dtype", fmt::format("golden lane {} but the case runs {}", get("dtype"), lane));
+  const auto fresh = reference_dump(c, "dump");
+  const auto result = report::compare_dumps(fresh, golden, golden_policy(lane));
+  if (out) *out = result;
+  const bool pass = result.passed;
+  nlohmann::json details = report::to_json(result);
+  details["golden"] = golden_path;
+  details["golden_case_hash"] = get("case_hash");
+  details["case_hash"] = case_hash(c);
+  details["golden_git_sha"] = get("git_sha");
+  auto check = report::CheckResult::judge("golden.match", 1, std::nullopt, "entries_out_of_tolerance",
+                                          double(result.counts.out_of_tolerance + result.counts.nonfinite + result.counts.missing +
+                                                 result.counts.shape_mismatch),
+                                          0, report::Policy::Count, details);
+  if (!pass && result.first_divergence)
+    check.message += fmt::format("; first divergence: {}", result.entries[*result.first_divergence].message);
+  return check;
+}
+
+}  // namespace cpharness::runner

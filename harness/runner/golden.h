@@ -1,0 +1,27 @@
+// Goldens: the cp 1 reference of a case as a RunDump (golden/README.md), and checking a run against one.
+#pragma once
+#include <string>
+
+#include "harness/report/compare.h"
+#include "harness/report/report.h"
+#include "harness/report/run_dump.h"
+#include "harness/runner/case_runner.h"
+
+namespace cpharness::runner {
+
+// A stable hash of the case file's content (hex), so a golden names exactly the case it was recorded from.
+std::string case_hash(const train::Case& c);
+
+// The reference run of `c` as a dump: provenance, step-0 inputs, per-step loss / grad norm / param norm, step-0
+// logits and hidden states, and the step-0 gradients of the global tensors and of the first and last layers.
+report::RunDump reference_dump(const train::Case& c, const std::string& kind);
+
+// The policy a golden of `lane` is verified with: fp32 relative 1e-5; bf16 relative 2e-2 (bf16 rounding moves
+// with the CPU's kernels, so only drift well beyond one bf16 ulp is a regression).
+report::ComparePolicy golden_policy(const std::string& lane);
+
+// golden.match: a fresh reference run of `c` against `golden_path`. Errors in the golden (missing, corrupt, wrong
+// layout, another case) are io::InputError.
+report::CheckResult verify_golden(const train::Case& c, const std::string& golden_path, report::CompareResult* result = nullptr);
+
+}  // namespace cpharness::runner

@@ -1,0 +1,126 @@
+#include "harness/runner/selftest.h"
+
+#include <fmt/format.h>
+
+#include <iostream>
+
+namespace cpharness::runner {
+namespace {
+
+using report::Policy;
+using report::Status;
+
+// Applies mutant `name` to a copy of the options.
+SuiteOptions mutate(SuiteOptions o, const std::string& name) {
+  auto& ring = o.run.ring;
+  if (name == "window_off_by_one_at_shard_edge") ring.mutation = cp::RingMutation::kWindowOffByOneAtEdge;
+  else if (name == "ring_rotated_wrong_way") ring.mutation = cp::RingMutation::kReverseRotation;
+  else if (name == "dkdv_never_returned") ring.mutation = cp::RingMutation::kDropGradReturn;
+  else if (name == "stale_block_mask_cache") ring.mutation = cp::RingMutation::kStaleGeneration;
+  else if (name == "lse_merge_without_rescaling") ring.merge = kernels::LseMergeMode::kNoRescale;
+  else if (name == "kv_shared_layers_without_holder") o.run.use_share_holder = false;
+  else if (name == "labels_shifted_after_sharding") o.run.step_mutation = StepMutation::kShiftLabelsAfterSharding;
+  else if (name == "padded_rows_not_zeroed") ring.mutation = cp::RingMutation::kPaddedRowsNotZeroed;
+  else if (name == "cache_rebuilds_every_lookup") ring.cache_enabled = false;
+  else if (name == "block_mask_partial_tiles_as_full") o.block_mask_mutation = check::BlockMaskMutation::kPartialAsFull;
+  else if (name == "nondeterministic_repeat") o.perturb_repeat_seed = true;
+  return o;
+}
+
+}  // namespace
+
+std::vector<Mutant> selftest_mutants() {
+  return {
+      {"window_off_by_one_at_shard_edge", "sliding window q - k <= W on foreign chunks", "mask.dense_slice"},
+      {"ring_rotated_wrong_way", "chunks labelled as coming from rank + s", "ring.rotation_order"},
+      {"dkdv_never_returned", "foreign dK/dV stay where they were computed", "ring.grad_return"},
+      {"stale_block_mask_cache", "cache generation never advances: a mask survives a new batch", "cache.generation_reset"},
+      {"lse_merge_without_rescaling", "partial outputs summed without exp(lse_i - lse)", "attention.parity"},
+      {"kv_shared_layers_without_holder", "cache-gated sharing without the holder: shared layers use dead K/V", "kvshare.loss_parity"},
+      {"labels_shifted_after_sharding", "each rank shifts its own shard; shard-edge targets are lost", "train.loss_parity"},
+      {"padded_rows_not_zeroed", "empty query rows take V of local index 0", "attention.parity"},
+      {"cache_rebuilds_every_lookup", "block-mask cache off: every lookup builds", "cache.build_count"},
+      {"block_mask_partial_tiles_as_full", "analytic builder calls partial tiles full", "mask.block_classification"},
+      {"nondeterministic_repeat", "the repeat run draws other initial weights", "determinism.repeat_bitwise"},
+  };
+}
+
+train::Case selftest_case() {
+  nlohmann::json j = {
+      {"id", "selftest"},
+      {"description", "E4B-like layout at tiny width: 8 layers, KV sharing (4..7 read 2 / 3), packed documents, padding"},
+      {"model", {{"preset", "tiny-e4b"},
+                 {"overrides", {{"num_hidden_layers", 8},
+                                {"layer_types", {"sliding_attention", "sliding_attention", "sliding_attention", "full_attention",
+                                                 "sliding_attention", "sliding_attention", "sliding_attention", "full_attention"}},
+                                {"num_kv_shared_layers", 4},
+                                {"sliding_window", 6}}}}},
+      {"weights", {{"init_seed", 5}}},
+      {"data", {{"batch", 1}, {"seq_len", 40}, {"document_lengths", {15, 20}}, {"padding", 5}, {"seed", 9}}},
+      {"dtype", "fp32"},
+      {"steps", 2},
+      {"cp", {2}},
+      {"block_size", 4},
+  };
+  return train::case_from_json(j, "<selftest case>");
+}
+
+report::Report run_selftest(const SuiteOptions& base, const std::vector<std::string>& only) {
+  report::Report rep;
+  rep.timestamp = report::utc_timestamp_now();
+  rep.environment.torch = "";
+  rep.environment.device = "cpu";
+  rep.environment.comm_backend = base.comm;
+  const auto start = std::chrono::steady_clock::now();
+  auto mutants = selftest_mutants();
+  if (!only.empty()) {
+    std::vector<Mutant> keep;
+    for (auto& m : mutants)
+      for (auto& o : only)
+        if (m.name == o) keep.push_back(m);
+    mutants = keep;
+  }
+  auto c = selftest_case();
+  c.checks.clear();
+  for (auto& m : mutants) c.checks.push_back(m.target_check);
+
+  // Baseline: the unmutated code passes every targeted check.
+  std::cerr << "[selftest] baseline (no mutant)\n";
+  auto baseline = run_case(c, base);
+  baseline.id = "selftest.baseline";
+  rep.cases.push_back(baseline);
+
+  for (auto& m : mutants) {
+    std::cerr << fmt::format("[selftest] mutant {}: {}\n", m.name, m.bug);
+    auto mc = c;
+    mc.checks = {m.target_check};
+    auto caught = run_case(mc, mutate(base, m.name));
+    report::CaseReport out;
+    out.id = "selftest." + m.name;
+    out.description = m.bug;
+    out.cp_sizes = caught.cp_sizes;
+    out.dtype = caught.dtype;
+    out.duration_s = caught.duration_s;
+    int failures = 0;
+    std::string evidence;
+    for (auto& chk : caught.checks)
+      if (chk.name == m.target_check && chk.status == Status::Fail) {
+        if (!failures) evidence = chk.message;
+        ++failures;
+      }
+    auto result = report::CheckResult::judge(m.target_check, 2, std::nullopt, "mutant_caught", failures > 0 ? 1.0 : 0.0, 1.0,
+                                             Policy::Count,
+                                             {{"mutant", m.name}, {"bug", m.bug}, {"failing_results", failures},
+                                              {"evidence", evidence}, {"case_error", caught.error ? *caught.error : ""}});
+    result.message = failures > 0 ? fmt::format("caught by {}: {}", m.target_check, evidence)
+                                  : fmt::format("NOT caught: {} passed with mutant {}{}", m.target_check, m.name,
+                                                caught.error ? " (case error: " + *caught.error + ")" : "");
+    out.checks.push_back(result);
+    std::cerr << fmt::format("[selftest]   {}\n", result.message);
+    rep.cases.push_back(out);
+  }
+  rep.duration_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return rep;
+}
+
+}  // namespace cpharness::runner

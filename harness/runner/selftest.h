@@ -1,0 +1,27 @@
+// Every check can fail: runs each check against a known-bad mutant of the code it guards and proves the check
+// fails and names the bug; the same checks pass on the unmutated code first, so the failure is the mutant's.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "harness/report/report.h"
+#include "harness/runner/suite.h"
+
+namespace cpharness::runner {
+
+struct Mutant {
+  std::string name;         // e.g. "ring_rotated_wrong_way"
+  std::string bug;          // what is wrong, in words
+  std::string target_check; // the catalogue check that must catch it
+};
+
+std::vector<Mutant> selftest_mutants();
+
+// The small case the selftest runs (E4B-like layout: KV sharing, both layer types, packed documents,
+// padding, a window smaller than a shard), cp 2.
+train::Case selftest_case();
+
+// One report case per mutant plus a baseline; status pass only when every mutant was caught.
+report::Report run_selftest(const SuiteOptions& base, const std::vector<std::string>& only = {});
+
+}  // namespace cpharness::runner
