@@ -1,0 +1,202 @@
+#include "harness/report/run_dump.h"
+
+#include <torch/version.h>
+
+#include <fmt/format.h>
+
+#include <cpharness/version.h>
+
+#include <string_view>
+#include <vector>
+
+#include "harness/io/input_error.h"
+
+namespace cpharness::report {
+namespace {
+
+bool valid_kind(const std::string& k) { return k == kKindGolden || k == kKindDump || k == kKindHfExport; }
+
+// A decimal index as the layout writes it: digits only, no sign, no leading zeros, fits int64.
+std::optional<std::int64_t> parse_index(std::string_view s) {
+  if (s.empty() || s.size() > 18) return std::nullopt;
+  if (s.size() > 1 && s[0] == '0') return std::nullopt;
+  std::int64_t v = 0;
+  for (char c : s) {
+    if (c < '0' || c > '9') return std::nullopt;
+    v = v * 10 + (c - '0');
+  }
+  return v;
+}
+
+std::vector<std::string> split(const std::string& name) {
+  std::vector<std::string> out;
+  std::string cur;
+  for (char c : name) {
+    if (c == '/') {
+      out.push_back(cur);
+      cur.clear();
+    } else {
+      cur.push_back(c);
+    }
+  }
+  out.push_back(cur);
+  return out;
+}
+
+void check_name(const std::string& path, const std::string& what, const std::string& name) {
+  if (name.empty()) throw io::InputError(path, what, "name must not be empty");
+  if (name.find('/') != std::string::npos) throw io::InputError(path, what + "/" + name, "name must not contain '/'");
+  if (name == "." || name == "..") throw io::InputError(path, what + "/" + name, "name must not be \".\" or \"..\"");
+}
+
+void check_tensor(const std::string& path, const std::string& what, const torch::Tensor& t) {
+  if (!t.defined()) throw io::InputError(path, what, "tensor is undefined");
+}
+
+double read_scalar(const io::Hdf5Reader& r, const std::string& name) {
+  torch::Tensor t = r.read(name);
+  if (!at::isFloatingType(t.scalar_type()))
+    throw io::InputError(r.path(), "/" + name,
+                         std::string("must be a floating-point scalar (float64), stored dtype is ") +
+                             c10::toString(t.scalar_type()));
+  if (t.numel() != 1 || t.dim() > 1)
+    throw io::InputError(r.path(), "/" + name,
+                         fmt::format("must be a scalar (0-d), has shape [{}]", fmt::join(t.sizes(), ", ")));
+  return t.to(torch::kDouble).reshape({}).item<double>();
+}
+
+}  // namespace
+
+io::StringMap base_provenance(const std::string& kind) {
+  return {{"tool", kToolName},
+          {"tool_version", kToolVersion},
+          {"git_sha", kGitSha},
+          {"torch_version", TORCH_VERSION},
+          {"kind", kind}};
+}
+
+void write_run_dump(const std::string& path, const RunDump& dump) {
+  auto kind = dump.provenance.find("kind");
+  if (kind == dump.provenance.end())
+    throw io::InputError(path, "/provenance@kind", "missing (\"golden\", \"dump\" or \"hf-export\")");
+  if (!valid_kind(kind->second))
+    throw io::InputError(path, "/provenance@kind",
+                         "is \"" + kind->second + "\", expected \"golden\", \"dump\" or \"hf-export\"");
+  if (dump.steps.empty()) throw io::InputError(path, "/steps", "a run dump needs at least one step");
+
+  // Validate everything before the writer creates its temp file.
+  for (const auto& [name, t] : dump.inputs) {
+    check_name(path, "/inputs", name);
+    check_tensor(path, "/inputs/" + name, t);
+  }
+  for (const auto& [name, t] : dump.weights) {
+    check_name(path, "/weights", name);
+    check_tensor(path, "/weights/" + name, t);
+  }
+  for (const auto& [k, s] : dump.steps) {
+    const std::string sp = fmt::format("/steps/{}", k);
+    if (k < 0) throw io::InputError(path, sp, "step index must not be negative");
+    for (const auto& [i, t] : s.hidden) {
+      if (i < 0) throw io::InputError(path, fmt::format("{}/hidden/{}", sp, i), "layer index must not be negative");
+      check_tensor(path, fmt::format("{}/hidden/{}", sp, i), t);
+    }
+    for (const auto& [name, t] : s.grads) {
+      check_name(path, sp + "/grads", name);
+      check_tensor(path, sp + "/grads/" + name, t);
+    }
+  }
+
+  io::Hdf5Writer w(path);
+  w.set_attribute("/", "layout_version", kRunDumpLayoutVersion);
+  for (const auto& [key, value] : dump.provenance) w.set_attribute("provenance", key, value);
+  for (const auto& [name, t] : dump.inputs) w.write("inputs/" + name, t);
+  for (const auto& [name, t] : dump.weights) w.write("weights/" + name, t);
+  auto scalar = [](double v) { return torch::scalar_tensor(v, torch::TensorOptions().dtype(torch::kDouble)); };
+  for (const auto& [k, s] : dump.steps) {
+    const std::string sp = fmt::format("steps/{}/", k);
+    w.write(sp + "loss", scalar(s.loss));
+    if (s.grad_norm) w.write(sp + "grad_norm", scalar(*s.grad_norm));
+    if (s.param_norm) w.write(sp + "param_norm", scalar(*s.param_norm));
+    if (s.logits.defined()) w.write(sp + "logits", s.logits);
+    for (const auto& [i, t] : s.hidden) w.write(fmt::format("{}hidden/{}", sp, i), t);
+    for (const auto& [name, t] : s.grads) w.write(sp + "grads/" + name, t);
+  }
+  w.commit();
+}
+
+RunDump read_run_dump(const std::string& path) {
+  io::Hdf5Reader r(path);
+  RunDump dump;
+
+  const io::StringMap root = r.attributes("/");
+  auto lv = root.find("layout_version");
+  if (lv == root.end())
+    throw io::InputError(path, "/@layout_version",
+                         "missing root attribute; not a cpharness run dump (see golden/README.md)");
+  if (lv->second != kRunDumpLayoutVersion)
+    throw io::InputError(path, "/@layout_version",
+                         "unsupported layout version \"" + lv->second + "\" (this build reads \"" +
+                             kRunDumpLayoutVersion + "\")");
+
+  try {
+    dump.provenance = r.attributes("provenance");
+  } catch (const io::InputError&) {
+    throw io::InputError(path, "/provenance", "missing group (string attributes tool, kind, ...)");
+  }
+  auto kind = dump.provenance.find("kind");
+  if (kind == dump.provenance.end())
+    throw io::InputError(path, "/provenance@kind", "missing (\"golden\", \"dump\" or \"hf-export\")");
+  if (!valid_kind(kind->second))
+    throw io::InputError(path, "/provenance@kind",
+                         "is \"" + kind->second + "\", expected \"golden\", \"dump\" or \"hf-export\"");
+
+  try {
+    (void)r.list_datasets("steps");
+  } catch (const io::InputError&) {
+    throw io::InputError(path, "/steps", "missing group (a run dump records at least one step)");
+  }
+
+  std::map<std::int64_t, bool> has_loss;
+  for (const std::string& name : r.list_datasets("/")) {
+    const std::vector<std::string> c = split(name);
+    const std::string where = "/" + name;
+    auto unknown = [&](const std::string& why) { return io::InputError(path, where, why + " (see golden/README.md)"); };
+    if (c[0] == "inputs" || c[0] == "weights") {
+      if (c.size() != 2) throw unknown("unexpected nesting: /" + c[0] + " holds datasets directly");
+      (c[0] == "inputs" ? dump.inputs : dump.weights).emplace(c[1], r.read(name));
+    } else if (c[0] == "steps") {
+      if (c.size() < 3) throw unknown("unexpected dataset directly under /steps");
+      auto k = parse_index(c[1]);
+      if (!k) throw io::InputError(path, "/steps/" + c[1], "step name is not a decimal step index");
+      StepRecord& s = dump.steps[*k];
+      has_loss.emplace(*k, false);
+      const std::string& what = c[2];
+      if (c.size() == 3 && what == "loss") {
+        s.loss = read_scalar(r, name);
+        has_loss[*k] = true;
+      } else if (c.size() == 3 && what == "grad_norm") {
+        s.grad_norm = read_scalar(r, name);
+      } else if (c.size() == 3 && what == "param_norm") {
+        s.param_norm = read_scalar(r, name);
+      } else if (c.size() == 3 && what == "logits") {
+        s.logits = r.read(name);
+      } else if (c.size() == 4 && what == "hidden") {
+        auto i = parse_index(c[3]);
+        if (!i) throw io::InputError(path, where, "hidden-state name is not a decimal layer index");
+        s.hidden.emplace(*i, r.read(name));
+      } else if (c.size() == 4 && what == "grads") {
+        s.grads.emplace(c[3], r.read(name));
+      } else {
+        throw unknown("unknown entry in a step (expected loss, grad_norm, param_norm, logits, hidden/<i>, grads/<name>)");
+      }
+    } else {
+      throw unknown("unknown dataset (expected under /inputs, /weights or /steps)");
+    }
+  }
+  if (dump.steps.empty()) throw io::InputError(path, "/steps", "holds no step (a run dump records at least one step)");
+  for (const auto& [k, ok] : has_loss)
+    if (!ok) throw io::InputError(path, fmt::format("/steps/{}/loss", k), "missing: every step records its loss");
+  return dump;
+}
+
+}  // namespace cpharness::report
