@@ -124,7 +124,7 @@ std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, co
     double worst = 0, padded = 0;
     nlohmann::json where;
   };
-  std::vector<RankError> errors(size_t(cp));
+  std::vector<RankError> errors(static_cast<size_t>(cp));
   uint64_t seed = 1000;
   for (auto& layer : distinct_layers(c.model)) {
     auto gen = at::make_generator<at::CPUGeneratorImpl>(seed++);

@@ -6,6 +6,7 @@
 #include <set>
 
 #include "harness/check/checks.h"
+#include "harness/cp/shard_plan.h"
 #include "harness/io/hdf5_tensors.h"
 
 namespace cpharness::check {
