@@ -75,7 +75,7 @@ CheckResult CheckResult::judge(std::string name, int cp, std::optional<int> rank
   if (policy == Policy::Count) {
     const bool ok = observed == threshold;
     c.status = ok ? Status::Pass : Status::Fail;
-    c.message = fmt::format("observed {:.6g} {} expected {:.6g} ({})", observed, ok ? "==" : "!=", threshold, pol);
+    c.message = fmt::format("observed {} {} expected {} ({})", observed, ok ? "==" : "!=", threshold, pol);
   } else if (!std::isfinite(observed)) {
     c.status = Status::Fail;
     c.message = fmt::format("observed {} is not finite; allowed {:.6g} ({})", observed, threshold, pol);

@@ -299,6 +299,8 @@ TEST(ReportModel, JudgeAppliesThePolicyAndSaysObservedVsAllowed) {
   EXPECT_EQ(c.status, Status::Fail);
   EXPECT_EQ(c.message, "observed 168 != expected 4 (count)");
   EXPECT_EQ(CheckResult::judge("cache.build_count", 2, 1, "count", 3, 4, Policy::Count).status, Status::Fail);
+  EXPECT_EQ(CheckResult::judge("ring.grad_return", 2, 1, "bytes", 123456789, 123456788, Policy::Count).message,
+            "observed 123456789 != expected 123456788 (count)");  // counts are never rounded
   EXPECT_EQ(CheckResult::judge("cache.build_count", 2, 1, "count", 4, 4, Policy::Count).status, Status::Pass);
   EXPECT_EQ(CheckResult::errored("a.b", 2, 1, "why").status, Status::Error);
   EXPECT_EQ(CheckResult::skipped("a.b", 2, "why").status, Status::Skipped);
