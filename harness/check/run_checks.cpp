@@ -111,7 +111,7 @@ std::vector<CheckResult> check_ring(const train::Case& c, const runner::LaneRun&
     const auto& stats = cand.comm_step0.at(size_t(r));
     int64_t expected_bytes = 0;
     const cp::ShardPlan plan(c.data.seq_len, n);
-    const int64_t acc_bytes = 4;  // dK/dV travel home in fp32
+    const int64_t acc_bytes = cand.lane == "fp64" ? 8 : 4;  // dK/dV travel home in the accumulation dtype
     for (int64_t l = 0; l < layers; ++l)
       expected_bytes += 2 * c.data.batch * c.model.layer_kv_heads(l) * plan.local_len() * c.model.layer_head_dim(l) * acc_bytes * (n - 1);
     const int64_t got_ring = stats.ops(cp::CommOp::RingExchange), got_exchange = stats.ops(cp::CommOp::Exchange);

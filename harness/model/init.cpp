@@ -22,6 +22,9 @@ torch::Tensor draw(const std::string& name, const torch::Tensor& like, uint64_t 
   auto normal = torch::randn(like.sizes(), gen, torch::TensorOptions().dtype(torch::kFloat64));
   const bool is_norm = name.find("norm") != std::string::npos;
   if (ends_with(name, "layer_scalar") || is_norm) return 1.0 + 0.1 * normal;
+  // The token table is scaled by sqrt(H) on lookup and tied to the LM head: std 1/sqrt(H) gives O(1) embeddings
+  // and O(1) logits (a loss near log(vocab) at init). The per-layer table keeps std 1.
+  if (name == "embed_tokens.weight") return normal / std::sqrt(double(like.size(1)));
   if (like.dim() == 2 && name.find("embed_tokens") != std::string::npos) return normal;
   if (like.dim() == 2) return normal / std::sqrt(double(like.size(1)));  // linear [out, in]
   return normal;

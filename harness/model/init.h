@@ -8,7 +8,7 @@
 namespace cpharness::model {
 
 // Linear weights ~ N(0, 1/fan_in) (activations stay O(1) at tiny widths, so masks and gradients matter);
-// embedding tables ~ N(0, 1); norm weights 1 + 0.1·N(0, 1) (so a norm that ignores or offsets its weight shows);
+// embed_tokens ~ N(0, 1/H) (scaled by sqrt(H) on lookup, tied to the LM head); the per-layer table ~ N(0, 1); norm weights 1 + 0.1·N(0, 1) (so a norm that ignores or offsets its weight shows);
 // layer_scalar 1 + 0.1·N(0, 1) (so code that assumes 1.0 shows).
 void init_weights(Gemma4Model& model, uint64_t seed);
 

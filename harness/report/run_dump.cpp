@@ -3,6 +3,7 @@
 #include <torch/version.h>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <cpharness/version.h>
 

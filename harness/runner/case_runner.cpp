@@ -39,7 +39,10 @@ std::unique_ptr<torch::optim::AdamW> make_optimizer(model::Gemma4Model& m, const
 
 }  // namespace
 
-torch::ScalarType lane_dtype(const std::string& lane) { return lane == "bf16" ? torch::kBFloat16 : torch::kFloat32; }
+torch::ScalarType lane_dtype(const std::string& lane) {
+  if (lane == "bf16") return torch::kBFloat16;
+  return lane == "fp64" ? torch::kFloat64 : torch::kFloat32;
+}
 
 train::Batch batch_for_step(const train::Case& c, int64_t step) {
   train::BatchSpec spec = c.data;

@@ -59,7 +59,7 @@ train::Case selftest_case() {
       {"data", {{"batch", 1}, {"seq_len", 40}, {"document_lengths", {15, 20}}, {"padding", 5}, {"seed", 9}}},
       {"dtype", "fp32"},
       {"steps", 2},
-      {"cp", {2}},
+      {"cp", {3}},  // 3, not 2: at cp 2 rank - 1 and rank + 1 are the same rank, so a reversed ring is invisible
       {"block_size", 4},
   };
   return train::case_from_json(j, "<selftest case>");
@@ -108,7 +108,7 @@ report::Report run_selftest(const SuiteOptions& base, const std::vector<std::str
         if (!failures) evidence = chk.message;
         ++failures;
       }
-    auto result = report::CheckResult::judge(m.target_check, 2, std::nullopt, "mutant_caught", failures > 0 ? 1.0 : 0.0, 1.0,
+    auto result = report::CheckResult::judge(m.target_check, 3, std::nullopt, "mutant_caught", failures > 0 ? 1.0 : 0.0, 1.0,
                                              Policy::Count,
                                              {{"mutant", m.name}, {"bug", m.bug}, {"failing_results", failures},
                                               {"evidence", evidence}, {"case_error", caught.error ? *caught.error : ""}});

@@ -18,7 +18,7 @@ struct Mutant {
 std::vector<Mutant> selftest_mutants();
 
 // The small case the selftest runs (E4B-like layout: KV sharing, both layer types, packed documents,
-// padding, a window smaller than a shard), cp 2.
+// padding, a window smaller than a shard), cp 3.
 train::Case selftest_case();
 
 // One report case per mutant plus a baseline; status pass only when every mutant was caught.

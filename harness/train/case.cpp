@@ -55,7 +55,7 @@ std::vector<int64_t> ints_at(const json& j, const std::string& key, const std::s
 
 }  // namespace
 
-std::string to_string(DtypeLane lane) { return lane == DtypeLane::kBf16 ? "bf16" : "fp32"; }
+std::string to_string(DtypeLane lane) { return lane == DtypeLane::kBf16 ? "bf16" : lane == DtypeLane::kFp64 ? "fp64" : "fp32"; }
 
 Case case_from_json(const json& j, const std::string& path) {
   if (!j.is_object()) throw InputError(path, "case", "expected a JSON object");
@@ -106,7 +106,8 @@ Case case_from_json(const json& j, const std::string& path) {
     const auto lane = string_at(j, "dtype", path, "dtype");
     if (lane == "fp32") c.dtype = DtypeLane::kFp32;
     else if (lane == "bf16") c.dtype = DtypeLane::kBf16;
-    else throw InputError(path, "dtype", "expected \"fp32\" or \"bf16\", got \"" + lane + "\"");
+    else if (lane == "fp64") c.dtype = DtypeLane::kFp64;
+    else throw InputError(path, "dtype", "expected \"fp32\", \"bf16\" or \"fp64\", got \"" + lane + "\"");
   }
   if (j.contains("steps")) c.steps = int_at(j, "steps", path, "steps", 1);
   if (j.contains("optimizer")) {

@@ -13,7 +13,8 @@
 
 namespace cpharness::train {
 
-enum class DtypeLane { kFp32, kBf16 };
+// fp64 is an exactness lane: CP and cp 1 differ only by summation order, so any real bug stands out.
+enum class DtypeLane { kFp32, kBf16, kFp64 };
 
 // Tolerances of a case (design.md "Tolerance policy"); the check layer turns them into thresholds.
 struct CaseTolerances {
