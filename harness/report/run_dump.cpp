@@ -3,8 +3,9 @@
 #include <torch/version.h>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
-#include <cpharness/version.h>
+#include "cpharness/version.h"
 
 #include <string_view>
 #include <vector>
