@@ -106,8 +106,14 @@ void compare_tensor(CompareEntry& e, const torch::Tensor* a, const torch::Tensor
 
 void compare_scalar(CompareEntry& e, std::optional<double> a, std::optional<double> b) {
   e.is_scalar = true;
-  if (a) e.a = *a, e.nonfinite_a = std::isfinite(*a) ? 0 : 1;
-  if (b) e.b = *b, e.nonfinite_b = std::isfinite(*b) ? 0 : 1;
+  if (a) {
+    e.a = *a;
+    e.nonfinite_a = std::isfinite(*a) ? 0 : 1;
+  }
+  if (b) {
+    e.b = *b;
+    e.nonfinite_b = std::isfinite(*b) ? 0 : 1;
+  }
   if (!a || !b) return set_missing(e, a.has_value());
   e.abs_diff = e.max_abs_diff = std::fabs(*a - *b);
   e.ref_norm = std::fabs(*b);
@@ -480,10 +486,13 @@ nlohmann::json to_json(const CompareResult& r, bool include_all) {
     if (include_all || e.differs()) entries.push_back(to_json(e));
   j["entries"] = std::move(entries);
   nlohmann::json prov = nlohmann::json::array();
-  for (const auto& d : r.provenance_diffs)
-    prov.push_back({{"key", d.key},
-                    {"a", d.a ? nlohmann::json(*d.a) : nlohmann::json(nullptr)},
-                    {"b", d.b ? nlohmann::json(*d.b) : nlohmann::json(nullptr)}});
+  for (const auto& d : r.provenance_diffs) {
+    nlohmann::json item = nlohmann::json::object();
+    item["key"] = d.key;
+    item["a"] = d.a ? nlohmann::json(*d.a) : nlohmann::json(nullptr);
+    item["b"] = d.b ? nlohmann::json(*d.b) : nlohmann::json(nullptr);
+    prov.push_back(std::move(item));
+  }
   j["provenance_diffs"] = std::move(prov);
   return j;
 }
@@ -520,9 +529,10 @@ std::string render_text(const CompareResult& r, const std::string& a_label, cons
     for (std::size_t n = 0; n < failing.size() && n < max_rows; ++n) {
       const CompareEntry& e = r.entries[failing[n]];
       const bool first = r.first_divergence && *r.first_divergence == failing[n];
+      const bool missing = e.status == EntryStatus::kMissingInA || e.status == EntryStatus::kMissingInB;
       s += fmt::format("  {:1} {:>5} {:<10} {:<44} {:<16} {:>10} {:>10} {}\n", first ? ">" : "",
                        e.step ? std::to_string(*e.step) : "-", to_string(e.kind), clip(e.name), to_string(e.status),
-                       num(e.rel_diff), num(e.max_abs_diff), e.tolerance.to_string());
+                       missing ? "-" : num(e.rel_diff), missing ? "-" : num(e.max_abs_diff), e.tolerance.to_string());
     }
     if (failing.size() > max_rows) s += fmt::format("  ... and {} more failing entries\n", failing.size() - max_rows);
   }

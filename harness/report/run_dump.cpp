@@ -5,7 +5,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
-#include <cpharness/version.h>
+#include "cpharness/version.h"
 
 #include <string_view>
 #include <vector>

@@ -1,7 +1,9 @@
 // Run dumps (harness/report/run_dump.h) and their comparison (harness/report/compare.h).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -254,7 +256,7 @@ TEST(GoldenDump, WrongLayoutFilesAreInputErrorsNamingThePath) {
   expect_error({{"steps/0/loss", torch::ones({2}, torch::kFloat64)}}, good_attrs, {"/steps/0/loss", "scalar"});
   expect_error({{"steps/0/loss", torch::scalar_tensor(1, torch::kLong)}}, good_attrs,
                {"/steps/0/loss", "floating-point scalar"});
-  expect_error({{"steps/0/loss", loss}, {"steps/0/param_norm", torch::scalar_tensor(true)}}, good_attrs,
+  expect_error({{"steps/0/loss", loss}, {"steps/0/param_norm", torch::scalar_tensor(1, torch::kBool)}}, good_attrs,
                {"/steps/0/param_norm", "floating-point scalar"});
   // Missing file and a non-HDF5 file.
   EXPECT_TRUE(throws_input_error([&] { read_run_dump(dir.file("nope.h5")); }, {dir.file("nope.h5"), "no such file"}));
@@ -476,7 +478,7 @@ TEST(GoldenCompare, FirstDivergenceIsTheForwardHiddenStateBeforeBackwardGrads) {
   EXPECT_EQ(j.at("first_divergence").at("path"), "steps/0/hidden/2");
   EXPECT_EQ(j.at("counts").at("out_of_tolerance"), 3);
   EXPECT_EQ(j.at("entries").size(), 3u);
-  EXPECT_EQ(j.at("entries")[0].at("tolerance").at("rel"), 1e-5);
+  EXPECT_EQ(j.at("entries").at(0).at("tolerance").at("rel"), 1e-5);
   const std::string text = render_text(r, "cand.h5", "ref.h5");
   EXPECT_NE(text.find("FAIL"), std::string::npos);
   EXPECT_NE(text.find("first divergence: step 0 hidden 2"), std::string::npos) << text;
@@ -576,7 +578,7 @@ TEST(GoldenCompare, MissingAndMismatchedEntriesAreReportedNotCrashes) {
   EXPECT_FALSE(r.provenance_diffs[1].b.has_value());
   const auto j = to_json(r);
   EXPECT_EQ(j.at("counts").at("missing"), 6 + step2_entries);
-  EXPECT_TRUE(j.at("provenance_diffs")[1].at("b").is_null());
+  EXPECT_TRUE(j.at("provenance_diffs").at(1).at("b").is_null());
   EXPECT_NO_THROW((void)j.dump());
   EXPECT_NE(render_text(r).find("missing_in_a"), std::string::npos);
 
