@@ -33,7 +33,9 @@ torch::Tensor EagerAttention::attend(const AttentionInputs& in, const kernels::T
   auto zero = torch::zeros({}, in.q.options());
   auto additive = torch::where(allowed, zero, torch::full({}, lowest(in.q.scalar_type()), in.q.options()));
   scores = scores + additive;
-  auto probs = torch::softmax(scores, -1, torch::kFloat32).to(in.q.scalar_type());
+  // HF: softmax in fp32, cast back. An fp64 model keeps fp64 (fp32 would turn the fp64 mask value into -inf).
+  const auto softmax_dtype = in.q.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+  auto probs = torch::softmax(scores, -1, softmax_dtype).to(in.q.scalar_type());
   return torch::matmul(probs, vv);
 }
 

@@ -186,7 +186,9 @@ torch::Tensor shift_labels(const torch::Tensor& labels) {
 }
 
 TokenLoss token_loss(const torch::Tensor& logits, const torch::Tensor& shifted_labels) {
-  auto flat_logits = logits.to(torch::kFloat32).reshape({-1, logits.size(-1)});
+  // HF upcasts the (softcapped, D-rounded) logits to fp32; an fp64 model stays fp64.
+  const auto compute = logits.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+  auto flat_logits = logits.to(compute).reshape({-1, logits.size(-1)});
   auto flat_labels = shifted_labels.reshape({-1}).to(logits.device());
   auto sum = torch::nn::functional::cross_entropy(
       flat_logits, flat_labels,

@@ -6,10 +6,12 @@
 namespace cpharness::model {
 
 inline torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  auto xf = x.to(torch::kFloat32);
+  // fp32 for bf16/fp16/fp32 models as HF; an fp64 model (the exactness lane) stays fp64.
+  const auto compute = x.scalar_type() == torch::kFloat64 ? torch::kFloat64 : torch::kFloat32;
+  auto xf = x.to(compute);
   auto ms = xf.pow(2).mean(-1, /*keepdim=*/true) + eps;
   auto y = xf * torch::pow(ms, -0.5);
-  if (weight.defined()) y = y * weight.to(torch::kFloat32);
+  if (weight.defined()) y = y * weight.to(compute);
   return y.to(x.scalar_type());
 }
 

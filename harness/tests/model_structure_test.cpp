@@ -142,7 +142,7 @@ TEST(ModelStructure, BadConfigsNameTheField) {
   expect_error({{"preset", "tiny-e2b"}, {"overrides", {{"hidden_size", "64"}}}}, "model.overrides.hidden_size");
   expect_error({{"preset", "tiny-e2b"}, {"colour", 1}}, "model.colour");
   expect_error({{"preset", "tiny-e2b"}, {"kv_share_semantics", "sometimes"}}, "kv_share_semantics");
-  expect_error({{"preset", "tiny-e2b"}, {"overrides", {{"num_attention_heads", 3}}}}, "num_key_value_heads");
+  expect_error({{"preset", "tiny-e2b"}, {"overrides", {{"num_key_value_heads", 3}}}}, "num_key_value_heads");
 }
 
 }  // namespace

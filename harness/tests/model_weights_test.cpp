@@ -92,8 +92,9 @@ TEST_F(ModelWeights, ShardedCheckpointThroughTheIndex) {
   nlohmann::json weight_map;
   int i = 0;
   for (auto& [name, t] : all) {
-    (i++ % 2 ? a : b)[name] = t;
-    weight_map[name] = (i % 2) ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
+    const bool first = i++ % 2 == 0;
+    (first ? a : b)[name] = t;
+    weight_map[name] = first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
   }
   io::write_safetensors(path("model-00001-of-00002.safetensors"), a);
   io::write_safetensors(path("model-00002-of-00002.safetensors"), b);
