@@ -58,6 +58,19 @@ TEST_F(CliTest, RunPrintsPerStepLossAndWritesOutput) {
   EXPECT_NE(r.output.find("[t] cp2 fp32 step 1: loss"), std::string::npos) << r.output;
   EXPECT_TRUE(fs::exists(out / "report.json"));
   EXPECT_TRUE(fs::exists(out / "report.xml"));
+  // The produced report validates against the committed schema (Debian's python3-jsonschema), and the JUnit
+  // file parses with a real XML parser.
+  const std::string schema = std::string(CPHARNESS_SOURCE_DIR) + "/reports/schema/report.schema.json";
+  const std::string validate =
+      "/usr/bin/python3 -c \"import json,sys,jsonschema; s=json.load(open(sys.argv[1])); "
+      "jsonschema.Draft202012Validator(s).validate(json.load(open(sys.argv[2]))); "
+      "import xml.etree.ElementTree as E; E.parse(sys.argv[3])\" " +
+      schema + " " + (out / "report.json").string() + " " + (out / "report.xml").string() + " 2>&1";
+  FILE* pipe = popen(validate.c_str(), "r");
+  std::string text;
+  std::array<char, 4096> buf{};
+  while (fgets(buf.data(), buf.size(), pipe)) text += buf.data();
+  EXPECT_EQ(pclose(pipe), 0) << text;
 }
 
 TEST_F(CliTest, MalformedJsonIsExit2NamingTheFile) {

