@@ -62,10 +62,11 @@ double rel(const torch::Tensor& a, const torch::Tensor& b) {
 }
 
 // fp64: CP and cp 1 differ only in summation order, so loss, logits and every gradient agree to ~1e-12
-// (measured ~1e-13): any real bug shows. fp32: loss and logits within 1e-5.
+// (measured ~1e-13): any real bug shows. fp32: everything within 1e-5 relative (measured ≤ 6e-6 per tensor,
+// bench/bench_fp32_conditioning; the same bench shows fp32 rounding alone moves gradients by ~3e-6).
 void expect_parity(const std::string& preset, int cp, torch::ScalarType dtype) {
   const bool fp64 = dtype == torch::kFloat64;
-  const double loss_tol = fp64 ? 1e-12 : 1e-5, grad_tol = fp64 ? 1e-10 : 5e-4;
+  const double loss_tol = fp64 ? 1e-12 : 1e-5, grad_tol = fp64 ? 1e-10 : 1e-5;
   SCOPED_TRACE(fmt::format("{} cp={} {}", preset, cp, fp64 ? "fp64" : "fp32"));
   auto c = model::preset_config(preset);
   train::BatchSpec spec;
@@ -83,10 +84,7 @@ void expect_parity(const std::string& preset, int cp, torch::ScalarType dtype) {
   // Logits on real tokens (padding rows are uniform-softmax in HF eager and zero in the ring; neither is counted).
   auto valid = b.meta.padding.logical_not().unsqueeze(-1);
   EXPECT_LE(rel(got.logits * valid, ref.logits * valid), loss_tol);
-  // Per-tensor gradients: asserted in fp64 only. In fp32 the per-tensor gradient differences of these models
-  // measured 2e-5 .. 1.7e-3 and vary between runs; that is unexplained and tracked as open work.
-  if (fp64)
-    for (auto& [name, g] : ref.grads) EXPECT_LE(rel(got.grads[name], g), grad_tol) << name;
+  for (auto& [name, g] : ref.grads) EXPECT_LE(rel(got.grads[name], g), grad_tol) << name;
 }
 
 TEST(CpModelParity, TinyE2bCp2) { expect_parity("tiny-e2b", 2, torch::kFloat32); }
