@@ -1,6 +1,6 @@
 // Step time of a tiny model at long sequence: cp 1 (one process, one intra-op thread) against cp N under
-// mpirun (one process per rank, one thread each). Prints wall time and, per rank, compute time and the time
-// spent in communication or waiting for peers; the sum of compute over ranks against cp 1 shows wasted work,
+// mpirun (one process per rank, one thread each). Prints wall time and, per rank, compute time (thread CPU
+// time outside communication) and the wall time spent in communication or waiting for peers; the sum of compute over ranks against cp 1 shows wasted work,
 // and the spread across ranks the load imbalance that contiguous sharding causes on causal layers.
 //
 //   build/bench/bench_cp_step --seq 4096                                  # cp 1
@@ -43,12 +43,15 @@ int main(int argc, char** argv) {
       ring.reset_comm_seconds();
       comm.barrier();
       const auto t0 = std::chrono::steady_clock::now();
+      const double cpu0 = cp::thread_cpu_seconds();
       auto r = cp::cp_forward_backward(comm, m, ring, batch, uint64_t(s + 1));
       const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      const double waiting = ring.comm_seconds();
+      // Compute = this thread's CPU time minus the CPU it burnt inside communication (MPI polls while waiting).
+      // CPU time, not wall time: the ranks share this machine's cores, so wall time would count preemption.
+      const double compute = cp::thread_cpu_seconds() - cpu0 - ring.comm_cpu_seconds();
       auto times = torch::zeros({comm.size(), 2}, torch::kFloat64);
-      times[comm.rank()][0] = wall - waiting;
-      times[comm.rank()][1] = waiting;
+      times[comm.rank()][0] = compute;
+      times[comm.rank()][1] = ring.comm_seconds();
       comm.all_reduce(times);
       comm.barrier();
       if (comm.rank() == 0) {
@@ -56,7 +59,7 @@ int main(int argc, char** argv) {
         for (int r = 0; r < comm.size(); ++r) {
           const double c = times[r][0].item<double>();
           total_compute += c, max_compute = std::max(max_compute, c), min_compute = std::min(min_compute, c);
-          fmt::print("  step {} rank {}: compute {:.3f}s, comm+wait {:.3f}s\n", s, r, c, times[r][1].item<double>());
+          fmt::print("  step {} rank {}: compute {:.3f}s CPU, in comm or waiting {:.3f}s wall\n", s, r, c, times[r][1].item<double>());
         }
         fmt::print("{} S={} cp={} step {}: wall {:.3f}s, loss {:.5f}, total compute over ranks {:.3f}s, "
                    "imbalance max/min compute {:.2f}\n",

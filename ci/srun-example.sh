@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Worked example: cpharness on a Slurm allocation (one task per GPU). Each task reads SLURM_PROCID/SLURM_NTASKS
-# (torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT work the same way). The JUnit XML and the
-# JSON report are written by rank 0; the job's exit code is the gate (0 pass, 1 check failed, 2 error).
+# Worked example: cpharness on a Slurm allocation. With --comm mpi each Slurm task is one rank (SLURM_PROCID /
+# SLURM_NTASKS; torchrun's RANK/WORLD_SIZE/LOCAL_RANK work the same way) and the cp size is the number of tasks.
+# Rank 0 writes the JSON report and the JUnit XML; every rank exits with rank 0's verdict, so the job's exit code
+# is the gate (0 pass, 1 check failed, 2 error; a rank that dies or hangs past --timeout gives 2).
 #
-# NOTE: today the runner drives ranks as threads of one process (--comm local, one device); the mpi and nccl
-# backends, the launcher and the rendezvous exist in the CP runtime (harness/cp/) and are tested, but `run --comm
-# nccl` is not wired yet (README, Status). Until it is, the gpu job runs the same cases with --comm local.
-#   sbatch -N1 --gpus-per-node=8 --ntasks-per-node=8 ci/srun-example.sh
+# `--comm nccl` (one GPU per rank) is not wired into the runner yet (README, Status): the real-size cases run in
+# one process that drives the cp ranks as threads on one GPU (--comm local).
+#   sbatch -N1 --gpus-per-node=8 --ntasks-per-node=4 ci/srun-example.sh
 set -euo pipefail
-export MASTER_ADDR=${MASTER_ADDR:-$(hostname)}
-export MASTER_PORT=${MASTER_PORT:-29500}
-srun build-gpu/harness/cpharness run cases/gpu --comm nccl --cp "${SLURM_NTASKS}" --out reports/out/slurm
+# The CPU suite across processes: cp = SLURM_NTASKS over OpenMPI (needs an OpenMPI built with Slurm/PMIx support).
+srun build-gpu/harness/cpharness run cases/default --comm mpi --timeout 300 --out reports/out/slurm-mpi
+# The real-size cases, one process, ranks as threads on one GPU.
+build-gpu/harness/cpharness run cases/gpu --cp 2,4 --out reports/out/gpu --dump-dir reports/out/gpu/dumps

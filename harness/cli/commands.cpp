@@ -7,9 +7,11 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "cpharness/version.h"
+#include "harness/cp/launcher.h"
 #include "harness/io/input_error.h"
 #include "harness/report/json_report.h"
 #include "harness/report/junit.h"
@@ -31,7 +33,8 @@ struct UsageError : std::runtime_error {
 
 constexpr const char* kUsage =
     "usage: cpharness <verb> [options]\n"
-    "  run CASE... [--cp 2,4] [--comm local] [--out DIR] [--report F] [--junit F] [--dump-dir D] [--timeout S]\n"
+    "  run CASE... [--cp 2,4] [--comm local|mpi] [--nproc N] [--out DIR] [--report F] [--junit F] [--dump-dir D]\n"
+    "      [--timeout S]                          --comm mpi: one process per rank, cp = N (--nproc N, or mpirun/srun)\n"
     "        cp 1 reference + cp N candidates, every check; exit 0 pass, 1 a check failed, 2 usage/input error\n"
     "  selftest [--only MUTANT]... [--out DIR]   every check against its known-bad mutant; exit 0 when all caught\n"
     "  golden record CASE -o F.h5 [--force]      write the cp 1 reference of CASE as a golden\n"
@@ -44,6 +47,7 @@ struct RunArgs {
   std::vector<std::string> cases;
   std::optional<std::vector<int>> cp;
   std::string comm = "local";
+  int nproc = 0;  // --nproc N: launch N ranks on this host (mpi)
   std::string out_dir, report_path, junit_path, dump_dir;
   double timeout_s = 120;
   std::vector<std::string> only;  // selftest: mutant names
@@ -76,6 +80,7 @@ RunArgs parse_run_args(const std::vector<std::string>& args) {
     const auto& f = args[i];
     if (f == "--cp") a.cp = parse_int_list(f, value(i));
     else if (f == "--comm") a.comm = value(i);
+    else if (f == "--nproc") a.nproc = parse_int_list(f, value(i)).at(0);
     else if (f == "--out") a.out_dir = value(i);
     else if (f == "--report") a.report_path = value(i);
     else if (f == "--junit") a.junit_path = value(i);
@@ -90,9 +95,11 @@ RunArgs parse_run_args(const std::vector<std::string>& args) {
     } else if (f.rfind("--", 0) == 0) throw UsageError("unknown option " + f);
     else a.cases.push_back(f);
   }
-  if (a.comm != "local")
-    throw UsageError("--comm " + a.comm + ": the runner drives ranks as threads (local); mpi and nccl run through the "
-                     "CP runtime's own tests and launcher so far");
+  if (a.comm == "nccl")
+    throw UsageError("--comm nccl: the runner does not drive CUDA ranks yet (the nccl Comm backend exists and is tested "
+                     "on its own); use --comm local or --comm mpi");
+  if (a.comm != "local" && a.comm != "mpi") throw UsageError("--comm must be local or mpi, got '" + a.comm + "'");
+  if (a.nproc && a.comm != "mpi") throw UsageError("--nproc launches processes: it needs --comm mpi");
   if (!a.out_dir.empty()) {
     if (a.report_path.empty()) a.report_path = a.out_dir + "/report.json";
     if (a.junit_path.empty()) a.junit_path = a.out_dir + "/report.xml";
@@ -131,19 +138,82 @@ runner::SuiteOptions suite_options(const RunArgs& a) {
 
 }  // namespace
 
+namespace {
+
+std::optional<runner::Fault> fault_from_env() {
+  const char* spec = std::getenv("CPHARNESS_INJECT_FAULT");
+  if (!spec || !*spec) return std::nullopt;
+  try {
+    return runner::parse_fault(spec);
+  } catch (const std::invalid_argument& e) {
+    throw UsageError(std::string("CPHARNESS_INJECT_FAULT: ") + e.what());
+  }
+}
+
+// --comm mpi outside a launcher: run this command again under mpirun with N ranks. When the job dies without
+// rank 0 having written its report (a rank crashed and mpirun stopped the rest), write the error report here.
+int launch_mpi_job(const RunArgs& a, const std::vector<std::string>& args) {
+  if (a.nproc < 1) throw UsageError("--comm mpi needs --nproc N (or a launch under mpirun/srun)");
+  std::vector<std::string> child;
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--nproc") ++i;
+    else child.push_back(args[i]);
+  }
+  child.insert(child.begin(), "run");
+  const auto started = std::filesystem::file_time_type::clock::now();
+  const auto result = cp::relaunch_under_mpirun(a.nproc, cp::self_exe(), child);
+  if (result.exit_code == 0 || result.exit_code == 1) return result.exit_code;
+  const bool fresh = !a.report_path.empty() && std::filesystem::exists(a.report_path) &&
+                     std::filesystem::last_write_time(a.report_path) >= started;
+  if (!fresh && !a.report_path.empty()) {
+    report::Report r;
+    r.error = "the rank job failed: " + result.message;
+    r.environment.device = "cpu";
+    r.environment.comm_backend = "mpi";
+    write_reports(a, r);
+  }
+  return 2;
+}
+
+}  // namespace
+
 int run_command(const std::vector<std::string>& args) {
   const auto a = parse_run_args(args);
   if (a.cases.empty()) throw UsageError("run needs at least one CASE (a file or a directory of *.json)");
+  auto options = suite_options(a);
+  options.run.fault = fault_from_env();
+  std::unique_ptr<cp::Comm> world;
+  if (a.comm == "mpi") {
+    const auto env = cp::detect_launch_env();
+    if (!env.launched()) return launch_mpi_job(a, args);
+    world = cp::make_mpi_comm(options.timeout);
+    options.world = world.get();
+  }
+  const bool root = !world || world->rank() == 0;
   std::vector<train::Case> cases;
   try {
-    cases = train::load_cases(a.cases);  // validate every case before running any
+    cases = train::load_cases(a.cases);  // validate every case before running any (every rank sees the same files)
   } catch (const io::InputError& e) {
-    return input_error_report(a, e.what());
+    return root ? input_error_report(a, e.what()) : 2;
   }
-  auto r = runner::run_suite(cases, suite_options(a));
-  std::cerr << runner::summary_table(r);
-  write_reports(a, r);
-  return report::exit_code(r);
+  auto r = runner::run_suite(cases, options);
+  int code = report::exit_code(r);
+  if (root) {
+    std::cerr << runner::summary_table(r);
+    write_reports(a, r);
+  }
+  if (!world) return code;
+  if (options.world_failed) {
+    // Ending the job stops every rank at once: give rank 0 a moment to finish writing its error report first.
+    if (!root) std::this_thread::sleep_for(std::chrono::seconds(3));
+    // Pinned on the peer this rank was waiting for, so the launcher names the rank that failed or hung.
+    const int culprit = options.failed_peer >= 0 ? options.failed_peer : world->rank();
+    cp::fail_rank(world.get(), culprit, fmt::format("stopped or unresponsive (seen by rank {})", world->rank()));
+  }
+  // One rank exiting non-zero ends the job: every rank leaves with rank 0's verdict.
+  auto verdict = torch::tensor({int64_t(code)}, torch::kInt64);
+  world->broadcast(verdict, 0);
+  return int(verdict.item<int64_t>());
 }
 
 int selftest_command(const std::vector<std::string>& args) {

@@ -5,6 +5,7 @@
 // shard of K/V per layer, as upstream), per-chunk dq/dk/dv, and every foreign dK/dV is sent back to its owner
 // and accumulated there in fp32. It implements the model's AttentionBackend, so the model never knows.
 #pragma once
+#include <ctime>
 #include <torch/torch.h>
 
 #include <chrono>
@@ -79,10 +80,12 @@ class RingAttention : public model::AttentionBackend {
   uint64_t generation() const { return generation_; }
   int64_t local_len() const { return local_len_; }
 
-  // Seconds spent inside communication calls (including waiting for peers), for step-time breakdowns.
+  // Seconds spent inside communication calls (including waiting for peers), for step-time breakdowns: wall time,
+  // and this thread's CPU time (MPI polls while it waits, so waiting burns CPU that is not compute).
   double comm_seconds() const { return comm_seconds_; }
-  void add_comm_seconds(double s) { comm_seconds_ += s; }
-  void reset_comm_seconds() { comm_seconds_ = 0; }
+  double comm_cpu_seconds() const { return comm_cpu_seconds_; }
+  void add_comm_seconds(double wall, double cpu) { comm_seconds_ += wall, comm_cpu_seconds_ += cpu; }
+  void reset_comm_seconds() { comm_seconds_ = comm_cpu_seconds_ = 0; }
 
   // The geometry this rank uses against `owner`'s chunk (honours the window mutant).
   kernels::LayerGeometry chunk_geometry(int owner, const kernels::LayerGeometry& geometry) const;
@@ -100,17 +103,29 @@ class RingAttention : public model::AttentionBackend {
   bool generation_frozen_ = false;
   int64_t local_len_ = 0;
   double comm_seconds_ = 0;
+  double comm_cpu_seconds_ = 0;
 };
 
 // Adds the wall time of its scope to a RingAttention's comm_seconds.
+// CPU time consumed by the calling thread so far (CLOCK_THREAD_CPUTIME_ID).
+inline double thread_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+
 class CommTimer {
  public:
-  explicit CommTimer(RingAttention& ring) : ring_(ring), start_(std::chrono::steady_clock::now()) {}
-  ~CommTimer() { ring_.add_comm_seconds(std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count()); }
+  explicit CommTimer(RingAttention& ring) : ring_(ring), start_(std::chrono::steady_clock::now()), cpu_start_(thread_cpu_seconds()) {}
+  ~CommTimer() {
+    ring_.add_comm_seconds(std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count(),
+                           thread_cpu_seconds() - cpu_start_);
+  }
 
  private:
   RingAttention& ring_;
   std::chrono::steady_clock::time_point start_;
+  double cpu_start_;
 };
 
 }  // namespace cpharness::cp

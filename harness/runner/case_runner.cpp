@@ -1,9 +1,10 @@
 #include "harness/runner/case_runner.h"
 
 #include <chrono>
-#include <mutex>
+#include <thread>
 
 #include "harness/cp/cp_step.h"
+#include "harness/runner/rank_records.h"
 #include "harness/model/init.h"
 #include "harness/model/weights.h"
 
@@ -38,6 +39,36 @@ std::unique_ptr<torch::optim::AdamW> make_optimizer(model::Gemma4Model& m, const
 }
 
 }  // namespace
+
+void inject_fault(const Fault& fault) {
+  if (fault.kind == Fault::Kind::kCrash) std::abort();  // a rank that dies without a word
+  for (;;) std::this_thread::sleep_for(std::chrono::hours(1));  // a rank that hangs
+}
+
+Fault parse_fault(const std::string& spec) {
+  // KIND@RANK[:STEP], e.g. crash@1 or hang@0:1
+  const auto at = spec.find('@');
+  if (at == std::string::npos) throw std::invalid_argument("expected KIND@RANK[:STEP], got '" + spec + "'");
+  Fault f;
+  const auto kind = spec.substr(0, at);
+  if (kind == "crash") f.kind = Fault::Kind::kCrash;
+  else if (kind == "hang") f.kind = Fault::Kind::kHang;
+  else throw std::invalid_argument("fault kind must be crash or hang, got '" + kind + "'");
+  const auto rest = spec.substr(at + 1);
+  const auto colon = rest.find(':');
+  try {
+    size_t used = 0;
+    f.rank = std::stoi(rest.substr(0, colon), &used);
+    if (used != rest.substr(0, colon).size() || f.rank < 0) throw std::invalid_argument(rest);
+    if (colon != std::string::npos) {
+      f.step = std::stoll(rest.substr(colon + 1), &used);
+      if (used != rest.size() - colon - 1 || f.step < 0) throw std::invalid_argument(rest);
+    }
+  } catch (const std::logic_error&) {
+    throw std::invalid_argument("expected KIND@RANK[:STEP] with non-negative integers, got '" + spec + "'");
+  }
+  return f;
+}
 
 torch::ScalarType lane_dtype(const std::string& lane) {
   if (lane == "bf16") return torch::kBFloat16;
@@ -99,62 +130,85 @@ LaneRun run_reference(const train::Case& c, const std::string& lane, const RunOp
   return run;
 }
 
-LaneRun run_cp(const train::Case& c, const std::string& lane, int n, const RunOptions& options) {
-  const auto start = Clock::now();
+CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, const std::string& lane, const RunOptions& options) {
+  CpRankRecord rec;
+  rec.rank = comm.rank();
+  auto m = build_model(c, lane_dtype(lane), options.semantics);
+  cp::CpStepOptions step_options;
+  step_options.use_share_holder = options.use_share_holder;
+  step_options.shift_labels_after_sharding = options.step_mutation == StepMutation::kShiftLabelsAfterSharding;
+  cp::CpTrainer trainer(comm, m, c.optimizer, options.ring, step_options);
+  for (int64_t step = 0; step < c.steps; ++step) {
+    if (options.fault && options.fault->rank == rec.rank && options.fault->step == step) inject_fault(*options.fault);
+    auto batch = batch_for_step(c, step);
+    std::vector<torch::Tensor> h;
+    cp::CpForwardResult fwd;
+    comm.reset_stats();
+    trainer.ring().trace().clear();
+    const bool record = step == 0 && options.record_tensors;
+    auto result = trainer.step(batch, &fwd, record ? &h : nullptr);
+    rec.cache.push_back(trainer.ring().cache().take_counters());
+    rec.steps.push_back({result.loss, result.grad_norm, param_norm(trainer.model()), result.counted_tokens});
+    if (step == 0) {
+      rec.trace = trainer.ring().trace();
+      rec.comm_step0 = comm.stats();
+      if (record) {
+        rec.logits = fwd.local_logits.to(torch::kFloat64);
+        for (auto& t : h) rec.hidden.push_back(t.detach().to(torch::kFloat64));
+        if (rec.rank == 0) rec.grads = grads_of(trainer.model());  // all-reduced: identical on every rank
+      }
+    }
+  }
+  if (rec.rank == 0) rec.final_params = params_of(trainer.model());
+  return rec;
+}
+
+LaneRun assemble_cp_run(const train::Case& c, const std::string& lane, std::vector<CpRankRecord> ranks, double seconds) {
+  const int n = int(ranks.size());
   LaneRun run;
   run.cp = n;
   run.lane = lane;
-  run.cache.assign(size_t(c.steps), std::vector<kernels::BlockMaskCacheCounters>(size_t(n)));
-  run.traces.resize(size_t(n));
-  run.comm_step0.resize(size_t(n));
-  std::vector<torch::Tensor> logits(n);
-  std::vector<std::vector<torch::Tensor>> hidden(n);
-  std::mutex mu;
-  cp::run_local(n, [&](cp::Comm& comm) {
-    const int r = comm.rank();
-    auto m = build_model(c, lane_dtype(lane), options.semantics);
-    cp::CpStepOptions step_options;
-    step_options.use_share_holder = options.use_share_holder;
-    step_options.shift_labels_after_sharding = options.step_mutation == StepMutation::kShiftLabelsAfterSharding;
-    cp::CpTrainer trainer(comm, m, c.optimizer, options.ring, step_options);
-    std::vector<StepRecord> steps;
-    for (int64_t step = 0; step < c.steps; ++step) {
-      auto batch = batch_for_step(c, step);
-      std::vector<torch::Tensor> h;
-      // The trainer's options are fixed; step 0 records hidden states through a one-off step.
-      cp::CpForwardResult fwd;
-      comm.reset_stats();
-      trainer.ring().trace().clear();
-      const bool record = step == 0 && options.record_tensors;
-      auto result = trainer.step(batch, &fwd, record ? &h : nullptr);
-      auto counters = trainer.ring().cache().take_counters();
-      StepRecord rec{result.loss, result.grad_norm, param_norm(trainer.model()), result.counted_tokens};
-      std::lock_guard<std::mutex> lock(mu);
-      run.cache[size_t(step)][size_t(r)] = counters;
-      if (step == 0) {
-        run.traces[size_t(r)] = trainer.ring().trace();
-        run.comm_step0[size_t(r)] = comm.stats();
-        if (options.record_tensors) {
-          logits[r] = fwd.local_logits.to(torch::kFloat64);
-          for (auto& t : h) hidden[r].push_back(t.detach().to(torch::kFloat64));
-          if (r == 0) run.grads = grads_of(trainer.model());  // all-reduced: identical on every rank
-        }
-      }
-      if (r == 0) run.steps.push_back(rec);
-    }
-    if (r == 0) run.final_params = params_of(trainer.model());
-  }, options.timeout);
-  if (options.record_tensors) {
+  run.seconds = seconds;
+  for (int r = 0; r < n; ++r)
+    if (ranks[size_t(r)].rank != r) throw std::runtime_error("rank records out of order");
+  auto& root = ranks.front();
+  run.steps = root.steps;  // global values: identical on every rank
+  run.grads = std::move(root.grads);
+  run.final_params = std::move(root.final_params);
+  run.cache.assign(root.cache.size(), std::vector<kernels::BlockMaskCacheCounters>(size_t(n)));
+  for (int r = 0; r < n; ++r) {
+    const auto& rec = ranks[size_t(r)];
+    for (size_t s = 0; s < rec.cache.size() && s < run.cache.size(); ++s) run.cache[s][size_t(r)] = rec.cache[s];
+    run.traces.push_back(rec.trace);
+    run.comm_step0.push_back(rec.comm_step0);
+  }
+  if (root.logits.defined()) {
     cp::ShardPlan plan(c.data.seq_len, n);
+    std::vector<torch::Tensor> logits;
+    for (auto& rec : ranks) logits.push_back(rec.logits);
     run.logits = plan.unshard(logits);
-    for (size_t layer = 0; layer < hidden[0].size(); ++layer) {
+    for (size_t layer = 0; layer < root.hidden.size(); ++layer) {
       std::vector<torch::Tensor> per_rank;
-      for (int r = 0; r < n; ++r) per_rank.push_back(hidden[r][layer]);
+      for (auto& rec : ranks) per_rank.push_back(rec.hidden.at(layer));
       run.hidden.push_back(plan.unshard(per_rank));
     }
   }
-  run.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return run;
+}
+
+LaneRun run_cp(const train::Case& c, const std::string& lane, int n, const RunOptions& options) {
+  const auto start = Clock::now();
+  std::vector<CpRankRecord> ranks(static_cast<size_t>(n));
+  cp::run_local(n, [&](cp::Comm& comm) { ranks[size_t(comm.rank())] = run_cp_rank(comm, c, lane, options); }, options.timeout);
+  return assemble_cp_run(c, lane, std::move(ranks), std::chrono::duration<double>(Clock::now() - start).count());
+}
+
+std::optional<LaneRun> run_cp_on(cp::Comm& world, const train::Case& c, const std::string& lane, const RunOptions& options) {
+  const auto start = Clock::now();
+  auto mine = run_cp_rank(world, c, lane, options);
+  auto all = gather_rank_records(world, mine);
+  if (world.rank() != 0) return std::nullopt;
+  return assemble_cp_run(c, lane, std::move(all), std::chrono::duration<double>(Clock::now() - start).count());
 }
 
 }  // namespace cpharness::runner

@@ -24,6 +24,17 @@ enum class StepMutation {
   kShiftLabelsAfterSharding,  // each rank shifts its own shard: the token at a shard edge loses its target
 };
 
+// A fault injected into one rank of a cp N run (CPHARNESS_INJECT_FAULT=crash@1 or hang@0:2), to prove that a rank
+// that dies or hangs ends the run within the timeout with exit 2 and an error report naming it.
+struct Fault {
+  enum class Kind { kCrash, kHang };
+  Kind kind = Kind::kCrash;
+  int rank = 0;
+  int64_t step = 0;  // before this optimizer step's forward
+};
+Fault parse_fault(const std::string& spec);  // KIND@RANK[:STEP]; std::invalid_argument when malformed
+[[noreturn]] void inject_fault(const Fault& fault);
+
 struct RunOptions {
   cp::RingOptions ring;              // cache switch, mutations, block sizes
   StepMutation step_mutation = StepMutation::kNone;
@@ -31,6 +42,7 @@ struct RunOptions {
   std::optional<model::KvShareSemantics> semantics;  // override the case's semantics
   bool record_tensors = true;        // step-0 logits, hidden states and gradients
   std::chrono::milliseconds timeout{120000};
+  std::optional<Fault> fault;        // candidates only
 };
 
 struct StepRecord {
@@ -64,7 +76,29 @@ model::Gemma4Model build_model(const train::Case& c, torch::ScalarType dtype,
 
 torch::ScalarType lane_dtype(const std::string& lane);
 
+// What one rank of a cp N run records; assembled into a LaneRun (rank 0 alone holds the global gradients and
+// final parameters, which are identical on every rank after the all-reduce).
+struct CpRankRecord {
+  int rank = 0;
+  std::vector<StepRecord> steps;
+  std::vector<kernels::BlockMaskCacheCounters> cache;  // per step
+  std::vector<cp::RingTraceEntry> trace;               // step 0
+  cp::CommStats comm_step0;
+  torch::Tensor logits;               // step 0, this rank's shard, fp64
+  std::vector<torch::Tensor> hidden;  // step 0, this rank's shard, fp64
+  std::map<std::string, torch::Tensor> grads, final_params;  // rank 0 only
+};
+
 LaneRun run_reference(const train::Case& c, const std::string& lane, const RunOptions& options = {});
+
+// This rank's part of a cp N run over `comm` (any backend).
+CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, const std::string& lane, const RunOptions& options);
+// The records of ranks 0..N-1 (in order) as one run: shards put back in global order through the shard plan.
+LaneRun assemble_cp_run(const train::Case& c, const std::string& lane, std::vector<CpRankRecord> ranks, double seconds);
+// cp N with the local backend (ranks as threads of this process).
 LaneRun run_cp(const train::Case& c, const std::string& lane, int cp, const RunOptions& options = {});
+// cp = world.size() over a process backend: every rank runs its part, the records are gathered to rank 0, which
+// returns the assembled run; the other ranks return nothing.
+std::optional<LaneRun> run_cp_on(cp::Comm& world, const train::Case& c, const std::string& lane, const RunOptions& options);
 
 }  // namespace cpharness::runner

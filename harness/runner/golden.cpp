@@ -8,8 +8,11 @@
 namespace cpharness::runner {
 
 std::string case_hash(const train::Case& c) {
+  // Everything that can change a number; the free-text description does not.
+  auto content = c.raw;
+  if (content.is_object()) content.erase("description");
   uint64_t h = 1469598103934665603ull;
-  for (unsigned char ch : c.raw.dump()) h = (h ^ ch) * 1099511628211ull;
+  for (unsigned char ch : content.dump()) h = (h ^ ch) * 1099511628211ull;
   return fmt::format("{:016x}", h);
 }
 
@@ -58,6 +61,10 @@ report::CheckResult verify_golden(const train::Case& c, const std::string& golde
   };
   if (get("case_id") != c.id)
     throw io::InputError(golden_path, "provenance/case_id", fmt::format("golden of case '{}', not '{}'", get("case_id"), c.id));
+  if (!get("case_hash").empty() && get("case_hash") != case_hash(c))
+    throw io::InputError(golden_path, "provenance/case_hash",
+                         fmt::format("recorded from another version of case '{}' (hash {}, the case now hashes to {}); "
+                                     "refresh it with `golden record --force`", c.id, get("case_hash"), case_hash(c)));
   const std::string lane = train::to_string(c.dtype);
   if (!get("dtype").empty() && get("dtype") != lane)
     throw io::InputError(golden_path, "provenance/dtype", fmt::format("golden lane {} but the case runs {}", get("dtype"), lane));

@@ -9,7 +9,8 @@
 
 namespace cpharness::runner {
 
-// A stable hash of the case file's content (hex), so a golden names exactly the case it was recorded from.
+// A stable hash of the case file's content without its description (hex), so a golden names exactly the case it
+// was recorded from.
 std::string case_hash(const train::Case& c);
 
 // The reference run of `c` as a dump: provenance, step-0 inputs, per-step loss / grad norm / param norm, step-0
@@ -21,7 +22,7 @@ report::RunDump reference_dump(const train::Case& c, const std::string& kind);
 report::ComparePolicy golden_policy(const std::string& lane);
 
 // golden.match: a fresh reference run of `c` against `golden_path`. Errors in the golden (missing, corrupt, wrong
-// layout, another case) are io::InputError.
+// layout, another case or another version of the case) are io::InputError.
 report::CheckResult verify_golden(const train::Case& c, const std::string& golden_path, report::CompareResult* result = nullptr);
 
 }  // namespace cpharness::runner

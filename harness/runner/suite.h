@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "harness/check/checks.h"
+#include "harness/cp/comm.h"
 #include "harness/report/report.h"
 #include "harness/runner/case_runner.h"
 #include "harness/train/case.h"
@@ -22,7 +23,17 @@ struct SuiteOptions {
   RunOptions run;
   check::BlockMaskMutation block_mask_mutation = check::BlockMaskMutation::kNone;
   bool perturb_repeat_seed = false;          // determinism mutant: the repeat run uses another init seed
+  // A process backend's world (mpi): the cp size is its size; rank 0 runs references and checks, every rank
+  // its part of the candidates. Null: the local backend, ranks as threads of this process.
+  cp::Comm* world = nullptr;
+  std::chrono::milliseconds root_wait{std::chrono::minutes(30)};  // how long ranks wait for rank 0's cp 1 work
+  mutable bool world_failed = false;         // set when a candidate failed under `world`: no further case can run
+  mutable int failed_peer = -1;              // the rank a failed communication was waiting for (-1 unknown)
 };
+
+// Collective over `world`: rank 0's `ok` reaches every rank (waiting up to `wait`, longer than the comm timeout,
+// since rank 0 may be busy with the cp 1 reference).
+bool agree_with_root(cp::Comm& world, bool ok, std::chrono::milliseconds wait);
 
 // True when `check` is requested by the case (exact name or a prefix ending in '.').
 bool wants_check(const train::Case& c, const std::string& check);

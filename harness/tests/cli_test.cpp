@@ -3,12 +3,15 @@
 #include <sys/wait.h>
 
 #include <array>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
 
 #include <nlohmann/json.hpp>
+
+#include "harness/report/run_dump.h"
 
 namespace {
 
@@ -19,8 +22,9 @@ struct Result {
   std::string output;  // stdout and stderr together
 };
 
-Result run_cli(const std::string& args) {
-  const std::string cmd = std::string(CPHARNESS_BINARY) + " " + args + " 2>&1";
+// `env`: VAR=value assignments put before the command.
+Result run_cli(const std::string& args, const std::string& env = "") {
+  const std::string cmd = env + " " + std::string(CPHARNESS_BINARY) + " " + args + " 2>&1";
   Result r;
   FILE* pipe = popen(cmd.c_str(), "r");
   std::array<char, 4096> buf{};
@@ -123,5 +127,126 @@ TEST_F(CliTest, CasesRequiringCudaAreSkippedWithTheReason) {
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("skipped: requires cuda"), std::string::npos) << r.output;
 }
+
+nlohmann::json read_json(const fs::path& p) {
+  std::ifstream in(p);
+  return nlohmann::json::parse(in);
+}
+
+TEST_F(CliTest, GoldenRecordRefusesToOverwriteWithoutForce) {
+  auto c = write("g.json", kGoodCase);
+  const auto golden = (dir_ / "g.h5").string();
+  ASSERT_EQ(run_cli("golden record " + c + " -o " + golden).exit_code, 0);
+  const auto before = fs::last_write_time(golden);
+  auto r = run_cli("golden record " + c + " -o " + golden);
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.output.find("--force"), std::string::npos) << r.output;
+  EXPECT_EQ(fs::last_write_time(golden), before) << "the golden was rewritten";
+  EXPECT_EQ(run_cli("golden record " + c + " -o " + golden + " --force").exit_code, 0);
+}
+
+// golden.match's known-bad mutant: a golden whose step-1 loss moved by 1e-4 relative must fail verification.
+TEST_F(CliTest, GoldenVerifyPassesAndCatchesAMovedLoss) {
+  auto c = write("g.json", kGoodCase);
+  const auto golden = (dir_ / "g.h5").string();
+  ASSERT_EQ(run_cli("golden record " + c + " -o " + golden).exit_code, 0);
+  auto ok = run_cli("golden verify " + c + " " + golden + " --out " + (dir_ / "ok").string());
+  EXPECT_EQ(ok.exit_code, 0) << ok.output;
+  EXPECT_EQ(read_json(dir_ / "ok" / "report.json")["status"], "pass");
+
+  auto dump = cpharness::report::read_run_dump(golden);
+  ASSERT_TRUE(dump.steps.count(1));
+  dump.steps[1].loss *= 1 + 1e-4;
+  const auto moved = (dir_ / "moved.h5").string();
+  cpharness::report::write_run_dump(moved, dump);
+  auto bad = run_cli("golden verify " + c + " " + moved + " --out " + (dir_ / "bad").string());
+  EXPECT_EQ(bad.exit_code, 1) << bad.output;
+  auto j = read_json(dir_ / "bad" / "report.json");
+  EXPECT_EQ(j["status"], "fail");
+  EXPECT_EQ(j["cases"][0]["checks"][0]["name"], "golden.match");
+  EXPECT_EQ(j["cases"][0]["checks"][0]["status"], "fail");
+}
+
+// `git bisect run` reads 0 as good, 1 as bad and 125 as "cannot test this commit".
+TEST_F(CliTest, BisectExitCodesAreGoodBadAndSkip) {
+  auto c = write("g.json", kGoodCase);
+  const auto golden = (dir_ / "g.h5").string();
+  ASSERT_EQ(run_cli("golden record " + c + " -o " + golden).exit_code, 0);
+  EXPECT_EQ(run_cli("bisect " + c + " --golden " + golden).exit_code, 0);
+  auto dump = cpharness::report::read_run_dump(golden);
+  dump.steps[0].loss *= 1 + 1e-3;
+  const auto moved = (dir_ / "moved.h5").string();
+  cpharness::report::write_run_dump(moved, dump);
+  EXPECT_EQ(run_cli("bisect " + c + " --golden " + moved).exit_code, 1);
+  EXPECT_EQ(run_cli("bisect " + c + " --golden " + (dir_ / "missing.h5").string()).exit_code, 125);
+}
+
+TEST_F(CliTest, MissingOrCorruptGoldenIsExit2WithAnErrorReport) {
+  auto c = write("g.json", kGoodCase);
+  auto missing = run_cli("golden verify " + c + " " + (dir_ / "nope.h5").string() + " --out " + (dir_ / "m").string());
+  EXPECT_EQ(missing.exit_code, 2);
+  EXPECT_NE(missing.output.find("nope.h5"), std::string::npos) << missing.output;
+  EXPECT_EQ(read_json(dir_ / "m" / "report.json")["status"], "error");
+
+  auto corrupt = write("corrupt.h5", "this is not an HDF5 file");
+  auto r = run_cli("golden verify " + c + " " + corrupt + " --out " + (dir_ / "c").string());
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.output.find("corrupt.h5"), std::string::npos) << r.output;
+  auto j = read_json(dir_ / "c" / "report.json");
+  EXPECT_EQ(j["status"], "error");
+  for (auto& k : j["cases"]) EXPECT_TRUE(k["checks"].empty()) << "no partial result next to the error";
+
+  // A valid golden of another case is refused, not compared.
+  auto other = write("other.json", R"({"id": "t", "model": {"preset": "tiny-31b"}, "data": {"seq_len": 24, "padding": 4, "seed": 2}, "steps": 2})");
+  const auto golden = (dir_ / "g.h5").string();
+  ASSERT_EQ(run_cli("golden record " + other + " -o " + golden).exit_code, 0);
+  r = run_cli("golden verify " + c + " " + golden);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+}
+
+#ifdef CPHARNESS_TEST_MPI
+// --comm mpi: the same case as processes under mpirun gives the same verdicts and, since both backends reduce in
+// rank order, bit-identical trajectories.
+TEST_F(CliTest, MpiRunMatchesTheLocalRunBitForBit) {
+  auto c = write("g.json", kGoodCase);
+  auto local = run_cli("run " + c + " --cp 2 --out " + (dir_ / "local").string());
+  ASSERT_EQ(local.exit_code, 0) << local.output;
+  auto mpi = run_cli("run " + c + " --comm mpi --nproc 2 --out " + (dir_ / "mpi").string());
+  ASSERT_EQ(mpi.exit_code, 0) << mpi.output;
+  const auto l = read_json(dir_ / "local" / "report.json"), m = read_json(dir_ / "mpi" / "report.json");
+  EXPECT_EQ(m["environment"]["comm_backend"], "mpi");
+  ASSERT_EQ(l["cases"].size(), 1u);
+  ASSERT_EQ(m["cases"].size(), 1u);
+  const auto& lc = l["cases"][0];
+  const auto& mc = m["cases"][0];
+  EXPECT_EQ(mc["status"], "pass");
+  EXPECT_EQ(mc["trajectories"], lc["trajectories"]);
+  EXPECT_EQ(mc["block_mask_cache"], lc["block_mask_cache"]);
+  ASSERT_EQ(mc["checks"].size(), lc["checks"].size());
+  for (size_t i = 0; i < lc["checks"].size(); ++i) {
+    EXPECT_EQ(mc["checks"][i]["name"], lc["checks"][i]["name"]);
+    EXPECT_EQ(mc["checks"][i]["status"], lc["checks"][i]["status"]);
+  }
+}
+
+// A rank that dies, and one that hangs, end the run within the timeout: exit 2, an error report naming the rank.
+TEST_F(CliTest, MpiRunWithAFailingRankIsExit2WithAnErrorReportNamingIt) {
+  auto c = write("g.json", kGoodCase);
+  for (const std::string fault : {"crash@1", "hang@1:1"}) {
+    SCOPED_TRACE(fault);
+    const auto out = dir_ / fault;
+    const auto start = std::chrono::steady_clock::now();
+    auto r = run_cli("run " + c + " --comm mpi --nproc 2 --timeout 5 --out " + out.string(), "CPHARNESS_INJECT_FAULT=" + fault);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    EXPECT_LT(seconds, 60) << r.output;
+    EXPECT_NE(r.output.find("rank 1"), std::string::npos) << r.output;
+    auto j = read_json(out / "report.json");
+    EXPECT_EQ(j["status"], "error");
+    EXPECT_NE(j.dump().find("rank 1"), std::string::npos) << j.dump(2);
+    for (auto& k : j["cases"]) EXPECT_TRUE(k["checks"].empty()) << "no partial result next to the error";
+  }
+}
+#endif
 
 }  // namespace
