@@ -9,8 +9,8 @@
 
 namespace cpharness::runner {
 
-// A stable hash of the case file's content without its description (hex), so a golden names exactly the case it
-// was recorded from.
+// A stable hash (hex) of what in the case file decides the cp 1 reference (not its description, tolerances, checks
+// or cp sizes), so a golden names exactly the case it was recorded from.
 std::string case_hash(const train::Case& c);
 
 // The reference run of `c` as a dump: provenance, step-0 inputs, per-step loss / grad norm / param norm, step-0
