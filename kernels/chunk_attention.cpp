@@ -85,6 +85,31 @@ void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::T
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
+// Scores of one q block [Hkv, G, ql, D] (at q0) against the keys its tile row allows: s [Hkv, G·ql, n], -inf
+// where a partial tile's mask blocks the pair (full tiles never evaluate the mask), with the gathered K and V
+// [Hkv, n, D]. Counts the work in `w`.
+struct BlockScores {
+  torch::Tensor s, ks, vs;
+};
+BlockScores block_scores(const torch::Tensor& qb, const torch::Tensor& kb, const torch::Tensor& vb, const TileRow& row,
+                         const BlockMask& mask, int64_t mb, int64_t q0, int64_t ql, double scale, AttentionWork& w) {
+  const int64_t Hkv = qb.size(0), G = qb.size(1), D = qb.size(3), n = int64_t(row.tokens.size());
+  auto cols = as_index(row.tokens);
+  auto ks = take(kb, 1, row, cols), vs = take(vb, 1, row, cols);
+  auto s = torch::matmul(qb.narrow(2, q0, ql).reshape({Hkv, G * ql, D}), ks.transpose(1, 2)) * scale;
+  if (!row.partial_pos.empty()) {
+    auto allowed = torch::ones({ql, n}, torch::kBool);
+    allowed.index_copy_(1, as_index(row.partial_pos),
+                        partial_mask(mask, mb, torch::arange(q0, q0 + ql, torch::kInt64), as_index(row.partial_tokens)));
+    s = s.view({Hkv, G, ql, n}).masked_fill(allowed.logical_not(), -kInf).view({Hkv, G * ql, n});
+    w.mask_elements += ql * int64_t(row.partial_tokens.size());
+  }
+  w.score_elements += Hkv * G * ql * n;
+  w.partial_blocks += row.partial_tiles;
+  w.full_blocks += row.full_tiles;
+  return {s, ks, vs};
+}
+
 }  // namespace
 
 torch::ScalarType accumulation_dtype(torch::ScalarType dtype) {
@@ -109,25 +134,13 @@ AttentionPartial chunk_attention_forward(const torch::Tensor& q, const torch::Te
       const TileRow row = tile_row(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
                                    mask.full_kv_indices, mb, i, mask.kv_block, mask.kv_range.length);
       if (row.tokens.empty()) continue;
-      const int64_t q0 = i * mask.q_block, ql = mask.q_block_len(i), n = int64_t(row.tokens.size());
-      auto cols = as_index(row.tokens);
-      auto ks = take(ka[b], 1, row, cols), vs = take(va[b], 1, row, cols);  // [Hkv, n, D]
-      auto s = torch::matmul(qb.narrow(2, q0, ql).reshape({Hkv, G * ql, D}), ks.transpose(1, 2)) * scale;
-      if (!row.partial_pos.empty()) {
-        auto allowed = torch::ones({ql, n}, torch::kBool);
-        allowed.index_copy_(1, as_index(row.partial_pos),
-                            partial_mask(mask, mb, torch::arange(q0, q0 + ql, torch::kInt64), as_index(row.partial_tokens)));
-        s = s.view({Hkv, G, ql, n}).masked_fill(allowed.logical_not(), -kInf).view({Hkv, G * ql, n});
-        w.mask_elements += ql * int64_t(row.partial_tokens.size());
-      }
+      const int64_t q0 = i * mask.q_block, ql = mask.q_block_len(i);
+      auto [s, ks, vs] = block_scores(qb, ka[b], va[b], row, mask, mb, q0, ql, scale, w);
       auto l = torch::logsumexp(s, -1);  // [Hkv, G*ql]; -inf for rows with no allowed key
       auto shift = torch::where(torch::isinf(l), torch::zeros_like(l), l);
       auto p = torch::exp(s - shift.unsqueeze(-1));
       ob.narrow(2, q0, ql).copy_(torch::matmul(p, vs).view({Hkv, G, ql, D}));
       lb.narrow(2, q0, ql).copy_(l.view({Hkv, G, ql}));
-      w.score_elements += Hq * ql * n;
-      w.partial_blocks += row.partial_tiles;
-      w.full_blocks += row.full_tiles;
     }
   }
   if (work) *work += w;
@@ -164,25 +177,13 @@ ChunkAttentionGrads chunk_attention_backward(const torch::Tensor& q, const torch
       const TileRow row = tile_row(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
                                    mask.full_kv_indices, mb, i, mask.kv_block, mask.kv_range.length);
       if (row.tokens.empty()) continue;
-      const int64_t q0 = i * mask.q_block, ql = mask.q_block_len(i), n = int64_t(row.tokens.size());
-      auto cols = as_index(row.tokens);
-      auto ks = take(ka[b], 1, row, cols), vs = take(va[b], 1, row, cols);  // [Hkv, n, D]
-      auto s = torch::matmul(qb.narrow(2, q0, ql).reshape({Hkv, G * ql, D}), ks.transpose(1, 2)) * scale;
-      if (!row.partial_pos.empty()) {
-        auto allowed = torch::ones({ql, n}, torch::kBool);
-        allowed.index_copy_(1, as_index(row.partial_pos),
-                            partial_mask(mask, mb, torch::arange(q0, q0 + ql, torch::kInt64), as_index(row.partial_tokens)));
-        s = s.view({Hkv, G, ql, n}).masked_fill(allowed.logical_not(), -kInf).view({Hkv, G * ql, n});
-        w.mask_elements += ql * int64_t(row.partial_tokens.size());
-      }
+      const int64_t q0 = i * mask.q_block, ql = mask.q_block_len(i);
+      auto [s, ks, vs] = block_scores(qb, ka[b], va[b], row, mask, mb, q0, ql, scale, w);
       auto p = torch::exp(s - lb.narrow(2, q0, ql).reshape({Hkv, G * ql, 1}));
       auto dob = db.narrow(2, q0, ql).reshape({Hkv, G * ql, D});
       auto dp = torch::matmul(dob, vs.transpose(1, 2));
       auto ds = p * (dp - deb.narrow(2, q0, ql).reshape({Hkv, G * ql, 1}));
       dqb.narrow(2, q0, ql).copy_((torch::matmul(ds, ks) * scale).view({Hkv, G, ql, D}));
-      w.score_elements += Hq * ql * n;
-      w.partial_blocks += row.partial_tiles;
-      w.full_blocks += row.full_tiles;
     }
     // dk, dv: kv-major over the transposes.
     for (int64_t j = 0; j < mask.num_kv_blocks(); ++j) {

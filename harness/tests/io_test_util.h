@@ -1,4 +1,4 @@
-// Helpers shared by the io_*_test.cpp suites.
+// Helpers shared by the io, golden and report test suites.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -34,6 +34,7 @@ class TempDir {
   }
   ~TempDir() {
     std::error_code ec;
+    fs::permissions(path_, fs::perms::owner_all, fs::perm_options::add, ec);  // a test may have made it read-only
     fs::remove_all(path_, ec);
   }
   TempDir(const TempDir&) = delete;
