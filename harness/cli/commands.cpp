@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -39,7 +40,7 @@ constexpr const char* kUsage =
     "  selftest [--only MUTANT]... [--out DIR]   every check against its known-bad mutant; exit 0 when all caught\n"
     "  golden record CASE -o F.h5 [--force]      write the cp 1 reference of CASE as a golden\n"
     "  golden verify CASE F.h5 [--out DIR]       golden.match: a fresh run against the golden\n"
-    "  compare A.h5 B.h5 [--policy SPEC] [--json F]   tensor-by-tensor diff (B is the reference); exit 1 on a difference\n"
+    "  compare A.h5 B.h5 [--policy SPEC] [--json F] [--rows N|--all]   tensor-by-tensor diff (B is the reference); exit 1 on a difference\n"
     "  compare DIR_A DIR_B [--policy SPEC] [--json F] the same for every *.h5 pair with the same name (two transformers versions)\n"
     "  hf-parity GOLDEN.h5|DIR... [--cp 1,2,4] [--holder|--no-holder] [--report F] [--junit F] [--out DIR]\n"
     "        hf.parity: the C++ model against goldens exported from transformers (golden/export_hf.py)\n"
@@ -230,7 +231,7 @@ int golden_command(const std::vector<std::string>& args) {
 // golden/hf-5.5.2 golden/hf-5.8.1), each pair compared as two files; files on one side only are listed. Exit 0
 // when every pair passes and nothing is unpaired.
 static int compare_directories(const std::string& dir_a, const std::string& dir_b, const report::ComparePolicy& policy,
-                        const std::string& json_path) {
+                               const std::string& json_path, size_t rows) {
   auto list = [](const std::string& dir) {
     std::vector<std::string> names;
     for (auto& e : std::filesystem::directory_iterator(dir))
@@ -258,7 +259,7 @@ static int compare_directories(const std::string& dir_a, const std::string& dir_
     }
     const auto fa = (std::filesystem::path(dir_a) / n).string(), fb = (std::filesystem::path(dir_b) / n).string();
     const auto result = report::compare_dumps(report::read_run_dump(fa), report::read_run_dump(fb), policy);
-    std::cout << "=== " << n << "\n" << report::render_text(result, fa, fb) << "\n";
+    std::cout << "=== " << n << "\n" << report::render_text(result, fa, fb, rows) << "\n";
     passed = passed && result.passed;
     auto j = report::to_json(result);
     j["file"] = n;
@@ -270,11 +271,10 @@ static int compare_directories(const std::string& dir_a, const std::string& dir_
     }
     size_t differing = 0;
     for (auto& e : result.entries) differing += e.differs() ? 1 : 0;
-    summary.push_back(fmt::format("{:<28} {}: {} of {} entries differ, {} out of tolerance; {}", n, result.status(),
-                                  differing, result.entries.size(),
-                                  result.counts.out_of_tolerance + result.counts.nonfinite + result.counts.shape_mismatch +
-                                      result.counts.missing,
-                                  first));
+    summary.push_back(fmt::format("{:<28} {}: {} of {} entries differ: {} beyond tolerance, {} on one side only; {}", n,
+                                  result.status(), differing, result.entries.size(),
+                                  result.counts.out_of_tolerance + result.counts.nonfinite + result.counts.shape_mismatch,
+                                  result.counts.missing, first));
   }
   std::cout << fmt::format("=== {} vs {} (reference): {}\n", dir_a, dir_b, passed ? "pass" : "fail");
   for (auto& line : summary) std::cout << "  " << line << "\n";
@@ -287,9 +287,12 @@ static int compare_directories(const std::string& dir_a, const std::string& dir_
 int compare_command(const std::vector<std::string>& args) {
   std::vector<std::string> files;
   std::string policy_spec = "fp32", json_path;
+  size_t rows = 40;  // failing entries shown per pair (--rows N, --all)
   for (size_t i = 0; i < args.size(); ++i) {
     if (args[i] == "--policy" && i + 1 < args.size()) policy_spec = args[++i];
     else if (args[i] == "--json" && i + 1 < args.size()) json_path = args[++i];
+    else if (args[i] == "--rows" && i + 1 < args.size()) rows = size_t(parse_int_list("--rows", args[++i]).at(0));
+    else if (args[i] == "--all") rows = SIZE_MAX;
     else if (args[i].rfind("--", 0) == 0) throw UsageError("unknown option " + args[i]);
     else files.push_back(args[i]);
   }
@@ -303,12 +306,12 @@ int compare_command(const std::vector<std::string>& args) {
   if (std::filesystem::is_directory(files[0]) || std::filesystem::is_directory(files[1])) {
     if (!std::filesystem::is_directory(files[0]) || !std::filesystem::is_directory(files[1]))
       throw UsageError("compare: give two files or two directories");
-    return compare_directories(files[0], files[1], policy, json_path);
+    return compare_directories(files[0], files[1], policy, json_path, rows);
   }
   const auto a = report::read_run_dump(files[0]);
   const auto b = report::read_run_dump(files[1]);
   const auto result = report::compare_dumps(a, b, policy);
-  std::cout << report::render_text(result, files[0], files[1]);
+  std::cout << report::render_text(result, files[0], files[1], rows);
   if (!json_path.empty()) report::write_file_atomically(json_path, report::to_json(result).dump(2) + "\n");
   return result.passed ? 0 : 1;
 }
