@@ -3,7 +3,9 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -17,7 +19,9 @@
 #include "harness/report/junit.h"
 #include "harness/report/compare.h"
 #include "harness/report/run_dump.h"
+#include "harness/check/hf_parity.h"
 #include "harness/runner/golden.h"
+#include "harness/runner/hf_golden.h"
 #include "harness/runner/selftest.h"
 #include "harness/runner/suite.h"
 #include "harness/train/case.h"
@@ -39,7 +43,10 @@ constexpr const char* kUsage =
     "  selftest [--only MUTANT]... [--out DIR]   every check against its known-bad mutant; exit 0 when all caught\n"
     "  golden record CASE -o F.h5 [--force]      write the cp 1 reference of CASE as a golden\n"
     "  golden verify CASE F.h5 [--out DIR]       golden.match: a fresh run against the golden\n"
-    "  compare A.h5 B.h5 [--policy SPEC] [--json F]   tensor-by-tensor diff (B is the reference); exit 1 on a difference\n"
+    "  compare A.h5 B.h5 [--policy SPEC] [--json F] [--rows N|--all]   tensor-by-tensor diff (B is the reference); exit 1 on a difference\n"
+    "  compare DIR_A DIR_B [--policy SPEC] [--json F] the same for every *.h5 pair with the same name (two transformers versions)\n"
+    "  hf-parity GOLDEN.h5|DIR... [--cp 1,2,4] [--holder|--no-holder] [--report F] [--junit F] [--out DIR]\n"
+    "        hf.parity: the C++ model against goldens exported from transformers (golden/export_hf.py)\n"
     "  bisect CASE --golden F.h5                 for git bisect run: 0 good, 1 bad, 125 skip\n"
     "  list [CASE...]                            cases and what they need\n";
 
@@ -51,6 +58,7 @@ struct RunArgs {
   std::string out_dir, report_path, junit_path, dump_dir;
   double timeout_s = 120;
   std::vector<std::string> only;  // selftest: mutant names
+  std::optional<bool> holder;     // hf-parity: force the KV-share holder on or off
 };
 
 std::vector<int> parse_int_list(const std::string& flag, const std::string& value) {
@@ -79,6 +87,7 @@ RunArgs parse_run_args(const std::vector<std::string>& args) {
   for (size_t i = 0; i < args.size(); ++i) {
     const auto& f = args[i];
     if (f == "--cp") a.cp = parse_int_list(f, value(i));
+    else if (f == "--holder" || f == "--no-holder") a.holder = f == "--holder";
     else if (f == "--comm") a.comm = value(i);
     else if (f == "--nproc") a.nproc = parse_int_list(f, value(i)).at(0);
     else if (f == "--out") a.out_dir = value(i);
@@ -288,29 +297,165 @@ int golden_command(const std::vector<std::string>& args) {
   throw UsageError("unknown golden sub-verb '" + args[0] + "' (record or verify)");
 }
 
+// compare DIR_A DIR_B: the *.h5 files of both directories paired by name (two transformers versions' goldens:
+// golden/hf-5.5.2 golden/hf-5.8.1), each pair compared as two files; files on one side only are listed. Exit 0
+// when every pair passes and nothing is unpaired.
+static int compare_directories(const std::string& dir_a, const std::string& dir_b, const report::ComparePolicy& policy,
+                               const std::string& json_path, size_t rows) {
+  auto list = [](const std::string& dir) {
+    std::vector<std::string> names;
+    for (auto& e : std::filesystem::directory_iterator(dir))
+      if (e.is_regular_file() && e.path().extension() == ".h5") names.push_back(e.path().filename().string());
+    std::sort(names.begin(), names.end());
+    return names;
+  };
+  const auto na = list(dir_a), nb = list(dir_b);
+  std::vector<std::string> all = na;
+  for (auto& n : nb)
+    if (!std::binary_search(na.begin(), na.end(), n)) all.push_back(n);
+  std::sort(all.begin(), all.end());
+  if (all.empty()) throw io::InputError(dir_a, "", "no *.h5 files in either directory");
+  bool passed = true;
+  nlohmann::json doc = {{"a", dir_a}, {"b", dir_b}, {"pairs", nlohmann::json::array()}, {"only_in_a", nlohmann::json::array()},
+                        {"only_in_b", nlohmann::json::array()}};
+  std::vector<std::string> summary;
+  for (auto& n : all) {
+    const bool in_a = std::binary_search(na.begin(), na.end(), n), in_b = std::binary_search(nb.begin(), nb.end(), n);
+    if (!in_a || !in_b) {
+      passed = false;
+      doc[in_a ? "only_in_a" : "only_in_b"].push_back(n);
+      summary.push_back(fmt::format("{:<28} only in {}", n, in_a ? dir_a : dir_b));
+      continue;
+    }
+    const auto fa = (std::filesystem::path(dir_a) / n).string(), fb = (std::filesystem::path(dir_b) / n).string();
+    const auto result = report::compare_dumps(report::read_run_dump(fa), report::read_run_dump(fb), policy);
+    std::cout << "=== " << n << "\n" << report::render_text(result, fa, fb, rows) << "\n";
+    passed = passed && result.passed;
+    auto j = report::to_json(result);
+    j["file"] = n;
+    doc["pairs"].push_back(j);
+    std::string first = "-";
+    if (result.first_divergence) {
+      const auto& e = result.entries[*result.first_divergence];
+      first = fmt::format("first divergence {} ({} rel {:.3g})", e.path, to_string(e.status), e.rel_diff);
+    }
+    size_t differing = 0;
+    for (auto& e : result.entries) differing += e.differs() ? 1 : 0;
+    summary.push_back(fmt::format("{:<28} {}: {} of {} entries differ: {} beyond tolerance, {} on one side only; {}", n,
+                                  result.status(), differing, result.entries.size(),
+                                  result.counts.out_of_tolerance + result.counts.nonfinite + result.counts.shape_mismatch,
+                                  result.counts.missing, first));
+  }
+  std::cout << fmt::format("=== {} vs {} (reference): {}\n", dir_a, dir_b, passed ? "pass" : "fail");
+  for (auto& line : summary) std::cout << "  " << line << "\n";
+  doc["status"] = passed ? "pass" : "fail";
+  if (!json_path.empty()) report::write_file_atomically(json_path, doc.dump(2) + "\n");
+  return passed ? 0 : 1;
+}
+
 // compare A.h5 B.h5 [--policy SPEC] [--json F]: B is the reference.
 int compare_command(const std::vector<std::string>& args) {
   std::vector<std::string> files;
   std::string policy_spec = "fp32", json_path;
+  size_t rows = 40;  // failing entries shown per pair (--rows N, --all)
   for (size_t i = 0; i < args.size(); ++i) {
     if (args[i] == "--policy" && i + 1 < args.size()) policy_spec = args[++i];
     else if (args[i] == "--json" && i + 1 < args.size()) json_path = args[++i];
+    else if (args[i] == "--rows" && i + 1 < args.size()) rows = size_t(parse_int_list("--rows", args[++i]).at(0));
+    else if (args[i] == "--all") rows = SIZE_MAX;
     else if (args[i].rfind("--", 0) == 0) throw UsageError("unknown option " + args[i]);
     else files.push_back(args[i]);
   }
-  if (files.size() != 2) throw UsageError("usage: compare A.h5 B.h5 [--policy fp32|exact|rel:X[,CATEGORY:X...]] [--json F]");
+  if (files.size() != 2) throw UsageError("usage: compare A.h5 B.h5|DIR_A DIR_B [--policy fp32|exact|rel:X[,CATEGORY:X...]] [--json F]");
   report::ComparePolicy policy;
   try {
     policy = report::ComparePolicy::parse(policy_spec);
   } catch (const std::invalid_argument& e) {
     throw UsageError(std::string("--policy: ") + e.what());
   }
+  if (std::filesystem::is_directory(files[0]) || std::filesystem::is_directory(files[1])) {
+    if (!std::filesystem::is_directory(files[0]) || !std::filesystem::is_directory(files[1]))
+      throw UsageError("compare: give two files or two directories");
+    return compare_directories(files[0], files[1], policy, json_path, rows);
+  }
   const auto a = report::read_run_dump(files[0]);
   const auto b = report::read_run_dump(files[1]);
   const auto result = report::compare_dumps(a, b, policy);
-  std::cout << report::render_text(result, files[0], files[1]);
+  std::cout << report::render_text(result, files[0], files[1], rows);
   if (!json_path.empty()) report::write_file_atomically(json_path, report::to_json(result).dump(2) + "\n");
   return result.passed ? 0 : 1;
+}
+
+// hf-parity GOLDEN.h5|DIR... [--cp 1,2,4] [--holder|--no-holder] [--report F] [--junit F] [--out DIR]
+// One report case per golden. The KV-sharing semantics follow the golden's kv_share_mechanism; the holder follows
+// what HF did (a cache-gated export made without a cache runs without it) unless --holder/--no-holder say otherwise.
+// For such an export (5.5.0/5.5.1 use_cache=False) kvshare.bug_detected also shows that its loss is not the
+// correct, sharing one.
+int hf_parity_command(const std::vector<std::string>& args) {
+  const auto a = parse_run_args(args);
+  if (a.cases.empty()) throw UsageError("hf-parity needs at least one GOLDEN.h5 or a directory of them");
+  const std::vector<int> cps = a.cp.value_or(std::vector<int>{1, 2, 4});
+  std::vector<std::string> files;
+  for (auto& p : a.cases) {
+    if (std::filesystem::is_directory(p)) {
+      std::vector<std::string> in_dir;
+      for (auto& e : std::filesystem::directory_iterator(p))
+        if (e.is_regular_file() && e.path().extension() == ".h5") in_dir.push_back(e.path().string());
+      std::sort(in_dir.begin(), in_dir.end());
+      if (in_dir.empty()) return input_error_report(a, p + ": no *.h5 goldens in this directory");
+      files.insert(files.end(), in_dir.begin(), in_dir.end());
+    } else if (std::filesystem::exists(p)) {
+      files.push_back(p);
+    } else {
+      return input_error_report(a, p + ": no such file or directory");
+    }
+  }
+  report::Report r;
+  r.timestamp = report::utc_timestamp_now();
+  r.environment.device = "cpu";
+  r.environment.comm_backend = "local";
+  std::vector<std::string> versions;
+  const auto start = std::chrono::steady_clock::now();
+  for (auto& path : files) {
+    report::CaseReport cr;
+    cr.id = std::filesystem::path(path).parent_path().filename().string() + "/" + std::filesystem::path(path).stem().string();
+    cr.dtype = "fp32";
+    cr.cp_sizes = cps;
+    const auto case_start = std::chrono::steady_clock::now();
+    try {
+      const auto g = runner::load_hf_golden(path);
+      cr.description = fmt::format("{} exported by transformers {} ({}, use_cache={})", g.id(), g.transformers_version,
+                                   g.mechanism, g.hf_use_cache ? "true" : "false");
+      if (std::find(versions.begin(), versions.end(), g.transformers_version) == versions.end())
+        versions.push_back(g.transformers_version);
+      const bool holder = a.holder.value_or(g.hf_shared_kv());
+      for (int cp : cps) {
+        const auto run = runner::run_on_hf_golden(g, cp, holder);
+        auto checks = check::check_hf_parity(g, run);
+        bool ok = true;
+        for (auto& c : checks) {
+          ok = ok && c.status == report::Status::Pass;
+          cr.checks.push_back(c);
+        }
+        std::cerr << fmt::format("{} cp {}: loss {:.9g} (transformers {:.9g}) {}\n", cr.id, cp, run.loss, g.loss(),
+                                 ok ? "pass" : "FAIL");
+      }
+      if (g.shares_kv() && !g.hf_shared_kv()) {
+        const auto correct = runner::run_on_hf_golden(g, 1, true);  // cache-gated with the holder: sharing
+        cr.checks.push_back(check::check_hf_kvshare_bug_detected(g, correct));
+      }
+    } catch (const io::InputError& e) {
+      cr.error = e.what();
+      std::cerr << "cpharness: error: " << e.what() << "\n";
+    }
+    cr.duration_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - case_start).count();
+    r.cases.push_back(cr);
+  }
+  if (!versions.empty()) r.environment.transformers = fmt::format("{}", fmt::join(versions, ", "));
+  r.duration_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::cerr << runner::summary_table(r);
+  write_reports(a, r);
+  return report::exit_code(r);
 }
 
 // bisect CASE --golden F.h5: for `git bisect run`: 0 good, 1 bad, 125 when the run could not be made.
@@ -362,6 +507,7 @@ int dispatch(const std::vector<std::string>& args) {
     if (args[0] == "golden") return golden_command(rest);
     if (args[0] == "compare") return compare_command(rest);
     if (args[0] == "bisect") return bisect_command(rest);
+    if (args[0] == "hf-parity") return hf_parity_command(rest);
     throw UsageError("unknown verb '" + args[0] + "'");
   } catch (const UsageError& e) {
     std::cerr << "cpharness: " << e.what() << "\n" << kUsage;

@@ -127,6 +127,50 @@ RopeConfig read_rope(const json& j, const std::string& source, const std::string
 
 // Applies HF config keys onto `c`. `strict`: unknown keys are errors (case files); HF files carry many keys
 // that do not change the text math (architectures, torch_dtype, token ids of other modalities), so not there.
+// per_layer_config: {LAYER: {"head_dim": N, "num_key_value_heads": N}} where LAYER is a layer index (decimal,
+// zero-padded or not) or a layer type. The harness's model is homogeneous per layer type, so every entry of one
+// type must agree; full layers map to global_head_dim / num_global_key_value_heads, sliding ones to head_dim /
+// num_key_value_heads.
+void apply_per_layer_config(ModelConfig& c, const json& v, const std::string& source, const std::string& field) {
+  if (!v.is_object()) throw InputError(source, field, "expected an object keyed by layer index or layer type");
+  std::map<LayerType, std::map<std::string, int64_t>> seen;
+  for (auto& [key, entry] : v.items()) {
+    const std::string where = field + "." + key;
+    LayerType type;
+    if (key == "full_attention") type = LayerType::kFull;
+    else if (key == "sliding_attention") type = LayerType::kSliding;
+    else {
+      size_t used = 0;
+      int64_t index = -1;
+      try {
+        index = std::stoll(key, &used);
+      } catch (...) {
+        used = 0;
+      }
+      if (used != key.size() || index < 0 || index >= int64_t(c.layer_types.size()))
+        throw InputError(source, where, "expected a layer index below num_hidden_layers or a layer type");
+      type = c.layer_types[size_t(index)];
+    }
+    if (!entry.is_object()) throw InputError(source, where, "expected an object");
+    for (auto& [name, value] : entry.items()) {
+      if (name != "head_dim" && name != "num_key_value_heads") continue;  // others do not change the math here
+      const int64_t n = read_field<int64_t>(entry, name, source, where + ".");
+      auto [it, inserted] = seen[type].emplace(name, n);
+      if (!inserted && it->second != n)
+        throw InputError(source, where + "." + name,
+                         fmt::format("{} differs between layers of one type ({} vs {}); per-layer heterogeneity is not supported",
+                                     name, it->second, n));
+      if (type == LayerType::kFull) {
+        if (name == "head_dim") c.global_head_dim = n;
+        else c.num_global_key_value_heads = n;
+      } else {
+        if (name == "head_dim") c.head_dim = n;
+        else c.num_key_value_heads = n;
+      }
+    }
+  }
+}
+
 void apply_hf_keys(ModelConfig& c, const json& j, const std::string& source, const std::string& prefix, bool strict) {
   if (!j.is_object()) throw InputError(source, prefix.empty() ? "config" : prefix, "expected a JSON object");
   using Setter = std::function<void(const std::string&)>;
@@ -134,6 +178,7 @@ void apply_hf_keys(ModelConfig& c, const json& j, const std::string& source, con
   auto dbl = [&](double& dst) { return Setter([&](const std::string& k) { dst = read_field<double>(j, k, source, prefix); }); };
   auto bln = [&](bool& dst) { return Setter([&](const std::string& k) { dst = read_field<bool>(j, k, source, prefix); }); };
   bool layer_types_given = false;
+  const json* per_layer_config = nullptr;
   const std::map<std::string, Setter> setters = {
       {"vocab_size", i64(c.vocab_size)},
       {"hidden_size", i64(c.hidden_size)},
@@ -189,15 +234,10 @@ void apply_hf_keys(ModelConfig& c, const json& j, const std::string& source, con
            else if (strict) throw InputError(source, prefix + k + "." + type, "unknown layer type");
          }
        }},
-      // Newest transformers folds global_head_dim / num_global_key_value_heads into per_layer_config.
-      {"per_layer_config",
-       [&](const std::string& k) {
-         const json& v = j.at(k);
-         if (v.is_object() && v.contains("full_attention") && v["full_attention"].is_object()) {
-           const json& f = v["full_attention"];
-           if (f.contains("head_dim")) c.global_head_dim = read_field<int64_t>(f, "head_dim", source, prefix + k + ".full_attention.");
-         }
-       }},
+      // Newest transformers (seen in 5.24.0's save_pretrained output) folds global_head_dim and
+      // num_global_key_value_heads into per_layer_config, keyed by layer index ("04": {"head_dim": 512}); a
+      // layer-type key ("full_attention") is read too. Applied after the loop, once layer_types is known.
+      {"per_layer_config", [&](const std::string& k) { per_layer_config = &j.at(k); }},
   };
   for (auto& [key, value] : j.items()) {
     auto it = setters.find(key);
@@ -211,6 +251,7 @@ void apply_hf_keys(ModelConfig& c, const json& j, const std::string& source, con
       c.layer_types.push_back(i % 6 == 5 ? LayerType::kFull : LayerType::kSliding);
     if (!c.layer_types.empty()) c.layer_types.back() = LayerType::kFull;
   }
+  if (per_layer_config) apply_per_layer_config(c, *per_layer_config, source, prefix + "per_layer_config");
 }
 
 std::string layer_type_name(LayerType t) { return t == LayerType::kFull ? "full_attention" : "sliding_attention"; }

@@ -523,6 +523,11 @@ std::string render_text(const CompareResult& r, const std::string& a_label, cons
   std::vector<std::size_t> failing;
   for (std::size_t i = 0; i < r.entries.size(); ++i)
     if (r.entries[i].failed()) failing.push_back(i);
+  // Differences first (in data-flow order), entries present on one side only after them: a module that exists in
+  // one version only would otherwise push the real divergences out of the table.
+  std::stable_partition(failing.begin(), failing.end(), [&](std::size_t i) {
+    return r.entries[i].status != EntryStatus::kMissingInA && r.entries[i].status != EntryStatus::kMissingInB;
+  });
   if (!failing.empty()) {
     s += fmt::format("  {:1} {:>5} {:<10} {:<44} {:<16} {:>10} {:>10} {}\n", "", "step", "kind", "name", "status",
                      "rel diff", "max abs", "tolerance");

@@ -1,0 +1,345 @@
+#!/usr/bin/env python3
+"""Exports goldens from Hugging Face transformers itself (one installed version), in the layout of golden/README.md.
+
+    python golden/export_hf.py --inputs DIR_OR_FILE... --out golden/hf-<version> [--no-cache-variant] [--save-pretrained ID]
+
+Each input is an HDF5 file written by the C++ side (`cpharness golden record CASE -o F.h5`): its /inputs are the
+batch the harness uses, and its /provenance attribute `config` is the model configuration as HF config.json text
+(ModelConfig::to_json). For each input file this script
+  1. builds that configuration as a transformers `Gemma4ForCausalLM` (fp32, eager attention) with HF's init distribution drawn per
+     parameter from a seeded generator, then rescales a few of them for fp32 conditioning (see `condition` below);
+  2. detects, by feature and not by version string, how this transformers version shares K/V between layers
+     (gemma4-spec §4.3/§7): `shared_kv_states` in the attention forward (dict keyed by source layer index when the
+     layer has `kv_shared_layer_index`, else by layer type), or the Cache's `shared_layers` (5.5.0/5.5.1, sharing
+     only when a cache is passed);
+  3. runs the batch forward and backward with an explicit attention mask per layer type, built from the batch's
+     document ids, padding and vision groups as spec §3.4 says (HF cannot derive packed-document masks when a
+     cache is passed, and the cache is what makes 5.5.0/5.5.1 share K/V);
+  4. writes <out>/<case_id>.h5: provenance (kind hf-export, transformers and torch versions, the detected
+     mechanism, the config), the inputs, the initial weights under the names the harness loads, and step 0's
+     loss, logits, hidden states (index 0 = embedding output, i + 1 = output of decoder layer i, taken with hooks
+     so no final norm is mixed in) and the gradient of every parameter.
+On a cache-gated version, models with KV-shared layers are exported a second time with use_cache=False into
+<case_id>-no-cache.h5: the 5.5.0/5.5.1 bug (shared layers use their own, dead K/V).
+--save-pretrained ID also writes <out>/<ID>-checkpoint/ (save_pretrained: safetensors + config.json) for the
+C++ checkpoint loader.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+
+import h5py
+import numpy as np
+import torch
+import transformers
+from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+TOOL = "export_hf.py"
+
+
+def fail(path: str, field: str, message: str) -> None:
+    print(f"export_hf.py: error: {path}: {field}: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the C++-written input file
+
+def read_tensor(ds) -> torch.Tensor:
+    arr = ds[()]
+    tag = ds.attrs.get("dtype")
+    if isinstance(tag, bytes):
+        tag = tag.decode()
+    if tag == "bool" or arr.dtype == np.bool_:
+        return torch.from_numpy(np.asarray(arr).astype(np.bool_))
+    if tag == "bfloat16":
+        return torch.from_numpy(np.asarray(arr).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.asarray(arr))
+
+
+def read_inputs(path: str):
+    with h5py.File(path, "r") as f:
+        if "provenance" not in f or "config" not in f["provenance"].attrs:
+            fail(path, "provenance/config", "missing: record the inputs with `cpharness golden record CASE -o F.h5`")
+        prov = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in f["provenance"].attrs.items()}
+        if "inputs" not in f:
+            fail(path, "inputs", "missing")
+        inputs = {name: read_tensor(f["inputs"][name]) for name in f["inputs"]}
+    for need in ("input_ids", "labels", "position_ids"):
+        if need not in inputs:
+            fail(path, f"inputs/{need}", "missing")
+    return prov, inputs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+
+def hf_config(cfg: dict) -> Gemma4TextConfig:
+    keys = dict(cfg)
+    keys.pop("model_type", None)
+    config = Gemma4TextConfig(**keys)
+    config._attn_implementation = "eager"
+    return config
+
+
+def fnv1a(s: str) -> int:
+    h = 1469598103934665603
+    for ch in s.encode():
+        h = ((h ^ ch) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def seeded_hf_init(model: Gemma4ForCausalLM, seed: int) -> None:
+    """HF's init distribution (Gemma4PreTrainedModel._init_weights: weights normal(0, initializer_range), RMSNorm
+    weights 1, layer_scalar 1), drawn per parameter from a generator seeded by (seed, parameter name) rather than
+    from the global stream. HF's own draw order depends on which modules a version builds (5.5.0/5.5.1 build k/v
+    projections on KV-shared layers, later versions do not), so with the global stream two versions would start
+    from different weights and every comparison between them would begin with a weight difference."""
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+                continue
+            gen = torch.Generator().manual_seed((seed ^ fnv1a(harness_name(name))) & 0x7FFFFFFFFFFFFFFF)
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * std)
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.fill_(1.0)
+
+
+def condition(model: Gemma4ForCausalLM) -> None:
+    """HF's init (normal std 0.02, every RMSNorm weight 1) makes the tiny presets' real depths (35 to 60 layers)
+    badly conditioned in fp32 (README, "Numerics"): measured on tiny-e4b-hf, HF fp32 against HF fp64 on the same
+    weights differs by up to 1e-4 (layer 0's k_norm gradient), so no fp32 reimplementation could be held to the
+    1e-4 gradient tolerance. After HF's seeded init, this scales the norms that close a sublayer
+    (post_attention, post_feedforward, post_per_layer_input) by 0.03, q_norm/k_norm by head_dim^-1/4 (attention
+    has scale 1.0) and embed_tokens by 3; then HF fp32 against fp64 is within 1e-5 for every gradient of the three
+    models (measured with 5.5.2: tiny-e2b-hf 2.5e-6, tiny-e4b-hf 6.3e-6, tiny-31b-hf 9.2e-6). Every value is exported, so the C++
+    side loads exactly these weights."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".post_" in name and "norm" in name:
+                p.mul_(0.03)
+            elif name.endswith("q_norm.weight") or name.endswith("k_norm.weight"):
+                p.mul_(float(p.shape[0]) ** -0.25)
+            elif name.endswith("embed_tokens.weight"):
+                p.mul_(3.0)
+
+
+def kv_share_mechanism(model: Gemma4ForCausalLM) -> str:
+    """Detected by feature (spec §7.1), never by version string."""
+    layer = model.model.layers[0]
+    attn_params = inspect.signature(type(layer.self_attn).forward).parameters
+    has_index = hasattr(layer.self_attn, "kv_shared_layer_index")
+    if "shared_kv_states" in attn_params:
+        return "shared-kv-states-by-index" if has_index else "shared-kv-states-by-type"
+    if has_index:
+        return "cache-shared-layers"
+    raise SystemExit("export_hf.py: error: cannot tell how this transformers version shares K/V "
+                     "(no shared_kv_states argument and no kv_shared_layer_index attribute)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masks: spec §3.4, the same rule as the harness (kernels/dense_mask.cpp)
+
+def allowed_mask(inputs: dict, S: int, B: int, window: int | None, vision_bidirectional: bool) -> torch.Tensor:
+    i = torch.arange(S).view(1, S, 1)
+    j = torch.arange(S).view(1, 1, S)
+    allowed = j <= i
+    if window is not None:
+        allowed = allowed & (j > i - window)
+    allowed = allowed.expand(B, S, S)
+    vg = inputs.get("vision_group_ids")
+    if vision_bidirectional and window is not None and vg is not None:
+        gq, gk = vg.unsqueeze(2), vg.unsqueeze(1)
+        allowed = allowed | ((gq == gk) & (gq >= 0))
+    doc = inputs.get("document_ids")
+    if doc is not None:
+        dq, dk = doc.unsqueeze(2), doc.unsqueeze(1)
+        allowed = allowed & (dq == dk) & (dq > 0)
+    pad = inputs.get("padding")
+    if pad is not None:
+        allowed = allowed & pad.logical_not().unsqueeze(1)
+    return allowed
+
+
+def additive_masks(config: Gemma4TextConfig, inputs: dict) -> dict:
+    """{layer_type: [B, 1, S, S] additive fp32 mask}: 0 where allowed, finfo(fp32).min where blocked (HF eager)."""
+    B, S = inputs["input_ids"].shape
+    vision = getattr(config, "use_bidirectional_attention", None) == "vision"
+    out = {}
+    for layer_type in sorted(set(config.layer_types)):
+        window = config.sliding_window if layer_type == "sliding_attention" else None
+        allowed = allowed_mask(inputs, S, B, window, vision)
+        out[layer_type] = torch.where(allowed, 0.0, torch.finfo(torch.float32).min).unsqueeze(1).to(torch.float32)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One export
+
+def harness_name(hf_name: str) -> str:
+    return hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
+
+
+def initial_weights(model: Gemma4ForCausalLM) -> dict:
+    """Parameters and persistent buffers (layer_scalar) under the harness's names; the tied lm_head is left out."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("lm_head."):
+            continue
+        out[harness_name(name)] = t.detach().clone()
+    return out
+
+
+def run(model, config, inputs, use_cache: bool):
+    model.zero_grad(set_to_none=True)
+    hidden = {}
+    layers = model.model.layers
+
+    def pre_hook(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        hidden[0] = h.detach().clone()
+
+    def make_hook(i):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, (tuple, list)) else output
+            hidden[i + 1] = h.detach().clone()
+        return hook
+
+    handles = [layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    handles += [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
+    try:
+        out = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=additive_masks(config, inputs),
+            position_ids=inputs["position_ids"],
+            labels=inputs["labels"],
+            use_cache=use_cache,
+        )
+        out.loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    grads = {}
+    for name, p in model.named_parameters():
+        # A parameter the forward never used (5.5.0's redundant k/v on shared layers while sharing) has no
+        # gradient in PyTorch; its gradient is zero.
+        grads[harness_name(name)] = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+    return out.loss.item(), out.logits.detach().clone(), hidden, grads
+
+
+def put(f, path: str, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    tag = None
+    if t.dtype == torch.bool:
+        arr, tag = t.numpy().astype(np.uint8), "bool"
+    else:
+        arr = t.numpy()
+    # Contiguous and uncompressed: random fp32 values gain < 10% from gzip, while a chunk index per dataset
+    # costs more than that for these small tensors.
+    ds = f.create_dataset(path, data=arr)
+    if tag:
+        ds.attrs["dtype"] = tag
+
+
+def write_golden(path, prov, inputs, weights, loss, logits, hidden, grads) -> None:
+    tmp = path + ".tmp"
+    with h5py.File(tmp, "w", libver=("v108", "latest")) as f:
+        f.attrs["layout_version"] = "1"
+        g = f.create_group("provenance")
+        for k, v in prov.items():
+            g.attrs[k] = v
+        for name, t in sorted(inputs.items()):
+            put(f, f"inputs/{name}", t)
+        for name, t in sorted(weights.items()):
+            put(f, f"weights/{name}", t)
+        f["steps/0/loss"] = np.float64(loss)
+        grad_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
+        f["steps/0/grad_norm"] = np.float64(grad_norm)
+        put(f, "steps/0/logits", logits)
+        for i, h in sorted(hidden.items()):
+            put(f, f"steps/0/hidden/{i}", h)
+        for name, t in sorted(grads.items()):
+            put(f, f"steps/0/grads/{name}", t)
+    os.replace(tmp, path)
+
+
+def export_one(input_path: str, out_dir: str, no_cache_variant: bool, save_pretrained: set) -> list:
+    src_prov, inputs = read_inputs(input_path)
+    case_id = src_prov.get("case_id") or os.path.splitext(os.path.basename(input_path))[0]
+    cfg = json.loads(src_prov["config"])
+    seed = int(src_prov.get("init_seed", "0") or 0)
+    config = hf_config(cfg)
+    torch.manual_seed(seed)
+    model = Gemma4ForCausalLM(config).to(torch.float32)
+    seeded_hf_init(model, seed)
+    condition(model)
+    model.train()  # dropout is 0; training mode as in fine-tuning (it also routes 5.5.x masks as in training)
+    mechanism = kv_share_mechanism(model)
+    shares = any(getattr(layer.self_attn, "is_kv_shared_layer", False) for layer in model.model.layers)
+    cache_gated = mechanism == "cache-shared-layers"
+    weights = initial_weights(model)
+
+    variants = [(case_id, cache_gated and shares)]  # (file id, use_cache)
+    if cache_gated and shares and no_cache_variant:
+        variants.append((f"{case_id}-no-cache", False))
+    written = []
+    for file_id, use_cache in variants:
+        loss, logits, hidden, grads = run(model, config, inputs, use_cache)
+        prov = {
+            "kind": "hf-export",
+            "tool": TOOL,
+            "tool_version": "1",
+            "torch_version": torch.__version__.split("+")[0],
+            "transformers_version": transformers.__version__,
+            "dtype": "fp32",
+            "case_id": case_id,
+            "case_hash": src_prov.get("case_hash", ""),
+            "config": src_prov["config"],
+            "kv_share_mechanism": mechanism,
+            "hf_use_cache": "true" if use_cache else "false",
+            "hf_attn_implementation": "eager",
+            "hf_init": f"HF init distribution, per-parameter generator (seed {seed}, name); post-sublayer norms x0.03, q/k norms x hd^-1/4, embed_tokens x3",
+            "hf_mask": "explicit additive fp32 mask per layer type from document_ids, padding, vision_group_ids",
+        }
+        if cache_gated and shares and not use_cache:
+            prov["hf_note"] = "use_cache=False on a cache-gated version: KV-shared layers use their own K/V (the 5.5.0/5.5.1 bug)"
+        path = os.path.join(out_dir, f"{file_id}.h5")
+        write_golden(path, prov, inputs, weights, loss, logits, hidden, grads)
+        print(f"{path}: loss {loss:.8f} ({mechanism}, use_cache={use_cache})")
+        written.append(path)
+    if case_id in save_pretrained:
+        ckpt = os.path.join(out_dir, f"{case_id}-checkpoint")
+        model.save_pretrained(ckpt, safe_serialization=True)
+        print(f"{ckpt}: {sorted(os.listdir(ckpt))}")
+    return written
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--inputs", nargs="+", required=True, help="input .h5 files (or directories of them)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--no-cache-variant", action="store_true",
+                    help="on a cache-gated version, also export models with KV sharing with use_cache=False")
+    ap.add_argument("--save-pretrained", action="append", default=[], metavar="CASE_ID")
+    a = ap.parse_args()
+    torch.use_deterministic_algorithms(True)
+    files = []
+    for p in a.inputs:
+        files += sorted(os.path.join(p, n) for n in os.listdir(p) if n.endswith(".h5")) if os.path.isdir(p) else [p]
+    if not files:
+        fail(" ".join(a.inputs), "inputs", "no .h5 files")
+    os.makedirs(a.out, exist_ok=True)
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}")
+    for p in files:
+        export_one(p, a.out, a.no_cache_variant, set(a.save_pretrained))
+
+
+if __name__ == "__main__":
+    main()

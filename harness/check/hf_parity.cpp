@@ -1,0 +1,116 @@
+#include "harness/check/hf_parity.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace cpharness::check {
+namespace {
+
+using report::CheckResult;
+using report::Policy;
+
+double rel_l2(const torch::Tensor& a, const torch::Tensor& b) {
+  const auto ad = a.to(torch::kFloat64), bd = b.to(torch::kFloat64);
+  const double diff = (ad - bd).norm().item<double>(), ref = bd.norm().item<double>();
+  if (ref == 0) return diff == 0 ? 0.0 : INFINITY;
+  return diff / ref;
+}
+
+double rel_scalar(double a, double b) { return b == 0 ? (a == 0 ? 0.0 : INFINITY) : std::abs(a - b) / std::abs(b); }
+
+nlohmann::json base_details(const runner::HfGolden& g, const runner::HfRun& run) {
+  return {{"golden", g.path},
+          {"transformers_version", g.transformers_version},
+          {"kv_share_mechanism", g.mechanism},
+          {"kv_share_semantics", model::to_string(g.config.kv_share_semantics)},
+          {"hf_use_cache", g.hf_use_cache},
+          {"holder", run.holder},
+          {"seconds", run.seconds}};
+}
+
+}  // namespace
+
+std::vector<CheckResult> check_hf_parity(const runner::HfGolden& g, const runner::HfRun& run, const HfParityTolerance& tol) {
+  std::vector<CheckResult> out;
+  const int cp = run.cp;
+  auto details = base_details(g, run);
+
+  auto d = details;
+  d["cpp_loss"] = run.loss;
+  d["hf_loss"] = g.loss();
+  out.push_back(CheckResult::judge("hf.parity", cp, std::nullopt, "rel_loss", rel_scalar(run.loss, g.loss()), tol.loss,
+                                   Policy::Fp32Relative, d));
+
+  // Logits on real tokens: padded query rows see no key (uniform softmax in HF eager, zero in the ring), and no
+  // loss reads them.
+  const auto& ref_logits = g.dump.steps.at(0).logits;
+  double logits_rel = NAN;
+  if (run.logits.sizes() == ref_logits.sizes()) {
+    auto valid = g.batch.meta.padding.defined() ? g.batch.meta.padding.logical_not().unsqueeze(-1)
+                                                : torch::ones({1, 1, 1}, torch::kBool);
+    logits_rel = rel_l2(run.logits * valid, ref_logits.to(torch::kFloat32) * valid);
+  }
+  d = details;
+  d["shape_cpp"] = run.logits.sizes().vec();
+  d["shape_hf"] = ref_logits.sizes().vec();
+  out.push_back(CheckResult::judge("hf.parity", cp, std::nullopt, "rel_l2_logits", logits_rel, tol.logits,
+                                   Policy::Fp32Relative, d));
+
+  // Every gradient: the worst relative error is judged; missing or misshapen ones fail.
+  const auto& ref_grads = g.dump.steps.at(0).grads;
+  std::vector<std::pair<double, std::string>> rels;
+  std::vector<std::string> problems;
+  for (auto& [name, ref] : ref_grads) {
+    auto it = run.grads.find(name);
+    if (it == run.grads.end()) {
+      problems.push_back(name + ": in the golden, not a parameter of the C++ model");
+      continue;
+    }
+    if (it->second.sizes() != ref.sizes()) {
+      problems.push_back(fmt::format("{}: shape [{}] vs golden [{}]", name, fmt::join(it->second.sizes(), ","),
+                                     fmt::join(ref.sizes(), ",")));
+      continue;
+    }
+    rels.emplace_back(rel_l2(it->second, ref), name);
+  }
+  for (auto& [name, t] : run.grads)
+    if (!ref_grads.count(name)) problems.push_back(name + ": a parameter of the C++ model without a gradient in the golden");
+  std::sort(rels.begin(), rels.end(), [](auto& a, auto& b) { return a.first > b.first || (std::isnan(a.first) && !std::isnan(b.first)); });
+  d = details;
+  d["gradients_compared"] = rels.size();
+  nlohmann::json worst = nlohmann::json::array();
+  for (size_t i = 0; i < std::min<size_t>(5, rels.size()); ++i) worst.push_back({{"name", rels[i].second}, {"rel_l2", rels[i].first}});
+  d["worst"] = worst;
+  if (!problems.empty()) d["problems"] = problems;
+  const double worst_rel = !problems.empty() ? INFINITY : rels.empty() ? NAN : rels.front().first;
+  auto grads = CheckResult::judge("hf.parity", cp, std::nullopt, "max_rel_l2_grad", worst_rel, tol.grads,
+                                  Policy::Fp32Relative, d);
+  if (!problems.empty()) grads.message += fmt::format("; {} gradient(s) unmatched, first: {}", problems.size(), problems.front());
+  else if (!rels.empty()) grads.message += fmt::format(" (worst: {})", rels.front().second);
+  out.push_back(grads);
+  return out;
+}
+
+CheckResult check_hf_kvshare_loss_parity(const runner::HfGolden& g, const runner::HfRun& correct, double tol) {
+  auto d = base_details(g, correct);
+  d["cpp_shared_loss"] = correct.loss;
+  d["hf_loss"] = g.loss();
+  return CheckResult::judge("kvshare.loss_parity", correct.cp, std::nullopt, "rel_abs_diff_loss",
+                            rel_scalar(g.loss(), correct.loss), tol, Policy::Fp32Relative, d);
+}
+
+CheckResult check_hf_kvshare_bug_detected(const runner::HfGolden& g, const runner::HfRun& correct, double tol) {
+  auto d = base_details(g, correct);
+  const double moved = rel_scalar(g.loss(), correct.loss);
+  d["cpp_shared_loss"] = correct.loss;
+  d["hf_loss"] = g.loss();
+  d["relative_shift"] = moved;
+  // observed: the tolerance over the shift; below 1 means the export's loss moved beyond tolerance (bug visible).
+  return CheckResult::judge("kvshare.bug_detected", correct.cp, std::nullopt, "tolerance_over_loss_shift",
+                            moved > 0 ? tol / moved : INFINITY, 1.0, Policy::Fp32Relative, d);
+}
+
+}  // namespace cpharness::check

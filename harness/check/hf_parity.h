@@ -1,0 +1,33 @@
+// hf.parity: the C++ model against a golden exported by a given transformers version (golden/export_hf.py):
+// loss and logits within 1e-5 relative, every parameter gradient within 1e-4 relative (fp32). And, for an export
+// from a cache-gated version made without a cache (5.5.0/5.5.1 use_cache=False: KV-shared layers used their own,
+// dead K/V), the kvshare checks that show the bug: the export must fail kvshare.loss_parity against the correct
+// (sharing) reference, which is what kvshare.bug_detected asserts.
+#pragma once
+#include <vector>
+
+#include "harness/report/report.h"
+#include "harness/runner/hf_golden.h"
+
+namespace cpharness::check {
+
+struct HfParityTolerance {
+  double loss = 1e-5;    // |Δloss| / |loss|
+  double logits = 1e-5;  // ‖Δ‖ / ‖ref‖ over the real (non-padding) tokens
+  double grads = 1e-4;   // ‖Δ‖ / ‖ref‖ per parameter, the worst one judged
+};
+
+// Three hf.parity results at run.cp: metric rel_loss, rel_l2_logits and max_rel_l2_grad. A gradient missing on
+// either side, or of another shape, fails the gradient result (named in its message and details).
+std::vector<report::CheckResult> check_hf_parity(const runner::HfGolden& golden, const runner::HfRun& run,
+                                                 const HfParityTolerance& tol = {});
+
+// kvshare.loss_parity of the golden's loss against `correct` (a C++ run that shares K/V): passes when they agree
+// within `tol` relative.
+report::CheckResult check_hf_kvshare_loss_parity(const runner::HfGolden& golden, const runner::HfRun& correct,
+                                                 double tol = 1e-5);
+// kvshare.bug_detected: passes when the golden's loss is beyond `tol` from `correct` (the bug is visible).
+report::CheckResult check_hf_kvshare_bug_detected(const runner::HfGolden& golden, const runner::HfRun& correct,
+                                                  double tol = 1e-5);
+
+}  // namespace cpharness::check

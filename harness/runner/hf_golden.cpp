@@ -1,0 +1,157 @@
+#include "harness/runner/hf_golden.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <chrono>
+
+#include "harness/cp/comm.h"
+#include "harness/cp/cp_step.h"
+#include "harness/io/input_error.h"
+#include "harness/model/attention_backend.h"
+#include "harness/model/gemma4.h"
+#include "harness/model/weights.h"
+
+namespace cpharness::runner {
+namespace {
+
+using io::InputError;
+
+std::string prov(const report::RunDump& d, const std::string& key) {
+  auto it = d.provenance.find(key);
+  return it == d.provenance.end() ? std::string() : it->second;
+}
+
+torch::Tensor need_input(const HfGolden& g, const std::string& name, torch::ScalarType dtype) {
+  auto it = g.dump.inputs.find(name);
+  if (it == g.dump.inputs.end()) throw InputError(g.path, "inputs/" + name, "missing");
+  auto t = it->second;
+  if (t.dim() != 2) throw InputError(g.path, "inputs/" + name, fmt::format("expected [batch, seq], got {} dims", t.dim()));
+  return t.to(dtype).contiguous();
+}
+
+std::map<std::string, torch::Tensor> grads_of(model::Gemma4Model& m) {
+  std::map<std::string, torch::Tensor> g;
+  for (auto& p : m->named_parameters())
+    g[p.key()] = p.value().grad().defined() ? p.value().grad().detach().clone() : torch::zeros_like(p.value());
+  return g;
+}
+
+model::Gemma4Model load_model(const HfGolden& g, model::KvShareSemantics semantics) {
+  auto config = g.config;
+  config.kv_share_semantics = semantics;
+  model::Gemma4Model m(config);
+  model::load_weights(m, g.dump.weights, g.path);
+  m->to(torch::kFloat32);
+  return m;
+}
+
+}  // namespace
+
+bool HfGolden::hf_shared_kv() const {
+  return config.kv_share_semantics != model::KvShareSemantics::kCacheGated || hf_use_cache;
+}
+
+std::string HfGolden::id() const {
+  const std::string base = prov(dump, "case_id");
+  return hf_shared_kv() ? base : base + "-no-cache";
+}
+
+HfGolden load_hf_golden(const std::string& path) {
+  HfGolden g;
+  g.path = path;
+  g.dump = report::read_run_dump(path);
+  const auto kind = prov(g.dump, "kind");
+  if (kind != report::kKindHfExport)
+    throw InputError(path, "provenance/kind", fmt::format("'{}', not an export from transformers (hf-export)", kind));
+  const auto config_text = prov(g.dump, "config");
+  if (config_text.empty()) throw InputError(path, "provenance/config", "missing: the model configuration (JSON)");
+  nlohmann::json cj;
+  try {
+    cj = nlohmann::json::parse(config_text);
+  } catch (const nlohmann::json::parse_error& e) {
+    throw InputError(path, "provenance/config", std::string("malformed JSON: ") + e.what());
+  }
+  g.config = model::config_from_hf_json(cj, path + ": provenance/config");
+  g.mechanism = prov(g.dump, "kv_share_mechanism");
+  if (g.mechanism == "cache-shared-layers") g.config.kv_share_semantics = model::KvShareSemantics::kCacheGated;
+  else if (g.mechanism == "shared-kv-states-by-index" || g.mechanism == "shared-kv-states-by-type")
+    g.config.kv_share_semantics = model::KvShareSemantics::kSharedKvStates;
+  else
+    throw InputError(path, "provenance/kv_share_mechanism",
+                     fmt::format("'{}': expected cache-shared-layers, shared-kv-states-by-index or shared-kv-states-by-type",
+                                 g.mechanism));
+  g.transformers_version = prov(g.dump, "transformers_version");
+  const auto use_cache = prov(g.dump, "hf_use_cache");
+  if (!use_cache.empty() && use_cache != "true" && use_cache != "false")
+    throw InputError(path, "provenance/hf_use_cache", fmt::format("'{}': expected true or false", use_cache));
+  g.hf_use_cache = use_cache != "false";
+  if (prov(g.dump, "dtype") != "fp32")
+    throw InputError(path, "provenance/dtype", fmt::format("'{}': hf.parity judges fp32 exports", prov(g.dump, "dtype")));
+  if (g.dump.weights.empty()) throw InputError(path, "weights", "missing: hf.parity loads the model from the golden");
+  if (!g.dump.steps.count(0)) throw InputError(path, "steps/0", "missing");
+  const auto& s0 = g.dump.steps.at(0);
+  if (!s0.logits.defined()) throw InputError(path, "steps/0/logits", "missing");
+  if (s0.grads.empty()) throw InputError(path, "steps/0/grads", "missing");
+
+  g.batch.input_ids = need_input(g, "input_ids", torch::kInt64);
+  g.batch.labels = need_input(g, "labels", torch::kInt64);
+  g.batch.position_ids = need_input(g, "position_ids", torch::kInt64);
+  if (g.dump.inputs.count("document_ids")) g.batch.meta.document_ids = need_input(g, "document_ids", torch::kInt64);
+  if (g.dump.inputs.count("padding")) g.batch.meta.padding = need_input(g, "padding", torch::kBool);
+  if (g.dump.inputs.count("vision_group_ids")) g.batch.meta.vision_group_ids = need_input(g, "vision_group_ids", torch::kInt64);
+  const auto shape = g.batch.input_ids.sizes().vec();
+  for (auto* t : {&g.batch.labels, &g.batch.position_ids, &g.batch.meta.document_ids, &g.batch.meta.padding,
+                  &g.batch.meta.vision_group_ids})
+    if (t->defined() && t->sizes().vec() != shape) throw InputError(path, "inputs", "inputs disagree in shape with input_ids");
+  const auto lshape = s0.logits.sizes().vec();
+  if (lshape != std::vector<int64_t>{shape[0], shape[1], g.config.vocab_size})
+    throw InputError(path, "steps/0/logits", fmt::format("shape [{}] does not match [batch, seq, vocab]", fmt::join(lshape, ", ")));
+  return g;
+}
+
+HfRun run_on_hf_golden(const HfGolden& g, int cp, bool holder) {
+  return run_on_hf_golden(g, cp, holder, g.config.kv_share_semantics);
+}
+
+HfRun run_on_hf_golden(const HfGolden& g, int cp, bool holder, model::KvShareSemantics semantics) {
+  const auto start = std::chrono::steady_clock::now();
+  HfRun out;
+  out.cp = cp;
+  out.holder = holder;
+  if (cp == 1) {
+    auto m = load_model(g, semantics);
+    model::EagerAttention eager;
+    model::KvShareHolder h;
+    model::ForwardOptions o;
+    if (holder) o.holder = &h;
+    auto logits = m->forward({g.batch.input_ids, g.batch.position_ids, g.batch.meta, {}}, eager, o);
+    auto loss = model::token_loss(logits, model::shift_labels(g.batch.labels));
+    auto mean = loss.sum / double(loss.count);
+    mean.backward();
+    out.loss = mean.item<double>();
+    out.logits = logits.detach().to(torch::kFloat32);
+    out.grads = grads_of(m);
+  } else {
+    std::vector<torch::Tensor> logits(cp);
+    cp::ShardPlan plan;
+    cp::run_local(cp, [&](cp::Comm& comm) {
+      auto m = load_model(g, semantics);
+      cp::RingAttention ring(comm, cp::RingOptions{});
+      cp::CpStepOptions options;
+      options.use_share_holder = holder;
+      auto r = cp::cp_forward_backward(comm, m, ring, g.batch, 1, options);
+      logits[comm.rank()] = r.local_logits;
+      if (comm.rank() == 0) {
+        out.loss = r.loss;
+        out.grads = grads_of(m);
+        plan = r.plan;
+      }
+    });
+    out.logits = plan.unshard(logits).to(torch::kFloat32);
+  }
+  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return out;
+}
+
+}  // namespace cpharness::runner
