@@ -1,7 +1,8 @@
 // Step time of a tiny model at long sequence: cp 1 (one process, one intra-op thread) against cp N under
 // mpirun (one process per rank, one thread each). Prints wall time and, per rank, compute time (thread CPU
-// time outside communication) and the wall time spent in communication or waiting for peers; the sum of compute over ranks against cp 1 shows wasted work,
-// and the spread across ranks the load imbalance that contiguous sharding causes on causal layers.
+// time outside communication) and the wall time spent in communication or waiting for peers. The sum of
+// compute over ranks against cp 1 shows wasted work, and the spread across ranks the load imbalance that
+// contiguous sharding causes on causal layers.
 //
 //   build/bench/bench_cp_step --seq 4096                                  # cp 1
 //   mpirun -np 2 --allow-run-as-root --oversubscribe build/bench/bench_cp_step --seq 4096   # cp 2
