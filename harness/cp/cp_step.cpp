@@ -69,8 +69,7 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
 CpTrainer::CpTrainer(Comm& comm, model::Gemma4Model model, const train::OptimizerOptions& o, RingOptions ring_options,
                      CpStepOptions step_options)
     : comm_(comm), model_(std::move(model)), ring_(comm, ring_options), step_options_(step_options) {
-  auto options = torch::optim::AdamWOptions(o.lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(o.weight_decay);
-  optimizer_ = std::make_unique<torch::optim::AdamW>(model_->parameters(), options);
+  optimizer_ = train::make_adamw(model_->parameters(), o);
 }
 
 train::StepResult CpTrainer::step(const train::Batch& batch, CpForwardResult* forward,

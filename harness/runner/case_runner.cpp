@@ -5,6 +5,7 @@
 
 #include "harness/cp/cp_step.h"
 #include "harness/runner/rank_records.h"
+#include "harness/train/trainer.h"
 #include "harness/model/init.h"
 #include "harness/model/weights.h"
 
@@ -31,11 +32,6 @@ std::map<std::string, torch::Tensor> params_of(model::Gemma4Model& m) {
   std::map<std::string, torch::Tensor> out;
   for (auto& p : m->named_parameters()) out[p.key()] = p.value().detach().to(torch::kFloat64).clone();
   return out;
-}
-
-std::unique_ptr<torch::optim::AdamW> make_optimizer(model::Gemma4Model& m, const train::OptimizerOptions& o) {
-  auto options = torch::optim::AdamWOptions(o.lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(o.weight_decay);
-  return std::make_unique<torch::optim::AdamW>(m->parameters(), options);
 }
 
 }  // namespace
@@ -101,7 +97,7 @@ LaneRun run_reference(const train::Case& c, const std::string& lane, const RunOp
   run.cp = 1;
   run.lane = lane;
   auto m = build_model(c, lane_dtype(lane), options.semantics);
-  auto optimizer = make_optimizer(m, c.optimizer);
+  auto optimizer = train::make_adamw(m->parameters(), c.optimizer);
   model::EagerAttention eager;
   for (int64_t step = 0; step < c.steps; ++step) {
     auto batch = batch_for_step(c, step);

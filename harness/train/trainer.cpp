@@ -9,10 +9,14 @@ double grad_norm(const std::vector<torch::Tensor>& parameters) {
   return std::sqrt(sum);
 }
 
+std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<torch::Tensor>& parameters, const OptimizerOptions& o) {
+  auto options = torch::optim::AdamWOptions(o.lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(o.weight_decay);
+  return std::make_unique<torch::optim::AdamW>(parameters, options);
+}
+
 Trainer::Trainer(model::Gemma4Model model, const OptimizerOptions& o, bool use_share_holder)
     : model_(std::move(model)), use_share_holder_(use_share_holder) {
-  auto options = torch::optim::AdamWOptions(o.lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(o.weight_decay);
-  optimizer_ = std::make_unique<torch::optim::AdamW>(model_->parameters(), options);
+  optimizer_ = make_adamw(model_->parameters(), o);
 }
 
 StepResult Trainer::step(const Batch& batch, model::AttentionBackend& backend) {

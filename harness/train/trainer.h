@@ -24,6 +24,9 @@ struct StepResult {
   int64_t counted_tokens = 0;
 };
 
+// AdamW over `parameters` with the case's options (the one place every trainer builds its optimizer).
+std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<torch::Tensor>& parameters, const OptimizerOptions& options);
+
 // sqrt(sum over parameters of sum(grad^2)), accumulated in fp64.
 double grad_norm(const std::vector<torch::Tensor>& parameters);
 
