@@ -29,6 +29,16 @@ std::optional<std::int64_t> parse_index(std::string_view s) {
   return v;
 }
 
+// The provenance must say which of the three kinds of file this is.
+void check_kind(const std::string& path, const io::StringMap& provenance) {
+  auto kind = provenance.find("kind");
+  if (kind == provenance.end())
+    throw io::InputError(path, "/provenance@kind", "missing (\"golden\", \"dump\" or \"hf-export\")");
+  if (!valid_kind(kind->second))
+    throw io::InputError(path, "/provenance@kind",
+                         "is \"" + kind->second + "\", expected \"golden\", \"dump\" or \"hf-export\"");
+}
+
 std::vector<std::string> split(const std::string& name) {
   std::vector<std::string> out;
   std::string cur;
@@ -77,12 +87,7 @@ io::StringMap base_provenance(const std::string& kind) {
 }
 
 void write_run_dump(const std::string& path, const RunDump& dump) {
-  auto kind = dump.provenance.find("kind");
-  if (kind == dump.provenance.end())
-    throw io::InputError(path, "/provenance@kind", "missing (\"golden\", \"dump\" or \"hf-export\")");
-  if (!valid_kind(kind->second))
-    throw io::InputError(path, "/provenance@kind",
-                         "is \"" + kind->second + "\", expected \"golden\", \"dump\" or \"hf-export\"");
+  check_kind(path, dump.provenance);
   if (dump.steps.empty()) throw io::InputError(path, "/steps", "a run dump needs at least one step");
 
   // Validate everything before the writer creates its temp file.
@@ -144,12 +149,7 @@ RunDump read_run_dump(const std::string& path) {
   } catch (const io::InputError&) {
     throw io::InputError(path, "/provenance", "missing group (string attributes tool, kind, ...)");
   }
-  auto kind = dump.provenance.find("kind");
-  if (kind == dump.provenance.end())
-    throw io::InputError(path, "/provenance@kind", "missing (\"golden\", \"dump\" or \"hf-export\")");
-  if (!valid_kind(kind->second))
-    throw io::InputError(path, "/provenance@kind",
-                         "is \"" + kind->second + "\", expected \"golden\", \"dump\" or \"hf-export\"");
+  check_kind(path, dump.provenance);
 
   try {
     (void)r.list_datasets("steps");
