@@ -122,17 +122,23 @@ void write_reports(const RunArgs& a, const report::Report& r) {
   if (!a.junit_path.empty()) report::write_junit_xml(a.junit_path, r);
 }
 
-// Bad input found before any case ran: an error report (never a partial or passing one), exit 2.
-int input_error_report(const RunArgs& a, const std::string& message) {
-  std::cerr << "cpharness: error: " << message << "\n";
+// A run that failed as a whole: an error report (never a partial or passing one).
+void write_error_report(const RunArgs& a, const std::string& message) {
   report::Report r;
   r.error = message;
   r.environment.device = "cpu";
+  r.environment.comm_backend = a.comm;
   try {
     write_reports(a, r);
   } catch (const std::exception& e) {
     std::cerr << "cpharness: could not write the error report: " << e.what() << "\n";
   }
+}
+
+// Bad input found before any case ran: exit 2 with an error report.
+int input_error_report(const RunArgs& a, const std::string& message) {
+  std::cerr << "cpharness: error: " << message << "\n";
+  write_error_report(a, message);
   return 2;
 }
 
@@ -174,13 +180,7 @@ int launch_mpi_job(const RunArgs& a, const std::vector<std::string>& args) {
   if (result.exit_code == 0 || result.exit_code == 1) return result.exit_code;
   const bool fresh = !a.report_path.empty() && std::filesystem::exists(a.report_path) &&
                      std::filesystem::last_write_time(a.report_path) >= started;
-  if (!fresh && !a.report_path.empty()) {
-    report::Report r;
-    r.error = "the rank job failed: " + result.message;
-    r.environment.device = "cpu";
-    r.environment.comm_backend = "mpi";
-    write_reports(a, r);
-  }
+  if (!fresh && !a.report_path.empty()) write_error_report(a, "the rank job failed: " + result.message);
   return 2;
 }
 
