@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs every dependency of cpharness on a fresh Debian bookworm machine.
 # Idempotent: when everything is present it prints one line and returns in seconds.
-#   Debian: compilers, CMake, HDF5, fmt, nlohmann-json, GoogleTest, OpenMPI, python3-h5py/jsonschema (tests).
+#   Debian: compilers, CMake, HDF5, fmt, nlohmann-json, GoogleTest, CLI11, OpenMPI, python3-h5py/jsonschema (tests).
 #   PyPI:   torch==2.11.0 into a virtual environment outside the source tree ($CPHARNESS_VENV).
 set -euo pipefail
 start=$(date +%s)
@@ -9,7 +9,7 @@ venv="${CPHARNESS_VENV:-$HOME/.local/share/cpharness/venv}"
 torch_version="2.11.0"
 # libfmt-dev is kept for tools outside libtorch; targets that include libtorch use its bundled fmt headers
 # header-only (see CMakeLists.txt).
-debian_packages=(g++ cmake make libhdf5-dev nlohmann-json3-dev libfmt-dev libgtest-dev
+debian_packages=(g++ cmake make libhdf5-dev nlohmann-json3-dev libfmt-dev libgtest-dev libcli11-dev
                  libopenmpi-dev openmpi-bin python3 python3-venv python3-h5py python3-jsonschema)
 # A lighter install than `pip install torch` (measured: 1.7 GB instead of ~5 GB, about a minute on this
 # network): the C++ build links libtorch_cpu and c10, which need only libcudart/libcupti, found in the CUDA

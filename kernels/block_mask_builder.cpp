@@ -87,6 +87,199 @@ inline uint8_t run_pair_class(const Run& qr, const Run& kr, bool docs, bool visi
   return band_class(band, qa, qb, ka, kb);
 }
 
+// Tile lists under construction: CSR rows per (batch row b, q block i) in raw buffers (an upper bound, never
+// value-initialised), and per (b, kv block j) counts for the transposes, taken on the way.
+struct TileLists {
+  std::unique_ptr<int32_t[]> partial, full;      // kv block indices, row after row
+  std::vector<int64_t> partial_rows, full_rows;  // row r spans [rows[r], rows[r + 1])
+  std::vector<int64_t> partial_per_kv, full_per_kv;  // [batch * nkv + 1]: counts at 1 + b * nkv + j
+  int64_t partial_count = 0, full_count = 0;
+
+  TileLists(int64_t batch, int64_t nq, int64_t nkv)
+      : partial(new int32_t[std::max<int64_t>(1, batch * nq * nkv)]),
+        full(new int32_t[std::max<int64_t>(1, batch * nq * nkv)]),
+        partial_rows(batch * nq + 1, 0), full_rows(batch * nq + 1, 0),
+        partial_per_kv(batch * nkv + 1, 0), full_per_kv(batch * nkv + 1, 0) {}
+  void add(uint8_t cls, int64_t b, int64_t nkv, int64_t j) {
+    if (cls == kPartialBlock) {
+      partial[partial_count++] = int32_t(j);
+      ++partial_per_kv[1 + b * nkv + j];
+    } else if (cls == kFullBlock) {
+      full[full_count++] = int32_t(j);
+      ++full_per_kv[1 + b * nkv + j];
+    }
+  }
+  void end_row(int64_t row) {
+    partial_rows[row + 1] = partial_count;
+    full_rows[row + 1] = full_count;
+  }
+};
+
+// Everything one batch row's tile classification reads.
+struct RowGeometry {
+  TokenRange q_range, kv_range;
+  int64_t q_block, kv_block, nkv;
+  bool docs, vision;
+  Band band;
+};
+
+// kv blocks the band can reach from global queries [qa, qb]: k >= qa - hi and k <= qb - lo, as local indices.
+std::pair<int64_t, int64_t> kv_blocks_in_reach(const RowGeometry& g, int64_t qa, int64_t qb) {
+  int64_t j_lo = 0, j_hi = g.nkv - 1;
+  if (g.band.lo != kNegInf) {
+    const int64_t k_max = qb - g.band.lo - g.kv_range.start;
+    j_hi = k_max < 0 ? -1 : std::min(j_hi, k_max / g.kv_block);
+  }
+  if (g.band.hi != kPosInf) {
+    const int64_t k_min = qa - g.band.hi - g.kv_range.start;
+    j_lo = k_min < 0 ? 0 : k_min / g.kv_block;
+  }
+  return {j_lo, j_hi};
+}
+
+// A tile where either side straddles a metadata boundary: the union over its (q run, kv run) sub-rectangles.
+uint8_t straddling_tile_class(const RowGeometry& g, const Side& qs, const Side& ks, int64_t i, int64_t j) {
+  const int64_t q0 = i * g.q_block, q1 = std::min(g.q_range.length, q0 + g.q_block);
+  const int64_t k0 = j * g.kv_block, k1 = std::min(g.kv_range.length, k0 + g.kv_block);
+  bool any = false, all = true;
+  for (int64_t r = qs.first_run[i]; r < int64_t(qs.runs.size()) && qs.runs[r].begin < q1 && !(any && !all); ++r) {
+    const Run& qr = qs.runs[r];
+    const int64_t ra = g.q_range.start + std::max(qr.begin, q0), rb = g.q_range.start + std::min(qr.end, q1) - 1;
+    for (int64_t t = ks.first_run[j]; t < int64_t(ks.runs.size()) && ks.runs[t].begin < k1; ++t) {
+      const Run& kr = ks.runs[t];
+      const uint8_t c = run_pair_class(qr, kr, g.docs, g.vision, g.band, ra, rb, g.kv_range.start + std::max(kr.begin, k0),
+                                       g.kv_range.start + std::min(kr.end, k1) - 1);
+      any |= c != kEmptyBlock;
+      all &= c == kFullBlock;
+      if (any && !all) break;
+    }
+  }
+  return !any ? kEmptyBlock : all ? kFullBlock : kPartialBlock;
+}
+
+// Classifies the tiles of q block i of batch row b into `lists`. Only kv blocks the band can reach are visited,
+// unless a vision group on the q side can see keys outside the band. Runs of tiles inside one kv run are
+// written in one go where they are all empty or all full.
+void classify_q_block(const RowGeometry& g, const Side& qs, const Side& ks, int64_t b, int64_t i, TileLists& lists) {
+  const int64_t q0 = i * g.q_block, q1 = std::min(g.q_range.length, q0 + g.q_block);  // local [q0, q1)
+  const int64_t qa = g.q_range.start + q0, qb = g.q_range.start + q1 - 1;           // global, inclusive
+  const auto [j_lo, j_hi] = kv_blocks_in_reach(g, qa, qb);
+  const bool scan_all = g.vision && qs.has_vision[i];
+  const int64_t q_single = qs.single[i];
+  const int64_t j_begin = scan_all ? 0 : j_lo, j_end = scan_all ? g.nkv - 1 : j_hi;
+  // Fast path state: the kv run of the previous single-run tile and what it does with this q run
+  // (kEmptyBlock / kFullBlock regardless of position, or kPartialBlock meaning "follow the band").
+  int64_t cached_run = -1;
+  uint8_t cached_kind = kPartialBlock;
+  for (int64_t j = j_begin; j <= j_end; ++j) {
+    const int64_t k0 = j * g.kv_block, k1 = std::min(g.kv_range.length, k0 + g.kv_block);
+    const int64_t k_single = ks.single[j];
+    const bool outside_band = j < j_lo || j > j_hi;
+    if (q_single < 0 || k_single < 0) {
+      if (scan_all && outside_band && !ks.has_vision[j]) continue;
+      lists.add(straddling_tile_class(g, qs, ks, i, j), b, g.nkv, j);
+      continue;
+    }
+    // The common case: one run on each side.
+    if (k_single != cached_run) {
+      cached_run = k_single;
+      const Run& qr = qs.runs[q_single];
+      const Run& kr = ks.runs[k_single];
+      cached_kind = (kr.pad || (g.docs && (qr.doc != kr.doc || qr.doc <= 0)))     ? kEmptyBlock
+                    : (g.vision && qr.group >= 0 && qr.group == kr.group) ? kFullBlock
+                                                                           : kPartialBlock;
+    }
+    if (cached_kind == kEmptyBlock) {
+      // Every following tile inside the same kv run is empty too: jump to the run's last whole tile.
+      const int64_t run_end = ks.runs[k_single].end;
+      const int64_t last = run_end == g.kv_range.length ? g.nkv - 1 : run_end / g.kv_block - 1;
+      j = std::min(j_end, std::max(j, last));
+      continue;
+    }
+    const uint8_t cls = cached_kind == kFullBlock
+                            ? kFullBlock
+                            : band_class(g.band, qa, qb, g.kv_range.start + k0, g.kv_range.start + k1 - 1);
+    if (cls == kFullBlock && !scan_all) {
+      // Full here: so are the following whole tiles of this kv run up to where the band's lower edge
+      // (q - k >= lo; q - k only shrinks as j grows) cuts in. Write them in one go.
+      int64_t last = std::min(j_end, ks.runs[k_single].end / g.kv_block - 1);
+      if (g.band.lo != kNegInf) last = std::min(last, floor_div(qa - g.kv_range.start - g.band.lo + 1, g.kv_block) - 1);
+      for (int64_t t = j; t <= last; ++t) lists.add(kFullBlock, b, g.nkv, t);
+      if (last >= j) {
+        j = last;
+        continue;
+      }
+    }
+    if (scan_all && cls == kEmptyBlock && outside_band && !ks.has_vision[j]) continue;
+    lists.add(cls, b, g.nkv, j);
+  }
+}
+
+// Counts [batch, nr] and indices [batch, nr, W] (W = the longest row; tails zero) from CSR rows.
+void pack_rows(const int32_t* vals, const std::vector<int64_t>& rows, int64_t batch, int64_t nr, torch::Tensor& num,
+               torch::Tensor& idx) {
+  int64_t w = 0;
+  for (size_t r = 0; r + 1 < rows.size(); ++r) w = std::max(w, rows[r + 1] - rows[r]);
+  num = torch::empty({batch, nr}, torch::kInt32);
+  idx = torch::empty({batch, nr, w}, torch::kInt32);  // filled here, not by torch ops (no thread pool)
+  int32_t* n = num.data_ptr<int32_t>();
+  int32_t* ix = idx.data_ptr<int32_t>();
+  for (size_t r = 0; r + 1 < rows.size(); ++r) {
+    const int64_t c = rows[r + 1] - rows[r];
+    n[r] = int32_t(c);
+    std::copy(vals + rows[r], vals + rows[r + 1], ix + r * w);
+    std::fill(ix + r * w + c, ix + (r + 1) * w, 0);
+  }
+}
+
+// Whether batch row b's q-major lists are band-shaped (every non-empty q row one interval of kv tiles, both
+// ends nondecreasing, no empty row in between); [first, last] are then its non-empty rows.
+bool band_shaped_rows(const int32_t* vals, const int64_t* rows, int64_t nq, int64_t& first, int64_t& last) {
+  first = -1, last = -1;
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t c = rows[i + 1] - rows[i];
+    if (c == 0) {
+      if (first >= 0 && last < 0) last = i - 1;
+      continue;
+    }
+    if (last >= 0 || vals[rows[i + 1] - 1] - vals[rows[i]] + 1 != c) return false;
+    if (first >= 0 && (vals[rows[i]] < vals[rows[i - 1]] || vals[rows[i + 1] - 1] < vals[rows[i] - 1])) return false;
+    if (first < 0) first = i;
+  }
+  if (first >= 0 && last < 0) last = nq - 1;
+  return true;
+}
+
+// kv-major transposes: row starts from the per-kv counts (turned into starts in place), then q blocks in
+// ascending order. Band-shaped masks have interval columns too; those are written sequentially, not scattered.
+std::unique_ptr<int32_t[]> transpose_rows(const int32_t* vals, const std::vector<int64_t>& rows,
+                                          std::vector<int64_t>& per_kv, int64_t batch, int64_t nq, int64_t nkv) {
+  for (size_t r = 1; r < per_kv.size(); ++r) per_kv[r] += per_kv[r - 1];
+  std::unique_ptr<int32_t[]> out(new int32_t[std::max<int64_t>(1, per_kv.back())]);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t* o = rows.data() + b * nq;
+    int64_t first = -1, last = -1;
+    if (band_shaped_rows(vals, o, nq, first, last)) {
+      int64_t lo = first;  // first row whose interval ends at or after j
+      for (int64_t j = 0; j < nkv && first >= 0; ++j) {
+        const int64_t count = per_kv[b * nkv + j + 1] - per_kv[b * nkv + j];
+        while (lo <= last && vals[o[lo + 1] - 1] < j) ++lo;
+        int32_t* dst = out.get() + per_kv[b * nkv + j];
+        for (int64_t k = 0; k < count; ++k) dst[k] = int32_t(lo + k);
+      }
+      continue;
+    }
+    std::vector<int64_t> cursor(per_kv.begin() + b * nkv, per_kv.begin() + (b + 1) * nkv);
+    for (int64_t i = 0; i < nq; ++i)
+      for (int64_t k = o[i]; k < o[i + 1]; ++k) out[cursor[vals[k]]++] = int32_t(i);
+  }
+  return out;
+}
+
+const int64_t* batch_row(const torch::Tensor& t, int64_t b, int64_t len) {
+  return t.defined() ? t.data_ptr<int64_t>() + b * len : nullptr;
+}
+
 }  // namespace
 
 BlockMask build_block_mask(const TokenMetadata& q_meta, const TokenMetadata& kv_meta, TokenRange q_range,
@@ -104,180 +297,38 @@ BlockMask build_block_mask(const TokenMetadata& q_meta, const TokenMetadata& kv_
   m.kv_meta = kv_meta;
   const int64_t nq = m.num_q_blocks(), nkv = m.num_kv_blocks();
 
+  // Per-block summaries of each side's metadata (runs of constant document / vision group / padding).
   const bool docs = q_meta.document_ids.defined() && kv_meta.document_ids.defined();
   const bool vision = vision_term_active(q_meta, kv_meta, geometry);
-  auto qd = docs ? cpu_i64(q_meta.document_ids) : torch::Tensor();
-  auto kd = docs ? cpu_i64(kv_meta.document_ids) : torch::Tensor();
-  auto qg = vision ? cpu_i64(q_meta.vision_group_ids) : torch::Tensor();
-  auto kg = vision ? cpu_i64(kv_meta.vision_group_ids) : torch::Tensor();
-  auto kp = cpu_bool(kv_meta.padding);
-  const Band band{geometry.causal ? 0 : kNegInf, geometry.window ? *geometry.window - 1 : kPosInf};
+  const auto q_docs = docs ? cpu_i64(q_meta.document_ids) : torch::Tensor();
+  const auto kv_docs = docs ? cpu_i64(kv_meta.document_ids) : torch::Tensor();
+  const auto q_groups = vision ? cpu_i64(q_meta.vision_group_ids) : torch::Tensor();
+  const auto kv_groups = vision ? cpu_i64(kv_meta.vision_group_ids) : torch::Tensor();
+  const auto kv_padding = cpu_bool(kv_meta.padding);
+  const RowGeometry g{q_range, kv_range, q_block, kv_block, nkv, docs, vision,
+                      Band{geometry.causal ? 0 : kNegInf, geometry.window ? *geometry.window - 1 : kPosInf}};
 
-  // CSR lists per (b, i) in raw buffers (an upper bound, never value-initialised), then packed into the
-  // flex layout. Transpose counts are taken on the way.
-  const int64_t rows = m.batch * nq, cap = std::max<int64_t>(1, m.batch * nq * nkv);
-  std::unique_ptr<int32_t[]> part(new int32_t[cap]), full(new int32_t[cap]);
-  std::vector<int64_t> part_off(rows + 1, 0), full_off(rows + 1, 0);
-  std::vector<int64_t> part_t(m.batch * nkv + 1, 0), full_t(m.batch * nkv + 1, 0);  // transpose row starts
-  int64_t np = 0, nf = 0;
+  // Tile classes, q block by q block, into CSR lists.
+  TileLists lists(m.batch, nq, nkv);
   for (int64_t b = 0; b < m.batch; ++b) {
-    auto row = [&](const torch::Tensor& t, int64_t len) -> const int64_t* {
-      return t.defined() ? t.data_ptr<int64_t>() + b * len : nullptr;
-    };
-    const Side qs = make_side(q_range.length, q_block, row(qd, q_range.length), row(qg, q_range.length), nullptr);
-    const Side ks = make_side(kv_range.length, kv_block, row(kd, kv_range.length), row(kg, kv_range.length),
-                              kp.defined() ? kp.data_ptr<bool>() + b * kv_range.length : nullptr);
-    int64_t* pt = part_t.data() + b * nkv + 1;
-    int64_t* ft = full_t.data() + b * nkv + 1;
+    const Side qs = make_side(q_range.length, q_block, batch_row(q_docs, b, q_range.length),
+                              batch_row(q_groups, b, q_range.length), nullptr);
+    const Side ks = make_side(kv_range.length, kv_block, batch_row(kv_docs, b, kv_range.length),
+                              batch_row(kv_groups, b, kv_range.length),
+                              kv_padding.defined() ? kv_padding.data_ptr<bool>() + b * kv_range.length : nullptr);
     for (int64_t i = 0; i < nq; ++i) {
-      const int64_t q0 = i * q_block, q1 = std::min(q_range.length, q0 + q_block);  // local [q0, q1)
-      const int64_t qa = q_range.start + q0, qb = q_range.start + q1 - 1;          // global, inclusive
-      // kv blocks the band can reach: k >= qa - W + 1 and k <= qb (global), as local block indices.
-      int64_t j_lo = 0, j_hi = nkv - 1;
-      if (band.lo != kNegInf) {
-        const int64_t k_max = qb - band.lo - kv_range.start;
-        j_hi = k_max < 0 ? -1 : std::min(j_hi, k_max / kv_block);
-      }
-      if (band.hi != kPosInf) {
-        const int64_t k_min = qa - band.hi - kv_range.start;
-        j_lo = k_min < 0 ? 0 : k_min / kv_block;
-      }
-      const bool scan_all = vision && qs.has_vision[i];
-      const int64_t q_single = qs.single[i];
-      const int64_t j_begin = scan_all ? 0 : j_lo, j_end = scan_all ? nkv - 1 : j_hi;
-      // Fast path state: the kv run of the previous single-run tile and what it does with this q run
-      // (kEmptyBlock / kFullBlock regardless of position, or kPartialBlock meaning "follow the band").
-      int64_t cached_run = -1;
-      uint8_t cached_kind = kPartialBlock;
-      for (int64_t j = j_begin; j <= j_end; ++j) {
-        const int64_t k0 = j * kv_block, k1 = std::min(kv_range.length, k0 + kv_block);
-        const int64_t k_single = ks.single[j];
-        uint8_t cls;
-        if (q_single >= 0 && k_single >= 0) {  // the common case: one run on each side
-          if (k_single != cached_run) {
-            cached_run = k_single;
-            const Run& qr = qs.runs[q_single];
-            const Run& kr = ks.runs[k_single];
-            cached_kind = (kr.pad || (docs && (qr.doc != kr.doc || qr.doc <= 0)))      ? kEmptyBlock
-                          : (vision && qr.group >= 0 && qr.group == kr.group) ? kFullBlock
-                                                                               : kPartialBlock;
-          }
-          if (cached_kind == kEmptyBlock) {
-            // Every following tile inside the same kv run is empty too: jump to the run's last whole tile.
-            const int64_t run_end = ks.runs[k_single].end;
-            const int64_t last = run_end == kv_range.length ? nkv - 1 : run_end / kv_block - 1;
-            j = std::min(j_end, std::max(j, last));
-            continue;
-          }
-          cls = cached_kind == kFullBlock ? kFullBlock
-                                          : band_class(band, qa, qb, kv_range.start + k0, kv_range.start + k1 - 1);
-          if (cls == kFullBlock && !scan_all) {
-            // Full here: so are the following whole tiles of this kv run up to where the band's lower edge
-            // (q - k >= lo; q - k only shrinks as j grows) cuts in. Write them in one go.
-            int64_t last = std::min(j_end, ks.runs[k_single].end / kv_block - 1);
-            if (band.lo != kNegInf) last = std::min(last, floor_div(qa - kv_range.start - band.lo + 1, kv_block) - 1);
-            for (int64_t t = j; t <= last; ++t) {
-              full[nf++] = int32_t(t);
-              ++ft[t];
-            }
-            if (last >= j) {
-              j = last;
-              continue;
-            }
-          }
-          if (scan_all && cls == kEmptyBlock && (j < j_lo || j > j_hi) && !ks.has_vision[j]) continue;
-        } else {
-          if (scan_all && (j < j_lo || j > j_hi) && !ks.has_vision[j]) continue;
-          bool any = false, all = true;
-          for (int64_t r = qs.first_run[i]; r < int64_t(qs.runs.size()) && qs.runs[r].begin < q1 && !(any && !all);
-               ++r) {
-            const Run& qr = qs.runs[r];
-            const int64_t ra = q_range.start + std::max(qr.begin, q0), rb = q_range.start + std::min(qr.end, q1) - 1;
-            for (int64_t t = ks.first_run[j]; t < int64_t(ks.runs.size()) && ks.runs[t].begin < k1; ++t) {
-              const Run& kr = ks.runs[t];
-              const uint8_t c = run_pair_class(qr, kr, docs, vision, band, ra, rb,
-                                               kv_range.start + std::max(kr.begin, k0),
-                                               kv_range.start + std::min(kr.end, k1) - 1);
-              any |= c != kEmptyBlock;
-              all &= c == kFullBlock;
-              if (any && !all) break;
-            }
-          }
-          cls = !any ? kEmptyBlock : all ? kFullBlock : kPartialBlock;
-        }
-        if (cls == kPartialBlock) {
-          part[np++] = int32_t(j);
-          ++pt[j];
-        } else if (cls == kFullBlock) {
-          full[nf++] = int32_t(j);
-          ++ft[j];
-        }
-      }
-      part_off[b * nq + i + 1] = np;
-      full_off[b * nq + i + 1] = nf;
+      classify_q_block(g, qs, ks, b, i, lists);
+      lists.end_row(b * nq + i);
     }
   }
 
-  // Counts [batch, nr] and indices [batch, nr, W] (W = the longest row; tails zero) from CSR rows.
-  auto pack = [&](const int32_t* vals, const std::vector<int64_t>& off, int64_t nr, torch::Tensor& num,
-                  torch::Tensor& idx) {
-    int64_t w = 0;
-    for (size_t r = 0; r + 1 < off.size(); ++r) w = std::max(w, off[r + 1] - off[r]);
-    num = torch::empty({m.batch, nr}, torch::kInt32);
-    idx = torch::empty({m.batch, nr, w}, torch::kInt32);  // filled here, not by torch ops (no thread pool)
-    int32_t* n = num.data_ptr<int32_t>();
-    int32_t* ix = idx.data_ptr<int32_t>();
-    for (size_t r = 0; r + 1 < off.size(); ++r) {
-      const int64_t c = off[r + 1] - off[r];
-      n[r] = int32_t(c);
-      std::copy(vals + off[r], vals + off[r + 1], ix + r * w);
-      std::fill(ix + r * w + c, ix + (r + 1) * w, 0);
-    }
-  };
-  // kv-major transposes: row starts from the counts, then q blocks in ascending order. Band-shaped masks
-  // (every non-empty q row one interval of kv tiles, both ends nondecreasing, no empty row in between) have
-  // interval columns too; those are written sequentially instead of scattered.
-  auto transpose = [&](const int32_t* vals, const std::vector<int64_t>& off, std::vector<int64_t>& toff,
-                       std::unique_ptr<int32_t[]>& tv) {
-    for (size_t r = 1; r < toff.size(); ++r) toff[r] += toff[r - 1];
-    tv.reset(new int32_t[std::max<int64_t>(1, toff.back())]);
-    for (int64_t b = 0; b < m.batch; ++b) {
-      const int64_t* o = off.data() + b * nq;
-      int64_t first = -1, last = -1;
-      bool band_shaped = true;
-      for (int64_t i = 0; i < nq && band_shaped; ++i) {
-        const int64_t c = o[i + 1] - o[i];
-        if (c == 0) {
-          if (first >= 0 && last < 0) last = i - 1;
-          continue;
-        }
-        if (last >= 0 || vals[o[i + 1] - 1] - vals[o[i]] + 1 != c) band_shaped = false;
-        if (first >= 0 && (vals[o[i]] < vals[o[i - 1]] || vals[o[i + 1] - 1] < vals[o[i] - 1])) band_shaped = false;
-        if (first < 0) first = i;
-      }
-      if (first >= 0 && last < 0) last = nq - 1;
-      if (band_shaped) {
-        int64_t lo = first;  // first row whose interval ends at or after j
-        for (int64_t j = 0; j < nkv && first >= 0; ++j) {
-          const int64_t count = toff[b * nkv + j + 1] - toff[b * nkv + j];
-          while (lo <= last && vals[o[lo + 1] - 1] < j) ++lo;
-          int32_t* dst = tv.get() + toff[b * nkv + j];
-          for (int64_t k = 0; k < count; ++k) dst[k] = int32_t(lo + k);
-        }
-        continue;
-      }
-      std::vector<int64_t> cursor(toff.begin() + b * nkv, toff.begin() + (b + 1) * nkv);
-      for (int64_t i = 0; i < nq; ++i)
-        for (int64_t k = o[i]; k < o[i + 1]; ++k) tv[cursor[vals[k]]++] = int32_t(i);
-    }
-  };
-  pack(part.get(), part_off, nq, m.kv_num_blocks, m.kv_indices);
-  pack(full.get(), full_off, nq, m.full_kv_num_blocks, m.full_kv_indices);
-  std::unique_ptr<int32_t[]> tv;
-  transpose(part.get(), part_off, part_t, tv);
-  pack(tv.get(), part_t, nkv, m.q_num_blocks, m.q_indices);
-  transpose(full.get(), full_off, full_t, tv);
-  pack(tv.get(), full_t, nkv, m.full_q_num_blocks, m.full_q_indices);
+  // The flex layout: q-major lists, then the kv-major transposes.
+  pack_rows(lists.partial.get(), lists.partial_rows, m.batch, nq, m.kv_num_blocks, m.kv_indices);
+  pack_rows(lists.full.get(), lists.full_rows, m.batch, nq, m.full_kv_num_blocks, m.full_kv_indices);
+  auto partial_t = transpose_rows(lists.partial.get(), lists.partial_rows, lists.partial_per_kv, m.batch, nq, nkv);
+  pack_rows(partial_t.get(), lists.partial_per_kv, m.batch, nkv, m.q_num_blocks, m.q_indices);
+  auto full_t = transpose_rows(lists.full.get(), lists.full_rows, lists.full_per_kv, m.batch, nq, nkv);
+  pack_rows(full_t.get(), lists.full_per_kv, m.batch, nkv, m.full_q_num_blocks, m.full_q_indices);
   return m;
 }
 

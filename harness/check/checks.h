@@ -9,7 +9,7 @@
 #include "harness/check/tolerance.h"
 #include "harness/cp/ring_attention.h"
 #include "harness/report/report.h"
-#include "harness/runner/case_runner.h"
+#include "harness/report/lane_run.h"
 #include "harness/train/case.h"
 
 namespace cpharness::check {
@@ -30,27 +30,30 @@ std::vector<CheckResult> check_masks(const train::Case& c, int cp, const cp::Rin
 std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, const cp::RingOptions& ring);
 
 // ring.rotation_order and ring.grad_return from the candidate's step-0 traces and comm counts.
-std::vector<CheckResult> check_ring(const train::Case& c, const runner::LaneRun& candidate);
+std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun& candidate);
 
 // cache.build_count, cache.hit_count, cache.generation_reset per rank and step. `uncached` is a one-step run
 // with the cache off (builds must equal lookups); the expected counts are derived from the case.
-std::vector<CheckResult> check_cache(const train::Case& c, const runner::LaneRun& candidate,
-                                     const runner::LaneRun* uncached);
+std::vector<CheckResult> check_cache(const train::Case& c, const report::LaneRun& candidate,
+                                     const report::LaneRun* uncached);
 
 // train.loss_parity, train.grad_norm_parity, train.param_parity per step (and step-0 logits and gradients);
 // on failure the first diverging layer and tensor is named, and both tensors are dumped under `dump_dir`.
 // `oracle` (cp 1 fp32) is required for the bf16 lane.
-std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& tol, const runner::LaneRun& reference,
-                                        const runner::LaneRun& candidate, const runner::LaneRun* oracle,
+std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& tol, const report::LaneRun& reference,
+                                        const report::LaneRun& candidate, const report::LaneRun* oracle,
                                         const std::string& dump_dir);
 
 // kvshare.loss_parity (cp N with the holder under cache-gated semantics vs the cp 1 sharing reference) and
 // kvshare.bug_detected (without the holder the loss must move beyond tolerance). Only for cases with KV sharing.
+// The runner makes both one-step cp N runs under cache-gated semantics: `with_holder` (the holder as the
+// candidate passes it, `holder` says whether it did) and `without_holder` (the 5.5.0-style dead K/V).
 std::vector<CheckResult> check_kvshare(const train::Case& c, int cp, const Tolerances& tol,
-                                       const runner::LaneRun& reference, const runner::RunOptions& options);
+                                       const report::LaneRun& reference, const report::LaneRun& with_holder,
+                                       const report::LaneRun& without_holder, bool holder);
 
 // determinism.repeat_bitwise: two runs are bit-identical (losses, grad norms, final parameters).
-CheckResult check_determinism(const train::Case& c, int cp, const runner::LaneRun& first, const runner::LaneRun& second);
+CheckResult check_determinism(const train::Case& c, int cp, const report::LaneRun& first, const report::LaneRun& second);
 
 // The counts the cache checks expect for one rank and step of `c` at `cp`.
 struct ExpectedCacheCounts {

@@ -1,5 +1,7 @@
 #include "harness/check/hf_parity.h"
 
+#include "kernels/relative_error.h"
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -12,16 +14,10 @@ namespace {
 using report::CheckResult;
 using report::Policy;
 
-double rel_l2(const torch::Tensor& a, const torch::Tensor& b) {
-  const auto ad = a.to(torch::kFloat64), bd = b.to(torch::kFloat64);
-  const double diff = (ad - bd).norm().item<double>(), ref = bd.norm().item<double>();
-  if (ref == 0) return diff == 0 ? 0.0 : INFINITY;
-  return diff / ref;
-}
+double rel_l2(const torch::Tensor& a, const torch::Tensor& b) { return kernels::relative_error(a, b); }
+double rel_scalar(double a, double b) { return kernels::relative_error(a, b); }
 
-double rel_scalar(double a, double b) { return b == 0 ? (a == 0 ? 0.0 : INFINITY) : std::abs(a - b) / std::abs(b); }
-
-nlohmann::json base_details(const runner::HfGolden& g, const runner::HfRun& run) {
+nlohmann::json base_details(const report::HfGolden& g, const report::HfRun& run) {
   return {{"golden", g.path},
           {"transformers_version", g.transformers_version},
           {"kv_share_mechanism", g.mechanism},
@@ -33,7 +29,7 @@ nlohmann::json base_details(const runner::HfGolden& g, const runner::HfRun& run)
 
 }  // namespace
 
-std::vector<CheckResult> check_hf_parity(const runner::HfGolden& g, const runner::HfRun& run, const HfParityTolerance& tol) {
+std::vector<CheckResult> check_hf_parity(const report::HfGolden& g, const report::HfRun& run, const HfParityTolerance& tol) {
   std::vector<CheckResult> out;
   const int cp = run.cp;
   auto details = base_details(g, run);
@@ -94,7 +90,7 @@ std::vector<CheckResult> check_hf_parity(const runner::HfGolden& g, const runner
   return out;
 }
 
-CheckResult check_hf_kvshare_loss_parity(const runner::HfGolden& g, const runner::HfRun& correct, double tol) {
+CheckResult check_hf_kvshare_loss_parity(const report::HfGolden& g, const report::HfRun& correct, double tol) {
   auto d = base_details(g, correct);
   d["cpp_shared_loss"] = correct.loss;
   d["hf_loss"] = g.loss();
@@ -102,7 +98,7 @@ CheckResult check_hf_kvshare_loss_parity(const runner::HfGolden& g, const runner
                             rel_scalar(g.loss(), correct.loss), tol, Policy::Fp32Relative, d);
 }
 
-CheckResult check_hf_kvshare_bug_detected(const runner::HfGolden& g, const runner::HfRun& correct, double tol) {
+CheckResult check_hf_kvshare_bug_detected(const report::HfGolden& g, const report::HfRun& correct, double tol) {
   auto d = base_details(g, correct);
   const double moved = rel_scalar(g.loss(), correct.loss);
   d["cpp_shared_loss"] = correct.loss;

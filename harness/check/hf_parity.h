@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "harness/report/report.h"
-#include "harness/runner/hf_golden.h"
+#include "harness/report/hf_golden.h"
 
 namespace cpharness::check {
 
@@ -19,15 +19,15 @@ struct HfParityTolerance {
 
 // Three hf.parity results at run.cp: metric rel_loss, rel_l2_logits and max_rel_l2_grad. A gradient missing on
 // either side, or of another shape, fails the gradient result (named in its message and details).
-std::vector<report::CheckResult> check_hf_parity(const runner::HfGolden& golden, const runner::HfRun& run,
+std::vector<report::CheckResult> check_hf_parity(const report::HfGolden& golden, const report::HfRun& run,
                                                  const HfParityTolerance& tol = {});
 
 // kvshare.loss_parity of the golden's loss against `correct` (a C++ run that shares K/V): passes when they agree
 // within `tol` relative.
-report::CheckResult check_hf_kvshare_loss_parity(const runner::HfGolden& golden, const runner::HfRun& correct,
+report::CheckResult check_hf_kvshare_loss_parity(const report::HfGolden& golden, const report::HfRun& correct,
                                                  double tol = 1e-5);
 // kvshare.bug_detected: passes when the golden's loss is beyond `tol` from `correct` (the bug is visible).
-report::CheckResult check_hf_kvshare_bug_detected(const runner::HfGolden& golden, const runner::HfRun& correct,
+report::CheckResult check_hf_kvshare_bug_detected(const report::HfGolden& golden, const report::HfRun& correct,
                                                   double tol = 1e-5);
 
 }  // namespace cpharness::check

@@ -10,6 +10,8 @@
 #include "harness/cp/shard_plan.h"
 #include "kernels/block_mask_builder.h"
 #include "kernels/dense_mask.h"
+#include "kernels/reference_attention.h"
+#include "kernels/relative_error.h"
 
 namespace cpharness::check {
 namespace {
@@ -48,30 +50,12 @@ kernels::TokenMetadata shard_meta(const kernels::TokenMetadata& m, const cp::Sha
   return m.slice(plan.begin(r), plan.local_len());
 }
 
-// Full attention in fp64 with autograd; rows without an allowed key give 0 and lse -inf.
-Tensor reference_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& allowed, Tensor* lse_out) {
-  const int64_t groups = q.size(1) / k.size(1);
-  auto kk = k.repeat_interleave(groups, 1), vv = v.repeat_interleave(groups, 1);
-  auto s = torch::matmul(q, kk.transpose(2, 3));
-  auto a = allowed.unsqueeze(1);
-  auto lse = torch::logsumexp(torch::where(a, s, torch::full({}, -INFINITY, s.options())), -1, true);
-  auto safe = torch::where(a.any(-1, true), lse, torch::zeros_like(lse));
-  auto p = torch::where(a, torch::exp(s - safe), torch::zeros_like(s));
-  if (lse_out) *lse_out = lse.squeeze(-1).detach();
-  return torch::matmul(p, vv);
-}
-
-double rel(const Tensor& a, const Tensor& b) {
-  const double denom = b.norm().item<double>();
-  const double diff = (a.to(torch::kFloat64) - b).norm().item<double>();
-  if (!std::isfinite(diff)) return INFINITY;
-  return denom == 0 ? diff : diff / denom;
-}
+double rel(const Tensor& a, const Tensor& b) { return kernels::relative_error(a, b); }
 
 }  // namespace
 
 std::vector<CheckResult> check_masks(const train::Case& c, int cp, const cp::RingOptions& ring, BlockMaskMutation mutation) {
-  const auto batch = runner::batch_for_step(c, 0);
+  const auto batch = train::batch_for_step(c, 0);
   const cp::ShardPlan plan(c.data.seq_len, cp);
   const auto meta = padded_meta(batch, plan);
   const int64_t B = c.data.batch, L = plan.local_len();
@@ -115,7 +99,7 @@ std::vector<CheckResult> check_masks(const train::Case& c, int cp, const cp::Rin
 }
 
 std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, const cp::RingOptions& ring_options) {
-  const auto batch = runner::batch_for_step(c, 0);
+  const auto batch = train::batch_for_step(c, 0);
   const cp::ShardPlan plan(c.data.seq_len, cp);
   const auto meta = padded_meta(batch, plan);
   const int64_t B = c.data.batch, L = plan.local_len(), S = plan.padded_len(), Hq = c.model.num_attention_heads;
@@ -133,7 +117,7 @@ std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, co
     auto v = torch::randn({B, layer.kv_heads, S, layer.head_dim}, gen, f64), dout = torch::randn({B, Hq, S, layer.head_dim}, gen, f64);
     auto allowed = kernels::dense_mask(meta, layer.geometry, B, S);
     auto qr = q.clone().requires_grad_(), kr = k.clone().requires_grad_(), vr = v.clone().requires_grad_();
-    auto ref_out = reference_attention(qr, kr, vr, allowed, nullptr);
+    auto ref_out = kernels::dense_reference_attention(qr, kr, vr, allowed).out;
     (ref_out * dout).sum().backward();
     std::mutex mu;
     cp::run_local(cp, [&](cp::Comm& comm) {
@@ -153,8 +137,8 @@ std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, co
       for (auto& rec : ring.records()) {
         if (!rec.computed) continue;
         auto chunk_allowed = allowed.narrow(1, r * L, L).narrow(2, rec.owner * L, L);
-        Tensor lse;
-        auto chunk_out = reference_attention(rows(q), k.narrow(2, rec.owner * L, L), v.narrow(2, rec.owner * L, L), chunk_allowed, &lse);
+        auto [chunk_out, lse] = kernels::dense_reference_attention(rows(q), k.narrow(2, rec.owner * L, L),
+                                                                   v.narrow(2, rec.owner * L, L), chunk_allowed);
         auto finite = torch::isfinite(lse);
         errs.push_back({fmt::format("chunk {} out", rec.owner), rel(rec.out, chunk_out)});
         const bool same_pattern = torch::equal(torch::isfinite(rec.lse), finite);

@@ -8,6 +8,8 @@
 #include "harness/check/checks.h"
 #include "harness/cp/shard_plan.h"
 #include "harness/io/hdf5_tensors.h"
+#include "harness/model/parameter_order.h"
+#include "kernels/relative_error.h"
 
 namespace cpharness::check {
 namespace {
@@ -15,29 +17,13 @@ namespace {
 using report::Policy;
 using torch::Tensor;
 
-double rel(const Tensor& a, const Tensor& b) {
-  const double diff = (a - b).norm().item<double>();
-  if (!std::isfinite(diff)) return INFINITY;
-  const double denom = b.norm().item<double>();
-  return denom == 0 ? diff : diff / denom;
-}
-
-double rel_scalar(double a, double b) {
-  if (!std::isfinite(a) || !std::isfinite(b)) return INFINITY;
-  return b == 0 ? std::abs(a - b) : std::abs(a - b) / std::abs(b);
-}
+double rel(const Tensor& a, const Tensor& b) { return kernels::relative_error(a, b); }
+double rel_scalar(double a, double b) { return kernels::relative_error(a, b); }
 
 // Real (non-padding) tokens of step 0 as a [B, S, 1] fp64 mask: padded rows are HF-uniform in the reference
 // and zero under the ring, and neither carries loss.
 Tensor valid_tokens(const train::Case& c) {
-  return runner::batch_for_step(c, 0).meta.padding.logical_not().unsqueeze(-1).to(torch::kFloat64);
-}
-
-// Backward order for gradients: the final norm, then layers from last to first, then the embedding side.
-int64_t backward_rank(const std::string& name) {
-  if (name.rfind("norm.", 0) == 0) return -1;
-  if (name.rfind("layers.", 0) == 0) return 1000000 - std::stoll(name.substr(7, name.find('.', 7) - 7));
-  return 2000000;
+  return train::batch_for_step(c, 0).meta.padding.logical_not().unsqueeze(-1).to(torch::kFloat64);
 }
 
 struct Divergence {
@@ -49,7 +35,7 @@ struct Divergence {
 
 // The first tensor out of tolerance: logits? no, forward order: hidden states by layer, then gradients in
 // backward order. `bound` gives the allowed relative error for each pair.
-std::optional<Divergence> first_divergence(const train::Case& c, const runner::LaneRun& ref, const runner::LaneRun& cand,
+std::optional<Divergence> first_divergence(const train::Case& c, const report::LaneRun& ref, const report::LaneRun& cand,
                                            const std::function<double(const std::string&)>& bound) {
   auto valid = valid_tokens(c);
   for (size_t i = 0; i < std::min(ref.hidden.size(), cand.hidden.size()); ++i) {
@@ -59,13 +45,12 @@ std::optional<Divergence> first_divergence(const train::Case& c, const runner::L
   }
   std::vector<std::string> names;
   for (auto& [n, t] : ref.grads) names.push_back(n);
-  std::stable_sort(names.begin(), names.end(), [](auto& a, auto& b) { return backward_rank(a) < backward_rank(b); });
-  for (auto& n : names) {
+  for (auto& n : model::grad_backward_order(names)) {
     auto it = cand.grads.find(n);
     if (it == cand.grads.end()) return Divergence{"gradient", n, -1, INFINITY, ref.grads.at(n), Tensor()};
     const double e = rel(it->second, ref.grads.at(n));
     if (!(e <= bound(n))) {
-      int64_t layer = n.rfind("layers.", 0) == 0 ? std::stoll(n.substr(7, n.find('.', 7) - 7)) : -1;
+      const int64_t layer = model::layer_index_of(n).value_or(-1);
       return Divergence{"gradient", n, layer, e, ref.grads.at(n), it->second};
     }
   }
@@ -84,7 +69,7 @@ std::string dump_divergence(const std::string& dump_dir, const train::Case& c, i
 
 }  // namespace
 
-std::vector<CheckResult> check_ring(const train::Case& c, const runner::LaneRun& cand) {
+std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun& cand) {
   const int n = cand.cp;
   const int64_t layers = c.model.num_hidden_layers;
   std::vector<CheckResult> out;
@@ -96,7 +81,7 @@ std::vector<CheckResult> check_ring(const train::Case& c, const runner::LaneRun&
       ++entries[e.pass == "backward"];
       std::set<int> seen(e.owners.begin(), e.owners.end());
       bool ok = int(e.owners.size()) == n && int(seen.size()) == n;
-      for (int s = 0; ok && s < n; ++s) ok = e.owners[size_t(s)] == ((r - s) % n + n) % n;
+      for (int s = 0; ok && s < n; ++s) ok = e.owners[size_t(s)] == cp::ring_owner(r, s, n);
       if (!ok) {
         ++wrong_owner;
         if (first.is_null()) first = {{"layer", e.layer}, {"pass", e.pass}, {"owners", e.owners}};
@@ -111,7 +96,7 @@ std::vector<CheckResult> check_ring(const train::Case& c, const runner::LaneRun&
     const auto& stats = cand.comm_step0.at(size_t(r));
     int64_t expected_bytes = 0;
     const cp::ShardPlan plan(c.data.seq_len, n);
-    const int64_t acc_bytes = cand.lane == "fp64" ? 8 : 4;  // dK/dV travel home in the accumulation dtype
+    const int64_t acc_bytes = cand.lane == train::DtypeLane::kFp64 ? 8 : 4;  // dK/dV travel home in the accumulation dtype
     for (int64_t l = 0; l < layers; ++l)
       expected_bytes += 2 * c.data.batch * c.model.layer_kv_heads(l) * plan.local_len() * c.model.layer_head_dim(l) * acc_bytes * (n - 1);
     const int64_t got_ring = stats.ops(cp::CommOp::RingExchange), got_exchange = stats.ops(cp::CommOp::Exchange);
@@ -137,7 +122,7 @@ ExpectedCacheCounts expected_cache_counts(const train::Case& c, int cp, bool cac
   return e;
 }
 
-std::vector<CheckResult> check_cache(const train::Case& c, const runner::LaneRun& cand, const runner::LaneRun* uncached) {
+std::vector<CheckResult> check_cache(const train::Case& c, const report::LaneRun& cand, const report::LaneRun* uncached) {
   const int n = cand.cp;
   const auto on = expected_cache_counts(c, n, true), off = expected_cache_counts(c, n, false);
   std::vector<CheckResult> out;
@@ -168,13 +153,13 @@ std::vector<CheckResult> check_cache(const train::Case& c, const runner::LaneRun
   return out;
 }
 
-std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& tol, const runner::LaneRun& ref,
-                                        const runner::LaneRun& cand, const runner::LaneRun* oracle, const std::string& dump_dir) {
+std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& tol, const report::LaneRun& ref,
+                                        const report::LaneRun& cand, const report::LaneRun* oracle, const std::string& dump_dir) {
   const int n = cand.cp;
-  const bool bf16 = cand.lane == "bf16";
+  const bool bf16 = cand.lane == train::DtypeLane::kBf16;
   std::vector<CheckResult> out;
   // bf16: each metric's bound is k x (error of cp1-bf16 against the fp32 oracle) + floor, against that oracle.
-  const runner::LaneRun& base = bf16 ? *oracle : ref;
+  const report::LaneRun& base = bf16 ? *oracle : ref;
   auto bound = [&](double cp1_error) { return bf16 ? tol.bf16(cp1_error, n) : tol.fp32(n); };
   const auto policy = bf16 ? Policy::Bf16OracleRelative : Policy::Fp32Relative;
 
@@ -244,37 +229,29 @@ std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& 
   return out;
 }
 
-std::vector<CheckResult> check_kvshare(const train::Case& c, int cp, const Tolerances& tol, const runner::LaneRun& ref,
-                                       const runner::RunOptions& options) {
+std::vector<CheckResult> check_kvshare(const train::Case& c, int cp, const Tolerances& tol, const report::LaneRun& ref,
+                                       const report::LaneRun& with_holder, const report::LaneRun& without, bool holder) {
   std::vector<CheckResult> out;
   if (c.model.num_kv_shared_layers == 0) return out;
-  runner::RunOptions gated = options;
-  gated.semantics = model::KvShareSemantics::kCacheGated;
-  gated.record_tensors = false;
-  auto one_step = c;
-  one_step.steps = 1;
-  const auto with_holder = runner::run_cp(one_step, ref.lane, cp, gated);
-  gated.use_share_holder = false;
-  const auto without = runner::run_cp(one_step, ref.lane, cp, gated);
+  const bool bf16 = ref.lane == train::DtypeLane::kBf16;
   const double ref_loss = ref.steps.at(0).loss;
-  const double allowed = ref.lane == "bf16" ? tol.bf16_floor : tol.fp32(cp);
+  const double allowed = bf16 ? tol.bf16_floor : tol.fp32(cp);
   const double with_err = rel_scalar(with_holder.steps.at(0).loss, ref_loss);
   out.push_back(CheckResult::judge("kvshare.loss_parity", cp, std::nullopt, "rel_abs_diff_loss", with_err, allowed,
-                                   ref.lane == "bf16" ? Policy::Bf16OracleRelative : Policy::Fp32Relative,
+                                   bf16 ? Policy::Bf16OracleRelative : Policy::Fp32Relative,
                                    {{"cp_loss_with_holder", with_holder.steps.at(0).loss}, {"cp1_shared_loss", ref_loss},
-                                    {"holder", options.use_share_holder}}));
+                                    {"holder", holder}}));
   // The 5.5.0-style path without a holder must move the loss beyond tolerance; observed is the margin below
   // which the bug would be invisible (pass when the loss moved by more than the tolerance).
   const double moved = rel_scalar(without.steps.at(0).loss, ref_loss);
-  auto detected = CheckResult::judge("kvshare.bug_detected", cp, std::nullopt, "tolerance_over_loss_shift",
-                                     moved > 0 ? allowed / moved : INFINITY, 1.0, Policy::Fp32Relative,
-                                     {{"cp_loss_without_holder", without.steps.at(0).loss}, {"cp1_shared_loss", ref_loss},
-                                      {"relative_shift", moved}});
-  out.push_back(detected);
+  out.push_back(CheckResult::judge("kvshare.bug_detected", cp, std::nullopt, "tolerance_over_loss_shift",
+                                   moved > 0 ? allowed / moved : INFINITY, 1.0, Policy::Fp32Relative,
+                                   {{"cp_loss_without_holder", without.steps.at(0).loss}, {"cp1_shared_loss", ref_loss},
+                                    {"relative_shift", moved}}));
   return out;
 }
 
-CheckResult check_determinism(const train::Case& c, int cp, const runner::LaneRun& a, const runner::LaneRun& b) {
+CheckResult check_determinism(const train::Case& c, int cp, const report::LaneRun& a, const report::LaneRun& b) {
   int64_t differences = 0;
   nlohmann::json first;
   for (size_t s = 0; s < std::max(a.steps.size(), b.steps.size()); ++s) {

@@ -2,12 +2,12 @@
 
 #include <cstdlib>
 
-#include "harness/cli/commands.h"
+#include "harness/cli/app.h"
 
 int main(int argc, char** argv) {
   // Ranks run as threads of this process; one intra-op thread each keeps runs deterministic and avoids
   // oversubscribing the cores (CPHARNESS_INTRA_OP_THREADS overrides).
   const char* threads = std::getenv("CPHARNESS_INTRA_OP_THREADS");
   torch::set_num_threads(threads ? std::max(1, std::atoi(threads)) : 1);
-  return cpharness::cli::dispatch(std::vector<std::string>(argv + 1, argv + argc));
+  return cpharness::cli::run_cli(std::vector<std::string>(argv + 1, argv + argc));
 }

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include "harness/cp/shard_plan.h"
 #include "kernels/chunk_attention.h"
 
 namespace cpharness::cp {
@@ -176,7 +177,7 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
     auto dk_home = dk[0].clone(), dv_home = dv[0].clone();
     for (int d = 1; d < n; ++d) {
       if (ring->options().mutation == RingMutation::kDropGradReturn) break;
-      const int dst = ((r - d) % n + n) % n, src = (r + d) % n;
+      const int dst = ring_owner(r, d, n), src = ring_owner(r, -d, n);
       std::vector<Tensor> send = {dk[d].contiguous(), dv[d].contiguous()};
       entry.bytes_sent += bytes_of(send);
       std::vector<Tensor> received;
@@ -220,7 +221,7 @@ kernels::LayerGeometry RingAttention::chunk_geometry(int owner, const kernels::L
 int RingAttention::owner_at_step(int step) const {
   const int n = comm_.size(), r = comm_.rank();
   const int s = options_.mutation == RingMutation::kReverseRotation ? -step : step;
-  return ((r - s) % n + n) % n;
+  return ring_owner(r, s, n);
 }
 
 torch::Tensor RingAttention::attend(const model::AttentionInputs& in, const kernels::TokenMetadata& local_meta) {

@@ -6,14 +6,6 @@
 
 namespace cpharness::cp {
 
-at::Tensor shift_labels(const at::Tensor& labels, int64_t ignore_index) {
-  if (labels.dim() < 2) throw std::invalid_argument("shift_labels: labels must be [B, S, ...]");
-  const int64_t s = labels.size(1);
-  auto out = at::full_like(labels, ignore_index);
-  if (s > 1) out.narrow(1, 0, s - 1).copy_(labels.narrow(1, 1, s - 1));
-  return out;
-}
-
 ShardPlan::ShardPlan(int64_t seq_len, int cp, int64_t pad_multiple) : seq_len_(seq_len), cp_(cp) {
   if (seq_len < 1) throw std::invalid_argument("ShardPlan: seq_len must be >= 1, got " + std::to_string(seq_len));
   if (cp < 1) throw std::invalid_argument("ShardPlan: cp must be >= 1, got " + std::to_string(cp));

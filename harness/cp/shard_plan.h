@@ -16,12 +16,16 @@
 
 #include <ATen/ATen.h>
 
+#include "harness/model/gemma4.h"
+
 namespace cpharness::cp {
 
-inline constexpr int64_t kIgnoreIndex = -100;
+using model::kIgnoreIndex;
+using model::shift_labels;
 
-// target[..., t] = labels[..., t+1] along dim 1 (of a [B, S] tensor); the last position gets ignore_index.
-at::Tensor shift_labels(const at::Tensor& labels, int64_t ignore_index = kIgnoreIndex);
+// Ring step s on rank r of n holds the K/V chunk of rank (r - s) mod n (own chunk at s = 0): the one formula
+// for the ring's schedule, its trace check and its gradient return (the chunk held at step d goes home to it).
+inline int ring_owner(int rank, int step, int n) { return ((rank - step) % n + n) % n; }
 
 class ShardPlan {
  public:

@@ -180,9 +180,12 @@ torch::Tensor Gemma4ModelImpl::forward(const ModelInputs& inputs, AttentionBacke
   return logits;
 }
 
-torch::Tensor shift_labels(const torch::Tensor& labels) {
-  auto pad = torch::full({labels.size(0), 1}, -100, labels.options());
-  return torch::cat({labels.narrow(1, 1, labels.size(1) - 1), pad}, 1);
+torch::Tensor shift_labels(const torch::Tensor& labels, int64_t ignore_index) {
+  TORCH_CHECK(labels.dim() >= 2, "shift_labels: labels must be [B, S, ...]");
+  const int64_t s = labels.size(1);
+  auto out = torch::full_like(labels, ignore_index);
+  if (s > 1) out.narrow(1, 0, s - 1).copy_(labels.narrow(1, 1, s - 1));
+  return out;
 }
 
 TokenLoss token_loss(const torch::Tensor& logits, const torch::Tensor& shifted_labels) {
@@ -192,8 +195,8 @@ TokenLoss token_loss(const torch::Tensor& logits, const torch::Tensor& shifted_l
   auto flat_labels = shifted_labels.reshape({-1}).to(logits.device());
   auto sum = torch::nn::functional::cross_entropy(
       flat_logits, flat_labels,
-      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kSum));
-  return {sum, (flat_labels != -100).sum().item<int64_t>()};
+      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(kIgnoreIndex).reduction(torch::kSum));
+  return {sum, (flat_labels != kIgnoreIndex).sum().item<int64_t>()};
 }
 
 }  // namespace cpharness::model

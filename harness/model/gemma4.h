@@ -121,8 +121,12 @@ torch::Tensor embedding_multiplier(double scale, torch::ScalarType dtype);
 // Final logit softcap: tanh(logits / cap) * cap, each op in the logits dtype.
 torch::Tensor softcap(const torch::Tensor& logits, double cap);
 
-// Labels for next-token prediction: target[t] = labels[t + 1], the last position -100 (HF ForCausalLMLoss).
-torch::Tensor shift_labels(const torch::Tensor& labels);
+// The label value that carries no loss (HF's ignore_index).
+inline constexpr int64_t kIgnoreIndex = -100;
+
+// Labels for next-token prediction along dim 1 of [B, S, ...]: target[t] = labels[t + 1], the last position
+// ignore_index (HF ForCausalLMLoss). The one definition: the CP shard plan shifts with it too.
+torch::Tensor shift_labels(const torch::Tensor& labels, int64_t ignore_index = kIgnoreIndex);
 
 // Sum of per-token cross entropies (logits upcast to fp32) over targets != -100, and their count.
 struct TokenLoss {

@@ -11,7 +11,7 @@
 //   3. then per step, ascending:
 //      hidden states by index ascending (0 = embedding output, i + 1 = after layer i: forward order),
 //      logits, loss,
-//      gradients in backward order (see grad_backward_order), grad_norm, param_norm.
+//      gradients in backward order (see model::grad_backward_order), grad_norm, param_norm.
 // The first divergence is the first entry whose status is out_of_tolerance, nonfinite or shape_mismatch.
 // Entries present in only one dump (missing_in_a / missing_in_b) are reported and fail the comparison when
 // policy.missing_is_failure (the default) but are not candidates for the first divergence.
@@ -113,18 +113,6 @@ struct CompareResult {
 
   const char* status() const { return passed ? "pass" : "fail"; }
 };
-
-// Backward order of parameter names (for gradients): parameters used after the decoder layers first
-// (norm.weight, lm_head.weight and any other non-layer name, by name), then decoder layers by index descending
-// (a "layers.<i>." component anywhere in the name, so HF prefixes like "model.language_model." are fine; within a
-// layer the reverse of Gemma4's forward order: layer_scalar, per-layer-input gate/projection/norm, post-feedforward
-// norm, mlp down/up/gate, pre-feedforward and post-attention norms, o_proj, k_norm, q_norm, v_proj, k_proj, q_proj,
-// input_layernorm, then unknown names by name), then the parameters used before the layers, last:
-// per_layer_projection_norm, per_layer_model_projection, embed_tokens_per_layer, embed_tokens.
-// Returns NAMES sorted in that order.
-std::vector<std::string> grad_backward_order(std::vector<std::string> names);
-// The decoder layer index in a parameter name ("model.layers.12.mlp.up_proj.weight" -> 12), if any.
-std::optional<std::int64_t> layer_index_of(const std::string& param_name);
 
 CompareResult compare_dumps(const RunDump& a, const RunDump& b, const ComparePolicy& policy = ComparePolicy{});
 

@@ -20,20 +20,6 @@ double param_norm(model::Gemma4Model& m) {
   return std::sqrt(sum);
 }
 
-std::map<std::string, torch::Tensor> grads_of(model::Gemma4Model& m) {
-  std::map<std::string, torch::Tensor> out;
-  for (auto& p : m->named_parameters())
-    out[p.key()] = p.value().grad().defined() ? p.value().grad().detach().to(torch::kFloat64).clone()
-                                              : torch::zeros(p.value().sizes(), torch::kFloat64);
-  return out;
-}
-
-std::map<std::string, torch::Tensor> params_of(model::Gemma4Model& m) {
-  std::map<std::string, torch::Tensor> out;
-  for (auto& p : m->named_parameters()) out[p.key()] = p.value().detach().to(torch::kFloat64).clone();
-  return out;
-}
-
 }  // namespace
 
 void inject_fault(const Fault& fault) {
@@ -66,21 +52,6 @@ Fault parse_fault(const std::string& spec) {
   return f;
 }
 
-torch::ScalarType lane_dtype(const std::string& lane) {
-  if (lane == "bf16") return torch::kBFloat16;
-  return lane == "fp64" ? torch::kFloat64 : torch::kFloat32;
-}
-
-train::Batch batch_for_step(const train::Case& c, int64_t step) {
-  train::BatchSpec spec = c.data;
-  spec.seed = c.data.seed + uint64_t(step);
-  if (spec.document_lengths.size() > 1) {
-    const auto k = size_t(step) % spec.document_lengths.size();
-    std::rotate(spec.document_lengths.begin(), spec.document_lengths.begin() + k, spec.document_lengths.end());
-  }
-  return train::make_batch(spec);
-}
-
 model::Gemma4Model build_model(const train::Case& c, torch::ScalarType dtype, std::optional<model::KvShareSemantics> semantics) {
   auto config = c.model;
   if (semantics) config.kv_share_semantics = *semantics;
@@ -91,16 +62,16 @@ model::Gemma4Model build_model(const train::Case& c, torch::ScalarType dtype, st
   return m;
 }
 
-LaneRun run_reference(const train::Case& c, const std::string& lane, const RunOptions& options) {
+LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOptions& options) {
   const auto start = Clock::now();
   LaneRun run;
   run.cp = 1;
   run.lane = lane;
-  auto m = build_model(c, lane_dtype(lane), options.semantics);
+  auto m = build_model(c, train::lane_dtype(lane), options.semantics);
   auto optimizer = train::make_adamw(m->parameters(), c.optimizer);
   model::EagerAttention eager;
   for (int64_t step = 0; step < c.steps; ++step) {
-    auto batch = batch_for_step(c, step);
+    auto batch = train::batch_for_step(c, step);
     optimizer->zero_grad();
     model::KvShareHolder holder;
     model::ForwardOptions fo;
@@ -115,28 +86,28 @@ LaneRun run_reference(const train::Case& c, const std::string& lane, const RunOp
     if (step == 0 && options.record_tensors) {
       run.logits = logits.detach().to(torch::kFloat64);
       for (auto& h : hidden) run.hidden.push_back(h.detach().to(torch::kFloat64));
-      run.grads = grads_of(m);
+      run.grads = model::gradient_copies(m, torch::kFloat64);
     }
     optimizer->step();
     rec.param_norm = param_norm(m);
     run.steps.push_back(rec);
   }
-  run.final_params = params_of(m);
+  run.final_params = model::parameter_copies(m, torch::kFloat64);
   run.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return run;
 }
 
-CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, const std::string& lane, const RunOptions& options) {
+CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane lane, const RunOptions& options) {
   CpRankRecord rec;
   rec.rank = comm.rank();
-  auto m = build_model(c, lane_dtype(lane), options.semantics);
+  auto m = build_model(c, train::lane_dtype(lane), options.semantics);
   cp::CpStepOptions step_options;
   step_options.use_share_holder = options.use_share_holder;
   step_options.shift_labels_after_sharding = options.step_mutation == StepMutation::kShiftLabelsAfterSharding;
   cp::CpTrainer trainer(comm, m, c.optimizer, options.ring, step_options);
   for (int64_t step = 0; step < c.steps; ++step) {
     if (options.fault && options.fault->rank == rec.rank && options.fault->step == step) inject_fault(*options.fault);
-    auto batch = batch_for_step(c, step);
+    auto batch = train::batch_for_step(c, step);
     std::vector<torch::Tensor> h;
     cp::CpForwardResult fwd;
     comm.reset_stats();
@@ -151,15 +122,15 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, const std::string
       if (record) {
         rec.logits = fwd.local_logits.to(torch::kFloat64);
         for (auto& t : h) rec.hidden.push_back(t.detach().to(torch::kFloat64));
-        if (rec.rank == 0) rec.grads = grads_of(trainer.model());  // all-reduced: identical on every rank
+        if (rec.rank == 0) rec.grads = model::gradient_copies(trainer.model(), torch::kFloat64);  // all-reduced: identical on every rank
       }
     }
   }
-  if (rec.rank == 0) rec.final_params = params_of(trainer.model());
+  if (rec.rank == 0) rec.final_params = model::parameter_copies(trainer.model(), torch::kFloat64);
   return rec;
 }
 
-LaneRun assemble_cp_run(const train::Case& c, const std::string& lane, std::vector<CpRankRecord> ranks, double seconds) {
+LaneRun assemble_cp_run(const train::Case& c, train::DtypeLane lane, std::vector<CpRankRecord> ranks, double seconds) {
   const int n = int(ranks.size());
   LaneRun run;
   run.cp = n;
@@ -192,14 +163,14 @@ LaneRun assemble_cp_run(const train::Case& c, const std::string& lane, std::vect
   return run;
 }
 
-LaneRun run_cp(const train::Case& c, const std::string& lane, int n, const RunOptions& options) {
+LaneRun run_cp(const train::Case& c, train::DtypeLane lane, int n, const RunOptions& options) {
   const auto start = Clock::now();
   std::vector<CpRankRecord> ranks(static_cast<size_t>(n));
   cp::run_local(n, [&](cp::Comm& comm) { ranks[size_t(comm.rank())] = run_cp_rank(comm, c, lane, options); }, options.timeout);
   return assemble_cp_run(c, lane, std::move(ranks), std::chrono::duration<double>(Clock::now() - start).count());
 }
 
-std::optional<LaneRun> run_cp_on(cp::Comm& world, const train::Case& c, const std::string& lane, const RunOptions& options) {
+std::optional<LaneRun> run_cp_on(cp::Comm& world, const train::Case& c, train::DtypeLane lane, const RunOptions& options) {
   const auto start = Clock::now();
   auto mine = run_cp_rank(world, c, lane, options);
   auto all = gather_rank_records(world, mine);

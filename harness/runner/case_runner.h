@@ -13,10 +13,15 @@
 #include "harness/cp/comm.h"
 #include "harness/cp/ring_attention.h"
 #include "harness/model/gemma4.h"
+#include "harness/report/lane_run.h"
 #include "harness/train/case.h"
 #include "kernels/block_mask_cache.h"
 
 namespace cpharness::runner {
+
+using report::CpRankRecord;
+using report::LaneRun;
+using report::StepRecord;
 
 // Known-bad variants of the CP step itself (the ring's own live in cp::RingMutation), for selftest mutants.
 enum class StepMutation {
@@ -45,60 +50,20 @@ struct RunOptions {
   std::optional<Fault> fault;        // candidates only
 };
 
-struct StepRecord {
-  double loss = 0, grad_norm = 0, param_norm = 0;
-  int64_t counted_tokens = 0;
-};
-
-struct LaneRun {
-  int cp = 1;
-  std::string lane;  // "fp32" or "bf16"
-  std::vector<StepRecord> steps;
-  // Step 0, before the update, in global token order (padding cropped); fp64 copies.
-  torch::Tensor logits;
-  std::vector<torch::Tensor> hidden;  // index 0: embeddings, i + 1: after layer i
-  std::map<std::string, torch::Tensor> grads;
-  std::map<std::string, torch::Tensor> final_params;  // after the last step
-  // cp > 1 only: [step][rank] counters, [rank] step-0 ring traces and comm stats.
-  std::vector<std::vector<kernels::BlockMaskCacheCounters>> cache;
-  std::vector<std::vector<cp::RingTraceEntry>> traces;
-  std::vector<cp::CommStats> comm_step0;
-  double seconds = 0;
-};
-
-// The batch of optimizer step k: the case's data with its seed advanced by k and its documents rotated by k,
-// so that consecutive steps have different masks (a stale cached mask shows).
-train::Batch batch_for_step(const train::Case& c, int64_t step);
-
 // The case's model with its initial weights (seeded init or checkpoint) in `dtype`.
 model::Gemma4Model build_model(const train::Case& c, torch::ScalarType dtype,
                                std::optional<model::KvShareSemantics> semantics = std::nullopt);
 
-torch::ScalarType lane_dtype(const std::string& lane);
-
-// What one rank of a cp N run records; assembled into a LaneRun (rank 0 alone holds the global gradients and
-// final parameters, which are identical on every rank after the all-reduce).
-struct CpRankRecord {
-  int rank = 0;
-  std::vector<StepRecord> steps;
-  std::vector<kernels::BlockMaskCacheCounters> cache;  // per step
-  std::vector<cp::RingTraceEntry> trace;               // step 0
-  cp::CommStats comm_step0;
-  torch::Tensor logits;               // step 0, this rank's shard, fp64
-  std::vector<torch::Tensor> hidden;  // step 0, this rank's shard, fp64
-  std::map<std::string, torch::Tensor> grads, final_params;  // rank 0 only
-};
-
-LaneRun run_reference(const train::Case& c, const std::string& lane, const RunOptions& options = {});
+LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOptions& options = {});
 
 // This rank's part of a cp N run over `comm` (any backend).
-CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, const std::string& lane, const RunOptions& options);
+CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane lane, const RunOptions& options);
 // The records of ranks 0..N-1 (in order) as one run: shards put back in global order through the shard plan.
-LaneRun assemble_cp_run(const train::Case& c, const std::string& lane, std::vector<CpRankRecord> ranks, double seconds);
+LaneRun assemble_cp_run(const train::Case& c, train::DtypeLane lane, std::vector<CpRankRecord> ranks, double seconds);
 // cp N with the local backend (ranks as threads of this process).
-LaneRun run_cp(const train::Case& c, const std::string& lane, int cp, const RunOptions& options = {});
+LaneRun run_cp(const train::Case& c, train::DtypeLane lane, int cp, const RunOptions& options = {});
 // cp = world.size() over a process backend: every rank runs its part, the records are gathered to rank 0, which
 // returns the assembled run; the other ranks return nothing.
-std::optional<LaneRun> run_cp_on(cp::Comm& world, const train::Case& c, const std::string& lane, const RunOptions& options);
+std::optional<LaneRun> run_cp_on(cp::Comm& world, const train::Case& c, train::DtypeLane lane, const RunOptions& options);
 
 }  // namespace cpharness::runner

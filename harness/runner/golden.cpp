@@ -1,5 +1,10 @@
 #include "harness/runner/golden.h"
 
+#include <chrono>
+#include <iostream>
+
+#include "harness/report/environment.h"
+
 #include <fmt/format.h>
 
 #include "harness/io/input_error.h"
@@ -20,7 +25,7 @@ std::string case_hash(const train::Case& c) {
 
 report::RunDump reference_dump(const train::Case& c, const std::string& kind) {
   const std::string lane = train::to_string(c.dtype);
-  const auto run = run_reference(c, lane);
+  const auto run = run_reference(c, c.dtype);
   report::RunDump d;
   d.provenance = report::base_provenance(kind);
   d.provenance["dtype"] = lane;
@@ -28,7 +33,7 @@ report::RunDump reference_dump(const train::Case& c, const std::string& kind) {
   d.provenance["case_hash"] = case_hash(c);
   d.provenance["config"] = c.model.to_json().dump();
   d.provenance["kv_share_semantics"] = model::to_string(c.model.kv_share_semantics);
-  const auto batch = batch_for_step(c, 0);
+  const auto batch = train::batch_for_step(c, 0);
   d.inputs = {{"input_ids", batch.input_ids}, {"labels", batch.labels}, {"position_ids", batch.position_ids},
               {"document_ids", batch.meta.document_ids}, {"padding", batch.meta.padding}};
   if (batch.meta.vision_group_ids.defined()) d.inputs["vision_group_ids"] = batch.meta.vision_group_ids;
@@ -51,8 +56,8 @@ report::RunDump reference_dump(const train::Case& c, const std::string& kind) {
   return d;
 }
 
-report::ComparePolicy golden_policy(const std::string& lane) {
-  return lane == "bf16" ? report::ComparePolicy::relative(2e-2) : report::ComparePolicy::fp32();
+report::ComparePolicy golden_policy(train::DtypeLane lane) {
+  return lane == train::DtypeLane::kBf16 ? report::ComparePolicy::relative(2e-2) : report::ComparePolicy::fp32();
 }
 
 report::CheckResult verify_golden(const train::Case& c, const std::string& golden_path, report::CompareResult* out) {
@@ -71,7 +76,7 @@ report::CheckResult verify_golden(const train::Case& c, const std::string& golde
   if (!get("dtype").empty() && get("dtype") != lane)
     throw io::InputError(golden_path, "provenance/dtype", fmt::format("golden lane {} but the case runs {}", get("dtype"), lane));
   const auto fresh = reference_dump(c, "dump");
-  const auto result = report::compare_dumps(fresh, golden, golden_policy(lane));
+  const auto result = report::compare_dumps(fresh, golden, golden_policy(c.dtype));
   if (out) *out = result;
   const bool pass = result.passed;
   nlohmann::json details = report::to_json(result);
@@ -86,6 +91,30 @@ report::CheckResult verify_golden(const train::Case& c, const std::string& golde
   if (!pass && result.first_divergence)
     check.message += fmt::format("; first divergence: {}", result.entries[*result.first_divergence].message);
   return check;
+}
+
+report::Report run_golden_verify(const std::string& case_path, const std::string& golden_path) {
+  auto r = report::new_report("cpu", std::nullopt);
+  report::CaseReport cr;
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    const auto c = train::load_case(case_path);
+    cr.id = c.id;
+    cr.dtype = train::to_string(c.dtype);
+    cr.cp_sizes = {1};
+    report::CompareResult cmp;
+    cr.checks.push_back(verify_golden(c, golden_path, &cmp));
+    std::cerr << report::render_text(cmp, "run", golden_path);
+  } catch (const io::InputError& e) {
+    cr.id = cr.id.empty() ? case_path : cr.id;
+    cr.checks.clear();
+    cr.error = e.what();
+    std::cerr << "cpharness: error: " << e.what() << "\n";
+  }
+  cr.duration_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  r.cases.push_back(cr);
+  r.duration_s = cr.duration_s;
+  return r;
 }
 
 }  // namespace cpharness::runner

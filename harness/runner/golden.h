@@ -19,10 +19,13 @@ report::RunDump reference_dump(const train::Case& c, const std::string& kind);
 
 // The policy a golden of `lane` is verified with: fp32 relative 1e-5; bf16 relative 2e-2 (bf16 rounding moves
 // with the CPU's kernels, so only drift well beyond one bf16 ulp is a regression).
-report::ComparePolicy golden_policy(const std::string& lane);
+report::ComparePolicy golden_policy(train::DtypeLane lane);
 
 // golden.match: a fresh reference run of `c` against `golden_path`. Errors in the golden (missing, corrupt, wrong
 // layout, another case or another version of the case) are io::InputError.
+// golden verify: one report case holding golden.match (or the input error that stopped it).
+report::Report run_golden_verify(const std::string& case_path, const std::string& golden_path);
+
 report::CheckResult verify_golden(const train::Case& c, const std::string& golden_path, report::CompareResult* result = nullptr);
 
 }  // namespace cpharness::runner

@@ -1,5 +1,7 @@
 #include "harness/runner/selftest.h"
 
+#include "harness/report/environment.h"
+
 #include <fmt/format.h>
 
 #include <iostream>
@@ -66,11 +68,7 @@ train::Case selftest_case() {
 }
 
 report::Report run_selftest(const SuiteOptions& base, const std::vector<std::string>& only) {
-  report::Report rep;
-  rep.timestamp = report::utc_timestamp_now();
-  rep.environment.torch = "";
-  rep.environment.device = "cpu";
-  rep.environment.comm_backend = base.comm;
+  auto rep = report::new_report("cpu", base.comm);
   const auto start = std::chrono::steady_clock::now();
   auto mutants = selftest_mutants();
   if (!only.empty()) {

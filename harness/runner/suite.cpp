@@ -5,10 +5,9 @@
 #include <chrono>
 #include <iostream>
 
-#include "cpharness/version.h"
 #include "harness/cp/comm.h"
 #include "harness/io/input_error.h"
-#include "torch/headeronly/version.h"
+#include "harness/report/environment.h"
 
 namespace cpharness::runner {
 namespace {
@@ -23,7 +22,7 @@ void progress(const train::Case& c, const LaneRun& run) {
   for (size_t s = 0; s < run.steps.size(); ++s) {
     const auto& st = run.steps[s];
     const bool finite = std::isfinite(st.loss) && std::isfinite(st.grad_norm);
-    std::cerr << fmt::format("[{}] cp{} {} step {}: loss {:.6f} grad_norm {:.6f} {}\n", c.id, run.cp, run.lane, s, st.loss,
+    std::cerr << fmt::format("[{}] cp{} {} step {}: loss {:.6f} grad_norm {:.6f} {}\n", c.id, run.cp, train::to_string(run.lane), s, st.loss,
                              st.grad_norm, finite ? "ok" : "NON-FINITE");
   }
 }
@@ -88,6 +87,23 @@ void record_ring_and_cache(report::CaseReport& rep, int n, const LaneRun& candid
   rep.ring[n] = trace;
 }
 
+// The two one-step cp N runs the kvshare checks judge, under cache-gated semantics: with the holder as the
+// candidate passes it, and without it (the 5.5.0-style dead K/V).
+std::vector<report::CheckResult> kvshare_checks(const train::Case& c, int n, const check::Tolerances& tol,
+                                                const LaneRun& reference, const RunOptions& options) {
+  if (c.model.num_kv_shared_layers == 0) return {};
+  RunOptions gated = options;
+  gated.semantics = model::KvShareSemantics::kCacheGated;
+  gated.record_tensors = false;
+  gated.fault.reset();
+  auto one_step = c;
+  one_step.steps = 1;
+  const auto with_holder = run_cp(one_step, reference.lane, n, gated);
+  gated.use_share_holder = false;
+  const auto without = run_cp(one_step, reference.lane, n, gated);
+  return check::check_kvshare(c, n, tol, reference, with_holder, without, options.use_share_holder);
+}
+
 // Runs `body`, turning what it throws into the case's error (the first one wins).
 // A communication failure also reports the peer it was waiting for (`failed_peer`).
 template <typename Body>
@@ -104,13 +120,115 @@ void guarded(report::CaseReport& rep, Body&& body, int* failed_peer = nullptr) {
   }
 }
 
+// The runs of one case, as the three phases make them.
+struct CaseRuns {
+  std::optional<LaneRun> reference, oracle;  // oracle: the fp32 cp 1 run a bf16 lane is judged against
+  std::map<int, LaneRun> candidates, uncached;
+};
+
+// The cp sizes a case runs at: under a process backend the world size, else --cp or the case's own.
+std::vector<int> cp_sizes_of(const train::Case& c, const SuiteOptions& options) {
+  if (options.world) return {options.world->size()};  // one process per rank: the world size is the cp size
+  std::vector<int> cps;
+  for (auto n : options.cp_sizes ? *options.cp_sizes : std::vector<int>(c.cp_sizes.begin(), c.cp_sizes.end()))
+    cps.push_back(int(n));
+  return cps;
+}
+
+std::optional<std::string> skip_reason(const train::Case& c, const SuiteOptions& options) {
+  for (auto& feature : c.requires_features)
+    if (feature == "cuda" && !options.has_cuda) return "requires cuda: no CUDA device on this machine";
+  return std::nullopt;
+}
+
+RunOptions run_options_of(const train::Case& c, const SuiteOptions& options) {
+  RunOptions o = options.run;
+  o.timeout = options.timeout;
+  o.ring.q_block = o.ring.kv_block = c.block_size;
+  if (!c.block_mask_cache) o.ring.cache_enabled = false;
+  return o;
+}
+
+// Phase A (rank 0): the cp 1 reference (and the fp32 oracle of a bf16 lane), mask and per-chunk attention checks.
+void run_reference_phase(const train::Case& c, const std::vector<int>& cps, const RunOptions& run_options,
+                         const SuiteOptions& options, report::CaseReport& rep, CaseRuns& runs) {
+  runs.reference = run_reference(c, c.dtype, run_options);
+  progress(c, *runs.reference);
+  rep.trajectories[1] = trajectory_of(*runs.reference);
+  if (c.dtype == train::DtypeLane::kBf16) runs.oracle = run_reference(c, train::DtypeLane::kFp32, run_options);
+  for (int n : cps) {
+    if (n < 1) throw io::InputError(c.path, "cp", fmt::format("cp sizes must be >= 1, got {}", n));
+    if (n == 1) continue;  // the reference itself
+    append(rep.checks, c, check::check_masks(c, n, run_options.ring, options.block_mask_mutation));
+    if (wants_check(c, "attention.parity")) append(rep.checks, c, check::check_attention_parity(c, n, run_options.ring));
+  }
+}
+
+// Phase B (every rank): the cp N candidates, cached and (for the cache checks) one uncached step.
+void run_candidate_phase(const train::Case& c, const std::vector<int>& cps, const RunOptions& run_options,
+                         const SuiteOptions& options, report::CaseReport& rep, CaseRuns& runs) {
+  auto uncached_options = run_options;
+  uncached_options.ring.cache_enabled = false;
+  uncached_options.record_tensors = false;
+  uncached_options.fault.reset();
+  auto one_step = c;  // the uncached build count needs one step (every lookup builds)
+  one_step.steps = 1;
+  auto candidate_run = [&](const train::Case& k, int n, const RunOptions& o) -> std::optional<LaneRun> {
+    if (options.world) return run_cp_on(*options.world, k, c.dtype, o);
+    return run_cp(k, c.dtype, n, o);
+  };
+  for (int n : cps) {
+    if (n == 1) continue;
+    // A communication failure here is fatal under a process backend: the ranks can no longer agree.
+    guarded(rep, [&] {
+      if (auto run = candidate_run(c, n, run_options)) runs.candidates.emplace(n, std::move(*run));
+      if (wants_check(c, "cache.build_count"))
+        if (auto run = candidate_run(one_step, n, uncached_options)) runs.uncached.emplace(n, std::move(*run));
+    }, &options.failed_peer);
+    if (rep.error && options.world) {
+      options.world_failed = true;
+      break;
+    }
+  }
+}
+
+// Phase C (rank 0): every check that compares a candidate with the reference, and the repeat run.
+void judge_phase(const train::Case& c, const RunOptions& run_options, const SuiteOptions& options,
+                 report::CaseReport& rep, const CaseRuns& runs) {
+  const auto tol = tolerances_of(c);
+  for (auto& [n, candidate] : runs.candidates) {
+    progress(c, candidate);
+    rep.trajectories[n] = trajectory_of(candidate);
+    const auto u = runs.uncached.find(n);
+    append(rep.checks, c, check::check_ring(c, candidate));
+    append(rep.checks, c, check::check_cache(c, candidate, u == runs.uncached.end() ? nullptr : &u->second));
+    append(rep.checks, c, check::check_training(c, tol, *runs.reference, candidate, runs.oracle ? &*runs.oracle : nullptr,
+                                                options.dump_dir));
+    if (wants_check(c, "kvshare.loss_parity") || wants_check(c, "kvshare.bug_detected"))
+      append(rep.checks, c, kvshare_checks(c, n, tol, *runs.reference, run_options));
+    record_ring_and_cache(rep, n, candidate);
+  }
+  if (wants_check(c, "determinism.repeat_bitwise")) {
+    auto repeat_case = c;
+    if (options.perturb_repeat_seed) repeat_case.init_seed += 1;
+    rep.checks.push_back(check::check_determinism(c, 1, *runs.reference, run_reference(repeat_case, c.dtype, run_options)));
+  }
+}
+
+// The case's verdict on stderr: status, duration, the error, and every check that did not pass.
+void print_case_result(const report::CaseReport& rep) {
+  std::cerr << fmt::format("[{}] {} in {:.1f}s{}\n", rep.id, report::to_string(rep.status()), rep.duration_s,
+                           rep.error ? ": " + *rep.error : "");
+  for (auto& chk : rep.checks)
+    if (chk.status != report::Status::Pass && chk.status != report::Status::Skipped)
+      std::cerr << fmt::format("[{}]   {} cp{}{}: {}\n", rep.id, chk.name, chk.cp, chk.rank ? fmt::format(" rank {}", *chk.rank) : "",
+                               chk.message);
+}
+
 }  // namespace
 
-// Three phases, so that under a process backend (options.world) only the candidates need every rank:
-//   A (rank 0): the cp 1 reference (and the fp32 oracle of a bf16 lane), mask and per-chunk attention checks;
-//   B (every rank): the cp N candidates, cached and uncached;
-//   C (rank 0): the checks that compare candidates with the reference.
-// With the local backend there is one process and all three run in it.
+// Three phases, so that under a process backend (options.world) only the candidates need every rank: A and C
+// run on rank 0, B on every rank. With the local backend there is one process and all three run in it.
 report::CaseReport run_case(const train::Case& c, const SuiteOptions& options) {
   const auto start = Clock::now();
   const bool root = !options.world || options.world->rank() == 0;
@@ -118,110 +236,30 @@ report::CaseReport run_case(const train::Case& c, const SuiteOptions& options) {
   rep.id = c.id;
   rep.description = c.description;
   rep.dtype = train::to_string(c.dtype);
-  std::vector<int> cps;
-  if (options.world) cps = {options.world->size()};  // one process per rank: the world size is the cp size
-  else
-    for (auto n : options.cp_sizes ? *options.cp_sizes : std::vector<int>(c.cp_sizes.begin(), c.cp_sizes.end())) cps.push_back(int(n));
+  const auto cps = cp_sizes_of(c, options);
   rep.cp_sizes = cps;
-  for (auto& feature : c.requires_features) {
-    if (feature == "cuda" && !options.has_cuda) {
-      rep.skip_reason = "requires cuda: no CUDA device on this machine";
-      if (root) std::cerr << fmt::format("[{}] skipped: {}\n", c.id, *rep.skip_reason);
-      return rep;
-    }
+  if ((rep.skip_reason = skip_reason(c, options))) {
+    if (root) std::cerr << fmt::format("[{}] skipped: {}\n", c.id, *rep.skip_reason);
+    return rep;
   }
-  const std::string lane = rep.dtype;
-  const auto tol = tolerances_of(c);
-  RunOptions run_options = options.run;
-  run_options.timeout = options.timeout;
-  run_options.ring.q_block = run_options.ring.kv_block = c.block_size;
-  if (!c.block_mask_cache) run_options.ring.cache_enabled = false;
-
-  std::optional<LaneRun> reference, oracle;
-  if (root)
-    guarded(rep, [&] {
-      reference = run_reference(c, lane, run_options);
-      progress(c, *reference);
-      rep.trajectories[1] = trajectory_of(*reference);
-      if (lane == "bf16") oracle = run_reference(c, "fp32", run_options);
-      for (int n : cps) {
-        if (n < 1) throw io::InputError(c.path, "cp", fmt::format("cp sizes must be >= 1, got {}", n));
-        if (n == 1) continue;  // the reference itself
-        append(rep.checks, c, check::check_masks(c, n, run_options.ring, options.block_mask_mutation));
-        if (wants_check(c, "attention.parity")) append(rep.checks, c, check::check_attention_parity(c, n, run_options.ring));
-      }
-    });
-
-  // Phase B. Under a process backend rank 0 first tells the others whether the case goes on.
+  const auto run_options = run_options_of(c, options);
+  CaseRuns runs;
+  if (root) guarded(rep, [&] { run_reference_phase(c, cps, run_options, options, rep, runs); });
+  // Under a process backend rank 0 first tells the others whether the case goes on.
   bool go = !rep.error;
   if (options.world) go = agree_with_root(*options.world, go, options.root_wait);
-  std::map<int, LaneRun> candidates, uncached;
-  if (go) {
-    auto uncached_options = run_options;
-    uncached_options.ring.cache_enabled = false;
-    uncached_options.record_tensors = false;
-    uncached_options.fault.reset();
-    auto one_step = c;  // the uncached build count needs one step (every lookup builds)
-    one_step.steps = 1;
-    auto candidate_run = [&](const train::Case& k, int n, const RunOptions& o) -> std::optional<LaneRun> {
-      if (options.world) return run_cp_on(*options.world, k, lane, o);
-      return run_cp(k, lane, n, o);
-    };
-    for (int n : cps) {
-      if (n == 1) continue;
-      // A communication failure here is fatal under a process backend: the ranks can no longer agree.
-      guarded(rep, [&] {
-        if (auto run = candidate_run(c, n, run_options)) candidates.emplace(n, std::move(*run));
-        if (wants_check(c, "cache.build_count"))
-          if (auto run = candidate_run(one_step, n, uncached_options)) uncached.emplace(n, std::move(*run));
-      }, &options.failed_peer);
-      if (rep.error && options.world) {
-        options.world_failed = true;
-        break;
-      }
-    }
-  }
-
-  if (root && !rep.error)
-    guarded(rep, [&] {
-      for (auto& [n, candidate] : candidates) {
-        progress(c, candidate);
-        rep.trajectories[n] = trajectory_of(candidate);
-        const auto u = uncached.find(n);
-        append(rep.checks, c, check::check_ring(c, candidate));
-        append(rep.checks, c, check::check_cache(c, candidate, u == uncached.end() ? nullptr : &u->second));
-        append(rep.checks, c, check::check_training(c, tol, *reference, candidate, oracle ? &*oracle : nullptr, options.dump_dir));
-        if (wants_check(c, "kvshare.loss_parity") || wants_check(c, "kvshare.bug_detected"))
-          append(rep.checks, c, check::check_kvshare(c, n, tol, *reference, run_options));
-        record_ring_and_cache(rep, n, candidate);
-      }
-      if (wants_check(c, "determinism.repeat_bitwise")) {
-        auto repeat_case = c;
-        if (options.perturb_repeat_seed) repeat_case.init_seed += 1;
-        rep.checks.push_back(check::check_determinism(c, 1, *reference, run_reference(repeat_case, lane, run_options)));
-      }
-    });
+  if (go) run_candidate_phase(c, cps, run_options, options, rep, runs);
+  if (root && !rep.error) guarded(rep, [&] { judge_phase(c, run_options, options, rep, runs); });
   if (rep.error) rep.checks.clear();  // an error report carries no partial verdicts
   rep.duration_s = std::chrono::duration<double>(Clock::now() - start).count();
-  if (!root) return rep;
-  const auto status = rep.status();
-  std::cerr << fmt::format("[{}] {} in {:.1f}s{}\n", c.id, report::to_string(status), rep.duration_s,
-                           rep.error ? ": " + *rep.error : "");
-  for (auto& chk : rep.checks)
-    if (chk.status != report::Status::Pass && chk.status != report::Status::Skipped)
-      std::cerr << fmt::format("[{}]   {} cp{}{}: {}\n", c.id, chk.name, chk.cp, chk.rank ? fmt::format(" rank {}", *chk.rank) : "", chk.message);
+  if (root) print_case_result(rep);
   return rep;
 }
 
 report::Report run_suite(const std::vector<train::Case>& cases, const SuiteOptions& options) {
   const auto start = Clock::now();
-  report::Report r;
-  r.timestamp = report::utc_timestamp_now();
-  r.environment.torch = fmt::format("{}.{}.{}", TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR, TORCH_VERSION_PATCH);
-  r.environment.device = options.has_cuda ? "cuda" : "cpu";
-  r.environment.comm_backend = options.comm;
-  r.environment.determinism = {{"intra_op_threads", at::get_num_threads()}, {"deterministic_algorithms", at::globalContext().deterministicAlgorithms()}};
-  r.environment.comm_backend = options.world ? cp::backend_name(options.world->backend()) : options.comm;
+  auto r = report::new_report(options.has_cuda ? "cuda" : "cpu",
+                              options.world ? cp::backend_name(options.world->backend()) : options.comm);
   for (auto& c : cases) {
     if (options.world_failed) {
       report::CaseReport rep;

@@ -10,6 +10,7 @@
 #include <limits>
 #include <stdexcept>
 
+#include "harness/model/parameter_order.h"
 #include "harness/io/hdf5_tensors.h"
 #include "harness/io/input_error.h"
 #include "harness/report/compare.h"
@@ -439,12 +440,12 @@ TEST(GoldenCompare, GradBackwardOrderAndLayerIndex) {
       "layers.2.input_layernorm.weight", "layers.2.mystery.weight",  // unknown names last within the layer
       "per_layer_projection_norm.weight", "per_layer_model_projection.weight", "embed_tokens_per_layer.weight",
       "model.language_model.embed_tokens.weight"};  // embed_tokens at the very end
-  EXPECT_EQ(grad_backward_order(names), expected);
-  EXPECT_EQ(layer_index_of("model.language_model.layers.12.mlp.up_proj.weight"), 12);
-  EXPECT_EQ(layer_index_of("layers.0.self_attn.q_proj.weight"), 0);
-  EXPECT_EQ(layer_index_of("norm.weight"), std::nullopt);
-  EXPECT_EQ(layer_index_of("sublayers.3.x"), std::nullopt);
-  EXPECT_EQ(layer_index_of("layers.x.y"), std::nullopt);
+  EXPECT_EQ(model::grad_backward_order(names), expected);
+  EXPECT_EQ(model::layer_index_of("model.language_model.layers.12.mlp.up_proj.weight"), 12);
+  EXPECT_EQ(model::layer_index_of("layers.0.self_attn.q_proj.weight"), 0);
+  EXPECT_EQ(model::layer_index_of("norm.weight"), std::nullopt);
+  EXPECT_EQ(model::layer_index_of("sublayers.3.x"), std::nullopt);
+  EXPECT_EQ(model::layer_index_of("layers.x.y"), std::nullopt);
 }
 
 TEST(GoldenCompare, FirstDivergenceIsTheForwardHiddenStateBeforeBackwardGrads) {

@@ -13,7 +13,7 @@
 #include "harness/check/hf_parity.h"
 #include "harness/model/attention_backend.h"
 #include "harness/model/weights.h"
-#include "harness/runner/hf_golden.h"
+#include "harness/runner/hf_run.h"
 
 namespace cpharness {
 namespace {

@@ -10,6 +10,8 @@
 #include "harness/cp/ring_attention.h"
 #include "harness/cp/shard_plan.h"
 #include "kernels/dense_mask.h"
+#include "kernels/reference_attention.h"
+#include "kernels/relative_error.h"
 
 namespace cpharness::cp::testing {
 
@@ -29,20 +31,6 @@ struct Scenario {
 struct Reference {
   Tensor out, lse, dq, dk, dv;  // full sequence (padded length)
 };
-
-// Full attention over the padded global sequence in fp64 with autograd; empty rows give 0 and lse -inf.
-inline Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& allowed, Tensor* lse_out) {
-  const int64_t groups = q.size(1) / k.size(1);
-  auto kk = k.repeat_interleave(groups, 1), vv = v.repeat_interleave(groups, 1);
-  auto s = torch::matmul(q, kk.transpose(2, 3));
-  auto a = allowed.unsqueeze(1);
-  const double inf = std::numeric_limits<double>::infinity();
-  auto lse = torch::logsumexp(torch::where(a, s, torch::full({}, -inf, s.options())), -1, true);
-  auto row_has = a.any(-1, true);
-  auto p = torch::where(a, torch::exp(s - torch::where(row_has, lse, torch::zeros_like(lse))), torch::zeros_like(s));
-  if (lse_out) *lse_out = lse.squeeze(-1).detach();
-  return torch::matmul(p, vv);
-}
 
 struct Data {
   ShardPlan plan;
@@ -85,17 +73,15 @@ inline Data make_data(const Scenario& sc, int cp, uint64_t seed) {
 inline Reference reference(const Data& d) {
   auto q = d.q.clone().requires_grad_(), k = d.k.clone().requires_grad_(), v = d.v.clone().requires_grad_();
   Reference r;
-  r.out = attention(q, k, v, d.allowed, &r.lse);
+  auto dense = kernels::dense_reference_attention(q, k, v, d.allowed);
+  r.out = dense.out, r.lse = dense.lse;
   (r.out * d.dout).sum().backward();
   r.out = r.out.detach();
   r.dq = q.grad(), r.dk = k.grad(), r.dv = v.grad();
   return r;
 }
 
-inline double rel(const Tensor& a, const Tensor& b) {
-  const double denom = std::max(b.norm().item<double>(), 1e-300);
-  return (a.to(torch::kFloat64) - b).norm().item<double>() / denom;
-}
+inline double rel(const Tensor& a, const Tensor& b) { return kernels::relative_error(a, b); }
 
 inline void expect_close(const Tensor& actual, const Tensor& expected, const std::string& what) {
   ASSERT_EQ(actual.sizes(), expected.sizes()) << what;
@@ -158,8 +144,7 @@ inline void check_rank(const Data& data, const Reference& ref, int r, int cp, co
       if (!any) continue;
       auto qs = rows(data.q).clone().requires_grad_();
       auto ks = cols(data.k).clone().requires_grad_(), vs = cols(data.v).clone().requires_grad_();
-      Tensor lse;
-      auto chunk_out = attention(qs, ks, vs, allowed, &lse);
+      auto [chunk_out, lse] = kernels::dense_reference_attention(qs, ks, vs, allowed);
       expect_close(rec.out, chunk_out.detach(), fmt::format("rank {} chunk {} out", r, rec.owner));
       auto finite = torch::isfinite(lse);
       EXPECT_TRUE(torch::equal(torch::isfinite(rec.lse), finite)) << "rank " << r << " chunk " << rec.owner << " lse -inf pattern";
@@ -168,7 +153,7 @@ inline void check_rank(const Data& data, const Reference& ref, int r, int cp, co
       auto q_all = data.q.clone().requires_grad_(), k_all = data.k.clone().requires_grad_(), v_all = data.v.clone().requires_grad_();
       auto dout_rows = torch::zeros_like(data.dout);
       rows(dout_rows).copy_(rows(data.dout));
-      (attention(q_all, k_all, v_all, data.allowed, nullptr) * dout_rows).sum().backward();
+      (kernels::dense_reference_attention(q_all, k_all, v_all, data.allowed).out * dout_rows).sum().backward();
       expect_close(rec.dk, cols(k_all.grad()), fmt::format("rank {} chunk {} dk", r, rec.owner));
       expect_close(rec.dv, cols(v_all.grad()), fmt::format("rank {} chunk {} dv", r, rec.owner));
       dq_sum += rec.dq;

@@ -55,6 +55,25 @@ std::vector<int64_t> ints_at(const json& j, const std::string& key, const std::s
 
 }  // namespace
 
+torch::ScalarType lane_dtype(DtypeLane lane) {
+  switch (lane) {
+    case DtypeLane::kBf16: return torch::kBFloat16;
+    case DtypeLane::kFp64: return torch::kFloat64;
+    case DtypeLane::kFp32: return torch::kFloat32;
+  }
+  throw std::logic_error("lane_dtype: unknown lane");
+}
+
+Batch batch_for_step(const Case& c, int64_t step) {
+  BatchSpec spec = c.data;
+  spec.seed = c.data.seed + uint64_t(step);
+  if (spec.document_lengths.size() > 1) {
+    const auto k = size_t(step) % spec.document_lengths.size();
+    std::rotate(spec.document_lengths.begin(), spec.document_lengths.begin() + k, spec.document_lengths.end());
+  }
+  return make_batch(spec);
+}
+
 std::string to_string(DtypeLane lane) { return lane == DtypeLane::kBf16 ? "bf16" : lane == DtypeLane::kFp64 ? "fp64" : "fp32"; }
 
 Case case_from_json(const json& j, const std::string& path) {

@@ -50,5 +50,11 @@ Case load_case(const std::string& path);
 std::vector<Case> load_cases(const std::vector<std::string>& paths);
 
 std::string to_string(DtypeLane lane);
+// The dtype a lane trains in: fp32, bf16 or fp64 (the exactness lane).
+torch::ScalarType lane_dtype(DtypeLane lane);
+
+// The batch of optimizer step k: the case's data with its seed advanced by k and its documents rotated by k,
+// so that consecutive steps have different masks (a stale cached mask shows).
+Batch batch_for_step(const Case& c, int64_t step);
 
 }  // namespace cpharness::train

@@ -6,6 +6,8 @@
 #include <random>
 #include <string>
 
+#include "kernels/reference_attention.h"
+#include "kernels/relative_error.h"
 #include "kernels/dense_mask.h"
 
 namespace cpharness::kernels::testing {
@@ -137,35 +139,13 @@ inline MaskConfig random_mask_config(uint64_t seed, int64_t max_len = 320) {
   return c;
 }
 
-struct ReferenceAttention {
-  torch::Tensor out, lse, dq, dk, dv;
-};
-
-// Dense masked softmax with autograd, in fp64. `allowed` [B or 1, Sq, Skv]. Rows with no allowed key: out 0,
-// lse -inf, zero gradients.
-inline ReferenceAttention reference_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                              const torch::Tensor& allowed, double scale, const torch::Tensor& dout) {
-  auto qd = q.to(torch::kFloat64).detach().requires_grad_(true);
-  auto kd = k.to(torch::kFloat64).detach().requires_grad_(true);
-  auto vd = v.to(torch::kFloat64).detach().requires_grad_(true);
-  const int64_t G = q.size(1) / k.size(1);
-  auto kk = kd.repeat_interleave(G, 1), vv = vd.repeat_interleave(G, 1);
-  auto m = allowed.unsqueeze(1);
-  auto s = (torch::matmul(qd, kk.transpose(2, 3)) * scale).masked_fill(m.logical_not(), -std::numeric_limits<double>::infinity());
-  auto lse = torch::logsumexp(s, -1);
-  auto empty = m.any(-1, true).logical_not();
-  auto p = torch::softmax(s.masked_fill(empty, 0.0), -1) * empty.logical_not();
-  auto out = torch::matmul(p, vv);
-  (out * dout.to(torch::kFloat64)).sum().backward();
-  return {out.detach(), lse.detach(), qd.grad(), kd.grad(), vd.grad()};
+// The fp64 oracle (kernels/reference_attention.h) with its gradients for `dout`.
+inline kernels::DenseAttentionGrads reference_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                                        const torch::Tensor& allowed, double scale, const torch::Tensor& dout) {
+  return kernels::dense_reference_attention_grads(q, k, v, allowed, scale, dout);
 }
 
-// ||a - b|| / ||b|| (0 when both are 0).
-inline double rel_error(const torch::Tensor& a, const torch::Tensor& b) {
-  const double num = (a.to(torch::kFloat64) - b.to(torch::kFloat64)).norm().item<double>();
-  const double den = b.to(torch::kFloat64).norm().item<double>();
-  return den == 0 ? num : num / den;
-}
+inline double rel_error(const torch::Tensor& a, const torch::Tensor& b) { return kernels::relative_error(a, b); }
 
 inline double max_abs_error(const torch::Tensor& a, const torch::Tensor& b) {
   if (a.numel() == 0) return 0;

@@ -1,8 +1,7 @@
-// Goldens exported from Hugging Face transformers (golden/export_hf.py): reading one, and running the C++ model
-// on it at cp 1 (the plain model, eager attention) or cp N (ring attention over local ranks) from the golden's own
-// weights and batch. Which KV-sharing semantics the C++ model uses follows the golden's provenance
-// kv_share_mechanism: `cache-shared-layers` (transformers 5.5.0/5.5.1) runs cache-gated, the `shared-kv-states-*`
-// mechanisms (5.5.2 and later) run shared-kv-states. Judging is check/hf_parity.h's job.
+// Goldens exported from Hugging Face transformers (golden/export_hf.py), read and validated, and the record of a
+// C++ run on one (what hf.parity judges). Which KV-sharing semantics the C++ model uses follows the golden's
+// provenance kv_share_mechanism: `cache-shared-layers` (transformers 5.5.0/5.5.1) runs cache-gated, the
+// `shared-kv-states-*` mechanisms (5.5.2 and later) run shared-kv-states.
 #pragma once
 #include <torch/torch.h>
 
@@ -13,11 +12,11 @@
 #include "harness/report/run_dump.h"
 #include "harness/train/batch.h"
 
-namespace cpharness::runner {
+namespace cpharness::report {
 
 struct HfGolden {
   std::string path;
-  report::RunDump dump;
+  RunDump dump;
   model::ModelConfig config;     // from provenance `config`, with the semantics of `mechanism`
   std::string mechanism;         // provenance kv_share_mechanism
   std::string transformers_version;
@@ -47,10 +46,4 @@ struct HfRun {
   double seconds = 0;
 };
 
-// Loads the golden's weights into a fresh model (fp32) and runs forward + backward at `cp` (1: eager, whole
-// sequence; > 1: ring attention, ranks as threads). `holder` passes the KV-share holder (cache-gated only).
-// `semantics` overrides the golden's (e.g. to run the correct, sharing reference against a buggy export).
-HfRun run_on_hf_golden(const HfGolden& golden, int cp, bool holder);
-HfRun run_on_hf_golden(const HfGolden& golden, int cp, bool holder, model::KvShareSemantics semantics);
-
-}  // namespace cpharness::runner
+}  // namespace cpharness::report

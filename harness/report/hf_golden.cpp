@@ -1,18 +1,11 @@
-#include "harness/runner/hf_golden.h"
+#include "harness/report/hf_golden.h"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
-#include <chrono>
-
-#include "harness/cp/comm.h"
-#include "harness/cp/cp_step.h"
 #include "harness/io/input_error.h"
-#include "harness/model/attention_backend.h"
-#include "harness/model/gemma4.h"
-#include "harness/model/weights.h"
 
-namespace cpharness::runner {
+namespace cpharness::report {
 namespace {
 
 using io::InputError;
@@ -30,22 +23,6 @@ torch::Tensor need_input(const HfGolden& g, const std::string& name, torch::Scal
   return t.to(dtype).contiguous();
 }
 
-std::map<std::string, torch::Tensor> grads_of(model::Gemma4Model& m) {
-  std::map<std::string, torch::Tensor> g;
-  for (auto& p : m->named_parameters())
-    g[p.key()] = p.value().grad().defined() ? p.value().grad().detach().clone() : torch::zeros_like(p.value());
-  return g;
-}
-
-model::Gemma4Model load_model(const HfGolden& g, model::KvShareSemantics semantics) {
-  auto config = g.config;
-  config.kv_share_semantics = semantics;
-  model::Gemma4Model m(config);
-  model::load_weights(m, g.dump.weights, g.path);
-  m->to(torch::kFloat32);
-  return m;
-}
-
 }  // namespace
 
 bool HfGolden::hf_shared_kv() const {
@@ -60,9 +37,9 @@ std::string HfGolden::id() const {
 HfGolden load_hf_golden(const std::string& path) {
   HfGolden g;
   g.path = path;
-  g.dump = report::read_run_dump(path);
+  g.dump = read_run_dump(path);
   const auto kind = prov(g.dump, "kind");
-  if (kind != report::kKindHfExport)
+  if (kind != kKindHfExport)
     throw InputError(path, "provenance/kind", fmt::format("'{}', not an export from transformers (hf-export)", kind));
   const auto config_text = prov(g.dump, "config");
   if (config_text.empty()) throw InputError(path, "provenance/config", "missing: the model configuration (JSON)");
@@ -110,48 +87,4 @@ HfGolden load_hf_golden(const std::string& path) {
   return g;
 }
 
-HfRun run_on_hf_golden(const HfGolden& g, int cp, bool holder) {
-  return run_on_hf_golden(g, cp, holder, g.config.kv_share_semantics);
-}
-
-HfRun run_on_hf_golden(const HfGolden& g, int cp, bool holder, model::KvShareSemantics semantics) {
-  const auto start = std::chrono::steady_clock::now();
-  HfRun out;
-  out.cp = cp;
-  out.holder = holder;
-  if (cp == 1) {
-    auto m = load_model(g, semantics);
-    model::EagerAttention eager;
-    model::KvShareHolder h;
-    model::ForwardOptions o;
-    if (holder) o.holder = &h;
-    auto logits = m->forward({g.batch.input_ids, g.batch.position_ids, g.batch.meta, {}}, eager, o);
-    auto loss = model::token_loss(logits, model::shift_labels(g.batch.labels));
-    auto mean = loss.sum / double(loss.count);
-    mean.backward();
-    out.loss = mean.item<double>();
-    out.logits = logits.detach().to(torch::kFloat32);
-    out.grads = grads_of(m);
-  } else {
-    std::vector<torch::Tensor> logits(cp);
-    cp::ShardPlan plan;
-    cp::run_local(cp, [&](cp::Comm& comm) {
-      auto m = load_model(g, semantics);
-      cp::RingAttention ring(comm, cp::RingOptions{});
-      cp::CpStepOptions options;
-      options.use_share_holder = holder;
-      auto r = cp::cp_forward_backward(comm, m, ring, g.batch, 1, options);
-      logits[comm.rank()] = r.local_logits;
-      if (comm.rank() == 0) {
-        out.loss = r.loss;
-        out.grads = grads_of(m);
-        plan = r.plan;
-      }
-    });
-    out.logits = plan.unshard(logits).to(torch::kFloat32);
-  }
-  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  return out;
-}
-
-}  // namespace cpharness::runner
+}  // namespace cpharness::report

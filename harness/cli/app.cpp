@@ -1,0 +1,187 @@
+#include "harness/cli/app.h"
+
+#include <CLI/CLI.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <iostream>
+
+#include "harness/cli/usage_error.h"
+#include "harness/cli/verbs.h"
+#include "harness/io/input_error.h"
+
+namespace cpharness::cli {
+namespace {
+
+// Seconds: a finite number > 0 (nan, inf, 0 and negatives are usage errors).
+const CLI::Validator kSeconds(
+    [](std::string& value) -> std::string {
+      try {
+        size_t used = 0;
+        const double v = std::stod(value, &used);
+        if (used == value.size() && std::isfinite(v) && v > 0) return "";
+      } catch (const std::exception&) {
+      }
+      return "expects a finite number of seconds > 0, got '" + value + "'";
+    },
+    "SECONDS");
+
+void add_report_outputs(CLI::App* verb, ReportOutputs& o) {
+  verb->add_option("--out", o.out_dir, "write DIR/report.json and DIR/report.xml")->type_name("DIR");
+  verb->add_option("--report", o.report_path, "report.json path (JSON Schema: reports/schema)")->type_name("F");
+  verb->add_option("--junit", o.junit_path, "JUnit XML path")->type_name("F");
+}
+
+// The parser of every verb; `run` is set to the chosen verb's call.
+struct Verbs {
+  RunArgs run;
+  SelftestArgs selftest;
+  std::string golden_case, golden_file, golden_out;
+  bool force = false;
+  ReportOutputs verify_outputs, hf_outputs;
+  CompareArgs compare;
+  bool compare_all = false;
+  runner::HfParityOptions hf;
+  bool holder = false, no_holder = false;
+  std::string bisect_case, bisect_golden;
+  std::vector<std::string> list_cases;
+};
+
+void add_run(CLI::App& app, Verbs& v) {
+  auto* run = app.add_subcommand("run", "cp 1 reference + cp N candidates of each case, every selected check "
+                                        "(exit 0 pass, 1 a check failed, 2 usage/input/infrastructure error)");
+  run->add_option("cases", v.run.cases, "case files or directories of *.json")->required()->type_name("CASE");
+  run->add_option("--cp", v.run.cp, "cp sizes, overriding each case's (e.g. 2,4)")
+      ->delimiter(',')->check(CLI::PositiveNumber)->type_name("N,...");
+  run->add_option("--comm", v.run.comm, "local (ranks as threads) or mpi (one process per rank)")
+      ->check(CLI::IsMember({"local", "mpi", "nccl"}));
+  run->add_option("--nproc", v.run.nproc, "with --comm mpi: launch N ranks on this host through mpirun")
+      ->check(CLI::PositiveNumber)->type_name("N");
+  run->add_option("--dump-dir", v.run.dump_dir, "first-divergence tensors land here")->type_name("DIR");
+  run->add_option("--timeout", v.run.timeout_s, "seconds any rank may wait for another (default 120)")->check(kSeconds);
+  add_report_outputs(run, v.run.outputs);
+}
+
+void add_selftest(CLI::App& app, Verbs& v) {
+  auto* selftest = app.add_subcommand("selftest", "every check against its known-bad mutant (exit 0 when all are caught)");
+  selftest->add_option("--only", v.selftest.only, "run only this mutant (repeatable)")->type_name("MUTANT");
+  selftest->add_option("--timeout", v.selftest.timeout_s, "seconds any rank may wait for another")->check(kSeconds);
+  add_report_outputs(selftest, v.selftest.outputs);
+}
+
+void add_golden(CLI::App& app, Verbs& v) {
+  auto* golden = app.add_subcommand("golden", "record or verify a golden (the cp 1 reference of a case)");
+  golden->require_subcommand(1);
+  auto* record = golden->add_subcommand("record", "write the cp 1 reference of CASE as a golden");
+  record->add_option("case", v.golden_case, "case file")->required()->type_name("CASE");
+  record->add_option("-o,--output", v.golden_out, "golden file to write")->required()->type_name("F.h5");
+  record->add_flag("--force", v.force, "replace an existing golden");
+  auto* verify = golden->add_subcommand("verify", "golden.match: a fresh cp 1 run of CASE against the golden");
+  verify->add_option("case", v.golden_case, "case file")->required()->type_name("CASE");
+  verify->add_option("golden", v.golden_file, "golden file")->required()->type_name("F.h5");
+  add_report_outputs(verify, v.verify_outputs);
+}
+
+void add_compare(CLI::App& app, Verbs& v) {
+  auto* compare = app.add_subcommand("compare", "tensor-by-tensor diff of two dumps or goldens, or of two directories "
+                                                "of them paired by name (B is the reference; exit 1 on a difference)");
+  compare->add_option("a", v.compare.a, "dump, golden or directory")->required()->type_name("A");
+  compare->add_option("b", v.compare.b, "the reference: dump, golden or directory")->required()->type_name("B");
+  compare->add_option("--policy", v.compare.policy, "fp32 | exact | rel:X[,CATEGORY:X...]")->type_name("SPEC");
+  compare->add_option("--json", v.compare.json_path, "write the comparison as JSON")->type_name("F");
+  compare->add_option("--rows", v.compare.rows, "failing entries shown per pair (default 40)")->type_name("N");
+  compare->add_flag("--all", v.compare_all, "show every failing entry");
+}
+
+void add_hf_parity(CLI::App& app, Verbs& v) {
+  auto* hf = app.add_subcommand("hf-parity", "hf.parity: the C++ model against goldens exported from transformers");
+  hf->add_option("goldens", v.hf.paths, "GOLDEN.h5 files or directories of them")->required()->type_name("GOLDEN");
+  hf->add_option("--cp", v.hf.cp_sizes, "cp sizes (default 1,2,4)")->delimiter(',')->check(CLI::PositiveNumber)->type_name("N,...");
+  auto* with = hf->add_flag("--holder", v.holder, "force the KV-share holder on");
+  hf->add_flag("--no-holder", v.no_holder, "force the KV-share holder off")->excludes(with);
+  add_report_outputs(hf, v.hf_outputs);
+}
+
+void add_bisect(CLI::App& app, Verbs& v) {
+  auto* bisect = app.add_subcommand("bisect", "for git bisect run: 0 good, 1 bad, 125 skip (the run could not be made)");
+  bisect->add_option("case", v.bisect_case, "case file")->required()->type_name("CASE");
+  bisect->add_option("--golden", v.bisect_golden, "golden to judge against")->required()->type_name("F.h5");
+}
+
+void add_list(CLI::App& app, Verbs& v) {
+  auto* list = app.add_subcommand("list", "cases and what they need");
+  list->add_option("cases", v.list_cases, "case files or directories (default cases/default)")->type_name("CASE");
+}
+
+// The chosen verb's call, after a successful parse.
+int call_verb(CLI::App& app, Verbs& v, const std::vector<std::string>& args) {
+  auto* chosen = app.get_subcommands().at(0);
+  const std::string verb = chosen->get_name();
+  if (verb == "run") {
+    if (v.run.comm == "nccl")
+      throw UsageError("--comm nccl: the runner does not drive CUDA ranks yet (the nccl Comm backend exists and is "
+                       "tested on its own); use --comm local or --comm mpi");
+    if (v.run.nproc && v.run.comm != "mpi") throw UsageError("--nproc launches processes: it needs --comm mpi");
+    v.run.argv.assign(args.begin() + 1, args.end());
+    return run_verb(v.run);
+  }
+  if (verb == "selftest") return selftest_verb(v.selftest);
+  if (verb == "golden") {
+    if (chosen->got_subcommand("record")) return golden_record_verb(v.golden_case, v.golden_out, v.force);
+    return golden_verify_verb(v.golden_case, v.golden_file, v.verify_outputs);
+  }
+  if (verb == "compare") {
+    if (v.compare_all) v.compare.rows = SIZE_MAX;
+    return compare_verb(v.compare);
+  }
+  if (verb == "hf-parity") {
+    if (v.holder || v.no_holder) v.hf.holder = v.holder;
+    return hf_parity_verb(v.hf, v.hf_outputs);
+  }
+  if (verb == "bisect") return bisect_verb(v.bisect_case, v.bisect_golden);
+  return list_verb(v.list_cases);
+}
+
+}  // namespace
+
+int run_cli(const std::vector<std::string>& args) {
+  CLI::App app{"cpharness: numerical parity of context-parallel Gemma4 training (cp N against cp 1 and goldens)",
+               "cpharness"};
+  app.require_subcommand(1);
+  Verbs v;
+  add_run(app, v);
+  add_selftest(app, v);
+  add_golden(app, v);
+  add_compare(app, v);
+  add_hf_parity(app, v);
+  add_bisect(app, v);
+  add_list(app, v);
+  const bool bisecting = !args.empty() && args[0] == "bisect";
+  try {
+    std::vector<std::string> reversed(args.rbegin(), args.rend());  // CLI11 parses a vector from the back
+    app.parse(reversed);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "cpharness: " << e.what() << "\n";
+    auto* verb = app.get_subcommands().empty() ? &app : app.get_subcommands().front();
+    std::cerr << verb->help();
+    return bisecting ? 125 : 2;
+  }
+  try {
+    return call_verb(app, v, args);
+  } catch (const UsageError& e) {
+    std::cerr << "cpharness: " << e.what() << "\n" << app.get_subcommands().front()->help();
+    return bisecting ? 125 : 2;
+  } catch (const io::InputError& e) {
+    std::cerr << "cpharness: error: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "cpharness: internal error: " << e.what() << "\n";
+    return 2;
+  }
+}
+
+}  // namespace cpharness::cli

@@ -1,0 +1,216 @@
+#include "harness/cli/verbs.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <chrono>
+#include <filesystem>
+#include <iostream>
+#include <thread>
+
+#include "harness/cli/usage_error.h"
+#include "harness/cp/launcher.h"
+#include "harness/io/input_error.h"
+#include "harness/report/compare.h"
+#include "harness/report/compare_directories.h"
+#include "harness/report/environment.h"
+#include "harness/report/json_report.h"
+#include "harness/report/junit.h"
+#include "harness/report/run_dump.h"
+#include "harness/runner/golden.h"
+#include "harness/runner/selftest.h"
+#include "harness/runner/suite.h"
+#include "harness/train/case.h"
+
+namespace cpharness::cli {
+
+ReportOutputs ReportOutputs::resolved() const {
+  ReportOutputs r = *this;
+  if (!out_dir.empty()) {
+    if (r.report_path.empty()) r.report_path = out_dir + "/report.json";
+    if (r.junit_path.empty()) r.junit_path = out_dir + "/report.xml";
+  }
+  return r;
+}
+
+namespace {
+
+void write_reports(const ReportOutputs& outputs, const report::Report& r) {
+  const auto o = outputs.resolved();
+  if (!o.out_dir.empty()) std::filesystem::create_directories(o.out_dir);
+  if (!o.report_path.empty()) report::write_report_json(o.report_path, r);
+  if (!o.junit_path.empty()) report::write_junit_xml(o.junit_path, r);
+}
+
+// A run that failed as a whole: an error report (never a partial or passing one).
+void write_error_report(const ReportOutputs& outputs, const std::string& comm, const std::string& message) {
+  auto r = report::new_report("cpu", comm);
+  r.error = message;
+  try {
+    write_reports(outputs, r);
+  } catch (const std::exception& e) {
+    std::cerr << "cpharness: could not write the error report: " << e.what() << "\n";
+  }
+}
+
+// Bad input found before any case ran: exit 2 with an error report.
+int input_error_report(const ReportOutputs& outputs, const std::string& comm, const std::string& message) {
+  std::cerr << "cpharness: error: " << message << "\n";
+  write_error_report(outputs, comm, message);
+  return 2;
+}
+
+// The verdict of a finished report: summary table to stderr, reports written, exit code.
+int finish(const ReportOutputs& outputs, const report::Report& r) {
+  std::cerr << runner::summary_table(r);
+  write_reports(outputs, r);
+  return report::exit_code(r);
+}
+
+std::chrono::milliseconds millis(double seconds) { return std::chrono::milliseconds(int64_t(seconds * 1000)); }
+
+runner::SuiteOptions suite_options(const RunArgs& a) {
+  runner::SuiteOptions o;
+  if (!a.cp.empty()) o.cp_sizes = a.cp;
+  o.comm = a.comm;
+  o.dump_dir = a.dump_dir;
+  o.timeout = millis(a.timeout_s);
+  return o;
+}
+
+std::optional<runner::Fault> fault_from_env() {
+  const char* spec = std::getenv("CPHARNESS_INJECT_FAULT");
+  if (!spec || !*spec) return std::nullopt;
+  try {
+    return runner::parse_fault(spec);
+  } catch (const std::invalid_argument& e) {
+    throw UsageError(std::string("CPHARNESS_INJECT_FAULT: ") + e.what());
+  }
+}
+
+// --comm mpi outside a launcher: run this command again under mpirun with N ranks. When the job dies without
+// rank 0 having written its report (a rank crashed and mpirun stopped the rest), write the error report here.
+int launch_mpi_job(const RunArgs& a) {
+  if (a.nproc < 1) throw UsageError("--comm mpi needs --nproc N (or a launch under mpirun/srun)");
+  std::vector<std::string> child = {"run"};
+  for (size_t i = 0; i < a.argv.size(); ++i) {
+    if (a.argv[i] == "--nproc") ++i;
+    else if (a.argv[i].rfind("--nproc=", 0) != 0) child.push_back(a.argv[i]);
+  }
+  const auto outputs = a.outputs.resolved();
+  const auto started = std::filesystem::file_time_type::clock::now();
+  const auto result = cp::relaunch_under_mpirun(a.nproc, cp::self_exe(), child);
+  if (result.exit_code == 0 || result.exit_code == 1) return result.exit_code;
+  const bool fresh = !outputs.report_path.empty() && std::filesystem::exists(outputs.report_path) &&
+                     std::filesystem::last_write_time(outputs.report_path) >= started;
+  if (!fresh && !outputs.report_path.empty()) write_error_report(a.outputs, a.comm, "the rank job failed: " + result.message);
+  return 2;
+}
+
+}  // namespace
+
+int run_verb(const RunArgs& a) {
+  auto options = suite_options(a);
+  options.run.fault = fault_from_env();
+  std::unique_ptr<cp::Comm> world;
+  if (a.comm == "mpi") {
+    if (!cp::detect_launch_env().launched()) return launch_mpi_job(a);
+    world = cp::make_mpi_comm(options.timeout);
+    options.world = world.get();
+  }
+  const bool root = !world || world->rank() == 0;
+  std::vector<train::Case> cases;
+  try {
+    cases = train::load_cases(a.cases);  // validate every case before running any (every rank sees the same files)
+  } catch (const io::InputError& e) {
+    return root ? input_error_report(a.outputs, a.comm, e.what()) : 2;
+  }
+  auto r = runner::run_suite(cases, options);
+  const int code = root ? finish(a.outputs, r) : report::exit_code(r);
+  if (!world) return code;
+  if (options.world_failed) {
+    // Ending the job stops every rank at once: give rank 0 a moment to finish writing its error report first.
+    if (!root) std::this_thread::sleep_for(std::chrono::seconds(3));
+    // Pinned on the peer this rank was waiting for, so the launcher names the rank that failed or hung.
+    const int culprit = options.failed_peer >= 0 ? options.failed_peer : world->rank();
+    cp::fail_rank(world.get(), culprit, fmt::format("stopped or unresponsive (seen by rank {})", world->rank()));
+  }
+  // One rank exiting non-zero ends the job: every rank leaves with rank 0's verdict.
+  auto verdict = torch::tensor({int64_t(code)}, torch::kInt64);
+  world->broadcast(verdict, 0);
+  return int(verdict.item<int64_t>());
+}
+
+int selftest_verb(const SelftestArgs& a) {
+  runner::SuiteOptions options;
+  options.timeout = millis(a.timeout_s);
+  return finish(a.outputs, runner::run_selftest(options, a.only));
+}
+
+int golden_record_verb(const std::string& case_path, const std::string& out_path, bool force) {
+  if (std::filesystem::exists(out_path) && !force)
+    throw io::InputError(out_path, "golden", "exists; refreshing a golden is explicit: pass --force");
+  const auto c = train::load_case(case_path);
+  if (!c.requires_features.empty())
+    throw io::InputError(case_path, "requires", "cannot record a golden here: requires " + c.requires_features.front());
+  report::write_run_dump(out_path, runner::reference_dump(c, report::kKindGolden));
+  std::cerr << fmt::format("recorded {} ({}, {} steps) -> {}\n", c.id, train::to_string(c.dtype), c.steps, out_path);
+  return 0;
+}
+
+int golden_verify_verb(const std::string& case_path, const std::string& golden_path, const ReportOutputs& outputs) {
+  return finish(outputs, runner::run_golden_verify(case_path, golden_path));
+}
+
+int compare_verb(const CompareArgs& a) {
+  report::ComparePolicy policy;
+  try {
+    policy = report::ComparePolicy::parse(a.policy);
+  } catch (const std::invalid_argument& e) {
+    throw UsageError(std::string("--policy: ") + e.what());
+  }
+  namespace fs = std::filesystem;
+  if (fs::is_directory(a.a) || fs::is_directory(a.b)) {
+    if (!fs::is_directory(a.a) || !fs::is_directory(a.b)) throw UsageError("compare: give two files or two directories");
+    const auto result = report::compare_directories(a.a, a.b, policy, a.rows);
+    std::cout << result.text;
+    if (!a.json_path.empty()) report::write_file_atomically(a.json_path, result.doc.dump(2) + "\n");
+    return result.passed ? 0 : 1;
+  }
+  const auto result = report::compare_dumps(report::read_run_dump(a.a), report::read_run_dump(a.b), policy);
+  std::cout << report::render_text(result, a.a, a.b, a.rows);
+  if (!a.json_path.empty()) report::write_file_atomically(a.json_path, report::to_json(result).dump(2) + "\n");
+  return result.passed ? 0 : 1;
+}
+
+int hf_parity_verb(const runner::HfParityOptions& options, const ReportOutputs& outputs) {
+  try {
+    runner::hf_golden_files(options.paths);  // a missing path is bad input, before any golden runs
+  } catch (const io::InputError& e) {
+    return input_error_report(outputs, "local", e.what());
+  }
+  return finish(outputs, runner::run_hf_parity(options));
+}
+
+int bisect_verb(const std::string& case_path, const std::string& golden_path) {
+  try {
+    const auto c = train::load_case(case_path);
+    report::CompareResult cmp;
+    const auto check = runner::verify_golden(c, golden_path, &cmp);
+    std::cerr << report::render_text(cmp, "run", golden_path);
+    std::cerr << fmt::format("bisect: {} ({})\n", check.status == report::Status::Pass ? "good" : "bad", check.message);
+    return check.status == report::Status::Pass ? 0 : 1;
+  } catch (const std::exception& e) {
+    std::cerr << "bisect: skip (the run could not be made): " << e.what() << "\n";
+    return 125;
+  }
+}
+
+int list_verb(const std::vector<std::string>& paths) {
+  for (auto& c : train::load_cases(paths.empty() ? std::vector<std::string>{"cases/default"} : paths))
+    std::cout << fmt::format("{:<28} {:<10} {:<5} steps {} cp {} {}\n", c.id, c.model.name, train::to_string(c.dtype), c.steps,
+                             fmt::join(c.cp_sizes, ","), c.requires_features.empty() ? "" : "requires " + c.requires_features.front());
+  return 0;
+}
+
+}  // namespace cpharness::cli

@@ -1,0 +1,52 @@
+// One function per cpharness verb, called by the argument parser (app.cpp) with the parsed options. Each returns
+// the process exit code: 0 pass, 1 a check failed, 2 usage, input or infrastructure error (bisect: 0 good,
+// 1 bad, 125 skip). The work itself lives in the runner and report layers.
+#pragma once
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "harness/runner/hf_suite.h"
+
+namespace cpharness::cli {
+
+// Where a verb writes its report: --out DIR means DIR/report.json and DIR/report.xml unless named one by one.
+struct ReportOutputs {
+  std::string out_dir, report_path, junit_path;
+  ReportOutputs resolved() const;
+};
+
+struct RunArgs {
+  std::vector<std::string> cases;
+  std::vector<int> cp;               // empty: each case's own sizes
+  std::string comm = "local";
+  int nproc = 0;                     // --nproc N: launch N ranks on this host (mpi)
+  std::string dump_dir;
+  double timeout_s = 120;
+  ReportOutputs outputs;
+  std::vector<std::string> argv;     // the verb's own arguments as given (for the mpirun relaunch)
+};
+
+struct SelftestArgs {
+  std::vector<std::string> only;     // mutant names
+  double timeout_s = 120;
+  ReportOutputs outputs;
+};
+
+struct CompareArgs {
+  std::string a, b;                  // files or directories; b is the reference
+  std::string policy = "fp32";
+  std::string json_path;
+  size_t rows = 40;                  // failing entries shown per pair
+};
+
+int run_verb(const RunArgs& a);
+int selftest_verb(const SelftestArgs& a);
+int golden_record_verb(const std::string& case_path, const std::string& out_path, bool force);
+int golden_verify_verb(const std::string& case_path, const std::string& golden_path, const ReportOutputs& outputs);
+int compare_verb(const CompareArgs& a);
+int hf_parity_verb(const runner::HfParityOptions& options, const ReportOutputs& outputs);
+int bisect_verb(const std::string& case_path, const std::string& golden_path);
+int list_verb(const std::vector<std::string>& cases);
+
+}  // namespace cpharness::cli

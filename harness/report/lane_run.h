@@ -1,0 +1,51 @@
+// What a training run recorded, as the checks read it: the cp 1 reference or a cp N candidate of one case in one
+// dtype lane. The runner fills these; the checks only read them (design.md: checks never train).
+#pragma once
+#include <torch/torch.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "harness/cp/comm.h"
+#include "harness/cp/ring_attention.h"
+#include "harness/train/case.h"
+#include "kernels/block_mask_cache.h"
+
+namespace cpharness::report {
+
+struct StepRecord {
+  double loss = 0, grad_norm = 0, param_norm = 0;
+  int64_t counted_tokens = 0;
+};
+
+struct LaneRun {
+  int cp = 1;
+  train::DtypeLane lane = train::DtypeLane::kFp32;
+  std::vector<StepRecord> steps;
+  // Step 0, before the update, in global token order (padding cropped); fp64 copies.
+  torch::Tensor logits;
+  std::vector<torch::Tensor> hidden;  // index 0: embeddings, i + 1: after layer i
+  std::map<std::string, torch::Tensor> grads;
+  std::map<std::string, torch::Tensor> final_params;  // after the last step
+  // cp > 1 only: [step][rank] counters, [rank] step-0 ring traces and comm stats.
+  std::vector<std::vector<kernels::BlockMaskCacheCounters>> cache;
+  std::vector<std::vector<cp::RingTraceEntry>> traces;
+  std::vector<cp::CommStats> comm_step0;
+  double seconds = 0;
+};
+
+// What one rank of a cp N run records; assembled into a LaneRun (rank 0 alone holds the global gradients and
+// final parameters, which are identical on every rank after the all-reduce).
+struct CpRankRecord {
+  int rank = 0;
+  std::vector<StepRecord> steps;
+  std::vector<kernels::BlockMaskCacheCounters> cache;  // per step
+  std::vector<cp::RingTraceEntry> trace;               // step 0
+  cp::CommStats comm_step0;
+  torch::Tensor logits;               // step 0, this rank's shard, fp64
+  std::vector<torch::Tensor> hidden;  // step 0, this rank's shard, fp64
+  std::map<std::string, torch::Tensor> grads, final_params;  // rank 0 only
+};
+
+}  // namespace cpharness::report

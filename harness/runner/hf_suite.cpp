@@ -1,0 +1,89 @@
+#include "harness/runner/hf_suite.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <iostream>
+
+#include "harness/check/hf_parity.h"
+#include "harness/io/input_error.h"
+#include "harness/report/environment.h"
+#include "harness/runner/hf_run.h"
+
+namespace cpharness::runner {
+
+std::vector<std::string> hf_golden_files(const std::vector<std::string>& paths) {
+  std::vector<std::string> files;
+  for (auto& p : paths) {
+    if (std::filesystem::is_directory(p)) {
+      std::vector<std::string> in_dir;
+      for (auto& e : std::filesystem::directory_iterator(p))
+        if (e.is_regular_file() && e.path().extension() == ".h5") in_dir.push_back(e.path().string());
+      std::sort(in_dir.begin(), in_dir.end());
+      if (in_dir.empty()) throw io::InputError(p, "", "no *.h5 goldens in this directory");
+      files.insert(files.end(), in_dir.begin(), in_dir.end());
+    } else if (std::filesystem::exists(p)) {
+      files.push_back(p);
+    } else {
+      throw io::InputError(p, "", "no such file or directory");
+    }
+  }
+  return files;
+}
+
+namespace {
+
+// One golden: hf.parity at every cp size, and kvshare.bug_detected for a dead-K/V export.
+report::CaseReport hf_parity_case(const std::string& path, const HfParityOptions& options,
+                                  std::vector<std::string>& versions) {
+  report::CaseReport cr;
+  cr.id = std::filesystem::path(path).parent_path().filename().string() + "/" + std::filesystem::path(path).stem().string();
+  cr.dtype = "fp32";
+  cr.cp_sizes = options.cp_sizes;
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    const auto g = load_hf_golden(path);
+    cr.description = fmt::format("{} exported by transformers {} ({}, use_cache={})", g.id(), g.transformers_version,
+                                 g.mechanism, g.hf_use_cache ? "true" : "false");
+    if (std::find(versions.begin(), versions.end(), g.transformers_version) == versions.end())
+      versions.push_back(g.transformers_version);
+    const bool holder = options.holder.value_or(g.hf_shared_kv());
+    for (int cp : options.cp_sizes) {
+      const auto run = run_on_hf_golden(g, cp, holder);
+      bool ok = true;
+      for (auto& c : check::check_hf_parity(g, run)) {
+        ok = ok && c.status == report::Status::Pass;
+        cr.checks.push_back(c);
+      }
+      std::cerr << fmt::format("{} cp {}: loss {:.9g} (transformers {:.9g}) {}\n", cr.id, cp, run.loss, g.loss(),
+                               ok ? "pass" : "FAIL");
+    }
+    if (g.shares_kv() && !g.hf_shared_kv()) {
+      const auto correct = run_on_hf_golden(g, 1, true);  // cache-gated with the holder: sharing
+      cr.checks.push_back(check::check_hf_kvshare_bug_detected(g, correct));
+    }
+  } catch (const io::InputError& e) {
+    cr.checks.clear();
+    cr.error = e.what();
+    std::cerr << "cpharness: error: " << e.what() << "\n";
+  }
+  cr.duration_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return cr;
+}
+
+}  // namespace
+
+report::Report run_hf_parity(const HfParityOptions& options) {
+  auto r = report::new_report("cpu", "local");
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<std::string> versions;
+  for (auto& path : hf_golden_files(options.paths)) r.cases.push_back(hf_parity_case(path, options, versions));
+  if (!versions.empty()) r.environment.transformers = fmt::format("{}", fmt::join(versions, ", "));
+  r.duration_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return r;
+}
+
+}  // namespace cpharness::runner
