@@ -191,39 +191,39 @@ struct StderrScanner {
 
 }  // namespace
 
-LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std::vector<std::string>& args,
-                                   const MpirunOptions& opt) {
-  using Clock = std::chrono::steady_clock;
-  const auto t0 = Clock::now();
-  LaunchResult res;
-  const auto cmd = mpirun_command(nproc, exe, args, opt);
+namespace {
 
-  // The environment of the job, built before fork (no allocation between fork and exec).
-  std::vector<std::string> env_s;
+// The environment of the job: this one, with mpirun allowed to run as root, no single-copy mechanism (it fails
+// in containers), and a rendezvous address (loopback and a free port unless MASTER_ADDR/PORT are given).
+std::vector<std::string> job_environment() {
+  std::vector<std::string> env;
   for (char** e = environ; e && *e; ++e) {
     const std::string kv(*e);
     bool replaced = false;
     for (const char* k : {"OMPI_ALLOW_RUN_AS_ROOT=", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=",
                           "OMPI_MCA_btl_vader_single_copy_mechanism=", "MASTER_ADDR=", "MASTER_PORT="})
       replaced = replaced || kv.rfind(k, 0) == 0;
-    if (!replaced) env_s.push_back(kv);
+    if (!replaced) env.push_back(kv);
   }
-  env_s.push_back("OMPI_ALLOW_RUN_AS_ROOT=1");
-  env_s.push_back("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1");
-  env_s.push_back("OMPI_MCA_btl_vader_single_copy_mechanism=none");
-  {
-    const char* a = std::getenv("MASTER_ADDR");
-    const char* p = std::getenv("MASTER_PORT");
-    env_s.push_back(std::string("MASTER_ADDR=") + ((a && *a) ? a : "127.0.0.1"));
-    env_s.push_back("MASTER_PORT=" + ((p && *p) ? std::string(p) : std::to_string(free_loopback_port())));
-  }
-  std::vector<char*> envp, argv;
-  for (auto& s : env_s) envp.push_back(s.data());
-  envp.push_back(nullptr);
-  std::vector<std::string> cmd_copy = cmd;
-  for (auto& s : cmd_copy) argv.push_back(s.data());
-  argv.push_back(nullptr);
+  env.push_back("OMPI_ALLOW_RUN_AS_ROOT=1");
+  env.push_back("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1");
+  env.push_back("OMPI_MCA_btl_vader_single_copy_mechanism=none");
+  const char* addr = std::getenv("MASTER_ADDR");
+  const char* port = std::getenv("MASTER_PORT");
+  env.push_back(std::string("MASTER_ADDR=") + ((addr && *addr) ? addr : "127.0.0.1"));
+  env.push_back("MASTER_PORT=" + ((port && *port) ? std::string(port) : std::to_string(free_loopback_port())));
+  return env;
+}
 
+// Starts `cmd` in its own process group (a job timeout kills mpirun and everything it started) with its stderr
+// on a non-blocking pipe; returns the child's pid and sets `stderr_fd`.
+pid_t spawn_job(std::vector<std::string> cmd, std::vector<std::string> env, int& stderr_fd) {
+  // Built before fork: no allocation between fork and exec.
+  std::vector<char*> envp, argv;
+  for (auto& s : env) envp.push_back(s.data());
+  envp.push_back(nullptr);
+  for (auto& s : cmd) argv.push_back(s.data());
+  argv.push_back(nullptr);
   int pipefd[2];
   if (::pipe(pipefd) != 0) throw std::runtime_error("launcher: pipe() failed");
   std::cout.flush();
@@ -232,7 +232,7 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
   const pid_t pid = ::fork();
   if (pid < 0) throw std::runtime_error("launcher: fork() failed");
   if (pid == 0) {
-    ::setpgid(0, 0);  // own process group: a job timeout kills mpirun and everything it started
+    ::setpgid(0, 0);
     ::dup2(pipefd[1], 2);
     ::close(pipefd[0]);
     ::close(pipefd[1]);
@@ -243,40 +243,57 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
   }
   ::close(pipefd[1]);
   ::fcntl(pipefd[0], F_SETFL, ::fcntl(pipefd[0], F_GETFL) | O_NONBLOCK);
+  stderr_fd = pipefd[0];
+  return pid;
+}
 
+// The job's stderr as it arrives: echoed, kept (a bounded tail) and scanned line by line for the failing rank.
+struct StderrRelay {
+  int fd;
   StderrScanner scan;
-  std::string pending;
-  auto drain = [&] {
+  std::string pending, tail;
+  // Reads what is there; true at EOF.
+  bool drain() {
     char buf[4096];
     for (;;) {
-      const ssize_t n = ::read(pipefd[0], buf, sizeof(buf));
-      if (n <= 0) return n == 0;  // true at EOF
+      const ssize_t n = ::read(fd, buf, sizeof(buf));
+      if (n <= 0) return n == 0;
       (void)!::write(2, buf, static_cast<size_t>(n));
       pending.append(buf, static_cast<size_t>(n));
-      res.stderr_tail.append(buf, static_cast<size_t>(n));
-      if (res.stderr_tail.size() > (128u << 10)) res.stderr_tail.erase(0, res.stderr_tail.size() - (64u << 10));
+      tail.append(buf, static_cast<size_t>(n));
+      if (tail.size() > (128u << 10)) tail.erase(0, tail.size() - (64u << 10));
       size_t nl;
       while ((nl = pending.find('\n')) != std::string::npos) {
         scan.line(pending.substr(0, nl));
         pending.erase(0, nl + 1);
       }
     }
-  };
+  }
+  void finish() {
+    if (!pending.empty()) scan.line(pending);
+    if (tail.size() > (64u << 10)) tail.erase(0, tail.size() - (64u << 10));
+  }
+};
 
+// Waits for the job, relaying its stderr; past `job_timeout` (if set) SIGTERM to its group, SIGKILL 2 s later.
+// Returns the wait status; `timed_out` says whether the deadline was hit.
+int wait_for_job(pid_t pid, StderrRelay& relay, std::chrono::milliseconds job_timeout, bool& timed_out) {
+  using Clock = std::chrono::steady_clock;
+  const auto t0 = Clock::now();
   int status = 0;
-  bool exited = false, eof = false, timed_out = false;
+  bool exited = false, eof = false;
+  timed_out = false;
   Clock::time_point kill_at{};
   while (!exited) {
-    pollfd p{pipefd[0], POLLIN, 0};
+    pollfd p{relay.fd, POLLIN, 0};
     if (!eof) {
       ::poll(&p, 1, 50);
-      eof = drain();
+      eof = relay.drain();
     } else {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
-    const pid_t w = ::waitpid(pid, &status, WNOHANG);
-    if (w == pid) exited = true;
-    if (!exited && opt.job_timeout.count() > 0 && Clock::now() - t0 > opt.job_timeout) {
+    if (::waitpid(pid, &status, WNOHANG) == pid) exited = true;
+    if (!exited && job_timeout.count() > 0 && Clock::now() - t0 > job_timeout) {
       if (!timed_out) {
         timed_out = true;
         ::kill(-pid, SIGTERM);
@@ -286,18 +303,18 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
       }
     }
   }
-  if (!eof) drain();  // what is already buffered; children left behind cannot keep us waiting
-  if (!pending.empty()) scan.line(pending);
-  if (res.stderr_tail.size() > (64u << 10)) res.stderr_tail.erase(0, res.stderr_tail.size() - (64u << 10));
-  ::close(pipefd[0]);
+  if (!eof) relay.drain();  // what is already buffered; children left behind cannot keep us waiting
+  relay.finish();
+  return status;
+}
 
-  res.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-  res.mpirun_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+// Exit 0 / 1 (the ranks agreed on the verdict) or 2 (a rank failed, hung or the job timed out), with the reason.
+void judge_job(LaunchResult& res, const StderrScanner& scan, bool timed_out, std::chrono::milliseconds job_timeout) {
   const auto* culprit = scan.culprit();
   res.failed_rank = culprit ? culprit->rank : -1;
   if (timed_out) {
     res.exit_code = 2;
-    res.message = "cpharness: run failed: the job exceeded its " + std::to_string(opt.job_timeout.count()) +
+    res.message = "cpharness: run failed: the job exceeded its " + std::to_string(job_timeout.count()) +
                   " ms limit and was killed (exit 2)";
   } else if (res.mpirun_status == 0) {
     res.exit_code = 0;
@@ -307,9 +324,25 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
     res.exit_code = 2;
     std::string why = culprit ? "rank " + std::to_string(culprit->rank) + " failed or hung; evidence: " + culprit->line
                               : std::string("a rank failed (mpirun named no rank)");
-    res.message = "cpharness: run failed: " + why + " (mpirun status " + std::to_string(res.mpirun_status) +
-                  ", exit 2)";
+    res.message = "cpharness: run failed: " + why + " (mpirun status " + std::to_string(res.mpirun_status) + ", exit 2)";
   }
+}
+
+}  // namespace
+
+LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std::vector<std::string>& args,
+                                   const MpirunOptions& opt) {
+  const auto t0 = std::chrono::steady_clock::now();
+  LaunchResult res;
+  StderrRelay relay{-1, {}, {}, {}};
+  const pid_t pid = spawn_job(mpirun_command(nproc, exe, args, opt), job_environment(), relay.fd);
+  bool timed_out = false;
+  const int status = wait_for_job(pid, relay, opt.job_timeout, timed_out);
+  ::close(relay.fd);
+  res.stderr_tail = std::move(relay.tail);
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  res.mpirun_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  judge_job(res, relay.scan, timed_out, opt.job_timeout);
   if (!res.message.empty()) std::cerr << res.message << std::endl;
   return res;
 }

@@ -3,7 +3,6 @@
 #include <fmt/format.h>
 
 #include "harness/cp/shard_plan.h"
-#include "kernels/chunk_attention.h"
 
 namespace cpharness::cp {
 namespace {
@@ -12,7 +11,8 @@ using torch::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// One K/V chunk as it travels: K, V and the owner's metadata (bool padding goes as uint8).
+// ---- What travels: one K/V chunk with its owner's metadata (bool padding goes as uint8) ----
+
 struct Chunk {
   int owner = 0;
   Tensor k, v;
@@ -41,192 +41,230 @@ int64_t bytes_of(const std::vector<Tensor>& ts) {
   return n;
 }
 
+// ---- The algorithm ----
+
+// What a ring pass runs on.
+struct RingContext {
+  Comm& comm;
+  kernels::BlockMaskCache& cache;
+  uint64_t generation;
+  int64_t local_len;  // S_loc: rank r's tokens are [r * S_loc, (r + 1) * S_loc)
+  const RingOptions& options;
+  const RingHooks& hooks;
+  RingObserver& observer;
+};
+
+// One layer's attention call.
+struct LayerCall {
+  kernels::LayerGeometry geometry;
+  double scale = 1.0;
+  int64_t layer = 0;
+};
+
+// One exchange, timed and reported to the observer.
+template <typename Exchange>
+std::vector<Tensor> observed_exchange(const RingContext& ctx, const std::vector<Tensor>& send, bool grad_return,
+                                      Exchange&& exchange) {
+  const auto wall0 = std::chrono::steady_clock::now();
+  const double cpu0 = thread_cpu_seconds();
+  auto received = exchange(send);
+  ctx.observer.exchanged(bytes_of(send), grad_return,
+                         std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count(),
+                         thread_cpu_seconds() - cpu0);
+  return received;
+}
+
 // Own chunk first, then cp - 1 rotations: at step s this rank holds the chunk of rank (r - s) mod cp.
-std::vector<Chunk> collect_chunks(RingAttention& ring, const Tensor& k, const Tensor& v,
-                                  const kernels::TokenMetadata& meta, RingTraceEntry& entry) {
-  Comm& comm = ring.comm();
-  std::vector<Chunk> chunks = {{ring.owner_at_step(0), k, v, meta}};
+std::vector<Chunk> collect_chunks(const RingContext& ctx, const Tensor& k, const Tensor& v, const kernels::TokenMetadata& meta) {
+  const int n = ctx.comm.size(), r = ctx.comm.rank();
+  std::vector<Chunk> chunks = {{ctx.hooks.owner_at_step(r, 0, n), k, v, meta}};
   auto travelling = pack(chunks.front());
-  for (int s = 1; s < comm.size(); ++s) {
-    entry.bytes_sent += bytes_of(travelling);
-    {
-      CommTimer timer(ring);
-      travelling = comm.ring_exchange(travelling);
-    }
-    ++entry.ring_exchanges;
-    chunks.push_back(unpack(travelling, meta, ring.owner_at_step(s)));
+  for (int s = 1; s < n; ++s) {
+    travelling = observed_exchange(ctx, travelling, false, [&](const auto& send) { return ctx.comm.ring_exchange(send); });
+    chunks.push_back(unpack(travelling, meta, ctx.hooks.owner_at_step(r, s, n)));
   }
   return chunks;
 }
 
-std::shared_ptr<const kernels::BlockMask> mask_for(RingAttention& ring, const kernels::TokenMetadata& q_meta,
-                                                   const Chunk& chunk, const kernels::LayerGeometry& geometry,
-                                                   int64_t batch, const torch::Device& device) {
-  const int64_t S = ring.local_len();
-  const kernels::TokenRange q_range{ring.comm().rank() * S, S}, kv_range{chunk.owner * S, S};
-  const auto& o = ring.options();
-  return ring.cache().lookup(ring.generation(), q_meta, chunk.meta, q_range, kv_range,
-                             ring.chunk_geometry(chunk.owner, geometry), batch, o.q_block, o.kv_block, device);
+// The block mask of this rank's queries against `chunk`, from the cache.
+std::shared_ptr<const kernels::BlockMask> mask_for(const RingContext& ctx, const LayerCall& call,
+                                                   const kernels::TokenMetadata& q_meta, const Chunk& chunk,
+                                                   const Tensor& q) {
+  const int64_t S = ctx.local_len;
+  const int r = ctx.comm.rank();
+  const kernels::TokenRange q_range{r * S, S}, kv_range{chunk.owner * S, S};
+  return ctx.cache.lookup(ctx.generation, q_meta, chunk.meta, q_range, kv_range,
+                          ctx.hooks.chunk_geometry(r, chunk.owner, call.geometry), q.size(0), ctx.options.q_block,
+                          ctx.options.kv_block, q.device());
 }
 
 bool has_work(const kernels::BlockMask& mask) { return kernels::computed_score_elements(mask) > 0; }
 
-kernels::TokenMetadata meta_from(const variable_list& saved, size_t first) {
-  kernels::TokenMetadata m;
-  auto pick = [&](size_t i) { return saved.at(i).numel() > 0 ? saved.at(i) : Tensor(); };
-  m.document_ids = pick(first);
-  m.padding = pick(first + 1);
-  m.vision_group_ids = pick(first + 2);
-  return m;
+// Forward: every chunk's partial out/LSE, merged by log-sum-exp; rows with no allowed key anywhere are 0, -inf.
+// Returns the merged result in the accumulation dtype.
+kernels::AttentionPartial ring_forward(const RingContext& ctx, const LayerCall& call, const Tensor& q, const Tensor& k,
+                                       const Tensor& v, const kernels::TokenMetadata& meta) {
+  ctx.observer.pass_begin(call.layer, "forward");
+  std::vector<kernels::AttentionPartial> partials;
+  for (auto& chunk : collect_chunks(ctx, k, v, meta)) {
+    const auto mask = mask_for(ctx, call, meta, chunk, q);
+    const bool work = has_work(*mask);
+    ctx.observer.chunk(chunk.owner, work);
+    if (work) partials.push_back(kernels::chunk_attention_forward(q, chunk.k, chunk.v, *mask, call.scale));
+    ctx.observer.chunk_forward(call.layer, chunk.owner, work ? &partials.back() : nullptr);
+  }
+  const auto acc = q.options().dtype(kernels::accumulation_dtype(q.scalar_type()));
+  kernels::AttentionPartial merged =
+      partials.empty() ? kernels::AttentionPartial{torch::zeros(q.sizes(), acc),
+                                                   torch::full({q.size(0), q.size(1), q.size(2)},
+                                                               -std::numeric_limits<double>::infinity(), acc)}
+                       : kernels::lse_merge(partials, ctx.options.merge);
+  ctx.hooks.finish_output(merged, v);
+  ctx.observer.pass_end();
+  return merged;
 }
 
-Tensor or_empty(const Tensor& t) { return t.defined() ? t : torch::empty({0}); }
+struct RingGrads {
+  Tensor dq, dk, dv;  // accumulation dtype; dk / dv of this rank's own chunk, every rank's share summed
+};
+
+// Backward from the merged out/LSE (cp-reference §1.6): the ring is replayed to get every chunk back (nothing
+// was kept from the forward), each chunk gives dq, dk, dv; the dK/dV of the chunk held at step d go home to
+// rank r - d, and ours come from rank r + d, which held it at its step d. Accumulated in fp32 (fp64 runs: fp64).
+RingGrads ring_backward(const RingContext& ctx, const LayerCall& call, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& out, const Tensor& lse, const Tensor& dout, const kernels::TokenMetadata& meta) {
+  ctx.observer.pass_begin(call.layer, "backward");
+  const int n = ctx.comm.size(), r = ctx.comm.rank();
+  const auto acc = kernels::accumulation_dtype(q.scalar_type());
+  auto chunks = collect_chunks(ctx, k, v, meta);
+  auto dq = torch::zeros(q.sizes(), q.options().dtype(acc));
+  std::vector<Tensor> dk(n), dv(n);  // by ring step
+  for (int s = 0; s < n; ++s) {
+    const auto& chunk = chunks[size_t(s)];
+    const auto mask = mask_for(ctx, call, meta, chunk, q);
+    const bool work = has_work(*mask);
+    ctx.observer.chunk(chunk.owner, work);
+    if (!work) {
+      dk[s] = torch::zeros(chunk.k.sizes(), chunk.k.options().dtype(acc));
+      dv[s] = torch::zeros(chunk.v.sizes(), chunk.v.options().dtype(acc));
+      continue;
+    }
+    auto g = kernels::chunk_attention_backward(q, chunk.k, chunk.v, out, lse, dout, *mask, call.scale);
+    ctx.observer.chunk_backward(call.layer, chunk.owner, g);
+    dq += g.dq;
+    dk[s] = g.dk;
+    dv[s] = g.dv;
+  }
+  auto dk_home = dk[0].clone(), dv_home = dv[0].clone();
+  for (int d = 1; d < n && ctx.hooks.returns_grads(); ++d) {
+    const int dst = ring_owner(r, d, n), src = ring_owner(r, -d, n);
+    auto received = observed_exchange(ctx, {dk[d].contiguous(), dv[d].contiguous()}, true,
+                                      [&](const auto& send) { return ctx.comm.exchange(send, dst, src); });
+    dk_home += received[0];
+    dv_home += received[1];
+  }
+  ctx.observer.pass_end();
+  return {dq, dk_home, dv_home};
+}
+
+// ---- The autograd shell ----
+
+// What the backward needs besides saved tensors: the ring it ran on, the layer's call and the query metadata
+// (integer tensors, never differentiated).
+struct SavedCall : torch::CustomClassHolder {
+  RingAttention* ring = nullptr;
+  LayerCall call;
+  kernels::TokenMetadata meta;
+};
+
+RingContext context_of(RingAttention& ring) {
+  return {ring.comm(), ring.cache(), ring.generation(), ring.local_len(), ring.options(), ring.hooks(), ring};
+}
 
 struct RingFunction : public torch::autograd::Function<RingFunction> {
-  static Tensor forward(AutogradContext* ctx, Tensor q, Tensor k, Tensor v, RingAttention* ring,
-                        kernels::LayerGeometry geometry, double scale, int64_t layer, kernels::TokenMetadata meta) {
-    RingTraceEntry entry;
-    entry.layer = layer;
-    entry.pass = "forward";
-    auto chunks = collect_chunks(*ring, k, v, meta, entry);
-    std::vector<kernels::AttentionPartial> partials;
-    for (auto& chunk : chunks) {
-      auto mask = mask_for(*ring, meta, chunk, geometry, q.size(0), q.device());
-      const bool work = has_work(*mask);
-      entry.owners.push_back(chunk.owner);
-      entry.computed.push_back(work);
-      if (work) partials.push_back(kernels::chunk_attention_forward(q, chunk.k, chunk.v, *mask, scale));
-      if (ring->options().record_chunks) {
-        ChunkRecord rec;
-        rec.layer = layer, rec.owner = chunk.owner, rec.computed = work;
-        if (work) rec.out = partials.back().out, rec.lse = partials.back().lse;
-        ring->records().push_back(rec);
-      }
-    }
-    const auto acc = kernels::accumulation_dtype(q.scalar_type());
-    kernels::AttentionPartial merged;
-    if (partials.empty()) {
-      merged = {torch::zeros(q.sizes(), q.options().dtype(acc)),
-                torch::full({q.size(0), q.size(1), q.size(2)}, -std::numeric_limits<double>::infinity(), q.options().dtype(acc))};
-    } else {
-      merged = kernels::lse_merge(partials, ring->options().merge);
-    }
-    if (ring->options().mutation == RingMutation::kPaddedRowsNotZeroed) {
-      auto fill = v.select(2, 0).repeat_interleave(q.size(1) / v.size(1), 1).unsqueeze(2).to(merged.out.scalar_type());
-      merged.out = torch::where(torch::isinf(merged.lse).unsqueeze(-1), fill.expand_as(merged.out), merged.out);
-    }
-    ring->trace().push_back(std::move(entry));
-    ctx->save_for_backward({q, k, v, merged.out, merged.lse, or_empty(meta.document_ids), or_empty(meta.padding),
-                            or_empty(meta.vision_group_ids)});
-    ctx->saved_data["ring"] = reinterpret_cast<int64_t>(ring);
-    ctx->saved_data["window"] = geometry.window ? *geometry.window : int64_t(-1);
-    ctx->saved_data["causal"] = geometry.causal;
-    ctx->saved_data["vision"] = geometry.vision_bidirectional;
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["layer"] = layer;
+  static Tensor forward(AutogradContext* ctx, Tensor q, Tensor k, Tensor v, c10::intrusive_ptr<SavedCall> call) {
+    auto merged = ring_forward(context_of(*call->ring), call->call, q, k, v, call->meta);
+    ctx->save_for_backward({q, k, v, merged.out, merged.lse});
+    ctx->saved_data["call"] = c10::IValue::make_capsule(call);
     return merged.out.to(q.scalar_type());
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    auto saved = ctx->get_saved_variables();
-    auto q = saved[0], k = saved[1], v = saved[2], out = saved[3], lse = saved[4];
-    auto meta = meta_from(saved, 5);
-    auto* ring = reinterpret_cast<RingAttention*>(ctx->saved_data["ring"].toInt());
-    const int64_t window = ctx->saved_data["window"].toInt();
-    kernels::LayerGeometry geometry{ctx->saved_data["causal"].toBool(),
-                                    window >= 0 ? std::optional<int64_t>(window) : std::nullopt,
-                                    ctx->saved_data["vision"].toBool()};
-    const double scale = ctx->saved_data["scale"].toDouble();
-    Comm& comm = ring->comm();
-    const int n = comm.size(), r = comm.rank();
-    RingTraceEntry entry;
-    entry.layer = ctx->saved_data["layer"].toInt();
-    entry.pass = "backward";
-    // Recompute: replay the ring to get every chunk back (nothing was kept from the forward).
-    auto chunks = collect_chunks(*ring, k, v, meta, entry);
-    auto dout = grad_outputs[0].contiguous();
-    const auto acc = kernels::accumulation_dtype(q.scalar_type());
-    auto dq = torch::zeros(q.sizes(), q.options().dtype(acc));
-    std::vector<Tensor> dk(n), dv(n);  // by ring step
-    for (int s = 0; s < n; ++s) {
-      auto& chunk = chunks[s];
-      auto mask = mask_for(*ring, meta, chunk, geometry, q.size(0), q.device());
-      const bool work = has_work(*mask);
-      entry.owners.push_back(chunk.owner);
-      entry.computed.push_back(work);
-      if (work) {
-        auto g = kernels::chunk_attention_backward(q, chunk.k, chunk.v, out, lse, dout, *mask, scale);
-        dq += g.dq;
-        dk[s] = g.dk;
-        dv[s] = g.dv;
-        if (ring->options().record_chunks) {
-          // Attach to the forward record of the same layer and owner (the latest one).
-          for (auto it = ring->records().rbegin(); it != ring->records().rend(); ++it)
-            if (it->layer == entry.layer && it->owner == chunk.owner) {
-              it->dq = g.dq, it->dk = g.dk, it->dv = g.dv;
-              break;
-            }
-        }
-      } else {
-        dk[s] = torch::zeros(chunk.k.sizes(), chunk.k.options().dtype(acc));
-        dv[s] = torch::zeros(chunk.v.sizes(), chunk.v.options().dtype(acc));
-      }
-    }
-    // Own chunk's dK/dV stay here; the chunk held at step d belongs to rank r - d: send it home, and receive
-    // ours from rank r + d, which held it at its step d. Accumulated in fp32 (fp64 for fp64 runs).
-    auto dk_home = dk[0].clone(), dv_home = dv[0].clone();
-    for (int d = 1; d < n; ++d) {
-      if (ring->options().mutation == RingMutation::kDropGradReturn) break;
-      const int dst = ring_owner(r, d, n), src = ring_owner(r, -d, n);
-      std::vector<Tensor> send = {dk[d].contiguous(), dv[d].contiguous()};
-      entry.bytes_sent += bytes_of(send);
-      std::vector<Tensor> received;
-      {
-        CommTimer timer(*ring);
-        received = comm.exchange(send, dst, src);
-      }
-      ++entry.grad_returns;
-      dk_home += received[0];
-      dv_home += received[1];
-    }
-    ring->trace().push_back(std::move(entry));
-    return {dq.to(q.scalar_type()), dk_home.to(k.scalar_type()), dv_home.to(v.scalar_type()),
-            Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    const auto call = c10::static_intrusive_pointer_cast<SavedCall>(ctx->saved_data["call"].toCapsule());
+    const auto& q = saved[0];
+    const auto& k = saved[1];
+    const auto& v = saved[2];
+    auto g = ring_backward(context_of(*call->ring), call->call, q, k, v, saved[3], saved[4], grad_outputs[0].contiguous(),
+                           call->meta);
+    return {g.dq.to(q.scalar_type()), g.dk.to(k.scalar_type()), g.dv.to(v.scalar_type()), Tensor()};
   }
 };
 
 }  // namespace
 
+// ---- RingAttention: the backend, its cache, and the observer that records ----
+
 RingAttention::RingAttention(Comm& comm, RingOptions options)
-    : comm_(comm), options_(options), cache_(kernels::BlockMaskCache::kDefaultCapacity, options.cache_enabled) {}
+    : comm_(comm), options_(options), hooks_(make_ring_hooks(options.mutation)),
+      cache_(kernels::BlockMaskCache::kDefaultCapacity, options.cache_enabled) {}
 
 void RingAttention::begin_batch(uint64_t generation, int64_t local_len) {
   local_len_ = local_len;
-  if (options_.mutation == RingMutation::kStaleGeneration && generation_frozen_) return;
+  if (generation_set_ && !hooks_->advances_generation()) return;
   generation_ = generation;
-  generation_frozen_ = true;
-}
-
-kernels::LayerGeometry ring_chunk_geometry(const RingOptions& options, int rank, int owner,
-                                           const kernels::LayerGeometry& geometry) {
-  auto g = geometry;
-  if (options.mutation == RingMutation::kWindowOffByOneAtEdge && owner != rank && g.window) *g.window += 1;
-  return g;
-}
-
-kernels::LayerGeometry RingAttention::chunk_geometry(int owner, const kernels::LayerGeometry& geometry) const {
-  return ring_chunk_geometry(options_, comm_.rank(), owner, geometry);
-}
-
-int RingAttention::owner_at_step(int step) const {
-  const int n = comm_.size(), r = comm_.rank();
-  const int s = options_.mutation == RingMutation::kReverseRotation ? -step : step;
-  return ring_owner(r, s, n);
+  generation_set_ = true;
 }
 
 torch::Tensor RingAttention::attend(const model::AttentionInputs& in, const kernels::TokenMetadata& local_meta) {
   TORCH_CHECK(local_len_ == in.q.size(2), fmt::format("ring attention: begin_batch said S_loc = {}, q has {}", local_len_, in.q.size(2)));
-  return RingFunction::apply(in.q, in.k, in.v, this, in.geometry, in.scale, in.layer_index, local_meta);
+  auto call = c10::make_intrusive<SavedCall>();
+  call->ring = this;
+  call->call = {in.geometry, in.scale, in.layer_index};
+  call->meta = local_meta;
+  return RingFunction::apply(in.q, in.k, in.v, call);
+}
+
+void RingAttention::pass_begin(int64_t layer, const char* pass) {
+  current_ = RingTraceEntry{};
+  current_.layer = layer;
+  current_.pass = pass;
+}
+
+void RingAttention::chunk(int owner, bool computed) {
+  current_.owners.push_back(owner);
+  current_.computed.push_back(computed);
+}
+
+void RingAttention::chunk_forward(int64_t layer, int owner, const kernels::AttentionPartial* partial) {
+  if (!options_.record_chunks) return;
+  ChunkRecord rec;
+  rec.layer = layer, rec.owner = owner, rec.computed = partial != nullptr;
+  if (partial) rec.out = partial->out, rec.lse = partial->lse;
+  records_.push_back(rec);
+}
+
+void RingAttention::chunk_backward(int64_t layer, int owner, const kernels::ChunkAttentionGrads& g) {
+  if (!options_.record_chunks) return;
+  // Attach to the forward record of the same layer and owner (the latest one).
+  for (auto it = records_.rbegin(); it != records_.rend(); ++it)
+    if (it->layer == layer && it->owner == owner) {
+      it->dq = g.dq, it->dk = g.dk, it->dv = g.dv;
+      return;
+    }
+}
+
+void RingAttention::exchanged(int64_t bytes, bool grad_return, double wall_s, double cpu_s) {
+  current_.bytes_sent += bytes;
+  ++(grad_return ? current_.grad_returns : current_.ring_exchanges);
+  add_comm_seconds(wall_s, cpu_s);
+}
+
+void RingAttention::pass_end() { trace_.push_back(std::move(current_)); }
+
+kernels::LayerGeometry ring_chunk_geometry(const RingOptions& options, int rank, int owner,
+                                           const kernels::LayerGeometry& geometry) {
+  return make_ring_hooks(options.mutation)->chunk_geometry(rank, owner, geometry);
 }
 
 }  // namespace cpharness::cp

@@ -1,33 +1,30 @@
 // Ring attention for CP (cp-reference §1): each rank keeps its query shard; K/V chunks (with their owners'
 // per-token metadata) travel around the ring. Forward: own chunk first, then cp - 1 rotations, each chunk
 // through the block-mask cache and the kernels' chunk attention, merged by log-sum-exp. Backward: the ring is
-// replayed (recompute, the default: no chunk is held between forward and backward, so memory stays at one
-// shard of K/V per layer, as upstream), per-chunk dq/dk/dv, and every foreign dK/dV is sent back to its owner
-// and accumulated there in fp32. It implements the model's AttentionBackend, so the model never knows.
+// replayed (recompute: no chunk is held between forward and backward, so memory stays at one shard of K/V per
+// layer, as upstream), per-chunk dq/dk/dv, and every foreign dK/dV is sent back to its owner and accumulated
+// there in fp32. RingAttention implements the model's AttentionBackend, so the model never knows.
+//
+// The algorithm is ring_forward / ring_backward in ring_attention.cpp; the selftest's known-bad variants go
+// through RingHooks (ring_hooks.h), and everything recorded (trace, per-chunk results, comm time) through a
+// RingObserver.
 #pragma once
 #include <ctime>
 #include <torch/torch.h>
 
 #include <chrono>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "harness/cp/comm.h"
+#include "harness/cp/ring_hooks.h"
 #include "harness/model/attention_backend.h"
 #include "kernels/block_mask_cache.h"
+#include "kernels/chunk_attention.h"
 #include "kernels/lse_merge.h"
 
 namespace cpharness::cp {
-
-// Known-bad variants, for the selftest mutants only.
-enum class RingMutation {
-  kNone,
-  kReverseRotation,   // owners labelled as if chunks came from rank + s instead of rank - s
-  kDropGradReturn,    // foreign dK/dV are never sent back to their owners
-  kStaleGeneration,   // the cache generation never advances (a stale mask survives a new batch)
-  kWindowOffByOneAtEdge,  // foreign chunks use q - k <= W instead of q - k < W (a window bug at shard edges)
-  kPaddedRowsNotZeroed,   // rows with no allowed key take V of local index 0 (upstream's trick, never zeroed)
-};
 
 struct RingOptions {
   bool cache_enabled = true;
@@ -44,26 +41,42 @@ struct ChunkRecord {
   int64_t layer = 0;
   int owner = 0;
   bool computed = false;
-  torch::Tensor out, lse;  // forward: this chunk alone (accumulation dtype); undefined when not computed
+  torch::Tensor out, lse;    // forward: this chunk alone (accumulation dtype); undefined when not computed
   torch::Tensor dq, dk, dv;  // backward: this chunk's contributions before dK/dV go home
 };
 
 // One ring pass of one layer on this rank.
 struct RingTraceEntry {
   int64_t layer = 0;
-  std::string pass;         // "forward" or "backward"
-  std::vector<int> owners;  // owner of the chunk processed at ring step s
+  std::string pass;            // "forward" or "backward"
+  std::vector<int> owners;     // owner of the chunk processed at ring step s
   std::vector<bool> computed;  // false: no allowed pair in that chunk, compute skipped
   int64_t ring_exchanges = 0;
-  int64_t grad_returns = 0;   // exchanges that returned dK/dV to owners
+  int64_t grad_returns = 0;  // exchanges that returned dK/dV to owners
   int64_t bytes_sent = 0;
 };
 
-// The geometry rank `rank` uses against `owner`'s chunk: the layer's own, except under the window mutant.
+// What the ring reports as it runs. The algorithm never keeps records itself.
+class RingObserver {
+ public:
+  virtual ~RingObserver() = default;
+  virtual void pass_begin(int64_t layer, const char* pass) {}
+  // The chunk of `owner` at the next ring step; `computed` false when it has no allowed pair.
+  virtual void chunk(int owner, bool computed) {}
+  virtual void chunk_forward(int64_t layer, int owner, const kernels::AttentionPartial* partial) {}
+  virtual void chunk_backward(int64_t layer, int owner, const kernels::ChunkAttentionGrads& grads) {}
+  // One exchange of `bytes` (K/V around the ring, or dK/dV home), and the time it took.
+  virtual void exchanged(int64_t bytes, bool grad_return, double wall_s, double cpu_s) {}
+  virtual void pass_end() {}
+};
+
+// The geometry rank `rank` uses against `owner`'s chunk (the layer's own, except under the window mutant).
 kernels::LayerGeometry ring_chunk_geometry(const RingOptions& options, int rank, int owner,
                                            const kernels::LayerGeometry& geometry);
 
-class RingAttention : public model::AttentionBackend {
+// The ring as the model's attention backend, with its block-mask cache, and the observer that keeps the trace,
+// the per-chunk records and the time spent communicating.
+class RingAttention : public model::AttentionBackend, public RingObserver {
  public:
   RingAttention(Comm& comm, RingOptions options = {});
 
@@ -75,6 +88,7 @@ class RingAttention : public model::AttentionBackend {
   Comm& comm() { return comm_; }
   kernels::BlockMaskCache& cache() { return cache_; }
   const RingOptions& options() const { return options_; }
+  const RingHooks& hooks() const { return *hooks_; }
   std::vector<RingTraceEntry>& trace() { return trace_; }
   std::vector<ChunkRecord>& records() { return records_; }
   uint64_t generation() const { return generation_; }
@@ -87,26 +101,29 @@ class RingAttention : public model::AttentionBackend {
   void add_comm_seconds(double wall, double cpu) { comm_seconds_ += wall, comm_cpu_seconds_ += cpu; }
   void reset_comm_seconds() { comm_seconds_ = comm_cpu_seconds_ = 0; }
 
-  // The geometry this rank uses against `owner`'s chunk (honours the window mutant).
-  kernels::LayerGeometry chunk_geometry(int owner, const kernels::LayerGeometry& geometry) const;
-
-  // Owner of the chunk held at ring step s (honours the rotation mutant).
-  int owner_at_step(int step) const;
+  // RingObserver: the trace, the chunk records (when options().record_chunks) and the comm time.
+  void pass_begin(int64_t layer, const char* pass) override;
+  void chunk(int owner, bool computed) override;
+  void chunk_forward(int64_t layer, int owner, const kernels::AttentionPartial* partial) override;
+  void chunk_backward(int64_t layer, int owner, const kernels::ChunkAttentionGrads& grads) override;
+  void exchanged(int64_t bytes, bool grad_return, double wall_s, double cpu_s) override;
+  void pass_end() override;
 
  private:
   Comm& comm_;
   RingOptions options_;
+  std::unique_ptr<RingHooks> hooks_;
   kernels::BlockMaskCache cache_;
   std::vector<RingTraceEntry> trace_;
+  RingTraceEntry current_;
   std::vector<ChunkRecord> records_;
   uint64_t generation_ = 0;
-  bool generation_frozen_ = false;
+  bool generation_set_ = false;
   int64_t local_len_ = 0;
   double comm_seconds_ = 0;
   double comm_cpu_seconds_ = 0;
 };
 
-// Adds the wall time of its scope to a RingAttention's comm_seconds.
 // CPU time consumed by the calling thread so far (CLOCK_THREAD_CPUTIME_ID).
 inline double thread_cpu_seconds() {
   timespec ts{};
@@ -114,6 +131,7 @@ inline double thread_cpu_seconds() {
   return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
 }
 
+// Adds the wall and CPU time of its scope to a RingAttention's comm time (collectives outside the ring).
 class CommTimer {
  public:
   explicit CommTimer(RingAttention& ring) : ring_(ring), start_(std::chrono::steady_clock::now()), cpu_start_(thread_cpu_seconds()) {}

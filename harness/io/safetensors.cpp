@@ -117,8 +117,8 @@ std::uint64_t json_uint(const json& v, const std::string& path, const std::strin
   throw InputError(path, what, field + " must hold non-negative integers, got " + v.dump());
 }
 
-Header parse_header(std::ifstream& in, const std::string& path, std::uint64_t file_size) {
-  Header h;
+// The 8-byte little-endian header length, checked against the file; the JSON header text after it.
+std::string read_header_text(std::ifstream& in, const std::string& path, std::uint64_t file_size, Header& h) {
   if (file_size < 8) {
     throw InputError(path, "header", "file is " + std::to_string(file_size) +
                                          " bytes, too short for the 8-byte header length (truncated?)");
@@ -137,8 +137,11 @@ Header parse_header(std::ifstream& in, const std::string& path, std::uint64_t fi
   h.buffer_len = file_size - 8 - h.header_len;
   std::string text(h.header_len, '\0');
   read_exact(in, path, "header", text.data(), h.header_len, 8);
+  return text;
+}
 
-  // Parse, rejecting duplicate top-level names (nlohmann would silently keep the last one).
+// The header as a JSON object, rejecting duplicate top-level names (nlohmann would silently keep the last one).
+json parse_header_json(const std::string& text, const std::string& path) {
   std::set<std::string> seen;
   std::string duplicate;
   json doc;
@@ -155,73 +158,75 @@ Header parse_header(std::ifstream& in, const std::string& path, std::uint64_t fi
   }
   if (!duplicate.empty()) throw InputError(path, duplicate, "name appears twice in the header");
   if (!doc.is_object()) throw InputError(path, "header", "JSON header is not an object");
+  return doc;
+}
 
-  for (auto it = doc.begin(); it != doc.end(); ++it) {
-    const std::string& name = it.key();
-    const json& v = it.value();
-    if (name == kMetadataKey) {
-      if (v.is_null()) continue;
-      if (!v.is_object()) throw InputError(path, kMetadataKey, "must be an object of strings, got " + v.dump());
-      for (auto m = v.begin(); m != v.end(); ++m) {
-        if (!m.value().is_string()) {
-          throw InputError(path, std::string(kMetadataKey) + "." + m.key(),
-                           "metadata values must be strings, got " + m.value().dump());
-        }
-        h.metadata[m.key()] = m.value().get<std::string>();
-      }
-      continue;
+void read_metadata(const json& v, const std::string& path, Header& h) {
+  if (v.is_null()) return;
+  if (!v.is_object()) throw InputError(path, kMetadataKey, "must be an object of strings, got " + v.dump());
+  for (auto m = v.begin(); m != v.end(); ++m) {
+    if (!m.value().is_string()) {
+      throw InputError(path, std::string(kMetadataKey) + "." + m.key(),
+                       "metadata values must be strings, got " + m.value().dump());
     }
-    if (!v.is_object()) throw InputError(path, name, "tensor entry must be an object, got " + v.dump());
-    for (const char* field : {"dtype", "shape", "data_offsets"}) {
-      if (!v.contains(field)) throw InputError(path, name, std::string("tensor entry lacks \"") + field + "\"");
-    }
-    Entry e;
-    e.name = name;
-    if (!v["dtype"].is_string()) throw InputError(path, name, "dtype must be a string, got " + v["dtype"].dump());
-    e.dtype_name = v["dtype"].get<std::string>();
-    if (!dtype_from_name(e.dtype_name, &e.dtype)) throw InputError(path, name, "unknown dtype \"" + e.dtype_name + "\"");
-    if (!v["shape"].is_array()) throw InputError(path, name, "shape must be an array, got " + v["shape"].dump());
-    std::uint64_t numel = 1;
-    bool overflow = false;
-    for (const auto& d : v["shape"]) {
-      const std::uint64_t dim = json_uint(d, path, name, "shape");
-      if (dim > static_cast<std::uint64_t>(INT64_MAX)) overflow = true;
-      e.shape.push_back(static_cast<std::int64_t>(dim));
-      overflow |= __builtin_mul_overflow(numel, dim, &numel);
-    }
-    const auto& off = v["data_offsets"];
-    if (!off.is_array() || off.size() != 2) {
-      throw InputError(path, name, "data_offsets must be [begin, end], got " + off.dump());
-    }
-    e.begin = json_uint(off[0], path, name, "data_offsets");
-    e.end = json_uint(off[1], path, name, "data_offsets");
-    if (e.begin > e.end) {
-      throw InputError(path, name, "data_offsets [" + std::to_string(e.begin) + ", " + std::to_string(e.end) +
-                                       "] has begin after end");
-    }
-    std::uint64_t nbytes = 0;
-    overflow |= __builtin_mul_overflow(numel, static_cast<std::uint64_t>(c10::elementSize(e.dtype)), &nbytes);
-    if (overflow) throw InputError(path, name, "shape " + shape_str(e.shape) + " overflows the byte size");
-    if (e.end - e.begin != nbytes) {
-      throw InputError(path, name, "data_offsets [" + std::to_string(e.begin) + ", " + std::to_string(e.end) +
-                                       "] span " + std::to_string(e.end - e.begin) + " bytes but shape " +
-                                       shape_str(e.shape) + " of " + e.dtype_name + " needs " +
-                                       std::to_string(nbytes));
-    }
-    if (e.end > h.buffer_len) {
-      throw InputError(path, name, "data_offsets end " + std::to_string(e.end) + " is beyond the data buffer of " +
-                                       std::to_string(h.buffer_len) + " bytes (file truncated?)");
-    }
-    h.entries.push_back(std::move(e));
+    h.metadata[m.key()] = m.value().get<std::string>();
   }
+}
 
-  // The byte ranges must tile the buffer exactly, as the reference implementation requires.
-  std::sort(h.entries.begin(), h.entries.end(), [](const Entry& a, const Entry& b) {
+// One tensor entry: dtype, shape and data_offsets, whose span must match the shape's byte size and lie in the
+// data buffer.
+Entry read_entry(const std::string& name, const json& v, const std::string& path, std::uint64_t buffer_len) {
+  if (!v.is_object()) throw InputError(path, name, "tensor entry must be an object, got " + v.dump());
+  for (const char* field : {"dtype", "shape", "data_offsets"}) {
+    if (!v.contains(field)) throw InputError(path, name, std::string("tensor entry lacks \"") + field + "\"");
+  }
+  Entry e;
+  e.name = name;
+  if (!v["dtype"].is_string()) throw InputError(path, name, "dtype must be a string, got " + v["dtype"].dump());
+  e.dtype_name = v["dtype"].get<std::string>();
+  if (!dtype_from_name(e.dtype_name, &e.dtype)) throw InputError(path, name, "unknown dtype \"" + e.dtype_name + "\"");
+  if (!v["shape"].is_array()) throw InputError(path, name, "shape must be an array, got " + v["shape"].dump());
+  std::uint64_t numel = 1;
+  bool overflow = false;
+  for (const auto& d : v["shape"]) {
+    const std::uint64_t dim = json_uint(d, path, name, "shape");
+    if (dim > static_cast<std::uint64_t>(INT64_MAX)) overflow = true;
+    e.shape.push_back(static_cast<std::int64_t>(dim));
+    overflow |= __builtin_mul_overflow(numel, dim, &numel);
+  }
+  const auto& off = v["data_offsets"];
+  if (!off.is_array() || off.size() != 2) {
+    throw InputError(path, name, "data_offsets must be [begin, end], got " + off.dump());
+  }
+  e.begin = json_uint(off[0], path, name, "data_offsets");
+  e.end = json_uint(off[1], path, name, "data_offsets");
+  if (e.begin > e.end) {
+    throw InputError(path, name, "data_offsets [" + std::to_string(e.begin) + ", " + std::to_string(e.end) +
+                                     "] has begin after end");
+  }
+  std::uint64_t nbytes = 0;
+  overflow |= __builtin_mul_overflow(numel, static_cast<std::uint64_t>(c10::elementSize(e.dtype)), &nbytes);
+  if (overflow) throw InputError(path, name, "shape " + shape_str(e.shape) + " overflows the byte size");
+  if (e.end - e.begin != nbytes) {
+    throw InputError(path, name, "data_offsets [" + std::to_string(e.begin) + ", " + std::to_string(e.end) +
+                                     "] span " + std::to_string(e.end - e.begin) + " bytes but shape " +
+                                     shape_str(e.shape) + " of " + e.dtype_name + " needs " + std::to_string(nbytes));
+  }
+  if (e.end > buffer_len) {
+    throw InputError(path, name, "data_offsets end " + std::to_string(e.end) + " is beyond the data buffer of " +
+                                     std::to_string(buffer_len) + " bytes (file truncated?)");
+  }
+  return e;
+}
+
+// The byte ranges must tile the buffer exactly, as the reference implementation requires (sorts the entries).
+void check_entries_tile_buffer(std::vector<Entry>& entries, std::uint64_t buffer_len, const std::string& path) {
+  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
     return std::tie(a.begin, a.end, a.name) < std::tie(b.begin, b.end, b.name);
   });
   std::uint64_t cursor = 0;
   const Entry* prev = nullptr;
-  for (const auto& e : h.entries) {
+  for (const auto& e : entries) {
     if (e.begin < cursor) {
       throw InputError(path, e.name, "data_offsets [" + std::to_string(e.begin) + ", " + std::to_string(e.end) +
                                          "] overlap tensor \"" + (prev ? prev->name : "") + "\"");
@@ -233,11 +238,21 @@ Header parse_header(std::ifstream& in, const std::string& path, std::uint64_t fi
     cursor = e.end;
     prev = &e;
   }
-  if (cursor != h.buffer_len) {
+  if (cursor != buffer_len) {
     throw InputError(path, prev ? prev->name : std::string("data buffer"),
-                     std::to_string(h.buffer_len - cursor) + " trailing bytes after the last tensor (buffer is " +
-                         std::to_string(h.buffer_len) + " bytes, tensors end at " + std::to_string(cursor) + ")");
+                     std::to_string(buffer_len - cursor) + " trailing bytes after the last tensor (buffer is " +
+                         std::to_string(buffer_len) + " bytes, tensors end at " + std::to_string(cursor) + ")");
   }
+}
+
+Header parse_header(std::ifstream& in, const std::string& path, std::uint64_t file_size) {
+  Header h;
+  const json doc = parse_header_json(read_header_text(in, path, file_size, h), path);
+  for (auto it = doc.begin(); it != doc.end(); ++it) {
+    if (it.key() == kMetadataKey) read_metadata(it.value(), path, h);
+    else h.entries.push_back(read_entry(it.key(), it.value(), path, h.buffer_len));
+  }
+  check_entries_tile_buffer(h.entries, h.buffer_len, path);
   return h;
 }
 

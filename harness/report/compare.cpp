@@ -269,11 +269,11 @@ const char* to_string(EntryStatus s) {
   return "?";
 }
 
-CompareResult compare_dumps(const RunDump& a, const RunDump& b, const ComparePolicy& policy) {
-  CompareResult r;
-  r.policy = policy;
-  auto& out = r.entries;
+namespace {
 
+// Inputs and weights, by name.
+void compare_inputs_and_weights(const RunDump& a, const RunDump& b, const ComparePolicy& policy,
+                                std::vector<CompareEntry>& out) {
   for (const auto& name : union_keys(a.inputs, b.inputs)) {
     auto e = make_entry(std::nullopt, EntryKind::kInput, name, "inputs/" + name, policy.inputs);
     compare_tensor(e, find_tensor(a.inputs, name), find_tensor(b.inputs, name));
@@ -285,54 +285,59 @@ CompareResult compare_dumps(const RunDump& a, const RunDump& b, const ComparePol
     compare_tensor(e, find_tensor(a.weights, name), find_tensor(b.weights, name));
     out.push_back(std::move(e));
   }
+}
 
-  const StepRecord empty;
-  for (std::int64_t k : union_keys(a.steps, b.steps)) {
-    auto ia = a.steps.find(k), ib = b.steps.find(k);
-    const bool in_a = ia != a.steps.end(), in_b = ib != b.steps.end();
-    const StepRecord& sa = in_a ? ia->second : empty;
-    const StepRecord& sb = in_b ? ib->second : empty;
-    const std::string sp = fmt::format("steps/{}/", k);
-
-    for (std::int64_t i : union_keys(sa.hidden, sb.hidden)) {
-      auto e = make_entry(k, EntryKind::kHidden, std::to_string(i), fmt::format("{}hidden/{}", sp, i), policy.hidden);
-      e.layer = i;
-      compare_tensor(e, find_tensor(sa.hidden, i), find_tensor(sb.hidden, i));
-      out.push_back(std::move(e));
-    }
-    if (sa.logits.defined() || sb.logits.defined()) {
-      auto e = make_entry(k, EntryKind::kLogits, "logits", sp + "logits", policy.logits);
-      compare_tensor(e, sa.logits.defined() ? &sa.logits : nullptr, sb.logits.defined() ? &sb.logits : nullptr);
-      out.push_back(std::move(e));
-    }
-    {
-      auto e = make_entry(k, EntryKind::kLoss, "loss", sp + "loss", policy.loss);
-      compare_scalar(e, in_a ? std::optional<double>(sa.loss) : std::nullopt,
-                     in_b ? std::optional<double>(sb.loss) : std::nullopt);
-      out.push_back(std::move(e));
-    }
-    for (const auto& name : model::grad_backward_order(union_keys(sa.grads, sb.grads))) {
-      auto e = make_entry(k, EntryKind::kGrad, name, sp + "grads/" + name, policy.grads);
-      e.layer = model::layer_index_of(name);
-      compare_tensor(e, find_tensor(sa.grads, name), find_tensor(sb.grads, name));
-      out.push_back(std::move(e));
-    }
-    if (sa.grad_norm || sb.grad_norm) {
-      auto e = make_entry(k, EntryKind::kGradNorm, "grad_norm", sp + "grad_norm", policy.grad_norm);
-      compare_scalar(e, sa.grad_norm, sb.grad_norm);
-      out.push_back(std::move(e));
-    }
-    if (sa.param_norm || sb.param_norm) {
-      auto e = make_entry(k, EntryKind::kParamNorm, "param_norm", sp + "param_norm", policy.param_norm);
-      compare_scalar(e, sa.param_norm, sb.param_norm);
-      out.push_back(std::move(e));
-    }
+// One step in data-flow order: hidden states by layer, logits, loss, gradients in backward order, norms.
+void compare_step(std::int64_t k, const StepRecord* sa_in, const StepRecord* sb_in, const ComparePolicy& policy,
+                  std::vector<CompareEntry>& out) {
+  static const StepRecord empty;
+  const StepRecord& sa = sa_in ? *sa_in : empty;
+  const StepRecord& sb = sb_in ? *sb_in : empty;
+  const std::string sp = fmt::format("steps/{}/", k);
+  for (std::int64_t i : union_keys(sa.hidden, sb.hidden)) {
+    auto e = make_entry(k, EntryKind::kHidden, std::to_string(i), fmt::format("{}hidden/{}", sp, i), policy.hidden);
+    e.layer = i;
+    compare_tensor(e, find_tensor(sa.hidden, i), find_tensor(sb.hidden, i));
+    out.push_back(std::move(e));
   }
+  if (sa.logits.defined() || sb.logits.defined()) {
+    auto e = make_entry(k, EntryKind::kLogits, "logits", sp + "logits", policy.logits);
+    compare_tensor(e, sa.logits.defined() ? &sa.logits : nullptr, sb.logits.defined() ? &sb.logits : nullptr);
+    out.push_back(std::move(e));
+  }
+  {
+    auto e = make_entry(k, EntryKind::kLoss, "loss", sp + "loss", policy.loss);
+    compare_scalar(e, sa_in ? std::optional<double>(sa.loss) : std::nullopt,
+                   sb_in ? std::optional<double>(sb.loss) : std::nullopt);
+    out.push_back(std::move(e));
+  }
+  for (const auto& name : model::grad_backward_order(union_keys(sa.grads, sb.grads))) {
+    auto e = make_entry(k, EntryKind::kGrad, name, sp + "grads/" + name, policy.grads);
+    e.layer = model::layer_index_of(name);
+    compare_tensor(e, find_tensor(sa.grads, name), find_tensor(sb.grads, name));
+    out.push_back(std::move(e));
+  }
+  if (sa.grad_norm || sb.grad_norm) {
+    auto e = make_entry(k, EntryKind::kGradNorm, "grad_norm", sp + "grad_norm", policy.grad_norm);
+    compare_scalar(e, sa.grad_norm, sb.grad_norm);
+    out.push_back(std::move(e));
+  }
+  if (sa.param_norm || sb.param_norm) {
+    auto e = make_entry(k, EntryKind::kParamNorm, "param_norm", sp + "param_norm", policy.param_norm);
+    compare_scalar(e, sa.param_norm, sb.param_norm);
+    out.push_back(std::move(e));
+  }
+}
 
+}  // namespace
+
+void recount(CompareResult& r) {
+  r.counts = CompareCounts{};
+  r.first_divergence.reset();
   CompareCounts& c = r.counts;
-  c.entries = out.size();
-  for (std::size_t i = 0; i < out.size(); ++i) {
-    const CompareEntry& e = out[i];
+  c.entries = r.entries.size();
+  for (std::size_t i = 0; i < r.entries.size(); ++i) {
+    const CompareEntry& e = r.entries[i];
     switch (e.status) {
       case EntryStatus::kPass: ++c.passed; if (e.differs()) ++c.differing_within_tolerance; break;
       case EntryStatus::kOutOfTolerance: ++c.out_of_tolerance; break;
@@ -344,15 +349,36 @@ CompareResult compare_dumps(const RunDump& a, const RunDump& b, const ComparePol
     if (!r.first_divergence && is_divergence(e.status)) r.first_divergence = i;
   }
   r.passed = c.out_of_tolerance == 0 && c.nonfinite == 0 && c.shape_mismatch == 0 &&
-             (!policy.missing_is_failure || c.missing == 0);
+             (!r.policy.missing_is_failure || c.missing == 0);
+}
 
+namespace {
+
+std::vector<ProvenanceDiff> provenance_diffs(const RunDump& a, const RunDump& b) {
+  std::vector<ProvenanceDiff> out;
   for (const auto& key : union_keys(a.provenance, b.provenance)) {
     auto pa = a.provenance.find(key), pb = b.provenance.find(key);
     std::optional<std::string> va, vb;
     if (pa != a.provenance.end()) va = pa->second;
     if (pb != b.provenance.end()) vb = pb->second;
-    if (va != vb) r.provenance_diffs.push_back({key, va, vb});
+    if (va != vb) out.push_back({key, va, vb});
   }
+  return out;
+}
+
+}  // namespace
+
+CompareResult compare_dumps(const RunDump& a, const RunDump& b, const ComparePolicy& policy) {
+  CompareResult r;
+  r.policy = policy;
+  compare_inputs_and_weights(a, b, policy, r.entries);
+  for (std::int64_t k : union_keys(a.steps, b.steps)) {
+    auto ia = a.steps.find(k), ib = b.steps.find(k);
+    compare_step(k, ia != a.steps.end() ? &ia->second : nullptr, ib != b.steps.end() ? &ib->second : nullptr, policy,
+                 r.entries);
+  }
+  recount(r);
+  r.provenance_diffs = provenance_diffs(a, b);
   return r;
 }
 

@@ -116,6 +116,10 @@ struct CompareResult {
 
 CompareResult compare_dumps(const RunDump& a, const RunDump& b, const ComparePolicy& policy = ComparePolicy{});
 
+// Recomputes counts, first divergence and the verdict from the entries' statuses (after a caller re-judged
+// entries by a rule of its own).
+void recount(CompareResult& result);
+
 nlohmann::json to_json(const Tolerance& t);
 nlohmann::json to_json(const ComparePolicy& p);
 nlohmann::json to_json(const CompareEntry& e);

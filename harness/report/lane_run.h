@@ -14,7 +14,8 @@
 
 namespace cpharness::report {
 
-struct StepRecord {
+// One optimizer step of a run.
+struct TrainingStep {
   double loss = 0, grad_norm = 0, param_norm = 0;
   int64_t counted_tokens = 0;
 };
@@ -22,7 +23,7 @@ struct StepRecord {
 struct LaneRun {
   int cp = 1;
   train::DtypeLane lane = train::DtypeLane::kFp32;
-  std::vector<StepRecord> steps;
+  std::vector<TrainingStep> steps;
   // Step 0, before the update, in global token order (padding cropped); fp64 copies.
   torch::Tensor logits;
   std::vector<torch::Tensor> hidden;  // index 0: embeddings, i + 1: after layer i
@@ -39,7 +40,7 @@ struct LaneRun {
 // final parameters, which are identical on every rank after the all-reduce).
 struct CpRankRecord {
   int rank = 0;
-  std::vector<StepRecord> steps;
+  std::vector<TrainingStep> steps;
   std::vector<kernels::BlockMaskCacheCounters> cache;  // per step
   std::vector<cp::RingTraceEntry> trace;               // step 0
   cp::CommStats comm_step0;

@@ -82,7 +82,7 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
     auto loss = model::token_loss(logits, model::shift_labels(batch.labels));
     auto mean = loss.sum / double(std::max<int64_t>(loss.count, 1));
     mean.backward();
-    StepRecord rec{mean.item<double>(), train::grad_norm(m->parameters()), 0, loss.count};
+    TrainingStep rec{mean.item<double>(), train::grad_norm(m->parameters()), 0, loss.count};
     if (step == 0 && options.record_tensors) {
       run.logits = logits.detach().to(torch::kFloat64);
       for (auto& h : hidden) run.hidden.push_back(h.detach().to(torch::kFloat64));

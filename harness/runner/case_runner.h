@@ -21,7 +21,7 @@ namespace cpharness::runner {
 
 using report::CpRankRecord;
 using report::LaneRun;
-using report::StepRecord;
+using report::TrainingStep;
 
 // Known-bad variants of the CP step itself (the ring's own live in cp::RingMutation), for selftest mutants.
 enum class StepMutation {

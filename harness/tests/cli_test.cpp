@@ -167,6 +167,26 @@ TEST_F(CliTest, GoldenVerifyPassesAndCatchesAMovedLoss) {
   EXPECT_EQ(j["cases"][0]["checks"][0]["status"], "fail");
 }
 
+// bf16 goldens are judged against the fp32 oracle (their own bf16 error sets the bound): a golden recorded here
+// passes, one whose gradient moved far beyond its own bf16 error fails.
+TEST_F(CliTest, Bf16GoldenVerifyIsOracleRelativeAndCatchesAMovedGradient) {
+  auto c = write("b.json", R"({"id": "b", "model": {"preset": "tiny-e4b"}, "dtype": "bf16",
+    "data": {"seq_len": 24, "padding": 4, "seed": 1}, "steps": 2, "tolerances": {"bf16_k": 3}})");
+  const auto golden = (dir_ / "b.h5").string();
+  ASSERT_EQ(run_cli("golden record " + c + " -o " + golden).exit_code, 0);
+  auto ok = run_cli("golden verify " + c + " " + golden);
+  EXPECT_EQ(ok.exit_code, 0) << ok.output;
+  auto dump = cpharness::report::read_run_dump(golden);
+  auto& grads = dump.steps.at(0).grads;
+  ASSERT_TRUE(grads.count("embed_tokens.weight"));
+  grads["embed_tokens.weight"] = grads["embed_tokens.weight"] * 1.5;
+  const auto moved = (dir_ / "moved.h5").string();
+  cpharness::report::write_run_dump(moved, dump);
+  auto bad = run_cli("golden verify " + c + " " + moved);
+  EXPECT_EQ(bad.exit_code, 1) << bad.output;
+  EXPECT_NE(bad.output.find("own error against the fp32 oracle"), std::string::npos) << bad.output;
+}
+
 // `git bisect run` reads 0 as good, 1 as bad and 125 as "cannot test this commit".
 TEST_F(CliTest, BisectExitCodesAreGoodBadAndSkip) {
   auto c = write("g.json", kGoodCase);

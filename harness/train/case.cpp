@@ -76,26 +76,16 @@ Batch batch_for_step(const Case& c, int64_t step) {
 
 std::string to_string(DtypeLane lane) { return lane == DtypeLane::kBf16 ? "bf16" : lane == DtypeLane::kFp64 ? "fp64" : "fp32"; }
 
-Case case_from_json(const json& j, const std::string& path) {
-  if (!j.is_object()) throw InputError(path, "case", "expected a JSON object");
-  reject_unknown(j, {"id", "description", "model", "weights", "data", "dtype", "steps", "optimizer", "cp", "requires", "checks",
-                     "tolerances", "block_size", "block_mask_cache"}, path, "");
-  Case c;
-  c.path = path;
-  c.raw = j;
-  for (const char* required : {"id", "model", "data"})
-    if (!j.contains(required)) throw InputError(path, required, "missing required key");
-  c.id = string_at(j, "id", path, "id");
-  if (j.contains("description")) c.description = string_at(j, "description", path, "description");
-  c.model = model::config_from_case_json(j.at("model"), path);
+namespace {
 
-  if (j.contains("weights")) {
-    const json& w = object_at(j, "weights", path, "weights");
-    reject_unknown(w, {"init_seed", "checkpoint"}, path, "weights.");
-    if (w.contains("init_seed")) c.init_seed = uint64_t(int_at(w, "init_seed", path, "weights.init_seed", 0));
-    if (w.contains("checkpoint")) c.checkpoint = string_at(w, "checkpoint", path, "weights.checkpoint");
-  }
+void read_weights(const json& j, const std::string& path, Case& c) {
+  const json& w = object_at(j, "weights", path, "weights");
+  reject_unknown(w, {"init_seed", "checkpoint"}, path, "weights.");
+  if (w.contains("init_seed")) c.init_seed = uint64_t(int_at(w, "init_seed", path, "weights.init_seed", 0));
+  if (w.contains("checkpoint")) c.checkpoint = string_at(w, "checkpoint", path, "weights.checkpoint");
+}
 
+void read_data(const json& j, const std::string& path, Case& c) {
   const json& d = object_at(j, "data", path, "data");
   reject_unknown(d, {"batch", "seq_len", "document_lengths", "padding", "vision_runs", "seed"}, path, "data.");
   if (!d.contains("seq_len")) throw InputError(path, "data.seq_len", "missing required key");
@@ -120,55 +110,82 @@ Case case_from_json(const json& j, const std::string& path) {
   } catch (const InputError& e) {
     throw InputError(path, "data", e.what());
   }
+}
 
-  if (j.contains("dtype")) {
-    const auto lane = string_at(j, "dtype", path, "dtype");
-    if (lane == "fp32") c.dtype = DtypeLane::kFp32;
-    else if (lane == "bf16") c.dtype = DtypeLane::kBf16;
-    else if (lane == "fp64") c.dtype = DtypeLane::kFp64;
-    else throw InputError(path, "dtype", "expected \"fp32\", \"bf16\" or \"fp64\", got \"" + lane + "\"");
+DtypeLane read_lane(const json& j, const std::string& path) {
+  const auto lane = string_at(j, "dtype", path, "dtype");
+  if (lane == "fp32") return DtypeLane::kFp32;
+  if (lane == "bf16") return DtypeLane::kBf16;
+  if (lane == "fp64") return DtypeLane::kFp64;
+  throw InputError(path, "dtype", "expected \"fp32\", \"bf16\" or \"fp64\", got \"" + lane + "\"");
+}
+
+void read_optimizer(const json& j, const std::string& path, Case& c) {
+  const json& o = object_at(j, "optimizer", path, "optimizer");
+  reject_unknown(o, {"lr", "beta1", "beta2", "eps", "weight_decay"}, path, "optimizer.");
+  if (o.contains("lr")) c.optimizer.lr = number_at(o, "lr", path, "optimizer.lr");
+  if (o.contains("beta1")) c.optimizer.beta1 = number_at(o, "beta1", path, "optimizer.beta1");
+  if (o.contains("beta2")) c.optimizer.beta2 = number_at(o, "beta2", path, "optimizer.beta2");
+  if (o.contains("eps")) c.optimizer.eps = number_at(o, "eps", path, "optimizer.eps");
+  if (o.contains("weight_decay")) c.optimizer.weight_decay = number_at(o, "weight_decay", path, "optimizer.weight_decay");
+}
+
+void read_requires(const json& j, const std::string& path, Case& c) {
+  if (!j["requires"].is_array()) throw InputError(path, "requires", "wrong type: expected an array of strings");
+  for (auto& r : j["requires"]) {
+    if (!r.is_string() || r != "cuda") throw InputError(path, "requires", "known requirements: \"cuda\"");
+    c.requires_features.push_back(r.get<std::string>());
   }
+}
+
+void read_checks(const json& j, const std::string& path, Case& c) {
+  if (!j["checks"].is_array()) throw InputError(path, "checks", "wrong type: expected an array of check names");
+  static const std::vector<std::string> known = {
+      "mask.", "ring.", "attention.", "kvshare.", "cache.", "train.", "determinism.", "golden.", "hf."};
+  for (size_t i = 0; i < j["checks"].size(); ++i) {
+    const json& v = j["checks"][i];
+    const std::string field = fmt::format("checks[{}]", i);
+    if (!v.is_string()) throw InputError(path, field, "wrong type: expected a string");
+    const auto name = v.get<std::string>();
+    bool ok = false;
+    for (auto& k : known) ok = ok || name.rfind(k, 0) == 0;
+    if (!ok) throw InputError(path, field, "unknown check '" + name + "'");
+    c.checks.push_back(name);
+  }
+}
+
+void read_tolerances(const json& j, const std::string& path, Case& c) {
+  const json& t = object_at(j, "tolerances", path, "tolerances");
+  reject_unknown(t, {"fp32_relative", "bf16_k", "bf16_floor", "cp_growth"}, path, "tolerances.");
+  if (t.contains("fp32_relative")) c.tolerances.fp32_relative = number_at(t, "fp32_relative", path, "tolerances.fp32_relative");
+  if (t.contains("bf16_k")) c.tolerances.bf16_k = number_at(t, "bf16_k", path, "tolerances.bf16_k");
+  if (t.contains("bf16_floor")) c.tolerances.bf16_floor = number_at(t, "bf16_floor", path, "tolerances.bf16_floor");
+  if (t.contains("cp_growth")) c.tolerances.cp_growth = number_at(t, "cp_growth", path, "tolerances.cp_growth");
+}
+
+}  // namespace
+
+Case case_from_json(const json& j, const std::string& path) {
+  if (!j.is_object()) throw InputError(path, "case", "expected a JSON object");
+  reject_unknown(j, {"id", "description", "model", "weights", "data", "dtype", "steps", "optimizer", "cp", "requires", "checks",
+                     "tolerances", "block_size", "block_mask_cache"}, path, "");
+  Case c;
+  c.path = path;
+  c.raw = j;
+  for (const char* required : {"id", "model", "data"})
+    if (!j.contains(required)) throw InputError(path, required, "missing required key");
+  c.id = string_at(j, "id", path, "id");
+  if (j.contains("description")) c.description = string_at(j, "description", path, "description");
+  c.model = model::config_from_case_json(j.at("model"), path);
+  if (j.contains("weights")) read_weights(j, path, c);
+  read_data(j, path, c);
+  if (j.contains("dtype")) c.dtype = read_lane(j, path);
   if (j.contains("steps")) c.steps = int_at(j, "steps", path, "steps", 1);
-  if (j.contains("optimizer")) {
-    const json& o = object_at(j, "optimizer", path, "optimizer");
-    reject_unknown(o, {"lr", "beta1", "beta2", "eps", "weight_decay"}, path, "optimizer.");
-    if (o.contains("lr")) c.optimizer.lr = number_at(o, "lr", path, "optimizer.lr");
-    if (o.contains("beta1")) c.optimizer.beta1 = number_at(o, "beta1", path, "optimizer.beta1");
-    if (o.contains("beta2")) c.optimizer.beta2 = number_at(o, "beta2", path, "optimizer.beta2");
-    if (o.contains("eps")) c.optimizer.eps = number_at(o, "eps", path, "optimizer.eps");
-    if (o.contains("weight_decay")) c.optimizer.weight_decay = number_at(o, "weight_decay", path, "optimizer.weight_decay");
-  }
+  if (j.contains("optimizer")) read_optimizer(j, path, c);
   if (j.contains("cp")) c.cp_sizes = ints_at(j, "cp", path, "cp", 1);
-  if (j.contains("requires")) {
-    if (!j["requires"].is_array()) throw InputError(path, "requires", "wrong type: expected an array of strings");
-    for (auto& r : j["requires"]) {
-      if (!r.is_string() || r != "cuda") throw InputError(path, "requires", "known requirements: \"cuda\"");
-      c.requires_features.push_back(r.get<std::string>());
-    }
-  }
-  if (j.contains("checks")) {
-    if (!j["checks"].is_array()) throw InputError(path, "checks", "wrong type: expected an array of check names");
-    static const std::vector<std::string> known = {
-        "mask.", "ring.", "attention.", "kvshare.", "cache.", "train.", "determinism.", "golden.", "hf."};
-    for (size_t i = 0; i < j["checks"].size(); ++i) {
-      const json& v = j["checks"][i];
-      const std::string field = fmt::format("checks[{}]", i);
-      if (!v.is_string()) throw InputError(path, field, "wrong type: expected a string");
-      const auto name = v.get<std::string>();
-      bool ok = false;
-      for (auto& k : known) ok = ok || name.rfind(k, 0) == 0;
-      if (!ok) throw InputError(path, field, "unknown check '" + name + "'");
-      c.checks.push_back(name);
-    }
-  }
-  if (j.contains("tolerances")) {
-    const json& t = object_at(j, "tolerances", path, "tolerances");
-    reject_unknown(t, {"fp32_relative", "bf16_k", "bf16_floor", "cp_growth"}, path, "tolerances.");
-    if (t.contains("fp32_relative")) c.tolerances.fp32_relative = number_at(t, "fp32_relative", path, "tolerances.fp32_relative");
-    if (t.contains("bf16_k")) c.tolerances.bf16_k = number_at(t, "bf16_k", path, "tolerances.bf16_k");
-    if (t.contains("bf16_floor")) c.tolerances.bf16_floor = number_at(t, "bf16_floor", path, "tolerances.bf16_floor");
-    if (t.contains("cp_growth")) c.tolerances.cp_growth = number_at(t, "cp_growth", path, "tolerances.cp_growth");
-  }
+  if (j.contains("requires")) read_requires(j, path, c);
+  if (j.contains("checks")) read_checks(j, path, c);
+  if (j.contains("tolerances")) read_tolerances(j, path, c);
   if (j.contains("block_size")) c.block_size = int_at(j, "block_size", path, "block_size", 1);
   if (j.contains("block_mask_cache")) {
     if (!j["block_mask_cache"].is_boolean()) throw InputError(path, "block_mask_cache", "wrong type: expected a boolean");

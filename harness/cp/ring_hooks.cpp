@@ -1,0 +1,54 @@
+#include "harness/cp/ring_hooks.h"
+
+#include "harness/cp/shard_plan.h"
+
+namespace cpharness::cp {
+namespace {
+
+struct ReverseRotation : RingHooks {
+  int owner_at_step(int rank, int step, int n) const override { return ring_owner(rank, -step, n); }
+};
+
+struct DropGradReturn : RingHooks {
+  bool returns_grads() const override { return false; }
+};
+
+struct StaleGeneration : RingHooks {
+  bool advances_generation() const override { return false; }
+};
+
+struct WindowOffByOneAtEdge : RingHooks {
+  kernels::LayerGeometry chunk_geometry(int rank, int owner, const kernels::LayerGeometry& geometry) const override {
+    auto g = geometry;
+    if (owner != rank && g.window) *g.window += 1;
+    return g;
+  }
+};
+
+struct PaddedRowsNotZeroed : RingHooks {
+  void finish_output(kernels::AttentionPartial& merged, const torch::Tensor& v) const override {
+    const int64_t groups = merged.out.size(1) / v.size(1);
+    auto fill = v.select(2, 0).repeat_interleave(groups, 1).unsqueeze(2).to(merged.out.scalar_type());
+    merged.out = torch::where(torch::isinf(merged.lse).unsqueeze(-1), fill.expand_as(merged.out), merged.out);
+  }
+};
+
+}  // namespace
+
+int RingHooks::owner_at_step(int rank, int step, int n) const { return ring_owner(rank, step, n); }
+
+kernels::LayerGeometry RingHooks::chunk_geometry(int, int, const kernels::LayerGeometry& geometry) const { return geometry; }
+
+std::unique_ptr<RingHooks> make_ring_hooks(RingMutation mutation) {
+  switch (mutation) {
+    case RingMutation::kNone: return std::make_unique<RingHooks>();
+    case RingMutation::kReverseRotation: return std::make_unique<ReverseRotation>();
+    case RingMutation::kDropGradReturn: return std::make_unique<DropGradReturn>();
+    case RingMutation::kStaleGeneration: return std::make_unique<StaleGeneration>();
+    case RingMutation::kWindowOffByOneAtEdge: return std::make_unique<WindowOffByOneAtEdge>();
+    case RingMutation::kPaddedRowsNotZeroed: return std::make_unique<PaddedRowsNotZeroed>();
+  }
+  throw std::logic_error("make_ring_hooks: unknown mutation");
+}
+
+}  // namespace cpharness::cp

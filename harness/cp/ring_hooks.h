@@ -1,0 +1,42 @@
+// The points where a known-bad ring (the selftest's mutants) differs from the correct one. The ring algorithm
+// calls these and nothing else for its variants, so ring_attention.cpp reads as the correct algorithm only.
+#pragma once
+#include <torch/torch.h>
+
+#include <memory>
+
+#include "kernels/lse_merge.h"
+#include "kernels/mask_spec.h"
+
+namespace cpharness::cp {
+
+// Known-bad variants, for the selftest mutants only.
+enum class RingMutation {
+  kNone,
+  kReverseRotation,       // owners labelled as if chunks came from rank + s instead of rank - s
+  kDropGradReturn,        // foreign dK/dV are never sent back to their owners
+  kStaleGeneration,       // the cache generation never advances (a stale mask survives a new batch)
+  kWindowOffByOneAtEdge,  // foreign chunks use q - k <= W instead of q - k < W (a window bug at shard edges)
+  kPaddedRowsNotZeroed,   // rows with no allowed key take V of local index 0 (upstream's trick, never zeroed)
+};
+
+class RingHooks {
+ public:
+  virtual ~RingHooks() = default;
+  // The owner of the chunk a rank holds at ring step `step` (correct: ring_owner).
+  virtual int owner_at_step(int rank, int step, int n) const;
+  // The geometry `rank`'s queries use against `owner`'s chunk (correct: the layer's own).
+  virtual kernels::LayerGeometry chunk_geometry(int rank, int owner, const kernels::LayerGeometry& geometry) const;
+  // Whether foreign dK/dV are sent home (correct: always).
+  virtual bool returns_grads() const { return true; }
+  // Whether a new batch after the first advances the block-mask cache generation (correct: always).
+  virtual bool advances_generation() const { return true; }
+  // The merged output before it leaves the ring; `v` is the rank's own V. Correct: unchanged (rows without an
+  // allowed key are exactly 0).
+  virtual void finish_output(kernels::AttentionPartial& merged, const torch::Tensor& v) const {}
+};
+
+// The hooks of `mutation` (kNone: the correct ring).
+std::unique_ptr<RingHooks> make_ring_hooks(RingMutation mutation);
+
+}  // namespace cpharness::cp
