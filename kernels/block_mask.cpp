@@ -42,6 +42,22 @@ torch::Tensor block_classes(const BlockMask& m, bool from_transposes) {
   return classes.transpose(1, 2).contiguous();
 }
 
+BlockMask block_mask_frame(const TokenMetadata& q_meta, const TokenMetadata& kv_meta, TokenRange q_range,
+                           TokenRange kv_range, const LayerGeometry& geometry, int64_t batch, int64_t q_block,
+                           int64_t kv_block) {
+  TORCH_CHECK(q_block > 0 && kv_block > 0, "block sizes must be positive");
+  BlockMask m;
+  m.q_range = q_range;
+  m.kv_range = kv_range;
+  m.q_block = q_block;
+  m.kv_block = kv_block;
+  m.batch = mask_depends_on_batch(q_meta, kv_meta) ? batch : 1;
+  m.geometry = geometry;
+  m.q_meta = q_meta;
+  m.kv_meta = kv_meta;
+  return m;
+}
+
 void fill_block_lists(BlockMask& m, const torch::Tensor& classes) {
   auto partial = classes == kPartialBlock, full = classes == kFullBlock;
   lists_from_flags(partial, m.kv_num_blocks, m.kv_indices);
@@ -53,16 +69,7 @@ void fill_block_lists(BlockMask& m, const torch::Tensor& classes) {
 BlockMask build_block_mask_brute_force(const TokenMetadata& q_meta, const TokenMetadata& kv_meta, TokenRange q_range,
                                        TokenRange kv_range, const LayerGeometry& geometry, int64_t batch,
                                        int64_t q_block, int64_t kv_block) {
-  TORCH_CHECK(q_block > 0 && kv_block > 0, "block sizes must be positive");
-  BlockMask m;
-  m.q_range = q_range;
-  m.kv_range = kv_range;
-  m.q_block = q_block;
-  m.kv_block = kv_block;
-  m.batch = mask_depends_on_batch(q_meta, kv_meta) ? batch : 1;
-  m.geometry = geometry;
-  m.q_meta = q_meta;
-  m.kv_meta = kv_meta;
+  BlockMask m = block_mask_frame(q_meta, kv_meta, q_range, kv_range, geometry, batch, q_block, kv_block);
   const int64_t nq = m.num_q_blocks(), nkv = m.num_kv_blocks();
   auto dense = dense_mask(q_meta, kv_meta, q_range, kv_range, geometry, batch).narrow(0, 0, m.batch).cpu();
   // Pad to whole tiles: with false for "any", with true for "all".

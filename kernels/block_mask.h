@@ -47,6 +47,12 @@ enum BlockClass : uint8_t { kEmptyBlock = 0, kPartialBlock = 1, kFullBlock = 2 }
 // transposes when `from_transposes` (then transposed back to [batch, nQ, nKV]).
 torch::Tensor block_classes(const BlockMask& mask, bool from_transposes = false);
 
+// A mask with its ranges, block sizes, batch rows (1 unless the metadata differs by batch row), geometry and
+// metadata set and no lists yet: what both builders start from.
+BlockMask block_mask_frame(const TokenMetadata& q_meta, const TokenMetadata& kv_meta, TokenRange q_range,
+                           TokenRange kv_range, const LayerGeometry& geometry, int64_t batch, int64_t q_block,
+                           int64_t kv_block);
+
 // Builds every list and transpose from per-tile classes [batch, nQ, nKV] (uint8, BlockClass), with tensor ops.
 void fill_block_lists(BlockMask& mask, const torch::Tensor& classes);
 

@@ -285,16 +285,7 @@ const int64_t* batch_row(const torch::Tensor& t, int64_t b, int64_t len) {
 BlockMask build_block_mask(const TokenMetadata& q_meta, const TokenMetadata& kv_meta, TokenRange q_range,
                            TokenRange kv_range, const LayerGeometry& geometry, int64_t batch, int64_t q_block,
                            int64_t kv_block) {
-  TORCH_CHECK(q_block > 0 && kv_block > 0, "block sizes must be positive");
-  BlockMask m;
-  m.q_range = q_range;
-  m.kv_range = kv_range;
-  m.q_block = q_block;
-  m.kv_block = kv_block;
-  m.batch = mask_depends_on_batch(q_meta, kv_meta) ? batch : 1;
-  m.geometry = geometry;
-  m.q_meta = q_meta;
-  m.kv_meta = kv_meta;
+  BlockMask m = block_mask_frame(q_meta, kv_meta, q_range, kv_range, geometry, batch, q_block, kv_block);
   const int64_t nq = m.num_q_blocks(), nkv = m.num_kv_blocks();
 
   // Per-block summaries of each side's metadata (runs of constant document / vision group / padding).
