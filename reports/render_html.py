@@ -534,8 +534,9 @@ def render_divergence(case, figs):
                 if first is None:
                     first = (key, names[over[0]], rel[over[0]])
                     ax.axvline(over[0], color=FAIL_RED, lw=0.8, ls=":")
-                    ax.text(over[0], 1.0, f" first out of tolerance: {names[over[0]]} ", transform=ax.get_xaxis_transform(),
-                            ha="right" if over[0] > len(xs) / 2 else "left", va="bottom", fontsize=7.5, color=FAIL_RED)
+                    ax.text(over[0], 0.03, f" first out of tolerance: {names[over[0]]} ", transform=ax.get_xaxis_transform(),
+                            ha="right" if over[0] > len(xs) / 2 else "left", va="bottom", fontsize=7.5, color=FAIL_RED,
+                            bbox={"fc": "white", "ec": "none", "alpha": 0.85, "pad": 1.5})
             _log_axis(ax, figs)
             top = max([v for v in rel + thr if v is not None and math.isfinite(v)] + [floor])
             ax.set_ylim(top=top * 4)
