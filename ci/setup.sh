@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs every dependency of cpharness on a fresh Debian bookworm machine.
 # Idempotent: when everything is present it prints one line and returns in seconds.
-#   Debian: compilers, CMake, HDF5, fmt, nlohmann-json, GoogleTest, CLI11, OpenMPI, python3-h5py/jsonschema (tests).
+#   Debian: compilers, CMake, HDF5, fmt, nlohmann-json, GoogleTest, CLI11, OpenMPI, python3-h5py/jsonschema (tests),
+#           python3-matplotlib (reports/render_html.py) and chromium (the headless-browser test of the page).
 #   PyPI:   torch==2.11.0 into a virtual environment outside the source tree ($CPHARNESS_VENV).
 set -euo pipefail
 start=$(date +%s)
@@ -10,7 +11,8 @@ torch_version="2.11.0"
 # libfmt-dev is kept for tools outside libtorch; targets that include libtorch use its bundled fmt headers
 # header-only (see CMakeLists.txt).
 debian_packages=(g++ cmake make libhdf5-dev nlohmann-json3-dev libfmt-dev libgtest-dev libcli11-dev
-                 libopenmpi-dev openmpi-bin python3 python3-venv python3-h5py python3-jsonschema)
+                 libopenmpi-dev openmpi-bin python3 python3-venv python3-h5py python3-jsonschema
+                 python3-matplotlib chromium)
 # A lighter install than `pip install torch` (measured: 1.7 GB instead of ~5 GB, about a minute on this
 # network): the C++ build links libtorch_cpu and c10, which need only libcudart/libcupti, found in the CUDA
 # toolkit at /usr/local/cuda. `import torch` additionally needs the three runtime wheels below; the other
