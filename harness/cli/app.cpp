@@ -30,6 +30,7 @@ void add_report_outputs(CLI::App* verb, ReportOutputs& o) {
   verb->add_option("--out", o.out_dir, "write DIR/report.json and DIR/report.xml")->type_name("DIR");
   verb->add_option("--report", o.report_path, "report.json path (JSON Schema: reports/schema)")->type_name("F");
   verb->add_option("--junit", o.junit_path, "JUnit XML path")->type_name("F");
+  verb->add_option("--html", o.html_path, "self-contained HTML page of the report")->type_name("F");
 }
 
 // The parser of every verb; `run` is set to the chosen verb's call.
@@ -45,6 +46,7 @@ struct Verbs {
   bool holder = false, no_holder = false;
   std::string bisect_case, bisect_golden;
   std::vector<std::string> list_cases;
+  std::string render_in, render_out;
 };
 
 void add_run(CLI::App& app, Verbs& v) {
@@ -108,6 +110,12 @@ void add_bisect(CLI::App& app, Verbs& v) {
   bisect->add_option("--golden", v.bisect_golden, "golden to judge against")->required()->type_name("F.h5");
 }
 
+void add_render(CLI::App& app, Verbs& v) {
+  auto* render = app.add_subcommand("render", "the HTML page of a report.json made earlier or elsewhere");
+  render->add_option("report", v.render_in, "report.json")->required()->type_name("REPORT.json");
+  render->add_option("-o,--output", v.render_out, "HTML file to write")->required()->type_name("F.html");
+}
+
 void add_list(CLI::App& app, Verbs& v) {
   auto* list = app.add_subcommand("list", "cases and what they need");
   list->add_option("cases", v.list_cases, "case files or directories (default cases/default)")->type_name("CASE");
@@ -139,6 +147,7 @@ int call_verb(CLI::App& app, Verbs& v, const std::vector<std::string>& args) {
     return hf_parity_verb(v.hf, v.hf_outputs);
   }
   if (verb == "bisect") return bisect_verb(v.bisect_case, v.bisect_golden);
+  if (verb == "render") return render_verb(v.render_in, v.render_out);
   return list_verb(v.list_cases);
 }
 
@@ -155,6 +164,7 @@ int run_cli(const std::vector<std::string>& args) {
   add_compare(app, v);
   add_hf_parity(app, v);
   add_bisect(app, v);
+  add_render(app, v);
   add_list(app, v);
   const bool bisecting = !args.empty() && args[0] == "bisect";
   try {

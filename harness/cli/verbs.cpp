@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <iostream>
 #include <thread>
+#include <unistd.h>
 
 #include "harness/cli/usage_error.h"
 #include "harness/cp/launcher.h"
@@ -29,17 +30,46 @@ ReportOutputs ReportOutputs::resolved() const {
   if (!out_dir.empty()) {
     if (r.report_path.empty()) r.report_path = out_dir + "/report.json";
     if (r.junit_path.empty()) r.junit_path = out_dir + "/report.xml";
+    if (r.html_path.empty()) r.html_path = out_dir + "/report.html";
   }
   return r;
 }
 
 namespace {
 
-void write_reports(const ReportOutputs& outputs, const report::Report& r) {
+// The HTML page of report.json at `json_path` (reports/render_html.py under Debian's /usr/bin/python3 with its matplotlib; CPHARNESS_RENDERER
+// names another copy of the script). False, with the renderer's one-line reason on stderr, when it failed.
+bool render_html(const std::string& json_path, const std::string& html_path) {
+  const char* env = std::getenv("CPHARNESS_RENDERER");
+  const std::string script = env && *env ? env : CPHARNESS_RENDERER;
+  if (!std::filesystem::exists(script)) {
+    std::cerr << "cpharness: cannot write " << html_path << ": the renderer " << script
+              << " is missing (set CPHARNESS_RENDERER to reports/render_html.py)\n";
+    return false;
+  }
+  auto quote = [](const std::string& s) {
+    std::string q = "'";
+    for (char ch : s) q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+    return q + "'";
+  };
+  const int status = std::system(("/usr/bin/python3 " + quote(script) + " " + quote(json_path) + " -o " + quote(html_path)).c_str());
+  if (status != 0) std::cerr << "cpharness: " << html_path << " not written (the renderer's reason is above)\n";
+  return status == 0;
+}
+
+// Writes every requested report; false when the HTML page could not be rendered (the others are written).
+bool write_reports(const ReportOutputs& outputs, const report::Report& r) {
   const auto o = outputs.resolved();
   if (!o.out_dir.empty()) std::filesystem::create_directories(o.out_dir);
   if (!o.report_path.empty()) report::write_report_json(o.report_path, r);
   if (!o.junit_path.empty()) report::write_junit_xml(o.junit_path, r);
+  if (o.html_path.empty()) return true;
+  if (!o.report_path.empty()) return render_html(o.report_path, o.html_path);
+  const auto tmp = (std::filesystem::temp_directory_path() / ("cpharness-" + std::to_string(::getpid()) + ".json")).string();
+  report::write_report_json(tmp, r);
+  const bool ok = render_html(tmp, o.html_path);
+  std::filesystem::remove(tmp);
+  return ok;
 }
 
 // A run that failed as a whole: an error report (never a partial or passing one).
@@ -63,8 +93,8 @@ int input_error_report(const ReportOutputs& outputs, const std::string& comm, co
 // The verdict of a finished report: summary table to stderr, reports written, exit code.
 int finish(const ReportOutputs& outputs, const report::Report& r) {
   std::cerr << runner::summary_table(r);
-  write_reports(outputs, r);
-  return report::exit_code(r);
+  const int code = report::exit_code(r);
+  return write_reports(outputs, r) || code != 0 ? code : 2;
 }
 
 std::chrono::milliseconds millis(double seconds) { return std::chrono::milliseconds(int64_t(seconds * 1000)); }
@@ -204,6 +234,11 @@ int bisect_verb(const std::string& case_path, const std::string& golden_path) {
     std::cerr << "bisect: skip (the run could not be made): " << e.what() << "\n";
     return 125;
   }
+}
+
+int render_verb(const std::string& report_path, const std::string& html_path) {
+  if (!std::filesystem::is_regular_file(report_path)) throw io::InputError(report_path, "", "no such report file");
+  return render_html(report_path, html_path) ? 0 : 2;
 }
 
 int list_verb(const std::vector<std::string>& paths) {

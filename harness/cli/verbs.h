@@ -12,7 +12,7 @@ namespace cpharness::cli {
 
 // Where a verb writes its report: --out DIR means DIR/report.json and DIR/report.xml unless named one by one.
 struct ReportOutputs {
-  std::string out_dir, report_path, junit_path;
+  std::string out_dir, report_path, junit_path, html_path;  // --out DIR also writes DIR/report.html
   ReportOutputs resolved() const;
 };
 
@@ -48,5 +48,7 @@ int compare_verb(const CompareArgs& a);
 int hf_parity_verb(const runner::HfParityOptions& options, const ReportOutputs& outputs);
 int bisect_verb(const std::string& case_path, const std::string& golden_path);
 int list_verb(const std::vector<std::string>& cases);
+// render REPORT.json -o REPORT.html: the HTML page of a report made earlier or elsewhere.
+int render_verb(const std::string& report_path, const std::string& html_path);
 
 }  // namespace cpharness::cli

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -75,6 +76,22 @@ TEST_F(CliTest, RunPrintsPerStepLossAndWritesOutput) {
   std::array<char, 4096> buf{};
   while (fgets(buf.data(), buf.size(), pipe)) text += buf.data();
   EXPECT_EQ(pclose(pipe), 0) << text;
+}
+
+// --out writes the HTML page beside report.json; `render` makes it again from the JSON; a missing report is exit 2.
+TEST_F(CliTest, OutWritesTheHtmlPageAndRenderRemakesIt) {
+  auto c = write("good.json", kGoodCase);
+  auto out = dir_ / "out";
+  auto r = run_cli("run " + c + " --cp 2 --out " + out.string());
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  ASSERT_TRUE(fs::exists(out / "report.html")) << r.output;
+  auto again = run_cli("render " + (out / "report.json").string() + " -o " + (dir_ / "again.html").string());
+  EXPECT_EQ(again.exit_code, 0) << again.output;
+  std::ifstream in(dir_ / "again.html");
+  const std::string html((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(html.find("<svg"), std::string::npos);
+  EXPECT_NE(html.find(">t<"), std::string::npos) << "the case id";
+  EXPECT_EQ(run_cli("render " + (dir_ / "missing.json").string() + " -o " + (dir_ / "x.html").string()).exit_code, 2);
 }
 
 TEST_F(CliTest, MalformedJsonIsExit2NamingTheFile) {
