@@ -52,7 +52,10 @@ bool render_html(const std::string& json_path, const std::string& html_path) {
     for (char ch : s) q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
     return q + "'";
   };
-  const int status = std::system(("/usr/bin/python3 " + quote(script) + " " + quote(json_path) + " -o " + quote(html_path)).c_str());
+  // Debian's interpreter (its matplotlib) where there is one; CPHARNESS_PYTHON names another (a GPU image's venv).
+  const char* py_env = std::getenv("CPHARNESS_PYTHON");
+  const std::string python = py_env && *py_env ? py_env : std::filesystem::exists("/usr/bin/python3") ? "/usr/bin/python3" : "python3";
+  const int status = std::system((quote(python) + " " + quote(script) + " " + quote(json_path) + " -o " + quote(html_path)).c_str());
   if (status != 0) std::cerr << "cpharness: " << html_path << " not written (the renderer's reason is above)\n";
   return status == 0;
 }
@@ -64,12 +67,15 @@ bool write_reports(const ReportOutputs& outputs, const report::Report& r) {
   if (!o.report_path.empty()) report::write_report_json(o.report_path, r);
   if (!o.junit_path.empty()) report::write_junit_xml(o.junit_path, r);
   if (o.html_path.empty()) return true;
-  if (!o.report_path.empty()) return render_html(o.report_path, o.html_path);
+  // The page that --out adds is a convenience: when it cannot be rendered the run's verdict stands. A page asked
+  // for by --html is an output like the others, and its failure is exit 2.
+  const bool asked = !outputs.html_path.empty();
+  if (!o.report_path.empty()) return render_html(o.report_path, o.html_path) || !asked;
   const auto tmp = (std::filesystem::temp_directory_path() / ("cpharness-" + std::to_string(::getpid()) + ".json")).string();
   report::write_report_json(tmp, r);
   const bool ok = render_html(tmp, o.html_path);
   std::filesystem::remove(tmp);
-  return ok;
+  return ok || !asked;
 }
 
 // A run that failed as a whole: an error report (never a partial or passing one).
@@ -91,9 +97,11 @@ int input_error_report(const ReportOutputs& outputs, const std::string& comm, co
 }
 
 // The verdict of a finished report: summary table to stderr, reports written, exit code.
-int finish(const ReportOutputs& outputs, const report::Report& r) {
+int finish(const ReportOutputs& outputs, const report::Report& r, bool allow_nothing_ran = false) {
   std::cerr << runner::summary_table(r);
-  const int code = report::exit_code(r);
+  const int code = report::exit_code(r, allow_nothing_ran);
+  if (code == report::kExitNothingRan)
+    std::cerr << "cpharness: no check ran (every case was skipped): exit 3; pass --allow-nothing-ran to accept that\n";
   return write_reports(outputs, r) || code != 0 ? code : 2;
 }
 
@@ -156,7 +164,7 @@ int run_verb(const RunArgs& a) {
     return root ? input_error_report(a.outputs, a.comm, e.what()) : 2;
   }
   auto r = runner::run_suite(cases, options);
-  const int code = root ? finish(a.outputs, r) : report::exit_code(r);
+  const int code = root ? finish(a.outputs, r, a.allow_nothing_ran) : report::exit_code(r, a.allow_nothing_ran);
   if (!world) return code;
   if (options.world_failed) {
     // Ending the job stops every rank at once: give rank 0 a moment to finish writing its error report first.

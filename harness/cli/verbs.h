@@ -23,6 +23,7 @@ struct RunArgs {
   int nproc = 0;                     // --nproc N: launch N ranks on this host (mpi)
   std::string dump_dir;
   double timeout_s = 120;
+  bool allow_nothing_ran = false;    // a run in which every case was skipped exits 0 instead of 3
   ReportOutputs outputs;
   std::vector<std::string> argv;     // the verb's own arguments as given (for the mpirun relaunch)
 };

@@ -141,13 +141,15 @@ Tool this_tool() { return Tool{kToolName, kToolVersion, kGitSha}; }
 
 Status Report::status() const {
   if (error) return Status::Error;
-  bool any_fail = false;
+  bool any_fail = false, any_ran = false;
   for (const auto& c : cases) {
     const Status s = c.status();
     if (s == Status::Error) return Status::Error;
     any_fail |= s == Status::Fail;
+    any_ran |= s != Status::Skipped;
   }
-  return any_fail ? Status::Fail : Status::Pass;
+  if (any_fail) return Status::Fail;
+  return any_ran ? Status::Pass : Status::Skipped;
 }
 
 Summary Report::summary() const {
@@ -174,7 +176,11 @@ Summary Report::summary() const {
   return s;
 }
 
-int exit_code(const Report& r) { return exit_code(r.status()); }
+int exit_code(const Report& r, bool allow_nothing_ran) {
+  const Status s = r.status();
+  if (s == Status::Skipped) return allow_nothing_ran ? 0 : kExitNothingRan;
+  return exit_code(s);
+}
 
 std::string sanitize_utf8(std::string_view s) {
   std::string out;

@@ -149,13 +149,17 @@ struct Report {
   std::vector<CaseReport> cases;
   double duration_s = 0.0;               // wall time of the whole run
 
-  // error if error or any case errored; else fail if any case failed; else pass (all skipped, or none, is pass).
+  // error if error or any case errored; else fail if any case failed; else skipped when not one check ran (every
+  // case skipped: a CI job whose GPUs vanished must not stay green); else pass.
   Status status() const;
   Summary summary() const;
 };
 
-// 0 pass, 1 fail, 2 error.
-int exit_code(const Report& r);
+// Exit code of a run in which no check ran (status skipped), unless the user allowed it.
+inline constexpr int kExitNothingRan = 3;
+
+// 0 pass, 1 fail, 2 error, 3 nothing ran (0 with `allow_nothing_ran`).
+int exit_code(const Report& r, bool allow_nothing_ran = false);
 
 // `s` with every invalid UTF-8 sequence replaced by U+FFFD (so JSON and XML writers never fail on it).
 std::string sanitize_utf8(std::string_view s);

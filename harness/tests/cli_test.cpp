@@ -136,13 +136,27 @@ TEST_F(CliTest, UsageErrorsAreExit2) {
   EXPECT_EQ(run_cli("frobnicate").exit_code, 2);
   EXPECT_EQ(run_cli("run").exit_code, 2);
   EXPECT_EQ(run_cli("run " + write("g.json", kGoodCase) + " --cp x").exit_code, 2);
+  for (const char* t : {"nan", "-1", "0", "inf", "5s"}) {
+    auto r = run_cli("run " + write("g.json", kGoodCase) + " --timeout " + t);
+    EXPECT_EQ(r.exit_code, 2) << t << ": " << r.output;
+    EXPECT_NE(r.output.find("--timeout"), std::string::npos) << r.output;
+  }
+  EXPECT_EQ(run_cli("bisect").exit_code, 125);  // git bisect's "cannot test", never 2
 }
+
+nlohmann::json read_json(const fs::path& p);
 
 TEST_F(CliTest, CasesRequiringCudaAreSkippedWithTheReason) {
   auto c = write("gpu.json", R"({"id": "g", "model": {"preset": "e2b"}, "data": {"seq_len": 8}, "requires": ["cuda"]})");
-  auto r = run_cli("run " + c);
-  EXPECT_EQ(r.exit_code, 0) << r.output;
+  auto r = run_cli("run " + c + " --out " + (dir_ / "out").string());
+  // Nothing ran is not a pass: a GPU job whose devices vanished must not stay green.
+  EXPECT_EQ(r.exit_code, 3) << r.output;
   EXPECT_NE(r.output.find("skipped: requires cuda"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("no check ran"), std::string::npos) << r.output;
+  EXPECT_EQ(read_json(dir_ / "out" / "report.json")["status"], "skipped");
+  EXPECT_EQ(run_cli("run " + c + " --allow-nothing-ran").exit_code, 0);
+  // One case that ran is enough for the run's own verdict.
+  EXPECT_EQ(run_cli("run " + c + " " + write("ran.json", kGoodCase) + " --cp 2").exit_code, 0);
 }
 
 nlohmann::json read_json(const fs::path& p) {

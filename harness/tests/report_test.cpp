@@ -315,7 +315,9 @@ TEST(ReportModel, StatusesAreDerivedErrorOverFailOverPass) {
 
   Report skipped_only;
   skipped_only.cases = {sample_report().cases[4]};
-  EXPECT_EQ(skipped_only.status(), Status::Pass);  // all skipped is pass; the counts show it
+  EXPECT_EQ(skipped_only.status(), Status::Skipped);  // not one check ran: not a pass
+  EXPECT_EQ(exit_code(skipped_only), kExitNothingRan);
+  EXPECT_EQ(exit_code(skipped_only, /*allow_nothing_ran=*/true), 0);
   EXPECT_EQ(skipped_only.summary().skipped, 1);
   EXPECT_EQ(skipped_only.summary().passed, 0);
 
