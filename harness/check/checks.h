@@ -52,6 +52,12 @@ std::vector<CheckResult> check_kvshare(const train::Case& c, int cp, const Toler
                                        const report::LaneRun& reference, const report::LaneRun& with_holder,
                                        const report::LaneRun& without_holder, bool holder);
 
+// train.trained: did this run (the reference, cp = 1, or a candidate) train at all? Fails when any step's loss
+// or gradient norm is not finite, any gradient norm is exactly zero (a dead model: two such runs agree
+// perfectly and prove nothing), or, over more than one step, the loss never moves although every step sees a
+// different batch. Judged for every run whatever checks the case selects: a non-finite or dead run is never a pass.
+CheckResult check_trained(const report::LaneRun& run);
+
 // determinism.repeat_bitwise: two runs are bit-identical (losses, grad norms, final parameters).
 CheckResult check_determinism(const train::Case& c, int cp, const report::LaneRun& first, const report::LaneRun& second);
 

@@ -1,6 +1,7 @@
 // Checks over what the runner recorded: ring traces, cache counters, training trajectories and tensors,
 // KV-share parity and determinism.
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <filesystem>
 #include <set>
@@ -249,6 +250,34 @@ std::vector<CheckResult> check_kvshare(const train::Case& c, int cp, const Toler
                                    {{"cp_loss_without_holder", without.steps.at(0).loss}, {"cp1_shared_loss", ref_loss},
                                     {"relative_shift", moved}}));
   return out;
+}
+
+CheckResult check_trained(const report::LaneRun& run) {
+  int64_t nonfinite = 0, zero_grad = 0;
+  nlohmann::json first = nullptr;
+  bool loss_moved = run.steps.size() < 2;
+  for (size_t s = 0; s < run.steps.size(); ++s) {
+    const auto& st = run.steps[s];
+    const bool finite = std::isfinite(st.loss) && std::isfinite(st.grad_norm);
+    nonfinite += !finite;
+    zero_grad += finite && st.grad_norm == 0.0;
+    if ((!finite || st.grad_norm == 0.0) && first.is_null())
+      first = {{"step", s}, {"loss", st.loss}, {"grad_norm", st.grad_norm}};
+    if (s > 0 && st.loss != run.steps[0].loss) loss_moved = true;
+  }
+  const double defects = double(nonfinite + zero_grad + (loss_moved ? 0 : 1));
+  auto res = CheckResult::judge("train.trained", run.cp, std::nullopt, "defects", defects, 0, Policy::Count,
+                                {{"steps_nonfinite", nonfinite}, {"steps_zero_grad_norm", zero_grad},
+                                 {"loss_frozen", !loss_moved}, {"steps", run.steps.size()}, {"first_defect", first},
+                                 {"what", "finite loss and grad norm, grad norm > 0, loss moving over the steps"}});
+  if (res.status != report::Status::Pass) {
+    std::vector<std::string> why;
+    if (nonfinite) why.push_back(fmt::format("{} step(s) with a non-finite loss or grad norm", nonfinite));
+    if (zero_grad) why.push_back(fmt::format("{} step(s) with grad norm exactly 0", zero_grad));
+    if (!loss_moved) why.push_back(fmt::format("the loss is {:.9g} on all {} steps", run.steps[0].loss, run.steps.size()));
+    res.message = fmt::format("the cp {} run did not train: {}", run.cp, fmt::join(why, "; "));
+  }
+  return res;
 }
 
 CheckResult check_determinism(const train::Case& c, int cp, const report::LaneRun& a, const report::LaneRun& b) {

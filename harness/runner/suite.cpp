@@ -155,6 +155,7 @@ void run_reference_phase(const train::Case& c, const std::vector<int>& cps, cons
   runs.reference = run_reference(c, c.dtype, run_options);
   progress(c, *runs.reference);
   rep.trajectories[1] = trajectory_of(*runs.reference);
+  rep.checks.push_back(check::check_trained(*runs.reference));  // whatever the case selects
   if (c.dtype == train::DtypeLane::kBf16) runs.oracle = run_reference(c, train::DtypeLane::kFp32, run_options);
   for (int n : cps) {
     if (n < 1) throw io::InputError(c.path, "cp", fmt::format("cp sizes must be >= 1, got {}", n));
@@ -200,6 +201,7 @@ void judge_phase(const train::Case& c, const RunOptions& run_options, const Suit
     progress(c, candidate);
     rep.trajectories[n] = trajectory_of(candidate);
     const auto u = runs.uncached.find(n);
+    rep.checks.push_back(check::check_trained(candidate));  // whatever the case selects
     append(rep.checks, c, check::check_ring(c, candidate));
     append(rep.checks, c, check::check_cache(c, candidate, u == runs.uncached.end() ? nullptr : &u->second));
     append(rep.checks, c, check::check_training(c, tol, *runs.reference, candidate, runs.oracle ? &*runs.oracle : nullptr,
