@@ -13,26 +13,17 @@
 #include <nlohmann/json.hpp>
 
 #include "harness/report/run_dump.h"
+#include "harness/tests/run_command.h"
 
 namespace {
 
 namespace fs = std::filesystem;
 
-struct Result {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr together
-};
+using Result = cpharness::testing::CommandResult;
 
 // `env`: VAR=value assignments put before the command.
 Result run_cli(const std::string& args, const std::string& env = "") {
-  const std::string cmd = env + " " + std::string(CPHARNESS_BINARY) + " " + args + " 2>&1";
-  Result r;
-  FILE* pipe = popen(cmd.c_str(), "r");
-  std::array<char, 4096> buf{};
-  while (fgets(buf.data(), buf.size(), pipe)) r.output += buf.data();
-  const int status = pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+  return cpharness::testing::run_command(env + " " + std::string(CPHARNESS_BINARY) + " " + args);
 }
 
 class CliTest : public ::testing::Test {
@@ -70,12 +61,9 @@ TEST_F(CliTest, RunPrintsPerStepLossAndWritesOutput) {
       "/usr/bin/python3 -c \"import json,sys,jsonschema; s=json.load(open(sys.argv[1])); "
       "jsonschema.Draft202012Validator(s).validate(json.load(open(sys.argv[2]))); "
       "import xml.etree.ElementTree as E; E.parse(sys.argv[3])\" " +
-      schema + " " + (out / "report.json").string() + " " + (out / "report.xml").string() + " 2>&1";
-  FILE* pipe = popen(validate.c_str(), "r");
-  std::string text;
-  std::array<char, 4096> buf{};
-  while (fgets(buf.data(), buf.size(), pipe)) text += buf.data();
-  EXPECT_EQ(pclose(pipe), 0) << text;
+      schema + " " + (out / "report.json").string() + " " + (out / "report.xml").string();
+  const auto validated = cpharness::testing::run_command(validate);
+  EXPECT_EQ(validated.exit_code, 0) << validated.output;
 }
 
 // --out writes the HTML page beside report.json; `render` makes it again from the JSON; a missing report is exit 2.

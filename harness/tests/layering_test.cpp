@@ -1,32 +1,18 @@
 // ci/check-layering.py: the committed tree has no upward include, and a planted one fails naming the file.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
-
-#include <array>
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
+
+#include "harness/tests/run_command.h"
 
 namespace {
 
 namespace fs = std::filesystem;
 
-struct Result {
-  int exit_code = -1;
-  std::string output;
-};
-
-Result check_layering(const fs::path& root) {
-  const std::string cmd = "/usr/bin/python3 " + std::string(CPHARNESS_SOURCE_DIR) + "/ci/check-layering.py --root " +
-                          root.string() + " 2>&1";
-  Result r;
-  FILE* pipe = popen(cmd.c_str(), "r");
-  std::array<char, 4096> buf{};
-  while (fgets(buf.data(), buf.size(), pipe)) r.output += buf.data();
-  const int status = pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+cpharness::testing::CommandResult check_layering(const fs::path& root) {
+  return cpharness::testing::run_command("/usr/bin/python3 " + std::string(CPHARNESS_SOURCE_DIR) +
+                                         "/ci/check-layering.py --root " + root.string());
 }
 
 class Layering : public ::testing::Test {

@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "kernels/cuda/block_mask_view.h"
 #include "kernels/cuda/block_sparse_attention.h"
 
 namespace cpharness::kernels {
@@ -47,35 +48,15 @@ kc::BlockList list_view(const torch::Tensor& num, const torch::Tensor& idx) {
           int32_t(idx.dim() == 3 ? idx.size(2) : 0)};
 }
 
-// The view of a mask already on the device (block_mask_to).
+// The view of a mask already on the device (block_mask_to): its tensors' own pointers.
 kc::BlockMaskView mask_view(const BlockMask& m) {
-  kc::BlockMaskView v;
-  v.q_start = m.q_range.start;
-  v.q_len = m.q_range.length;
-  v.kv_start = m.kv_range.start;
-  v.kv_len = m.kv_range.length;
-  v.q_block = int32_t(m.q_block);
-  v.kv_block = int32_t(m.kv_block);
-  v.batch = int32_t(m.batch);
-  v.partial_kv = list_view(m.kv_num_blocks, m.kv_indices);
-  v.full_kv = list_view(m.full_kv_num_blocks, m.full_kv_indices);
-  v.partial_q = list_view(m.q_num_blocks, m.q_indices);
-  v.full_q = list_view(m.full_q_num_blocks, m.full_q_indices);
-  v.causal = m.geometry.causal;
-  v.has_window = m.geometry.window.has_value();
-  v.window = m.geometry.window.value_or(0);
-  v.vision_bidirectional = m.geometry.vision_bidirectional;
-  auto ids = [](const torch::Tensor& t) -> const int64_t* {
-    return t.defined() && t.numel() ? t.data_ptr<int64_t>() : nullptr;
+  auto meta = [](const torch::Tensor& t, torch::ScalarType dtype) -> const void* {
+    if (!t.defined() || !t.numel()) return nullptr;
+    TORCH_CHECK(t.scalar_type() == dtype || (dtype == torch::kUInt8 && t.scalar_type() == torch::kBool),
+                "CUDA chunk attention: block-mask metadata of dtype ", t.scalar_type(), ", expected ", dtype);
+    return t.data_ptr();
   };
-  v.q_document_ids = ids(m.q_meta.document_ids);
-  v.kv_document_ids = ids(m.kv_meta.document_ids);
-  v.q_vision_group_ids = ids(m.q_meta.vision_group_ids);
-  v.kv_vision_group_ids = ids(m.kv_meta.vision_group_ids);
-  v.kv_padding = m.kv_meta.padding.defined() && m.kv_meta.padding.numel()
-                     ? reinterpret_cast<const uint8_t*>(m.kv_meta.padding.data_ptr<bool>())
-                     : nullptr;
-  return v;
+  return kc::block_mask_view(m, list_view, meta);
 }
 
 void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const BlockMask& mask) {

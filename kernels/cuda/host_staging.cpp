@@ -1,5 +1,7 @@
 #include "kernels/cuda/host_staging.h"
 
+#include "kernels/cuda/block_mask_view.h"
+
 #include <stdexcept>
 #include <string>
 
@@ -113,32 +115,12 @@ DeviceBlockMask upload_block_mask(const BlockMask& m) {
     l.width = int32_t(idx.dim() == 3 ? idx.size(2) : 0);
     return l;
   };
-  auto& v = d.view;
-  v.q_start = m.q_range.start;
-  v.q_len = m.q_range.length;
-  v.kv_start = m.kv_range.start;
-  v.kv_len = m.kv_range.length;
-  v.q_block = int32_t(m.q_block);
-  v.kv_block = int32_t(m.kv_block);
-  v.batch = int32_t(m.batch);
-  v.partial_kv = list(m.kv_num_blocks, m.kv_indices);
-  v.full_kv = list(m.full_kv_num_blocks, m.full_kv_indices);
-  v.partial_q = list(m.q_num_blocks, m.q_indices);
-  v.full_q = list(m.full_q_num_blocks, m.full_q_indices);
-  v.causal = m.geometry.causal;
-  v.has_window = m.geometry.window.has_value();
-  v.window = m.geometry.window.value_or(0);
-  v.vision_bidirectional = m.geometry.vision_bidirectional;
   // Metadata rows: exactly the mask's batch rows (a mask with metadata has one row per batch element).
   auto meta = [&](const torch::Tensor& t, torch::ScalarType dtype) -> const void* {
     if (!t.defined()) return nullptr;
     return put(t.narrow(0, 0, m.batch).to(dtype));
   };
-  v.q_document_ids = static_cast<const int64_t*>(meta(m.q_meta.document_ids, torch::kInt64));
-  v.kv_document_ids = static_cast<const int64_t*>(meta(m.kv_meta.document_ids, torch::kInt64));
-  v.kv_padding = static_cast<const uint8_t*>(meta(m.kv_meta.padding, torch::kUInt8));
-  v.q_vision_group_ids = static_cast<const int64_t*>(meta(m.q_meta.vision_group_ids, torch::kInt64));
-  v.kv_vision_group_ids = static_cast<const int64_t*>(meta(m.kv_meta.vision_group_ids, torch::kInt64));
+  d.view = block_mask_view(m, list, meta);
   return d;
 }
 
