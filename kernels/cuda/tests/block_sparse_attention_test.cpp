@@ -2,9 +2,10 @@
 // API with cudart (cudaMalloc / cudaMemcpy) and the CPU references on the host.
 //   CudaAttentionHost.*  need no GPU (tile shapes, argument checks).
 //   CudaAttentionGpu.*   need a CUDA device; without one every test is a GTEST_SKIP naming the reason.
-// Tolerances: fp32 inputs: ||gpu - oracle|| <= 1e-5 ||oracle|| + 2 ||cpu_fp32 - oracle|| + 1e-7 sqrt(n), the
+// Tolerances: fp32 inputs: ||gpu - oracle|| <= 1e-5 ||oracle|| + 2 ||cpu_fp32 - oracle|| + f sqrt(n), the
 // oracle being the CPU chunk attention in fp64 on the same fp32 inputs (the second term only matters where the
-// CPU fp32 kernel itself misses 1e-5, the third where the oracle is ~0, e.g. dq when every row sees one key).
+// CPU fp32 kernel itself misses 1e-5, the third where the oracle is ~0, e.g. dq when every row sees one key;
+// f = 1e-7 for out, max(1e-7, 2^-24 sqrt(head_dim)) for the gradients).
 // bf16 / fp16 inputs: oracle-relative: ||gpu - oracle|| <= 2 ||math - oracle|| + 1e-4 ||oracle|| + 1e-6 sqrt(n),
 // with `math` a plain attention computed in bf16 / fp16 on the same rounded inputs.
 // CPHARNESS_CUDA_TEST_DRY_RUN=1 on a machine without a GPU runs every GPU test with the CPU chunk attention
@@ -334,9 +335,15 @@ void check_dtype(const std::string& what0, const Inputs& in, const BlockMask& ma
   }
   expect_oracle_close(what, "out", gpu.out, o.fp64.out, peer.out, rel, kk, floor);
   expect_lse_close(what, gpu.lse, o.fp64.lse, peer.lse, dtype == torch::kFloat32 ? 1e-5 : 1e-4, kk);
-  expect_oracle_close(what, "dq", gpu.dq, o.fp64.dq, peer.dq, rel, kk, floor);
-  expect_oracle_close(what, "dk", gpu.dk, o.fp64.dk, peer.dk, rel, kk, floor);
-  expect_oracle_close(what, "dv", gpu.dv, o.fp64.dv, peer.dv, rel, kk, floor);
+  // Gradients where the oracle is ~0 (a row that sees one key: dS = P (dP - delta) cancels exactly) are the rounding
+  // noise of two fp32 dot products over head_dim terms summed in different orders (the kernel's dP, the delta
+  // kernel's warp reduction), which grows as sqrt(D) units in the last place: measured on an H200, 1.8e-5 over
+  // 2048 elements at D = 512 (one of 320 random configurations), 5x the CPU kernel's, above a fixed 1e-7 floor.
+  const double grad_floor =
+      dtype == torch::kFloat32 ? std::max(floor, std::ldexp(1.0, -24) * std::sqrt(double(in.q.size(3)))) : floor;
+  expect_oracle_close(what, "dq", gpu.dq, o.fp64.dq, peer.dq, rel, kk, grad_floor);
+  expect_oracle_close(what, "dk", gpu.dk, o.fp64.dk, peer.dk, rel, kk, grad_floor);
+  expect_oracle_close(what, "dv", gpu.dv, o.fp64.dv, peer.dv, rel, kk, grad_floor);
   // Empty rows: exact zeros in out and dq, -inf LSE; keys nobody sees: exact zero dk, dv.
   const int64_t B = in.q.size(0), Sq = in.q.size(2), Skv = in.k.size(2);
   auto empty = o.allowed.any(-1).logical_not().expand({B, Sq});

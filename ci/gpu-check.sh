@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The one prepared command for a GPU machine (../shared/gpu.md): environment checks, the `gpu` tests, the
+# real-size cases and the benchmarks, every figure written as JSON into OUT_DIR (default reports/gpu/), ready to
+# commit. It runs the bundle that ci/gpu-bundle.sh packed on a CPU machine (build-gpu-bundle/), against the GPU
+# machine's own torch 2.11.0+cu130 libraries.
+#
+#   ci/gpu-check.sh [--out DIR] [--stages env,kernels,bench,cases] [--quick] [--no-peers] [--dry-run]
+#
+# --quick: the attention benchmark at S 8k only; --no-peers: without FlexAttention / SDPA (their compiles take minutes).
+#
+# --dry-run (on a CPU machine): checks the bundle and the library resolution, runs every stage that needs no GPU
+# with GPU tests reported as skipped, and prints the commands it would run. Exit code: 0 when every stage that
+# ran passed, 1 otherwise. A log of everything goes to OUT_DIR/gpu-check.log.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+out="$root/reports/gpu"
+stages="env,kernels,bench,cases"
+quick=0
+dry=0
+peers=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) out="$2"; shift 2 ;;
+    --stages) stages="$2"; shift 2 ;;
+    --quick) quick=1; shift ;;
+    --dry-run) dry=1; shift ;;
+    --no-peers) peers=0; shift ;;
+    *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+bundle="${CPHARNESS_GPU_BUNDLE:-$root/build-gpu-bundle}"
+mkdir -p "$out"
+log="$out/gpu-check.log"
+: > "$log"
+say() { echo "gpu-check: $*" | tee -a "$log" >&2; }
+has_stage() { [[ ",$stages," == *",$1,"* ]]; }
+
+# The Python with the machine's torch: the GPU image's venv, else the setup venv (CPU machines, dry run).
+python=""
+for p in "${CPHARNESS_GPU_PYTHON:-}" /opt/torch/.venv/bin/python "$HOME/.local/share/cpharness/venv/bin/python" python3; do
+  [ -n "$p" ] && command -v "$p" >/dev/null 2>&1 && "$p" -c 'import torch' 2>/dev/null && { python="$p"; break; }
+done
+[ -n "$python" ] || { say "no Python with torch found"; exit 2; }
+# libtorch and the nvidia-* wheels (cuBLAS, cuDNN, NCCL, cudart) of that torch, then the bundle's Debian libraries.
+libpath=$("$python" - <<'EOF'
+import glob, os, torch
+site = os.path.dirname(os.path.dirname(torch.__file__))
+dirs = [os.path.join(os.path.dirname(torch.__file__), "lib")]
+dirs += sorted({os.path.dirname(p) for p in glob.glob(os.path.join(site, "nvidia", "**", "*.so*"), recursive=True)})
+print(":".join(dirs))
+EOF
+)
+export LD_LIBRARY_PATH="$libpath:$bundle/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+bin="$bundle/bin"
+[ -d "$bin" ] || { say "no bundle at $bundle: run ci/gpu-bundle.sh on a CPU machine first"; exit 2; }
+
+failed=()
+run_stage() {  # name, command...: runs it, logs it, records a failure
+  local name="$1"; shift
+  say "[$name] $*"
+  local t0=$(date +%s)
+  "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  say "[$name] exit $rc in $(( $(date +%s) - t0 ))s"
+  [ "$rc" -eq 0 ] || failed+=("$name:$rc")
+  return 0
+}
+
+if has_stage env; then
+  run_stage env-nvidia-smi bash -c 'command -v nvidia-smi >/dev/null && nvidia-smi || echo "no nvidia-smi"'
+  run_stage env-torch "$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
+"available", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")'
+  for b in "$bin"/*; do
+    missing=$(ldd "$b" | grep 'not found' || true)
+    [ -z "$missing" ] || { say "unresolved libraries in $b:"; echo "$missing" | tee -a "$log"; failed+=("ldd:$(basename "$b")"); }
+  done
+  [ -x "$bin/cpharness" ] && run_stage env-cpharness "$bin/cpharness" --help
+fi
+
+gpu_name=$("$python" -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "no-gpu")' 2>/dev/null || echo no-gpu)
+stamp="$(date -u +%Y-%m-%d)-${gpu_name}"
+
+if has_stage kernels; then
+  # The CUDA attention tests: host checks and every GPU test (skipped, never passed, without a device).
+  run_stage kernels-host "$bin/cuda_attention_tests" --gtest_brief=1 --gtest_filter='CudaAttentionHost.*'
+  run_stage kernels-gpu "$bin/cuda_attention_tests" --gtest_brief=1 --gtest_filter='CudaAttentionGpu.*' \
+    --gtest_output="xml:$out/$stamp-cuda-attention-tests.xml"
+  if [ -x "$bin/gpu_tests" ]; then
+    run_stage harness-gpu "$bin/gpu_tests" --gtest_brief=1 --gtest_output="xml:$out/$stamp-harness-gpu-tests.xml"
+  fi
+fi
+
+if has_stage bench; then
+  if [ "$dry" -eq 1 ]; then
+    say "[bench] dry run: would run bench/flex_attention_peer.py --bin $bin/bench_cuda_attention"
+  else
+    q=(); [ "$quick" -eq 1 ] && q=(--quick); [ "$peers" -eq 0 ] && q+=(--no-peers)
+    run_stage bench-attention env PYTHONUNBUFFERED=1 "$python" "$root/bench/flex_attention_peer.py" \
+      --bin "$bin/bench_cuda_attention" --json "$out/$stamp-attention.json" "${q[@]}"
+  fi
+fi
+
+if has_stage cases; then
+  if [ -d "$root/cases/gpu" ]; then
+    run_stage cases "$bin/cpharness" run "$root/cases/gpu" --out "$out/cases" --timeout 1200
+    [ -f "$out/cases/report.json" ] && cp "$out/cases/report.json" "$out/$stamp-cases.json"
+  fi
+fi
+
+if [ ${#failed[@]} -gt 0 ]; then
+  say "failed stages: ${failed[*]}"
+  exit 1
+fi
+say "every stage passed (figures in $out)"
