@@ -110,7 +110,7 @@ def measure(name, fwd, args, kind, S, D, hq, hkv, warmup, reps):
     return rec
 
 
-def run_peers(seqs, dims, hkvs, masks, warmup, reps):
+def run_peers(seqs, dims, hkvs, masks, warmup, reps, on_record=lambda records: None):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     flex = torch.compile(flex_attention, dynamic=False)
@@ -143,6 +143,7 @@ def run_peers(seqs, dims, hkvs, masks, warmup, reps):
                                                                                  enable_gqa=True)
                     records.append(measure("sdpa", sd, (q, k, v, dout), kind, S, D, hq, hkv, warmup, reps))
                     print(json.dumps(records[-2]), json.dumps(records[-1]), sep="\n", flush=True)
+                    on_record(records)
                     del q, k, v, dout
                     torch.cuda.empty_cache()
     return records
@@ -173,19 +174,32 @@ def main():
     p.add_argument("--quick", action="store_true", help="S 8k only, 1 warm-up, 3 repetitions")
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--no-binary", action="store_true")
+    p.add_argument("--seqs", help="comma-separated sequence lengths (default 8192,16384,32768; --quick: 8192)")
+    p.add_argument("--dims", default="256,512", help="comma-separated head dims")
+    p.add_argument("--hkv", default="2,4", help="comma-separated K/V head counts (Hq is 8)")
+    p.add_argument("--masks", default="causal,sliding512,docs", help="comma-separated: causal, sliding512, docs")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("flex_attention_peer: no CUDA device", file=sys.stderr)
         return 2
-    seqs = [8192] if a.quick else [8192, 16384, 32768]
-    dims, hkvs, masks = [256, 512], [2, 4], ["causal", "sliding512", "docs"]
+    ints = lambda text: [int(x) for x in text.split(",") if x]
+    seqs = ints(a.seqs) if a.seqs else ([8192] if a.quick else [8192, 16384, 32768])
+    dims, hkvs, masks = ints(a.dims), ints(a.hkv), [m for m in a.masks.split(",") if m]
     warmup, reps = (1, 3) if a.quick else (2, 5)
+    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": torch.cuda.get_device_name()}
+
+    def save(records):  # after every record, so a run cut short keeps what it measured
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"environment": env, "command": " ".join(sys.argv), "records": records}, f, indent=1)
+
     records = []
     if not a.no_binary:
         records += run_binary(a.bin, seqs, dims, hkvs, masks, warmup, reps)
+        save(records)
     if not a.no_peers:
-        records += run_peers(seqs, dims, hkvs, masks, warmup, reps)
-    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": torch.cuda.get_device_name()}
+        done = list(records)
+        records += run_peers(seqs, dims, hkvs, masks, warmup, reps, lambda peer: save(done + peer))
     print(f"\n{'impl':16} {'mask':10} {'S':>6} {'D':>4} {'Hkv':>3} | {'fwd ms':>9} {'TFLOP/s':>8} | "
           f"{'f+b ms':>9} {'TFLOP/s':>8}")
     for r in records:
@@ -198,9 +212,7 @@ def main():
         fb = f"{r.get('fwd_bwd_ms', float('nan')):9.3f} {r.get('fwd_bwd_tflops', float('nan')):8.2f}"
         print(f"{r['impl']:16} {r['mask']:10} {r['S']:>6} {r['D']:>4} {r['Hkv']:>3} | {r['fwd_ms']:9.3f} "
               f"{r['fwd_tflops']:8.2f} | {fb}" + (f"  ({r['error'][:40]})" if "error" in r else ""))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"environment": env, "command": " ".join(sys.argv), "records": records}, f, indent=1)
+    save(records)
     return 0
 
 

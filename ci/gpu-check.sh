@@ -4,7 +4,11 @@
 # commit. It runs the bundle that ci/gpu-bundle.sh packed on a CPU machine (build-gpu-bundle/), against the GPU
 # machine's own torch 2.11.0+cu130 libraries.
 #
-#   ci/gpu-check.sh [--out DIR] [--stages env,kernels,bench,cases] [--quick] [--no-peers] [--dry-run]
+#   ci/gpu-check.sh [--out DIR] [--stages env,kernels,suite,bench,cases] [--quick] [--no-peers] [--peer-args "..."] [--dry-run]
+#
+# Stages: env (nvidia-smi, torch, library resolution), kernels (the `gpu` tests: CUDA attention and the harness on
+# CUDA), suite (cases/default on CUDA, ranks as threads), bench (attention kernel vs FlexAttention / SDPA), cases
+# (cases/gpu, the real-size cases).
 #
 # --quick: the attention benchmark at S 8k only; --no-peers: without FlexAttention / SDPA (their compiles take minutes).
 #
@@ -14,10 +18,11 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out="$root/reports/gpu"
-stages="env,kernels,bench,cases"
+stages="env,kernels,suite,bench,cases"
 quick=0
 dry=0
 peers=1
+peer_args=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
@@ -25,11 +30,19 @@ while [ $# -gt 0 ]; do
     --quick) quick=1; shift ;;
     --dry-run) dry=1; shift ;;
     --no-peers) peers=0; shift ;;
+    --peer-args) peer_args="$2"; shift 2 ;;
     *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-bundle="${CPHARNESS_GPU_BUNDLE:-$root/build-gpu-bundle}"
 mkdir -p "$out"
+# The bundle: ci/gpu-bundle.sh's tarball, unpacked once per machine (or an unpacked folder named by CPHARNESS_GPU_BUNDLE).
+bundle="${CPHARNESS_GPU_BUNDLE:-}"
+if [ -z "$bundle" ]; then
+  tarball="$root/build-gpu-bundle/bundle.tar.xz"
+  [ -f "$tarball" ] || { echo "gpu-check: no $tarball: run ci/gpu-bundle.sh on a CPU machine first" >&2; exit 2; }
+  bundle="${TMPDIR:-/tmp}/cpharness-gpu-bundle"
+  rm -rf "$bundle" && mkdir -p "$bundle" && xz -dc "$tarball" | tar -C "$bundle" -xf - || { echo "gpu-check: cannot unpack $tarball" >&2; exit 2; }
+fi
 log="$out/gpu-check.log"
 : > "$log"
 say() { echo "gpu-check: $*" | tee -a "$log" >&2; }
@@ -53,6 +66,7 @@ EOF
 export LD_LIBRARY_PATH="$libpath:$bundle/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 bin="$bundle/bin"
 [ -d "$bin" ] || { say "no bundle at $bundle: run ci/gpu-bundle.sh on a CPU machine first"; exit 2; }
+cat "$bundle/README" 2>/dev/null | tee -a "$log"
 
 failed=()
 run_stage() {  # name, command...: runs it, logs it, records a failure
@@ -85,9 +99,15 @@ if has_stage kernels; then
   run_stage kernels-host "$bin/cuda_attention_tests" --gtest_brief=1 --gtest_filter='CudaAttentionHost.*'
   run_stage kernels-gpu "$bin/cuda_attention_tests" --gtest_brief=1 --gtest_filter='CudaAttentionGpu.*' \
     --gtest_output="xml:$out/$stamp-cuda-attention-tests.xml"
-  if [ -x "$bin/gpu_tests" ]; then
-    run_stage harness-gpu "$bin/gpu_tests" --gtest_brief=1 --gtest_output="xml:$out/$stamp-harness-gpu-tests.xml"
-  fi
+  run_stage harness-gpu "$bin/gpu_tests" --gtest_brief=1 --gtest_output="xml:$out/$stamp-harness-gpu-tests.xml"
+fi
+
+if has_stage suite; then
+  # The default suite on CUDA: reference and candidates on the GPU, every check as on the CPU.
+  run_stage suite-cuda "$bin/cpharness" run "$root/cases/default" --device cuda --timeout 600 \
+    --report "$out/$stamp-default-suite-cuda.json" --junit "$out/$stamp-default-suite-cuda.xml"
+  run_stage suite-cuda-ops "$bin/cpharness" run "$root/cases/default/e4b-pattern.json" --device cuda --cuda-attention ops \
+    --timeout 600 --report "$out/$stamp-e4b-pattern-cuda-ops.json"
 fi
 
 if has_stage bench; then
@@ -95,6 +115,8 @@ if has_stage bench; then
     say "[bench] dry run: would run bench/flex_attention_peer.py --bin $bin/bench_cuda_attention"
   else
     q=(); [ "$quick" -eq 1 ] && q=(--quick); [ "$peers" -eq 0 ] && q+=(--no-peers)
+    # shellcheck disable=SC2206
+    [ -n "$peer_args" ] && q+=($peer_args)
     run_stage bench-attention env PYTHONUNBUFFERED=1 "$python" "$root/bench/flex_attention_peer.py" \
       --bin "$bin/bench_cuda_attention" --json "$out/$stamp-attention.json" "${q[@]}"
   fi
@@ -102,8 +124,8 @@ fi
 
 if has_stage cases; then
   if [ -d "$root/cases/gpu" ]; then
-    run_stage cases "$bin/cpharness" run "$root/cases/gpu" --out "$out/cases" --timeout 1200
-    [ -f "$out/cases/report.json" ] && cp "$out/cases/report.json" "$out/$stamp-cases.json"
+    run_stage cases "$bin/cpharness" run "$root/cases/gpu" --device cuda --timeout 1200 \
+      --report "$out/$stamp-cases.json" --junit "$out/$stamp-cases.xml"
   fi
 fi
 

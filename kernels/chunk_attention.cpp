@@ -44,8 +44,11 @@ TileRow tile_row(const torch::Tensor& pnum, const torch::Tensor& pidx, const tor
   return row;
 }
 
-torch::Tensor as_index(const std::vector<int64_t>& v) {
-  return torch::from_blob(const_cast<int64_t*>(v.data()), {int64_t(v.size())}, torch::kInt64).clone();
+// An index tensor on `device` (CUDA tensors take CUDA indices: one small host-to-device copy per tile row, the
+// price of this libtorch-ops path; the CUDA kernel walks the lists on the device instead).
+torch::Tensor as_index(const std::vector<int64_t>& v, const torch::Device& device = torch::kCPU) {
+  auto t = torch::from_blob(const_cast<int64_t*>(v.data()), {int64_t(v.size())}, torch::kInt64);
+  return device.is_cpu() ? t.clone() : t.to(device);
 }
 
 // x [..., S, D]-like along `dim`: the rows named by `row` (a narrow when they are contiguous).
@@ -63,14 +66,15 @@ TokenMetadata gather(const TokenMetadata& m, const torch::Tensor& local_index) {
   return {cut(m.document_ids), cut(m.padding), cut(m.vision_group_ids)};
 }
 
-// Mask elements of partial tiles only: rows `q_local` x columns `kv_local` (local indices), batch row mb.
+// Mask elements of partial tiles only: rows `q_local` x columns `kv_local` (local indices), batch row mb, on the
+// indices' device.
 torch::Tensor partial_mask(const BlockMask& mask, int64_t mb, const torch::Tensor& q_local,
                            const torch::Tensor& kv_local) {
   auto qm = gather(batch_row(mask.q_meta, mb), q_local);
   auto km = gather(batch_row(mask.kv_meta, mb), kv_local);
   return dense_mask_at(qm, km, q_local + mask.q_range.start, kv_local + mask.kv_range.start, mask.geometry, 1)
       .select(0, 0)
-      .cpu();
+      .to(q_local.device());
 }
 
 void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const BlockMask& mask) {
@@ -94,13 +98,15 @@ struct BlockScores {
 BlockScores block_scores(const torch::Tensor& qb, const torch::Tensor& kb, const torch::Tensor& vb, const TileRow& row,
                          const BlockMask& mask, int64_t mb, int64_t q0, int64_t ql, double scale, AttentionWork& w) {
   const int64_t Hkv = qb.size(0), G = qb.size(1), D = qb.size(3), n = int64_t(row.tokens.size());
-  auto cols = as_index(row.tokens);
+  const auto dev = qb.device();
+  auto cols = row.contiguous() ? torch::Tensor() : as_index(row.tokens, dev);
   auto ks = take(kb, 1, row, cols), vs = take(vb, 1, row, cols);
   auto s = torch::matmul(qb.narrow(2, q0, ql).reshape({Hkv, G * ql, D}), ks.transpose(1, 2)) * scale;
   if (!row.partial_pos.empty()) {
-    auto allowed = torch::ones({ql, n}, torch::kBool);
-    allowed.index_copy_(1, as_index(row.partial_pos),
-                        partial_mask(mask, mb, torch::arange(q0, q0 + ql, torch::kInt64), as_index(row.partial_tokens)));
+    auto allowed = torch::ones({ql, n}, torch::TensorOptions().dtype(torch::kBool).device(dev));
+    allowed.index_copy_(1, as_index(row.partial_pos, dev),
+                        partial_mask(mask, mb, torch::arange(q0, q0 + ql, torch::TensorOptions().dtype(torch::kInt64).device(dev)),
+                                     as_index(row.partial_tokens, dev)));
     s = s.view({Hkv, G, ql, n}).masked_fill(allowed.logical_not(), -kInf).view({Hkv, G * ql, n});
     w.mask_elements += ql * int64_t(row.partial_tokens.size());
   }
@@ -191,7 +197,8 @@ ChunkAttentionGrads chunk_attention_backward(const torch::Tensor& q, const torch
                                    mb, j, mask.q_block, mask.q_range.length);
       if (row.tokens.empty()) continue;
       const int64_t k0 = j * mask.kv_block, kl = mask.kv_block_len(j), m = int64_t(row.tokens.size());
-      auto rows = as_index(row.tokens);
+      const auto dev = qa.device();
+      auto rows = row.contiguous() ? torch::Tensor() : as_index(row.tokens, dev);
       auto qs = take(qb, 2, row, rows).reshape({Hkv, G * m, D});
       auto dos = take(db, 2, row, rows).reshape({Hkv, G * m, D});
       auto ls = take(lb, 2, row, rows).reshape({Hkv, G * m, 1});
@@ -199,9 +206,10 @@ ChunkAttentionGrads chunk_attention_backward(const torch::Tensor& q, const torch
       auto kb = ka[b].narrow(1, k0, kl), vb = va[b].narrow(1, k0, kl);  // [Hkv, kl, D]
       auto s = torch::matmul(qs, kb.transpose(1, 2)) * scale;          // [Hkv, G*m, kl]
       if (!row.partial_pos.empty()) {
-        auto allowed = torch::ones({m, kl}, torch::kBool);
-        allowed.index_copy_(0, as_index(row.partial_pos),
-                            partial_mask(mask, mb, as_index(row.partial_tokens), torch::arange(k0, k0 + kl, torch::kInt64)));
+        auto allowed = torch::ones({m, kl}, torch::TensorOptions().dtype(torch::kBool).device(dev));
+        allowed.index_copy_(0, as_index(row.partial_pos, dev),
+                            partial_mask(mask, mb, as_index(row.partial_tokens, dev),
+                                         torch::arange(k0, k0 + kl, torch::TensorOptions().dtype(torch::kInt64).device(dev))));
         s = s.view({Hkv, G, m, kl}).masked_fill(allowed.logical_not(), -kInf).view({Hkv, G * m, kl});
         w.mask_elements += kl * int64_t(row.partial_tokens.size());
       }

@@ -21,29 +21,35 @@ torch::Tensor dense_mask_at(const TokenMetadata& q_meta, const TokenMetadata& kv
                             const torch::Tensor& kv_index, const LayerGeometry& geometry, int64_t batch) {
   const int64_t sq = q_index.numel(), skv = kv_index.numel();
   auto qi = q_index.to(torch::kInt64).view({1, -1, 1});
-  auto ki = kv_index.to(torch::kInt64).view({1, 1, -1});
-  auto allowed = torch::ones({1, sq, skv}, torch::kBool);
+  auto ki = kv_index.to(qi.device(), torch::kInt64).view({1, 1, -1});
+  auto on = [&](const torch::Tensor& t) { return t.to(qi.device()); };  // the mask is built where q_index lives
+  auto allowed = torch::ones({1, sq, skv}, torch::TensorOptions().dtype(torch::kBool).device(qi.device()));
   if (geometry.causal) allowed = allowed & (ki <= qi);
   // q - k < W, written as k > q - W so no [Sq, Skv] int64 difference is materialised.
   if (geometry.window) allowed = allowed & (ki > (qi - *geometry.window));
   allowed = allowed.expand({batch, sq, skv});
   if (vision_term_active(q_meta, kv_meta, geometry)) {
-    auto gq = q_meta.vision_group_ids.unsqueeze(2);
-    auto gk = kv_meta.vision_group_ids.unsqueeze(1);
+    auto gq = on(q_meta.vision_group_ids).unsqueeze(2);
+    auto gk = on(kv_meta.vision_group_ids).unsqueeze(1);
     allowed = allowed | ((gq == gk) & (gq >= 0));
   }
   if (q_meta.document_ids.defined() && kv_meta.document_ids.defined()) {
-    auto dq = q_meta.document_ids.unsqueeze(2);
-    auto dk = kv_meta.document_ids.unsqueeze(1);
+    auto dq = on(q_meta.document_ids).unsqueeze(2);
+    auto dk = on(kv_meta.document_ids).unsqueeze(1);
     allowed = allowed & (dq == dk) & (dq > 0);
   }
-  if (kv_meta.padding.defined()) allowed = allowed & kv_meta.padding.logical_not().unsqueeze(1);
+  if (kv_meta.padding.defined()) allowed = allowed & on(kv_meta.padding).logical_not().unsqueeze(1);
   return allowed.contiguous();
 }
 
 torch::Tensor dense_mask(const TokenMetadata& q_meta, const TokenMetadata& kv_meta, TokenRange q_range,
                          TokenRange kv_range, const LayerGeometry& geometry, int64_t batch) {
-  auto opts = torch::TensorOptions().dtype(torch::kInt64);
+  // The mask lives where the metadata lives (CPU when there is none), so a CUDA batch gets a CUDA mask.
+  auto device = torch::Device(torch::kCPU);
+  for (const auto* m : {&q_meta, &kv_meta})
+    for (const auto* t : {&m->document_ids, &m->padding, &m->vision_group_ids})
+      if (t->defined()) device = t->device();
+  auto opts = torch::TensorOptions().dtype(torch::kInt64).device(device);
   return dense_mask_at(q_meta, kv_meta, torch::arange(q_range.start, q_range.end(), opts),
                        torch::arange(kv_range.start, kv_range.end(), opts), geometry, batch);
 }

@@ -1,5 +1,7 @@
 #include "harness/cli/app.h"
 
+#include "harness/train/device.h"
+
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
@@ -63,6 +65,21 @@ void add_run(CLI::App& app, Verbs& v) {
   run->add_flag("--allow-nothing-ran", v.run.allow_nothing_ran,
                 "exit 0 when every case is skipped (default: exit 3, status skipped: no check ran is not a pass)");
   run->add_option("--timeout", v.run.timeout_s, "seconds any rank may wait for another (default 120)")->check(kSeconds);
+  run->add_option("--device", v.run.device, "where every run trains, overriding each case's \"device\" (cpu, cuda, cuda:N)")
+      ->check(CLI::Validator(
+          [](std::string& s) {
+            try {
+              train::parse_device(s);
+              return std::string();
+            } catch (const std::invalid_argument& e) {
+              return std::string(e.what());
+            }
+          },
+          "DEVICE"))
+      ->type_name("DEVICE");
+  run->add_option("--cuda-attention", v.run.cuda_attention,
+                  "on CUDA: the block-sparse kernel (default) or the libtorch-ops chunk attention (reference, fallback)")
+      ->check(CLI::IsMember({"kernel", "ops"}));
   add_report_outputs(run, v.run.outputs);
 }
 

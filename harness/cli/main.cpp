@@ -9,5 +9,8 @@ int main(int argc, char** argv) {
   // oversubscribing the cores (CPHARNESS_INTRA_OP_THREADS overrides).
   const char* threads = std::getenv("CPHARNESS_INTRA_OP_THREADS");
   torch::set_num_threads(threads ? std::max(1, std::atoi(threads)) : 1);
+  // cuBLAS is bitwise repeatable only with a fixed workspace (read when its first handle is made); a value the
+  // user set is kept. Harmless on the CPU.
+  setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", 0);
   return cpharness::cli::run_cli(std::vector<std::string>(argv + 1, argv + argc));
 }

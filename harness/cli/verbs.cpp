@@ -113,6 +113,8 @@ runner::SuiteOptions suite_options(const RunArgs& a) {
   o.comm = a.comm;
   o.dump_dir = a.dump_dir;
   o.timeout = millis(a.timeout_s);
+  if (!a.device.empty()) o.device = a.device;
+  o.run.ring.cuda_attention = a.cuda_attention == "ops" ? cp::CudaAttentionPath::kOps : cp::CudaAttentionPath::kKernel;
   return o;
 }
 

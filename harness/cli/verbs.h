@@ -24,6 +24,8 @@ struct RunArgs {
   std::string dump_dir;
   double timeout_s = 120;
   bool allow_nothing_ran = false;    // a run in which every case was skipped exits 0 instead of 3
+  std::string device;                // --device: overrides each case's "device" (cpu, cuda, cuda:N)
+  std::string cuda_attention = "kernel";  // --cuda-attention: the CUDA kernel or the libtorch-ops path
   ReportOutputs outputs;
   std::vector<std::string> argv;     // the verb's own arguments as given (for the mpirun relaunch)
 };

@@ -93,6 +93,22 @@ std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& ts) {
 
 }  // namespace
 
+void Comm::transfer(const std::vector<at::Tensor>& send, int dst, std::vector<at::Tensor>& recv, int src, CommOp op,
+                    Clock::time_point deadline) {
+  bool staged = false;
+  if (host_memory_only()) {
+    for (const auto& t : send) staged = staged || !t.device().is_cpu();
+    for (const auto& t : recv) staged = staged || !t.device().is_cpu();
+  }
+  if (!staged) return sendrecv(send, dst, recv, src, op, deadline);
+  // Host staging: device tensors go through host copies (the backend moves host memory only).
+  std::vector<at::Tensor> send_host, recv_host;
+  for (const auto& t : send) send_host.push_back(t.cpu().contiguous());
+  for (const auto& t : recv) recv_host.push_back(at::empty(t.sizes(), t.options().device(at::kCPU)));
+  sendrecv(send_host, dst, recv_host, src, op, deadline);
+  for (size_t i = 0; i < recv.size(); ++i) recv[i].copy_(recv_host[i]);
+}
+
 std::vector<at::Tensor> Comm::ring_exchange(const std::vector<at::Tensor>& send) {
   std::vector<at::Tensor> recv;
   recv.reserve(send.size());
@@ -104,7 +120,7 @@ std::vector<at::Tensor> Comm::ring_exchange(const std::vector<at::Tensor>& send)
   st.calls[static_cast<int>(CommOp::RingExchange)] += 1;
   st.tensors_sent[static_cast<int>(CommOp::RingExchange)] += static_cast<int64_t>(s.size());
   st.bytes_sent[static_cast<int>(CommOp::RingExchange)] += payload_bytes(s);
-  sendrecv(s, (rank() + 1) % n, recv, (rank() - 1 + n) % n, CommOp::RingExchange, deadline);
+  transfer(s, (rank() + 1) % n, recv, (rank() - 1 + n) % n, CommOp::RingExchange, deadline);
   return recv;
 }
 
@@ -125,7 +141,7 @@ void Comm::exchange(const std::vector<at::Tensor>& send, int dst, std::vector<at
   st.calls[static_cast<int>(CommOp::Exchange)] += 1;
   st.tensors_sent[static_cast<int>(CommOp::Exchange)] += static_cast<int64_t>(s.size());
   st.bytes_sent[static_cast<int>(CommOp::Exchange)] += payload_bytes(s);
-  sendrecv(s, dst, r, src, CommOp::Exchange, deadline);
+  transfer(s, dst, r, src, CommOp::Exchange, deadline);
   for (size_t i = 0; i < recv.size(); ++i)
     if (!r[i].is_same(recv[i])) recv[i].copy_(r[i]);
 }
@@ -176,16 +192,16 @@ void Comm::do_all_reduce(at::Tensor& t, Clock::time_point deadline) {
   if (rank() == 0) {
     std::vector<at::Tensor> tmp{at::empty_like(t)};
     for (int r = 1; r < n; ++r) {
-      sendrecv(none, -1, tmp, r, CommOp::AllReduce, deadline);
+      transfer(none, -1, tmp, r, CommOp::AllReduce, deadline);
       t.add_(tmp[0]);
     }
     std::vector<at::Tensor> out{t};
-    for (int r = 1; r < n; ++r) sendrecv(out, r, none, -1, CommOp::AllReduce, deadline);
+    for (int r = 1; r < n; ++r) transfer(out, r, none, -1, CommOp::AllReduce, deadline);
   } else {
     std::vector<at::Tensor> mine{t.clone()};
-    sendrecv(mine, 0, none, -1, CommOp::AllReduce, deadline);
+    transfer(mine, 0, none, -1, CommOp::AllReduce, deadline);
     std::vector<at::Tensor> res{t};
-    sendrecv(none, -1, res, 0, CommOp::AllReduce, deadline);
+    transfer(none, -1, res, 0, CommOp::AllReduce, deadline);
   }
 }
 
@@ -194,9 +210,9 @@ void Comm::do_broadcast(at::Tensor& t, int root, Clock::time_point deadline) {
   std::vector<at::Tensor> buf{t};
   if (rank() == root) {
     for (int r = 0; r < size(); ++r)
-      if (r != root) sendrecv(buf, r, none, -1, CommOp::Broadcast, deadline);
+      if (r != root) transfer(buf, r, none, -1, CommOp::Broadcast, deadline);
   } else {
-    sendrecv(none, -1, buf, root, CommOp::Broadcast, deadline);
+    transfer(none, -1, buf, root, CommOp::Broadcast, deadline);
   }
 }
 
@@ -205,11 +221,11 @@ void Comm::do_barrier(Clock::time_point deadline) {
   std::vector<at::Tensor> none;
   std::vector<at::Tensor> token{at::zeros({1}, at::kLong)};
   if (rank() == 0) {
-    for (int r = 1; r < n; ++r) sendrecv(none, -1, token, r, CommOp::Barrier, deadline);
-    for (int r = 1; r < n; ++r) sendrecv(token, r, none, -1, CommOp::Barrier, deadline);
+    for (int r = 1; r < n; ++r) transfer(none, -1, token, r, CommOp::Barrier, deadline);
+    for (int r = 1; r < n; ++r) transfer(token, r, none, -1, CommOp::Barrier, deadline);
   } else {
-    sendrecv(token, 0, none, -1, CommOp::Barrier, deadline);
-    sendrecv(none, -1, token, 0, CommOp::Barrier, deadline);
+    transfer(token, 0, none, -1, CommOp::Barrier, deadline);
+    transfer(none, -1, token, 0, CommOp::Barrier, deadline);
   }
 }
 

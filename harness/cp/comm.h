@@ -112,6 +112,11 @@ class Comm {
   virtual void do_all_reduce(at::Tensor& t, Clock::time_point deadline);
   virtual void do_broadcast(at::Tensor& t, int root, Clock::time_point deadline);
   virtual void do_barrier(Clock::time_point deadline);
+  // True for a backend that moves host memory only (mpi): device tensors are staged through host copies.
+  virtual bool host_memory_only() const { return false; }
+  // sendrecv, with the host staging above where the backend needs it. Every operation goes through here.
+  void transfer(const std::vector<at::Tensor>& send, int dst, std::vector<at::Tensor>& recv, int src, CommOp op,
+                Clock::time_point deadline);
 
   std::string where(CommOp op) const;  // "rank 2 (mpi) ring_exchange"
 

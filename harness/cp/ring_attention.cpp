@@ -47,6 +47,7 @@ int64_t bytes_of(const std::vector<Tensor>& ts) {
 struct RingContext {
   Comm& comm;
   kernels::BlockMaskCache& cache;
+  ChunkCompute& compute;  // where each chunk's attention runs (CPU ops, CUDA kernel)
   uint64_t generation;
   int64_t local_len;  // S_loc: rank r's tokens are [r * S_loc, (r + 1) * S_loc)
   const RingOptions& options;
@@ -110,7 +111,7 @@ kernels::AttentionPartial ring_forward(const RingContext& ctx, const LayerCall& 
     const auto mask = mask_for(ctx, call, meta, chunk, q);
     const bool work = has_work(*mask);
     ctx.observer.chunk(chunk.owner, work);
-    if (work) partials.push_back(kernels::chunk_attention_forward(q, chunk.k, chunk.v, *mask, call.scale));
+    if (work) partials.push_back(ctx.compute.forward(q, chunk.k, chunk.v, mask, call.scale));
     ctx.observer.chunk_forward(call.layer, chunk.owner, work ? &partials.back() : nullptr);
   }
   const auto acc = q.options().dtype(kernels::accumulation_dtype(q.scalar_type()));
@@ -149,7 +150,7 @@ RingGrads ring_backward(const RingContext& ctx, const LayerCall& call, const Ten
       dv[s] = torch::zeros(chunk.v.sizes(), chunk.v.options().dtype(acc));
       continue;
     }
-    auto g = kernels::chunk_attention_backward(q, chunk.k, chunk.v, out, lse, dout, *mask, call.scale);
+    auto g = ctx.compute.backward(q, chunk.k, chunk.v, out, lse, dout, mask, call.scale);
     ctx.observer.chunk_backward(call.layer, chunk.owner, g);
     dq += g.dq;
     dk[s] = g.dk;
@@ -178,7 +179,7 @@ struct SavedCall : torch::CustomClassHolder {
 };
 
 RingContext context_of(RingAttention& ring) {
-  return {ring.comm(), ring.cache(), ring.generation(), ring.local_len(), ring.options(), ring.hooks(), ring};
+  return {ring.comm(), ring.cache(), ring.compute(), ring.generation(), ring.local_len(), ring.options(), ring.hooks(), ring};
 }
 
 struct RingFunction : public torch::autograd::Function<RingFunction> {
@@ -207,10 +208,11 @@ struct RingFunction : public torch::autograd::Function<RingFunction> {
 
 RingAttention::RingAttention(Comm& comm, RingOptions options)
     : comm_(comm), options_(options), hooks_(make_ring_hooks(options.mutation)),
-      cache_(kernels::BlockMaskCache::kDefaultCapacity, options.cache_enabled) {}
+      cache_(kernels::BlockMaskCache::kDefaultCapacity, options.cache_enabled), compute_(options.cuda_attention) {}
 
 void RingAttention::begin_batch(uint64_t generation, int64_t local_len) {
   local_len_ = local_len;
+  compute_.new_batch();
   if (generation_set_ && !hooks_->advances_generation()) return;
   generation_ = generation;
   generation_set_ = true;

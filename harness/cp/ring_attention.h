@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "harness/cp/chunk_compute.h"
 #include "harness/cp/comm.h"
 #include "harness/cp/ring_hooks.h"
 #include "harness/model/attention_backend.h"
@@ -34,6 +35,7 @@ struct RingOptions {
   kernels::LseMergeMode merge = kernels::LseMergeMode::kStable;
   RingMutation mutation = RingMutation::kNone;
   bool record_chunks = false;  // keep every chunk's partial result and gradients (tests, localisation)
+  CudaAttentionPath cuda_attention = CudaAttentionPath::kKernel;  // CUDA tensors: the kernel, or libtorch ops
 };
 
 // One chunk's contribution on this rank, kept when RingOptions::record_chunks is set.
@@ -87,6 +89,7 @@ class RingAttention : public model::AttentionBackend, public RingObserver {
 
   Comm& comm() { return comm_; }
   kernels::BlockMaskCache& cache() { return cache_; }
+  ChunkCompute& compute() { return compute_; }
   const RingOptions& options() const { return options_; }
   const RingHooks& hooks() const { return *hooks_; }
   std::vector<RingTraceEntry>& trace() { return trace_; }
@@ -114,6 +117,7 @@ class RingAttention : public model::AttentionBackend, public RingObserver {
   RingOptions options_;
   std::unique_ptr<RingHooks> hooks_;
   kernels::BlockMaskCache cache_;
+  ChunkCompute compute_;
   std::vector<RingTraceEntry> trace_;
   RingTraceEntry current_;
   std::vector<ChunkRecord> records_;

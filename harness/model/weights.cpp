@@ -142,14 +142,14 @@ LoadSummary load_weights_hdf5(Gemma4Model& model, const std::string& path) {
 std::map<std::string, torch::Tensor> gradient_copies(Gemma4Model& model, torch::ScalarType dtype) {
   std::map<std::string, torch::Tensor> out;
   for (auto& p : model->named_parameters())
-    out[p.key()] = p.value().grad().defined() ? p.value().grad().detach().to(dtype).clone()
-                                              : torch::zeros(p.value().sizes(), p.value().options().dtype(dtype));
+    out[p.key()] = p.value().grad().defined() ? p.value().grad().detach().to(torch::kCPU, dtype).clone()
+                                              : torch::zeros(p.value().sizes(), torch::TensorOptions().dtype(dtype));
   return out;
 }
 
 std::map<std::string, torch::Tensor> parameter_copies(Gemma4Model& model, torch::ScalarType dtype) {
   std::map<std::string, torch::Tensor> out;
-  for (auto& p : model->named_parameters()) out[p.key()] = p.value().detach().to(dtype).clone();
+  for (auto& p : model->named_parameters()) out[p.key()] = p.value().detach().to(torch::kCPU, dtype).clone();
   return out;
 }
 

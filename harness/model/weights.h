@@ -35,7 +35,7 @@ LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::
 // The model's tensors by checkpoint name (parameters and layer_scalar buffers), detached.
 std::map<std::string, torch::Tensor> model_tensors(Gemma4Model& model);
 
-// Detached copies, by parameter name, in `dtype`: every parameter's gradient (zeros where the forward did not
+// Detached host copies, by parameter name, in `dtype`: every parameter's gradient (zeros where the forward did not
 // use it), or every parameter's value. What runs record for the checks.
 std::map<std::string, torch::Tensor> gradient_copies(Gemma4Model& model, torch::ScalarType dtype);
 std::map<std::string, torch::Tensor> parameter_copies(Gemma4Model& model, torch::ScalarType dtype);

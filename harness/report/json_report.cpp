@@ -93,6 +93,24 @@ ojson case_json(const CaseReport& c) {
     ring[std::to_string(cp)] = ojson{{"owners", t.owners}, {"passes", std::move(passes)}};
   }
   o["ring"] = std::move(ring);
+  if (!c.performance.empty()) {
+    ojson perf = ojson::object();
+    for (const auto& [cp, p] : c.performance) {
+      std::vector<double> tps;
+      for (double s : p.step_seconds) tps.push_back(s > 0 ? double(p.tokens_per_step) / s / std::max(1, p.devices) : 0.0);
+      auto bytes = [](const std::vector<std::optional<int64_t>>& v) {
+        ojson a = ojson::array();
+        for (auto& b : v) a.push_back(b ? ojson(*b) : ojson(nullptr));
+        return a;
+      };
+      perf[std::to_string(cp)] = ojson{{"device", p.device}, {"device_name", p.device_name}, {"devices", p.devices},
+                                       {"tokens_per_step", p.tokens_per_step}, {"step_seconds", series(p.step_seconds)},
+                                       {"tokens_per_s_per_device", series(tps)},
+                                       {"peak_allocated_bytes", bytes(p.peak_allocated_bytes)},
+                                       {"peak_reserved_bytes", bytes(p.peak_reserved_bytes)}};
+    }
+    o["performance"] = std::move(perf);
+  }
   return o;
 }
 
@@ -341,6 +359,26 @@ CaseReport read_case(const json& j, const std::string& path, const std::string& 
     t.finish();
     return tr;
   });
+  if (o.has("performance"))
+    c.performance = read_per_cp<Performance>(o, "performance", [&](const json& v, const std::string& where) {
+      Obj t(v, where, source);
+      Performance p;
+      p.device = t.str("device");
+      p.device_name = t.str("device_name");
+      p.devices = int(t.integer("devices", 1));
+      p.tokens_per_step = t.integer("tokens_per_step", 0);
+      p.step_seconds = read_series(t, "step_seconds");
+      read_series(t, "tokens_per_s_per_device");  // derived from the above; validated, not stored
+      for (const char* key : {"peak_allocated_bytes", "peak_reserved_bytes"}) {
+        const json& a = array_at(t, key);
+        auto& out = std::string(key) == "peak_allocated_bytes" ? p.peak_allocated_bytes : p.peak_reserved_bytes;
+        for (std::size_t i = 0; i < a.size(); ++i)
+          out.push_back(a[i].is_null() ? std::nullopt
+                                       : std::optional<int64_t>(t.as_int(a[i], fmt::format("{}.{}[{}]", where, key, i), 0)));
+      }
+      t.finish();
+      return p;
+    });
   o.finish();
   if (c.status() != stored)
     o.fail(o.key_path("status"), fmt::format("stored status \"{}\" disagrees with the checks (\"{}\")",

@@ -18,6 +18,10 @@ namespace cpharness::report {
 struct TrainingStep {
   double loss = 0, grad_norm = 0, param_norm = 0;
   int64_t counted_tokens = 0;
+  // Figures: wall time of the step (device work finished), and the device's peak memory during it (bytes; -1 on
+  // the CPU). Ranks as threads on one GPU share the device, so the peak is theirs together.
+  double seconds = 0;
+  int64_t peak_allocated = -1, peak_reserved = -1;
 };
 
 struct LaneRun {
@@ -34,6 +38,10 @@ struct LaneRun {
   std::vector<std::vector<cp::RingTraceEntry>> traces;
   std::vector<cp::CommStats> comm_step0;
   double seconds = 0;
+  std::string device = "cpu";  // where it ran ("cpu", "cuda:0"), and the device's name
+  std::string device_name = "cpu";
+  int devices = 1;             // devices the run used (ranks as threads share one)
+  int64_t tokens_per_step = 0;  // B x S of the global batch
 };
 
 // What one rank of a cp N run records; assembled into a LaneRun (rank 0 alone holds the global gradients and

@@ -91,6 +91,17 @@ struct RingTrace {
   std::vector<RingPass> passes;
 };
 
+// How fast and how big one run of a case was (the cp 1 reference, or a cp N candidate), one value per step.
+struct Performance {
+  std::string device;       // "cpu", "cuda:0"
+  std::string device_name;  // "cpu", "NVIDIA H200"
+  int devices = 1;          // devices the ranks ran on (ranks as threads on one GPU: 1)
+  int64_t tokens_per_step = 0;
+  std::vector<double> step_seconds;
+  // Device peak bytes during each step (null on the CPU): whole device, every rank on it together.
+  std::vector<std::optional<int64_t>> peak_allocated_bytes, peak_reserved_bytes;
+};
+
 struct CaseReport {
   std::string id;
   std::string description;
@@ -103,6 +114,7 @@ struct CaseReport {
   // block_mask_cache[cp][rank][step]
   std::map<int, std::vector<std::vector<CacheCounters>>> block_mask_cache;
   std::map<int, RingTrace> ring;           // by cp size
+  std::map<int, Performance> performance;  // by cp size (1: the reference); optional in report.json
   double duration_s = 0.0;
 
   // error if error or any check errored; else fail if any check failed; else skipped if skip_reason;

@@ -5,6 +5,7 @@
 
 #include "harness/cp/cp_step.h"
 #include "harness/runner/rank_records.h"
+#include "harness/train/device.h"
 #include "harness/train/trainer.h"
 #include "harness/model/init.h"
 #include "harness/model/weights.h"
@@ -15,9 +16,40 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 double param_norm(model::Gemma4Model& m) {
-  double sum = 0;
-  for (auto& p : m->parameters()) sum += p.detach().to(torch::kFloat64).pow(2).sum().item<double>();
-  return std::sqrt(sum);
+  torch::Tensor sum;  // fp64 where the parameters live, in parameter order, read once
+  for (auto& p : m->parameters()) {
+    auto s = p.detach().to(torch::kFloat64).pow(2).sum();
+    sum = sum.defined() ? sum + s : s;
+  }
+  return sum.defined() ? std::sqrt(sum.item<double>()) : 0.0;
+}
+
+// Times one training step and reads the device's peak memory during it (the device's queue drained first).
+class StepMeter {
+ public:
+  StepMeter(const torch::Device& device, bool owns_peak) : device_(device), owns_peak_(owns_peak) {
+    train::synchronize(device_);
+    if (owns_peak_) train::reset_peak_memory(device_);
+    start_ = Clock::now();
+  }
+  void finish(TrainingStep& step) {
+    train::synchronize(device_);
+    step.seconds = std::chrono::duration<double>(Clock::now() - start_).count();
+    if (auto m = owns_peak_ ? train::peak_memory(device_) : std::nullopt)
+      step.peak_allocated = m->peak_allocated, step.peak_reserved = m->peak_reserved;
+  }
+
+ private:
+  torch::Device device_;
+  bool owns_peak_;
+  Clock::time_point start_;
+};
+
+void describe_device(LaneRun& run, const train::Case& c, const torch::Device& device, int devices) {
+  run.device = device.str();
+  run.device_name = train::device_name(device);
+  run.devices = devices;
+  run.tokens_per_step = c.data.batch * c.data.seq_len;
 }
 
 }  // namespace
@@ -52,13 +84,15 @@ Fault parse_fault(const std::string& spec) {
   return f;
 }
 
-model::Gemma4Model build_model(const train::Case& c, torch::ScalarType dtype, std::optional<model::KvShareSemantics> semantics) {
+model::Gemma4Model build_model(const train::Case& c, torch::ScalarType dtype, std::optional<model::KvShareSemantics> semantics,
+                               const torch::Device& device) {
   auto config = c.model;
   if (semantics) config.kv_share_semantics = *semantics;
   model::Gemma4Model m(config);
   model::init_weights(m, c.init_seed);
   if (!c.checkpoint.empty()) model::load_checkpoint(m, c.checkpoint);
   m->to(dtype);
+  if (!device.is_cpu()) m->to(device);
   return m;
 }
 
@@ -67,11 +101,13 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
   LaneRun run;
   run.cp = 1;
   run.lane = lane;
-  auto m = build_model(c, train::lane_dtype(lane), options.semantics);
+  describe_device(run, c, options.device, 1);
+  auto m = build_model(c, train::lane_dtype(lane), options.semantics, options.device);
   auto optimizer = train::make_adamw(m->parameters(), c.optimizer);
   model::EagerAttention eager;
   for (int64_t step = 0; step < c.steps; ++step) {
-    auto batch = train::batch_for_step(c, step);
+    auto batch = train::to_device(train::batch_for_step(c, step), options.device);
+    StepMeter meter(options.device, true);
     optimizer->zero_grad();
     model::KvShareHolder holder;
     model::ForwardOptions fo;
@@ -84,11 +120,12 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
     mean.backward();
     TrainingStep rec{mean.item<double>(), train::grad_norm(m->parameters()), 0, loss.count};
     if (step == 0 && options.record_tensors) {
-      run.logits = logits.detach().to(torch::kFloat64);
-      for (auto& h : hidden) run.hidden.push_back(h.detach().to(torch::kFloat64));
+      run.logits = logits.detach().to(torch::kCPU, torch::kFloat64);
+      for (auto& h : hidden) run.hidden.push_back(h.detach().to(torch::kCPU, torch::kFloat64));
       run.grads = model::gradient_copies(m, torch::kFloat64);
     }
     optimizer->step();
+    meter.finish(rec);
     rec.param_norm = param_norm(m);
     run.steps.push_back(rec);
   }
@@ -100,28 +137,33 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
 CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane lane, const RunOptions& options) {
   CpRankRecord rec;
   rec.rank = comm.rank();
-  auto m = build_model(c, train::lane_dtype(lane), options.semantics);
+  auto m = build_model(c, train::lane_dtype(lane), options.semantics, options.device);
   cp::CpStepOptions step_options;
   step_options.use_share_holder = options.use_share_holder;
   step_options.shift_labels_after_sharding = options.step_mutation == StepMutation::kShiftLabelsAfterSharding;
   cp::CpTrainer trainer(comm, m, c.optimizer, options.ring, step_options);
   for (int64_t step = 0; step < c.steps; ++step) {
     if (options.fault && options.fault->rank == rec.rank && options.fault->step == step) inject_fault(*options.fault);
-    auto batch = train::batch_for_step(c, step);
+    auto batch = train::to_device(train::batch_for_step(c, step), options.device);
     std::vector<torch::Tensor> h;
     cp::CpForwardResult fwd;
     comm.reset_stats();
     trainer.ring().trace().clear();
     const bool record = step == 0 && options.record_tensors;
+    // Rank 0 alone resets and reads the device's peak (ranks as threads share one device's allocator).
+    StepMeter meter(options.device, rec.rank == 0);
     auto result = trainer.step(batch, &fwd, record ? &h : nullptr);
+    TrainingStep figures;
+    meter.finish(figures);
     rec.cache.push_back(trainer.ring().cache().take_counters());
-    rec.steps.push_back({result.loss, result.grad_norm, param_norm(trainer.model()), result.counted_tokens});
+    rec.steps.push_back({result.loss, result.grad_norm, param_norm(trainer.model()), result.counted_tokens,
+                         figures.seconds, figures.peak_allocated, figures.peak_reserved});
     if (step == 0) {
       rec.trace = trainer.ring().trace();
       rec.comm_step0 = comm.stats();
       if (record) {
-        rec.logits = fwd.local_logits.to(torch::kFloat64);
-        for (auto& t : h) rec.hidden.push_back(t.detach().to(torch::kFloat64));
+        rec.logits = fwd.local_logits.to(torch::kCPU, torch::kFloat64);
+        for (auto& t : h) rec.hidden.push_back(t.detach().to(torch::kCPU, torch::kFloat64));
         if (rec.rank == 0) rec.grads = model::gradient_copies(trainer.model(), torch::kFloat64);  // all-reduced: identical on every rank
       }
     }
@@ -130,9 +172,11 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
   return rec;
 }
 
-LaneRun assemble_cp_run(const train::Case& c, train::DtypeLane lane, std::vector<CpRankRecord> ranks, double seconds) {
+LaneRun assemble_cp_run(const train::Case& c, train::DtypeLane lane, std::vector<CpRankRecord> ranks, double seconds,
+                        const torch::Device& device, int devices) {
   const int n = int(ranks.size());
   LaneRun run;
+  describe_device(run, c, device, devices);
   run.cp = n;
   run.lane = lane;
   run.seconds = seconds;
@@ -167,7 +211,8 @@ LaneRun run_cp(const train::Case& c, train::DtypeLane lane, int n, const RunOpti
   const auto start = Clock::now();
   std::vector<CpRankRecord> ranks(static_cast<size_t>(n));
   cp::run_local(n, [&](cp::Comm& comm) { ranks[size_t(comm.rank())] = run_cp_rank(comm, c, lane, options); }, options.timeout);
-  return assemble_cp_run(c, lane, std::move(ranks), std::chrono::duration<double>(Clock::now() - start).count());
+  return assemble_cp_run(c, lane, std::move(ranks), std::chrono::duration<double>(Clock::now() - start).count(),
+                         options.device, 1);
 }
 
 std::optional<LaneRun> run_cp_on(cp::Comm& world, const train::Case& c, train::DtypeLane lane, const RunOptions& options) {
@@ -175,7 +220,9 @@ std::optional<LaneRun> run_cp_on(cp::Comm& world, const train::Case& c, train::D
   auto mine = run_cp_rank(world, c, lane, options);
   auto all = gather_rank_records(world, mine);
   if (world.rank() != 0) return std::nullopt;
-  return assemble_cp_run(c, lane, std::move(all), std::chrono::duration<double>(Clock::now() - start).count());
+  // One process per rank: each has a device of its own when on CUDA (nccl), or shares the host (mpi on the CPU).
+  return assemble_cp_run(c, lane, std::move(all), std::chrono::duration<double>(Clock::now() - start).count(),
+                         options.device, options.device.is_cpu() ? 1 : world.size());
 }
 
 }  // namespace cpharness::runner

@@ -48,18 +48,23 @@ struct RunOptions {
   bool record_tensors = true;        // step-0 logits, hidden states and gradients
   std::chrono::milliseconds timeout{120000};
   std::optional<Fault> fault;        // candidates only
+  torch::Device device{torch::kCPU}; // where every run of the case trains (the case's "device" or --device)
 };
 
-// The case's model with its initial weights (seeded init or checkpoint) in `dtype`.
+// The case's model with its initial weights (seeded init or checkpoint) in `dtype`, on `device`. Weights are made
+// on the host (the seeded init is defined there) and moved once.
 model::Gemma4Model build_model(const train::Case& c, torch::ScalarType dtype,
-                               std::optional<model::KvShareSemantics> semantics = std::nullopt);
+                               std::optional<model::KvShareSemantics> semantics = std::nullopt,
+                               const torch::Device& device = torch::kCPU);
 
 LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOptions& options = {});
 
 // This rank's part of a cp N run over `comm` (any backend).
 CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane lane, const RunOptions& options);
 // The records of ranks 0..N-1 (in order) as one run: shards put back in global order through the shard plan.
-LaneRun assemble_cp_run(const train::Case& c, train::DtypeLane lane, std::vector<CpRankRecord> ranks, double seconds);
+// `devices`: how many devices the ranks ran on (1 for ranks as threads on one GPU or the CPU).
+LaneRun assemble_cp_run(const train::Case& c, train::DtypeLane lane, std::vector<CpRankRecord> ranks, double seconds,
+                        const torch::Device& device = torch::kCPU, int devices = 1);
 // cp N with the local backend (ranks as threads of this process).
 LaneRun run_cp(const train::Case& c, train::DtypeLane lane, int cp, const RunOptions& options = {});
 // cp = world.size() over a process backend: every rank runs its part, the records are gathered to rank 0, which

@@ -20,7 +20,8 @@ kernels::BlockMaskCacheCounters counters_of(const json& j) {
 json small_fields(const CpRankRecord& r) {
   json j;
   j["rank"] = r.rank;
-  for (auto& s : r.steps) j["steps"].push_back({s.loss, s.grad_norm, s.param_norm, s.counted_tokens});
+  for (auto& s : r.steps)
+    j["steps"].push_back({s.loss, s.grad_norm, s.param_norm, s.counted_tokens, s.seconds, s.peak_allocated, s.peak_reserved});
   for (auto& k : r.cache) j["cache"].push_back(counters_json(k));
   for (auto& e : r.trace)
     j["trace"].push_back({{"layer", e.layer}, {"pass", e.pass}, {"owners", e.owners}, {"computed", e.computed},
@@ -60,7 +61,8 @@ CpRankRecord decode_rank_record(const std::vector<char>& bytes) {
   CpRankRecord r;
   r.rank = j.at("rank").get<int>();
   for (auto& s : j.value("steps", json::array()))
-    r.steps.push_back({s.at(0).get<double>(), s.at(1).get<double>(), s.at(2).get<double>(), s.at(3).get<int64_t>()});
+    r.steps.push_back({s.at(0).get<double>(), s.at(1).get<double>(), s.at(2).get<double>(), s.at(3).get<int64_t>(),
+                       s.at(4).get<double>(), s.at(5).get<int64_t>(), s.at(6).get<int64_t>()});
   for (auto& k : j.value("cache", json::array())) r.cache.push_back(counters_of(k));
   for (auto& e : j.value("trace", json::array())) {
     cp::RingTraceEntry t;

@@ -33,6 +33,20 @@ report::Trajectory trajectory_of(const LaneRun& run) {
   return t;
 }
 
+report::Performance performance_of(const LaneRun& run) {
+  report::Performance p;
+  p.device = run.device;
+  p.device_name = run.device_name;
+  p.devices = run.devices;
+  p.tokens_per_step = run.tokens_per_step;
+  for (auto& s : run.steps) {
+    p.step_seconds.push_back(s.seconds);
+    p.peak_allocated_bytes.push_back(s.peak_allocated >= 0 ? std::optional<int64_t>(s.peak_allocated) : std::nullopt);
+    p.peak_reserved_bytes.push_back(s.peak_reserved >= 0 ? std::optional<int64_t>(s.peak_reserved) : std::nullopt);
+  }
+  return p;
+}
+
 void append(std::vector<report::CheckResult>& out, const train::Case& c, std::vector<report::CheckResult> more) {
   for (auto& r : more)
     if (wants_check(c, r.name)) out.push_back(std::move(r));
@@ -135,15 +149,26 @@ std::vector<int> cp_sizes_of(const train::Case& c, const SuiteOptions& options) 
   return cps;
 }
 
+// The case's device, or --device's.
+torch::Device device_of(const train::Case& c, const SuiteOptions& options) {
+  try {
+    return train::parse_device(options.device.value_or(c.device));
+  } catch (const std::invalid_argument& e) {
+    throw io::InputError(options.device ? "--device" : c.path, "device", e.what());
+  }
+}
+
 std::optional<std::string> skip_reason(const train::Case& c, const SuiteOptions& options) {
   for (auto& feature : c.requires_features)
-    if (feature == "cuda" && !options.has_cuda) return "requires cuda: no CUDA device on this machine";
+    if (feature == "cuda" && !options.has_cuda) return "requires cuda: " + train::cuda_unavailable_reason();
+  if (device_of(c, options).is_cuda() && !options.has_cuda) return "device cuda: " + train::cuda_unavailable_reason();
   return std::nullopt;
 }
 
 RunOptions run_options_of(const train::Case& c, const SuiteOptions& options) {
   RunOptions o = options.run;
   o.timeout = options.timeout;
+  o.device = device_of(c, options);
   o.ring.q_block = o.ring.kv_block = c.block_size;
   if (!c.block_mask_cache) o.ring.cache_enabled = false;
   return o;
@@ -155,6 +180,7 @@ void run_reference_phase(const train::Case& c, const std::vector<int>& cps, cons
   runs.reference = run_reference(c, c.dtype, run_options);
   progress(c, *runs.reference);
   rep.trajectories[1] = trajectory_of(*runs.reference);
+  rep.performance[1] = performance_of(*runs.reference);
   rep.checks.push_back(check::check_trained(*runs.reference));  // whatever the case selects
   if (c.dtype == train::DtypeLane::kBf16) runs.oracle = run_reference(c, train::DtypeLane::kFp32, run_options);
   for (int n : cps) {
@@ -200,6 +226,7 @@ void judge_phase(const train::Case& c, const RunOptions& run_options, const Suit
   for (auto& [n, candidate] : runs.candidates) {
     progress(c, candidate);
     rep.trajectories[n] = trajectory_of(candidate);
+    rep.performance[n] = performance_of(candidate);
     const auto u = runs.uncached.find(n);
     rep.checks.push_back(check::check_trained(candidate));  // whatever the case selects
     append(rep.checks, c, check::check_ring(c, candidate));
@@ -260,6 +287,10 @@ report::CaseReport run_case(const train::Case& c, const SuiteOptions& options) {
 
 report::Report run_suite(const std::vector<train::Case>& cases, const SuiteOptions& options) {
   const auto start = Clock::now();
+  // On CUDA, deterministic kernels where PyTorch has them (index_add_, embedding backward without atomics), so the
+  // determinism checks hold there too; ops without one only warn. Recorded in the report's environment.
+  for (auto& c : cases)
+    if (options.has_cuda && device_of(c, options).is_cuda()) at::globalContext().setDeterministicAlgorithms(true, true);
   auto r = report::new_report(options.has_cuda ? "cuda" : "cpu",
                               options.world ? cp::backend_name(options.world->backend()) : options.comm);
   for (auto& c : cases) {

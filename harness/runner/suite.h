@@ -10,6 +10,7 @@
 #include "harness/report/report.h"
 #include "harness/runner/case_runner.h"
 #include "harness/train/case.h"
+#include "harness/train/device.h"
 
 namespace cpharness::runner {
 
@@ -18,7 +19,8 @@ struct SuiteOptions {
   std::string comm = "local";
   std::string dump_dir;                      // first-divergence tensors land here
   std::chrono::milliseconds timeout{120000};
-  bool has_cuda = false;
+  bool has_cuda = train::cuda_available();
+  std::optional<std::string> device;         // overrides each case's "device" (--device)
   // Selftest mutations, applied to every candidate.
   RunOptions run;
   check::BlockMaskMutation block_mask_mutation = check::BlockMaskMutation::kNone;

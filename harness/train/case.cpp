@@ -1,5 +1,7 @@
 #include "harness/train/case.h"
 
+#include "harness/train/device.h"
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -168,7 +170,7 @@ void read_tolerances(const json& j, const std::string& path, Case& c) {
 Case case_from_json(const json& j, const std::string& path) {
   if (!j.is_object()) throw InputError(path, "case", "expected a JSON object");
   reject_unknown(j, {"id", "description", "model", "weights", "data", "dtype", "steps", "optimizer", "cp", "requires", "checks",
-                     "tolerances", "block_size", "block_mask_cache"}, path, "");
+                     "tolerances", "block_size", "block_mask_cache", "device"}, path, "");
   Case c;
   c.path = path;
   c.raw = j;
@@ -190,6 +192,14 @@ Case case_from_json(const json& j, const std::string& path) {
   if (j.contains("block_mask_cache")) {
     if (!j["block_mask_cache"].is_boolean()) throw InputError(path, "block_mask_cache", "wrong type: expected a boolean");
     c.block_mask_cache = j["block_mask_cache"].get<bool>();
+  }
+  if (j.contains("device")) {
+    c.device = string_at(j, "device", path, "device");
+    try {
+      parse_device(c.device);
+    } catch (const std::invalid_argument& e) {
+      throw InputError(path, "device", e.what());
+    }
   }
   return c;
 }

@@ -41,6 +41,7 @@ struct Case {
   CaseTolerances tolerances;
   int64_t block_size = 128;                    // block-mask q and kv block size
   bool block_mask_cache = true;                // run the candidate with the block-mask cache on
+  std::string device = "cpu";                  // "cpu", "cuda" or "cuda:N": where every run of the case trains
   nlohmann::json raw;                          // the file as read, for provenance
 };
 

@@ -3,10 +3,14 @@
 namespace cpharness::train {
 
 double grad_norm(const std::vector<torch::Tensor>& parameters) {
-  double sum = 0;
+  // Summed in fp64 where the gradients live, in parameter order, read once (one device sync, not one per tensor).
+  torch::Tensor sum;
   for (auto& p : parameters)
-    if (p.grad().defined()) sum += p.grad().to(torch::kFloat64).pow(2).sum().item<double>();
-  return std::sqrt(sum);
+    if (p.grad().defined()) {
+      auto s = p.grad().to(torch::kFloat64).pow(2).sum();
+      sum = sum.defined() ? sum + s : s;
+    }
+  return sum.defined() ? std::sqrt(sum.item<double>()) : 0.0;
 }
 
 std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<torch::Tensor>& parameters, const OptimizerOptions& o) {

@@ -1,0 +1,40 @@
+// Where a run's tensors live: the case key "device" ("cpu" | "cuda" | "cuda:N") or `run --device`. The model,
+// its optimizer, the batches, the ring and the kernels all follow the device; records the checks read come back to
+// the host. Device memory figures come from the CUDA caching allocator (GPU build only; CPU runs report none).
+#pragma once
+#include <torch/torch.h>
+
+#include <optional>
+#include <string>
+
+#include "harness/train/batch.h"
+
+namespace cpharness::train {
+
+// "cpu", "cuda" or "cuda:N"; std::invalid_argument naming the accepted forms otherwise.
+torch::Device parse_device(const std::string& name);
+
+// True when this build can run CUDA tensors (CPHARNESS_CUDA=ON) and the machine has a CUDA device.
+bool cuda_available();
+// Why CUDA is not available ("" when it is): not built with CUDA, or no device (with the driver's words).
+std::string cuda_unavailable_reason();
+
+// The batch with every tensor (ids, labels, positions, metadata) moved to `device`.
+Batch to_device(const Batch& batch, const torch::Device& device);
+
+// Waits for the device's queued work (a no-op on the CPU): step times are taken after it.
+void synchronize(const torch::Device& device);
+
+// Peak bytes the caching allocator handed out (allocated) and held from the driver (reserved) since the last
+// reset_peak_memory, for the whole device (ranks as threads on one GPU share it). Empty on the CPU.
+struct DeviceMemory {
+  int64_t peak_allocated = 0;
+  int64_t peak_reserved = 0;
+};
+void reset_peak_memory(const torch::Device& device);
+std::optional<DeviceMemory> peak_memory(const torch::Device& device);
+
+// The device's name for reports ("cpu", or the GPU's marketing name).
+std::string device_name(const torch::Device& device);
+
+}  // namespace cpharness::train
