@@ -103,11 +103,15 @@ if has_stage kernels; then
 fi
 
 if has_stage suite; then
-  # The default suite on CUDA: reference and candidates on the GPU, every check as on the CPU.
-  run_stage suite-cuda "$bin/cpharness" run "$root/cases/default" --device cuda --timeout 600 \
-    --report "$out/$stamp-default-suite-cuda.json" --junit "$out/$stamp-default-suite-cuda.xml"
+  # The default suite on CUDA: reference and candidates on the GPU, every check as on the CPU. cp N runs as one
+  # process per rank (mpirun, device tensors host-staged, every rank on this GPU): ranks as threads cannot run a
+  # CUDA backward (README, "CUDA").
+  for np in 2 4; do
+    run_stage "suite-cuda-mpi$np" "$bin/cpharness" run "$root/cases/default" --device cuda --comm mpi --nproc "$np" \
+      --timeout 300 --report "$out/$stamp-default-suite-cuda-cp$np.json" --junit "$out/$stamp-default-suite-cuda-cp$np.xml"
+  done
   run_stage suite-cuda-ops "$bin/cpharness" run "$root/cases/default/e4b-pattern.json" --device cuda --cuda-attention ops \
-    --timeout 600 --report "$out/$stamp-e4b-pattern-cuda-ops.json"
+    --comm mpi --nproc 2 --timeout 300 --report "$out/$stamp-e4b-pattern-cuda-ops.json"
 fi
 
 if has_stage bench; then
@@ -124,7 +128,7 @@ fi
 
 if has_stage cases; then
   if [ -d "$root/cases/gpu" ]; then
-    run_stage cases "$bin/cpharness" run "$root/cases/gpu" --device cuda --timeout 1200 \
+    run_stage cases "$bin/cpharness" run "$root/cases/gpu" --device cuda --comm mpi --nproc 2 --timeout 1200 \
       --report "$out/$stamp-cases.json" --junit "$out/$stamp-cases.xml"
   fi
 fi

@@ -4,11 +4,11 @@
 # Rank 0 writes the JSON report and the JUnit XML; every rank exits with rank 0's verdict, so the job's exit code
 # is the gate (0 pass, 1 check failed, 2 error; a rank that dies or hangs past --timeout gives 2).
 #
-# `--comm nccl` (one GPU per rank) is not wired into the runner yet (README, Status): the real-size cases run in
-# one process that drives the cp ranks as threads on one GPU (--comm local).
+# The real-size cases run one Slurm task per GPU over NCCL (--comm nccl; SLURM_LOCALID picks the GPU).
 #   sbatch -N1 --gpus-per-node=8 --ntasks-per-node=4 ci/srun-example.sh
 set -euo pipefail
 # The CPU suite across processes: cp = SLURM_NTASKS over OpenMPI (needs an OpenMPI built with Slurm/PMIx support).
 srun build-gpu/harness/cpharness run cases/default --comm mpi --timeout 300 --out reports/out/slurm-mpi
-# The real-size cases, one process, ranks as threads on one GPU.
-build-gpu/harness/cpharness run cases/gpu --cp 2,4 --out reports/out/gpu --dump-dir reports/out/gpu/dumps
+# The real-size cases, one task per GPU (MASTER_ADDR/MASTER_PORT for the NCCL rendezvous).
+export MASTER_ADDR=${MASTER_ADDR:-$(hostname)} MASTER_PORT=${MASTER_PORT:-29500}
+srun build-gpu/harness/cpharness run cases/gpu --comm nccl --out reports/out/gpu --dump-dir reports/out/gpu/dumps

@@ -145,9 +145,6 @@ int call_verb(CLI::App& app, Verbs& v, const std::vector<std::string>& args) {
   auto* chosen = app.get_subcommands().at(0);
   const std::string verb = chosen->get_name();
   if (verb == "run") {
-    if (v.run.comm == "nccl")
-      throw UsageError("--comm nccl: the runner does not drive CUDA ranks yet (the nccl Comm backend exists and is "
-                       "tested on its own); use --comm local or --comm mpi");
     if (v.run.nproc && v.run.comm != "mpi") throw UsageError("--nproc launches processes: it needs --comm mpi");
     v.run.argv.assign(args.begin() + 1, args.end());
     return run_verb(v.run);

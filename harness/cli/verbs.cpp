@@ -157,6 +157,22 @@ int run_verb(const RunArgs& a) {
     if (!cp::detect_launch_env().launched()) return launch_mpi_job(a);
     world = cp::make_mpi_comm(options.timeout);
     options.world = world.get();
+  } else if (a.comm == "nccl") {
+    // One process per GPU, started by torchrun, srun or mpirun (RANK/WORLD_SIZE/LOCAL_RANK or their equivalents);
+    // rendezvous on MASTER_ADDR/MASTER_PORT; every rank trains on its local rank's GPU.
+    const auto env = cp::detect_launch_env();
+    if (!env.launched())
+      throw UsageError("--comm nccl runs one process per GPU: start it under torchrun, srun or mpirun (RANK, "
+                       "WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/MASTER_PORT)");
+    if (!options.device) options.device = "cuda";
+    if (!train::parse_device(*options.device).is_cuda())
+      throw UsageError("--comm nccl moves CUDA tensors: --device must be cuda");
+    try {
+      world = cp::make_nccl_comm(env, options.timeout);
+    } catch (const cp::CommError& e) {  // no GPU, NCCL not built, rendezvous failed: an error report, exit 2
+      return env.rank == 0 ? input_error_report(a.outputs, a.comm, std::string("nccl: ") + e.what()) : 2;
+    }
+    options.world = world.get();
   }
   const bool root = !world || world->rank() == 0;
   std::vector<train::Case> cases;
@@ -165,6 +181,9 @@ int run_verb(const RunArgs& a) {
   } catch (const io::InputError& e) {
     return root ? input_error_report(a.outputs, a.comm, e.what()) : 2;
   }
+  for (auto& c : cases)  // a configuration that cannot run is refused before any work
+    if (auto why = runner::unsupported_configuration(c, options))
+      return root ? input_error_report(a.outputs, a.comm, c.path + ": " + *why) : 2;
   auto r = runner::run_suite(cases, options);
   const int code = root ? finish(a.outputs, r, a.allow_nothing_ran) : report::exit_code(r, a.allow_nothing_ran);
   if (!world) return code;

@@ -95,18 +95,18 @@ std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& ts) {
 
 void Comm::transfer(const std::vector<at::Tensor>& send, int dst, std::vector<at::Tensor>& recv, int src, CommOp op,
                     Clock::time_point deadline) {
+  const auto where = transfer_device();
   bool staged = false;
-  if (host_memory_only()) {
-    for (const auto& t : send) staged = staged || !t.device().is_cpu();
-    for (const auto& t : recv) staged = staged || !t.device().is_cpu();
+  if (where) {
+    for (const auto& t : send) staged = staged || t.device() != *where;
+    for (const auto& t : recv) staged = staged || t.device() != *where;
   }
   if (!staged) return sendrecv(send, dst, recv, src, op, deadline);
-  // Host staging: device tensors go through host copies (the backend moves host memory only).
-  std::vector<at::Tensor> send_host, recv_host;
-  for (const auto& t : send) send_host.push_back(t.cpu().contiguous());
-  for (const auto& t : recv) recv_host.push_back(at::empty(t.sizes(), t.options().device(at::kCPU)));
-  sendrecv(send_host, dst, recv_host, src, op, deadline);
-  for (size_t i = 0; i < recv.size(); ++i) recv[i].copy_(recv_host[i]);
+  std::vector<at::Tensor> send_staged, recv_staged;
+  for (const auto& t : send) send_staged.push_back(t.to(*where).contiguous());
+  for (const auto& t : recv) recv_staged.push_back(at::empty(t.sizes(), t.options().device(*where)));
+  sendrecv(send_staged, dst, recv_staged, src, op, deadline);
+  for (size_t i = 0; i < recv.size(); ++i) recv[i].copy_(recv_staged[i]);
 }
 
 std::vector<at::Tensor> Comm::ring_exchange(const std::vector<at::Tensor>& send) {
@@ -165,7 +165,12 @@ void Comm::all_reduce(at::Tensor& t) {
   const auto deadline = Clock::now() + timeout_;
   stats_.calls[static_cast<int>(CommOp::AllReduce)] += 1;
   stats_.bytes_sent[static_cast<int>(CommOp::AllReduce)] += payload_bytes({t});
-  if (size() > 1) do_all_reduce(t, deadline);
+  if (size() <= 1) return;
+  const auto where = transfer_device();
+  if (!where || t.device() == *where) return do_all_reduce(t, deadline);
+  auto staged = t.to(*where).contiguous();
+  do_all_reduce(staged, deadline);
+  t.copy_(staged);
 }
 
 void Comm::broadcast(at::Tensor& t, int root) {
@@ -175,7 +180,12 @@ void Comm::broadcast(at::Tensor& t, int root) {
   const auto deadline = Clock::now() + timeout_;
   stats_.calls[static_cast<int>(CommOp::Broadcast)] += 1;
   if (rank() == root) stats_.bytes_sent[static_cast<int>(CommOp::Broadcast)] += payload_bytes({t});
-  if (size() > 1) do_broadcast(t, root, deadline);
+  if (size() <= 1) return;
+  const auto where = transfer_device();
+  if (!where || t.device() == *where) return do_broadcast(t, root, deadline);
+  auto staged = t.to(*where).contiguous();
+  do_broadcast(staged, root, deadline);
+  t.copy_(staged);
 }
 
 void Comm::barrier() {

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -112,9 +113,11 @@ class Comm {
   virtual void do_all_reduce(at::Tensor& t, Clock::time_point deadline);
   virtual void do_broadcast(at::Tensor& t, int root, Clock::time_point deadline);
   virtual void do_barrier(Clock::time_point deadline);
-  // True for a backend that moves host memory only (mpi): device tensors are staged through host copies.
-  virtual bool host_memory_only() const { return false; }
-  // sendrecv, with the host staging above where the backend needs it. Every operation goes through here.
+  // Where the backend's buffers must live: nullopt = anywhere (local), the host (mpi), one CUDA device (nccl).
+  // Tensors elsewhere are staged through copies there (mpi: CUDA tensors via the host; nccl: host tensors such as
+  // the loss statistics and the gathered run records via the GPU).
+  virtual std::optional<at::Device> transfer_device() const { return std::nullopt; }
+  // sendrecv with that staging. Every point-to-point operation goes through here.
   void transfer(const std::vector<at::Tensor>& send, int dst, std::vector<at::Tensor>& recv, int src, CommOp op,
                 Clock::time_point deadline);
 

@@ -78,7 +78,7 @@ class MpiComm final : public Comm {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   Backend backend() const override { return Backend::Mpi; }
-  bool host_memory_only() const override { return true; }
+  std::optional<at::Device> transfer_device() const override { return at::Device(at::kCPU); }
 
   void terminate_job(int exit_code, const std::string& reason) override {
     g_mpi_failed = true;

@@ -101,6 +101,9 @@ class NcclComm final : public Comm {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   Backend backend() const override { return Backend::Nccl; }
+  std::optional<at::Device> transfer_device() const override {
+    return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device_));
+  }
 
   void terminate_job(int exit_code, const std::string&) override {
     if (comm_ && !aborted_) ncclCommAbort(comm_);

@@ -1,5 +1,7 @@
 #include "harness/cp/cp_step.h"
 
+#include "harness/model/chunked_loss.h"
+
 namespace cpharness::cp {
 
 void all_reduce_gradients(Comm& comm, const std::vector<torch::Tensor>& parameters) {
@@ -45,8 +47,9 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
   if (step_options.use_share_holder) options.holder = &holder;
   options.hidden_states = step_options.hidden_states;
   kernels::TokenMetadata meta{shard.document_ids, shard.padding_mask, shard.vision_group_ids};
-  auto logits = model->forward({shard.input_ids, shard.position_ids, meta, {}}, ring, options);
-  auto loss = model::token_loss(logits, shard.labels);  // labels were shifted on the full sequence
+  torch::Tensor logits;
+  auto loss = model::forward_loss(model, {shard.input_ids, shard.position_ids, meta, {}}, ring, options, shard.labels,
+                                  step_options.loss_chunk_tokens, &logits);  // labels were shifted on the full sequence
 
   auto stats = torch::tensor({loss.sum.item<double>(), double(loss.count)}, torch::kFloat64);
   {
@@ -62,7 +65,7 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
     all_reduce_gradients(comm, model->parameters());
   }
   result.loss = global_sum / denominator;
-  result.local_logits = logits.detach();
+  result.local_logits = logits;
   return result;
 }
 

@@ -20,7 +20,7 @@ namespace cpharness::cp {
 struct CpForwardResult {
   double loss = 0;              // global
   int64_t counted_tokens = 0;   // global
-  torch::Tensor local_logits;   // [B, S_loc, V] of this rank (detached)
+  torch::Tensor local_logits;   // [B, S_loc, V] of this rank (detached); undefined under the chunked loss
   ShardPlan plan;
 };
 
@@ -28,6 +28,7 @@ struct CpStepOptions {
   bool use_share_holder = true;               // pass a fresh KV-share holder (cache-gated semantics need it)
   bool shift_labels_after_sharding = false;   // KNOWN-BAD, selftest only: each rank shifts its own shard
   std::vector<torch::Tensor>* hidden_states = nullptr;  // receives this rank's residual stream per layer
+  int64_t loss_chunk_tokens = 0;  // > 0: chunked LM head + cross entropy; local_logits stays undefined
 };
 
 // Forward and backward on this rank's shard; afterwards every parameter's .grad() holds the global gradient

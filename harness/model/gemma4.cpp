@@ -175,6 +175,7 @@ torch::Tensor Gemma4ModelImpl::forward(const ModelInputs& inputs, AttentionBacke
     if (options.hidden_states) options.hidden_states->push_back(h);
   }
   h = norm(h);
+  if (options.final_hidden) return h;
   auto logits = torch::linear(h, embed_tokens->weight);  // tied LM head
   if (c.final_logit_softcapping) logits = softcap(logits, *c.final_logit_softcapping);
   return logits;

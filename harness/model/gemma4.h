@@ -32,6 +32,8 @@ struct ForwardOptions {
   KvShareHolder* holder = nullptr;
   // When set, receives the residual stream after the embedding and after every layer (L + 1 tensors).
   std::vector<torch::Tensor>* hidden_states = nullptr;
+  // Return the final-normed hidden state [B, S, H] instead of logits, for chunked_token_loss (no [S, V] logits).
+  bool final_hidden = false;
 };
 
 // Where a forward keeps the K/V of source layers: a plain per-forward map (shared-kv-states) or a holder.

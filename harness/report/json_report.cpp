@@ -93,6 +93,7 @@ ojson case_json(const CaseReport& c) {
     ring[std::to_string(cp)] = ojson{{"owners", t.owners}, {"passes", std::move(passes)}};
   }
   o["ring"] = std::move(ring);
+  if (c.reference_cp) o["reference_cp"] = *c.reference_cp;
   if (!c.performance.empty()) {
     ojson perf = ojson::object();
     for (const auto& [cp, p] : c.performance) {
@@ -359,6 +360,7 @@ CaseReport read_case(const json& j, const std::string& path, const std::string& 
     t.finish();
     return tr;
   });
+  if (o.has("reference_cp")) c.reference_cp = int(o.integer("reference_cp", 1));
   if (o.has("performance"))
     c.performance = read_per_cp<Performance>(o, "performance", [&](const json& v, const std::string& where) {
       Obj t(v, where, source);

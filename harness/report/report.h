@@ -115,6 +115,7 @@ struct CaseReport {
   std::map<int, std::vector<std::vector<CacheCounters>>> block_mask_cache;
   std::map<int, RingTrace> ring;           // by cp size
   std::map<int, Performance> performance;  // by cp size (1: the reference); optional in report.json
+  std::optional<int> reference_cp;         // set when candidates were judged against a cp > 1 run
   double duration_s = 0.0;
 
   // error if error or any check errored; else fail if any check failed; else skipped if skip_reason;

@@ -7,6 +7,7 @@
 #include "harness/runner/rank_records.h"
 #include "harness/train/device.h"
 #include "harness/train/trainer.h"
+#include "harness/model/chunked_loss.h"
 #include "harness/model/init.h"
 #include "harness/model/weights.h"
 
@@ -114,13 +115,14 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
     if (options.use_share_holder) fo.holder = &holder;
     std::vector<torch::Tensor> hidden;
     if (step == 0 && options.record_tensors) fo.hidden_states = &hidden;
-    auto logits = m->forward({batch.input_ids, batch.position_ids, batch.meta, {}}, eager, fo);
-    auto loss = model::token_loss(logits, model::shift_labels(batch.labels));
+    torch::Tensor logits;
+    auto loss = model::forward_loss(m, {batch.input_ids, batch.position_ids, batch.meta, {}}, eager, fo,
+                                    model::shift_labels(batch.labels), c.loss_chunk_tokens, &logits);
     auto mean = loss.sum / double(std::max<int64_t>(loss.count, 1));
     mean.backward();
     TrainingStep rec{mean.item<double>(), train::grad_norm(m->parameters()), 0, loss.count};
     if (step == 0 && options.record_tensors) {
-      run.logits = logits.detach().to(torch::kCPU, torch::kFloat64);
+      if (logits.defined()) run.logits = logits.to(torch::kCPU, torch::kFloat64);
       for (auto& h : hidden) run.hidden.push_back(h.detach().to(torch::kCPU, torch::kFloat64));
       run.grads = model::gradient_copies(m, torch::kFloat64);
     }
@@ -141,6 +143,7 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
   cp::CpStepOptions step_options;
   step_options.use_share_holder = options.use_share_holder;
   step_options.shift_labels_after_sharding = options.step_mutation == StepMutation::kShiftLabelsAfterSharding;
+  step_options.loss_chunk_tokens = c.loss_chunk_tokens;
   cp::CpTrainer trainer(comm, m, c.optimizer, options.ring, step_options);
   for (int64_t step = 0; step < c.steps; ++step) {
     if (options.fault && options.fault->rank == rec.rank && options.fault->step == step) inject_fault(*options.fault);
@@ -162,7 +165,7 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
       rec.trace = trainer.ring().trace();
       rec.comm_step0 = comm.stats();
       if (record) {
-        rec.logits = fwd.local_logits.to(torch::kCPU, torch::kFloat64);
+        if (fwd.local_logits.defined()) rec.logits = fwd.local_logits.to(torch::kCPU, torch::kFloat64);
         for (auto& t : h) rec.hidden.push_back(t.detach().to(torch::kCPU, torch::kFloat64));
         if (rec.rank == 0) rec.grads = model::gradient_copies(trainer.model(), torch::kFloat64);  // all-reduced: identical on every rank
       }
@@ -193,16 +196,16 @@ LaneRun assemble_cp_run(const train::Case& c, train::DtypeLane lane, std::vector
     run.traces.push_back(rec.trace);
     run.comm_step0.push_back(rec.comm_step0);
   }
+  cp::ShardPlan plan(c.data.seq_len, n);
   if (root.logits.defined()) {
-    cp::ShardPlan plan(c.data.seq_len, n);
     std::vector<torch::Tensor> logits;
     for (auto& rec : ranks) logits.push_back(rec.logits);
     run.logits = plan.unshard(logits);
-    for (size_t layer = 0; layer < root.hidden.size(); ++layer) {
-      std::vector<torch::Tensor> per_rank;
-      for (auto& rec : ranks) per_rank.push_back(rec.hidden.at(layer));
-      run.hidden.push_back(plan.unshard(per_rank));
-    }
+  }
+  for (size_t layer = 0; layer < root.hidden.size(); ++layer) {
+    std::vector<torch::Tensor> per_rank;
+    for (auto& rec : ranks) per_rank.push_back(rec.hidden.at(layer));
+    run.hidden.push_back(plan.unshard(per_rank));
   }
   return run;
 }

@@ -6,6 +6,7 @@
 #include <iostream>
 
 #include "harness/cp/comm.h"
+#include "harness/cp/launcher.h"
 #include "harness/io/input_error.h"
 #include "harness/report/environment.h"
 
@@ -165,27 +166,49 @@ std::optional<std::string> skip_reason(const train::Case& c, const SuiteOptions&
   return std::nullopt;
 }
 
+// A process backend on CUDA: "cuda" without an index means the local rank's GPU (one GPU per rank on a node;
+// on a one-GPU machine every rank shares GPU 0).
+torch::Device rank_device(const torch::Device& device, const SuiteOptions& options) {
+  if (!options.world || !device.is_cuda() || device.has_index()) return device;
+  const int count = std::max<int>(1, int(torch::cuda::device_count()));
+  return torch::Device(torch::kCUDA, c10::DeviceIndex(cp::detect_launch_env().local_rank % count));
+}
+
 RunOptions run_options_of(const train::Case& c, const SuiteOptions& options) {
   RunOptions o = options.run;
   o.timeout = options.timeout;
-  o.device = device_of(c, options);
+  o.device = rank_device(device_of(c, options), options);
   o.ring.q_block = o.ring.kv_block = c.block_size;
   if (!c.block_mask_cache) o.ring.cache_enabled = false;
   return o;
 }
 
+// The run candidates are judged against: the cp 1 reference, or a ring run at the case's reference_cp (when cp 1
+// cannot hold the sequence), recording the same tensors in global order.
+LaneRun reference_run(const train::Case& c, train::DtypeLane lane, const RunOptions& options) {
+  if (c.reference_cp <= 1) return run_reference(c, lane, options);
+  auto o = options;
+  o.fault.reset();
+  // The candidates' known-bad variants (selftest) never reach the reference, or a bug would agree with itself.
+  o.ring.mutation = cp::RingMutation::kNone;
+  o.step_mutation = StepMutation::kNone;
+  return run_cp(c, lane, int(c.reference_cp), o);
+}
+
 // Phase A (rank 0): the cp 1 reference (and the fp32 oracle of a bf16 lane), mask and per-chunk attention checks.
 void run_reference_phase(const train::Case& c, const std::vector<int>& cps, const RunOptions& run_options,
                          const SuiteOptions& options, report::CaseReport& rep, CaseRuns& runs) {
-  runs.reference = run_reference(c, c.dtype, run_options);
+  runs.reference = reference_run(c, c.dtype, run_options);
   progress(c, *runs.reference);
-  rep.trajectories[1] = trajectory_of(*runs.reference);
-  rep.performance[1] = performance_of(*runs.reference);
+  const int ref_cp = int(c.reference_cp);
+  rep.trajectories[ref_cp] = trajectory_of(*runs.reference);
+  rep.performance[ref_cp] = performance_of(*runs.reference);
+  if (ref_cp > 1) rep.reference_cp = ref_cp;
   rep.checks.push_back(check::check_trained(*runs.reference));  // whatever the case selects
-  if (c.dtype == train::DtypeLane::kBf16) runs.oracle = run_reference(c, train::DtypeLane::kFp32, run_options);
+  if (c.dtype == train::DtypeLane::kBf16) runs.oracle = reference_run(c, train::DtypeLane::kFp32, run_options);
   for (int n : cps) {
     if (n < 1) throw io::InputError(c.path, "cp", fmt::format("cp sizes must be >= 1, got {}", n));
-    if (n == 1) continue;  // the reference itself
+    if (n == 1 || n == ref_cp) continue;  // the reference itself
     append(rep.checks, c, check::check_masks(c, n, run_options.ring, options.block_mask_mutation));
     if (wants_check(c, "attention.parity")) append(rep.checks, c, check::check_attention_parity(c, n, run_options.ring));
   }
@@ -205,7 +228,7 @@ void run_candidate_phase(const train::Case& c, const std::vector<int>& cps, cons
     return run_cp(k, c.dtype, n, o);
   };
   for (int n : cps) {
-    if (n == 1) continue;
+    if (n == 1 || n == int(c.reference_cp)) continue;  // the reference itself
     // A communication failure here is fatal under a process backend: the ranks can no longer agree.
     guarded(rep, [&] {
       if (auto run = candidate_run(c, n, run_options)) runs.candidates.emplace(n, std::move(*run));
@@ -240,7 +263,8 @@ void judge_phase(const train::Case& c, const RunOptions& run_options, const Suit
   if (wants_check(c, "determinism.repeat_bitwise")) {
     auto repeat_case = c;
     if (options.perturb_repeat_seed) repeat_case.init_seed += 1;
-    rep.checks.push_back(check::check_determinism(c, 1, *runs.reference, run_reference(repeat_case, c.dtype, run_options)));
+    rep.checks.push_back(check::check_determinism(c, int(c.reference_cp), *runs.reference,
+                                                  reference_run(repeat_case, c.dtype, run_options)));
   }
 }
 
@@ -256,6 +280,30 @@ void print_case_result(const report::CaseReport& rep) {
 
 }  // namespace
 
+std::optional<std::string> unsupported_configuration(const train::Case& c, const SuiteOptions& options) {
+  if (skip_reason(c, options)) return std::nullopt;
+  if (options.world && c.reference_cp > 1)
+    return fmt::format("reference_cp {} runs its ranks as threads of rank 0; under a process backend (--comm {}) only "
+                       "reference_cp 1 is supported so far", c.reference_cp, cp::backend_name(options.world->backend()));
+  if (!options.world && device_of(c, options).is_cuda() && c.reference_cp > 1)
+    return fmt::format("reference_cp {} on CUDA needs ranks as threads, which cannot run a CUDA backward (see below); "
+                       "use reference_cp 1", c.reference_cp);
+  if (options.world || !device_of(c, options).is_cuda()) return std::nullopt;
+  for (int n : cp_sizes_of(c, options))
+    if (n > 1)
+      // libtorch's autograd engine runs every backward function of one CUDA device on that device's single worker
+      // thread, whichever thread called backward(). Ranks as threads on one GPU therefore share that thread, and
+      // the ring backward's blocking exchange of one rank waits for a peer whose backward is queued behind it: a
+      // deadlock (seen on an H200: rank 1 timed out waiting for rank 0's dK/dV). Processes have an engine each.
+      return fmt::format(
+          "cp {} on CUDA cannot run with ranks as threads (--comm local): libtorch's autograd engine runs all "
+          "backward work of a CUDA device on one worker thread, so the ring backward's exchanges between ranks "
+          "deadlock; use --comm mpi --nproc {} (one process per rank, device tensors host-staged; ranks may share "
+          "one GPU) or --comm nccl (one GPU per rank)",
+          n, n);
+  return std::nullopt;
+}
+
 // Three phases, so that under a process backend (options.world) only the candidates need every rank: A and C
 // run on rank 0, B on every rank. With the local backend there is one process and all three run in it.
 report::CaseReport run_case(const train::Case& c, const SuiteOptions& options) {
@@ -269,6 +317,10 @@ report::CaseReport run_case(const train::Case& c, const SuiteOptions& options) {
   rep.cp_sizes = cps;
   if ((rep.skip_reason = skip_reason(c, options))) {
     if (root) std::cerr << fmt::format("[{}] skipped: {}\n", c.id, *rep.skip_reason);
+    return rep;
+  }
+  if ((rep.error = unsupported_configuration(c, options))) {
+    if (root) print_case_result(rep);
     return rep;
   }
   const auto run_options = run_options_of(c, options);

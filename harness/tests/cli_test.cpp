@@ -14,6 +14,7 @@
 
 #include "harness/report/run_dump.h"
 #include "harness/tests/run_command.h"
+#include "harness/train/device.h"
 
 namespace {
 
@@ -289,3 +290,77 @@ TEST_F(CliTest, MpiRunWithAFailingRankIsExit2WithAnErrorReportNamingIt) {
 #endif
 
 }  // namespace
+
+// ---- Devices: --device, the case key "device", --comm nccl outside a launcher (this machine has no GPU) ----
+
+namespace device_cli {
+
+TEST_F(CliTest, ACaseOnCudaIsSkippedWithTheReasonWhereThereIsNone) {
+  if (cpharness::train::cuda_available()) GTEST_SKIP() << "a CUDA device is present";
+  auto c = write("good.json", kGoodCase);
+  auto out = dir_ / "r.json";
+  auto r = run_cli("run " + c + " --cp 2 --device cuda --report " + out.string());
+  EXPECT_EQ(r.exit_code, 3) << r.output;  // nothing ran is not a pass
+  EXPECT_NE(r.output.find("skipped: device cuda:"), std::string::npos) << r.output;
+  std::ifstream in(out);
+  auto j = nlohmann::json::parse(in);
+  EXPECT_EQ(j["status"], "skipped");
+  EXPECT_NE(j["cases"][0]["skip_reason"].get<std::string>().find("device cuda"), std::string::npos);
+}
+
+TEST_F(CliTest, ABadDeviceIsAUsageErrorOrAnInputErrorNamingTheKey) {
+  auto c = write("good.json", kGoodCase);
+  auto r = run_cli("run " + c + " --device gpu0");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("--device"), std::string::npos) << r.output;
+  auto bad = write("bad.json", R"({"id": "t", "model": {"preset": "tiny-31b"}, "data": {"seq_len": 24}, "device": "tpu"})");
+  r = run_cli("run " + bad);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("bad.json"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("device"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("\"cuda\""), std::string::npos) << r.output;  // says what is accepted
+}
+
+TEST_F(CliTest, CpuRunsReportTheirStepTimesAndNoDeviceMemory) {
+  auto c = write("good.json", kGoodCase);
+  auto out = dir_ / "r.json";
+  auto r = run_cli("run " + c + " --cp 2 --report " + out.string());
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::ifstream in(out);
+  auto j = nlohmann::json::parse(in);
+  const auto& perf = j["cases"][0]["performance"];
+  for (const char* cp : {"1", "2"}) {
+    ASSERT_TRUE(perf.contains(cp)) << perf.dump();
+    EXPECT_EQ(perf[cp]["device"], "cpu");
+    EXPECT_EQ(perf[cp]["tokens_per_step"], 24);
+    ASSERT_EQ(perf[cp]["step_seconds"].size(), 2u);
+    for (auto& s : perf[cp]["step_seconds"]) EXPECT_GT(s.get<double>(), 0);
+    for (auto& b : perf[cp]["peak_allocated_bytes"]) EXPECT_TRUE(b.is_null());
+    for (size_t s = 0; s < 2; ++s)
+      EXPECT_NEAR(perf[cp]["tokens_per_s_per_device"][s].get<double>(), 24 / perf[cp]["step_seconds"][s].get<double>(),
+                  1e-6 * perf[cp]["tokens_per_s_per_device"][s].get<double>());
+  }
+}
+
+TEST_F(CliTest, NcclOutsideALauncherIsAUsageError) {
+  auto c = write("good.json", kGoodCase);
+  auto r = run_cli("run " + c + " --comm nccl", "env -u RANK -u WORLD_SIZE -u OMPI_COMM_WORLD_RANK -u SLURM_PROCID");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("torchrun"), std::string::npos) << r.output;
+}
+
+TEST_F(CliTest, NcclWithoutAGpuEndsWithAnErrorReport) {
+  if (cpharness::train::cuda_available()) GTEST_SKIP() << "a CUDA device is present";
+  auto c = write("good.json", kGoodCase);
+  auto out = dir_ / "r.json";
+  auto r = run_cli("run " + c + " --comm nccl --report " + out.string(),
+                   "RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29731");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  std::ifstream in(out);
+  ASSERT_TRUE(in.good()) << r.output;
+  auto j = nlohmann::json::parse(in);
+  EXPECT_EQ(j["status"], "error");
+  EXPECT_NE(j["error"].get<std::string>().find("nccl"), std::string::npos) << j["error"];
+}
+
+}  // namespace device_cli

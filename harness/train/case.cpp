@@ -170,7 +170,7 @@ void read_tolerances(const json& j, const std::string& path, Case& c) {
 Case case_from_json(const json& j, const std::string& path) {
   if (!j.is_object()) throw InputError(path, "case", "expected a JSON object");
   reject_unknown(j, {"id", "description", "model", "weights", "data", "dtype", "steps", "optimizer", "cp", "requires", "checks",
-                     "tolerances", "block_size", "block_mask_cache", "device"}, path, "");
+                     "tolerances", "block_size", "block_mask_cache", "device", "loss_chunk_tokens", "reference_cp"}, path, "");
   Case c;
   c.path = path;
   c.raw = j;
@@ -193,6 +193,8 @@ Case case_from_json(const json& j, const std::string& path) {
     if (!j["block_mask_cache"].is_boolean()) throw InputError(path, "block_mask_cache", "wrong type: expected a boolean");
     c.block_mask_cache = j["block_mask_cache"].get<bool>();
   }
+  if (j.contains("reference_cp")) c.reference_cp = int_at(j, "reference_cp", path, "reference_cp", 1);
+  if (j.contains("loss_chunk_tokens")) c.loss_chunk_tokens = int_at(j, "loss_chunk_tokens", path, "loss_chunk_tokens", 1);
   if (j.contains("device")) {
     c.device = string_at(j, "device", path, "device");
     try {

@@ -3,13 +3,14 @@
 //   * the libtorch-ops chunk attention on CUDA tensors against the same function on the CPU (fp32 <= 1e-5
 //     relative), at Gemma4's head dims 256 and 512, on random masks of every kind;
 //   * the ring's chunk compute (CUDA kernel path) against the CPU on the same inputs;
-//   * whole cases of the default suite run on CUDA through the runner: every selected check passes, and the
-//     block-mask cache counts on the GPU equal the CPU's (168 lookups -> 4 builds on E4B at cp 2).
+//   * the cp 1 reference of default cases on CUDA against the CPU; cp N with ranks as threads on CUDA is refused
+//     with the reason (cp N on one GPU runs as processes: ci/gpu-check.sh runs the default suite so).
 #include <gtest/gtest.h>
 
 #include <random>
 
 #include "harness/cp/chunk_compute.h"
+#include "harness/runner/case_runner.h"
 #include "harness/runner/suite.h"
 #include "harness/train/case.h"
 #include "harness/train/device.h"
@@ -59,9 +60,28 @@ Problem random_problem(uint64_t seed, int64_t head_dim) {
   return p;
 }
 
-// The merged out / LSE of one chunk (a single chunk is its own merge).
+// ||gpu - oracle|| <= tol ||oracle|| + 4 ||cpu - oracle|| + 2^-24 sqrt(D) sqrt(n), the oracle being the CPU chunk
+// attention in fp64 on the same inputs. The second term covers outputs the CPU fp32 path itself gets only to its
+// own rounding, the third outputs that are ~0 (a row that sees one key has dq = dk = 0 exactly: both devices return
+// rounding noise of dP - delta, sums over head_dim terms).
+void expect_close(const std::string& what, const torch::Tensor& gpu, const torch::Tensor& cpu, const torch::Tensor& oracle,
+                  double tol, int64_t head_dim) {
+  auto d = [](const torch::Tensor& a, const torch::Tensor& b) {
+    return (a.cpu().to(torch::kFloat64) - b.cpu().to(torch::kFloat64)).norm().item<double>();
+  };
+  const double err = d(gpu, oracle), cpu_err = d(cpu, oracle);
+  const double allowed = tol * oracle.norm().item<double>() + 4 * cpu_err +
+                         std::ldexp(1.0, -24) * std::sqrt(double(head_dim)) * std::sqrt(double(std::max<int64_t>(1, gpu.numel())));
+  EXPECT_LE(err, allowed) << what << ": error " << err << " vs the fp64 oracle (cpu fp32: " << cpu_err << ")";
+  EXPECT_FALSE(torch::isnan(gpu).any().item<bool>()) << what << ": NaN";
+}
+
 void expect_matches_cpu(const Problem& p, bool kernel_path, double tol) {
   const auto dev = torch::Device(torch::kCUDA);
+  const int64_t D = p.q.size(3);
+  auto f64 = [](const torch::Tensor& t) { return t.to(torch::kFloat64); };
+  auto fo = kernels::chunk_attention_forward(f64(p.q), f64(p.k), f64(p.v), p.mask, p.scale);
+  auto go = kernels::chunk_attention_backward(f64(p.q), f64(p.k), f64(p.v), fo.out, fo.lse, f64(p.dout), p.mask, p.scale);
   auto fc = kernels::chunk_attention_forward(p.q, p.k, p.v, p.mask, p.scale);
   auto gc = kernels::chunk_attention_backward(p.q, p.k, p.v, fc.out, fc.lse, p.dout, p.mask, p.scale);
   cp::ChunkCompute compute(kernel_path ? cp::CudaAttentionPath::kKernel : cp::CudaAttentionPath::kOps);
@@ -70,14 +90,14 @@ void expect_matches_cpu(const Problem& p, bool kernel_path, double tol) {
   auto fg = compute.forward(q, k, v, mask, p.scale);
   auto gg = compute.backward(q, k, v, fg.out, fg.lse, dout, mask, p.scale);
   ASSERT_TRUE(fg.out.is_cuda() && gg.dq.is_cuda()) << p.what;
-  EXPECT_TRUE(torch::equal(torch::isneginf(fg.lse).cpu(), torch::isneginf(fc.lse))) << p.what << ": empty rows differ";
-  auto finite = torch::isfinite(fc.lse);
-  EXPECT_LE(rel(fg.lse.cpu().masked_select(finite), fc.lse.masked_select(finite)), tol) << p.what << " lse";
-  EXPECT_LE(rel(fg.out, fc.out), tol) << p.what << " out";
-  EXPECT_LE(rel(gg.dq, gc.dq), tol) << p.what << " dq";
-  EXPECT_LE(rel(gg.dk, gc.dk), tol) << p.what << " dk";
-  EXPECT_LE(rel(gg.dv, gc.dv), tol) << p.what << " dv";
-  EXPECT_FALSE(torch::isnan(fg.out).any().item<bool>()) << p.what;
+  EXPECT_TRUE(torch::equal(torch::isneginf(fg.lse).cpu(), torch::isneginf(fo.lse))) << p.what << ": empty rows differ";
+  auto finite = torch::isfinite(fo.lse);
+  expect_close(p.what + " lse", fg.lse.cpu().masked_select(finite), fc.lse.masked_select(finite),
+               fo.lse.masked_select(finite), tol, D);
+  expect_close(p.what + " out", fg.out, fc.out, fo.out, tol, D);
+  expect_close(p.what + " dq", gg.dq, gc.dq, go.dq, tol, D);
+  expect_close(p.what + " dk", gg.dk, gc.dk, go.dk, tol, D);
+  expect_close(p.what + " dv", gg.dv, gc.dv, go.dv, tol, D);
 }
 
 TEST(GpuChunkAttention, OpsPathOnCudaMatchesTheCpuAtGemma4HeadDims) {
@@ -88,9 +108,8 @@ TEST(GpuChunkAttention, OpsPathOnCudaMatchesTheCpuAtGemma4HeadDims) {
 
 TEST(GpuChunkAttention, KernelPathOnCudaMatchesTheCpuAtGemma4HeadDims) {
   SKIP_WITHOUT_CUDA();
-  // The kernel sums in another order than the CPU's blocked matmuls; 2e-5 covers rows where dS nearly cancels.
   for (int64_t d : {256, 512})
-    for (uint64_t seed = 1; seed <= 24; ++seed) expect_matches_cpu(random_problem(seed * 37 + uint64_t(d), d), true, 2e-5);
+    for (uint64_t seed = 1; seed <= 24; ++seed) expect_matches_cpu(random_problem(seed * 37 + uint64_t(d), d), true, 1e-5);
 }
 
 TEST(GpuChunkAttention, DeviceMaskCopiesAreMadeOncePerMaskAndBatch) {
@@ -107,49 +126,46 @@ TEST(GpuChunkAttention, DeviceMaskCopiesAreMadeOncePerMaskAndBatch) {
   EXPECT_EQ(compute.device_copies(), 0u);
 }
 
-// A default case run end to end on CUDA through the runner, ranks as threads on one GPU.
-report::CaseReport run_on_cuda(const std::string& name, std::optional<std::vector<int>> cps = std::nullopt) {
-  auto c = train::load_case(std::string(CPHARNESS_SOURCE_DIR) + "/cases/default/" + name + ".json");
+train::Case default_case(const std::string& name) {
+  return train::load_case(std::string(CPHARNESS_SOURCE_DIR) + "/cases/default/" + name + ".json");
+}
+
+TEST(GpuCases, RanksAsThreadsOnCudaAreRefusedWithTheReason) {
+  SKIP_WITHOUT_CUDA();
   runner::SuiteOptions o;
   o.device = "cuda";
-  o.cp_sizes = cps;
-  return runner::run_case(c, o);
+  auto why = runner::unsupported_configuration(default_case("e4b-pattern"), o);
+  ASSERT_TRUE(why.has_value());
+  EXPECT_NE(why->find("autograd engine"), std::string::npos) << *why;
+  EXPECT_NE(why->find("--comm mpi"), std::string::npos) << *why;
+  o.cp_sizes = std::vector<int>{1};
+  EXPECT_FALSE(runner::unsupported_configuration(default_case("e4b-pattern"), o).has_value());
 }
 
-void expect_every_check_passes(const report::CaseReport& rep) {
-  ASSERT_FALSE(rep.error) << *rep.error;
-  ASSERT_FALSE(rep.checks.empty());
-  for (auto& k : rep.checks)
-    EXPECT_TRUE(k.status == report::Status::Pass || k.status == report::Status::Skipped)
-        << rep.id << " " << k.name << " cp" << k.cp << ": " << k.message;
-  ASSERT_TRUE(rep.performance.count(1));
-  EXPECT_EQ(rep.performance.at(1).device, "cuda");
-  for (auto& [cp, perf] : rep.performance)
-    for (size_t s = 0; s < perf.step_seconds.size(); ++s) {
-      EXPECT_GT(perf.step_seconds[s], 0) << "cp" << cp;
-      ASSERT_TRUE(perf.peak_allocated_bytes[s].has_value()) << "cp" << cp;
-      EXPECT_GT(*perf.peak_allocated_bytes[s], 0) << "cp" << cp;
-      EXPECT_GE(*perf.peak_reserved_bytes[s], *perf.peak_allocated_bytes[s]) << "cp" << cp;
-    }
-}
-
-TEST(GpuCases, E4bPatternPassesOnCudaWithTheCpuCacheCounts) {
+// The cp 1 reference on CUDA against the same reference on the CPU: same weights, batches and steps; fp32 within
+// the fp32 lane's 1e-5, fp64 within 1e-10 (only summation order differs); device figures recorded.
+TEST(GpuCases, TheReferenceOnCudaMatchesTheCpu) {
   SKIP_WITHOUT_CUDA();
-  auto rep = run_on_cuda("e4b-pattern");
-  expect_every_check_passes(rep);
-  // 42 layers x 2 chunks x 2 passes = 168 lookups per rank and step, 4 builds (2 geometries x 2 kv offsets).
-  ASSERT_TRUE(rep.block_mask_cache.count(2));
-  for (auto& rank : rep.block_mask_cache.at(2))
-    for (auto& step : rank) {
-      EXPECT_EQ(step.lookups, 168);
-      EXPECT_EQ(step.builds, 4);
+  for (auto lane : {train::DtypeLane::kFp32, train::DtypeLane::kFp64}) {
+    const double tol = lane == train::DtypeLane::kFp64 ? 1e-10 : 1e-5;
+    for (const char* name : {"e4b-pattern", "tiny-31b-vision", "tiny-e2b-packed"}) {
+      const auto c = default_case(name);
+      runner::RunOptions on_gpu;
+      on_gpu.device = torch::Device(torch::kCUDA);
+      const auto cpu = runner::run_reference(c, lane);
+      const auto gpu = runner::run_reference(c, lane, on_gpu);
+      ASSERT_EQ(cpu.steps.size(), gpu.steps.size());
+      for (size_t s = 0; s < cpu.steps.size(); ++s) {
+        EXPECT_NEAR(gpu.steps[s].loss, cpu.steps[s].loss, tol * std::abs(cpu.steps[s].loss)) << name << " step " << s;
+        EXPECT_NEAR(gpu.steps[s].grad_norm, cpu.steps[s].grad_norm, tol * cpu.steps[s].grad_norm) << name << " step " << s;
+        EXPECT_GT(gpu.steps[s].peak_allocated, 0) << name;
+        EXPECT_GE(gpu.steps[s].peak_reserved, gpu.steps[s].peak_allocated) << name;
+        EXPECT_EQ(cpu.steps[s].peak_allocated, -1) << name << ": the CPU has no device memory figure";
+      }
+      EXPECT_LE(rel(gpu.logits, cpu.logits), tol) << name;
+      EXPECT_EQ(gpu.device, "cuda");
     }
-}
-
-TEST(GpuCases, EveryDefaultCasePassesOnCuda) {
-  SKIP_WITHOUT_CUDA();
-  for (const char* name : {"tiny-31b-vision", "tiny-e2b-packed", "tiny-e4b-bf16", "tiny-e4b-odd-length"})
-    expect_every_check_passes(run_on_cuda(name));
+  }
 }
 
 }  // namespace
