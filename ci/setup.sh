@@ -6,6 +6,7 @@
 #   PyPI:   torch==2.11.0 into a virtual environment outside the source tree ($CPHARNESS_VENV).
 set -euo pipefail
 start=$(date +%s)
+here=$(cd "$(dirname "$0")" && pwd)
 venv="${CPHARNESS_VENV:-$HOME/.local/share/cpharness/venv}"
 torch_version="2.11.0"
 # libfmt-dev is kept for tools outside libtorch; targets that include libtorch use its bundled fmt headers
@@ -39,9 +40,10 @@ if [ "${have_torch%%+*}" != "$torch_version" ]; then
   echo "setup: installing torch==$torch_version into $venv"
   # The Debian python3 has venv; a pyenv or other interpreter on PATH works as well.
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check --no-deps "torch==$torch_version"
-  "$venv/bin/pip" install -q --disable-pip-version-check --no-deps "${torch_cuda_runtime[@]}"
-  "$venv/bin/pip" install -q --disable-pip-version-check "${torch_python_deps[@]}"
+  # ci/pip-quiet.sh: pip without its complaints about the CUDA wheels left out on purpose (above).
+  "$here/pip-quiet.sh" "$venv/bin/pip" install -q --disable-pip-version-check --no-deps "torch==$torch_version"
+  "$here/pip-quiet.sh" "$venv/bin/pip" install -q --disable-pip-version-check --no-deps "${torch_cuda_runtime[@]}"
+  "$here/pip-quiet.sh" "$venv/bin/pip" install -q --disable-pip-version-check "${torch_python_deps[@]}"
   "$venv/bin/python" -c 'import torch; assert torch.__version__.split("+")[0] == "'"$torch_version"'"'
 fi
 echo "setup: ok in $(( $(date +%s) - start ))s (venv $venv, torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'))"

@@ -805,6 +805,37 @@ def render_cache(case, figs):
     return "\n".join(out) + "</div>"
 
 
+def _bytes(v):
+    if not isinstance(v, int):
+        return "&ndash;"
+    return f"{v / 2**30:.2f} GiB" if v >= 2**30 else f"{v / 2**20:.1f} MiB"
+
+
+def render_performance(case, figs):
+    """Where and how fast each run trained: per cp size and step, wall time, tokens/s per device, device peak memory."""
+    head = '<div class="sub" data-section="performance"><h3>Performance</h3>'
+    perf = [(cp, v) for cp, v in cp_items(case.get("performance")) if isinstance(v, dict)]
+    if not perf:
+        return head + note("step times and device memory: not in this report") + "</div>"
+    rows = ['<table class="perf"><tr><th>cp</th><th>device</th><th>step</th><th>seconds</th>'
+            '<th>tokens/s per device</th><th>peak allocated</th><th>peak reserved</th></tr>']
+    for cp, p in perf:
+        secs = p.get("step_seconds") or []
+        tps = p.get("tokens_per_s_per_device") or []
+        alloc = p.get("peak_allocated_bytes") or []
+        res = p.get("peak_reserved_bytes") or []
+        dev = f'{esc(p.get("device", "?"))} ({esc(p.get("device_name", ""))}, {esc(p.get("devices", 1))} device(s))'
+        for s in range(len(secs)):
+            rows.append(f"<tr><td>{cp}</td><td>{dev}</td><td>{s}</td><td>{fmt_num(num(secs[s]), 4)}</td>"
+                        f"<td>{fmt_num(num(tps[s]) if s < len(tps) else None, 5)}</td>"
+                        f"<td>{_bytes(alloc[s] if s < len(alloc) else None)}</td>"
+                        f"<td>{_bytes(res[s] if s < len(res) else None)}</td></tr>")
+    rows.append("</table>")
+    cap = note("peak memory is the whole device's during the step (ranks sharing a GPU are counted together); "
+               "none on the CPU")
+    return head + "\n".join(rows) + cap + "</div>"
+
+
 def render_case(case, figs):
     cid = slug(case["id"])
     out = [f'<section class="case" id="case-{esc(cid)}" data-case="{esc(case["id"])}" '
@@ -820,7 +851,8 @@ def render_case(case, figs):
         out.append(f'<p class="runerror">error: {esc(case["error"])}</p>')
     if case.get("status") == "skipped":
         out.append(f'<p class="absent">skipped: {esc(case.get("skip_reason") or "")}</p>')
-    for fn in (render_trajectories, render_divergence, render_block_masks, render_ring, render_cache):
+    for fn in (render_trajectories, render_divergence, render_block_masks, render_ring, render_cache,
+               render_performance):
         out.append(fn(case, figs))
     out.append("</section>")
     return "\n".join(out)

@@ -58,6 +58,13 @@ std::vector<CheckResult> check_kvshare(const train::Case& c, int cp, const Toler
 // different batch. Judged for every run whatever checks the case selects: a non-finite or dead run is never a pass.
 CheckResult check_trained(const report::LaneRun& run);
 
+// power.boundary_label: can this case see a CP-shaped bug? `seen` are the case's selected parity checks judged on a
+// one-step candidate whose `perturbation` (named in the report) a correct implementation never shows; at least one
+// must fail, else the case is insensitive (a failure). `applicable` false (no parity check selected, or nothing to
+// perturb): skipped, with `why`.
+CheckResult check_power(int cp, const std::string& perturbation, const std::vector<CheckResult>& seen, bool applicable,
+                        const std::string& why = "");
+
 // determinism.repeat_bitwise: two runs are bit-identical (losses, grad norms, final parameters).
 CheckResult check_determinism(const train::Case& c, int cp, const report::LaneRun& first, const report::LaneRun& second);
 

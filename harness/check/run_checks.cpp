@@ -3,11 +3,13 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <set>
 
 #include "harness/check/checks.h"
 #include "harness/cp/shard_plan.h"
+#include "harness/io/file_name.h"
 #include "harness/io/hdf5_tensors.h"
 #include "harness/model/parameter_order.h"
 #include "kernels/relative_error.h"
@@ -61,7 +63,7 @@ std::optional<Divergence> first_divergence(const train::Case& c, const report::L
 std::string dump_divergence(const std::string& dump_dir, const train::Case& c, int cp, const Divergence& d) {
   if (dump_dir.empty()) return "";
   std::filesystem::create_directories(dump_dir);
-  const std::string path = fmt::format("{}/{}-cp{}-first-divergence.h5", dump_dir, c.id, cp);
+  const std::string path = fmt::format("{}/{}-cp{}-first-divergence.h5", dump_dir, io::safe_file_name(c.id), cp);
   io::TensorMap tensors = {{"reference/" + d.tensor, d.reference}};
   if (d.candidate.defined()) tensors["candidate/" + d.tensor] = d.candidate;
   io::write_hdf5(path, tensors, {{"/", {{"case_id", c.id}, {"cp", std::to_string(cp)}, {"kind", d.kind}, {"tensor", d.tensor}}}});
@@ -265,19 +267,64 @@ CheckResult check_trained(const report::LaneRun& run) {
       first = {{"step", s}, {"loss", st.loss}, {"grad_norm", st.grad_norm}};
     if (s > 0 && st.loss != run.steps[0].loss) loss_moved = true;
   }
-  const double defects = double(nonfinite + zero_grad + (loss_moved ? 0 : 1));
+  // A model whose output ignores its input: step-0 logits the same at every position and the loss at ln(vocab), the
+  // loss of a uniform prediction (judged where the logits were recorded).
+  bool ignores_input = false;
+  double logit_spread = 0;
+  if (run.logits.defined() && run.logits.dim() == 3 && run.logits.size(1) > 1 && !run.steps.empty()) {
+    const double ln_vocab = std::log(double(run.logits.size(2)));
+    logit_spread = (run.logits - run.logits.narrow(1, 0, 1)).abs().max().item<double>();
+    const double scale = std::max(1.0, run.logits.abs().max().item<double>());
+    ignores_input = std::abs(run.steps[0].loss - ln_vocab) <= 1e-3 * ln_vocab && logit_spread <= 1e-6 * scale;
+  }
+  const double defects = double(nonfinite + zero_grad + (loss_moved ? 0 : 1) + (ignores_input ? 1 : 0));
   auto res = CheckResult::judge("train.trained", run.cp, std::nullopt, "defects", defects, 0, Policy::Count,
                                 {{"steps_nonfinite", nonfinite}, {"steps_zero_grad_norm", zero_grad},
-                                 {"loss_frozen", !loss_moved}, {"steps", run.steps.size()}, {"first_defect", first},
-                                 {"what", "finite loss and grad norm, grad norm > 0, loss moving over the steps"}});
+                                 {"loss_frozen", !loss_moved}, {"output_ignores_input", ignores_input},
+                                 {"step0_logit_spread_over_positions", logit_spread}, {"steps", run.steps.size()},
+                                 {"first_defect", first},
+                                 {"what", "finite loss and grad norm, grad norm > 0, loss moving over the steps, logits "
+                                          "not constant over positions at a loss of ln(vocab)"}});
   if (res.status != report::Status::Pass) {
     std::vector<std::string> why;
     if (nonfinite) why.push_back(fmt::format("{} step(s) with a non-finite loss or grad norm", nonfinite));
     if (zero_grad) why.push_back(fmt::format("{} step(s) with grad norm exactly 0", zero_grad));
     if (!loss_moved) why.push_back(fmt::format("the loss is {:.9g} on all {} steps", run.steps[0].loss, run.steps.size()));
+    if (ignores_input)
+      why.push_back(fmt::format("its output ignores its input (step-0 logits equal at every position, loss {:.9g} = "
+                                "ln(vocab))", run.steps[0].loss));
     res.message = fmt::format("the cp {} run did not train: {}", run.cp, fmt::join(why, "; "));
   }
   return res;
+}
+
+CheckResult check_power(int cp, const std::string& perturbation, const std::vector<CheckResult>& seen, bool applicable,
+                        const std::string& why) {
+  if (!applicable) {
+    CheckResult r = CheckResult::skipped("power.boundary_label", cp, "not applicable: " + why);
+    r.details = {{"perturbation", perturbation}, {"applicable", false}};
+    return r;
+  }
+  std::vector<std::string> failed, judged;
+  for (auto& k : seen) {
+    judged.push_back(k.name);
+    if (k.status == report::Status::Fail || k.status == report::Status::Error) failed.push_back(k.name);
+  }
+  std::sort(judged.begin(), judged.end());
+  judged.erase(std::unique(judged.begin(), judged.end()), judged.end());
+  std::sort(failed.begin(), failed.end());
+  failed.erase(std::unique(failed.begin(), failed.end()), failed.end());
+  // observed 1 when at least one selected check failed on the perturbed run (which ones: details.seen_by).
+  CheckResult r = CheckResult::judge("power.boundary_label", cp, std::nullopt, "perturbation_seen", failed.empty() ? 0 : 1,
+                                     1, Policy::Count,
+                                     {{"perturbation", perturbation}, {"applicable", true}, {"judged", judged},
+                                      {"seen_by", failed}});
+  r.message = failed.empty()
+                  ? fmt::format("insensitive: {} was seen by none of the selected checks ({}): their tolerances are too "
+                                "loose, or they cannot see a shard-boundary bug",
+                                perturbation, fmt::join(judged, ", "))
+                  : fmt::format("the case sees {}: {} failed on it", perturbation, fmt::join(failed, ", "));
+  return r;
 }
 
 CheckResult check_determinism(const train::Case& c, int cp, const report::LaneRun& a, const report::LaneRun& b) {

@@ -10,6 +10,7 @@
 
 #include "harness/cli/usage_error.h"
 #include "harness/cli/verbs.h"
+#include "harness/io/error_text.h"
 #include "harness/io/input_error.h"
 
 namespace cpharness::cli {
@@ -65,6 +66,9 @@ void add_run(CLI::App& app, Verbs& v) {
   run->add_flag("--allow-nothing-ran", v.run.allow_nothing_ran,
                 "exit 0 when every case is skipped (default: exit 3, status skipped: no check ran is not a pass)");
   run->add_option("--timeout", v.run.timeout_s, "seconds any rank may wait for another (default 120)")->check(kSeconds);
+  run->add_option("--job-timeout", v.run.job_timeout_s,
+                  "with --nproc: seconds the whole rank job may run before it is killed (exit 2; default 21600)")
+      ->check(kSeconds);
   run->add_option("--device", v.run.device, "where every run trains, overriding each case's \"device\" (cpu, cuda, cuda:N)")
       ->check(CLI::Validator(
           [](std::string& s) {
@@ -205,7 +209,7 @@ int run_cli(const std::vector<std::string>& args) {
     std::cerr << "cpharness: error: " << e.what() << "\n";
     return 2;
   } catch (const std::exception& e) {
-    std::cerr << "cpharness: internal error: " << e.what() << "\n";
+    std::cerr << "cpharness: internal error: " << io::one_line(e) << "\n";
     return 2;
   }
 }

@@ -11,6 +11,7 @@
 
 #include "harness/cli/usage_error.h"
 #include "harness/cp/launcher.h"
+#include "harness/io/error_text.h"
 #include "harness/io/input_error.h"
 #include "harness/report/compare.h"
 #include "harness/report/compare_directories.h"
@@ -78,6 +79,36 @@ bool write_reports(const ReportOutputs& outputs, const report::Report& r) {
   return ok || !asked;
 }
 
+// An output that cannot be written is found before any work, naming the flag: a directory is created (as the
+// writers would) and must be writable; a file's directory must exist and be writable.
+void require_writable_dir(const std::string& dir, const char* flag) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec || !fs::is_directory(dir)) throw UsageError(fmt::format("{} {}: cannot create the directory ({})", flag, dir, ec ? ec.message() : "not a directory"));
+  if (::access(dir.c_str(), W_OK) != 0) throw UsageError(fmt::format("{} {}: the directory is not writable", flag, dir));
+}
+void require_writable_file(const std::string& path, const char* flag) {
+  namespace fs = std::filesystem;
+  if (fs::is_directory(path)) throw UsageError(fmt::format("{} {}: is a directory", flag, path));
+  auto parent = fs::path(path).parent_path();
+  if (parent.empty()) parent = ".";
+  if (!fs::is_directory(parent)) throw UsageError(fmt::format("{} {}: the directory {} does not exist", flag, path, parent.string()));
+  if (::access(parent.c_str(), W_OK) != 0) throw UsageError(fmt::format("{} {}: the directory {} is not writable", flag, path, parent.string()));
+}
+
+}  // namespace
+
+void check_outputs_writable(const ReportOutputs& outputs, const std::string& dump_dir) {
+  if (!outputs.out_dir.empty()) require_writable_dir(outputs.out_dir, "--out");
+  if (!outputs.report_path.empty()) require_writable_file(outputs.report_path, "--report");
+  if (!outputs.junit_path.empty()) require_writable_file(outputs.junit_path, "--junit");
+  if (!outputs.html_path.empty()) require_writable_file(outputs.html_path, "--html");
+  if (!dump_dir.empty()) require_writable_dir(dump_dir, "--dump-dir");
+}
+
+namespace {
+
 // A run that failed as a whole: an error report (never a partial or passing one).
 void write_error_report(const ReportOutputs& outputs, const std::string& comm, const std::string& message) {
   auto r = report::new_report("cpu", comm);
@@ -113,6 +144,7 @@ runner::SuiteOptions suite_options(const RunArgs& a) {
   o.comm = a.comm;
   o.dump_dir = a.dump_dir;
   o.timeout = millis(a.timeout_s);
+  o.root_wait = o.timeout;  // every wait is bounded by --timeout, rank 0's cp 1 reference included
   if (!a.device.empty()) o.device = a.device;
   o.run.ring.cuda_attention = a.cuda_attention == "ops" ? cp::CudaAttentionPath::kOps : cp::CudaAttentionPath::kKernel;
   return o;
@@ -139,7 +171,15 @@ int launch_mpi_job(const RunArgs& a) {
   }
   const auto outputs = a.outputs.resolved();
   const auto started = std::filesystem::file_time_type::clock::now();
-  const auto result = cp::relaunch_under_mpirun(a.nproc, cp::self_exe(), child);
+  cp::MpirunOptions mpirun;
+  // The whole job's deadline, besides every wait inside it being bounded by --timeout: the ranks' own timeouts
+  // end a stuck job first; this catches what they cannot (a launcher stuck before the ranks run).
+  mpirun.job_timeout = std::chrono::milliseconds(int64_t(std::max(60.0, a.job_timeout_s) * 1000));
+  const auto result = cp::relaunch_under_mpirun(a.nproc, cp::self_exe(), child, mpirun);
+  if (result.stop_signal) {  // interrupted: whatever rank 0 managed to write is replaced by the error report
+    write_error_report(a.outputs, a.comm, result.message.substr(std::string("cpharness: ").size()));
+    return 2;
+  }
   if (result.exit_code == 0 || result.exit_code == 1) return result.exit_code;
   const bool fresh = !outputs.report_path.empty() && std::filesystem::exists(outputs.report_path) &&
                      std::filesystem::last_write_time(outputs.report_path) >= started;
@@ -149,7 +189,22 @@ int launch_mpi_job(const RunArgs& a) {
 
 }  // namespace
 
+int run_verb_checked(const RunArgs& a);
+
 int run_verb(const RunArgs& a) {
+  const auto env = cp::detect_launch_env();
+  if (!env.launched() || env.rank == 0) check_outputs_writable(a.outputs, a.dump_dir);  // rank 0 writes them
+  try {
+    return run_verb_checked(a);
+  } catch (const UsageError&) {
+    throw;
+  } catch (const std::exception& e) {
+    // Whatever went wrong, the report asked for says so (one line, no backtrace) and the exit code is 2.
+    return input_error_report(a.outputs, a.comm, "internal error: " + io::one_line(e));
+  }
+}
+
+int run_verb_checked(const RunArgs& a) {
   auto options = suite_options(a);
   options.run.fault = fault_from_env();
   std::unique_ptr<cp::Comm> world;
@@ -201,6 +256,7 @@ int run_verb(const RunArgs& a) {
 }
 
 int selftest_verb(const SelftestArgs& a) {
+  check_outputs_writable(a.outputs);
   runner::SuiteOptions options;
   options.timeout = millis(a.timeout_s);
   return finish(a.outputs, runner::run_selftest(options, a.only));
@@ -218,6 +274,7 @@ int golden_record_verb(const std::string& case_path, const std::string& out_path
 }
 
 int golden_verify_verb(const std::string& case_path, const std::string& golden_path, const ReportOutputs& outputs) {
+  check_outputs_writable(outputs);
   return finish(outputs, runner::run_golden_verify(case_path, golden_path));
 }
 
@@ -243,6 +300,7 @@ int compare_verb(const CompareArgs& a) {
 }
 
 int hf_parity_verb(const runner::HfParityOptions& options, const ReportOutputs& outputs) {
+  check_outputs_writable(outputs);
   try {
     runner::hf_golden_files(options.paths);  // a missing path is bad input, before any golden runs
   } catch (const io::InputError& e) {

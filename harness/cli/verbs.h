@@ -16,6 +16,9 @@ struct ReportOutputs {
   ReportOutputs resolved() const;
 };
 
+// Usage error (naming the flag) when an output cannot be written: checked before any work.
+void check_outputs_writable(const ReportOutputs& outputs, const std::string& dump_dir = "");
+
 struct RunArgs {
   std::vector<std::string> cases;
   std::vector<int> cp;               // empty: each case's own sizes
@@ -24,6 +27,7 @@ struct RunArgs {
   std::string dump_dir;
   double timeout_s = 120;
   bool allow_nothing_ran = false;    // a run in which every case was skipped exits 0 instead of 3
+  double job_timeout_s = 6 * 3600;   // --job-timeout: with --nproc, the whole job's deadline
   std::string device;                // --device: overrides each case's "device" (cpu, cuda, cuda:N)
   std::string cuda_attention = "kernel";  // --cuda-attention: the CUDA kernel or the libtorch-ops path
   ReportOutputs outputs;

@@ -25,6 +25,26 @@ void all_reduce_gradients(Comm& comm, const std::vector<torch::Tensor>& paramete
   }
 }
 
+BoundaryLabel boundary_label_target(const train::Batch& batch, int cp, int64_t pad_token_id) {
+  const ShardPlan plan(batch.input_ids.size(1), cp);
+  TokenBatch full;
+  full.input_ids = batch.input_ids;
+  full.labels = batch.labels;
+  full.position_ids = batch.position_ids;
+  full.padding_mask = batch.meta.padding;
+  full.document_ids = batch.meta.document_ids;
+  full.vision_group_ids = batch.meta.vision_group_ids;
+  const auto prepared = prepare_cp_batch(full, plan, pad_token_id);
+  for (int r = 1; r < cp; ++r) {
+    const auto labels = shard_batch(prepared, plan, r).labels.select(0, 0).cpu();
+    const auto counted = (labels != model::kIgnoreIndex).nonzero();
+    if (counted.numel() == 0) continue;
+    const int64_t i = counted[0][0].item<int64_t>();
+    return {r, i, r * plan.local_len() + i};
+  }
+  return {};
+}
+
 CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingAttention& ring, const train::Batch& batch,
                                     uint64_t generation, const CpStepOptions& step_options) {
   const int n = comm.size(), rank = comm.rank();
@@ -40,6 +60,13 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
   full.labels_shifted = step_options.shift_labels_after_sharding;  // the mutant skips the full-sequence shift
   auto shard = shard_batch(prepare_cp_batch(full, result.plan, model->config().pad_token_id), result.plan, rank);
   if (step_options.shift_labels_after_sharding) shard.labels = shift_labels(shard.labels);
+  if (step_options.drop_boundary_label) {
+    const auto target = boundary_label_target(batch, n, model->config().pad_token_id);
+    if (target.rank == rank) {
+      shard.labels = shard.labels.clone();
+      shard.labels.index_put_({0, target.local_index}, model::kIgnoreIndex);
+    }
+  }
 
   ring.begin_batch(generation, result.plan.local_len());
   model::KvShareHolder holder;

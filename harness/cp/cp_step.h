@@ -29,7 +29,18 @@ struct CpStepOptions {
   bool shift_labels_after_sharding = false;   // KNOWN-BAD, selftest only: each rank shifts its own shard
   std::vector<torch::Tensor>* hidden_states = nullptr;  // receives this rank's residual stream per layer
   int64_t loss_chunk_tokens = 0;  // > 0: chunked LM head + cross entropy; local_logits stays undefined
+  // The power check's perturbation (never in a real run): the label of boundary_label_target() is dropped.
+  bool drop_boundary_label = false;
 };
+
+// The token the power check perturbs: the first counted target (label != -100 after the full-sequence shift) of
+// the first rank > 0 that holds one, i.e. a token at or near a shard edge. rank -1 when no rank > 0 has one.
+struct BoundaryLabel {
+  int rank = -1;
+  int64_t local_index = -1;   // in that rank's shard (batch row 0)
+  int64_t global_index = -1;  // in the sequence
+};
+BoundaryLabel boundary_label_target(const train::Batch& batch, int cp, int64_t pad_token_id);
 
 // Forward and backward on this rank's shard; afterwards every parameter's .grad() holds the global gradient
 // (all-reduced).

@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <array>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -277,14 +278,55 @@ struct StderrRelay {
 
 // Waits for the job, relaying its stderr; past `job_timeout` (if set) SIGTERM to its group, SIGKILL 2 s later.
 // Returns the wait status; `timed_out` says whether the deadline was hit.
-int wait_for_job(pid_t pid, StderrRelay& relay, std::chrono::milliseconds job_timeout, bool& timed_out) {
+const char* sigabbrev(int sig) {
+  switch (sig) {
+    case SIGTERM: return "SIGTERM";
+    case SIGINT: return "SIGINT";
+    case SIGHUP: return "SIGHUP";
+    default: return "a signal";
+  }
+}
+
+// A signal that asks the launching process to stop (what CI and `timeout` send): passed on to the whole job.
+volatile sig_atomic_t g_stop_signal = 0;
+extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
+
+// Installs the forwarding handlers for the life of one job, and restores the previous ones.
+class StopSignals {
+ public:
+  StopSignals() {
+    g_stop_signal = 0;
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    for (size_t i = 0; i < kSignals.size(); ++i) ::sigaction(kSignals[i], &sa, &old_[i]);
+  }
+  ~StopSignals() {
+    for (size_t i = 0; i < kSignals.size(); ++i) ::sigaction(kSignals[i], &old_[i], nullptr);
+  }
+
+ private:
+  static constexpr std::array<int, 3> kSignals{SIGTERM, SIGINT, SIGHUP};
+  std::array<struct sigaction, 3> old_{};
+};
+
+int wait_for_job(pid_t pid, StderrRelay& relay, std::chrono::milliseconds job_timeout, bool& timed_out, int& stop_signal) {
   using Clock = std::chrono::steady_clock;
   const auto t0 = Clock::now();
   int status = 0;
   bool exited = false, eof = false;
   timed_out = false;
+  stop_signal = 0;
   Clock::time_point kill_at{};
   while (!exited) {
+    if (g_stop_signal && !stop_signal) {  // forward it to mpirun and every rank (their own process group)
+      stop_signal = g_stop_signal;
+      ::kill(-pid, stop_signal);
+      kill_at = Clock::now() + std::chrono::seconds(3);
+    } else if (stop_signal && Clock::now() > kill_at) {
+      ::kill(-pid, SIGKILL);
+      kill_at = Clock::now() + std::chrono::seconds(1);
+    }
     pollfd p{relay.fd, POLLIN, 0};
     if (!eof) {
       ::poll(&p, 1, 50);
@@ -309,10 +351,16 @@ int wait_for_job(pid_t pid, StderrRelay& relay, std::chrono::milliseconds job_ti
 }
 
 // Exit 0 / 1 (the ranks agreed on the verdict) or 2 (a rank failed, hung or the job timed out), with the reason.
-void judge_job(LaunchResult& res, const StderrScanner& scan, bool timed_out, std::chrono::milliseconds job_timeout) {
+void judge_job(LaunchResult& res, const StderrScanner& scan, bool timed_out, std::chrono::milliseconds job_timeout,
+               int stop_signal) {
   const auto* culprit = scan.culprit();
   res.failed_rank = culprit ? culprit->rank : -1;
-  if (timed_out) {
+  if (stop_signal) {
+    res.exit_code = 2;
+    res.failed_rank = -1;
+    res.message = std::string("cpharness: run stopped: the launching process received ") + sigabbrev(stop_signal) +
+                  "; it was passed on to mpirun and every rank, which were reaped (exit 2)";
+  } else if (timed_out) {
     res.exit_code = 2;
     res.message = "cpharness: run failed: the job exceeded its " + std::to_string(job_timeout.count()) +
                   " ms limit and was killed (exit 2)";
@@ -335,14 +383,17 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
   const auto t0 = std::chrono::steady_clock::now();
   LaunchResult res;
   StderrRelay relay{-1, {}, {}, {}};
+  StopSignals forward;  // before the job starts, so no signal is missed
   const pid_t pid = spawn_job(mpirun_command(nproc, exe, args, opt), job_environment(), relay.fd);
   bool timed_out = false;
-  const int status = wait_for_job(pid, relay, opt.job_timeout, timed_out);
+  int stop_signal = 0;
+  const int status = wait_for_job(pid, relay, opt.job_timeout, timed_out, stop_signal);
   ::close(relay.fd);
   res.stderr_tail = std::move(relay.tail);
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   res.mpirun_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  judge_job(res, relay.scan, timed_out, opt.job_timeout);
+  judge_job(res, relay.scan, timed_out, opt.job_timeout, stop_signal);
+  res.stop_signal = stop_signal;
   if (!res.message.empty()) std::cerr << res.message << std::endl;
   return res;
 }

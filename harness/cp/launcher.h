@@ -71,11 +71,13 @@ struct LaunchResult {
   double seconds = 0;
   std::string message;    // one line; names the rank on failure
   std::string stderr_tail;  // the last 64 KiB of the job's stderr (also forwarded live)
+  int stop_signal = 0;      // SIGTERM/SIGINT/SIGHUP the launching process received (passed on to the job), or 0
 };
 
 // Runs `exe args...` under mpirun with N ranks, forwarding its stdout/stderr, and waits for it. Stderr is scanned
 // for the failing rank ("cpharness: rank R", mpirun's "process rank R" and "Process name: [[job,R]]").
-// On failure, prints result.message to stderr.
+// On failure, prints result.message to stderr. SIGTERM, SIGINT or SIGHUP to this process while the job runs is
+// passed on to mpirun and every rank (SIGKILL 3 s later), the job is reaped, and the result names the signal.
 LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std::vector<std::string>& args,
                                    const MpirunOptions& opt = {});
 

@@ -6,6 +6,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "harness/io/error_text.h"
+
 namespace cpharness::io {
 
 class InputError : public std::runtime_error {
@@ -21,10 +23,11 @@ class InputError : public std::runtime_error {
   const std::string& subject() const noexcept { return subject_; }
   const std::string& reason() const noexcept { return reason_; }
 
+  // Each part is clipped to 300 characters: a hostile file cannot make a message (or a report) megabytes long.
   static std::string format(const std::string& file, const std::string& what, const std::string& reason) {
-    std::string msg = file.empty() ? std::string("<no file>") : file;
-    if (!what.empty()) msg += ": " + what;
-    msg += ": " + reason;
+    std::string msg = file.empty() ? std::string("<no file>") : clip(file);
+    if (!what.empty()) msg += ": " + clip(what);
+    msg += ": " + clip(reason);
     return msg;
   }
 

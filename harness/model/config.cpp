@@ -1,5 +1,7 @@
 #include "harness/model/config.h"
 
+#include <limits>
+
 #include <fmt/format.h>
 
 #include <cmath>
@@ -299,10 +301,40 @@ bool ModelConfig::layer_vision_bidirectional(int64_t layer) const {
   return use_bidirectional_attention == "vision" && !is_full(layer);
 }
 
-void ModelConfig::validate(const std::string& source) const {
+int64_t ModelConfig::parameter_count() const {
+  // Exact for the text model's weights up to norms and scalars (which are O(L x H)); saturates instead of overflowing.
+  const double H = double(hidden_size), L = double(num_hidden_layers), P = double(hidden_size_per_layer_input);
+  double n = double(vocab_size) * H + H;  // embeddings, final norm
+  if (P > 0) n += double(vocab_size_per_layer_input) * L * P + H * L * P + P;
+  for (int64_t i = 0; i < num_hidden_layers; ++i) {
+    const double d = double(is_full(i) ? global_head_dim : head_dim), kv = double(layer_kv_heads(i));
+    n += H * double(num_attention_heads) * d * 2 + H * kv * d * 2 + 2 * d;  // q, o; k, v; q/k norms
+    n += 3 * H * double(intermediate_size) * (use_double_wide_mlp ? 2 : 1) + 4 * H;
+    if (P > 0) n += 2 * H * P + P;
+  }
+  return n >= 9.0e18 ? std::numeric_limits<int64_t>::max() : int64_t(n);
+}
+
+void ModelConfig::validate(const std::string& source, const std::string& key_prefix) const {
+  auto key = [&](const char* field) { return key_prefix + field; };
   auto positive = [&](int64_t v, const char* field) {
-    if (v <= 0) throw InputError(source, field, fmt::format("must be positive, got {}", v));
+    if (v <= 0) throw InputError(source, key(field), fmt::format("must be positive, got {}", v));
   };
+  // Limits checked before anything is allocated: a size no machine can hold is an input error naming the key,
+  // never an allocation failure. Each is far above every Gemma4 model (largest: 31B, vocab 262144).
+  auto at_most = [&](int64_t v, int64_t limit, const char* field) {
+    if (v > limit) throw InputError(source, key(field), fmt::format("{} is more than this harness allows ({})", v, limit));
+  };
+  at_most(vocab_size, int64_t(1) << 22, "vocab_size");
+  at_most(vocab_size_per_layer_input, int64_t(1) << 22, "vocab_size_per_layer_input");
+  at_most(hidden_size, int64_t(1) << 16, "hidden_size");
+  at_most(intermediate_size, int64_t(1) << 18, "intermediate_size");
+  at_most(num_hidden_layers, 1024, "num_hidden_layers");
+  at_most(num_attention_heads, 1024, "num_attention_heads");
+  at_most(num_key_value_heads, 1024, "num_key_value_heads");
+  at_most(head_dim, 4096, "head_dim");
+  at_most(global_head_dim, 4096, "global_head_dim");
+  at_most(hidden_size_per_layer_input, int64_t(1) << 14, "hidden_size_per_layer_input");
   positive(vocab_size, "vocab_size");
   positive(hidden_size, "hidden_size");
   positive(intermediate_size, "intermediate_size");
@@ -312,27 +344,31 @@ void ModelConfig::validate(const std::string& source) const {
   positive(head_dim, "head_dim");
   positive(global_head_dim, "global_head_dim");
   positive(sliding_window, "sliding_window");
-  if (head_dim % 2 || global_head_dim % 2) throw InputError(source, "head_dim", "head dims must be even for RoPE");
+  if (head_dim % 2 || global_head_dim % 2) throw InputError(source, key("head_dim"), "head dims must be even for RoPE");
   if (int64_t(layer_types.size()) != num_hidden_layers)
-    throw InputError(source, "layer_types", fmt::format("has {} entries for {} layers", layer_types.size(), num_hidden_layers));
+    throw InputError(source, key("layer_types"), fmt::format("has {} entries for {} layers", layer_types.size(), num_hidden_layers));
   for (int64_t i = 0; i < num_hidden_layers; ++i)
     if (num_attention_heads % layer_kv_heads(i))
-      throw InputError(source, "num_key_value_heads", fmt::format("layer {}: {} heads not a multiple of {} KV heads", i, num_attention_heads, layer_kv_heads(i)));
+      throw InputError(source, key("num_key_value_heads"), fmt::format("layer {}: {} heads not a multiple of {} KV heads", i, num_attention_heads, layer_kv_heads(i)));
   if (attention_k_eq_v && !num_global_key_value_heads)
-    throw InputError(source, "num_global_key_value_heads", "required when attention_k_eq_v is true");
+    throw InputError(source, key("num_global_key_value_heads"), "required when attention_k_eq_v is true");
   if (num_kv_shared_layers < 0 || num_kv_shared_layers > num_hidden_layers)
-    throw InputError(source, "num_kv_shared_layers", fmt::format("{} outside [0, {}]", num_kv_shared_layers, num_hidden_layers));
+    throw InputError(source, key("num_kv_shared_layers"), fmt::format("{} outside [0, {}]", num_kv_shared_layers, num_hidden_layers));
   for (int64_t i = 0; i < num_hidden_layers; ++i)
     if (is_kv_shared(i) && kv_source_layer(i) < 0)
-      throw InputError(source, "num_kv_shared_layers", fmt::format("shared layer {} ({}) has no earlier layer of its type", i, layer_type_name(layer_types[i])));
-  if (hidden_size_per_layer_input < 0) throw InputError(source, "hidden_size_per_layer_input", "must be >= 0");
+      throw InputError(source, key("num_kv_shared_layers"), fmt::format("shared layer {} ({}) has no earlier layer of its type", i, layer_type_name(layer_types[i])));
+  if (hidden_size_per_layer_input < 0) throw InputError(source, key("hidden_size_per_layer_input"), "must be >= 0");
   if (hidden_size_per_layer_input > 0) positive(vocab_size_per_layer_input, "vocab_size_per_layer_input");
   if (!use_bidirectional_attention.empty() && use_bidirectional_attention != "vision")
-    throw InputError(source, "use_bidirectional_attention", "only null or \"vision\" is supported, got \"" + use_bidirectional_attention + "\"");
-  if (!tie_word_embeddings) throw InputError(source, "tie_word_embeddings", "Gemma4 ties the LM head; false is not supported");
+    throw InputError(source, key("use_bidirectional_attention"), "only null or \"vision\" is supported, got \"" + use_bidirectional_attention.substr(0, 64) + "\"");
+  if (!tie_word_embeddings) throw InputError(source, key("tie_word_embeddings"), "Gemma4 ties the LM head; false is not supported");
   if (rope_full.partial_rotary_factor <= 0 || rope_full.partial_rotary_factor > 1)
-    throw InputError(source, "rope_parameters.full_attention.partial_rotary_factor", "must be in (0, 1]");
-  if (pad_token_id < 0 || pad_token_id >= vocab_size) throw InputError(source, "pad_token_id", "outside the vocabulary");
+    throw InputError(source, key("rope_parameters.full_attention.partial_rotary_factor"), "must be in (0, 1]");
+  if (pad_token_id < 0 || pad_token_id >= vocab_size) throw InputError(source, key("pad_token_id"), "outside the vocabulary");
+  const int64_t params = parameter_count();
+  if (params > kMaxParameters)
+    throw InputError(source, key_prefix.empty() ? "config" : key_prefix.substr(0, key_prefix.size() - 1),
+                     fmt::format("{:.3g} parameters is more than this harness allows ({:.3g})", double(params), double(kMaxParameters)));
 }
 
 json ModelConfig::to_json() const {
@@ -428,6 +464,7 @@ ModelConfig config_from_case_json(const json& j, const std::string& source) {
   ModelConfig c;
   const bool has_preset = j.contains("preset"), has_config = j.contains("config");
   if (has_preset == has_config) throw InputError(source, "model", "give exactly one of \"preset\" or \"config\"");
+  std::string prefix = "model.";  // where a bad value came from, for the validation's messages
   for (auto& [key, value] : j.items()) {
     static const std::set<std::string> known = {"preset", "config", "overrides", "kv_share_semantics"};
     if (!known.count(key)) throw InputError(source, "model." + key, "unknown key");
@@ -440,17 +477,19 @@ ModelConfig config_from_case_json(const json& j, const std::string& source) {
       throw InputError(source, "model.preset", e.what());
     }
     if (j.contains("overrides")) apply_hf_keys(c, j["overrides"], source, "model.overrides.", /*strict=*/true);
+    prefix = j.contains("overrides") ? "model.overrides." : "model.";
   } else {
     if (j.contains("overrides")) throw InputError(source, "model.overrides", "only allowed with \"preset\"");
     c.layer_types.clear();
     apply_hf_keys(c, j["config"], source, "model.config.", /*strict=*/true);
     c.name = "inline";
+    prefix = "model.config.";
   }
   if (j.contains("kv_share_semantics")) {
     if (!j["kv_share_semantics"].is_string()) throw InputError(source, "model.kv_share_semantics", "wrong type: expected a string");
     c.kv_share_semantics = kv_share_semantics_from_string(j["kv_share_semantics"].get<std::string>(), source);
   }
-  c.validate(source);
+  c.validate(source, prefix);
   return c;
 }
 

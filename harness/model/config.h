@@ -72,7 +72,12 @@ struct ModelConfig {
   bool has_per_layer_inputs() const { return hidden_size_per_layer_input > 0; }
 
   // Checks internal consistency; throws io::InputError naming `source` and the offending field.
-  void validate(const std::string& source) const;
+  // Throws io::InputError naming `source` and the key (prefixed by `key_prefix`, e.g. "model.overrides.") for an
+  // inconsistent config, or one larger than the harness runs (per-dimension limits, kMaxParameters).
+  void validate(const std::string& source, const std::string& key_prefix = "") const;
+  // Weights of the text model (approximate only in the norms' O(L x H) terms).
+  int64_t parameter_count() const;
+  static constexpr int64_t kMaxParameters = int64_t(200) * 1000 * 1000 * 1000;
   nlohmann::json to_json() const;  // HF config.json form (text config)
 };
 

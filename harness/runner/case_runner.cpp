@@ -1,6 +1,7 @@
 #include "harness/runner/case_runner.h"
 
 #include <chrono>
+#include <csignal>
 #include <thread>
 
 #include "harness/cp/cp_step.h"
@@ -57,6 +58,9 @@ void describe_device(LaneRun& run, const train::Case& c, const torch::Device& de
 
 void inject_fault(const Fault& fault) {
   if (fault.kind == Fault::Kind::kCrash) std::abort();  // a rank that dies without a word
+  if (fault.kind == Fault::Kind::kStop) ::raise(SIGSTOP);  // a rank frozen by a debugger, a scheduler, ^Z
+  if (fault.kind == Fault::Kind::kThrow)  // a bug nobody planned for: what does the report say?
+    throw std::logic_error("injected fault: an unexpected exception\n(second line: a backtrace would follow here)");
   for (;;) std::this_thread::sleep_for(std::chrono::hours(1));  // a rank that hangs
 }
 
@@ -68,7 +72,9 @@ Fault parse_fault(const std::string& spec) {
   const auto kind = spec.substr(0, at);
   if (kind == "crash") f.kind = Fault::Kind::kCrash;
   else if (kind == "hang") f.kind = Fault::Kind::kHang;
-  else throw std::invalid_argument("fault kind must be crash or hang, got '" + kind + "'");
+  else if (kind == "stop") f.kind = Fault::Kind::kStop;
+  else if (kind == "throw") f.kind = Fault::Kind::kThrow;
+  else throw std::invalid_argument("fault kind must be crash, hang, stop or throw, got '" + kind + "'");
   const auto rest = spec.substr(at + 1);
   const auto colon = rest.find(':');
   try {
@@ -86,12 +92,20 @@ Fault parse_fault(const std::string& spec) {
 }
 
 model::Gemma4Model build_model(const train::Case& c, torch::ScalarType dtype, std::optional<model::KvShareSemantics> semantics,
-                               const torch::Device& device) {
+                               const torch::Device& device, bool zero_weights, bool zero_final_norm) {
   auto config = c.model;
   if (semantics) config.kv_share_semantics = *semantics;
   model::Gemma4Model m(config);
   model::init_weights(m, c.init_seed);
   if (!c.checkpoint.empty()) model::load_checkpoint(m, c.checkpoint);
+  if (zero_weights) {
+    torch::NoGradGuard no_grad;
+    for (auto& p : m->parameters()) p.zero_();
+  }
+  if (zero_final_norm) {
+    torch::NoGradGuard no_grad;
+    m->norm->weight.zero_();
+  }
   m->to(dtype);
   if (!device.is_cpu()) m->to(device);
   return m;
@@ -103,7 +117,8 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
   run.cp = 1;
   run.lane = lane;
   describe_device(run, c, options.device, 1);
-  auto m = build_model(c, train::lane_dtype(lane), options.semantics, options.device);
+  auto m = build_model(c, train::lane_dtype(lane), options.semantics, options.device, options.zero_weights,
+                       options.zero_final_norm);
   auto optimizer = train::make_adamw(m->parameters(), c.optimizer);
   model::EagerAttention eager;
   for (int64_t step = 0; step < c.steps; ++step) {
@@ -139,14 +154,19 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
 CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane lane, const RunOptions& options) {
   CpRankRecord rec;
   rec.rank = comm.rank();
-  auto m = build_model(c, train::lane_dtype(lane), options.semantics, options.device);
+  auto m = build_model(c, train::lane_dtype(lane), options.semantics, options.device, options.zero_weights,
+                       options.zero_final_norm);
   cp::CpStepOptions step_options;
   step_options.use_share_holder = options.use_share_holder;
   step_options.shift_labels_after_sharding = options.step_mutation == StepMutation::kShiftLabelsAfterSharding;
   step_options.loss_chunk_tokens = c.loss_chunk_tokens;
+  step_options.drop_boundary_label = options.drop_boundary_label;
   cp::CpTrainer trainer(comm, m, c.optimizer, options.ring, step_options);
   for (int64_t step = 0; step < c.steps; ++step) {
-    if (options.fault && options.fault->rank == rec.rank && options.fault->step == step) inject_fault(*options.fault);
+    if (options.fault && (options.fault->kind == Fault::Kind::kCrash || options.fault->kind == Fault::Kind::kHang) &&
+        options.fault->rank == rec.rank &&
+        options.fault->step == step)
+      inject_fault(*options.fault);
     auto batch = train::to_device(train::batch_for_step(c, step), options.device);
     std::vector<torch::Tensor> h;
     cp::CpForwardResult fwd;

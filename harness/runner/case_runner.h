@@ -32,12 +32,14 @@ enum class StepMutation {
 // A fault injected into one rank of a cp N run (CPHARNESS_INJECT_FAULT=crash@1 or hang@0:2), to prove that a rank
 // that dies or hangs ends the run within the timeout with exit 2 and an error report naming it.
 struct Fault {
-  enum class Kind { kCrash, kHang };
+  // stop: the rank sends itself SIGSTOP (frozen, not dead); throw: an unexpected exception (two lines of text)
+  enum class Kind { kCrash, kHang, kStop, kThrow };
   Kind kind = Kind::kCrash;
   int rank = 0;
   int64_t step = 0;  // before this optimizer step's forward
 };
 Fault parse_fault(const std::string& spec);  // KIND@RANK[:STEP]; std::invalid_argument when malformed
+// stop@0 and throw@0 act on rank 0 before its cp 1 reference; crash and hang before a candidate step.
 [[noreturn]] void inject_fault(const Fault& fault);
 
 struct RunOptions {
@@ -49,13 +51,17 @@ struct RunOptions {
   std::chrono::milliseconds timeout{120000};
   std::optional<Fault> fault;        // candidates only
   torch::Device device{torch::kCPU}; // where every run of the case trains (the case's "device" or --device)
+  bool drop_boundary_label = false;  // the power check's perturbation (candidates only)
+  bool zero_weights = false;         // selftest: every weight zero in every run (a dead model)
+  bool zero_final_norm = false;      // selftest: final norm weight zero: logits 0 everywhere (output ignores input)
 };
 
 // The case's model with its initial weights (seeded init or checkpoint) in `dtype`, on `device`. Weights are made
 // on the host (the seeded init is defined there) and moved once.
 model::Gemma4Model build_model(const train::Case& c, torch::ScalarType dtype,
                                std::optional<model::KvShareSemantics> semantics = std::nullopt,
-                               const torch::Device& device = torch::kCPU);
+                               const torch::Device& device = torch::kCPU, bool zero_weights = false,
+                               bool zero_final_norm = false);
 
 LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOptions& options = {});
 

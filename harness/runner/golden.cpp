@@ -65,12 +65,13 @@ report::ComparePolicy golden_policy(train::DtypeLane lane) {
 
 namespace {
 
-// bf16 results depend on the CPU's bf16 kernels (measured: a golden recorded on one x86 machine is 2-9 % away
-// from the same run on an AVX512-BF16 machine, in every gradient), so a fixed relative bound cannot be sound.
-// As the bf16 lane does, each entry is judged against the fp32 oracle of the same case: the fresh run may differ
-// from the golden by at most k x min(fresh's, golden's own error against that oracle) + floor (the case's bf16_k
-// and bf16_floor). The smaller of the two errors sets the bound, so neither a moved golden nor a bf16 path that
-// got worse can widen its own bound; another CPU's rounding (both errors alike) stays inside it.
+// bf16 results depend on the CPU's bf16 kernels (measured: a golden recorded on one x86 machine is 2-9 % away from
+// the same run on an AVX512-BF16 machine in every gradient; on an AMX-BF16 machine the step-2 grad norm of
+// tiny-e4b-bf16 is 0.26 % away, 9x the golden's own error), so no fixed bound, and no bound set by the smaller of
+// the two errors, is sound. Both are bf16 approximations of the same fp32 truth, the case's fp32 oracle: each entry
+// passes when neither is more than k times farther from that oracle than the other, plus a floor of one bf16
+// rounding (2^-8 relative, or the case's bf16_floor if larger). A moved golden, or a fresh run whose bf16 path got
+// worse, is far from the oracle while the other is not, and fails; two CPUs rounding differently do not.
 void judge_bf16_against_oracle(const train::Case& c, const report::RunDump& golden, const report::RunDump& fresh,
                                report::CompareResult& result) {
   auto oracle_case = c;
@@ -82,17 +83,18 @@ void judge_bf16_against_oracle(const train::Case& c, const report::RunDump& gold
     return out;
   };
   const auto golden_error = errors_against_oracle(golden), fresh_error = errors_against_oracle(fresh);
+  const double k = c.tolerances.bf16_k, floor = std::max(c.tolerances.bf16_floor, std::ldexp(1.0, -8));
   for (auto& e : result.entries) {
     if (e.kind == report::EntryKind::kInput || e.status != report::EntryStatus::kPass) continue;
     if (!golden_error.count(e.path) || !fresh_error.count(e.path)) continue;
-    const double own = std::min(golden_error.at(e.path), fresh_error.at(e.path));
-    const double allowed = c.tolerances.bf16_k * own + c.tolerances.bf16_floor;
-    e.tolerance = report::Tolerance::relative(allowed);
-    if (e.rel_diff <= allowed) continue;
+    const double eg = golden_error.at(e.path), ef = fresh_error.at(e.path);
+    const double allowed_fresh = k * eg + floor, allowed_golden = k * ef + floor;
+    e.tolerance = report::Tolerance::relative(std::min(allowed_fresh, allowed_golden) + std::min(eg, ef));
+    if (ef <= allowed_fresh && eg <= allowed_golden) continue;
     e.status = report::EntryStatus::kOutOfTolerance;
-    e.message = fmt::format("{}: rel {:.3g} from the golden > {:.3g} = {} x min(run's, golden's own error against the "
-                            "fp32 oracle) ({:.3g}) + {}", e.path, e.rel_diff, allowed, c.tolerances.bf16_k, own,
-                            c.tolerances.bf16_floor);
+    e.message = fmt::format("{}: error against the fp32 oracle: run {:.3g}, golden {:.3g}; {} is more than {} x the "
+                            "other's + {:.3g} (rel {:.3g} between them)",
+                            e.path, ef, eg, ef > allowed_fresh ? "the run's" : "the golden's", k, floor, e.rel_diff);
   }
   report::recount(result);
 }

@@ -26,6 +26,9 @@ SuiteOptions mutate(SuiteOptions o, const std::string& name) {
   else if (name == "cache_rebuilds_every_lookup") ring.cache_enabled = false;
   else if (name == "block_mask_partial_tiles_as_full") o.block_mask_mutation = check::BlockMaskMutation::kPartialAsFull;
   else if (name == "nondeterministic_repeat") o.perturb_repeat_seed = true;
+  else if (name == "power_perturbation_not_applied") o.power_not_perturbed = true;
+  else if (name == "dead_model_zero_weights") o.run.zero_weights = true;
+  else if (name == "output_ignores_input") o.run.zero_final_norm = true;
   return o;
 }
 
@@ -44,6 +47,11 @@ std::vector<Mutant> selftest_mutants() {
       {"cache_rebuilds_every_lookup", "block-mask cache off: every lookup builds", "cache.build_count"},
       {"block_mask_partial_tiles_as_full", "analytic builder calls partial tiles full", "mask.block_classification"},
       {"nondeterministic_repeat", "the repeat run draws other initial weights", "determinism.repeat_bitwise"},
+      {"power_perturbation_not_applied", "the power check's perturbed run carries no perturbation",
+       "power.boundary_label", {"train.loss_parity", "train.grad_norm_parity"}},
+      {"dead_model_zero_weights", "every weight zero in every run: two dead models agree", "train.trained"},
+      {"output_ignores_input", "final norm weight zero in every run: logits 0 at every position, loss ln(vocab)",
+       "train.trained"},
   };
 }
 
@@ -92,6 +100,7 @@ report::Report run_selftest(const SuiteOptions& base, const std::vector<std::str
     std::cerr << fmt::format("[selftest] mutant {}: {}\n", m.name, m.bug);
     auto mc = c;
     mc.checks = {m.target_check};
+    mc.checks.insert(mc.checks.end(), m.with_checks.begin(), m.with_checks.end());
     auto caught = run_case(mc, mutate(base, m.name));
     report::CaseReport out;
     out.id = "selftest." + m.name;

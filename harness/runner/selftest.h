@@ -13,6 +13,7 @@ struct Mutant {
   std::string name;         // e.g. "ring_rotated_wrong_way"
   std::string bug;          // what is wrong, in words
   std::string target_check; // the catalogue check that must catch it
+  std::vector<std::string> with_checks = {};  // also selected for the mutant's run (a check that judges others)
 };
 
 std::vector<Mutant> selftest_mutants();

@@ -6,7 +6,9 @@
 #include <iostream>
 
 #include "harness/cp/comm.h"
+#include "harness/cp/cp_step.h"
 #include "harness/cp/launcher.h"
+#include "harness/io/error_text.h"
 #include "harness/io/input_error.h"
 #include "harness/report/environment.h"
 
@@ -127,11 +129,11 @@ void guarded(report::CaseReport& rep, Body&& body, int* failed_peer = nullptr) {
     body();
   } catch (const cp::CommError& e) {
     if (failed_peer) *failed_peer = e.peer();
-    if (!rep.error) rep.error = std::string("communication failed: ") + e.what();
+    if (!rep.error) rep.error = std::string("communication failed: ") + io::one_line(e);
   } catch (const io::InputError& e) {
     if (!rep.error) rep.error = e.what();
   } catch (const std::exception& e) {
-    if (!rep.error) rep.error = std::string("internal error: ") + e.what();
+    if (!rep.error) rep.error = std::string("internal error: ") + io::one_line(e);
   }
 }
 
@@ -139,7 +141,51 @@ void guarded(report::CaseReport& rep, Body&& body, int* failed_peer = nullptr) {
 struct CaseRuns {
   std::optional<LaneRun> reference, oracle;  // oracle: the fp32 cp 1 run a bf16 lane is judged against
   std::map<int, LaneRun> candidates, uncached;
+  std::map<int, LaneRun> perturbed;          // one step with the power check's perturbation
 };
+
+// ---- The power check: can the case see a CP-shaped bug? ----
+
+const char* const kPowerParityChecks[] = {"train.loss_parity", "train.grad_norm_parity", "train.param_parity"};
+
+bool power_applicable(const train::Case& c) {
+  for (const char* name : kPowerParityChecks)
+    if (wants_check(c, name)) return true;
+  return false;
+}
+
+// A run cut to its first step: what a one-step run records (step 0, the step-0 tensors), without the final
+// parameters, which belong to the last step.
+LaneRun first_step(const LaneRun& run) {
+  LaneRun r = run;
+  r.steps.resize(std::min<size_t>(1, r.steps.size()));
+  r.final_params.clear();
+  r.cache.clear();
+  return r;
+}
+
+report::CheckResult power_check(const train::Case& c, int n, const check::Tolerances& tol, const CaseRuns& runs) {
+  const auto target = cp::boundary_label_target(train::batch_for_step(c, 0), n, c.model.pad_token_id);
+  const std::string perturbation =
+      target.rank < 0 ? std::string("dropping a boundary label")
+                      : fmt::format("dropping the label of token {} (the first counted target of rank {}'s shard)",
+                                    target.global_index, target.rank);
+  if (!power_applicable(c))
+    return check::check_power(n, perturbation, {}, false,
+                              "the case selects no check that compares training runs (train.loss_parity, "
+                              "train.grad_norm_parity, train.param_parity); count checks cannot see a numerical bug");
+  if (target.rank < 0) return check::check_power(n, perturbation, {}, false, "no rank but 0 holds a counted target");
+  const auto p = runs.perturbed.find(n);
+  if (p == runs.perturbed.end()) return report::CheckResult::errored("power.boundary_label", n, std::nullopt, "the perturbed run is missing");
+  auto one_step = c;
+  one_step.steps = 1;
+  const auto ref = first_step(*runs.reference);
+  const auto oracle = runs.oracle ? std::optional<LaneRun>(first_step(*runs.oracle)) : std::nullopt;
+  std::vector<report::CheckResult> seen;
+  for (auto& r : check::check_training(one_step, tol, ref, p->second, oracle ? &*oracle : nullptr, ""))
+    if (wants_check(c, r.name)) seen.push_back(r);
+  return check::check_power(n, perturbation, seen, true);
+}
 
 // The cp sizes a case runs at: under a process backend the world size, else --cp or the case's own.
 std::vector<int> cp_sizes_of(const train::Case& c, const SuiteOptions& options) {
@@ -223,6 +269,10 @@ void run_candidate_phase(const train::Case& c, const std::vector<int>& cps, cons
   uncached_options.fault.reset();
   auto one_step = c;  // the uncached build count needs one step (every lookup builds)
   one_step.steps = 1;
+  auto perturbed_options = run_options;  // the power check's one step
+  perturbed_options.drop_boundary_label = !options.power_not_perturbed;
+  perturbed_options.record_tensors = false;
+  perturbed_options.fault.reset();
   auto candidate_run = [&](const train::Case& k, int n, const RunOptions& o) -> std::optional<LaneRun> {
     if (options.world) return run_cp_on(*options.world, k, c.dtype, o);
     return run_cp(k, c.dtype, n, o);
@@ -234,6 +284,8 @@ void run_candidate_phase(const train::Case& c, const std::vector<int>& cps, cons
       if (auto run = candidate_run(c, n, run_options)) runs.candidates.emplace(n, std::move(*run));
       if (wants_check(c, "cache.build_count"))
         if (auto run = candidate_run(one_step, n, uncached_options)) runs.uncached.emplace(n, std::move(*run));
+      if (power_applicable(c))
+        if (auto run = candidate_run(one_step, n, perturbed_options)) runs.perturbed.emplace(n, std::move(*run));
     }, &options.failed_peer);
     if (rep.error && options.world) {
       options.world_failed = true;
@@ -256,6 +308,7 @@ void judge_phase(const train::Case& c, const RunOptions& run_options, const Suit
     append(rep.checks, c, check::check_cache(c, candidate, u == runs.uncached.end() ? nullptr : &u->second));
     append(rep.checks, c, check::check_training(c, tol, *runs.reference, candidate, runs.oracle ? &*runs.oracle : nullptr,
                                                 options.dump_dir));
+    rep.checks.push_back(power_check(c, n, tol, runs));  // whatever the case selects
     if (wants_check(c, "kvshare.loss_parity") || wants_check(c, "kvshare.bug_detected"))
       append(rep.checks, c, kvshare_checks(c, n, tol, *runs.reference, run_options));
     record_ring_and_cache(rep, n, candidate);
@@ -270,8 +323,9 @@ void judge_phase(const train::Case& c, const RunOptions& run_options, const Suit
 
 // The case's verdict on stderr: status, duration, the error, and every check that did not pass.
 void print_case_result(const report::CaseReport& rep) {
+  const auto why = rep.error_reason();  // also the synthesized reason (e.g. no check ran)
   std::cerr << fmt::format("[{}] {} in {:.1f}s{}\n", rep.id, report::to_string(rep.status()), rep.duration_s,
-                           rep.error ? ": " + *rep.error : "");
+                           why ? ": " + *why : "");
   for (auto& chk : rep.checks)
     if (chk.status != report::Status::Pass && chk.status != report::Status::Skipped)
       std::cerr << fmt::format("[{}]   {} cp{}{}: {}\n", rep.id, chk.name, chk.cp, chk.rank ? fmt::format(" rank {}", *chk.rank) : "",
@@ -281,6 +335,8 @@ void print_case_result(const report::CaseReport& rep) {
 }  // namespace
 
 std::optional<std::string> unsupported_configuration(const train::Case& c, const SuiteOptions& options) {
+  for (int n : cp_sizes_of(c, options))  // --cp and the world size are checked here, the case's own on load
+    if (auto why = train::cp_size_problem(n, c.data.seq_len)) return *why;
   if (skip_reason(c, options)) return std::nullopt;
   if (options.world && c.reference_cp > 1)
     return fmt::format("reference_cp {} runs its ranks as threads of rank 0; under a process backend (--comm {}) only "
@@ -325,10 +381,24 @@ report::CaseReport run_case(const train::Case& c, const SuiteOptions& options) {
   }
   const auto run_options = run_options_of(c, options);
   CaseRuns runs;
-  if (root) guarded(rep, [&] { run_reference_phase(c, cps, run_options, options, rep, runs); });
-  // Under a process backend rank 0 first tells the others whether the case goes on.
+  const auto& fault = options.run.fault;  // rank 0 stops, or throws, during its cp 1 work (fault injection)
+  const bool reference_fault = fault && fault->rank == 0 && (fault->kind == Fault::Kind::kStop || fault->kind == Fault::Kind::kThrow);
+  if (root) guarded(rep, [&] {
+    if (reference_fault) inject_fault(*fault);
+    run_reference_phase(c, cps, run_options, options, rep, runs);
+  });
+  // Under a process backend rank 0 first tells the others whether the case goes on, within --timeout.
   bool go = !rep.error;
-  if (options.world) go = agree_with_root(*options.world, go, options.root_wait);
+  if (options.world) {
+    try {
+      go = agree_with_root(*options.world, go, options.root_wait);
+    } catch (const cp::CommError& e) {
+      rep.error = "rank 0 did not finish its cp 1 work within --timeout (stopped, hung or dead): " + io::one_line(e);
+      options.failed_peer = 0;
+      options.world_failed = true;
+      go = false;
+    }
+  }
   if (go) run_candidate_phase(c, cps, run_options, options, rep, runs);
   if (root && !rep.error) guarded(rep, [&] { judge_phase(c, run_options, options, rep, runs); });
   if (rep.error) rep.checks.clear();  // an error report carries no partial verdicts
@@ -361,12 +431,24 @@ report::Report run_suite(const std::vector<train::Case>& cases, const SuiteOptio
 }
 
 std::string summary_table(const report::Report& r) {
-  std::string out = fmt::format("{:<28} {:<6} {:<9} {:>7} {:>7} {:>8}\n", "case", "dtype", "status", "checks", "failed", "seconds");
+  // trained: every run's train.trained passed; power: the case saw the power check's perturbation at every cp.
+  std::string out = fmt::format("{:<28} {:<6} {:<9} {:>7} {:>7} {:>8} {:>8} {:>12}\n", "case", "dtype", "status", "checks",
+                                "failed", "seconds", "trained", "power");
   for (auto& c : r.cases) {
     int failed = 0;
-    for (auto& k : c.checks) failed += k.status == report::Status::Fail || k.status == report::Status::Error;
-    out += fmt::format("{:<28} {:<6} {:<9} {:>7} {:>7} {:>8.1f}\n", c.id, c.dtype, report::to_string(c.status()), c.checks.size(),
-                       failed, c.duration_s);
+    std::string trained = "-", power = "-";
+    for (auto& k : c.checks) {
+      failed += k.status == report::Status::Fail || k.status == report::Status::Error;
+      if (k.name == "train.trained") trained = (trained != "NO" && k.status == report::Status::Pass) ? "yes" : "NO";
+      if (k.name == "power.boundary_label") {
+        const std::string p = k.status == report::Status::Pass    ? "yes"
+                              : k.status == report::Status::Skipped ? "n/a"
+                                                                    : "INSENSITIVE";
+        power = (power == "-" || p == "INSENSITIVE" || (p == "yes" && power == "n/a")) ? p : power;
+      }
+    }
+    out += fmt::format("{:<28} {:<6} {:<9} {:>7} {:>7} {:>8.1f} {:>8} {:>12}\n", c.id, c.dtype, report::to_string(c.status()),
+                       c.checks.size(), failed, c.duration_s, trained, power);
   }
   const auto s = r.summary();
   out += fmt::format("{} case(s): {} passed, {} failed, {} errors, {} skipped; {} checks, {} failed; {:.1f}s -> {}\n", s.cases,

@@ -25,10 +25,12 @@ struct SuiteOptions {
   RunOptions run;
   check::BlockMaskMutation block_mask_mutation = check::BlockMaskMutation::kNone;
   bool perturb_repeat_seed = false;          // determinism mutant: the repeat run uses another init seed
+  bool power_not_perturbed = false;          // power mutant: the "perturbed" run carries no perturbation
   // A process backend's world (mpi): the cp size is its size; rank 0 runs references and checks, every rank
   // its part of the candidates. Null: the local backend, ranks as threads of this process.
   cp::Comm* world = nullptr;
-  std::chrono::milliseconds root_wait{std::chrono::minutes(30)};  // how long ranks wait for rank 0's cp 1 work
+  // How long ranks wait for rank 0's cp 1 work (run sets it to --timeout: every wait is bounded by it).
+  std::chrono::milliseconds root_wait{std::chrono::minutes(30)};
   mutable bool world_failed = false;         // set when a candidate failed under `world`: no further case can run
   mutable int failed_peer = -1;              // the rank a failed communication was waiting for (-1 unknown)
 };

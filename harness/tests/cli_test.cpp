@@ -9,6 +9,7 @@
 #include <fstream>
 #include <iterator>
 #include <string>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -204,7 +205,7 @@ TEST_F(CliTest, Bf16GoldenVerifyIsOracleRelativeAndCatchesAMovedGradient) {
   cpharness::report::write_run_dump(moved, dump);
   auto bad = run_cli("golden verify " + c + " " + moved);
   EXPECT_EQ(bad.exit_code, 1) << bad.output;
-  EXPECT_NE(bad.output.find("own error against the fp32 oracle"), std::string::npos) << bad.output;
+  EXPECT_NE(bad.output.find("error against the fp32 oracle: run"), std::string::npos) << bad.output;
 }
 
 // `git bisect run` reads 0 as good, 1 as bad and 125 as "cannot test this commit".
@@ -245,6 +246,49 @@ TEST_F(CliTest, MissingOrCorruptGoldenIsExit2WithAnErrorReport) {
 }
 
 #ifdef CPHARNESS_TEST_MPI
+// SIGTERM (what CI and `timeout` send) to the launching process of an mpi job: passed on to mpirun and both ranks,
+// all reaped (none left running), exit 2 and an error report naming the signal.
+TEST_F(CliTest, ASignalToTheLauncherEndsTheWholeMpiJobWithAnErrorReport) {
+  auto c = write("g.json", kGoodCase);
+  const auto report = dir_ / "signalled-report.json";
+  // rank 1 hangs before step 0, so the job is still running when the signal comes.
+  const std::string cmd = "CPHARNESS_INJECT_FAULT=hang@1:0 " + std::string(CPHARNESS_BINARY) + " run " + c +
+                          " --comm mpi --nproc 2 --timeout 120 --report " + report.string();
+  const auto start = std::chrono::steady_clock::now();
+  auto r = cpharness::testing::run_command("sh -c '" + cmd + " & pid=$!; sleep 6; kill -TERM $pid; wait $pid; echo EXIT=$?'");
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(40)) << r.output;
+  EXPECT_NE(r.output.find("EXIT=2"), std::string::npos) << r.output;
+  std::ifstream in(report);
+  ASSERT_TRUE(in.good()) << r.output;
+  auto j = nlohmann::json::parse(in);
+  EXPECT_EQ(j["status"], "error");
+  EXPECT_NE(j["error"].get<std::string>().find("SIGTERM"), std::string::npos) << j["error"];
+  // Nothing of the job is left: no process still has this test's report path on its command line.
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  auto left = cpharness::testing::run_command("pgrep -f " + report.string() + " | grep -v $$ | wc -l");
+  EXPECT_EQ(left.output.substr(0, 1), "0") << "processes left running: " << left.output;
+}
+
+// Rank 0 frozen (SIGSTOP) during its cp 1 reference: the other ranks wait at most --timeout for it, then the whole
+// job ends (the frozen rank included): exit 2 and an error report naming rank 0, nothing left running.
+TEST_F(CliTest, ARankFrozenDuringTheReferenceEndsTheJobWithinTheTimeout) {
+  auto c = write("g.json", kGoodCase);
+  const auto report = dir_ / "frozen-report.json";
+  const auto start = std::chrono::steady_clock::now();
+  auto r = run_cli("run " + c + " --comm mpi --nproc 2 --timeout 8 --report " + report.string(),
+                   "CPHARNESS_INJECT_FAULT=stop@0");
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(60)) << r.output;
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  std::ifstream in(report);
+  ASSERT_TRUE(in.good()) << r.output;
+  auto j = nlohmann::json::parse(in);
+  EXPECT_EQ(j["status"], "error");
+  EXPECT_NE(j.dump().find("rank 0"), std::string::npos) << j.dump();
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  auto left = cpharness::testing::run_command("pgrep -f " + report.string() + " | grep -v $$ | wc -l");
+  EXPECT_EQ(left.output.substr(0, 1), "0") << "processes left running: " << left.output;
+}
+
 // --comm mpi: the same case as processes under mpirun gives the same verdicts and, since both backends reduce in
 // rank order, bit-identical trajectories.
 TEST_F(CliTest, MpiRunMatchesTheLocalRunBitForBit) {
@@ -364,3 +408,132 @@ TEST_F(CliTest, NcclWithoutAGpuEndsWithAnErrorReport) {
 }
 
 }  // namespace device_cli
+
+// ---- Hostile inputs: refused on load with exit 2, naming the file and the key, before anything is allocated ----
+
+namespace hostile_inputs {
+
+void expect_clean_input_error(const Result& r, const std::string& file, const std::string& key) {
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find(file), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(key), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("frame #"), std::string::npos) << "a C++ backtrace: " << r.output;
+  EXPECT_EQ(r.output.find("internal error"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("allocate"), std::string::npos) << r.output;
+}
+
+TEST_F(CliTest, SizesNoMachineCanHoldAreInputErrorsNamingTheKey) {
+  struct Bad { const char* name; const char* json; const char* key; };
+  const Bad bad[] = {
+      {"vocab.json", R"({"id": "t", "model": {"preset": "tiny-31b", "overrides": {"vocab_size": 1000000000000}}, "data": {"seq_len": 24}})", "model.overrides.vocab_size"},
+      {"hidden.json", R"({"id": "t", "model": {"preset": "tiny-31b", "overrides": {"hidden_size": 1099511627776}}, "data": {"seq_len": 24}})", "model.overrides.hidden_size"},
+      {"layers.json", R"({"id": "t", "model": {"preset": "tiny-31b", "overrides": {"intermediate_size": 200000, "hidden_size": 60000}}, "data": {"seq_len": 24}})", "model.overrides"},
+      {"seq.json", R"({"id": "t", "model": {"preset": "tiny-31b"}, "data": {"seq_len": 100000000000}})", "data.seq_len"},
+      {"batch.json", R"({"id": "t", "model": {"preset": "tiny-31b"}, "data": {"seq_len": 2000000, "batch": 1000}})", "data"},
+      {"docs.json", R"({"id": "t", "model": {"preset": "tiny-31b"}, "data": {"seq_len": 96, "document_lengths": [9223372036854775807, 9223372036854775807]}})", "data.document_lengths[0]"},
+      {"cp.json", R"({"id": "t", "model": {"preset": "tiny-31b"}, "data": {"seq_len": 96}, "cp": [2, 1000]})", "cp[1]"},
+  };
+  for (const auto& b : bad) {
+    const auto path = write(b.name, b.json);
+    const auto start = std::chrono::steady_clock::now();
+    expect_clean_input_error(run_cli("run " + path), b.name, b.key);
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20)) << b.name;
+  }
+}
+
+TEST_F(CliTest, ACpOverrideLargerThanTheSequenceIsRefusedBeforeAnyWork) {
+  auto c = write("good.json", kGoodCase);
+  auto out = dir_ / "r.json";
+  const auto start = std::chrono::steady_clock::now();
+  auto r = run_cli("run " + c + " --cp 1000 --report " + out.string());
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("cp 1000 is more than seq_len 24"), std::string::npos) << r.output;
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
+  std::ifstream in(out);
+  ASSERT_TRUE(in.good());
+  EXPECT_EQ(nlohmann::json::parse(in)["status"], "error");
+}
+
+TEST_F(CliTest, EchoedValuesAreCutToAFewHundredCharacters) {
+  const std::string key(1 << 20, 'k');
+  auto c = write("long.json", R"({"id": "t", "model": {"preset": "tiny-31b"}, "data": {"seq_len": 24}, ")" + key + R"(": 1})");
+  auto out = dir_ / "r.json";
+  auto r = run_cli("run " + c + " --report " + out.string());
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_LT(r.output.size(), 4000u) << r.output.substr(0, 500);
+  EXPECT_NE(r.output.find("more characters"), std::string::npos) << r.output.substr(0, 500);
+  EXPECT_LT(std::filesystem::file_size(out), 8000u);
+}
+
+TEST_F(CliTest, FileNamesBuiltFromCaseIdsStayInTheirDirectory) {
+  // A tolerance no run can meet, so the first-divergence dump is written.
+  auto c = write("esc.json", R"({"id": "../../escape", "model": {"preset": "tiny-31b"}, "data": {"seq_len": 24, "seed": 1},
+    "steps": 1, "tolerances": {"fp32_relative": 1e-30}})");
+  const auto dumps = dir_ / "a" / "b" / "dumps";
+  auto r = run_cli("run " + c + " --cp 2 --dump-dir " + dumps.string());
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  int inside = 0;
+  for (auto& e : fs::recursive_directory_iterator(dir_)) {
+    if (e.path().extension() != ".h5") continue;
+    EXPECT_EQ(e.path().parent_path(), dumps) << e.path();
+    ++inside;
+  }
+  EXPECT_GE(inside, 1) << r.output;
+}
+
+TEST_F(CliTest, UnwritableOutputsAreFoundBeforeTheRun) {
+  auto c = write("good.json", kGoodCase);
+  auto file = write("plain-file", "x");
+  for (const std::string& flag : {"--out " + file + "/sub", "--report " + (dir_ / "missing" / "r.json").string(),
+                                  "--junit " + (dir_ / "missing" / "r.xml").string(), "--dump-dir " + file + "/d"}) {
+    const auto start = std::chrono::steady_clock::now();
+    auto r = run_cli("run " + c + " --cp 2 " + flag);
+    EXPECT_EQ(r.exit_code, 2) << flag << "\n" << r.output;
+    EXPECT_NE(r.output.find(flag.substr(0, flag.find(' '))), std::string::npos) << r.output;
+    EXPECT_EQ(r.output.find("step 0"), std::string::npos) << flag << ": the run started: " << r.output;
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10)) << flag;
+  }
+}
+
+TEST_F(CliTest, TheProgressLineOfACaseInErrorSaysWhy) {
+  auto c = write("good.json", kGoodCase);
+  auto r = run_cli("run " + c + " --cp 2", "CPHARNESS_INJECT_FAULT=throw@0");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  const auto line = r.output.find("[t] error in ");
+  ASSERT_NE(line, std::string::npos) << r.output;
+  const auto text = r.output.substr(line, r.output.find('\n', line) - line);
+  EXPECT_NE(text.find("injected fault: an unexpected exception"), std::string::npos) << text;
+}
+
+TEST_F(CliTest, AnUnexpectedExceptionEndsInAnErrorReportWithAOneLineCause) {
+  auto c = write("good.json", kGoodCase);
+  auto out = dir_ / "out";
+  auto r = run_cli("run " + c + " --cp 2 --out " + out.string(), "CPHARNESS_INJECT_FAULT=throw@0");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  std::ifstream in(out / "report.json");
+  ASSERT_TRUE(in.good()) << r.output;
+  auto j = nlohmann::json::parse(in);
+  EXPECT_EQ(j["status"], "error");
+  const auto error = j["cases"][0]["error"].get<std::string>();
+  EXPECT_NE(error.find("injected fault: an unexpected exception"), std::string::npos) << error;
+  EXPECT_EQ(error.find('\n'), std::string::npos) << error;
+  EXPECT_EQ(error.find("second line"), std::string::npos) << error;
+}
+
+// ci/setup.sh's pip: the resolver's complaints about the CUDA wheels left out on purpose are not shown; pip's other
+// output and its exit status are.
+TEST_F(CliTest, SetupKeepsPipsRealErrorsAndDropsItsExpectedComplaints) {
+  auto fake = write("fake-pip", "#!/bin/sh\n"
+                                "echo \"ERROR: pip's dependency resolver does not currently take into account all the packages\" >&2\n"
+                                "echo 'torch 2.11.0 requires triton==3.6.0; platform_system == \"Linux\", which is not installed.' >&2\n"
+                                "echo 'ERROR: No matching distribution found for torch==9.9' >&2\n"
+                                "exit 3\n");
+  fs::permissions(fake, fs::perms::owner_all);
+  auto r = cpharness::testing::run_command(std::string(CPHARNESS_SOURCE_DIR) + "/ci/pip-quiet.sh " + fake + " install x");
+  EXPECT_EQ(r.exit_code, 3) << r.output;
+  EXPECT_NE(r.output.find("No matching distribution"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("which is not installed"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("dependency resolver"), std::string::npos) << r.output;
+}
+
+}  // namespace hostile_inputs

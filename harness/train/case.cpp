@@ -106,6 +106,21 @@ void read_data(const json& j, const std::string& path, Case& c) {
       c.data.vision_runs.push_back({r[0].get<int64_t>(), r[1].get<int64_t>()});
     }
   }
+  // Limits checked before the batch is made (it is allocated here): far above any CP recipe (the longest is 64k
+  // tokens), so only a size no machine can hold is refused.
+  if (c.data.seq_len > kMaxSeqLen)
+    throw InputError(path, "data.seq_len", fmt::format("{} is more than this harness allows ({} tokens)", c.data.seq_len, kMaxSeqLen));
+  if (c.data.batch > kMaxBatch)
+    throw InputError(path, "data.batch", fmt::format("{} is more than this harness allows ({})", c.data.batch, kMaxBatch));
+  if (c.data.batch * c.data.seq_len > kMaxTokens)
+    throw InputError(path, "data", fmt::format("batch x seq_len = {} tokens is more than this harness allows ({})",
+                                               c.data.batch * c.data.seq_len, kMaxTokens));
+  if (c.data.padding > c.data.seq_len)
+    throw InputError(path, "data.padding", fmt::format("{} is longer than seq_len {}", c.data.padding, c.data.seq_len));
+  for (size_t i = 0; i < c.data.document_lengths.size(); ++i)
+    if (c.data.document_lengths[i] > c.data.seq_len)  // so that their sum cannot overflow
+      throw InputError(path, fmt::format("data.document_lengths[{}]", i),
+                       fmt::format("{} is longer than seq_len {}", c.data.document_lengths[i], c.data.seq_len));
   c.data.vocab_size = c.model.vocab_size;
   try {
     make_batch(c.data);  // validates lengths, padding and runs against each other
@@ -143,7 +158,7 @@ void read_requires(const json& j, const std::string& path, Case& c) {
 void read_checks(const json& j, const std::string& path, Case& c) {
   if (!j["checks"].is_array()) throw InputError(path, "checks", "wrong type: expected an array of check names");
   static const std::vector<std::string> known = {
-      "mask.", "ring.", "attention.", "kvshare.", "cache.", "train.", "determinism.", "golden.", "hf."};
+      "mask.", "ring.", "attention.", "kvshare.", "cache.", "train.", "determinism.", "golden.", "hf.", "power."};
   for (size_t i = 0; i < j["checks"].size(); ++i) {
     const json& v = j["checks"][i];
     const std::string field = fmt::format("checks[{}]", i);
@@ -167,6 +182,12 @@ void read_tolerances(const json& j, const std::string& path, Case& c) {
 
 }  // namespace
 
+std::optional<std::string> cp_size_problem(int64_t cp, int64_t seq_len) {
+  if (cp > kMaxCp) return fmt::format("cp {} is more than this harness allows ({})", cp, kMaxCp);
+  if (cp > seq_len) return fmt::format("cp {} is more than seq_len {}: every rank needs at least one token", cp, seq_len);
+  return std::nullopt;
+}
+
 Case case_from_json(const json& j, const std::string& path) {
   if (!j.is_object()) throw InputError(path, "case", "expected a JSON object");
   reject_unknown(j, {"id", "description", "model", "weights", "data", "dtype", "steps", "optimizer", "cp", "requires", "checks",
@@ -185,6 +206,8 @@ Case case_from_json(const json& j, const std::string& path) {
   if (j.contains("steps")) c.steps = int_at(j, "steps", path, "steps", 1);
   if (j.contains("optimizer")) read_optimizer(j, path, c);
   if (j.contains("cp")) c.cp_sizes = ints_at(j, "cp", path, "cp", 1);
+  for (size_t i = 0; i < c.cp_sizes.size(); ++i)
+    if (auto why = cp_size_problem(c.cp_sizes[i], c.data.seq_len)) throw InputError(path, fmt::format("cp[{}]", i), *why);
   if (j.contains("requires")) read_requires(j, path, c);
   if (j.contains("checks")) read_checks(j, path, c);
   if (j.contains("tolerances")) read_tolerances(j, path, c);
@@ -194,6 +217,7 @@ Case case_from_json(const json& j, const std::string& path) {
     c.block_mask_cache = j["block_mask_cache"].get<bool>();
   }
   if (j.contains("reference_cp")) c.reference_cp = int_at(j, "reference_cp", path, "reference_cp", 1);
+  if (auto why = cp_size_problem(c.reference_cp, c.data.seq_len)) throw InputError(path, "reference_cp", *why);
   if (j.contains("loss_chunk_tokens")) c.loss_chunk_tokens = int_at(j, "loss_chunk_tokens", path, "loss_chunk_tokens", 1);
   if (j.contains("device")) {
     c.device = string_at(j, "device", path, "device");

@@ -47,6 +47,14 @@ struct Case {
   nlohmann::json raw;                          // the file as read, for provenance
 };
 
+// Sizes a case may ask for (checked on load, before anything is allocated).
+inline constexpr int64_t kMaxSeqLen = int64_t(1) << 21;  // tokens per row
+inline constexpr int64_t kMaxBatch = 1024;
+inline constexpr int64_t kMaxTokens = int64_t(1) << 23;  // batch x seq_len
+inline constexpr int64_t kMaxCp = 4096;
+// Why `cp` cannot split `seq_len` tokens (more ranks than tokens, or above kMaxCp), or nullopt.
+std::optional<std::string> cp_size_problem(int64_t cp, int64_t seq_len);
+
 Case case_from_json(const nlohmann::json& j, const std::string& path);
 Case load_case(const std::string& path);
 // A file, or every *.json in a directory (sorted by name).

@@ -1,0 +1,111 @@
+// The power check (can a case see a CP-shaped bug?) and the did-it-train check on a dead model.
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "harness/cp/cp_step.h"
+#include "harness/cp/shard_plan.h"
+#include "harness/model/gemma4.h"
+#include "harness/runner/suite.h"
+#include "harness/train/case.h"
+
+namespace cpharness::runner {
+namespace {
+
+train::Case make_case(const std::string& extra = "{}") {
+  auto j = nlohmann::json::parse(R"({"id": "p", "model": {"preset": "tiny-31b"},
+    "data": {"seq_len": 32, "document_lengths": [14, 12], "padding": 6, "seed": 3}, "steps": 2, "cp": [2, 4]})");
+  j.merge_patch(nlohmann::json::parse(extra));
+  return train::case_from_json(j, "p.json");
+}
+
+std::vector<const report::CheckResult*> named(const report::CaseReport& r, const std::string& name) {
+  std::vector<const report::CheckResult*> out;
+  for (auto& k : r.checks)
+    if (k.name == name) out.push_back(&k);
+  return out;
+}
+
+TEST(PowerCheck, ACaseWithTheLanesTolerancesSeesADroppedBoundaryLabel) {
+  const auto r = run_case(make_case(), SuiteOptions{});
+  ASSERT_FALSE(r.error) << *r.error;
+  const auto power = named(r, "power.boundary_label");
+  ASSERT_EQ(power.size(), 2u);  // one per cp
+  for (auto* k : power) {
+    EXPECT_EQ(k->status, report::Status::Pass) << k->message;
+    EXPECT_NE(k->details["seen_by"].dump().find("train.loss_parity"), std::string::npos) << k->details.dump();
+  }
+  EXPECT_EQ(r.status(), report::Status::Pass);
+}
+
+TEST(PowerCheck, ToleranceOfOneMakesTheCaseInsensitive) {
+  const auto r = run_case(make_case(R"({"tolerances": {"fp32_relative": 1}})"), SuiteOptions{});
+  ASSERT_FALSE(r.error) << *r.error;
+  const auto power = named(r, "power.boundary_label");
+  ASSERT_FALSE(power.empty());
+  for (auto* k : power) {
+    EXPECT_EQ(k->status, report::Status::Fail);
+    EXPECT_NE(k->message.find("insensitive"), std::string::npos) << k->message;
+    EXPECT_NE(k->message.find("dropping the label of token"), std::string::npos) << k->message;
+  }
+  EXPECT_EQ(r.status(), report::Status::Fail);
+}
+
+TEST(PowerCheck, CountChecksAloneMakeItNotApplicable) {
+  const auto r = run_case(make_case(R"({"checks": ["cache.", "ring."]})"), SuiteOptions{});
+  ASSERT_FALSE(r.error) << *r.error;
+  const auto power = named(r, "power.boundary_label");
+  ASSERT_FALSE(power.empty());
+  for (auto* k : power) {
+    EXPECT_EQ(k->status, report::Status::Skipped);
+    EXPECT_NE(k->message.find("not applicable"), std::string::npos) << k->message;
+  }
+}
+
+// The perturbed token against a brute-force oracle: labels shifted on the whole sequence, cut into contiguous
+// shards of the plan's length; the first counted target of the first rank > 0 that has one.
+TEST(PowerCheck, TheBoundaryLabelIsTheFirstCountedTargetOfTheFirstRankAfterZero) {
+  std::mt19937_64 rng(11);
+  for (int trial = 0; trial < 60; ++trial) {
+    const int64_t S = 4 + int64_t(rng() % 60);
+    const int cp = 2 + int(rng() % std::min<int64_t>(6, S - 1));
+    nlohmann::json j = {{"id", "b"}, {"model", {{"preset", "tiny-e2b"}}}, {"data", {{"seq_len", S}, {"seed", trial}}}};
+    const int64_t pad = int64_t(rng() % (S / 2 + 1));
+    j["data"]["padding"] = pad;
+    if (rng() % 2 && S - pad >= 2) j["data"]["document_lengths"] = {(S - pad) / 2, S - pad - (S - pad) / 2};
+    const auto c = train::case_from_json(j, "b.json");
+    const auto batch = train::batch_for_step(c, 0);
+    const auto got = cp::boundary_label_target(batch, cp, 0);
+    const cp::ShardPlan plan(S, cp);
+    auto shifted = model::shift_labels(batch.labels).select(0, 0);
+    cp::BoundaryLabel want;
+    for (int r = 1; r < cp && want.rank < 0; ++r)
+      for (int64_t i = 0; i < plan.local_len(); ++i) {
+        const int64_t g = r * plan.local_len() + i;
+        if (g < S && shifted[g].item<int64_t>() != model::kIgnoreIndex) {
+          want = {r, i, g};
+          break;
+        }
+      }
+    EXPECT_EQ(got.rank, want.rank) << "trial " << trial;
+    EXPECT_EQ(got.local_index, want.local_index) << "trial " << trial;
+    EXPECT_EQ(got.global_index, want.global_index) << "trial " << trial;
+  }
+}
+
+TEST(TrainedCheck, TwoDeadModelsAgreeingFailEveryRun) {
+  SuiteOptions o;
+  o.run.zero_weights = true;
+  const auto r = run_case(make_case(), o);
+  ASSERT_FALSE(r.error) << *r.error;
+  const auto trained = named(r, "train.trained");
+  ASSERT_EQ(trained.size(), 3u);  // the reference and both candidates
+  for (auto* k : trained) {
+    EXPECT_EQ(k->status, report::Status::Fail) << k->message;
+    EXPECT_NE(k->message.find("did not train"), std::string::npos) << k->message;
+  }
+  EXPECT_EQ(r.status(), report::Status::Fail);
+}
+
+}  // namespace
+}  // namespace cpharness::runner
