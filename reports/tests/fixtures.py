@@ -207,6 +207,16 @@ def build_case(spec, failing, rng):
                     g = block_tiles(seq_len, n, r, o, window, docs, padding, lt == "full_attention")
                     grids.append({"layer_type": lt, "rank": r, "chunk_owner": o, **g})
         case["block_masks"][str(n)] = grids
+    # Performance of every run: the reference on the CPU, candidates on one GPU (peak bytes are the device's).
+    case["performance"] = {"1": {"device": "cpu", "device_name": "cpu", "devices": 1, "tokens_per_step": seq_len,
+                                 "step_seconds": [0.5] * STEPS, "tokens_per_s_per_device": [seq_len / 0.5] * STEPS,
+                                 "peak_allocated_bytes": [None] * STEPS, "peak_reserved_bytes": [None] * STEPS}}
+    for n in cps:
+        case["performance"][str(n)] = {"device": "cuda:0", "device_name": "NVIDIA H200", "devices": 1,
+                                       "tokens_per_step": seq_len, "step_seconds": [0.25] * STEPS,
+                                       "tokens_per_s_per_device": [seq_len / 0.25] * STEPS,
+                                       "peak_allocated_bytes": [3 * 2**30] * STEPS,
+                                       "peak_reserved_bytes": [4 * 2**30] * STEPS}
     return case
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, REPORTS)
 
 import fixtures  # noqa: E402
 
-SECTIONS = ("trajectories", "divergence", "block-masks", "ring", "cache")
+SECTIONS = ("trajectories", "divergence", "block-masks", "ring", "cache", "performance")
 
 
 def run_script(*args, env=None):
@@ -176,6 +176,15 @@ class RenderTest(unittest.TestCase):
         for name, page in self.pages.items():
             for case, kind, has_svg in page.figures:
                 self.assertTrue(has_svg, f"{name}: {case} {kind} figure has no inline <svg>")
+
+    def test_performance_table_shows_every_run_with_device_memory(self):
+        html = self.pass_html
+        for case in self.passing["cases"]:
+            for cp in case["performance"]:
+                self.assertIn(f"<tr><td>{cp}</td>", html, cp)
+        self.assertIn("3.00 GiB", html)   # the candidates' peak allocated bytes
+        self.assertIn("NVIDIA H200", html)
+        self.assertIn("&ndash;", html)    # the CPU reference has no device memory
 
     def test_figure_counts(self):
         per_cp = sum(len(c["cp_sizes"]) for c in self.passing["cases"])
