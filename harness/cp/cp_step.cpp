@@ -98,7 +98,8 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
 
 CpTrainer::CpTrainer(Comm& comm, model::Gemma4Model model, const train::OptimizerOptions& o, RingOptions ring_options,
                      CpStepOptions step_options)
-    : comm_(comm), model_(std::move(model)), ring_(comm, ring_options), step_options_(step_options) {
+    : comm_(comm), model_(std::move(model)), ring_(comm, ring_options), step_options_(step_options),
+      optimizer_options_(o) {
   optimizer_ = train::make_adamw(model_->parameters(), o);
 }
 
@@ -110,7 +111,7 @@ train::StepResult CpTrainer::step(const train::Batch& batch, CpForwardResult* fo
   auto r = cp_forward_backward(comm_, model_, ring_, batch, ++generation_, options);
   if (forward) *forward = r;
   train::StepResult result{r.loss, train::grad_norm(model_->parameters()), r.counted_tokens};
-  optimizer_->step();
+  train::optimizer_step(*optimizer_, optimizer_options_);
   return result;
 }
 

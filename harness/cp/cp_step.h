@@ -67,6 +67,7 @@ class CpTrainer {
   RingAttention ring_;
   std::unique_ptr<torch::optim::AdamW> optimizer_;
   CpStepOptions step_options_;
+  train::OptimizerOptions optimizer_options_;
   uint64_t generation_ = 0;
 };
 

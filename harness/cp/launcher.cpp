@@ -388,6 +388,9 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
   bool timed_out = false;
   int stop_signal = 0;
   const int status = wait_for_job(pid, relay, opt.job_timeout, timed_out, stop_signal);
+  // mpirun is gone; a rank it could not end (one frozen by SIGSTOP keeps a pending SIGTERM) may still be in its
+  // process group: nothing of the job outlives the launcher.
+  ::kill(-pid, SIGKILL);
   ::close(relay.fd);
   res.stderr_tail = std::move(relay.tail);
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

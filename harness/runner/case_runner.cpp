@@ -141,12 +141,15 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
       for (auto& h : hidden) run.hidden.push_back(h.detach().to(torch::kCPU, torch::kFloat64));
       run.grads = model::gradient_copies(m, torch::kFloat64);
     }
-    optimizer->step();
+    train::optimizer_step(*optimizer, c.optimizer);
     meter.finish(rec);
     rec.param_norm = param_norm(m);
     run.steps.push_back(rec);
   }
-  run.final_params = model::parameter_copies(m, torch::kFloat64);
+  if (options.record_tensors) run.final_params = model::parameter_copies(m, torch::kFloat64);
+  optimizer.reset();
+  m = nullptr;
+  train::release_cached_memory(options.device);
   run.seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return run;
 }
@@ -191,7 +194,7 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
       }
     }
   }
-  if (rec.rank == 0) rec.final_params = model::parameter_copies(trainer.model(), torch::kFloat64);
+  if (rec.rank == 0 && options.record_tensors) rec.final_params = model::parameter_copies(trainer.model(), torch::kFloat64);
   return rec;
 }
 
@@ -234,6 +237,7 @@ LaneRun run_cp(const train::Case& c, train::DtypeLane lane, int n, const RunOpti
   const auto start = Clock::now();
   std::vector<CpRankRecord> ranks(static_cast<size_t>(n));
   cp::run_local(n, [&](cp::Comm& comm) { ranks[size_t(comm.rank())] = run_cp_rank(comm, c, lane, options); }, options.timeout);
+  train::release_cached_memory(options.device);
   return assemble_cp_run(c, lane, std::move(ranks), std::chrono::duration<double>(Clock::now() - start).count(),
                          options.device, 1);
 }
@@ -241,6 +245,7 @@ LaneRun run_cp(const train::Case& c, train::DtypeLane lane, int n, const RunOpti
 std::optional<LaneRun> run_cp_on(cp::Comm& world, const train::Case& c, train::DtypeLane lane, const RunOptions& options) {
   const auto start = Clock::now();
   auto mine = run_cp_rank(world, c, lane, options);
+  train::release_cached_memory(options.device);
   auto all = gather_rank_records(world, mine);
   if (world.rank() != 0) return std::nullopt;
   // One process per rank: each has a device of its own when on CUDA (nccl), or shares the host (mpi on the CPU).

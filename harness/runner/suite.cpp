@@ -224,6 +224,7 @@ RunOptions run_options_of(const train::Case& c, const SuiteOptions& options) {
   RunOptions o = options.run;
   o.timeout = options.timeout;
   o.device = rank_device(device_of(c, options), options);
+  o.record_tensors = o.record_tensors && c.record_tensors;
   o.ring.q_block = o.ring.kv_block = c.block_size;
   if (!c.block_mask_cache) o.ring.cache_enabled = false;
   return o;

@@ -246,6 +246,17 @@ TEST_F(CliTest, MissingOrCorruptGoldenIsExit2WithAnErrorReport) {
 }
 
 #ifdef CPHARNESS_TEST_MPI
+// Processes whose command line holds `marker` (a path unique to the test), after waiting up to `wait` for them to go.
+int processes_left(const std::string& marker, std::chrono::seconds wait) {
+  const auto until = std::chrono::steady_clock::now() + wait;
+  for (;;) {
+    auto r = cpharness::testing::run_command("pgrep -f " + marker + " | grep -v -w $$ | wc -l");
+    const int n = std::atoi(r.output.c_str());
+    if (n == 0 || std::chrono::steady_clock::now() > until) return n;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+}
+
 // SIGTERM (what CI and `timeout` send) to the launching process of an mpi job: passed on to mpirun and both ranks,
 // all reaped (none left running), exit 2 and an error report naming the signal.
 TEST_F(CliTest, ASignalToTheLauncherEndsTheWholeMpiJobWithAnErrorReport) {
@@ -264,9 +275,7 @@ TEST_F(CliTest, ASignalToTheLauncherEndsTheWholeMpiJobWithAnErrorReport) {
   EXPECT_EQ(j["status"], "error");
   EXPECT_NE(j["error"].get<std::string>().find("SIGTERM"), std::string::npos) << j["error"];
   // Nothing of the job is left: no process still has this test's report path on its command line.
-  std::this_thread::sleep_for(std::chrono::seconds(1));
-  auto left = cpharness::testing::run_command("pgrep -f " + report.string() + " | grep -v $$ | wc -l");
-  EXPECT_EQ(left.output.substr(0, 1), "0") << "processes left running: " << left.output;
+  EXPECT_EQ(processes_left(report.string(), std::chrono::seconds(5)), 0);
 }
 
 // Rank 0 frozen (SIGSTOP) during its cp 1 reference: the other ranks wait at most --timeout for it, then the whole
@@ -284,9 +293,7 @@ TEST_F(CliTest, ARankFrozenDuringTheReferenceEndsTheJobWithinTheTimeout) {
   auto j = nlohmann::json::parse(in);
   EXPECT_EQ(j["status"], "error");
   EXPECT_NE(j.dump().find("rank 0"), std::string::npos) << j.dump();
-  std::this_thread::sleep_for(std::chrono::seconds(1));
-  auto left = cpharness::testing::run_command("pgrep -f " + report.string() + " | grep -v $$ | wc -l");
-  EXPECT_EQ(left.output.substr(0, 1), "0") << "processes left running: " << left.output;
+  EXPECT_EQ(processes_left(report.string(), std::chrono::seconds(5)), 0);
 }
 
 // --comm mpi: the same case as processes under mpirun gives the same verdicts and, since both backends reduce in

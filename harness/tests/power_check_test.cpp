@@ -6,6 +6,8 @@
 #include "harness/cp/cp_step.h"
 #include "harness/cp/shard_plan.h"
 #include "harness/model/gemma4.h"
+#include "harness/model/weights.h"
+#include "harness/runner/case_runner.h"
 #include "harness/runner/suite.h"
 #include "harness/train/case.h"
 
@@ -105,6 +107,36 @@ TEST(TrainedCheck, TwoDeadModelsAgreeingFailEveryRun) {
     EXPECT_NE(k->message.find("did not train"), std::string::npos) << k->message;
   }
   EXPECT_EQ(r.status(), report::Status::Fail);
+}
+
+// "record_tensors": false keeps no tensors (real sizes): the checks that need them say so instead of passing.
+TEST(RecordTensors, OffSkipsTheTensorChecksAndSaysSo) {
+  const auto r = run_case(make_case(R"({"record_tensors": false})"), SuiteOptions{});
+  ASSERT_FALSE(r.error) << *r.error;
+  int skipped_params = 0;
+  for (auto* k : named(r, "train.param_parity"))
+    if (k->status == report::Status::Skipped) {
+      ++skipped_params;
+      EXPECT_NE(k->message.find("not recorded"), std::string::npos) << k->message;
+    }
+  EXPECT_EQ(skipped_params, 2);  // one per cp size
+  for (auto* k : named(r, "train.loss_parity")) EXPECT_NE(k->metric, "logits_rel_l2_step0");
+  EXPECT_EQ(r.status(), report::Status::Pass);
+}
+
+// lr 0: the optimizer step is skipped (AdamW would change nothing and allocate two states per parameter); the weights
+// stay bit for bit, and every step still trains on its own batch.
+TEST(ZeroLr, SkipsTheOptimizerAndKeepsEveryParameter) {
+  const auto c = make_case(R"({"optimizer": {"lr": 0}, "steps": 3})");
+  auto model = build_model(c, torch::kFloat32);
+  const auto initial = model::parameter_copies(model, torch::kFloat64);
+  const auto run = run_reference(c, train::DtypeLane::kFp32);
+  ASSERT_EQ(run.final_params.size(), initial.size());
+  for (auto& [name, p] : initial) EXPECT_TRUE(torch::equal(run.final_params.at(name), p)) << name;
+  for (auto& s : run.steps) EXPECT_EQ(s.param_norm, run.steps[0].param_norm);
+  EXPECT_NE(run.steps[1].loss, run.steps[0].loss);
+  const auto cand = run_cp(c, train::DtypeLane::kFp32, 2);
+  for (auto& [name, p] : initial) EXPECT_TRUE(torch::equal(cand.final_params.at(name), p)) << name;
 }
 
 }  // namespace

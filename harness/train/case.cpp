@@ -191,7 +191,7 @@ std::optional<std::string> cp_size_problem(int64_t cp, int64_t seq_len) {
 Case case_from_json(const json& j, const std::string& path) {
   if (!j.is_object()) throw InputError(path, "case", "expected a JSON object");
   reject_unknown(j, {"id", "description", "model", "weights", "data", "dtype", "steps", "optimizer", "cp", "requires", "checks",
-                     "tolerances", "block_size", "block_mask_cache", "device", "loss_chunk_tokens", "reference_cp"}, path, "");
+                     "tolerances", "block_size", "block_mask_cache", "device", "loss_chunk_tokens", "reference_cp", "record_tensors"}, path, "");
   Case c;
   c.path = path;
   c.raw = j;
@@ -215,6 +215,10 @@ Case case_from_json(const json& j, const std::string& path) {
   if (j.contains("block_mask_cache")) {
     if (!j["block_mask_cache"].is_boolean()) throw InputError(path, "block_mask_cache", "wrong type: expected a boolean");
     c.block_mask_cache = j["block_mask_cache"].get<bool>();
+  }
+  if (j.contains("record_tensors")) {
+    if (!j["record_tensors"].is_boolean()) throw InputError(path, "record_tensors", "wrong type: expected a boolean");
+    c.record_tensors = j["record_tensors"].get<bool>();
   }
   if (j.contains("reference_cp")) c.reference_cp = int_at(j, "reference_cp", path, "reference_cp", 1);
   if (auto why = cp_size_problem(c.reference_cp, c.data.seq_len)) throw InputError(path, "reference_cp", *why);

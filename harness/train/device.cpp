@@ -67,6 +67,12 @@ std::optional<DeviceMemory> peak_memory(const torch::Device& device) {
   return std::nullopt;
 }
 
+void release_cached_memory(const torch::Device& device) {
+#ifdef CPHARNESS_HAVE_CUDA
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
+#endif
+}
+
 std::string device_name(const torch::Device& device) {
 #ifdef CPHARNESS_HAVE_CUDA
   if (device.is_cuda()) {

@@ -34,6 +34,10 @@ struct DeviceMemory {
 void reset_peak_memory(const torch::Device& device);
 std::optional<DeviceMemory> peak_memory(const torch::Device& device);
 
+// Gives the caching allocator's unused blocks back to the driver (CUDA; a no-op on the CPU), so that one run's
+// cache does not crowd the next run of the same process (the reference, then the fp32 oracle, then a candidate).
+void release_cached_memory(const torch::Device& device);
+
 // The device's name for reports ("cpu", or the GPU's marketing name).
 std::string device_name(const torch::Device& device);
 

@@ -18,8 +18,12 @@ std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<torch::Tensor>
   return std::make_unique<torch::optim::AdamW>(parameters, options);
 }
 
+void optimizer_step(torch::optim::AdamW& optimizer, const OptimizerOptions& options) {
+  if (options.lr != 0) optimizer.step();
+}
+
 Trainer::Trainer(model::Gemma4Model model, const OptimizerOptions& o, bool use_share_holder)
-    : model_(std::move(model)), use_share_holder_(use_share_holder) {
+    : model_(std::move(model)), options_(o), use_share_holder_(use_share_holder) {
   optimizer_ = make_adamw(model_->parameters(), o);
 }
 
@@ -34,7 +38,7 @@ StepResult Trainer::step(const Batch& batch, model::AttentionBackend& backend) {
   auto mean = loss.sum / double(std::max<int64_t>(loss.count, 1));
   mean.backward();
   StepResult result{mean.item<double>(), grad_norm(model_->parameters()), loss.count};
-  optimizer_->step();
+  optimizer_step(*optimizer_, options_);
   return result;
 }
 

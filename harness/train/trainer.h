@@ -27,6 +27,11 @@ struct StepResult {
 // AdamW over `parameters` with the case's options (the one place every trainer builds its optimizer).
 std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<torch::Tensor>& parameters, const OptimizerOptions& options);
 
+// The optimizer step. With lr 0 AdamW changes no parameter (the update and the decoupled weight decay are both
+// scaled by lr), so it is skipped, and AdamW never allocates its two state tensors per parameter: a real-size case
+// that only checks forward/backward parity with "lr": 0 needs one copy of the weights, not three.
+void optimizer_step(torch::optim::AdamW& optimizer, const OptimizerOptions& options);
+
 // sqrt(sum over parameters of sum(grad^2)), accumulated in fp64.
 double grad_norm(const std::vector<torch::Tensor>& parameters);
 
@@ -40,6 +45,7 @@ class Trainer {
  private:
   model::Gemma4Model model_;
   std::unique_ptr<torch::optim::AdamW> optimizer_;
+  OptimizerOptions options_;
   bool use_share_holder_;
 };
 
