@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <iostream>
 
+#include "harness/check/checks.h"
 #include "harness/check/hf_parity.h"
 #include "harness/io/input_error.h"
 #include "harness/report/environment.h"
@@ -36,6 +37,21 @@ std::vector<std::string> hf_golden_files(const std::vector<std::string>& paths) 
 
 namespace {
 
+// train.trained for one C++ run on a golden's weights and batch (one step: finite loss and grad norm, grad norm > 0,
+// an output that does not ignore its input), so two dead models agreeing cannot pass hf.parity either.
+report::CheckResult trained(const report::HfRun& run) {
+  report::LaneRun lane;
+  lane.cp = run.cp;
+  torch::Tensor sum;
+  for (auto& [name, g] : run.grads) {
+    auto s = g.to(torch::kFloat64).pow(2).sum();
+    sum = sum.defined() ? sum + s : s;
+  }
+  lane.steps.push_back({run.loss, sum.defined() ? std::sqrt(sum.item<double>()) : 0.0, 0, 0});
+  if (run.logits.defined()) lane.logits = run.logits.to(torch::kFloat64);
+  return check::check_trained(lane);
+}
+
 // One golden: hf.parity at every cp size, and kvshare.bug_detected for a dead-K/V export.
 report::CaseReport hf_parity_case(const std::string& path, const HfParityOptions& options,
                                   std::vector<std::string>& versions) {
@@ -58,6 +74,8 @@ report::CaseReport hf_parity_case(const std::string& path, const HfParityOptions
         ok = ok && c.status == report::Status::Pass;
         cr.checks.push_back(c);
       }
+      cr.checks.push_back(trained(run));
+      ok = ok && cr.checks.back().status == report::Status::Pass;
       std::cerr << fmt::format("{} cp {}: loss {:.9g} (transformers {:.9g}) {}\n", cr.id, cp, run.loss, g.loss(),
                                ok ? "pass" : "FAIL");
     }
