@@ -58,6 +58,12 @@ std::vector<CheckResult> check_kvshare(const train::Case& c, int cp, const Toler
 // different batch. Judged for every run whatever checks the case selects: a non-finite or dead run is never a pass.
 CheckResult check_trained(const report::LaneRun& run);
 
+// The data of the page's divergence figure (report.json divergence_profile, schema $defs/divergence_profile): the
+// relative error of every hidden state at step 0 in forward order, then of every gradient in backward order, each
+// with the threshold the training checks judge it by. Empty when the runs recorded no tensors.
+nlohmann::json divergence_profile(const train::Case& c, const Tolerances& tol, const report::LaneRun& reference,
+                                  const report::LaneRun& candidate, const report::LaneRun* oracle);
+
 // power.boundary_label: can this case see a CP-shaped bug? `seen` are the case's selected parity checks judged on a
 // one-step candidate whose `perturbation` (named in the report) a correct implementation never shows; at least one
 // must fail, else the case is insensitive (a failure). `applicable` false (no parity check selected, or nothing to

@@ -302,6 +302,34 @@ CheckResult check_trained(const report::LaneRun& run) {
   return res;
 }
 
+nlohmann::json divergence_profile(const train::Case& c, const Tolerances& tol, const report::LaneRun& ref,
+                                  const report::LaneRun& cand, const report::LaneRun* oracle) {
+  const bool bf16 = cand.lane == train::DtypeLane::kBf16 && oracle;
+  const report::LaneRun& base = bf16 ? *oracle : ref;
+  if (base.hidden.empty() || cand.hidden.empty() || base.grads.empty() || cand.grads.empty()) return nullptr;
+  const int n = cand.cp;
+  auto value = [](double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(std::isnan(v) ? "nan" : "inf"); };
+  auto entry = [&](const std::string& name, double e, double allowed) {
+    return nlohmann::json{{"name", name}, {"rel", value(e)}, {"threshold", value(allowed)}};
+  };
+  const auto valid = valid_tokens(c);
+  nlohmann::json hidden = nlohmann::json::array(), grads = nlohmann::json::array();
+  for (size_t i = 0; i < std::min(base.hidden.size(), cand.hidden.size()); ++i) {
+    const double e = rel(cand.hidden[i] * valid, base.hidden[i] * valid);
+    const double allowed = bf16 ? tol.bf16(rel(ref.hidden.at(i) * valid, base.hidden[i] * valid), n) : tol.fp32(n);
+    hidden.push_back(entry(i == 0 ? "embeddings" : fmt::format("layers.{}.output", i - 1), e, allowed));
+  }
+  std::vector<std::string> names;
+  for (auto& [name, t] : base.grads) names.push_back(name);
+  for (auto& name : model::grad_backward_order(names)) {
+    auto it = cand.grads.find(name);
+    const double e = it == cand.grads.end() ? INFINITY : rel(it->second, base.grads.at(name));
+    const double allowed = bf16 ? tol.bf16(rel(ref.grads.at(name), base.grads.at(name)), n) : tol.fp32(n);
+    grads.push_back(entry(name, e, allowed));
+  }
+  return {{"step", 0}, {"policy", bf16 ? "bf16_oracle_relative" : "fp32_relative"}, {"hidden", hidden}, {"grads", grads}};
+}
+
 CheckResult check_power(int cp, const std::string& perturbation, const std::vector<CheckResult>& seen, bool applicable,
                         const std::string& why) {
   if (!applicable) {

@@ -91,9 +91,15 @@ ojson case_json(const CaseReport& c) {
     ojson passes = ojson::array();
     for (const auto& p : t.passes) passes.push_back(ojson{{"pass", p.pass}, {"comm_ops", p.comm_ops}, {"bytes", p.bytes}});
     ring[std::to_string(cp)] = ojson{{"owners", t.owners}, {"passes", std::move(passes)}};
+    if (!t.owners_by_pass.empty()) {
+      ojson by = ojson::object();
+      for (const auto& [pass, table] : t.owners_by_pass) by[pass] = table;
+      ring[std::to_string(cp)]["owners_by_pass"] = std::move(by);
+    }
   }
   o["ring"] = std::move(ring);
   if (c.reference_cp) o["reference_cp"] = *c.reference_cp;
+  for (auto it = c.page.begin(); it != c.page.end(); ++it) o[it.key()] = ojson::parse(it.value().dump());
   if (!c.performance.empty()) {
     ojson perf = ojson::object();
     for (const auto& [cp, p] : c.performance) {
@@ -347,6 +353,21 @@ CaseReport read_case(const json& j, const std::string& path, const std::string& 
         row.push_back(static_cast<int>(t.as_int(owners[r][s], fmt::format("{}[{}]", rw, s), 0)));
       tr.owners.push_back(std::move(row));
     }
+    if (t.has("owners_by_pass")) {
+      const json& by = t.at("owners_by_pass");
+      if (!by.is_object()) t.fail(t.key_path("owners_by_pass"), "expected an object of owners tables");
+      for (auto it = by.begin(); it != by.end(); ++it) {
+        std::vector<std::vector<int>> table;
+        if (!it.value().is_array()) t.fail(t.key_path("owners_by_pass." + it.key()), "expected an array over ranks");
+        for (auto& row : it.value()) {
+          if (!row.is_array()) t.fail(t.key_path("owners_by_pass." + it.key()), "expected an array over ring steps");
+          std::vector<int> r;
+          for (auto& v : row) r.push_back(static_cast<int>(t.as_int(v, t.key_path("owners_by_pass." + it.key()), 0)));
+          table.push_back(std::move(r));
+        }
+        tr.owners_by_pass[it.key()] = std::move(table);
+      }
+    }
     const json& passes = array_at(t, "passes");
     for (std::size_t i = 0; i < passes.size(); ++i) {
       Obj p(passes[i], fmt::format("{}[{}]", t.key_path("passes"), i), source);
@@ -361,6 +382,8 @@ CaseReport read_case(const json& j, const std::string& path, const std::string& 
     return tr;
   });
   if (o.has("reference_cp")) c.reference_cp = int(o.integer("reference_cp", 1));
+  for (const char* key : {"oracle_trajectory", "divergence_profile", "block_masks", "block_mask_cache_expected"})
+    if (o.has(key)) c.page[key] = o.at(key);  // the page's data: the schema describes it, the page reads it
   if (o.has("performance"))
     c.performance = read_per_cp<Performance>(o, "performance", [&](const json& v, const std::string& where) {
       Obj t(v, where, source);

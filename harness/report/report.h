@@ -89,6 +89,8 @@ struct RingTrace {
   // owners[rank][ring_step]: the rank whose K/V chunk `rank` held at that ring step.
   std::vector<std::vector<int>> owners;
   std::vector<RingPass> passes;
+  // Optional: the owners table of each pass ("forward", "backward"), from its first layer's trace.
+  std::map<std::string, std::vector<std::vector<int>>> owners_by_pass;
 };
 
 // How fast and how big one run of a case was (the cp 1 reference, or a cp N candidate), one value per step.
@@ -116,6 +118,8 @@ struct CaseReport {
   std::map<int, RingTrace> ring;           // by cp size
   std::map<int, Performance> performance;  // by cp size (1: the reference); optional in report.json
   std::optional<int> reference_cp;         // set when candidates were judged against a cp > 1 run
+  // Optional data for the HTML page, kept as report.json holds it (schema: oracle_trajectory, divergence_profile).
+  nlohmann::json page = nlohmann::json::object();
   double duration_s = 0.0;
 
   // error if error or any check errored; else fail if any check failed; else skipped if skip_reason;

@@ -30,6 +30,13 @@ void progress(const train::Case& c, const LaneRun& run) {
   }
 }
 
+// A series as report.json writes it: numbers, and "nan" / "inf" / "-inf" where a value is not finite.
+nlohmann::json series_json(const std::vector<double>& v) {
+  nlohmann::json a = nlohmann::json::array();
+  for (double x : v) a.push_back(std::isfinite(x) ? nlohmann::json(x) : nlohmann::json(std::isnan(x) ? "nan" : x > 0 ? "inf" : "-inf"));
+  return a;
+}
+
 report::Trajectory trajectory_of(const LaneRun& run) {
   report::Trajectory t;
   for (auto& s : run.steps) t.loss.push_back(s.loss), t.grad_norm.push_back(s.grad_norm), t.param_norm.push_back(s.param_norm);
@@ -94,6 +101,15 @@ void record_ring_and_cache(report::CaseReport& rep, int n, const LaneRun& candid
     const auto& entries = candidate.traces[size_t(r)];
     trace.owners.push_back(entries.empty() ? std::vector<int>{} : entries.front().owners);
   }
+  for (const char* pass : {"forward", "backward"})  // the owners of each pass, from its first layer
+    for (int r = 0; r < n; ++r)
+      for (auto& e : candidate.traces[size_t(r)])
+        if (e.pass == pass) {
+          auto& table = trace.owners_by_pass[pass];
+          table.resize(size_t(n));
+          table[size_t(r)] = e.owners;
+          break;
+        }
   for (const char* pass : {"forward", "backward"}) {
     report::RingPass p{pass, 0, 0};
     for (int r = 0; r < n; ++r)
@@ -252,7 +268,12 @@ void run_reference_phase(const train::Case& c, const std::vector<int>& cps, cons
   rep.performance[ref_cp] = performance_of(*runs.reference);
   if (ref_cp > 1) rep.reference_cp = ref_cp;
   rep.checks.push_back(check::check_trained(*runs.reference));  // whatever the case selects
-  if (c.dtype == train::DtypeLane::kBf16) runs.oracle = reference_run(c, train::DtypeLane::kFp32, run_options);
+  if (c.dtype == train::DtypeLane::kBf16) {
+    runs.oracle = reference_run(c, train::DtypeLane::kFp32, run_options);
+    const auto t = trajectory_of(*runs.oracle);  // for the page: the reference's oracle next to the bf16 runs
+    rep.page["oracle_trajectory"] = {{"dtype", "fp32"}, {"loss", series_json(t.loss)}, {"grad_norm", series_json(t.grad_norm)},
+                                     {"param_norm", series_json(t.param_norm)}};
+  }
   for (int n : cps) {
     if (n < 1) throw io::InputError(c.path, "cp", fmt::format("cp sizes must be >= 1, got {}", n));
     if (n == 1 || n == ref_cp) continue;  // the reference itself
@@ -309,6 +330,8 @@ void judge_phase(const train::Case& c, const RunOptions& run_options, const Suit
     append(rep.checks, c, check::check_cache(c, candidate, u == runs.uncached.end() ? nullptr : &u->second));
     append(rep.checks, c, check::check_training(c, tol, *runs.reference, candidate, runs.oracle ? &*runs.oracle : nullptr,
                                                 options.dump_dir));
+    auto profile = check::divergence_profile(c, tol, *runs.reference, candidate, runs.oracle ? &*runs.oracle : nullptr);
+    if (!profile.is_null()) rep.page["divergence_profile"][std::to_string(n)] = std::move(profile);
     rep.checks.push_back(power_check(c, n, tol, runs));  // whatever the case selects
     if (wants_check(c, "kvshare.loss_parity") || wants_check(c, "kvshare.bug_detected"))
       append(rep.checks, c, kvshare_checks(c, n, tol, *runs.reference, run_options));
@@ -402,7 +425,10 @@ report::CaseReport run_case(const train::Case& c, const SuiteOptions& options) {
   }
   if (go) run_candidate_phase(c, cps, run_options, options, rep, runs);
   if (root && !rep.error) guarded(rep, [&] { judge_phase(c, run_options, options, rep, runs); });
-  if (rep.error) rep.checks.clear();  // an error report carries no partial verdicts
+  if (rep.error) {  // an error report carries no partial verdicts, nor the page's data of a half-run case
+    rep.checks.clear();
+    rep.page = nlohmann::json::object();
+  }
   rep.duration_s = std::chrono::duration<double>(Clock::now() - start).count();
   if (root) print_case_result(rep);
   return rep;
