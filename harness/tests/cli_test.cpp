@@ -13,6 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "harness/report/json_report.h"
 #include "harness/report/run_dump.h"
 #include "harness/tests/run_command.h"
 #include "harness/train/device.h"
@@ -391,6 +392,16 @@ TEST_F(CliTest, CpuRunsReportTheirStepTimesAndNoDeviceMemory) {
       EXPECT_NEAR(perf[cp]["tokens_per_s_per_device"][s].get<double>(), 24 / perf[cp]["step_seconds"][s].get<double>(),
                   1e-6 * perf[cp]["tokens_per_s_per_device"][s].get<double>());
   }
+  // The page's data: every hidden state (embeddings + 60 layers of tiny-31b) and gradient against its threshold,
+  // and the owners of each ring pass; the strict reader takes them back.
+  const auto& profile = j["cases"][0]["divergence_profile"]["2"];
+  EXPECT_EQ(profile["hidden"].size(), 61u);
+  EXPECT_GT(profile["grads"].size(), 100u);
+  EXPECT_EQ(profile["hidden"][0]["name"], "embeddings");
+  EXPECT_EQ(j["cases"][0]["ring"]["2"]["owners_by_pass"]["backward"], j["cases"][0]["ring"]["2"]["owners"]);
+  const auto back = cpharness::report::read_report_json(out.string());
+  EXPECT_EQ(back.cases.at(0).ring.at(2).owners_by_pass.size(), 2u);
+  EXPECT_TRUE(back.cases.at(0).page.contains("divergence_profile"));
 }
 
 TEST_F(CliTest, NcclOutsideALauncherIsAUsageError) {
