@@ -76,6 +76,8 @@ run_stage() {  # name, command...: runs it, logs it, records a failure
   "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
   say "[$name] exit $rc in $(( $(date +%s) - t0 ))s"
+  # A dry run on a CPU machine: exit 3 (every case skipped: no CUDA device) is the expected outcome.
+  if [ "$dry" -eq 1 ] && [ "$rc" -eq 3 ]; then return 0; fi
   [ "$rc" -eq 0 ] || failed+=("$name:$rc")
   return 0
 }

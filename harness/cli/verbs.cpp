@@ -180,7 +180,7 @@ int launch_mpi_job(const RunArgs& a) {
     write_error_report(a.outputs, a.comm, result.message.substr(std::string("cpharness: ").size()));
     return 2;
   }
-  if (result.exit_code == 0 || result.exit_code == 1) return result.exit_code;
+  if (result.exit_code == 0 || result.exit_code == 1 || result.exit_code == 3) return result.exit_code;
   const bool fresh = !outputs.report_path.empty() && std::filesystem::exists(outputs.report_path) &&
                      std::filesystem::last_write_time(outputs.report_path) >= started;
   if (!fresh && !outputs.report_path.empty()) write_error_report(a.outputs, a.comm, "the rank job failed: " + result.message);

@@ -174,7 +174,8 @@ struct StderrScanner {
     } else if (std::regex_search(l, m, procname)) {
       died.push_back({std::stoi(m[1].str()), l});
     } else if (std::regex_search(l, m, exitcode)) {
-      if (m[1].str() != "1") hard_failure = true;
+      // 1 (a check failed) and 3 (no check ran) are verdicts every rank returns together; anything else is a failure.
+      if (m[1].str() != "1" && m[1].str() != "3") hard_failure = true;
     }
   }
   const Seen* culprit() const {
@@ -366,8 +367,8 @@ void judge_job(LaunchResult& res, const StderrScanner& scan, bool timed_out, std
                   " ms limit and was killed (exit 2)";
   } else if (res.mpirun_status == 0) {
     res.exit_code = 0;
-  } else if (res.mpirun_status == 1 && !scan.hard_failure) {
-    res.exit_code = 1;  // ranks agreed that a check failed
+  } else if ((res.mpirun_status == 1 || res.mpirun_status == 3) && !scan.hard_failure) {
+    res.exit_code = res.mpirun_status;  // ranks agreed: a check failed (1), or no check ran (3, every case skipped)
   } else {
     res.exit_code = 2;
     std::string why = culprit ? "rank " + std::to_string(culprit->rank) + " failed or hung; evidence: " + culprit->line

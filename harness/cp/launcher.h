@@ -65,7 +65,7 @@ std::vector<std::string> mpirun_command(int nproc, const std::string& exe, const
                                         const MpirunOptions& opt = {});
 
 struct LaunchResult {
-  int exit_code = 0;      // 0 or 1 passed through from the ranks; every other outcome is 2
+  int exit_code = 0;      // 0, 1 or 3 passed through from the ranks; every other outcome is 2
   int mpirun_status = 0;  // mpirun's own exit status (128+signal if it was killed)
   int failed_rank = -1;   // the rank the failure was pinned on (-1 none/unknown)
   double seconds = 0;

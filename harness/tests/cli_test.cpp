@@ -297,6 +297,20 @@ TEST_F(CliTest, ARankFrozenDuringTheReferenceEndsTheJobWithinTheTimeout) {
   EXPECT_EQ(processes_left(report.string(), std::chrono::seconds(5)), 0);
 }
 
+// Every case skipped under --nproc (a CUDA case on a machine without one): the ranks agree that nothing ran, and the
+// launcher passes their exit 3 on instead of calling it a failed rank.
+TEST_F(CliTest, NothingRanUnderMpiIsExit3NotAFailedRank) {
+  if (cpharness::train::cuda_available()) GTEST_SKIP() << "a CUDA device is present";
+  auto c = write("g.json", kGoodCase);
+  const auto report = dir_ / "skipped.json";
+  auto r = run_cli("run " + c + " --device cuda --comm mpi --nproc 2 --report " + report.string());
+  EXPECT_EQ(r.exit_code, 3) << r.output;
+  EXPECT_EQ(r.output.find("failed or hung"), std::string::npos) << r.output;
+  std::ifstream in(report);
+  ASSERT_TRUE(in.good()) << r.output;
+  EXPECT_EQ(nlohmann::json::parse(in)["status"], "skipped");
+}
+
 // --comm mpi: the same case as processes under mpirun gives the same verdicts and, since both backends reduce in
 // rank order, bit-identical trajectories.
 TEST_F(CliTest, MpiRunMatchesTheLocalRunBitForBit) {
