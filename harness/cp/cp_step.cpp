@@ -25,8 +25,10 @@ void all_reduce_gradients(Comm& comm, const std::vector<torch::Tensor>& paramete
   }
 }
 
-BoundaryLabel boundary_label_target(const train::Batch& batch, int cp, int64_t pad_token_id) {
-  const ShardPlan plan(batch.input_ids.size(1), cp);
+namespace {
+
+// The training batch as the shard plan takes it (labels not yet shifted).
+TokenBatch token_batch_of(const train::Batch& batch) {
   TokenBatch full;
   full.input_ids = batch.input_ids;
   full.labels = batch.labels;
@@ -34,8 +36,12 @@ BoundaryLabel boundary_label_target(const train::Batch& batch, int cp, int64_t p
   full.padding_mask = batch.meta.padding;
   full.document_ids = batch.meta.document_ids;
   full.vision_group_ids = batch.meta.vision_group_ids;
-  const auto prepared = prepare_cp_batch(full, plan, pad_token_id);
-  for (int r = 1; r < cp; ++r) {
+  return full;
+}
+
+// The perturbed token in a batch already prepared for `plan` (labels shifted on the full sequence).
+BoundaryLabel boundary_label_in(const TokenBatch& prepared, const ShardPlan& plan) {
+  for (int r = 1; r < plan.cp(); ++r) {
     const auto labels = shard_batch(prepared, plan, r).labels.select(0, 0).cpu();
     const auto counted = (labels != model::kIgnoreIndex).nonzero();
     if (counted.numel() == 0) continue;
@@ -45,23 +51,25 @@ BoundaryLabel boundary_label_target(const train::Batch& batch, int cp, int64_t p
   return {};
 }
 
+}  // namespace
+
+BoundaryLabel boundary_label_target(const train::Batch& batch, int cp, int64_t pad_token_id) {
+  const ShardPlan plan(batch.input_ids.size(1), cp);
+  return boundary_label_in(prepare_cp_batch(token_batch_of(batch), plan, pad_token_id), plan);
+}
+
 CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingAttention& ring, const train::Batch& batch,
                                     uint64_t generation, const CpStepOptions& step_options) {
   const int n = comm.size(), rank = comm.rank();
   CpForwardResult result;
   result.plan = ShardPlan(batch.input_ids.size(1), n);
-  TokenBatch full;
-  full.input_ids = batch.input_ids;
-  full.labels = batch.labels;
-  full.position_ids = batch.position_ids;
-  full.padding_mask = batch.meta.padding;
-  full.document_ids = batch.meta.document_ids;
-  full.vision_group_ids = batch.meta.vision_group_ids;
+  auto full = token_batch_of(batch);
   full.labels_shifted = step_options.shift_labels_after_sharding;  // the mutant skips the full-sequence shift
-  auto shard = shard_batch(prepare_cp_batch(full, result.plan, model->config().pad_token_id), result.plan, rank);
+  const auto prepared = prepare_cp_batch(full, result.plan, model->config().pad_token_id);
+  auto shard = shard_batch(prepared, result.plan, rank);
   if (step_options.shift_labels_after_sharding) shard.labels = shift_labels(shard.labels);
   if (step_options.drop_boundary_label) {
-    const auto target = boundary_label_target(batch, n, model->config().pad_token_id);
+    const auto target = boundary_label_in(prepared, result.plan);
     if (target.rank == rank) {
       shard.labels = shard.labels.clone();
       shard.labels.index_put_({0, target.local_index}, model::kIgnoreIndex);
