@@ -548,4 +548,10 @@ Report read_report_json(const std::string& path) {
   return from_json(j, path);
 }
 
+nlohmann::json series_json(const std::vector<double>& values) {
+  nlohmann::json a = nlohmann::json::array();
+  for (double v : values) a.push_back(std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nonfinite_tag(v)));
+  return a;
+}
+
 }  // namespace cpharness::report

@@ -31,4 +31,7 @@ void write_report_json(const std::string& path, const Report& r);
 // Reads and parses `path`; throws io::InputError for a missing file, malformed JSON or a bad report.
 Report read_report_json(const std::string& path);
 
+// A numeric series as report.json writes it: numbers, and "nan" / "inf" / "-inf" where a value is not finite.
+nlohmann::json series_json(const std::vector<double>& values);
+
 }  // namespace cpharness::report

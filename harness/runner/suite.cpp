@@ -11,6 +11,7 @@
 #include "harness/io/error_text.h"
 #include "harness/io/input_error.h"
 #include "harness/report/environment.h"
+#include "harness/report/json_report.h"
 
 namespace cpharness::runner {
 namespace {
@@ -28,13 +29,6 @@ void progress(const train::Case& c, const LaneRun& run) {
     std::cerr << fmt::format("[{}] cp{} {} step {}: loss {:.6f} grad_norm {:.6f} {}\n", c.id, run.cp, train::to_string(run.lane), s, st.loss,
                              st.grad_norm, finite ? "ok" : "NON-FINITE");
   }
-}
-
-// A series as report.json writes it: numbers, and "nan" / "inf" / "-inf" where a value is not finite.
-nlohmann::json series_json(const std::vector<double>& v) {
-  nlohmann::json a = nlohmann::json::array();
-  for (double x : v) a.push_back(std::isfinite(x) ? nlohmann::json(x) : nlohmann::json(std::isnan(x) ? "nan" : x > 0 ? "inf" : "-inf"));
-  return a;
 }
 
 report::Trajectory trajectory_of(const LaneRun& run) {
@@ -271,8 +265,8 @@ void run_reference_phase(const train::Case& c, const std::vector<int>& cps, cons
   if (c.dtype == train::DtypeLane::kBf16) {
     runs.oracle = reference_run(c, train::DtypeLane::kFp32, run_options);
     const auto t = trajectory_of(*runs.oracle);  // for the page: the reference's oracle next to the bf16 runs
-    rep.page["oracle_trajectory"] = {{"dtype", "fp32"}, {"loss", series_json(t.loss)}, {"grad_norm", series_json(t.grad_norm)},
-                                     {"param_norm", series_json(t.param_norm)}};
+    rep.page["oracle_trajectory"] = {{"dtype", "fp32"}, {"loss", report::series_json(t.loss)}, {"grad_norm", report::series_json(t.grad_norm)},
+                                     {"param_norm", report::series_json(t.param_norm)}};
   }
   for (int n : cps) {
     if (n < 1) throw io::InputError(c.path, "cp", fmt::format("cp sizes must be >= 1, got {}", n));
