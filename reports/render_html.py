@@ -22,6 +22,7 @@ import html
 import io
 import json
 import math
+import multiprocessing
 import os
 import re
 import sys
@@ -198,7 +199,8 @@ _ROUND = re.compile(r"(\d+\.\d\d)\d+")  # coordinates to 0.01 pt
 class Figures:
     """matplotlib figures as inline SVG, with ids made unique per figure so that several SVGs share one page."""
 
-    def __init__(self):
+    def __init__(self, prefix=""):
+        self.prefix = prefix  # ids unique across Figures objects that render parts of one page
         try:
             import matplotlib
             matplotlib.use("Agg")
@@ -237,7 +239,7 @@ class Figures:
 
     def svg(self, fig, kind, caption=""):
         self.count += 1
-        fid = f"fig{self.count}"
+        fid = f"{self.prefix}fig{self.count}"
         buf = io.StringIO()
         with self.mpl.rc_context({"svg.hashsalt": fid}):
             fig.savefig(buf, format="svg", metadata={"Date": None})
@@ -989,8 +991,27 @@ SCRIPT = """
 """
 
 
+def _render_case_alone(args):
+    index, case = args
+    return render_case(case, Figures(prefix=f"c{index}-"))
+
+
+def render_cases(cases):
+    """Each case's section; on a machine with more than one core, cases are drawn in parallel (forked workers), the
+    page's cost being mostly matplotlib's drawing of each case's figures."""
+    jobs = list(enumerate(cases))
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                return pool.map(_render_case_alone, jobs, chunksize=1)
+        except OSError:
+            pass  # no processes to be had: draw them here
+    return [_render_case_alone(j) for j in jobs]
+
+
 def render(report, title=None):
-    figs = Figures()
+    Figures()  # matplotlib imported (or its absence reported) once, before any worker forks
     tool = report.get("tool") or {}
     env = report.get("environment") or {}
     title = title or f"cpharness report: {report.get('status')}"
@@ -1002,8 +1023,7 @@ def render(report, title=None):
     if report.get("timestamp"):
         env_bits.append(str(report["timestamp"]))
     body = [render_summary(report)]
-    for case in cases_failing_first(report):
-        body.append(render_case(case, figs))
+    body.extend(render_cases(cases_failing_first(report)))
     body.append(render_checks(report))
     nav = ['<a href="#summary">summary</a>'] + [
         f'<a href="#case-{esc(slug(c["id"]))}">{esc(c["id"])}</a>' for c in cases_failing_first(report)] + [

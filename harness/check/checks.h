@@ -25,6 +25,13 @@ enum class BlockMaskMutation { kNone, kPartialAsFull };
 std::vector<CheckResult> check_masks(const train::Case& c, int cp, const cp::RingOptions& ring,
                                      BlockMaskMutation mutation = BlockMaskMutation::kNone);
 
+// The page's block-mask figure (report.json block_masks, schema $defs/block_mask_grid): for each distinct layer
+// geometry, rank and ring chunk, the tile classes of the block mask the ring builds for batch row 0 of step 0
+// ("F" full, "P" partial, "E" empty). Null when there would be more than kMaxBlockMaskGrids grids or more than
+// kMaxBlockMaskGridSide blocks on a side (too many or too large to draw).
+inline constexpr int64_t kMaxBlockMaskGrids = 64, kMaxBlockMaskGridSide = 64;
+nlohmann::json block_mask_grids(const train::Case& c, int cp, const cp::RingOptions& ring);
+
 // attention.parity: seeded fp64 Q/K/V with the case's metadata and head geometry, ring vs full attention per
 // rank (out, dQ, dK, dV) and per chunk (out, LSE); padded rows exactly zero in output and dQ.
 std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, const cp::RingOptions& ring);

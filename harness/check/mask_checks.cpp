@@ -98,6 +98,41 @@ std::vector<CheckResult> check_masks(const train::Case& c, int cp, const cp::Rin
   return out;
 }
 
+nlohmann::json block_mask_grids(const train::Case& c, int cp, const cp::RingOptions& ring) {
+  const cp::ShardPlan plan(c.data.seq_len, cp);
+  const auto layers = distinct_layers(c.model);
+  const int64_t side = std::max((plan.local_len() + ring.q_block - 1) / ring.q_block,
+                                (plan.local_len() + ring.kv_block - 1) / ring.kv_block);
+  if (int64_t(layers.size()) * cp * cp > kMaxBlockMaskGrids || side > kMaxBlockMaskGridSide) return nullptr;
+  const auto meta = padded_meta(train::batch_for_step(c, 0), plan);
+  const char kTile[3] = {'E', 'P', 'F'};  // kEmptyBlock, kPartialBlock, kFullBlock
+  nlohmann::json grids = nlohmann::json::array();
+  for (auto& layer : layers) {
+    // The name says what the geometry is, so two sliding geometries (with and without vision groups) stay apart.
+    std::string type = layer.name;
+    if (layer.geometry.window) type += fmt::format(" (window {})", *layer.geometry.window);
+    if (layer.geometry.vision_bidirectional) type += ", vision bidirectional";
+    for (int r = 0; r < cp; ++r)
+      for (int owner = 0; owner < cp; ++owner) {
+        const auto geometry = cp::ring_chunk_geometry(ring, r, owner, layer.geometry);
+        const auto mask = kernels::build_block_mask(shard_meta(meta, plan, r), shard_meta(meta, plan, owner),
+                                                    {plan.begin(r), plan.local_len()}, {plan.begin(owner), plan.local_len()},
+                                                    geometry, c.data.batch, ring.q_block, ring.kv_block);
+        const auto classes = kernels::block_classes(mask).select(0, 0).contiguous();  // batch row 0
+        const auto* p = classes.data_ptr<uint8_t>();
+        nlohmann::json tiles = nlohmann::json::array();
+        for (int64_t i = 0; i < classes.size(0); ++i) {
+          std::string row;
+          for (int64_t j = 0; j < classes.size(1); ++j) row += kTile[std::min<int>(p[i * classes.size(1) + j], 2)];
+          tiles.push_back(row);
+        }
+        grids.push_back({{"layer_type", type}, {"rank", r}, {"chunk_owner", owner}, {"q_blocks", classes.size(0)},
+                         {"kv_blocks", classes.size(1)}, {"tiles", tiles}});
+      }
+  }
+  return grids;
+}
+
 std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, const cp::RingOptions& ring_options) {
   const auto batch = train::batch_for_step(c, 0);
   const cp::ShardPlan plan(c.data.seq_len, cp);

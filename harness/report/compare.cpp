@@ -63,9 +63,28 @@ void set_missing(CompareEntry& e, bool in_a) {
   e.status = in_a ? EntryStatus::kMissingInB : EntryStatus::kMissingInA;
   e.abs_diff = e.rel_diff = e.max_abs_diff = kNaN;
   e.message = in_a ? "present in A only" : "present in B only";
+  // A non-finite value fails under every policy, "missing:ok" included: it is never a missing entry allowed.
+  if (const auto n = in_a ? e.nonfinite_a : e.nonfinite_b) {
+    e.status = EntryStatus::kNonFinite;
+    e.message += fmt::format(", with {} NaN/Inf element(s)", n);
+  }
 }
 
-void compare_tensor(CompareEntry& e, const torch::Tensor* a, const torch::Tensor* b) {
+// Rows [B, S, ...] of a tensor with the padded positions zeroed (`keep`: [B, S] fp64, 1 for real tokens), when the
+// shapes line up; else the tensor unchanged.
+torch::Tensor real_rows(const torch::Tensor& t, const torch::Tensor& keep) {
+  if (!keep.defined() || t.dim() < 2 || t.size(0) != keep.size(0) || t.size(1) != keep.size(1)) return t;
+  auto k = keep;
+  while (k.dim() < t.dim()) k = k.unsqueeze(-1);
+  return torch::where(k.to(torch::kBool), t, torch::zeros_like(t));
+}
+
+void compare_tensor(CompareEntry& e, const torch::Tensor* a, const torch::Tensor* b, const torch::Tensor& keep = {}) {
+  torch::Tensor ma, mb;  // padded positions excluded (hidden states and logits)
+  if (keep.defined() && a && b) {
+    ma = real_rows(a->detach().to(torch::kCPU), keep), mb = real_rows(b->detach().to(torch::kCPU), keep);
+    a = &ma, b = &mb;
+  }
   if (a) {
     e.shape_a = a->sizes().vec();
     e.dtype_a = c10::toString(a->scalar_type());
@@ -289,7 +308,7 @@ void compare_inputs_and_weights(const RunDump& a, const RunDump& b, const Compar
 
 // One step in data-flow order: hidden states by layer, logits, loss, gradients in backward order, norms.
 void compare_step(std::int64_t k, const StepRecord* sa_in, const StepRecord* sb_in, const ComparePolicy& policy,
-                  std::vector<CompareEntry>& out) {
+                  const torch::Tensor& keep, std::vector<CompareEntry>& out) {
   static const StepRecord empty;
   const StepRecord& sa = sa_in ? *sa_in : empty;
   const StepRecord& sb = sb_in ? *sb_in : empty;
@@ -297,12 +316,12 @@ void compare_step(std::int64_t k, const StepRecord* sa_in, const StepRecord* sb_
   for (std::int64_t i : union_keys(sa.hidden, sb.hidden)) {
     auto e = make_entry(k, EntryKind::kHidden, std::to_string(i), fmt::format("{}hidden/{}", sp, i), policy.hidden);
     e.layer = i;
-    compare_tensor(e, find_tensor(sa.hidden, i), find_tensor(sb.hidden, i));
+    compare_tensor(e, find_tensor(sa.hidden, i), find_tensor(sb.hidden, i), keep);
     out.push_back(std::move(e));
   }
   if (sa.logits.defined() || sb.logits.defined()) {
     auto e = make_entry(k, EntryKind::kLogits, "logits", sp + "logits", policy.logits);
-    compare_tensor(e, sa.logits.defined() ? &sa.logits : nullptr, sb.logits.defined() ? &sb.logits : nullptr);
+    compare_tensor(e, sa.logits.defined() ? &sa.logits : nullptr, sb.logits.defined() ? &sb.logits : nullptr, keep);
     out.push_back(std::move(e));
   }
   {
@@ -372,10 +391,20 @@ CompareResult compare_dumps(const RunDump& a, const RunDump& b, const ComparePol
   CompareResult r;
   r.policy = policy;
   compare_inputs_and_weights(a, b, policy, r.entries);
+  // Padded positions carry no loss, and what a stack computes there is its own affair (transformers' masks let
+  // padded query rows attend; the harness zeroes them): hidden states and logits are judged on real tokens only.
+  // The padding of B (the reference), else A's; inputs/padding itself is compared like any input.
+  torch::Tensor keep;
+  const torch::Tensor* padding = find_tensor(b.inputs, "padding");
+  if (!padding) padding = find_tensor(a.inputs, "padding");
+  if (padding && padding->dim() == 2) {
+    keep = padding->to(torch::kCPU).to(torch::kBool).logical_not().to(torch::kDouble);
+    r.padded_positions_excluded = padding->to(torch::kBool).sum().item<std::int64_t>();
+  }
   for (std::int64_t k : union_keys(a.steps, b.steps)) {
     auto ia = a.steps.find(k), ib = b.steps.find(k);
     compare_step(k, ia != a.steps.end() ? &ia->second : nullptr, ib != b.steps.end() ? &ib->second : nullptr, policy,
-                 r.entries);
+                 keep, r.entries);
   }
   recount(r);
   r.provenance_diffs = provenance_diffs(a, b);
@@ -434,6 +463,7 @@ nlohmann::json to_json(const CompareResult& r, bool include_all) {
                  {"nonfinite", c.nonfinite},
                  {"shape_mismatch", c.shape_mismatch},
                  {"missing", c.missing}};
+  j["padded_positions_excluded"] = r.padded_positions_excluded;
   j["policy"] = to_json(r.policy);
   j["first_divergence"] = r.first_divergence ? to_json(r.entries[*r.first_divergence]) : nlohmann::json(nullptr);
   nlohmann::json entries = nlohmann::json::array();
@@ -461,6 +491,9 @@ std::string render_text(const CompareResult& r, const std::string& a_label, cons
                    "{} shape mismatch, {} missing{}\n",
                    c.entries, c.passed, c.differing_within_tolerance, c.out_of_tolerance, c.nonfinite,
                    c.shape_mismatch, c.missing, c.missing && !r.policy.missing_is_failure ? " (allowed)" : "");
+  if (r.padded_positions_excluded)
+    s += fmt::format("  {} padded position(s) (inputs/padding) excluded from hidden states and logits\n",
+                     r.padded_positions_excluded);
   auto label = [](const CompareEntry& e) {
     std::string where = e.step ? fmt::format("step {} ", *e.step) : std::string();
     return where + to_string(e.kind) + " " + e.name;

@@ -110,6 +110,8 @@ struct CompareResult {
   CompareCounts counts;
   std::vector<ProvenanceDiff> provenance_diffs;  // informational, never a failure
   ComparePolicy policy;
+  // (batch row, position) pairs marked padding in /inputs/padding, left out of every hidden-state and logits entry.
+  std::int64_t padded_positions_excluded = 0;
 
   const char* status() const { return passed ? "pass" : "fail"; }
 };

@@ -30,7 +30,8 @@ HfRun run_on_hf_golden(const HfGolden& g, int cp, bool holder) {
   return run_on_hf_golden(g, cp, holder, g.config.kv_share_semantics);
 }
 
-HfRun run_on_hf_golden(const HfGolden& g, int cp, bool holder, model::KvShareSemantics semantics) {
+HfRun run_on_hf_golden(const HfGolden& g, int cp, bool holder, model::KvShareSemantics semantics,
+                       bool drop_boundary_label) {
   const auto start = std::chrono::steady_clock::now();
   HfRun out;
   out.cp = cp;
@@ -56,6 +57,7 @@ HfRun run_on_hf_golden(const HfGolden& g, int cp, bool holder, model::KvShareSem
       cp::RingAttention ring(comm, cp::RingOptions{});
       cp::CpStepOptions options;
       options.use_share_holder = holder;
+      options.drop_boundary_label = drop_boundary_label;
       auto r = cp::cp_forward_backward(comm, m, ring, g.batch, 1, options);
       logits[comm.rank()] = r.local_logits;
       if (comm.rank() == 0) {

@@ -14,6 +14,8 @@ using report::load_hf_golden;
 // sequence; > 1: ring attention, ranks as threads). `holder` passes the KV-share holder (cache-gated only).
 // `semantics` overrides the golden's (e.g. to run the correct, sharing reference against a buggy export).
 HfRun run_on_hf_golden(const HfGolden& golden, int cp, bool holder);
-HfRun run_on_hf_golden(const HfGolden& golden, int cp, bool holder, model::KvShareSemantics semantics);
+// `drop_boundary_label` (cp > 1): the power check's perturbation, the label of cp::boundary_label_target() dropped.
+HfRun run_on_hf_golden(const HfGolden& golden, int cp, bool holder, model::KvShareSemantics semantics,
+                       bool drop_boundary_label = false);
 
 }  // namespace cpharness::runner

@@ -10,6 +10,7 @@
 
 #include "harness/check/checks.h"
 #include "harness/check/hf_parity.h"
+#include "harness/cp/cp_step.h"
 #include "harness/io/input_error.h"
 #include "harness/report/environment.h"
 #include "harness/runner/hf_run.h"
@@ -52,6 +53,20 @@ report::CheckResult trained(const report::HfRun& run) {
   return check::check_trained(lane);
 }
 
+// power.boundary_label at cp N: the C++ run with one shard-edge label dropped must fail hf.parity against the
+// golden, or hf.parity's tolerances could not see a CP boundary bug on this golden.
+report::CheckResult power(const report::HfGolden& g, int cp, bool holder) {
+  const auto target = cp::boundary_label_target(g.batch, cp, g.config.pad_token_id);
+  const std::string perturbation =
+      target.rank < 0 ? std::string("dropping a boundary label")
+                      : fmt::format("dropping the label of token {} (the first counted target of rank {}'s shard)",
+                                    target.global_index, target.rank);
+  if (cp == 1) return check::check_power(cp, perturbation, {}, false, "cp 1 has no shard boundary");
+  if (target.rank < 0) return check::check_power(cp, perturbation, {}, false, "no rank but 0 holds a counted target");
+  const auto perturbed = run_on_hf_golden(g, cp, holder, g.config.kv_share_semantics, true);
+  return check::check_power(cp, perturbation, check::check_hf_parity(g, perturbed), true);
+}
+
 // One golden: hf.parity at every cp size, and kvshare.bug_detected for a dead-K/V export.
 report::CaseReport hf_parity_case(const std::string& path, const HfParityOptions& options,
                                   std::vector<std::string>& versions) {
@@ -76,6 +91,8 @@ report::CaseReport hf_parity_case(const std::string& path, const HfParityOptions
       }
       cr.checks.push_back(trained(run));
       ok = ok && cr.checks.back().status == report::Status::Pass;
+      cr.checks.push_back(power(g, cp, holder));
+      ok = ok && cr.checks.back().status != report::Status::Fail;
       std::cerr << fmt::format("{} cp {}: loss {:.9g} (transformers {:.9g}) {}\n", cr.id, cp, run.loss, g.loss(),
                                ok ? "pass" : "FAIL");
     }

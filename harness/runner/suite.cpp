@@ -272,6 +272,12 @@ void run_reference_phase(const train::Case& c, const std::vector<int>& cps, cons
     if (n < 1) throw io::InputError(c.path, "cp", fmt::format("cp sizes must be >= 1, got {}", n));
     if (n == 1 || n == ref_cp) continue;  // the reference itself
     append(rep.checks, c, check::check_masks(c, n, run_options.ring, options.block_mask_mutation));
+    auto grids = check::block_mask_grids(c, n, run_options.ring);  // for the page, where small enough to draw
+    if (!grids.is_null()) rep.page["block_masks"][std::to_string(n)] = std::move(grids);
+    const auto expected = check::expected_cache_counts(c, n, run_options.ring.cache_enabled);
+    rep.page["block_mask_cache_expected"][std::to_string(n)] = {
+        {"lookups", expected.lookups}, {"builds", expected.builds}, {"hits", expected.lookups - expected.builds},
+        {"resets", 1}, {"builds_uncached", check::expected_cache_counts(c, n, false).builds}};
     if (wants_check(c, "attention.parity")) append(rep.checks, c, check::check_attention_parity(c, n, run_options.ring));
   }
 }
@@ -287,8 +293,7 @@ void run_candidate_phase(const train::Case& c, const std::vector<int>& cps, cons
   one_step.steps = 1;
   auto perturbed_options = run_options;  // the power check's one step
   perturbed_options.drop_boundary_label = !options.power_not_perturbed;
-  perturbed_options.record_tensors = false;
-  perturbed_options.fault.reset();
+  perturbed_options.fault.reset();  // it records step-0 tensors as the candidate does: the gradient check sees most
   auto candidate_run = [&](const train::Case& k, int n, const RunOptions& o) -> std::optional<LaneRun> {
     if (options.world) return run_cp_on(*options.world, k, c.dtype, o);
     return run_cp(k, c.dtype, n, o);

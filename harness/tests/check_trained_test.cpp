@@ -1,10 +1,14 @@
-// train.trained: a run that did not train (dead, frozen or non-finite) fails, whatever the other checks say.
+// train.trained: a run that did not train (dead, frozen or non-finite) fails, whatever the other checks say. And
+// two parts of the training checks judged on synthetic runs: the step-0 gradients tensor by tensor, and the bf16
+// lane's per-step bound.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <limits>
+#include <optional>
 
 #include "harness/check/checks.h"
+#include "harness/train/case.h"
 
 namespace cpharness::check {
 namespace {
@@ -43,6 +47,65 @@ TEST(CheckTrained, NonFiniteLossOrGradNormFails) {
   const auto res = check_trained(run_of({{4.85, inf}, {4.8, 0.3}}));
   EXPECT_EQ(res.status, report::Status::Fail);
   EXPECT_NE(res.message.find("non-finite"), std::string::npos) << res.message;
+}
+
+train::Case tiny_case() {
+  return train::case_from_json(nlohmann::json::parse(R"({"id": "t", "model": {"preset": "tiny-e2b"}, "data": {"seq_len": 8}})"),
+                               "t.json");
+}
+
+std::optional<CheckResult> step0_gradients(const std::vector<CheckResult>& results) {
+  for (auto& r : results)
+    if (r.metric == "grad_tensors_worst_ratio_step0") return r;
+  return std::nullopt;
+}
+
+// One tensor of many off by 1e-4 (the fp32 lane allows 1e-5) fails, naming it, though the norm of all of them
+// barely moves; a candidate that lacks a gradient fails too.
+TEST(StepZeroGradients, OneTensorOutOfToleranceFailsAndIsNamed) {
+  torch::manual_seed(3);
+  report::LaneRun ref = run_of({{4.8, 1.0}}, 1), cand = run_of({{4.8, 1.0}}, 2);
+  for (int i = 0; i < 20; ++i) {
+    const auto g = torch::randn({16, 8}, torch::kFloat64);
+    ref.grads["w" + std::to_string(i)] = g;
+    cand.grads["w" + std::to_string(i)] = i == 7 ? g * (1 + 1e-4) : g.clone();
+  }
+  const auto c = tiny_case();
+  auto res = step0_gradients(check_training(c, Tolerances{}, ref, cand, nullptr, ""));
+  ASSERT_TRUE(res.has_value());
+  EXPECT_EQ(res->name, "train.grad_norm_parity");
+  EXPECT_EQ(res->status, report::Status::Fail);
+  EXPECT_NEAR(res->observed, 10.0, 1e-6);  // 1e-4 / 1e-5
+  EXPECT_EQ(res->details["worst_tensor"], "w7");
+  cand.grads["w7"] = ref.grads["w7"].clone();
+  EXPECT_EQ(step0_gradients(check_training(c, Tolerances{}, ref, cand, nullptr, ""))->status, report::Status::Pass);
+  cand.grads.erase("w3");
+  res = step0_gradients(check_training(c, Tolerances{}, ref, cand, nullptr, ""));
+  ASSERT_TRUE(res.has_value());
+  EXPECT_EQ(res->status, report::Status::Fail);
+  EXPECT_EQ(res->details["worst_tensor"], "w3");
+}
+
+// bf16: a step at which cp 1 happens to land near the oracle does not shrink the bound below the error scale the
+// earlier steps showed; a candidate above k x that scale still fails.
+TEST(Bf16Bound, ALuckyStepKeepsTheErrorScaleOfTheStepsBefore) {
+  auto oracle = run_of({{5.0, 1.0}, {4.9, 1.0}}, 1), ref = run_of({{5.0, 1.01}, {4.9, 1.0001}}, 1);
+  oracle.lane = train::DtypeLane::kFp32;
+  ref.lane = train::DtypeLane::kBf16;
+  auto cand = run_of({{5.0, 1.01}, {4.9, 1.02}}, 2);
+  cand.lane = train::DtypeLane::kBf16;
+  Tolerances tol;
+  tol.bf16_k = 3;
+  auto step1 = [&](const report::LaneRun& k) {
+    for (auto& r : check_training(tiny_case(), tol, ref, k, &oracle, ""))
+      if (r.name == "train.grad_norm_parity" && r.step == 1) return r;
+    return CheckResult{};
+  };
+  auto r = step1(cand);
+  EXPECT_EQ(r.status, report::Status::Pass) << r.message;  // 0.02 <= 3 x 0.01 + 1e-3, not 3 x 1e-4 + 1e-3
+  EXPECT_NEAR(r.threshold, 0.031, 1e-9);
+  cand.steps[1].grad_norm = 1.04;
+  EXPECT_EQ(step1(cand).status, report::Status::Fail);
 }
 
 }  // namespace

@@ -70,12 +70,39 @@ TEST_F(CliTest, RunPrintsPerStepLossAndWritesOutput) {
 }
 
 // --out writes the HTML page beside report.json; `render` makes it again from the JSON; a missing report is exit 2.
+nlohmann::json read_json(const fs::path& p);
+
+// The page's block masks and expected cache counts come from the run: one tile grid per layer geometry, rank and
+// ring chunk (tiny-31b: sliding with vision groups, and full), drawn on the page.
 TEST_F(CliTest, OutWritesTheHtmlPageAndRenderRemakesIt) {
-  auto c = write("good.json", kGoodCase);
+  auto c = write("good.json", R"({"id": "t", "model": {"preset": "tiny-31b"}, "block_size": 4,
+    "data": {"seq_len": 24, "padding": 4, "seed": 1}, "steps": 2})");
   auto out = dir_ / "out";
   auto r = run_cli("run " + c + " --cp 2 --out " + out.string());
   ASSERT_EQ(r.exit_code, 0) << r.output;
   ASSERT_TRUE(fs::exists(out / "report.html")) << r.output;
+  const auto report = read_json(out / "report.json");
+  const auto& grids = report["cases"][0]["block_masks"]["2"];
+  ASSERT_EQ(grids.size(), 8u) << "2 layer geometries x 2 ranks x 2 chunks";
+  for (auto& g : grids) {
+    EXPECT_EQ(g["q_blocks"], 3);  // 12 tokens per rank in blocks of 4
+    EXPECT_EQ(g["kv_blocks"], 3);
+    // A rank's own chunk is causal: its first q block against its first kv block is partial, its last kv block
+    // is empty for the first q block.
+    if (g["rank"] == g["chunk_owner"]) EXPECT_EQ(g["tiles"][0].get<std::string>().substr(1), "EE") << g.dump();
+    if (g["rank"] == 0 && g["chunk_owner"] == 1) EXPECT_EQ(g["tiles"], nlohmann::json({"EEE", "EEE", "EEE"})) << g.dump();
+  }
+  const auto& expected = report["cases"][0]["block_mask_cache_expected"]["2"];
+  // tiny-31b: 60 layers x 2 chunks x (forward, backward replay) lookups; 2 geometries x 2 kv offsets built.
+  EXPECT_EQ(expected, nlohmann::json({{"lookups", 240}, {"builds", 4}, {"hits", 236}, {"resets", 1}, {"builds_uncached", 240}}));
+  {
+    std::ifstream in(out / "report.html");
+    const std::string page((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    size_t tiles = 0;
+    for (size_t at = page.find("<svg class=\"tiles\""); at != std::string::npos; at = page.find("<svg class=\"tiles\"", at + 1)) ++tiles;
+    EXPECT_EQ(tiles, 8u);
+    EXPECT_EQ(page.find("block-mask tile grids: not in this report"), std::string::npos);
+  }
   auto again = run_cli("render " + (out / "report.json").string() + " -o " + (dir_ / "again.html").string());
   EXPECT_EQ(again.exit_code, 0) << again.output;
   std::ifstream in(dir_ / "again.html");
@@ -134,8 +161,6 @@ TEST_F(CliTest, UsageErrorsAreExit2) {
   }
   EXPECT_EQ(run_cli("bisect").exit_code, 125);  // git bisect's "cannot test", never 2
 }
-
-nlohmann::json read_json(const fs::path& p);
 
 TEST_F(CliTest, CasesRequiringCudaAreSkippedWithTheReason) {
   auto c = write("gpu.json", R"({"id": "g", "model": {"preset": "e2b"}, "data": {"seq_len": 8}, "requires": ["cuda"]})");

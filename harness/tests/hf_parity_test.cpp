@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <filesystem>
 
+#include "harness/check/checks.h"
 #include "harness/check/hf_parity.h"
 #include "harness/model/attention_backend.h"
 #include "harness/model/weights.h"
@@ -108,6 +109,28 @@ TEST(HfParity, NoCacheExportShowsTheDeadKvBug) {
     EXPECT_EQ(check::check_hf_kvshare_loss_parity(g, fixed).status, report::Status::Fail);
   }
   EXPECT_EQ(seen, 2) << "expected the tiny-e2b-hf and tiny-e4b-hf use_cache=False exports of 5.5.0";
+}
+
+// power.boundary_label on hf-parity: at cp 2 and 4 the C++ run with one shard-edge label dropped fails hf.parity
+// against every golden of one version (the tolerances can see a boundary bug); the same run without the
+// perturbation passes hf.parity, so a power check that forgot to perturb would be insensitive.
+TEST(HfParity, EveryGoldenSeesADroppedBoundaryLabel) {
+  int judged = 0;
+  for (auto& path : hf_goldens()) {
+    if (fs::path(path).parent_path().filename() != "hf-5.24.0") continue;
+    const auto g = runner::load_hf_golden(path);
+    for (int cp : {2, 4}) {
+      SCOPED_TRACE(fmt::format("{} cp {}", label(path), cp));
+      const auto perturbed = runner::run_on_hf_golden(g, cp, g.hf_shared_kv(), g.config.kv_share_semantics, true);
+      const auto power = check::check_power(cp, "drop", check::check_hf_parity(g, perturbed), true);
+      EXPECT_EQ(power.status, report::Status::Pass) << power.message;
+      const auto plain = runner::run_on_hf_golden(g, cp, g.hf_shared_kv(), g.config.kv_share_semantics, false);
+      const auto blind = check::check_power(cp, "drop", check::check_hf_parity(g, plain), true);
+      EXPECT_EQ(blind.status, report::Status::Fail) << blind.message;
+      ++judged;
+    }
+  }
+  EXPECT_EQ(judged, 6);
 }
 
 // The same golden run with the wrong holder choice must fail: hf.parity can see the semantics.

@@ -53,6 +53,26 @@ TEST(PowerCheck, ToleranceOfOneMakesTheCaseInsensitive) {
   EXPECT_EQ(r.status(), report::Status::Fail);
 }
 
+// The bf16 lane's slack (k x cp 1's error + floor) hides one dropped label from the loss and the grad norm; the
+// step-0 gradients, tensor by tensor, see it (the label's row of the tied embedding moves by about 10%).
+TEST(PowerCheck, TheBf16LaneSeesItThroughTheStep0Gradients) {
+  const auto c = make_case(R"({"model": {"preset": "tiny-e4b"}, "dtype": "bf16", "cp": [2], "tolerances": {"bf16_k": 3},
+    "data": {"seq_len": 48, "document_lengths": [20, 22], "padding": 6}})");
+  const auto r = run_case(c, SuiteOptions{});
+  ASSERT_FALSE(r.error) << *r.error;
+  const auto power = named(r, "power.boundary_label");
+  ASSERT_EQ(power.size(), 1u);
+  EXPECT_EQ(power[0]->status, report::Status::Pass) << power[0]->message;
+  EXPECT_NE(power[0]->details["seen_by"].dump().find("train.grad_norm_parity"), std::string::npos) << power[0]->details.dump();
+  int gradient_results = 0;
+  for (auto* k : named(r, "train.grad_norm_parity"))
+    if (k->metric == "grad_tensors_worst_ratio_step0") {
+      ++gradient_results;
+      EXPECT_EQ(k->status, report::Status::Pass) << k->message;  // the unperturbed candidate is within the bound
+    }
+  EXPECT_EQ(gradient_results, 1);
+}
+
 TEST(PowerCheck, CountChecksAloneMakeItNotApplicable) {
   const auto r = run_case(make_case(R"({"checks": ["cache.", "ring."]})"), SuiteOptions{});
   ASSERT_FALSE(r.error) << *r.error;

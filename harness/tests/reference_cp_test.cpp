@@ -3,6 +3,7 @@
 // correct ring, the two references agree, and a planted ring bug fails both (the reference never runs the mutant).
 #include <gtest/gtest.h>
 
+#include "harness/runner/golden.h"
 #include "harness/runner/suite.h"
 #include "harness/train/case.h"
 
@@ -62,6 +63,21 @@ TEST(ReferenceCp, IsValidated) {
   auto j = nlohmann::json::parse(R"({"id": "t", "model": {"preset": "tiny-e2b"}, "data": {"seq_len": 8}})");
   j["reference_cp"] = 0;
   EXPECT_THROW(train::case_from_json(j, "c.json"), std::exception);
+}
+
+// A golden's case hash covers what moves the reference's numbers: the ring's block size and mask cache only when
+// the reference is itself a ring run; the data seed always.
+TEST(ReferenceCp, TheGoldenCaseHashCoversTheRingOnlyWhenTheReferenceIsARing) {
+  auto with = [](int reference_cp, const char* extra) {
+    auto j = make_case(reference_cp).raw;
+    j.merge_patch(nlohmann::json::parse(extra));
+    return case_hash(train::case_from_json(j, "ref.json"));
+  };
+  EXPECT_EQ(with(1, "{}"), with(1, R"({"block_size": 8, "block_mask_cache": false})"));
+  EXPECT_NE(with(2, "{}"), with(2, R"({"block_size": 8})"));
+  EXPECT_NE(with(2, "{}"), with(2, R"({"block_mask_cache": false})"));
+  EXPECT_NE(with(1, "{}"), with(1, R"({"data": {"seed": 6}})"));
+  EXPECT_EQ(with(1, "{}"), with(1, R"({"description": "another", "cp": [2]})"));
 }
 
 }  // namespace
