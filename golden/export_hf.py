@@ -197,7 +197,7 @@ def initial_weights(model: Gemma4ForCausalLM) -> dict:
     return out
 
 
-def run(model, config, inputs, use_cache: bool):
+def run(model, config, inputs, use_cache: bool, explicit_mask: bool = True):
     model.zero_grad(set_to_none=True)
     hidden = {}
     layers = model.model.layers
@@ -217,7 +217,8 @@ def run(model, config, inputs, use_cache: bool):
     try:
         out = model(
             input_ids=inputs["input_ids"],
-            attention_mask=additive_masks(config, inputs),
+            # None: transformers packs by itself (documents from position_ids restarts), as in SFT packing.
+            attention_mask=additive_masks(config, inputs) if explicit_mask else None,
             position_ids=inputs["position_ids"],
             labels=inputs["labels"],
             use_cache=use_cache,
@@ -270,7 +271,17 @@ def write_golden(path, prov, inputs, weights, loss, logits, hidden, grads) -> No
     os.replace(tmp, path)
 
 
-def export_one(input_path: str, out_dir: str, no_cache_variant: bool, save_pretrained: set) -> list:
+def packed_without_padding(inputs: dict) -> bool:
+    """More than one document in a row and no padding: transformers can pack such a batch by position ids alone."""
+    pad = inputs.get("padding")
+    doc = inputs.get("document_ids")
+    if doc is None or (pad is not None and bool(pad.any())):
+        return False
+    return bool((doc[:, 1:] != doc[:, :-1]).any())
+
+
+def export_one(input_path: str, out_dir: str, no_cache_variant: bool, save_pretrained: set,
+               packed_by_positions: bool = False) -> list:
     src_prov, inputs = read_inputs(input_path)
     case_id = src_prov.get("case_id") or os.path.splitext(os.path.basename(input_path))[0]
     cfg = json.loads(src_prov["config"])
@@ -286,12 +297,20 @@ def export_one(input_path: str, out_dir: str, no_cache_variant: bool, save_pretr
     cache_gated = mechanism == "cache-shared-layers"
     weights = initial_weights(model)
 
-    variants = [(case_id, cache_gated and shares)]  # (file id, use_cache)
+    variants = [(case_id, cache_gated and shares, True)]  # (file id, use_cache, explicit mask)
     if cache_gated and shares and no_cache_variant:
-        variants.append((f"{case_id}-no-cache", False))
+        variants.append((f"{case_id}-no-cache", False, True))
+    # transformers finds packed documents from position_ids restarts only with no attention mask and no cache
+    # (masking_utils: `attention_mask is None and past_key_values is None`); a cache-gated version shares K/V only
+    # with a cache, so there the variant cannot be made.
+    if packed_by_positions and packed_without_padding(inputs):
+        if cache_gated and shares:
+            print(f"{case_id}: no -by-positions variant on a cache-gated version (it needs use_cache=False)")
+        else:
+            variants.append((f"{case_id}-by-positions", False, False))
     written = []
-    for file_id, use_cache in variants:
-        loss, logits, hidden, grads = run(model, config, inputs, use_cache)
+    for file_id, use_cache, explicit_mask in variants:
+        loss, logits, hidden, grads = run(model, config, inputs, use_cache, explicit_mask)
         prov = {
             "kind": "hf-export",
             "tool": TOOL,
@@ -308,10 +327,14 @@ def export_one(input_path: str, out_dir: str, no_cache_variant: bool, save_pretr
             "hf_init": f"HF init distribution, per-parameter generator (seed {seed}, name); post-sublayer norms x0.03, q/k norms x hd^-1/4, embed_tokens x3",
             "hf_mask": "explicit additive fp32 mask per layer type from document_ids, padding, vision_group_ids",
         }
+        file_inputs = inputs
+        if not explicit_mask:
+            prov["hf_mask"] = "none: transformers splits packed documents at position_ids restarts (find_packed_sequence_indices)"
+            file_inputs = {k: v for k, v in inputs.items() if k not in ("document_ids", "padding")}
         if cache_gated and shares and not use_cache:
             prov["hf_note"] = "use_cache=False on a cache-gated version: KV-shared layers use their own K/V (the 5.5.0/5.5.1 bug)"
         path = os.path.join(out_dir, f"{file_id}.h5")
-        write_golden(path, prov, inputs, weights, loss, logits, hidden, grads)
+        write_golden(path, prov, file_inputs, weights, loss, logits, hidden, grads)
         print(f"{path}: loss {loss:.8f} ({mechanism}, use_cache={use_cache})")
         written.append(path)
     if case_id in save_pretrained:
@@ -328,6 +351,9 @@ def main() -> None:
     ap.add_argument("--no-cache-variant", action="store_true",
                     help="on a cache-gated version, also export models with KV sharing with use_cache=False")
     ap.add_argument("--save-pretrained", action="append", default=[], metavar="CASE_ID")
+    ap.add_argument("--packed-by-positions", action="store_true",
+                    help="for inputs with packed documents and no padding, also export <case_id>-by-positions.h5: "
+                         "no attention mask and no document_ids, transformers finds the documents from position_ids")
     a = ap.parse_args()
     torch.use_deterministic_algorithms(True)
     files = []
@@ -338,7 +364,7 @@ def main() -> None:
     os.makedirs(a.out, exist_ok=True)
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
     for p in files:
-        export_one(p, a.out, a.no_cache_variant, set(a.save_pretrained))
+        export_one(p, a.out, a.no_cache_variant, set(a.save_pretrained), a.packed_by_positions)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,6 @@ for case_file in "$root"/cases/hf/*.json; do
 done
 # The checkpoint of one model goes through save_pretrained too (the C++ loader is tested on it); on a cache-gated
 # version (5.5.0/5.5.1) the models with KV sharing are also exported with use_cache=False (the dead-K/V bug).
-"$env_dir/bin/python" "$root/golden/export_hf.py" --inputs "$inputs" --out "$out" --no-cache-variant \
+"$env_dir/bin/python" "$root/golden/export_hf.py" --inputs "$inputs" --out "$out" --no-cache-variant --packed-by-positions \
   --save-pretrained tiny-e2b-hf
 du -sh "$out"

@@ -158,7 +158,18 @@ struct StderrScanner {
   const std::regex procname{R"(Process name: \[\[\d+,\d+\],(\d+)\])"};
   const std::regex exitcode{R"(Exit code:\s+(\d+))"};
 
-  void line(const std::string& l) {
+  void line(const std::string& text) {
+    // Two ranks writing to the shared stderr at once can glue their messages into one line ("...[culprit: rank
+    // 1]cpharness: rank 0: ..."); each rank's message is read on its own, or one rank's blame is pinned on another.
+    static const std::string kPrefix = "cpharness: rank ";
+    std::size_t start = 0;
+    for (std::size_t at = text.find(kPrefix, 1); at != std::string::npos; at = text.find(kPrefix, at + 1)) {
+      one_line(text.substr(start, at - start));
+      start = at;
+    }
+    one_line(text.substr(start));
+  }
+  void one_line(const std::string& l) {
     std::smatch m;
     if (std::regex_search(l, m, ours)) {
       hard_failure = true;

@@ -80,11 +80,7 @@ torch::Tensor real_rows(const torch::Tensor& t, const torch::Tensor& keep) {
 }
 
 void compare_tensor(CompareEntry& e, const torch::Tensor* a, const torch::Tensor* b, const torch::Tensor& keep = {}) {
-  torch::Tensor ma, mb;  // padded positions excluded (hidden states and logits)
-  if (keep.defined() && a && b) {
-    ma = real_rows(a->detach().to(torch::kCPU), keep), mb = real_rows(b->detach().to(torch::kCPU), keep);
-    a = &ma, b = &mb;
-  }
+  // NaN/Inf are counted everywhere, padded positions included: a non-finite value is never a detail to leave out.
   if (a) {
     e.shape_a = a->sizes().vec();
     e.dtype_a = c10::toString(a->scalar_type());
@@ -94,6 +90,11 @@ void compare_tensor(CompareEntry& e, const torch::Tensor* a, const torch::Tensor
     e.shape_b = b->sizes().vec();
     e.dtype_b = c10::toString(b->scalar_type());
     e.nonfinite_b = count_nonfinite(*b);
+  }
+  torch::Tensor ma, mb;  // padded positions excluded from the difference (hidden states and logits)
+  if (keep.defined() && a && b) {
+    ma = real_rows(a->detach().to(torch::kCPU), keep), mb = real_rows(b->detach().to(torch::kCPU), keep);
+    a = &ma, b = &mb;
   }
   if (!a || !b) return set_missing(e, a != nullptr);
   if (e.shape_a != e.shape_b) {

@@ -4,6 +4,9 @@
 #include <fmt/ranges.h>
 
 #include "harness/io/input_error.h"
+#include "harness/train/batch.h"
+
+#include <limits>
 
 namespace cpharness::report {
 namespace {
@@ -78,6 +81,36 @@ HfGolden load_hf_golden(const std::string& path) {
   if (g.dump.inputs.count("padding")) g.batch.meta.padding = need_input(g, "padding", torch::kBool);
   if (g.dump.inputs.count("vision_group_ids")) g.batch.meta.vision_group_ids = need_input(g, "vision_group_ids", torch::kInt64);
   const auto shape = g.batch.input_ids.sizes().vec();
+  if (g.batch.position_ids.sizes().vec() != shape) throw InputError(path, "inputs/position_ids", "shape differs from input_ids");
+  if (!g.batch.meta.document_ids.defined() && shape.size() == 2 && shape[1] > 0) {
+    // Rows packed the way transformers packs them: documents given only by position ids restarting. Transformers
+    // splits them into documents itself only when it gets no attention mask and no cache (masking_utils:
+    // `attention_mask is None and past_key_values is None`); with either it attends across the restarts. So the
+    // documents are derived exactly when the export had neither (no padding marked, use_cache=False), and a file
+    // whose real tokens restart under a mask or a cache says two things at once: refused, never guessed.
+    // Restarts inside the padding alone (HF's left-padding positions) are harmless.
+    const auto derived = train::document_ids_from_positions(g.batch.position_ids);
+    const bool padded = g.batch.meta.padding.defined() && g.batch.meta.padding.any().item<bool>();
+    bool restarts = derived.max().item<int64_t>() > 1;
+    if (padded) {
+      const auto& pad = g.batch.meta.padding;
+      const auto lo = derived.masked_fill(pad, std::numeric_limits<int64_t>::max()).amin(1);
+      const auto hi = derived.masked_fill(pad, -1).amax(1);
+      restarts = (hi > lo).logical_and(hi >= 0).any().item<bool>();
+    }
+    if (restarts && (padded || g.hf_use_cache))
+      throw InputError(path, "inputs/document_ids",
+                       fmt::format("missing, while position_ids restart among the real tokens of a row and the export "
+                                   "had {}: transformers splits packed documents at position restarts only with no "
+                                   "attention mask and no cache, so the documents are ambiguous; write "
+                                   "/inputs/document_ids",
+                                   padded ? "an attention mask (inputs/padding marks padding)"
+                                          : "a cache (provenance hf_use_cache is not \"false\")"));
+    if (restarts) {
+      g.batch.meta.document_ids = derived;
+      g.document_ids_from_positions = true;
+    }
+  }
   for (auto* t : {&g.batch.labels, &g.batch.position_ids, &g.batch.meta.document_ids, &g.batch.meta.padding,
                   &g.batch.meta.vision_group_ids})
     if (t->defined() && t->sizes().vec() != shape) throw InputError(path, "inputs", "inputs disagree in shape with input_ids");

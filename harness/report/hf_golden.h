@@ -28,6 +28,7 @@ struct HfGolden {
   // only when it had a cache; the other semantics share regardless (the holder is then irrelevant).
   bool hf_shared_kv() const;
   double loss() const { return dump.steps.at(0).loss; }
+  bool document_ids_from_positions = false;  // no /inputs/document_ids: derived from position restarts
   std::string id() const;        // provenance case_id, with "-no-cache" for a use_cache=False export
 };
 

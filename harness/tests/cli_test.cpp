@@ -271,6 +271,24 @@ TEST_F(CliTest, MissingOrCorruptGoldenIsExit2WithAnErrorReport) {
   EXPECT_EQ(r.exit_code, 2) << r.output;
 }
 
+// An HF golden without /inputs/document_ids whose position ids restart among the real tokens while
+// /inputs/padding marks padding is ambiguous (transformers packs by positions only without a mask): exit 2 naming
+// the file and field, and no result for it in the report.
+TEST_F(CliTest, AnHfGoldenPackedByPositionsAndPaddedIsExit2NamingTheField) {
+  auto dump = cpharness::report::read_run_dump(std::string(CPHARNESS_SOURCE_DIR) + "/golden/hf-5.24.0/tiny-e2b-hf.h5");
+  ASSERT_TRUE(dump.inputs.at("padding").any().item<bool>());
+  dump.inputs.erase("document_ids");
+  const auto path = (dir_ / "packed-and-padded.h5").string();
+  cpharness::report::write_run_dump(path, dump);
+  auto r = run_cli("hf-parity " + path + " --cp 1 --out " + (dir_ / "o").string());
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("packed-and-padded.h5"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("inputs/document_ids"), std::string::npos) << r.output;
+  auto j = read_json(dir_ / "o" / "report.json");
+  EXPECT_EQ(j["status"], "error");
+  for (auto& k : j["cases"]) EXPECT_TRUE(k["checks"].empty()) << "no partial result next to the error";
+}
+
 #ifdef CPHARNESS_TEST_MPI
 // Processes whose command line holds `marker` (a path unique to the test), after waiting up to `wait` for them to go.
 int processes_left(const std::string& marker, std::chrono::seconds wait) {

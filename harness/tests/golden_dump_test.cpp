@@ -624,6 +624,76 @@ TEST(GoldenCompare, NonFiniteValuesFail) {
   }
 }
 
+// An entry present on one side only is "missing" (allowed under missing:ok), unless it holds NaN or Inf: that
+// fails under every policy.
+TEST(GoldenCompare, ANonFiniteEntryOnOneSideFailsEvenWhenMissingIsAllowed) {
+  const RunDump b = make_dump(12);
+  RunDump a = clone_dump(b);
+  a.steps[0].grads["extra.weight"] = torch::ones({2, 3});
+  a.steps[1].grads.erase("norm.weight");
+  RunDump b2 = clone_dump(b);
+  b2.steps[1].grad_norm.reset();
+  a.steps[1].grad_norm = 2.0;
+  const auto policy = ComparePolicy::parse("fp32,missing:ok");
+  ASSERT_TRUE(compare_dumps(a, b2, policy).passed) << "finite one-sided entries are allowed under missing:ok";
+
+  a.steps[0].grads["extra.weight"].view({-1})[4] = std::numeric_limits<float>::quiet_NaN();
+  CompareResult r = compare_dumps(a, b2, policy);
+  EXPECT_FALSE(r.passed);
+  EXPECT_EQ(r.counts.nonfinite, 1u);
+  const CompareEntry* e = find_entry(r, 0, EntryKind::kGrad, "extra.weight");
+  ASSERT_NE(e, nullptr);
+  EXPECT_EQ(e->status, EntryStatus::kNonFinite);
+  EXPECT_NE(e->message.find("present in A only"), std::string::npos) << e->message;
+
+  // A one-sided non-finite scalar, and a one-sided tensor in B.
+  a.steps[0].grads["extra.weight"] = torch::ones({2, 3});
+  a.steps[1].grad_norm = std::numeric_limits<double>::infinity();
+  RunDump b3 = clone_dump(b2);
+  b3.steps[0].hidden[9] = torch::full({2, 8, 6}, -std::numeric_limits<float>::infinity());
+  r = compare_dumps(a, b3, policy);
+  EXPECT_FALSE(r.passed);
+  EXPECT_EQ(r.counts.nonfinite, 2u);
+  EXPECT_EQ(find_entry(r, 1, EntryKind::kGradNorm, "grad_norm")->status, EntryStatus::kNonFinite);
+  EXPECT_EQ(find_entry(r, 0, EntryKind::kHidden, "9")->status, EntryStatus::kNonFinite);
+}
+
+// Hidden states and logits are judged on real tokens only when /inputs/padding is given (transformers' own masks
+// let padded query rows attend, the harness zeroes them); the count is reported. Real positions still count, and
+// NaN at a padded position still fails.
+TEST(GoldenCompare, PaddedPositionsAreLeftOutOfHiddenStatesAndLogits) {
+  RunDump b = make_dump(13);
+  b.inputs["padding"].index_put_({1, torch::indexing::Slice(5, 8)}, true);
+  RunDump a = clone_dump(b);
+  a.steps[0].logits.index_put_({1, 6}, a.steps[0].logits.index({1, 6}) + 100.0f);
+  a.steps[1].hidden[2].index_put_({1, 7}, 50.0f);
+  CompareResult r = compare_dumps(a, b);
+  EXPECT_TRUE(r.passed) << render_text(r);
+  EXPECT_EQ(r.padded_positions_excluded, 3);
+  EXPECT_EQ(to_json(r).at("padded_positions_excluded"), 3);
+  EXPECT_NE(render_text(r).find("3 padded position(s)"), std::string::npos) << render_text(r);
+
+  RunDump no_padding_info = clone_dump(b);
+  no_padding_info.inputs.erase("padding");
+  RunDump a_without = clone_dump(a);
+  a_without.inputs.erase("padding");
+  const CompareResult unmasked = compare_dumps(a_without, no_padding_info);
+  EXPECT_FALSE(unmasked.passed) << "without /inputs/padding every position is judged";
+  EXPECT_EQ(unmasked.padded_positions_excluded, 0);
+
+  RunDump real = clone_dump(a);
+  real.steps[0].logits.index_put_({1, 4}, real.steps[0].logits.index({1, 4}) + 100.0f);  // a real token
+  r = compare_dumps(real, b);
+  EXPECT_FALSE(r.passed);
+  EXPECT_EQ(r.entries[*r.first_divergence].path, "steps/0/logits");
+
+  RunDump nan = clone_dump(a);
+  nan.steps[0].hidden[1].index_put_({1, 6, 0}, std::numeric_limits<float>::quiet_NaN());
+  r = compare_dumps(nan, b);
+  EXPECT_FALSE(r.passed);
+  EXPECT_EQ(find_entry(r, 0, EntryKind::kHidden, "1")->status, EntryStatus::kNonFinite);
+}
+
 TEST(GoldenCompare, PolicyParsing) {
   ComparePolicy p = ComparePolicy::parse("fp32,grads:1e-4");
   EXPECT_EQ(p.grads.rel, 1e-4);

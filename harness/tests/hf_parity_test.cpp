@@ -6,15 +6,18 @@
 #include <gtest/gtest.h>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <filesystem>
+#include <random>
 
 #include "harness/check/checks.h"
 #include "harness/check/hf_parity.h"
 #include "harness/model/attention_backend.h"
 #include "harness/model/weights.h"
 #include "harness/runner/hf_run.h"
+#include "harness/train/batch.h"
 
 namespace cpharness {
 namespace {
@@ -227,6 +230,127 @@ TEST(HfParity, NonHfGoldenIsAnInputErrorNamingTheField) {
     EXPECT_EQ(e.subject(), "provenance/kv_share_mechanism");
   }
   fs::remove(tmp);
+}
+
+// ---------- packed documents given by position ids alone (transformers' own packing) ----------
+
+// The oracle: a document starts at a row's first token and wherever a position is not its predecessor's + 1.
+torch::Tensor documents_by_brute_force(const torch::Tensor& pos) {
+  auto out = torch::zeros_like(pos);
+  for (int64_t b = 0; b < pos.size(0); ++b) {
+    int64_t doc = 1;
+    for (int64_t i = 0; i < pos.size(1); ++i) {
+      if (i > 0 && pos[b][i].item<int64_t>() != pos[b][i - 1].item<int64_t>() + 1) ++doc;
+      out[b][i] = doc;
+    }
+  }
+  return out;
+}
+
+TEST(HfPacking, DocumentIdsFromPositionsAgreeWithABruteForceOracle) {
+  std::mt19937 rng(11);
+  auto uniform = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  for (int trial = 0; trial < 300; ++trial) {
+    const int64_t B = uniform(1, 3), S = uniform(1, 48);
+    auto pos = torch::empty({B, S}, torch::kInt64);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0, next = uniform(0, 5); i < S; ++i) {
+        // Mostly documents restarting at 0 (or at an offset), sometimes arbitrary jumps, repeats and descents.
+        const int64_t roll = uniform(0, 9);
+        const int64_t p = roll == 0 ? 0 : roll == 1 ? uniform(-2, 60) : next;
+        pos[b][i] = p;
+        next = p + 1;
+      }
+    SCOPED_TRACE(fmt::format("trial {}: positions {}", trial, fmt::join(pos.flatten().data_ptr<int64_t>(),
+                                                                      pos.flatten().data_ptr<int64_t>() + pos.numel(), " ")));
+    EXPECT_TRUE(torch::equal(train::document_ids_from_positions(pos), documents_by_brute_force(pos)));
+  }
+}
+
+// On every committed golden, the documents the position restarts give are the file's own documents (real tokens).
+TEST(HfPacking, DerivedDocumentsPartitionEveryGoldensRealTokensLikeItsDocumentIds) {
+  int judged = 0;
+  for (auto& path : hf_goldens()) {
+    const auto g = runner::load_hf_golden(path);
+    if (g.document_ids_from_positions) continue;
+    ASSERT_TRUE(g.batch.meta.document_ids.defined()) << path;
+    const auto derived = train::document_ids_from_positions(g.batch.position_ids);
+    const auto& doc = g.batch.meta.document_ids;
+    const auto real = g.batch.meta.padding.defined() ? g.batch.meta.padding.logical_not()
+                                                     : torch::ones_like(doc, torch::kBool);
+    for (int64_t b = 0; b < doc.size(0); ++b) {
+      const auto keep = real[b];
+      const auto d = doc[b].masked_select(keep), e = derived[b].masked_select(keep);
+      const auto same_doc = d.unsqueeze(0) == d.unsqueeze(1), same_derived = e.unsqueeze(0) == e.unsqueeze(1);
+      EXPECT_TRUE(torch::equal(same_doc, same_derived)) << label(path) << " row " << b;
+    }
+    ++judged;
+  }
+  EXPECT_GE(judged, 12);
+}
+
+// transformers 5.8.1 given no attention mask and no cache split the rows into documents itself: the file has no
+// /inputs/document_ids, the harness derives them and matches at cp 1, 2 and 4; read as one document per row (what
+// the loader did before) the same file fails hf.parity.
+TEST(HfPacking, AnExportWithoutMaskOrCacheIsJudgedOnTheDocumentsTransformersFound) {
+  const auto path = (kGoldenDir / "hf-5.8.1" / "tiny-e2b-hf-packed-by-positions.h5").string();
+  auto g = runner::load_hf_golden(path);
+  ASSERT_FALSE(g.dump.inputs.count("document_ids"));
+  ASSERT_FALSE(g.hf_use_cache);
+  EXPECT_TRUE(g.document_ids_from_positions);
+  ASSERT_TRUE(g.batch.meta.document_ids.defined());
+  EXPECT_EQ(g.batch.meta.document_ids.amax(1).min().item<int64_t>(), 3);
+  for (int cp : {1, 2, 4}) {
+    SCOPED_TRACE(fmt::format("cp {}", cp));
+    const auto run = runner::run_on_hf_golden(g, cp, g.hf_shared_kv());
+    for (auto& c : check::check_hf_parity(g, run)) {
+      EXPECT_EQ(c.status, report::Status::Pass) << c.metric << ": " << c.message;
+      EXPECT_NE(c.details.at("document_ids").get<std::string>().find("derived"), std::string::npos);
+    }
+  }
+  g.batch.meta.document_ids = torch::Tensor();
+  const auto one_document = runner::run_on_hf_golden(g, 1, g.hf_shared_kv());
+  EXPECT_EQ(check::check_hf_parity(g, one_document).at(0).status, report::Status::Fail);
+}
+
+void expect_refused(const report::RunDump& dump, const std::string& field, const std::string& why) {
+  const auto tmp = fs::temp_directory_path() / fmt::format("cpharness_hf_packing_{}.h5", ::getpid());
+  report::write_run_dump(tmp.string(), dump);
+  try {
+    runner::load_hf_golden(tmp.string());
+    ADD_FAILURE() << "expected an InputError: " << why;
+  } catch (const io::InputError& e) {
+    EXPECT_EQ(e.subject(), field) << why;
+    EXPECT_NE(std::string(e.what()).find(tmp.filename().string()), std::string::npos) << e.what();
+  }
+  fs::remove(tmp);
+}
+
+// Position restarts among real tokens under an attention mask (padding marked) or a cache: transformers attended
+// across them, but the file looks packed; refused with the field named, never guessed.
+TEST(HfPacking, RestartsUnderAMaskOrACacheAreRefusedNamingTheField) {
+  auto padded = runner::load_hf_golden((kGoldenDir / "hf-5.24.0" / "tiny-e2b-hf.h5").string()).dump;
+  padded.inputs.erase("document_ids");
+  expect_refused(padded, "inputs/document_ids", "padding marked");
+
+  auto cached = runner::load_hf_golden((kGoldenDir / "hf-5.8.1" / "tiny-e2b-hf-packed-by-positions.h5").string()).dump;
+  cached.provenance["hf_use_cache"] = "true";
+  expect_refused(cached, "inputs/document_ids", "use_cache=True");
+  cached.provenance.erase("hf_use_cache");
+  expect_refused(cached, "inputs/document_ids", "hf_use_cache not recorded");
+
+  // Restarts inside the padding only (HF's left-padding positions 1, 1, ..., then 0, 1, 2 ...): one document.
+  auto one_doc = padded;
+  auto& pos = one_doc.inputs.at("position_ids");
+  const auto pad = one_doc.inputs.at("padding").to(torch::kBool);
+  const auto S = pos.size(1);
+  pos = torch::where(pad, torch::ones_like(pos), torch::arange(S, torch::kInt64).expand_as(pos)).contiguous();
+  const auto tmp = fs::temp_directory_path() / fmt::format("cpharness_hf_packing_ok_{}.h5", ::getpid());
+  report::write_run_dump(tmp.string(), one_doc);
+  const auto g = runner::load_hf_golden(tmp.string());
+  fs::remove(tmp);
+  EXPECT_FALSE(g.document_ids_from_positions);
+  EXPECT_FALSE(g.batch.meta.document_ids.defined());
 }
 
 }  // namespace

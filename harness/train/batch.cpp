@@ -60,4 +60,10 @@ Batch make_batch(const BatchSpec& spec) {
   return batch;
 }
 
+torch::Tensor document_ids_from_positions(const torch::Tensor& position_ids) {
+  const auto pos = position_ids.to(torch::kInt64);
+  const auto previous = torch::cat({pos.narrow(1, 0, 1) - 1, pos.narrow(1, 0, pos.size(1) - 1)}, 1);
+  return (pos - previous != 1).to(torch::kInt64).cumsum(1) + 1;
+}
+
 }  // namespace cpharness::train

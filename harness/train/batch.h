@@ -35,4 +35,9 @@ struct Batch {
 // Throws io::InputError (source "batch") when the spec is inconsistent.
 Batch make_batch(const BatchSpec& spec);
 
+// Document ids [B, S] (1-based) of rows packed the way transformers packs them, by position ids alone: a document
+// starts wherever a position is not its predecessor's + 1 (transformers' find_packed_sequence_indices: the
+// cumulative sum of diff(position_ids) != 1, the first token's predecessor taken as its position - 1).
+torch::Tensor document_ids_from_positions(const torch::Tensor& position_ids);
+
 }  // namespace cpharness::train
