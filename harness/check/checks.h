@@ -63,7 +63,9 @@ std::vector<CheckResult> check_kvshare(const train::Case& c, int cp, const Toler
 // or gradient norm is not finite, any gradient norm is exactly zero (a dead model: two such runs agree
 // perfectly and prove nothing), or, over more than one step, the loss never moves although every step sees a
 // different batch. Judged for every run whatever checks the case selects: a non-finite or dead run is never a pass.
-CheckResult check_trained(const report::LaneRun& run);
+// `exemptions` (a case's trained_exemptions: part -> reason) waives the named parts, never the non-finite one;
+// the details and the message say which were waived and why.
+CheckResult check_trained(const report::LaneRun& run, const std::map<std::string, std::string>& exemptions = {});
 
 // The data of the page's divergence figure (report.json divergence_profile, schema $defs/divergence_profile): the
 // relative error of every hidden state at step 0 in forward order, then of every gradient in backward order, each

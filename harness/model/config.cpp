@@ -462,14 +462,22 @@ KvShareSemantics kv_share_semantics_from_string(const std::string& s, const std:
 ModelConfig config_from_case_json(const json& j, const std::string& source) {
   if (!j.is_object()) throw InputError(source, "model", "expected an object");
   ModelConfig c;
-  const bool has_preset = j.contains("preset"), has_config = j.contains("config");
-  if (has_preset == has_config) throw InputError(source, "model", "give exactly one of \"preset\" or \"config\"");
+  const bool has_preset = j.contains("preset"), has_config = j.contains("config"), has_file = j.contains("config_file");
+  if (int(has_preset) + int(has_config) + int(has_file) != 1)
+    throw InputError(source, "model", "give exactly one of \"preset\", \"config\" or \"config_file\"");
   std::string prefix = "model.";  // where a bad value came from, for the validation's messages
   for (auto& [key, value] : j.items()) {
-    static const std::set<std::string> known = {"preset", "config", "overrides", "kv_share_semantics"};
+    static const std::set<std::string> known = {"preset", "config", "config_file", "overrides", "kv_share_semantics"};
     if (!known.count(key)) throw InputError(source, "model." + key, "unknown key");
   }
-  if (has_preset) {
+  if (has_file) {
+    // A checkpoint's own config.json (save_pretrained), read as transformers writes it: keys the model does not
+    // use (architectures, dtype, ...) are ignored there, as the HF loader does.
+    if (!j["config_file"].is_string()) throw InputError(source, "model.config_file", "wrong type: expected a string");
+    if (j.contains("overrides")) throw InputError(source, "model.overrides", "only allowed with \"preset\"");
+    c = load_hf_config_file(j["config_file"].get<std::string>());
+    prefix = "model.config_file.";
+  } else if (has_preset) {
     if (!j["preset"].is_string()) throw InputError(source, "model.preset", "wrong type: expected a string");
     try {
       c = preset_config(j["preset"].get<std::string>());

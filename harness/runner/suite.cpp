@@ -261,7 +261,7 @@ void run_reference_phase(const train::Case& c, const std::vector<int>& cps, cons
   rep.trajectories[ref_cp] = trajectory_of(*runs.reference);
   rep.performance[ref_cp] = performance_of(*runs.reference);
   if (ref_cp > 1) rep.reference_cp = ref_cp;
-  rep.checks.push_back(check::check_trained(*runs.reference));  // whatever the case selects
+  rep.checks.push_back(check::check_trained(*runs.reference, c.trained_exemptions));  // whatever the case selects
   if (c.dtype == train::DtypeLane::kBf16) {
     runs.oracle = reference_run(c, train::DtypeLane::kFp32, run_options);
     const auto t = trajectory_of(*runs.oracle);  // for the page: the reference's oracle next to the bf16 runs
@@ -324,7 +324,7 @@ void judge_phase(const train::Case& c, const RunOptions& run_options, const Suit
     rep.trajectories[n] = trajectory_of(candidate);
     rep.performance[n] = performance_of(candidate);
     const auto u = runs.uncached.find(n);
-    rep.checks.push_back(check::check_trained(candidate));  // whatever the case selects
+    rep.checks.push_back(check::check_trained(candidate, c.trained_exemptions));  // whatever the case selects
     append(rep.checks, c, check::check_ring(c, candidate));
     append(rep.checks, c, check::check_cache(c, candidate, u == runs.uncached.end() ? nullptr : &u->second));
     append(rep.checks, c, check::check_training(c, tol, *runs.reference, candidate, runs.oracle ? &*runs.oracle : nullptr,

@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "harness/check/checks.h"
+#include "harness/io/input_error.h"
 #include "harness/train/case.h"
 
 namespace cpharness::check {
@@ -47,6 +48,43 @@ TEST(CheckTrained, NonFiniteLossOrGradNormFails) {
   const auto res = check_trained(run_of({{4.85, inf}, {4.8, 0.3}}));
   EXPECT_EQ(res.status, report::Status::Fail);
   EXPECT_NE(res.message.find("non-finite"), std::string::npos) << res.message;
+}
+
+// A case may waive one part by naming it; the reason is in the message and details. Nothing else is waived, and a
+// non-finite run fails whatever is waived.
+TEST(CheckTrained, AnExemptionWaivesOnlyThePartItNamesAndShowsTheReason) {
+  const std::map<std::string, std::string> frozen_ok = {{"loss_frozen", "lr 0 on one repeated batch"}};
+  auto res = check_trained(run_of({{2.5, 0.1}, {2.5, 0.1}}), frozen_ok);
+  EXPECT_EQ(res.status, report::Status::Pass) << res.message;
+  EXPECT_NE(res.message.find("lr 0 on one repeated batch"), std::string::npos) << res.message;
+  EXPECT_EQ(res.details.at("exemptions").at("loss_frozen"), "lr 0 on one repeated batch");
+  EXPECT_EQ(check_trained(run_of({{2.5, 0.0}, {2.5, 0.0}}), frozen_ok).status, report::Status::Fail);
+  const std::map<std::string, std::string> all = {
+      {"loss_frozen", "a"}, {"zero_grad_norm", "b"}, {"output_ignores_input", "c"}};
+  EXPECT_EQ(check_trained(run_of({{2.5, 0.0}, {2.5, 0.0}}), all).status, report::Status::Pass);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  EXPECT_EQ(check_trained(run_of({{nan, 0.1}, {2.4, 0.1}}), all).status, report::Status::Fail);
+}
+
+TEST(CheckTrained, ACaseNamesItsExemptionsWithAReasonAndCannotWaiveNonFinite) {
+  auto parse = [](const std::string& exemptions) {
+    return train::case_from_json(nlohmann::json::parse(R"({"id": "t", "model": {"preset": "tiny-e2b"}, "data": {"seq_len": 8},
+        "trained_exemptions": )" + exemptions + "}"), "t.json");
+  };
+  EXPECT_EQ(parse(R"({"loss_frozen": "lr 0"})").trained_exemptions.at("loss_frozen"), "lr 0");
+  auto field_of = [&](const std::string& exemptions) {
+    try {
+      parse(exemptions);
+    } catch (const io::InputError& e) {
+      return e.subject();
+    }
+    return std::string("(accepted)");
+  };
+  EXPECT_EQ(field_of(R"({"nonfinite": "it is fine"})"), "trained_exemptions.nonfinite");
+  EXPECT_EQ(field_of(R"({"loss_frozen": ""})"), "trained_exemptions.loss_frozen");
+  EXPECT_EQ(field_of(R"({"loss_frozen": true})"), "trained_exemptions.loss_frozen");
+  EXPECT_EQ(field_of(R"({"sleepy": "x"})"), "trained_exemptions.sleepy");
+  EXPECT_EQ(field_of(R"(["loss_frozen"])"), "trained_exemptions");
 }
 
 train::Case tiny_case() {

@@ -271,6 +271,48 @@ TEST_F(CliTest, MissingOrCorruptGoldenIsExit2WithAnErrorReport) {
   EXPECT_EQ(r.exit_code, 2) << r.output;
 }
 
+// A run whose loss or gradients are not finite fails, whatever checks the case selects: a NaN weight in a real
+// checkpoint, and rms_norm_eps -1e30 (the square root of a negative number), with only count checks selected.
+TEST_F(CliTest, ANonFiniteRunFailsWhateverChecksTheCaseSelects) {
+  const fs::path ckpt = dir_ / "nan-checkpoint";
+  fs::copy(fs::path(CPHARNESS_SOURCE_DIR) / "golden/hf-5.5.0/tiny-e2b-hf-checkpoint", ckpt);
+  {
+    // safetensors: an 8-byte little-endian header length, the JSON header, then the data; one float becomes NaN.
+    std::fstream f(ckpt / "model.safetensors", std::ios::in | std::ios::out | std::ios::binary);
+    std::uint64_t n = 0;
+    f.read(reinterpret_cast<char*>(&n), 8);
+    std::string header(n, '\0');
+    f.read(header.data(), static_cast<std::streamsize>(n));
+    const auto h = nlohmann::json::parse(header);
+    const auto& t = h.at("model.layers.0.mlp.down_proj.weight");
+    ASSERT_EQ(t.at("dtype"), "F32");
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    f.seekp(static_cast<std::streamoff>(8 + n + t.at("data_offsets").at(0).get<std::uint64_t>() + 4 * 5));
+    f.write(reinterpret_cast<const char*>(&nan), 4);
+  }
+  const std::string counts_only = R"("checks": ["cache.", "ring.", "mask."], "steps": 2, "cp": [2])";
+  const auto nan_case = write("nan.json", R"({"id": "nan-weight", "model": {"config_file": ")" + (ckpt / "config.json").string() +
+                                              R"("}, "weights": {"checkpoint": ")" + ckpt.string() +
+                                              R"("}, "data": {"seq_len": 24, "seed": 1}, )" + counts_only + "}");
+  const auto eps_case = write("eps.json", R"({"id": "negative-eps", "model": {"preset": "tiny-31b", "overrides":
+      {"rms_norm_eps": -1e30}}, "data": {"seq_len": 24, "seed": 1}, )" + counts_only + "}");
+  for (const auto& c : {nan_case, eps_case}) {
+    SCOPED_TRACE(c);
+    const auto out = dir_ / fs::path(c).stem();
+    auto r = run_cli("run " + c + " --out " + out.string());
+    ASSERT_EQ(r.exit_code, 1) << r.output;
+    const auto j = read_json(out / "report.json");
+    EXPECT_EQ(j["status"], "fail");
+    int trained_failed = 0;
+    for (auto& k : j["cases"][0]["checks"])
+      if (k["name"] == "train.trained" && k["status"] == "fail") {
+        ++trained_failed;
+        EXPECT_NE(k["message"].get<std::string>().find("non-finite"), std::string::npos) << k["message"];
+      }
+    EXPECT_EQ(trained_failed, 2) << "the cp 1 reference and the cp 2 candidate";
+  }
+}
+
 // An HF golden without /inputs/document_ids whose position ids restart among the real tokens while
 // /inputs/padding marks padding is ambiguous (transformers packs by positions only without a mask): exit 2 naming
 // the file and field, and no result for it in the report.

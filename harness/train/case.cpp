@@ -191,7 +191,8 @@ std::optional<std::string> cp_size_problem(int64_t cp, int64_t seq_len) {
 Case case_from_json(const json& j, const std::string& path) {
   if (!j.is_object()) throw InputError(path, "case", "expected a JSON object");
   reject_unknown(j, {"id", "description", "model", "weights", "data", "dtype", "steps", "optimizer", "cp", "requires", "checks",
-                     "tolerances", "block_size", "block_mask_cache", "device", "loss_chunk_tokens", "reference_cp", "record_tensors"}, path, "");
+                     "tolerances", "block_size", "block_mask_cache", "device", "loss_chunk_tokens", "reference_cp", "record_tensors",
+                     "trained_exemptions"}, path, "");
   Case c;
   c.path = path;
   c.raw = j;
@@ -219,6 +220,19 @@ Case case_from_json(const json& j, const std::string& path) {
   if (j.contains("record_tensors")) {
     if (!j["record_tensors"].is_boolean()) throw InputError(path, "record_tensors", "wrong type: expected a boolean");
     c.record_tensors = j["record_tensors"].get<bool>();
+  }
+  if (j.contains("trained_exemptions")) {
+    const json& t = object_at(j, "trained_exemptions", path, "trained_exemptions");
+    for (auto it = t.begin(); it != t.end(); ++it) {
+      const std::string field = "trained_exemptions." + it.key();
+      if (it.key() == "nonfinite")
+        throw InputError(path, field, "a non-finite loss or grad norm fails every run; it cannot be waived");
+      if (it.key() != "zero_grad_norm" && it.key() != "loss_frozen" && it.key() != "output_ignores_input")
+        throw InputError(path, field, "unknown: expected zero_grad_norm, loss_frozen or output_ignores_input");
+      if (!it->is_string() || it->get<std::string>().empty())
+        throw InputError(path, field, "expected the reason, a non-empty string");
+      c.trained_exemptions[it.key()] = it->get<std::string>();
+    }
   }
   if (j.contains("reference_cp")) c.reference_cp = int_at(j, "reference_cp", path, "reference_cp", 1);
   if (auto why = cp_size_problem(c.reference_cp, c.data.seq_len)) throw InputError(path, "reference_cp", *why);

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include <optional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,9 @@ struct Case {
   int64_t reference_cp = 1;                    // the CP size of the run candidates are judged against
   int64_t loss_chunk_tokens = 0;               // > 0: chunked LM head + cross entropy (no [S, V] logits)
   std::string device = "cpu";                  // "cpu", "cuda" or "cuda:N": where every run of the case trains
+  // train.trained parts the case opts out of, each named with the reason shown in the report ("zero_grad_norm",
+  // "loss_frozen", "output_ignores_input"; a non-finite loss or grad norm can never be waived).
+  std::map<std::string, std::string> trained_exemptions;
   nlohmann::json raw;                          // the file as read, for provenance
 };
 
