@@ -46,10 +46,27 @@ std::vector<CheckResult> check_cache(const train::Case& c, const report::LaneRun
 
 // train.loss_parity, train.grad_norm_parity, train.param_parity per step (and step-0 logits and gradients);
 // on failure the first diverging layer and tensor is named, and both tensors are dumped under `dump_dir`.
-// `oracle` (cp 1 fp32) is required for the bf16 lane.
+// `oracle` (cp 1 fp32) is required for the bf16 lane. `fp64`, for the fp32 lane where some tensor missed
+// fp32_relative against cp 1: step-0 gradients are judged against its reference (the fp64 oracle, policy
+// fp32_oracle_relative) and final parameters between its two runs (policy fp64_rerun); see judge_final_params.
+struct Fp64Rerun {
+  const report::LaneRun* reference = nullptr;  // cp 1 (or reference_cp) in fp64, same weights and batches
+  const report::LaneRun* candidate = nullptr;  // cp N in fp64 (only needed for the final parameters)
+};
 std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& tol, const report::LaneRun& reference,
                                         const report::LaneRun& candidate, const report::LaneRun* oracle,
-                                        const std::string& dump_dir);
+                                        const std::string& dump_dir, const Fp64Rerun* fp64 = nullptr);
+
+// Whether every final parameter (step-0 gradient) tensor of an fp32 candidate is within fp32_relative of the
+// reference's: when not, the runner makes the fp64 runs of Fp64Rerun.
+bool final_params_within_fp32(const Tolerances& tol, const report::LaneRun& reference, const report::LaneRun& candidate);
+bool step0_grads_within_fp32(const Tolerances& tol, const report::LaneRun& reference, const report::LaneRun& candidate);
+
+// train.param_parity on the final parameters, tensor by tensor: observed is the worst error / allowed.
+//   bf16 lane (`bf16_oracle`, cp 1 fp32): error vs that oracle <= bf16_k x cp 1's error + bf16_floor;
+//   fp32 lane: cp N vs cp 1 <= fp32_relative, in fp32, or between the fp64 reruns of `fp64` when given.
+CheckResult judge_final_params(const Tolerances& tol, const report::LaneRun& reference, const report::LaneRun& candidate,
+                               const report::LaneRun* bf16_oracle, const Fp64Rerun* fp64);
 
 // kvshare.loss_parity (cp N with the holder under cache-gated semantics vs the cp 1 sharing reference) and
 // kvshare.bug_detected (without the holder the loss must move beyond tolerance). Only for cases with KV sharing.

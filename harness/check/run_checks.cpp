@@ -157,8 +157,73 @@ std::vector<CheckResult> check_cache(const train::Case& c, const report::LaneRun
   return out;
 }
 
+namespace {
+
+// Whether every tensor of `cand` is within fp32_relative of the same tensor of `ref`.
+bool tensors_within_fp32(const Tolerances& tol, int cp, const std::map<std::string, torch::Tensor>& ref,
+                         const std::map<std::string, torch::Tensor>& cand) {
+  for (auto& [name, t] : ref) {
+    auto it = cand.find(name);
+    if (it == cand.end() || !(rel(it->second, t) <= tol.fp32(cp))) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+bool final_params_within_fp32(const Tolerances& tol, const report::LaneRun& ref, const report::LaneRun& cand) {
+  return tensors_within_fp32(tol, cand.cp, ref.final_params, cand.final_params);
+}
+
+bool step0_grads_within_fp32(const Tolerances& tol, const report::LaneRun& ref, const report::LaneRun& cand) {
+  return tensors_within_fp32(tol, cand.cp, ref.grads, cand.grads);
+}
+
+CheckResult judge_final_params(const Tolerances& tol, const report::LaneRun& ref, const report::LaneRun& cand,
+                               const report::LaneRun* bf16_oracle, const Fp64Rerun* fp64) {
+  const int n = cand.cp;
+  // bf16: against the fp32 oracle, k x cp 1's own error + floor. fp32: cp N against cp 1 at fp32_relative; where
+  // that missed, the same comparison is made between fp64 reruns of both (`fp64`). AdamW's first steps move every
+  // weight by about lr x sign(gradient): a near-zero gradient whose sign summation order decides turns fp32
+  // rounding into a whole update, on weights the harness did not condition (measured on the HF checkpoints: cp N
+  // vs cp 1 up to 3e-5, while cp 1 itself is 2e-6 to 1e-4 from the fp64 truth, so no bound on fp32 parameters
+  // survives, not even one relative to cp 1's own error). In fp64 the rounding is 1e-16 and the amplification
+  // cannot reach 1e-5, while any CP bug of the update path is there as in fp32; the fp32 gradients that feed the
+  // updates are judged in fp32 by train.grad_norm_parity (per step and per tensor at step 0).
+  const bool rerun = fp64 && fp64->reference && fp64->candidate;
+  const report::LaneRun& base = bf16_oracle ? *bf16_oracle : rerun ? *fp64->reference : ref;
+  const report::LaneRun& judged = rerun ? *fp64->candidate : cand;
+  const auto policy = bf16_oracle ? Policy::Bf16OracleRelative : rerun ? Policy::Fp64Rerun : Policy::Fp32Relative;
+  double worst = 0, worst_error = 0, worst_allowed = 0, worst_fp32 = 0;
+  std::string worst_name;
+  for (auto& [name, p] : base.final_params) {
+    auto it = judged.final_params.find(name);
+    const double e = it == judged.final_params.end() ? INFINITY : rel(it->second, p);
+    const double allowed = bf16_oracle ? tol.bf16(rel(ref.final_params.at(name), p), n) : tol.fp32(n);
+    const double ratio = std::isnan(e) ? INFINITY : e / allowed;
+    if (worst_name.empty() || ratio > worst) worst = ratio, worst_name = name, worst_error = e, worst_allowed = allowed;
+    if (rerun) {
+      auto c32 = cand.final_params.find(name);
+      worst_fp32 = std::max(worst_fp32, c32 == cand.final_params.end() ? INFINITY : rel(c32->second, ref.final_params.at(name)));
+    }
+  }
+  // A candidate missing a tensor in its own lane fails too, whatever was rerun.
+  for (auto& [name, p] : ref.final_params)
+    if (!cand.final_params.count(name)) worst = INFINITY, worst_name = name, worst_error = INFINITY;
+  nlohmann::json details = {{"worst_tensor", worst_name}, {"worst_rel_error", worst_error}, {"worst_allowed", worst_allowed},
+                            {"what", "final parameters, relative L2 per tensor / allowed"}};
+  if (rerun) {
+    details["fp32_worst_rel_error_vs_cp1"] = worst_fp32;
+    details["why"] = "some fp32 tensor missed fp32_relative against cp 1 (AdamW turns summation-order noise in near-zero "
+                     "gradients into whole updates): cp 1 and cp N were rerun in fp64 from the same weights and "
+                     "batches and compared there";
+  }
+  return CheckResult::judge("train.param_parity", n, std::nullopt, "tensors_worst_ratio", worst, 1.0, policy, details);
+}
+
 std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& tol, const report::LaneRun& ref,
-                                        const report::LaneRun& cand, const report::LaneRun* oracle, const std::string& dump_dir) {
+                                        const report::LaneRun& cand, const report::LaneRun* oracle, const std::string& dump_dir,
+                                        const Fp64Rerun* fp64) {
   const int n = cand.cp;
   const bool bf16 = cand.lane == train::DtypeLane::kBf16;
   std::vector<CheckResult> out;
@@ -190,23 +255,12 @@ std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& 
     judge("train.param_parity", cand.steps[s].param_norm, ref.steps[s].param_norm, base.steps[s].param_norm);
   }
   // Final parameters tensor by tensor, and step-0 logits and gradients.
-  double worst_param = 0;
-  std::string worst_name;
-  for (auto& [name, p] : base.final_params) {
-    auto it = cand.final_params.find(name);
-    const double e = it == cand.final_params.end() ? INFINITY : rel(it->second, p);
-    const double allowed = bound(bf16 ? rel(ref.final_params.at(name), p) : 0.0);
-    if (!(e <= allowed) && (worst_name.empty() || e / allowed > worst_param)) worst_param = e / allowed, worst_name = name;
-  }
   if (base.final_params.empty()) {
     // Not recorded (a case with "record_tensors": false, or a one-step view of a longer run): said, not passed. A
     // candidate missing what the reference has still fails (every tensor counts as infinitely far).
     out.push_back(CheckResult::skipped("train.param_parity", n, "final parameters were not recorded"));
   } else {
-    auto res = CheckResult::judge("train.param_parity", n, std::nullopt, "tensors_out_of_tolerance_worst_ratio", worst_param, 1.0,
-                                  policy, {{"worst_tensor", worst_name}, {"what", "final parameters, relative L2 per tensor / allowed"}});
-    if (worst_name.empty()) res = CheckResult::judge("train.param_parity", n, std::nullopt, "tensors_out_of_tolerance_worst_ratio", 0.0, 1.0, policy,
-                                                     {{"what", "final parameters, relative L2 per tensor / allowed"}});
+    auto res = judge_final_params(tol, ref, cand, bf16 ? oracle : nullptr, bf16 ? nullptr : fp64);
     if (res.status != report::Status::Pass) failing.push_back("train.param_parity");
     out.push_back(res);
   }
@@ -224,17 +278,25 @@ std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& 
   if (!base.grads.empty() && !cand.grads.empty()) {
     double worst = 0, worst_error = 0, worst_allowed = 0;
     std::string worst_grad;
-    for (auto& [name, g] : base.grads) {
+    // fp32, where some tensor missed fp32_relative against cp 1 and an fp64 oracle of the reference was run: each
+    // tensor against the oracle, k x cp 1's own fp32 error + fp32_relative (a norm weight's gradient sums over
+    // every token and head with cancellation: its fp32 summation-order noise alone reaches 1e-5 on real weights).
+    const report::LaneRun* g64 = !bf16 && fp64 && fp64->reference && !fp64->reference->grads.empty() ? fp64->reference : nullptr;
+    const report::LaneRun& gbase = g64 ? *g64 : base;
+    for (auto& [name, g] : gbase.grads) {
       auto it = cand.grads.find(name);
       const double e = it == cand.grads.end() ? INFINITY : rel(it->second, g);
-      const double allowed = bound(bf16 ? rel(ref.grads.at(name), g) : 0.0);
+      const double cp1 = bf16 || g64 ? (ref.grads.count(name) ? rel(ref.grads.at(name), g) : INFINITY) : 0.0;
+      const double allowed = g64 ? tol.fp32_oracle(cp1, n) : bound(cp1);
       const double ratio = std::isnan(e) ? INFINITY : e / allowed;
       if (worst_grad.empty() || ratio > worst) worst = ratio, worst_grad = name, worst_error = e, worst_allowed = allowed;
     }
-    auto res = CheckResult::judge("train.grad_norm_parity", n, std::nullopt, "grad_tensors_worst_ratio_step0", worst, 1.0, policy,
-                                  {{"worst_tensor", worst_grad}, {"worst_rel_error", worst_error}, {"worst_allowed", worst_allowed},
-                                   {"tensors", base.grads.size()},
-                                   {"what", "step-0 gradients, relative L2 per tensor / allowed, the worst tensor"}});
+    nlohmann::json gdetails = {{"worst_tensor", worst_grad}, {"worst_rel_error", worst_error}, {"worst_allowed", worst_allowed},
+                               {"tensors", gbase.grads.size()},
+                               {"what", "step-0 gradients, relative L2 per tensor / allowed, the worst tensor"}};
+    if (g64) gdetails["oracle"] = "fp64 run of the reference (cp 1) from the same weights and batch";
+    auto res = CheckResult::judge("train.grad_norm_parity", n, std::nullopt, "grad_tensors_worst_ratio_step0", worst, 1.0,
+                                  g64 ? Policy::Fp32OracleRelative : policy, gdetails);
     if (res.status != report::Status::Pass) {
       res.message += fmt::format(" (worst tensor {}: rel {:.3g} > allowed {:.3g})", worst_grad, worst_error, worst_allowed);
       failing.push_back("train.grad_norm_parity");

@@ -11,6 +11,7 @@
 #include <set>
 
 #include "harness/io/input_error.h"
+#include "harness/io/paths.h"
 
 namespace cpharness::model {
 namespace {
@@ -475,7 +476,7 @@ ModelConfig config_from_case_json(const json& j, const std::string& source) {
     // use (architectures, dtype, ...) are ignored there, as the HF loader does.
     if (!j["config_file"].is_string()) throw InputError(source, "model.config_file", "wrong type: expected a string");
     if (j.contains("overrides")) throw InputError(source, "model.overrides", "only allowed with \"preset\"");
-    c = load_hf_config_file(j["config_file"].get<std::string>());
+    c = load_hf_config_file(io::resolve_beside(source, j["config_file"].get<std::string>()));
     prefix = "model.config_file.";
   } else if (has_preset) {
     if (!j["preset"].is_string()) throw InputError(source, "model.preset", "wrong type: expected a string");

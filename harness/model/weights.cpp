@@ -102,9 +102,17 @@ LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::
     it->second.copy_(tensor.to(it->second.scalar_type()));
     ++summary.loaded;
   }
+  // Under cache-gated semantics a shared layer owns K/V weights it uses only without the share holder (5.5.0's
+  // dead-K/V path); checkpoints from transformers >= 5.5.2 do not have them. As transformers does for missing
+  // keys, they keep their initialisation, and the summary says so.
+  std::set<std::string> own_kv_of_shared;
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i)
+    if (c.is_kv_shared(i) && c.owns_kv_weights(i))
+      for (const char* n : {"k_proj.weight", "v_proj.weight", "k_norm.weight"})
+        own_kv_of_shared.insert(fmt::format("layers.{}.self_attn.{}", i, n));
   std::vector<std::string> missing;
   for (auto& [name, t] : targets)
-    if (!seen.count(name)) missing.push_back(name);
+    if (!seen.count(name)) (own_kv_of_shared.count(name) ? summary.kept_init : missing).push_back(name);
   if (!mismatched.empty()) throw io::InputError(source, mismatched.front(), fmt::format("shape mismatch ({} tensors: {})", mismatched.size(), fmt::join(mismatched, "; ")));
   if (!missing.empty()) throw io::InputError(source, missing.front(), fmt::format("missing tensor ({} missing: {})", missing.size(), fmt::join(missing, ", ")));
   if (!unknown.empty()) throw io::InputError(source, unknown.front(), fmt::format("unknown tensor ({} unknown: {})", unknown.size(), fmt::join(unknown, ", ")));

@@ -26,10 +26,13 @@ struct LoadSummary {
   int64_t loaded = 0;
   std::vector<std::string> skipped_redundant;   // shared layers' k/v tensors the model does not own
   std::vector<std::string> skipped_non_text;    // vision/audio towers, lm_head (tied)
+  std::vector<std::string> kept_init;           // cache-gated shared layers' own K/V, absent (kept as initialised)
 };
 
 // Copies `tensors` into `model` (converting dtype). Missing tensors, unknown text-model names and shape
-// mismatches are io::InputError naming `source` and every offending tensor.
+// mismatches are io::InputError naming `source` and every offending tensor; the one exception is a cache-gated
+// model's shared layers' own K/V weights (used only without the share holder), which newer transformers do not
+// save: absent, they keep their initialisation (LoadSummary::kept_init).
 LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::Tensor>& tensors, const std::string& source);
 
 // The model's tensors by checkpoint name (parameters and layer_scalar buffers), detached.

@@ -39,13 +39,15 @@ std::string_view to_string(Policy p) {
     case Policy::Exact: return "exact";
     case Policy::Fp32Relative: return "fp32_relative";
     case Policy::Bf16OracleRelative: return "bf16_oracle_relative";
+    case Policy::Fp32OracleRelative: return "fp32_oracle_relative";
+    case Policy::Fp64Rerun: return "fp64_rerun";
     case Policy::Count: return "count";
   }
   return "exact";
 }
 
 std::optional<Policy> parse_policy(std::string_view s) {
-  for (Policy v : {Policy::Exact, Policy::Fp32Relative, Policy::Bf16OracleRelative, Policy::Count})
+  for (Policy v : {Policy::Exact, Policy::Fp32Relative, Policy::Bf16OracleRelative, Policy::Fp32OracleRelative, Policy::Fp64Rerun, Policy::Count})
     if (s == to_string(v)) return v;
   return std::nullopt;
 }

@@ -28,8 +28,12 @@ std::optional<Status> parse_status(std::string_view s);
 //   exact                 observed (a difference) must be <= threshold (normally 0)
 //   fp32_relative         observed relative error must be <= threshold
 //   bf16_oracle_relative  observed error vs the fp32 oracle must be <= threshold (k x cp1-bf16 error + floor)
+//   fp32_oracle_relative  fp32 step-0 gradients where some tensor missed fp32_relative: error vs an fp64 oracle of
+//                         the reference must be <= threshold (k x cp1-fp32 error vs that oracle + fp32_relative)
+//   fp64_rerun            fp32 final parameters that missed fp32_relative: cp N vs cp 1, both rerun in fp64, must be
+//                         <= threshold (fp32_relative)
 //   count                 observed count must equal threshold (the expected count)
-enum class Policy { Exact, Fp32Relative, Bf16OracleRelative, Count };
+enum class Policy { Exact, Fp32Relative, Bf16OracleRelative, Fp32OracleRelative, Fp64Rerun, Count };
 std::string_view to_string(Policy p);
 std::optional<Policy> parse_policy(std::string_view s);
 

@@ -19,7 +19,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 check::Tolerances tolerances_of(const train::Case& c) {
-  return {c.tolerances.fp32_relative, c.tolerances.bf16_k, c.tolerances.bf16_floor, c.tolerances.cp_growth};
+  return {c.tolerances.fp32_relative, c.tolerances.bf16_k, c.tolerances.bf16_floor, c.tolerances.cp_growth,
+          c.tolerances.fp32_oracle_k};
 }
 
 void progress(const train::Case& c, const LaneRun& run) {
@@ -319,6 +320,7 @@ void run_candidate_phase(const train::Case& c, const std::vector<int>& cps, cons
 void judge_phase(const train::Case& c, const RunOptions& run_options, const SuiteOptions& options,
                  report::CaseReport& rep, const CaseRuns& runs) {
   const auto tol = tolerances_of(c);
+  std::optional<LaneRun> fp64_reference;  // made once per case, only when an fp32 tensor misses (below)
   for (auto& [n, candidate] : runs.candidates) {
     progress(c, candidate);
     rep.trajectories[n] = trajectory_of(candidate);
@@ -327,8 +329,31 @@ void judge_phase(const train::Case& c, const RunOptions& run_options, const Suit
     rep.checks.push_back(check::check_trained(candidate, c.trained_exemptions));  // whatever the case selects
     append(rep.checks, c, check::check_ring(c, candidate));
     append(rep.checks, c, check::check_cache(c, candidate, u == runs.uncached.end() ? nullptr : &u->second));
+    // fp32 tensors that miss fp32_relative against cp 1 on weights the harness did not condition: the step-0
+    // gradients are judged against an fp64 oracle of the reference, the final parameters between fp64 reruns of
+    // cp 1 and cp N (check::judge_final_params says why). Made only then: a case that passes pays nothing.
+    check::Fp64Rerun fp64;
+    std::optional<LaneRun> fp64_candidate;
+    if (c.dtype == train::DtypeLane::kFp32) {
+      const auto& ref = *runs.reference;
+      const bool params_noisy = wants_check(c, "train.param_parity") && !ref.final_params.empty() &&
+                                !check::final_params_within_fp32(tol, ref, candidate);
+      const bool grads_noisy = wants_check(c, "train.grad_norm_parity") && !ref.grads.empty() && !candidate.grads.empty() &&
+                               !check::step0_grads_within_fp32(tol, ref, candidate);
+      auto rerun_options = run_options;
+      rerun_options.fault.reset();
+      rerun_options.record_tensors = true;
+      if ((params_noisy || grads_noisy) && !fp64_reference)
+        fp64_reference = reference_run(c, train::DtypeLane::kFp64, rerun_options);
+      if (params_noisy || grads_noisy) fp64.reference = &*fp64_reference;
+      if (params_noisy) {
+        // Ranks as threads here whatever the backend: the judge runs on one process.
+        fp64_candidate = run_cp(c, train::DtypeLane::kFp64, n, rerun_options);
+        if (fp64_candidate) fp64.candidate = &*fp64_candidate;
+      }
+    }
     append(rep.checks, c, check::check_training(c, tol, *runs.reference, candidate, runs.oracle ? &*runs.oracle : nullptr,
-                                                options.dump_dir));
+                                                options.dump_dir, &fp64));
     auto profile = check::divergence_profile(c, tol, *runs.reference, candidate, runs.oracle ? &*runs.oracle : nullptr);
     if (!profile.is_null()) rep.page["divergence_profile"][std::to_string(n)] = std::move(profile);
     rep.checks.push_back(power_check(c, n, tol, runs));  // whatever the case selects

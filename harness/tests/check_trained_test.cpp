@@ -87,6 +87,81 @@ TEST(CheckTrained, ACaseNamesItsExemptionsWithAReasonAndCannotWaiveNonFinite) {
   EXPECT_EQ(field_of(R"(["loss_frozen"])"), "trained_exemptions");
 }
 
+train::Case tiny_case();
+
+// Final parameters of three runs that start alike: `rel` is each run's relative distance from `truth`.
+report::LaneRun params_run(int cp, const torch::Tensor& truth, double rel, int seed) {
+  report::LaneRun r = run_of({{4.8, 0.3}}, cp);
+  torch::manual_seed(seed);
+  const auto noise = torch::randn_like(truth);
+  r.final_params["w"] = truth + noise * (rel * truth.norm() / noise.norm());
+  r.final_params["b"] = truth * 2;
+  return r;
+}
+
+// The fp32 lane's final parameters on weights AdamW makes noisy: cp 1 and cp N each 4e-5 from the truth (~6e-5
+// apart) fail fp32_relative in fp32; rerun in fp64 (where they agree to 1e-12) they pass, with the fp32 error kept
+// in the details. A CP bug is in the fp64 rerun as well and fails there; a tensor the fp32 candidate lacks fails.
+TEST(FinalParams, TheFp32LaneJudgesNoisyParametersOnAnFp64RerunOfBothRuns) {
+  const Tolerances tol;
+  const auto truth = torch::randn({64, 32}, torch::kFloat64);
+  const auto cp1 = params_run(1, truth, 4e-5, 1), cp4 = params_run(4, truth, 4e-5, 2);
+  EXPECT_FALSE(final_params_within_fp32(tol, cp1, cp4));
+  const auto fixed = judge_final_params(tol, cp1, cp4, nullptr, nullptr);
+  EXPECT_EQ(fixed.status, report::Status::Fail);
+  EXPECT_EQ(fixed.policy, report::Policy::Fp32Relative);
+
+  const auto ref64 = params_run(1, truth, 1e-12, 3), cand64 = params_run(4, truth, 1e-12, 4);
+  const Fp64Rerun rerun{&ref64, &cand64};
+  const auto judged = judge_final_params(tol, cp1, cp4, nullptr, &rerun);
+  EXPECT_EQ(judged.status, report::Status::Pass) << judged.message;
+  EXPECT_EQ(judged.policy, report::Policy::Fp64Rerun);
+  EXPECT_GT(judged.details.at("fp32_worst_rel_error_vs_cp1").get<double>(), 4e-5);
+  EXPECT_LT(judged.details.at("worst_rel_error").get<double>(), 1e-10);
+
+  const auto bug64 = params_run(4, truth, 1e-4, 5);
+  const Fp64Rerun buggy{&ref64, &bug64};
+  EXPECT_EQ(judge_final_params(tol, cp1, cp4, nullptr, &buggy).status, report::Status::Fail);
+  auto missing = cp4;
+  missing.final_params.erase("b");
+  EXPECT_EQ(judge_final_params(tol, cp1, missing, nullptr, &rerun).status, report::Status::Fail);
+  auto close = cp1;
+  close.cp = 2;
+  close.final_params["w"] = cp1.final_params.at("w") * (1 + 1e-7);
+  EXPECT_TRUE(final_params_within_fp32(tol, cp1, close));
+}
+
+// Step-0 gradients of an ill-conditioned tensor: cp 1 is 6e-6 and cp N 1.1e-5 from the fp64 truth (1.25e-5 apart:
+// beyond fp32_relative). Against the fp64 oracle cp N may be k x cp 1's own error + fp32_relative (2.2e-5): pass;
+// a 1e-3 bug fails.
+TEST(StepZeroGradients, TheFp32LaneJudgesNoisyGradientsAgainstAnFp64Oracle) {
+  const Tolerances tol;
+  const auto c = tiny_case();
+  const auto truth = torch::randn({48, 16}, torch::kFloat64);
+  auto with_grad = [&](int cp, double rel_err, int seed) {
+    auto r = params_run(cp, truth, 0.0, seed);
+    r.final_params.clear();
+    torch::manual_seed(seed);
+    auto noise = torch::randn_like(truth);
+    r.grads["layers.0.self_attn.k_norm.weight"] = truth + noise * (rel_err * truth.norm() / noise.norm());
+    return r;
+  };
+  const auto cp1 = with_grad(1, 6e-6, 11), cp2 = with_grad(2, 1.1e-5, 12), oracle = with_grad(1, 0.0, 13);
+  ASSERT_FALSE(step0_grads_within_fp32(tol, cp1, cp2));
+  auto grads_result = [&](const report::LaneRun& cand, const Fp64Rerun* fp64) {
+    for (auto& r : check_training(c, tol, cp1, cand, nullptr, "", fp64))
+      if (r.metric == "grad_tensors_worst_ratio_step0") return r;
+    return CheckResult{};
+  };
+  EXPECT_EQ(grads_result(cp2, nullptr).status, report::Status::Fail);
+  const Fp64Rerun fp64{&oracle, nullptr};
+  const auto judged = grads_result(cp2, &fp64);
+  EXPECT_EQ(judged.status, report::Status::Pass) << judged.message;
+  EXPECT_EQ(judged.policy, report::Policy::Fp32OracleRelative);
+  EXPECT_NEAR(judged.details.at("worst_allowed").get<double>(), 2 * 6e-6 + 1e-5, 1e-7);
+  EXPECT_EQ(grads_result(with_grad(2, 1e-3, 14), &fp64).status, report::Status::Fail);
+}
+
 train::Case tiny_case() {
   return train::case_from_json(nlohmann::json::parse(R"({"id": "t", "model": {"preset": "tiny-e2b"}, "data": {"seq_len": 8}})"),
                                "t.json");

@@ -10,6 +10,7 @@
 #include <set>
 
 #include "harness/io/input_error.h"
+#include "harness/io/paths.h"
 
 namespace cpharness::train {
 namespace {
@@ -84,7 +85,7 @@ void read_weights(const json& j, const std::string& path, Case& c) {
   const json& w = object_at(j, "weights", path, "weights");
   reject_unknown(w, {"init_seed", "checkpoint"}, path, "weights.");
   if (w.contains("init_seed")) c.init_seed = uint64_t(int_at(w, "init_seed", path, "weights.init_seed", 0));
-  if (w.contains("checkpoint")) c.checkpoint = string_at(w, "checkpoint", path, "weights.checkpoint");
+  if (w.contains("checkpoint")) c.checkpoint = io::resolve_beside(path, string_at(w, "checkpoint", path, "weights.checkpoint"));
 }
 
 void read_data(const json& j, const std::string& path, Case& c) {
@@ -173,7 +174,8 @@ void read_checks(const json& j, const std::string& path, Case& c) {
 
 void read_tolerances(const json& j, const std::string& path, Case& c) {
   const json& t = object_at(j, "tolerances", path, "tolerances");
-  reject_unknown(t, {"fp32_relative", "bf16_k", "bf16_floor", "cp_growth"}, path, "tolerances.");
+  reject_unknown(t, {"fp32_relative", "bf16_k", "bf16_floor", "cp_growth", "fp32_oracle_k"}, path, "tolerances.");
+  if (t.contains("fp32_oracle_k")) c.tolerances.fp32_oracle_k = number_at(t, "fp32_oracle_k", path, "tolerances.fp32_oracle_k");
   if (t.contains("fp32_relative")) c.tolerances.fp32_relative = number_at(t, "fp32_relative", path, "tolerances.fp32_relative");
   if (t.contains("bf16_k")) c.tolerances.bf16_k = number_at(t, "bf16_k", path, "tolerances.bf16_k");
   if (t.contains("bf16_floor")) c.tolerances.bf16_floor = number_at(t, "bf16_floor", path, "tolerances.bf16_floor");

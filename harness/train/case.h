@@ -22,6 +22,7 @@ struct CaseTolerances {
   double fp32_relative = 1e-5;
   double bf16_k = 2.0;
   double bf16_floor = 1e-3;
+  double fp32_oracle_k = 2.0;
   double cp_growth = 0.0;  // thresholds x (1 + cp_growth * log2(cp))
 };
 
