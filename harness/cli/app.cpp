@@ -128,9 +128,10 @@ void add_hf_parity(CLI::App& app, Verbs& v) {
 }
 
 void add_bisect(CLI::App& app, Verbs& v) {
-  auto* bisect = app.add_subcommand("bisect", "for git bisect run: 0 good, 1 bad, 125 skip (the run could not be made)");
+  auto* bisect = app.add_subcommand("bisect", "for git bisect run: the case's checks at its cp sizes (+ golden.match): 0 good, 1 bad, 125 skip");
   bisect->add_option("case", v.bisect_case, "case file")->required()->type_name("CASE");
-  bisect->add_option("--golden", v.bisect_golden, "golden to judge against")->required()->type_name("F.h5");
+  bisect->add_option("--golden", v.bisect_golden, "also judge golden.match against this golden (keep it outside the work tree)")
+      ->type_name("F.h5");
 }
 
 void add_render(CLI::App& app, Verbs& v) {

@@ -150,6 +150,25 @@ runner::SuiteOptions suite_options(const RunArgs& a) {
   return o;
 }
 
+// CPHARNESS_PLANT_BUG=NAME: one bug of the selftest catalogue planted in every candidate run of `run` and `bisect`,
+// so that a user can prove their CI gate or bisect recipe goes red on a real CP bug. Said on stderr and in the
+// report's environment (planted_bug); never set in a real run.
+runner::SuiteOptions plant_bug_from_env(runner::SuiteOptions o) {
+  const char* name = std::getenv("CPHARNESS_PLANT_BUG");
+  if (!name || !*name) return o;
+  runner::SuiteOptions planted;
+  try {
+    planted = runner::mutate(o, name);
+  } catch (const std::invalid_argument& e) {
+    std::vector<std::string> known;
+    for (auto& m : runner::selftest_mutants()) known.push_back(m.name);
+    throw UsageError(fmt::format("CPHARNESS_PLANT_BUG: {}; known: {}", e.what(), fmt::join(known, ", ")));
+  }
+  planted.planted_bug = name;
+  std::cerr << fmt::format("cpharness: CPHARNESS_PLANT_BUG={}: a known bug is planted in every candidate run\n", name);
+  return planted;
+}
+
 std::optional<runner::Fault> fault_from_env() {
   const char* spec = std::getenv("CPHARNESS_INJECT_FAULT");
   if (!spec || !*spec) return std::nullopt;
@@ -205,7 +224,7 @@ int run_verb(const RunArgs& a) {
 }
 
 int run_verb_checked(const RunArgs& a) {
-  auto options = suite_options(a);
+  auto options = plant_bug_from_env(suite_options(a));
   options.run.fault = fault_from_env();
   std::unique_ptr<cp::Comm> world;
   if (a.comm == "mpi") {
@@ -309,17 +328,43 @@ int hf_parity_verb(const runner::HfParityOptions& options, const ReportOutputs& 
   return finish(outputs, runner::run_hf_parity(options));
 }
 
+// For `git bisect run`: judges what `run` judges for the case (every check it selects, at its cp sizes, with the
+// local backend) plus golden.match when a golden is given. 0 good (every check passed), 1 bad (a check failed), 125
+// skip (the commit cannot be judged: bad input, a run that could not be made, a case skipped here, an errored
+// check), so that a CP regression (which a cp 1 comparison cannot see) is found like any other.
 int bisect_verb(const std::string& case_path, const std::string& golden_path) {
+  auto skip = [](const std::string& why) {
+    std::cerr << "bisect: skip (the commit cannot be judged): " << why << "\n";
+    return 125;
+  };
   try {
     const auto c = train::load_case(case_path);
-    report::CompareResult cmp;
-    const auto check = runner::verify_golden(c, golden_path, &cmp);
-    std::cerr << report::render_text(cmp, "run", golden_path);
-    std::cerr << fmt::format("bisect: {} ({})\n", check.status == report::Status::Pass ? "good" : "bad", check.message);
-    return check.status == report::Status::Pass ? 0 : 1;
+    const auto options = plant_bug_from_env(runner::SuiteOptions{});
+    if (auto why = runner::unsupported_configuration(c, options)) return skip(c.path + ": " + *why);
+    const auto r = runner::run_suite({c}, options);
+    const auto& rep = r.cases.at(0);
+    if (rep.status() == report::Status::Error) return skip(rep.error_reason().value_or("the case errored"));
+    if (rep.status() == report::Status::Skipped) return skip(rep.skip_reason.value_or("the case was skipped"));
+    std::vector<report::CheckResult> judged = rep.checks;
+    if (!golden_path.empty()) {
+      report::CompareResult cmp;
+      judged.push_back(runner::verify_golden(c, golden_path, &cmp));
+      std::cerr << report::render_text(cmp, "run", golden_path);
+      if (judged.back().status == report::Status::Error) return skip(judged.back().message);
+    }
+    std::vector<const report::CheckResult*> failed;
+    for (auto& k : judged)
+      if (k.status == report::Status::Fail) failed.push_back(&k);
+    if (failed.empty()) {
+      std::cerr << fmt::format("bisect: good ({} checks passed{})\n", judged.size(), golden_path.empty() ? "" : ", golden.match included");
+      return 0;
+    }
+    std::cerr << fmt::format("bisect: bad ({} of {} checks failed)\n", failed.size(), judged.size());
+    for (size_t i = 0; i < std::min<size_t>(failed.size(), 5); ++i)
+      std::cerr << fmt::format("  {} cp {}: {}\n", failed[i]->name, failed[i]->cp, failed[i]->message);
+    return 1;
   } catch (const std::exception& e) {
-    std::cerr << "bisect: skip (the run could not be made): " << e.what() << "\n";
-    return 125;
+    return skip(io::one_line(e));
   }
 }
 

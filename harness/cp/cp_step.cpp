@@ -99,6 +99,11 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
     CommTimer timer(ring);
     all_reduce_gradients(comm, model->parameters());
   }
+  if (step_options.average_gradients) {  // the mutant: a mean where the global-token normalisation needs a sum
+    torch::NoGradGuard no_grad;
+    for (auto& p : model->parameters())
+      if (p.grad().defined()) p.mutable_grad().div_(double(comm.size()));
+  }
   result.loss = global_sum / denominator;
   result.local_logits = logits;
   return result;

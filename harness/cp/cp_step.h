@@ -27,6 +27,7 @@ struct CpForwardResult {
 struct CpStepOptions {
   bool use_share_holder = true;               // pass a fresh KV-share holder (cache-gated semantics need it)
   bool shift_labels_after_sharding = false;   // KNOWN-BAD, selftest only: each rank shifts its own shard
+  bool average_gradients = false;             // KNOWN-BAD, selftest only: gradients averaged over ranks, not summed
   std::vector<torch::Tensor>* hidden_states = nullptr;  // receives this rank's residual stream per layer
   int64_t loss_chunk_tokens = 0;  // > 0: chunked LM head + cross entropy; local_logits stays undefined
   // The power check's perturbation (never in a real run): the label of boundary_label_target() is dropped.

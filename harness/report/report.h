@@ -153,6 +153,7 @@ struct Environment {
   std::optional<std::string> comm_backend;  // "local" | "mpi" | "nccl"; null where no ring ran (compare)
   nlohmann::json determinism = nlohmann::json::object();  // flag -> bool | number | string
   std::optional<std::string> transformers;  // version of the transformers that exported a golden used
+  std::optional<std::string> planted_bug;   // a selftest mutant planted on purpose (CPHARNESS_PLANT_BUG); else absent
 };
 
 struct Summary {

@@ -162,6 +162,7 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
   cp::CpStepOptions step_options;
   step_options.use_share_holder = options.use_share_holder;
   step_options.shift_labels_after_sharding = options.step_mutation == StepMutation::kShiftLabelsAfterSharding;
+  step_options.average_gradients = options.step_mutation == StepMutation::kAverageGradients;
   step_options.loss_chunk_tokens = c.loss_chunk_tokens;
   step_options.drop_boundary_label = options.drop_boundary_label;
   cp::CpTrainer trainer(comm, m, c.optimizer, options.ring, step_options);

@@ -27,6 +27,7 @@ using report::TrainingStep;
 enum class StepMutation {
   kNone,
   kShiftLabelsAfterSharding,  // each rank shifts its own shard: the token at a shard edge loses its target
+  kAverageGradients,          // gradients averaged over the ranks instead of summed (the loss is already global)
 };
 
 // A fault injected into one rank of a cp N run (CPHARNESS_INJECT_FAULT=crash@1 or hang@0:2), to prove that a rank

@@ -7,12 +7,10 @@
 #include <iostream>
 
 namespace cpharness::runner {
-namespace {
 
 using report::Policy;
 using report::Status;
 
-// Applies mutant `name` to a copy of the options.
 SuiteOptions mutate(SuiteOptions o, const std::string& name) {
   auto& ring = o.run.ring;
   if (name == "window_off_by_one_at_shard_edge") ring.mutation = cp::RingMutation::kWindowOffByOneAtEdge;
@@ -29,10 +27,11 @@ SuiteOptions mutate(SuiteOptions o, const std::string& name) {
   else if (name == "power_perturbation_not_applied") o.power_not_perturbed = true;
   else if (name == "dead_model_zero_weights") o.run.zero_weights = true;
   else if (name == "output_ignores_input") o.run.zero_final_norm = true;
+  else if (name == "cp_gradients_averaged") o.run.step_mutation = StepMutation::kAverageGradients;
+  else throw std::invalid_argument("unknown mutant '" + name + "'");
   return o;
 }
 
-}  // namespace
 
 std::vector<Mutant> selftest_mutants() {
   return {
@@ -43,6 +42,7 @@ std::vector<Mutant> selftest_mutants() {
       {"lse_merge_without_rescaling", "partial outputs summed without exp(lse_i - lse)", "attention.parity"},
       {"kv_shared_layers_without_holder", "cache-gated sharing without the holder: shared layers use dead K/V", "kvshare.loss_parity"},
       {"labels_shifted_after_sharding", "each rank shifts its own shard; shard-edge targets are lost", "train.loss_parity"},
+      {"cp_gradients_averaged", "gradients averaged over the ranks instead of summed", "train.grad_norm_parity"},
       {"padded_rows_not_zeroed", "empty query rows take V of local index 0", "attention.parity"},
       {"cache_rebuilds_every_lookup", "block-mask cache off: every lookup builds", "cache.build_count"},
       {"block_mask_partial_tiles_as_full", "analytic builder calls partial tiles full", "mask.block_classification"},

@@ -18,6 +18,10 @@ struct Mutant {
 
 std::vector<Mutant> selftest_mutants();
 
+// The options with one planted bug of the catalogue (a Mutant's name) applied; std::invalid_argument for a name
+// not in it. Used by selftest, and by `run`/`bisect` under CPHARNESS_PLANT_BUG to prove a gate can go red.
+SuiteOptions mutate(SuiteOptions options, const std::string& name);
+
 // The small case the selftest runs (E4B-like layout: KV sharing, both layer types, packed documents,
 // padding, a window smaller than a shard), cp 3.
 train::Case selftest_case();

@@ -466,6 +466,7 @@ report::Report run_suite(const std::vector<train::Case>& cases, const SuiteOptio
     if (options.has_cuda && device_of(c, options).is_cuda()) at::globalContext().setDeterministicAlgorithms(true, true);
   auto r = report::new_report(options.has_cuda ? "cuda" : "cpu",
                               options.world ? cp::backend_name(options.world->backend()) : options.comm);
+  if (!options.planted_bug.empty()) r.environment.planted_bug = options.planted_bug;
   for (auto& c : cases) {
     if (options.world_failed) {
       report::CaseReport rep;

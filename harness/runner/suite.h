@@ -26,6 +26,7 @@ struct SuiteOptions {
   check::BlockMaskMutation block_mask_mutation = check::BlockMaskMutation::kNone;
   bool perturb_repeat_seed = false;          // determinism mutant: the repeat run uses another init seed
   bool power_not_perturbed = false;          // power mutant: the "perturbed" run carries no perturbation
+  std::string planted_bug;                   // the mutant applied through CPHARNESS_PLANT_BUG (report environment)
   // A process backend's world (mpi): the cp size is its size; rank 0 runs references and checks, every rank
   // its part of the candidates. Null: the local backend, ranks as threads of this process.
   cp::Comm* world = nullptr;

@@ -249,6 +249,54 @@ TEST_F(CliTest, BisectExitCodesAreGoodBadAndSkip) {
   EXPECT_EQ(run_cli("bisect " + c + " --golden " + (dir_ / "missing.h5").string()).exit_code, 125);
 }
 
+// bisect judges what run judges: a CP regression that the cp 1 reference cannot show (gradients averaged over the
+// ranks, planted through CPHARNESS_PLANT_BUG) is bad, the good code is good, a case that cannot run is skip.
+TEST_F(CliTest, BisectJudgesTheCasesChecksAtItsCpSizes) {
+  auto c = write("g.json", R"({"id": "t", "model": {"preset": "tiny-31b"}, "data": {"seq_len": 24, "padding": 4, "seed": 1},
+                              "steps": 2, "cp": [2], "checks": ["train."]})");
+  EXPECT_EQ(run_cli("bisect " + c).exit_code, 0);
+  auto r = run_cli("bisect " + c, "CPHARNESS_PLANT_BUG=cp_gradients_averaged");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("train.grad_norm_parity cp 2"), std::string::npos) << r.output;
+  auto cuda = write("cuda.json", R"({"id": "t", "model": {"preset": "tiny-31b"}, "data": {"seq_len": 24}, "steps": 2,
+                                     "device": "cuda", "requires": ["cuda"]})");
+  if (!cpharness::train::cuda_available()) EXPECT_EQ(run_cli("bisect " + cuda).exit_code, 125);
+  EXPECT_EQ(run_cli("bisect " + c, "CPHARNESS_PLANT_BUG=no_such_bug").exit_code, 125);
+}
+
+// The README's recipe end to end: a scratch repository with a good commit, a neutral one, the CP regression and
+// another neutral one; `git bisect run` with `cpharness bisect CASE --golden G` names the regression.
+TEST_F(CliTest, GitBisectRunNamesTheCommitThatBrokeCp) {
+  if (cpharness::testing::run_command("git --version").exit_code != 0) GTEST_SKIP() << "git is not installed";
+  const auto repo = dir_ / "repo";
+  fs::create_directories(repo);
+  const std::string git = "git -C " + repo.string() + " -c user.name=t -c user.email=t@example.invalid ";
+  std::ofstream(repo / "case.json") << R"({"id": "t", "model": {"preset": "tiny-31b"}, "data": {"seq_len": 24, "padding": 4, "seed": 1},
+                                         "steps": 2, "cp": [2], "checks": ["train."]})";
+  const auto golden = (dir_ / "good.h5").string();  // outside the work tree, as the README says
+  ASSERT_EQ(run_cli("golden record " + (repo / "case.json").string() + " -o " + golden).exit_code, 0);
+  // The "code" of this repository: which known bug (if any) the build carries.
+  std::ofstream(repo / "check.sh") << "#!/bin/sh\n[ -f planted ] && export CPHARNESS_PLANT_BUG=$(cat planted)\nexec "
+                                    << CPHARNESS_BINARY << " bisect case.json --golden " << golden << "\n";
+  auto commit = [&](const std::string& msg) {
+    return cpharness::testing::run_command(git + "add -A && " + git + "commit -q -m '" + msg + "'").exit_code;
+  };
+  ASSERT_EQ(cpharness::testing::run_command(git + "init -q").exit_code, 0);
+  std::ofstream(repo / "notes.txt") << "v1\n";
+  ASSERT_EQ(commit("good"), 0);
+  const auto good = cpharness::testing::run_command(git + "rev-parse HEAD").output.substr(0, 40);
+  std::ofstream(repo / "notes.txt") << "v2\n";
+  ASSERT_EQ(commit("neutral"), 0);
+  std::ofstream(repo / "planted") << "cp_gradients_averaged";
+  ASSERT_EQ(commit("regression: gradients averaged over the ranks"), 0);
+  const auto bad = cpharness::testing::run_command(git + "rev-parse HEAD").output.substr(0, 40);
+  std::ofstream(repo / "notes.txt") << "v3\n";
+  ASSERT_EQ(commit("neutral after"), 0);
+  auto r = cpharness::testing::run_command("cd " + repo.string() + " && git bisect start HEAD " + good +
+                                           " >/dev/null && git bisect run sh check.sh");
+  EXPECT_NE(r.output.find(bad + " is the first bad commit"), std::string::npos) << r.output;
+}
+
 TEST_F(CliTest, MissingOrCorruptGoldenIsExit2WithAnErrorReport) {
   auto c = write("g.json", kGoodCase);
   auto missing = run_cli("golden verify " + c + " " + (dir_ / "nope.h5").string() + " --out " + (dir_ / "m").string());
