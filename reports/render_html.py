@@ -906,6 +906,7 @@ body { font: 14px/1.45 "DejaVu Sans", system-ui, sans-serif; color: var(--fg); m
 header { background: #24292f; color: #fff; padding: 14px 28px; }
 header h1 { margin: 0; font-size: 20px; }
 header .env { color: #c9d1d9; font-size: 12px; margin-top: 4px; }
+.planted { background: #fff3cd; border: 1px solid #d29922; padding: 8px 12px; }
 nav { padding: 6px 28px; background: #fff; border-bottom: 1px solid var(--line); font-size: 13px;
       position: sticky; top: 0; z-index: 2; }
 nav a { margin-right: 12px; color: #0969da; text-decoration: none; }
@@ -1023,6 +1024,9 @@ def render(report, title=None):
     if report.get("timestamp"):
         env_bits.append(str(report["timestamp"]))
     body = [render_summary(report)]
+    if env.get("planted_bug"):  # a run that proves a gate can fail, never a real result
+        body.insert(0, f'<p class="planted"><strong>Planted bug:</strong> {esc(env["planted_bug"])} '
+                       "(CPHARNESS_PLANT_BUG): this run proves that a gate can go red; it is not a real result.</p>")
     body.extend(render_cases(cases_failing_first(report)))
     body.append(render_checks(report))
     nav = ['<a href="#summary">summary</a>'] + [

@@ -142,6 +142,8 @@ std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, co
   struct RankError {
     double worst = 0, padded = 0;
     nlohmann::json where;
+    double bf16_ratio = 0;  // bf16 inputs: error / the error of rounding the exact result to bf16 once
+    nlohmann::json bf16_where;
   };
   std::vector<RankError> errors(static_cast<size_t>(cp));
   uint64_t seed = 1000;
@@ -154,6 +156,13 @@ std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, co
     auto qr = q.clone().requires_grad_(), kr = k.clone().requires_grad_(), vr = v.clone().requires_grad_();
     auto ref_out = kernels::dense_reference_attention(qr, kr, vr, allowed).out;
     (ref_out * dout).sum().backward();
+    // The same in bf16: inputs rounded to bf16, the exact (fp64) result of those inputs as the reference.
+    auto bf = [](const Tensor& t) { return t.to(torch::kBFloat16); };
+    auto q16 = bf(q), k16 = bf(k), v16 = bf(v), dout16 = bf(dout);
+    auto q16r = q16.to(torch::kFloat64).requires_grad_(), k16r = k16.to(torch::kFloat64).requires_grad_();
+    auto v16r = v16.to(torch::kFloat64).requires_grad_();
+    auto ref16_out = kernels::dense_reference_attention(q16r, k16r, v16r, allowed).out;
+    (ref16_out * dout16.to(torch::kFloat64)).sum().backward();
     std::mutex mu;
     cp::run_local(cp, [&](cp::Comm& comm) {
       const int r = comm.rank();
@@ -183,8 +192,28 @@ std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, co
       // Padded query rows: exactly zero output and gradient.
       auto pad_rows = shard_meta(meta, plan, r).padding.unsqueeze(1).unsqueeze(-1);  // [B, 1, L, 1]
       const double padded = std::max((out.detach() * pad_rows).abs().max().item<double>(), (lq.grad() * pad_rows).abs().max().item<double>());
+      // bf16 inputs (as the bf16 lane runs): every returned tensor is rounded to bf16 once, as it must be, so its
+      // error against the exact result is that of one rounding; a ring that sums dK/dV, outputs or LSE merges in
+      // the input dtype rounds once per ring step, and its error grows with cp (sqrt(cp) x at cp 3 and up). The
+      // ratio to one rounding is a property of the whole tensor, not a draw: no lane slack hides it.
+      cp::RingAttention ring16(comm, ring_options);
+      ring16.begin_batch(1, L);
+      auto l16 = [&](const Tensor& t) { return t.narrow(2, r * L, L).clone().requires_grad_(); };
+      auto lq16 = l16(q16), lk16 = l16(k16), lv16 = l16(v16);
+      auto out16 = ring16.attend({lq16, lk16, lv16, layer.geometry, 1.0, 0}, shard_meta(meta, plan, r));
+      (out16 * dout16.narrow(2, r * L, L)).sum().backward();
+      auto once = [&](const Tensor& exact) { return rel(exact.to(torch::kBFloat16).to(torch::kFloat64), exact); };
+      std::vector<std::pair<std::string, double>> ratios;
+      for (auto& [what, got, exact] : std::vector<std::tuple<std::string, Tensor, Tensor>>{
+               {"out", out16.detach(), rows(ref16_out.detach())}, {"dq", lq16.grad(), rows(q16r.grad())},
+               {"dk", lk16.grad(), rows(k16r.grad())}, {"dv", lv16.grad(), rows(v16r.grad())}}) {
+        const double one = once(exact);
+        ratios.push_back({what, one > 0 ? rel(got.to(torch::kFloat64), exact) / one : 0.0});
+      }
       std::lock_guard<std::mutex> lock(mu);
       auto& e = errors[size_t(r)];
+      for (auto& [what, ratio] : ratios)
+        if (!(ratio <= e.bf16_ratio)) e.bf16_ratio = ratio, e.bf16_where = {{"layer_type", layer.name}, {"tensor", what}};
       for (auto& [what, err] : errs)
         if (!(err <= e.worst)) e.worst = err, e.where = {{"layer_type", layer.name}, {"tensor", what}};
       e.padded = std::max(e.padded, padded);
@@ -197,6 +226,11 @@ std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, co
                                      {{"worst", e.where}}));
     out.push_back(CheckResult::judge("attention.parity", cp, r, "padded_rows_max_abs", e.padded, 0, Policy::Exact,
                                      {{"what", "output and dQ of padded query rows"}}));
+    out.push_back(CheckResult::judge(
+        "attention.parity", cp, r, "bf16_error_over_one_rounding", e.bf16_ratio, kBf16RoundingsAllowed, Policy::Fp32Relative,
+        {{"worst", e.bf16_where},
+         {"what", "bf16 Q/K/V/dO: relative error of out, dQ, dK, dV against the exact result of the same inputs, over "
+                  "the error of rounding that exact result to bf16 once (a sum in bf16 over the ring grows it with cp)"}}));
   }
   return out;
 }

@@ -161,8 +161,8 @@ RingGrads ring_backward(const RingContext& ctx, const LayerCall& call, const Ten
     const int dst = ring_owner(r, d, n), src = ring_owner(r, -d, n);
     auto received = observed_exchange(ctx, {dk[d].contiguous(), dv[d].contiguous()}, true,
                                       [&](const auto& send) { return ctx.comm.exchange(send, dst, src); });
-    dk_home += received[0];
-    dv_home += received[1];
+    ctx.hooks.add_returned(dk_home, received[0], k.scalar_type());
+    ctx.hooks.add_returned(dv_home, received[1], v.scalar_type());
   }
   ctx.observer.pass_end();
   return {dq, dk_home, dv_home};

@@ -33,6 +33,12 @@ struct PaddedRowsNotZeroed : RingHooks {
   }
 };
 
+struct InputDtypeGradAccumulation : RingHooks {
+  void add_returned(torch::Tensor& home, const torch::Tensor& received, torch::ScalarType input_dtype) const override {
+    home = (home + received).to(input_dtype).to(home.scalar_type());
+  }
+};
+
 }  // namespace
 
 int RingHooks::owner_at_step(int rank, int step, int n) const { return ring_owner(rank, step, n); }
@@ -47,6 +53,7 @@ std::unique_ptr<RingHooks> make_ring_hooks(RingMutation mutation) {
     case RingMutation::kStaleGeneration: return std::make_unique<StaleGeneration>();
     case RingMutation::kWindowOffByOneAtEdge: return std::make_unique<WindowOffByOneAtEdge>();
     case RingMutation::kPaddedRowsNotZeroed: return std::make_unique<PaddedRowsNotZeroed>();
+    case RingMutation::kInputDtypeGradAccumulation: return std::make_unique<InputDtypeGradAccumulation>();
   }
   throw std::logic_error("make_ring_hooks: unknown mutation");
 }

@@ -18,6 +18,8 @@ enum class RingMutation {
   kStaleGeneration,       // the cache generation never advances (a stale mask survives a new batch)
   kWindowOffByOneAtEdge,  // foreign chunks use q - k <= W instead of q - k < W (a window bug at shard edges)
   kPaddedRowsNotZeroed,   // rows with no allowed key take V of local index 0 (upstream's trick, never zeroed)
+  kInputDtypeGradAccumulation,  // returned dK/dV summed in the input dtype (bf16 in the bf16 lane), not fp32: one
+                                // rounding per ring step, an error that grows with cp
 };
 
 class RingHooks {
@@ -34,6 +36,11 @@ class RingHooks {
   // The merged output before it leaves the ring; `v` is the rank's own V. Correct: unchanged (rows without an
   // allowed key are exactly 0).
   virtual void finish_output(kernels::AttentionPartial& merged, const torch::Tensor& v) const {}
+  // Adds a returned dK or dV share to this rank's own (correct: in the accumulation dtype, fp32 or fp64, whatever
+  // the input dtype).
+  virtual void add_returned(torch::Tensor& home, const torch::Tensor& received, torch::ScalarType input_dtype) const {
+    home += received;
+  }
 };
 
 // The hooks of `mutation` (kNone: the correct ring).

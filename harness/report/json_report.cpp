@@ -444,8 +444,8 @@ ojson to_json(const Report& r) {
                            {"device", e.device},
                            {"comm_backend", opt_string(e.comm_backend)},
                            {"determinism", e.determinism.is_object() ? ojson(e.determinism) : ojson::object()},
-                           {"transformers", opt_string(e.transformers)}};
-  if (e.planted_bug) o["environment"]["planted_bug"] = *e.planted_bug;
+                           {"transformers", opt_string(e.transformers)},
+                           {"planted_bug", opt_string(e.planted_bug)}};
   o["timestamp"] = opt_string(r.timestamp);
   o["status"] = to_string(r.status());
   o["error"] = opt_string(r.error);
@@ -494,7 +494,7 @@ Report from_json(const json& j, const std::string& source) {
         e.fail("environment.determinism." + it.key(), "expected a boolean, number or string");
     r.environment.determinism = d;
     r.environment.transformers = e.opt_str("transformers");
-    r.environment.planted_bug = e.opt_str("planted_bug");
+    if (e.has("planted_bug")) r.environment.planted_bug = e.opt_str("planted_bug");  // absent in older reports
     e.finish();
   }
   r.timestamp = o.opt_str("timestamp");

@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <iostream>
 
 namespace cpharness::runner {
@@ -28,6 +29,7 @@ SuiteOptions mutate(SuiteOptions o, const std::string& name) {
   else if (name == "dead_model_zero_weights") o.run.zero_weights = true;
   else if (name == "output_ignores_input") o.run.zero_final_norm = true;
   else if (name == "cp_gradients_averaged") o.run.step_mutation = StepMutation::kAverageGradients;
+  else if (name == "returned_dkdv_accumulated_in_bf16") ring.mutation = cp::RingMutation::kInputDtypeGradAccumulation;
   else throw std::invalid_argument("unknown mutant '" + name + "'");
   return o;
 }
@@ -43,6 +45,10 @@ std::vector<Mutant> selftest_mutants() {
       {"kv_shared_layers_without_holder", "cache-gated sharing without the holder: shared layers use dead K/V", "kvshare.loss_parity"},
       {"labels_shifted_after_sharding", "each rank shifts its own shard; shard-edge targets are lost", "train.loss_parity"},
       {"cp_gradients_averaged", "gradients averaged over the ranks instead of summed", "train.grad_norm_parity"},
+      // cp 8: a sum in the input dtype adds a rounding per ring step that carries a nonzero share; at cp 2 it is
+      // the final rounding itself, and with a small window few chunks carry one.
+      {"returned_dkdv_accumulated_in_bf16", "returned dK/dV summed in the input dtype (bf16) instead of fp32",
+       "attention.parity", {}, {8}},
       {"padded_rows_not_zeroed", "empty query rows take V of local index 0", "attention.parity"},
       {"cache_rebuilds_every_lookup", "block-mask cache off: every lookup builds", "cache.build_count"},
       {"block_mask_partial_tiles_as_full", "analytic builder calls partial tiles full", "mask.block_classification"},
@@ -87,8 +93,13 @@ report::Report run_selftest(const SuiteOptions& base, const std::vector<std::str
     mutants = keep;
   }
   auto c = selftest_case();
+  const auto case_cp = c.cp_sizes;
   c.checks.clear();
-  for (auto& m : mutants) c.checks.push_back(m.target_check);
+  for (auto& m : mutants) {
+    c.checks.push_back(m.target_check);
+    for (auto n : m.cp)  // the baseline passes at every cp size a mutant runs at, so the failure is the mutant's
+      if (std::find(c.cp_sizes.begin(), c.cp_sizes.end(), n) == c.cp_sizes.end()) c.cp_sizes.push_back(n);
+  }
 
   // Baseline: the unmutated code passes every targeted check.
   std::cerr << "[selftest] baseline (no mutant)\n";
@@ -101,6 +112,7 @@ report::Report run_selftest(const SuiteOptions& base, const std::vector<std::str
     auto mc = c;
     mc.checks = {m.target_check};
     mc.checks.insert(mc.checks.end(), m.with_checks.begin(), m.with_checks.end());
+    mc.cp_sizes = m.cp.empty() ? case_cp : m.cp;
     auto caught = run_case(mc, mutate(base, m.name));
     report::CaseReport out;
     out.id = "selftest." + m.name;
@@ -115,7 +127,7 @@ report::Report run_selftest(const SuiteOptions& base, const std::vector<std::str
         if (!failures) evidence = chk.message;
         ++failures;
       }
-    auto result = report::CheckResult::judge(m.target_check, 3, std::nullopt, "mutant_caught", failures > 0 ? 1.0 : 0.0, 1.0,
+    auto result = report::CheckResult::judge(m.target_check, int(mc.cp_sizes.front()), std::nullopt, "mutant_caught", failures > 0 ? 1.0 : 0.0, 1.0,
                                              Policy::Count,
                                              {{"mutant", m.name}, {"bug", m.bug}, {"failing_results", failures},
                                               {"evidence", evidence}, {"case_error", caught.error ? *caught.error : ""}});

@@ -14,6 +14,7 @@ struct Mutant {
   std::string bug;          // what is wrong, in words
   std::string target_check; // the catalogue check that must catch it
   std::vector<std::string> with_checks = {};  // also selected for the mutant's run (a check that judges others)
+  std::vector<int64_t> cp = {};               // the cp sizes of the mutant's run, where not the case's (3)
 };
 
 std::vector<Mutant> selftest_mutants();
