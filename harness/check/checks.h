@@ -42,6 +42,10 @@ std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, co
 // ring.rotation_order and ring.grad_return from the candidate's step-0 traces and comm counts.
 std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun& candidate);
 
+// The ring steps after its own chunk that `layer` of `c` takes at cp `n`: cp - 1, or under the case's hop limit
+// (ring.hop_limit) min(cp - 1, ceil(W / S_loc)) on sliding layers without vision groups.
+int expected_ring_steps(const train::Case& c, int64_t layer, int n);
+
 // cache.build_count, cache.hit_count, cache.generation_reset per rank and step. `uncached` is a one-step run
 // with the cache off (builds must equal lookups); the expected counts are derived from the case.
 std::vector<CheckResult> check_cache(const train::Case& c, const report::LaneRun& candidate,

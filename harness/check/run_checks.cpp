@@ -73,43 +73,80 @@ std::string dump_divergence(const std::string& dump_dir, const train::Case& c, i
 
 }  // namespace
 
+int expected_ring_steps(const train::Case& c, int64_t layer, int n) {
+  cp::RingOptions o;
+  o.hop_limit = c.ring_hop_limit;
+  const kernels::LayerGeometry g{true, c.model.layer_window(layer), c.model.layer_vision_bidirectional(layer)};
+  return cp::ring_steps(o, g, n, cp::ShardPlan(c.data.seq_len, n).local_len());
+}
+
+namespace {
+
+std::string layer_type_name(const model::ModelConfig& m, int64_t l) {
+  if (m.is_full(l)) return "full";
+  std::string s = fmt::format("sliding (window {})", m.layer_window(l).value_or(0));
+  return m.layer_vision_bidirectional(l) ? s + ", vision bidirectional" : s;
+}
+
+}  // namespace
+
 std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun& cand) {
   const int n = cand.cp;
   const int64_t layers = c.model.num_hidden_layers;
+  std::vector<int> steps(size_t(layers), 0);  // ring steps after the own chunk, per layer (cp - 1, or the hop limit)
+  for (int64_t l = 0; l < layers; ++l) steps[size_t(l)] = expected_ring_steps(c, l, n);
   std::vector<CheckResult> out;
   for (int r = 0; r < n; ++r) {
     const auto& trace = cand.traces.at(size_t(r));
-    int64_t wrong_owner = 0, wrong_return = 0, entries[2] = {0, 0};
-    nlohmann::json first;
+    int64_t wrong_owner = 0, wrong_return = 0, wrong_hops = 0, entries[2] = {0, 0};
+    nlohmann::json first, per_type = nlohmann::json::object();
     for (auto& e : trace) {
       ++entries[e.pass == "backward"];
+      const int h = e.layer >= 0 && e.layer < layers ? steps[size_t(e.layer)] : n - 1;
+      // Owners: ring steps 0..h hold ranks r, r - 1, ... (the hop count itself is ring.hop_limit's to judge).
       std::set<int> seen(e.owners.begin(), e.owners.end());
-      bool ok = int(e.owners.size()) == n && int(seen.size()) == n;
-      for (int s = 0; ok && s < n; ++s) ok = e.owners[size_t(s)] == cp::ring_owner(r, s, n);
+      bool ok = seen.size() == e.owners.size() && !e.owners.empty();
+      for (size_t s = 0; ok && s < e.owners.size(); ++s) ok = e.owners[s] == cp::ring_owner(r, int(s), n);
       if (!ok) {
         ++wrong_owner;
         if (first.is_null()) first = {{"layer", e.layer}, {"pass", e.pass}, {"owners", e.owners}};
       }
-      if (e.pass == "backward" && e.grad_returns != n - 1) ++wrong_return;
+      if (e.pass == "backward" && e.grad_returns != int64_t(e.owners.size()) - 1) ++wrong_return;
+      // Exchanges per pass against the layer's ring steps, per layer type.
+      const bool hops_ok = e.ring_exchanges == h && int(e.owners.size()) == h + 1;
+      wrong_hops += !hops_ok;
+      auto& t = per_type[layer_type_name(c.model, e.layer)];
+      t["expected_exchanges_per_pass"] = h;
+      if (!hops_ok) t["wrong_passes"] = t.value("wrong_passes", 0) + 1;
+      else if (!t.contains("wrong_passes")) t["wrong_passes"] = 0;
     }
     const bool complete = entries[0] == layers && entries[1] == layers;
     out.push_back(CheckResult::judge("ring.rotation_order", n, r, "wrong_passes", double(wrong_owner + (complete ? 0 : 1)), 0,
                                      Policy::Count, {{"first_wrong", first}, {"forward_passes", entries[0]}, {"backward_passes", entries[1]}}));
-    // Comm counts per step against the formula: forward cp-1 ring steps per layer, backward cp-1 replay steps
-    // and cp-1 direct returns per layer, two all-reduces (loss statistics, gradients).
+    out.push_back(CheckResult::judge("ring.hop_limit", n, r, "passes_with_wrong_exchanges", double(wrong_hops), 0,
+                                     Policy::Count,
+                                     {{"hop_limit", c.ring_hop_limit}, {"per_layer_type", per_type},
+                                      {"what", "ring exchanges per pass and layer type: cp - 1, or with the hop limit "
+                                               "min(cp - 1, ceil(W / S_loc)) on sliding layers without vision groups"}}));
+    // Comm counts per step against the formula: forward h ring steps per layer, backward h replay steps and h
+    // direct returns per layer (h = cp - 1, or the hop limit), two all-reduces (loss statistics, gradients).
     const auto& stats = cand.comm_step0.at(size_t(r));
-    int64_t expected_bytes = 0;
+    int64_t expected_bytes = 0, expected_ring = 0, expected_returns = 0;
     const cp::ShardPlan plan(c.data.seq_len, n);
     const int64_t acc_bytes = cand.lane == train::DtypeLane::kFp64 ? 8 : 4;  // dK/dV travel home in the accumulation dtype
-    for (int64_t l = 0; l < layers; ++l)
-      expected_bytes += 2 * c.data.batch * c.model.layer_kv_heads(l) * plan.local_len() * c.model.layer_head_dim(l) * acc_bytes * (n - 1);
+    for (int64_t l = 0; l < layers; ++l) {
+      const int64_t h = steps[size_t(l)];
+      expected_bytes += 2 * c.data.batch * c.model.layer_kv_heads(l) * plan.local_len() * c.model.layer_head_dim(l) * acc_bytes * h;
+      expected_ring += 2 * h;
+      expected_returns += h;
+    }
     const int64_t got_ring = stats.ops(cp::CommOp::RingExchange), got_exchange = stats.ops(cp::CommOp::Exchange);
     const int64_t got_bytes = stats.bytes(cp::CommOp::Exchange);
-    const double misses = double(std::abs(got_ring - 2 * layers * (n - 1)) + std::abs(got_exchange - layers * (n - 1)) +
+    const double misses = double(std::abs(got_ring - expected_ring) + std::abs(got_exchange - expected_returns) +
                                  (got_bytes != expected_bytes) + wrong_return + std::abs(stats.ops(cp::CommOp::AllReduce) - 2));
     out.push_back(CheckResult::judge("ring.grad_return", n, r, "count_mismatches", misses, 0, Policy::Count,
-                                     {{"ring_exchanges", got_ring}, {"expected_ring_exchanges", 2 * layers * (n - 1)},
-                                      {"grad_returns", got_exchange}, {"expected_grad_returns", layers * (n - 1)},
+                                     {{"ring_exchanges", got_ring}, {"expected_ring_exchanges", expected_ring},
+                                      {"grad_returns", got_exchange}, {"expected_grad_returns", expected_returns},
                                       {"grad_return_bytes", got_bytes}, {"expected_grad_return_bytes", expected_bytes},
                                       {"passes_without_full_return", wrong_return}}));
   }
@@ -117,12 +154,17 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
 }
 
 ExpectedCacheCounts expected_cache_counts(const train::Case& c, int cp, bool cache_enabled) {
-  std::set<std::pair<int64_t, bool>> geometries;
-  for (int64_t l = 0; l < c.model.num_hidden_layers; ++l)
-    geometries.insert({c.model.layer_window(l).value_or(-1), c.model.layer_vision_bidirectional(l)});
+  // Per rank and step: every layer looks up each chunk it holds, forward and backward replay; the cache builds one
+  // mask per distinct (layer geometry, chunk) pair.
+  std::map<std::pair<int64_t, bool>, int> chunks_of_geometry;
   ExpectedCacheCounts e;
-  e.lookups = c.model.num_hidden_layers * cp * 2;  // every layer, every chunk, forward and backward replay
-  e.builds = cache_enabled ? int64_t(geometries.size()) * cp : e.lookups;
+  for (int64_t l = 0; l < c.model.num_hidden_layers; ++l) {
+    const int held = expected_ring_steps(c, l, cp) + 1;
+    e.lookups += 2 * held;
+    chunks_of_geometry[{c.model.layer_window(l).value_or(-1), c.model.layer_vision_bidirectional(l)}] = held;
+  }
+  for (auto& [geometry, held] : chunks_of_geometry) e.builds += held;
+  if (!cache_enabled) e.builds = e.lookups;
   return e;
 }
 

@@ -75,12 +75,14 @@ std::vector<Tensor> observed_exchange(const RingContext& ctx, const std::vector<
   return received;
 }
 
-// Own chunk first, then cp - 1 rotations: at step s this rank holds the chunk of rank (r - s) mod cp.
-std::vector<Chunk> collect_chunks(const RingContext& ctx, const Tensor& k, const Tensor& v, const kernels::TokenMetadata& meta) {
+// Own chunk first, then `steps` rotations (cp - 1, or fewer under the hop limit): at step s this rank holds the
+// chunk of rank (r - s) mod cp.
+std::vector<Chunk> collect_chunks(const RingContext& ctx, int steps, const Tensor& k, const Tensor& v,
+                                  const kernels::TokenMetadata& meta) {
   const int n = ctx.comm.size(), r = ctx.comm.rank();
   std::vector<Chunk> chunks = {{ctx.hooks.owner_at_step(r, 0, n), k, v, meta}};
   auto travelling = pack(chunks.front());
-  for (int s = 1; s < n; ++s) {
+  for (int s = 1; s <= steps; ++s) {
     travelling = observed_exchange(ctx, travelling, false, [&](const auto& send) { return ctx.comm.ring_exchange(send); });
     chunks.push_back(unpack(travelling, meta, ctx.hooks.owner_at_step(r, s, n)));
   }
@@ -101,13 +103,18 @@ std::shared_ptr<const kernels::BlockMask> mask_for(const RingContext& ctx, const
 
 bool has_work(const kernels::BlockMask& mask) { return kernels::computed_score_elements(mask) > 0; }
 
+int steps_of(const RingContext& ctx, const LayerCall& call) {
+  const int n = ctx.comm.size();
+  return ctx.hooks.ring_steps(ring_steps(ctx.options, call.geometry, n, ctx.local_len), n);
+}
+
 // Forward: every chunk's partial out/LSE, merged by log-sum-exp; rows with no allowed key anywhere are 0, -inf.
 // Returns the merged result in the accumulation dtype.
 kernels::AttentionPartial ring_forward(const RingContext& ctx, const LayerCall& call, const Tensor& q, const Tensor& k,
                                        const Tensor& v, const kernels::TokenMetadata& meta) {
   ctx.observer.pass_begin(call.layer, "forward");
   std::vector<kernels::AttentionPartial> partials;
-  for (auto& chunk : collect_chunks(ctx, k, v, meta)) {
+  for (auto& chunk : collect_chunks(ctx, steps_of(ctx, call), k, v, meta)) {
     const auto mask = mask_for(ctx, call, meta, chunk, q);
     const bool work = has_work(*mask);
     ctx.observer.chunk(chunk.owner, work);
@@ -137,10 +144,11 @@ RingGrads ring_backward(const RingContext& ctx, const LayerCall& call, const Ten
   ctx.observer.pass_begin(call.layer, "backward");
   const int n = ctx.comm.size(), r = ctx.comm.rank();
   const auto acc = kernels::accumulation_dtype(q.scalar_type());
-  auto chunks = collect_chunks(ctx, k, v, meta);
+  auto chunks = collect_chunks(ctx, steps_of(ctx, call), k, v, meta);
+  const int held = int(chunks.size());
   auto dq = torch::zeros(q.sizes(), q.options().dtype(acc));
-  std::vector<Tensor> dk(n), dv(n);  // by ring step
-  for (int s = 0; s < n; ++s) {
+  std::vector<Tensor> dk(held), dv(held);  // by ring step
+  for (int s = 0; s < held; ++s) {
     const auto& chunk = chunks[size_t(s)];
     const auto mask = mask_for(ctx, call, meta, chunk, q);
     const bool work = has_work(*mask);
@@ -157,7 +165,7 @@ RingGrads ring_backward(const RingContext& ctx, const LayerCall& call, const Ten
     dv[s] = g.dv;
   }
   auto dk_home = dk[0].clone(), dv_home = dv[0].clone();
-  for (int d = 1; d < n && ctx.hooks.returns_grads(); ++d) {
+  for (int d = 1; d < held && ctx.hooks.returns_grads(); ++d) {
     const int dst = ring_owner(r, d, n), src = ring_owner(r, -d, n);
     auto received = observed_exchange(ctx, {dk[d].contiguous(), dv[d].contiguous()}, true,
                                       [&](const auto& send) { return ctx.comm.exchange(send, dst, src); });
@@ -267,6 +275,12 @@ void RingAttention::pass_end() { trace_.push_back(std::move(current_)); }
 kernels::LayerGeometry ring_chunk_geometry(const RingOptions& options, int rank, int owner,
                                            const kernels::LayerGeometry& geometry) {
   return make_ring_hooks(options.mutation)->chunk_geometry(rank, owner, geometry);
+}
+
+int ring_steps(const RingOptions& options, const kernels::LayerGeometry& geometry, int n, int64_t local_len) {
+  if (!options.hop_limit || !geometry.window || geometry.vision_bidirectional || local_len <= 0) return n - 1;
+  const int64_t reach = (*geometry.window + local_len - 1) / local_len;  // ceil(W / S_loc), as upstream
+  return int(std::min<int64_t>(n - 1, reach));
 }
 
 }  // namespace cpharness::cp

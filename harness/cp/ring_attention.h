@@ -35,6 +35,9 @@ struct RingOptions {
   kernels::LseMergeMode merge = kernels::LseMergeMode::kStable;
   RingMutation mutation = RingMutation::kNone;
   bool record_chunks = false;  // keep every chunk's partial result and gradients (tests, localisation)
+  // Sliding-window layers without vision groups fetch only the prior chunks their window reaches (upstream #2984):
+  // min(cp - 1, ceil(W / S_loc)) ring steps, forward and backward (ring_steps).
+  bool hop_limit = false;
   CudaAttentionPath cuda_attention = CudaAttentionPath::kKernel;  // CUDA tensors: the kernel, or libtorch ops
 };
 
@@ -75,6 +78,11 @@ class RingObserver {
 // The geometry rank `rank` uses against `owner`'s chunk (the layer's own, except under the window mutant).
 kernels::LayerGeometry ring_chunk_geometry(const RingOptions& options, int rank, int owner,
                                            const kernels::LayerGeometry& geometry);
+
+// How many ring steps after the own chunk a layer of `geometry` takes at cp `n` with `local_len` tokens per rank:
+// cp - 1, or with options.hop_limit on a sliding layer without vision groups min(cp - 1, ceil(W / local_len)) (a
+// query at the start of a shard reaches W - 1 tokens back). What the ring runs and what the checks expect.
+int ring_steps(const RingOptions& options, const kernels::LayerGeometry& geometry, int n, int64_t local_len);
 
 // The ring as the model's attention backend, with its block-mask cache, and the observer that keeps the trace,
 // the per-chunk records and the time spent communicating.

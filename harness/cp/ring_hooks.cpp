@@ -2,6 +2,8 @@
 
 #include "harness/cp/shard_plan.h"
 
+#include <algorithm>
+
 namespace cpharness::cp {
 namespace {
 
@@ -33,6 +35,10 @@ struct PaddedRowsNotZeroed : RingHooks {
   }
 };
 
+struct HopLimitOneTooMany : RingHooks {
+  int ring_steps(int correct, int n) const override { return std::min(correct + 1, n - 1); }
+};
+
 struct InputDtypeGradAccumulation : RingHooks {
   void add_returned(torch::Tensor& home, const torch::Tensor& received, torch::ScalarType input_dtype) const override {
     home = (home + received).to(input_dtype).to(home.scalar_type());
@@ -53,6 +59,7 @@ std::unique_ptr<RingHooks> make_ring_hooks(RingMutation mutation) {
     case RingMutation::kStaleGeneration: return std::make_unique<StaleGeneration>();
     case RingMutation::kWindowOffByOneAtEdge: return std::make_unique<WindowOffByOneAtEdge>();
     case RingMutation::kPaddedRowsNotZeroed: return std::make_unique<PaddedRowsNotZeroed>();
+    case RingMutation::kHopLimitOneTooMany: return std::make_unique<HopLimitOneTooMany>();
     case RingMutation::kInputDtypeGradAccumulation: return std::make_unique<InputDtypeGradAccumulation>();
   }
   throw std::logic_error("make_ring_hooks: unknown mutation");

@@ -18,6 +18,7 @@ enum class RingMutation {
   kStaleGeneration,       // the cache generation never advances (a stale mask survives a new batch)
   kWindowOffByOneAtEdge,  // foreign chunks use q - k <= W instead of q - k < W (a window bug at shard edges)
   kPaddedRowsNotZeroed,   // rows with no allowed key take V of local index 0 (upstream's trick, never zeroed)
+  kHopLimitOneTooMany,    // the hop limit fetches one chunk more than the window reaches (correct numbers, wasted traffic)
   kInputDtypeGradAccumulation,  // returned dK/dV summed in the input dtype (bf16 in the bf16 lane), not fp32: one
                                 // rounding per ring step, an error that grows with cp
 };
@@ -29,6 +30,8 @@ class RingHooks {
   virtual int owner_at_step(int rank, int step, int n) const;
   // The geometry `rank`'s queries use against `owner`'s chunk (correct: the layer's own).
   virtual kernels::LayerGeometry chunk_geometry(int rank, int owner, const kernels::LayerGeometry& geometry) const;
+  // Ring steps a layer takes, given the correct number (correct: unchanged).
+  virtual int ring_steps(int correct, int n) const { return correct; }
   // Whether foreign dK/dV are sent home (correct: always).
   virtual bool returns_grads() const { return true; }
   // Whether a new batch after the first advances the block-mask cache generation (correct: always).

@@ -28,6 +28,7 @@ SuiteOptions mutate(SuiteOptions o, const std::string& name) {
   else if (name == "power_perturbation_not_applied") o.power_not_perturbed = true;
   else if (name == "dead_model_zero_weights") o.run.zero_weights = true;
   else if (name == "output_ignores_input") o.run.zero_final_norm = true;
+  else if (name == "hop_limit_one_too_many") ring.mutation = cp::RingMutation::kHopLimitOneTooMany;
   else if (name == "cp_gradients_averaged") o.run.step_mutation = StepMutation::kAverageGradients;
   else if (name == "returned_dkdv_accumulated_in_bf16") ring.mutation = cp::RingMutation::kInputDtypeGradAccumulation;
   else throw std::invalid_argument("unknown mutant '" + name + "'");
@@ -49,6 +50,7 @@ std::vector<Mutant> selftest_mutants() {
       // the final rounding itself, and with a small window few chunks carry one.
       {"returned_dkdv_accumulated_in_bf16", "returned dK/dV summed in the input dtype (bf16) instead of fp32",
        "attention.parity", {}, {8}},
+      {"hop_limit_one_too_many", "sliding layers fetch one chunk more than the window reaches", "ring.hop_limit"},
       {"padded_rows_not_zeroed", "empty query rows take V of local index 0", "attention.parity"},
       {"cache_rebuilds_every_lookup", "block-mask cache off: every lookup builds", "cache.build_count"},
       {"block_mask_partial_tiles_as_full", "analytic builder calls partial tiles full", "mask.block_classification"},
@@ -77,6 +79,7 @@ train::Case selftest_case() {
       {"steps", 2},
       {"cp", {3}},  // 3, not 2: at cp 2 rank - 1 and rank + 1 are the same rank, so a reversed ring is invisible
       {"block_size", 4},
+      {"ring", {{"hop_limit", true}}},  // S_loc 14, window 6: sliding layers take 1 ring step of 2
   };
   return train::case_from_json(j, "<selftest case>");
 }

@@ -238,6 +238,7 @@ RunOptions run_options_of(const train::Case& c, const SuiteOptions& options) {
   o.record_tensors = o.record_tensors && c.record_tensors;
   o.ring.q_block = o.ring.kv_block = c.block_size;
   if (!c.block_mask_cache) o.ring.cache_enabled = false;
+  o.ring.hop_limit = c.ring_hop_limit;
   return o;
 }
 

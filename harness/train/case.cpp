@@ -194,7 +194,7 @@ Case case_from_json(const json& j, const std::string& path) {
   if (!j.is_object()) throw InputError(path, "case", "expected a JSON object");
   reject_unknown(j, {"id", "description", "model", "weights", "data", "dtype", "steps", "optimizer", "cp", "requires", "checks",
                      "tolerances", "block_size", "block_mask_cache", "device", "loss_chunk_tokens", "reference_cp", "record_tensors",
-                     "trained_exemptions"}, path, "");
+                     "trained_exemptions", "ring"}, path, "");
   Case c;
   c.path = path;
   c.raw = j;
@@ -222,6 +222,14 @@ Case case_from_json(const json& j, const std::string& path) {
   if (j.contains("record_tensors")) {
     if (!j["record_tensors"].is_boolean()) throw InputError(path, "record_tensors", "wrong type: expected a boolean");
     c.record_tensors = j["record_tensors"].get<bool>();
+  }
+  if (j.contains("ring")) {
+    const json& r = object_at(j, "ring", path, "ring");
+    reject_unknown(r, {"hop_limit"}, path, "ring.");
+    if (r.contains("hop_limit")) {
+      if (!r["hop_limit"].is_boolean()) throw InputError(path, "ring.hop_limit", "wrong type: expected a boolean");
+      c.ring_hop_limit = r["hop_limit"].get<bool>();
+    }
   }
   if (j.contains("trained_exemptions")) {
     const json& t = object_at(j, "trained_exemptions", path, "trained_exemptions");

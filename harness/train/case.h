@@ -43,6 +43,7 @@ struct Case {
   CaseTolerances tolerances;
   int64_t block_size = 128;                    // block-mask q and kv block size
   bool block_mask_cache = true;                // run the candidate with the block-mask cache on
+  bool ring_hop_limit = false;                 // "ring": {"hop_limit": true}: sliding layers fetch only what W reaches
   bool record_tensors = true;                  // false: no step-0 tensors or final parameters kept (real sizes)
   int64_t reference_cp = 1;                    // the CP size of the run candidates are judged against
   int64_t loss_chunk_tokens = 0;               // > 0: chunked LM head + cross entropy (no [S, V] logits)

@@ -1,0 +1,71 @@
+// The sliding-window hop limit (case key ring.hop_limit): sliding layers without vision groups fetch only the chunks
+// their window reaches. The chunks it skips have no allowed pair, so the run is bitwise the one without the limit,
+// with fewer exchanges; every check passes with it on, and ring.hop_limit counts the exchanges per layer type.
+#include <gtest/gtest.h>
+
+#include "harness/check/checks.h"
+#include "harness/runner/case_runner.h"
+#include "harness/runner/suite.h"
+#include "harness/train/case.h"
+
+namespace cpharness::runner {
+namespace {
+
+train::Case make_case(bool hop_limit) {
+  auto j = nlohmann::json::parse(R"({"id": "hops", "model": {"preset": "tiny-e4b", "overrides": {"sliding_window": 12}},
+    "data": {"seq_len": 64, "document_lengths": [30, 30], "padding": 4, "seed": 3}, "steps": 2, "cp": [4, 8],
+    "block_size": 4})");
+  j["ring"] = {{"hop_limit", hop_limit}};
+  return train::case_from_json(j, "hops.json");
+}
+
+TEST(RingHopLimit, StepsFollowTheWindowOnSlidingLayersOnly) {
+  const auto c = make_case(true);
+  int sliding = 0;
+  for (int64_t l = 0; l < c.model.num_hidden_layers; ++l) {
+    const bool limited = c.model.layer_window(l).has_value() && !c.model.layer_vision_bidirectional(l);
+    sliding += limited;
+    // cp 8: S_loc 8, ceil(12 / 8) = 2; cp 4: S_loc 16, ceil(12 / 16) = 1; full layers: cp - 1.
+    EXPECT_EQ(check::expected_ring_steps(c, l, 8), limited ? 2 : 7) << l;
+    EXPECT_EQ(check::expected_ring_steps(c, l, 4), limited ? 1 : 3) << l;
+    EXPECT_EQ(check::expected_ring_steps(make_case(false), l, 8), 7) << l;
+  }
+  EXPECT_GT(sliding, 0);
+}
+
+TEST(RingHopLimit, TheRunIsBitwiseTheOneWithoutTheLimitWithFewerExchanges) {
+  for (int cp : {4, 8}) {
+    SCOPED_TRACE(cp);
+    RunOptions with, without;
+    with.ring.hop_limit = true;
+    with.ring.q_block = with.ring.kv_block = without.ring.q_block = without.ring.kv_block = 4;
+    const auto a = run_cp(make_case(true), train::DtypeLane::kFp32, cp, with);
+    const auto b = run_cp(make_case(false), train::DtypeLane::kFp32, cp, without);
+    ASSERT_EQ(a.steps.size(), b.steps.size());
+    for (size_t s = 0; s < a.steps.size(); ++s) {
+      EXPECT_EQ(a.steps[s].loss, b.steps[s].loss) << s;
+      EXPECT_EQ(a.steps[s].grad_norm, b.steps[s].grad_norm) << s;
+    }
+    for (auto& [name, g] : b.grads) EXPECT_TRUE(torch::equal(a.grads.at(name), g)) << name;
+    for (auto& [name, p] : b.final_params) EXPECT_TRUE(torch::equal(a.final_params.at(name), p)) << name;
+    for (int r = 0; r < cp; ++r) {
+      EXPECT_LT(a.comm_step0.at(size_t(r)).ops(cp::CommOp::RingExchange), b.comm_step0.at(size_t(r)).ops(cp::CommOp::RingExchange));
+      EXPECT_LT(a.comm_step0.at(size_t(r)).bytes(cp::CommOp::Exchange), b.comm_step0.at(size_t(r)).bytes(cp::CommOp::Exchange));
+    }
+  }
+}
+
+TEST(RingHopLimit, EveryCheckPassesWithTheLimit) {
+  const auto rep = run_case(make_case(true), SuiteOptions{});
+  ASSERT_FALSE(rep.error) << *rep.error;
+  int hop_checks = 0;
+  for (auto& k : rep.checks) {
+    EXPECT_NE(k.status, report::Status::Fail) << k.name << " cp " << k.cp << ": " << k.message;
+    EXPECT_NE(k.status, report::Status::Error) << k.name << " cp " << k.cp << ": " << k.message;
+    hop_checks += k.name == "ring.hop_limit";
+  }
+  EXPECT_EQ(hop_checks, 4 + 8);  // one per rank
+}
+
+}  // namespace
+}  // namespace cpharness::runner
