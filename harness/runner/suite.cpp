@@ -347,10 +347,11 @@ void judge_phase(const train::Case& c, const RunOptions& run_options, const Suit
       if ((params_noisy || grads_noisy) && !fp64_reference)
         fp64_reference = reference_run(c, train::DtypeLane::kFp64, rerun_options);
       if (params_noisy || grads_noisy) fp64.reference = &*fp64_reference;
-      if (params_noisy) {
-        // Ranks as threads here whatever the backend: the judge runs on one process.
+      // The cp N rerun runs ranks as threads in this process whatever the backend (the judge is one process), which
+      // libtorch's autograd engine allows on the CPU only: on CUDA the parameters keep the fp32 judgement.
+      if (params_noisy && run_options.device.is_cpu()) {
         fp64_candidate = run_cp(c, train::DtypeLane::kFp64, n, rerun_options);
-        if (fp64_candidate) fp64.candidate = &*fp64_candidate;
+        fp64.candidate = &*fp64_candidate;
       }
     }
     append(rep.checks, c, check::check_training(c, tol, *runs.reference, candidate, runs.oracle ? &*runs.oracle : nullptr,
