@@ -153,6 +153,7 @@ struct CaseRuns {
   std::optional<LaneRun> reference, oracle;  // oracle: the fp32 cp 1 run a bf16 lane is judged against
   std::map<int, LaneRun> candidates, uncached;
   std::map<int, LaneRun> perturbed;          // one step with the power check's perturbation
+  std::map<int, double> perturbed_seconds;   // what that step cost (the power check's details)
 };
 
 // ---- The power check: can the case see a CP-shaped bug? ----
@@ -195,7 +196,9 @@ report::CheckResult power_check(const train::Case& c, int n, const check::Tolera
   std::vector<report::CheckResult> seen;
   for (auto& r : check::check_training(one_step, tol, ref, p->second, oracle ? &*oracle : nullptr, ""))
     if (wants_check(c, r.name)) seen.push_back(r);
-  return check::check_power(n, perturbation, seen, true);
+  auto res = check::check_power(n, perturbation, seen, true);
+  if (auto s = runs.perturbed_seconds.find(n); s != runs.perturbed_seconds.end()) res.details["perturbed_run_seconds"] = s->second;
+  return res;
 }
 
 // The cp sizes a case runs at: under a process backend the world size, else --cp or the case's own.
@@ -307,8 +310,11 @@ void run_candidate_phase(const train::Case& c, const std::vector<int>& cps, cons
       if (auto run = candidate_run(c, n, run_options)) runs.candidates.emplace(n, std::move(*run));
       if (wants_check(c, "cache.build_count"))
         if (auto run = candidate_run(one_step, n, uncached_options)) runs.uncached.emplace(n, std::move(*run));
-      if (power_applicable(c))
+      if (power_applicable(c)) {
+        const auto t0 = Clock::now();
         if (auto run = candidate_run(one_step, n, perturbed_options)) runs.perturbed.emplace(n, std::move(*run));
+        runs.perturbed_seconds[n] = std::chrono::duration<double>(Clock::now() - t0).count();
+      }
     }, &options.failed_peer);
     if (rep.error && options.world) {
       options.world_failed = true;
