@@ -476,7 +476,12 @@ ModelConfig config_from_case_json(const json& j, const std::string& source) {
     // use (architectures, dtype, ...) are ignored there, as the HF loader does.
     if (!j["config_file"].is_string()) throw InputError(source, "model.config_file", "wrong type: expected a string");
     if (j.contains("overrides")) throw InputError(source, "model.overrides", "only allowed with \"preset\"");
-    c = load_hf_config_file(io::resolve_beside(source, j["config_file"].get<std::string>()));
+    const auto file = io::resolve_beside(source, j["config_file"].get<std::string>());
+    try {
+      c = load_hf_config_file(file);
+    } catch (const InputError& e) {  // named from the case too: which key pointed at the bad file
+      throw InputError(source, "model.config_file", e.what());
+    }
     prefix = "model.config_file.";
   } else if (has_preset) {
     if (!j["preset"].is_string()) throw InputError(source, "model.preset", "wrong type: expected a string");

@@ -150,6 +150,21 @@ TEST_F(CliTest, UnknownKeyAndWrongTypeAreExit2) {
   EXPECT_NE(r.output.find("document_lengths"), std::string::npos) << r.output;
 }
 
+// A case's model.config_file is read beside the case; a missing or malformed one is exit 2 naming the case's key
+// and the file.
+TEST_F(CliTest, ABadConfigFileIsExit2NamingTheKeyAndTheFile) {
+  auto missing = write("missing.json", R"({"id": "x", "model": {"config_file": "nope/config.json"}, "data": {"seq_len": 8}})");
+  auto r = run_cli("run " + missing);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("model.config_file"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find((dir_ / "nope/config.json").string()), std::string::npos) << r.output;
+  write("broken-config.json", "{ not json");
+  auto broken = write("broken.json", R"({"id": "x", "model": {"config_file": "broken-config.json"}, "data": {"seq_len": 8}})");
+  r = run_cli("run " + broken);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("malformed JSON"), std::string::npos) << r.output;
+}
+
 TEST_F(CliTest, UsageErrorsAreExit2) {
   EXPECT_EQ(run_cli("").exit_code, 2);
   EXPECT_EQ(run_cli("frobnicate").exit_code, 2);
