@@ -1,6 +1,7 @@
 #include "harness/cp/cp_step.h"
 
 #include "harness/model/chunked_loss.h"
+#include "harness/model/weights.h"
 
 namespace cpharness::cp {
 
@@ -117,14 +118,16 @@ CpTrainer::CpTrainer(Comm& comm, model::Gemma4Model model, const train::Optimize
 }
 
 train::StepResult CpTrainer::step(const train::Batch& batch, CpForwardResult* forward,
-                                  std::vector<torch::Tensor>* hidden_states) {
+                                  std::vector<torch::Tensor>* hidden_states,
+                                  std::map<std::string, torch::Tensor>* gradients) {
   optimizer_->zero_grad();
   auto options = step_options_;
   options.hidden_states = hidden_states;
   auto r = cp_forward_backward(comm_, model_, ring_, batch, ++generation_, options);
   if (forward) *forward = r;
   train::StepResult result{r.loss, train::grad_norm(model_->parameters()), r.counted_tokens};
-  train::optimizer_step(*optimizer_, optimizer_options_);
+  if (gradients) *gradients = model::gradient_copies(model_, torch::kFloat64);  // before clipping, as cp 1 records them
+  train::optimizer_step(*optimizer_, optimizer_options_, result.grad_norm);
   return result;
 }
 

@@ -6,7 +6,9 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <map>
 #include <memory>
+#include <string>
 
 #include "harness/cp/comm.h"
 #include "harness/cp/ring_attention.h"
@@ -57,8 +59,10 @@ class CpTrainer {
             CpStepOptions step_options = {});
   // One optimizer step; `forward`, when given, receives the forward result (local logits, plan), and
   // `hidden_states` this rank's residual stream per layer. Gradients stay readable until the next step.
+  // `gradients`, when given, receives fp64 copies of the all-reduced gradients before clipping and the update.
   train::StepResult step(const train::Batch& batch, CpForwardResult* forward = nullptr,
-                         std::vector<torch::Tensor>* hidden_states = nullptr);
+                         std::vector<torch::Tensor>* hidden_states = nullptr,
+                         std::map<std::string, torch::Tensor>* gradients = nullptr);
   model::Gemma4Model& model() { return model_; }
   RingAttention& ring() { return ring_; }
 

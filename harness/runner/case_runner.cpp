@@ -141,7 +141,7 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
       for (auto& h : hidden) run.hidden.push_back(h.detach().to(torch::kCPU, torch::kFloat64));
       run.grads = model::gradient_copies(m, torch::kFloat64);
     }
-    train::optimizer_step(*optimizer, c.optimizer);
+    train::optimizer_step(*optimizer, c.optimizer, rec.grad_norm);
     meter.finish(rec);
     rec.param_norm = param_norm(m);
     run.steps.push_back(rec);
@@ -179,7 +179,8 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
     const bool record = step == 0 && options.record_tensors;
     // Rank 0 alone resets and reads the device's peak (ranks as threads share one device's allocator).
     StepMeter meter(options.device, rec.rank == 0);
-    auto result = trainer.step(batch, &fwd, record ? &h : nullptr);
+    std::map<std::string, torch::Tensor> grads;
+    auto result = trainer.step(batch, &fwd, record ? &h : nullptr, record && rec.rank == 0 ? &grads : nullptr);
     TrainingStep figures;
     meter.finish(figures);
     rec.cache.push_back(trainer.ring().cache().take_counters());
@@ -191,7 +192,7 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
       if (record) {
         if (fwd.local_logits.defined()) rec.logits = fwd.local_logits.to(torch::kCPU, torch::kFloat64);
         for (auto& t : h) rec.hidden.push_back(t.detach().to(torch::kCPU, torch::kFloat64));
-        if (rec.rank == 0) rec.grads = model::gradient_copies(trainer.model(), torch::kFloat64);  // all-reduced: identical on every rank
+        if (rec.rank == 0) rec.grads = std::move(grads);  // all-reduced: identical on every rank
       }
     }
   }

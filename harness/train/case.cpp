@@ -140,7 +140,12 @@ DtypeLane read_lane(const json& j, const std::string& path) {
 
 void read_optimizer(const json& j, const std::string& path, Case& c) {
   const json& o = object_at(j, "optimizer", path, "optimizer");
-  reject_unknown(o, {"lr", "beta1", "beta2", "eps", "weight_decay"}, path, "optimizer.");
+  reject_unknown(o, {"lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm"}, path, "optimizer.");
+  if (o.contains("max_grad_norm")) {
+    c.optimizer.max_grad_norm = number_at(o, "max_grad_norm", path, "optimizer.max_grad_norm");
+    if (!(c.optimizer.max_grad_norm > 0))
+      throw InputError(path, "optimizer.max_grad_norm", "must be > 0 (leave it out for no clipping)");
+  }
   if (o.contains("lr")) c.optimizer.lr = number_at(o, "lr", path, "optimizer.lr");
   if (o.contains("beta1")) c.optimizer.beta1 = number_at(o, "beta1", path, "optimizer.beta1");
   if (o.contains("beta2")) c.optimizer.beta2 = number_at(o, "beta2", path, "optimizer.beta2");

@@ -1,5 +1,7 @@
 #include "harness/train/trainer.h"
 
+#include <cmath>
+
 namespace cpharness::train {
 
 double grad_norm(const std::vector<torch::Tensor>& parameters) {
@@ -18,7 +20,16 @@ std::unique_ptr<torch::optim::AdamW> make_adamw(const std::vector<torch::Tensor>
   return std::make_unique<torch::optim::AdamW>(parameters, options);
 }
 
-void optimizer_step(torch::optim::AdamW& optimizer, const OptimizerOptions& options) {
+void optimizer_step(torch::optim::AdamW& optimizer, const OptimizerOptions& options, double grad_norm) {
+  if (options.max_grad_norm > 0 && std::isfinite(grad_norm)) {
+    const double coefficient = options.max_grad_norm / (grad_norm + 1e-6);
+    if (coefficient < 1) {
+      torch::NoGradGuard no_grad;
+      for (auto& group : optimizer.param_groups())
+        for (auto& p : group.params())
+          if (p.grad().defined()) p.mutable_grad().mul_(coefficient);
+    }
+  }
   if (options.lr != 0) optimizer.step();
 }
 
@@ -38,7 +49,7 @@ StepResult Trainer::step(const Batch& batch, model::AttentionBackend& backend) {
   auto mean = loss.sum / double(std::max<int64_t>(loss.count, 1));
   mean.backward();
   StepResult result{mean.item<double>(), grad_norm(model_->parameters()), loss.count};
-  optimizer_step(*optimizer_, options_);
+  optimizer_step(*optimizer_, options_, result.grad_norm);
   return result;
 }
 
