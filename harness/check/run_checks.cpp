@@ -4,8 +4,10 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <map>
+#include <regex>
 #include <set>
 
 #include "harness/check/checks.h"
@@ -16,6 +18,29 @@
 #include "kernels/relative_error.h"
 
 namespace cpharness::check {
+namespace {
+
+// The family of a parameter, whose members' errors share one scale: the same tensor in every layer. (All norm
+// weights as one family was tried: too loose, tiny-e4b-bf16 then no longer saw the power check's dropped label.)
+std::string tensor_family(const std::string& name) {
+  static const std::regex layer_index{R"(^layers\.\d+\.)"};
+  return std::regex_replace(name, layer_index, "layers.*.");
+}
+
+// Relative L2 error of every tensor of `a` against `b` taken as one vector (what a gradient norm's error is at most).
+double vector_error(const std::map<std::string, torch::Tensor>& a, const std::map<std::string, torch::Tensor>& b) {
+  double diff = 0, ref = 0;
+  for (auto& [name, t] : b) {
+    auto it = a.find(name);
+    if (it == a.end()) return INFINITY;
+    diff += (it->second.to(torch::kFloat64) - t.to(torch::kFloat64)).pow(2).sum().item<double>();
+    ref += t.to(torch::kFloat64).pow(2).sum().item<double>();
+  }
+  return ref > 0 ? std::sqrt(diff / ref) : (diff > 0 ? INFINITY : 0.0);
+}
+
+}  // namespace
+
 namespace {
 
 using report::Policy;
@@ -279,6 +304,11 @@ std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& 
   // step to step (grad norm, tiny-e4b-bf16: 3.7e-3, 1.0e-2, 3.1e-4 at steps 0-2), so the bound uses the largest
   // cp 1 error seen up to that step: the lane's error scale so far, which training does not shrink.
   std::map<std::string, double> cp1_error_so_far;
+  // The grad norm's error is at most the error of the whole gradient vector (|‖a‖ - ‖b‖| <= ‖a - b‖): cp 1's
+  // vector error at step 0 is its scale from the start, so that one lucky scalar draw (cp 1 1e-4 from the oracle,
+  // cp N 5e-3, both inside the lane's error on the save_pretrained checkpoints) does not set the bound.
+  if (bf16 && !ref.grads.empty() && !base.grads.empty())
+    cp1_error_so_far["train.grad_norm_parity"] = vector_error(ref.grads, base.grads);
   for (size_t s = 0; s < std::min(cand.steps.size(), base.steps.size()); ++s) {
     auto judge = [&](const char* name, double c_val, double r_val, double b_val) {
       const double observed = rel_scalar(c_val, b_val);
@@ -325,10 +355,20 @@ std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& 
     // every token and head with cancellation: its fp32 summation-order noise alone reaches 1e-5 on real weights).
     const report::LaneRun* g64 = !bf16 && fp64 && fp64->reference && !fp64->reference->grads.empty() ? fp64->reference : nullptr;
     const report::LaneRun& gbase = g64 ? *g64 : base;
+    // cp 1's own error, as a scale: per family of tensors (the same tensor in every layer), the largest. One
+    // tensor's error is one draw, and a noisy one (a norm weight's gradient sums with cancellation over every token
+    // and head): on the save_pretrained checkpoints in bf16, cp 1 was 2 % off in one q_norm gradient while cp 2 was
+    // 13 %, and both were within the 13-16 % cp 1 showed for q_norm in other layers.
+    std::map<std::string, double> family_error;
+    if (bf16 || g64)
+      for (auto& [name, g] : gbase.grads) {
+        double& f = family_error[tensor_family(name)];
+        f = std::max(f, ref.grads.count(name) ? rel(ref.grads.at(name), g) : INFINITY);
+      }
     for (auto& [name, g] : gbase.grads) {
       auto it = cand.grads.find(name);
       const double e = it == cand.grads.end() ? INFINITY : rel(it->second, g);
-      const double cp1 = bf16 || g64 ? (ref.grads.count(name) ? rel(ref.grads.at(name), g) : INFINITY) : 0.0;
+      const double cp1 = bf16 || g64 ? family_error.at(tensor_family(name)) : 0.0;
       const double allowed = g64 ? tol.fp32_oracle(cp1, n) : bound(cp1);
       const double ratio = std::isnan(e) ? INFINITY : e / allowed;
       if (worst_grad.empty() || ratio > worst) worst = ratio, worst_grad = name, worst_error = e, worst_allowed = allowed;

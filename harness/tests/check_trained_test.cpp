@@ -221,5 +221,48 @@ TEST(Bf16Bound, ALuckyStepKeepsTheErrorScaleOfTheStepsBefore) {
   EXPECT_EQ(step1(cand).status, report::Status::Fail);
 }
 
+// bf16 on weights the harness did not condition: one scalar draw or one tensor's draw is no error scale. The grad
+// norm's bound starts from cp 1's error on the whole gradient vector (which bounds a norm's error), and a tensor's
+// from the largest cp 1 error of the same tensor in any layer.
+TEST(Bf16Bound, ScalesComeFromTheWholeGradientAndTheTensorsFamily) {
+  torch::manual_seed(3);
+  auto with_grads = [](report::LaneRun r, const std::map<std::string, torch::Tensor>& g) {
+    r.grads = g;
+    return r;
+  };
+  const auto truth = std::map<std::string, torch::Tensor>{
+      {"layers.0.self_attn.q_norm.weight", torch::randn({64}, torch::kFloat64)},
+      {"layers.1.self_attn.q_norm.weight", torch::randn({64}, torch::kFloat64)},
+      {"embed_tokens.weight", torch::randn({32, 8}, torch::kFloat64)}};
+  auto off = [&](double layer0, double layer1, double embed, int seed) {
+    torch::manual_seed(seed);
+    std::map<std::string, torch::Tensor> g;
+    for (auto& [name, t] : truth) {
+      const double e = name.rfind("layers.0", 0) == 0 ? layer0 : name.rfind("layers.1", 0) == 0 ? layer1 : embed;
+      auto n = torch::randn_like(t);
+      g[name] = t + n * (e * t.norm() / n.norm());
+    }
+    return g;
+  };
+  auto oracle = with_grads(run_of({{5.0, 1.0}}, 1), truth);
+  oracle.lane = train::DtypeLane::kFp32;
+  // cp 1: lucky in layer 0's q_norm (0.1 %) and in the scalar grad norm (1e-5), 10 % in layer 1's q_norm.
+  auto ref = with_grads(run_of({{5.0, 1.00001}}, 1), off(0.001, 0.10, 0.01, 1));
+  ref.lane = train::DtypeLane::kBf16;
+  auto judged = [&](double layer0, double embed, double grad_norm) {
+    auto cand = with_grads(run_of({{5.0, grad_norm}}, 2), off(layer0, 0.10, embed, 2));
+    cand.lane = train::DtypeLane::kBf16;
+    std::map<std::string, report::Status> out;
+    for (auto& r : check_training(tiny_case(), Tolerances{}, ref, cand, &oracle, ""))
+      if (r.name == "train.grad_norm_parity") out[r.metric] = r.status;
+    return out;
+  };
+  auto ok = judged(0.08, 0.012, 1.004);
+  EXPECT_EQ(ok["grad_tensors_worst_ratio_step0"], report::Status::Pass);  // 8 % <= 2 x 10 % (its family) + 1e-3
+  EXPECT_EQ(ok["rel_abs_diff"], report::Status::Pass);                   // 0.4 % <= 2 x cp 1's vector error + 1e-3
+  EXPECT_EQ(judged(0.08, 0.05, 1.004)["grad_tensors_worst_ratio_step0"], report::Status::Fail);  // the embedding's own scale
+  EXPECT_EQ(judged(0.08, 0.012, 1.5)["rel_abs_diff"], report::Status::Fail);
+}
+
 }  // namespace
 }  // namespace cpharness::check
