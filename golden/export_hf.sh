@@ -49,8 +49,8 @@ for case_file in "$root"/cases/hf/*.json; do
   id=$(basename "$case_file" .json)
   "$bin" golden record "$case_file" -o "$inputs/$id.h5" --force >/dev/null
 done
-# The checkpoint of one model goes through save_pretrained too (the C++ loader is tested on it); on a cache-gated
+# The checkpoints of the three models go through save_pretrained too (the C++ loader and cases/checkpoints use them); on a cache-gated
 # version (5.5.0/5.5.1) the models with KV sharing are also exported with use_cache=False (the dead-K/V bug).
 "$env_dir/bin/python" "$root/golden/export_hf.py" --inputs "$inputs" --out "$out" --no-cache-variant --packed-by-positions \
-  --save-pretrained tiny-e2b-hf
+  --save-pretrained tiny-e2b-hf --save-pretrained tiny-e4b-hf --save-pretrained tiny-31b-hf
 du -sh "$out"
