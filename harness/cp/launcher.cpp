@@ -152,7 +152,9 @@ struct StderrScanner {
   };
   bool hard_failure = false;  // a rank failed (not only "the ranks exited 1 together")
   std::vector<Seen> died, blamed, self_failed, reporters;
-  const std::regex ours{R"(cpharness: rank (\d+): .*?(\[culprit: rank (\d+)\])?$)"};
+  const std::regex ours{R"(cpharness: rank (\d+): )"};
+  // Anywhere after the message, not only at the line's end: mpirun's banners can be glued on behind it.
+  const std::regex culprit_tag{R"(\[culprit: rank (\d+)\])"};
   const std::regex sig{R"(process rank (\d+) with PID .* exited on signal)"};
   const std::regex abort_{R"(MPI_ABORT was invoked on rank (\d+))"};
   const std::regex procname{R"(Process name: \[\[\d+,\d+\],(\d+)\])"};
@@ -175,7 +177,7 @@ struct StderrScanner {
       hard_failure = true;
       const int r = std::stoi(m[1].str());
       reporters.push_back({r, l});
-      if (m[3].matched) blamed.push_back({std::stoi(m[3].str()), l});
+      if (std::smatch b; std::regex_search(l, b, culprit_tag)) blamed.push_back({std::stoi(b[1].str()), l});
       else self_failed.push_back({r, l});
     } else if (std::regex_search(l, m, sig)) {
       hard_failure = true;
