@@ -46,6 +46,10 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
 // (ring.hop_limit) min(cp - 1, ceil(W / S_loc)) on sliding layers without vision groups.
 int expected_ring_steps(const train::Case& c, int64_t layer, int n);
 
+// The name the report and the page give a layer geometry ("full", "sliding (window 32)", "sliding (window 32),
+// vision bidirectional").
+std::string layer_type_name(const kernels::LayerGeometry& geometry);
+
 // cache.build_count, cache.hit_count, cache.generation_reset per rank and step. `uncached` is a one-step run
 // with the cache off (builds must equal lookups); the expected counts are derived from the case.
 std::vector<CheckResult> check_cache(const train::Case& c, const report::LaneRun& candidate,

@@ -8,12 +8,20 @@
 #include "harness/check/checks.h"
 #include "harness/cp/comm.h"
 #include "harness/cp/shard_plan.h"
+#include "harness/model/layer_geometry.h"
 #include "kernels/block_mask_builder.h"
 #include "kernels/dense_mask.h"
 #include "kernels/reference_attention.h"
 #include "kernels/relative_error.h"
 
 namespace cpharness::check {
+
+std::string layer_type_name(const kernels::LayerGeometry& g) {
+  if (!g.window) return "full";
+  const std::string sliding = fmt::format("sliding (window {})", *g.window);
+  return g.vision_bidirectional ? sliding + ", vision bidirectional" : sliding;
+}
+
 namespace {
 
 using torch::Tensor;
@@ -29,7 +37,7 @@ struct LayerShape {
 std::vector<LayerShape> distinct_layers(const model::ModelConfig& m) {
   std::vector<LayerShape> out;
   for (int64_t l = 0; l < m.num_hidden_layers; ++l) {
-    kernels::LayerGeometry g{true, m.layer_window(l), m.layer_vision_bidirectional(l)};
+    const auto g = model::layer_geometry(m, l);
     bool seen = false;
     for (auto& s : out) seen = seen || s.geometry == g;
     if (!seen) out.push_back({g, m.layer_kv_heads(l), m.layer_head_dim(l), m.is_full(l) ? "full" : "sliding"});
@@ -109,9 +117,7 @@ nlohmann::json block_mask_grids(const train::Case& c, int cp, const cp::RingOpti
   nlohmann::json grids = nlohmann::json::array();
   for (auto& layer : layers) {
     // The name says what the geometry is, so two sliding geometries (with and without vision groups) stay apart.
-    std::string type = layer.name;
-    if (layer.geometry.window) type += fmt::format(" (window {})", *layer.geometry.window);
-    if (layer.geometry.vision_bidirectional) type += ", vision bidirectional";
+    const std::string type = layer_type_name(layer.geometry);
     for (int r = 0; r < cp; ++r)
       for (int owner = 0; owner < cp; ++owner) {
         const auto geometry = cp::ring_chunk_geometry(ring, r, owner, layer.geometry);
@@ -198,10 +204,10 @@ std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, co
       // ratio to one rounding is a property of the whole tensor, not a draw: no lane slack hides it.
       cp::RingAttention ring16(comm, ring_options);
       ring16.begin_batch(1, L);
-      auto l16 = [&](const Tensor& t) { return t.narrow(2, r * L, L).clone().requires_grad_(); };
-      auto lq16 = l16(q16), lk16 = l16(k16), lv16 = l16(v16);
+      auto lq16 = rows(q16).clone().requires_grad_(), lk16 = rows(k16).clone().requires_grad_();
+      auto lv16 = rows(v16).clone().requires_grad_();
       auto out16 = ring16.attend({lq16, lk16, lv16, layer.geometry, 1.0, 0}, shard_meta(meta, plan, r));
-      (out16 * dout16.narrow(2, r * L, L)).sum().backward();
+      (out16 * rows(dout16)).sum().backward();
       auto once = [&](const Tensor& exact) { return rel(exact.to(torch::kBFloat16).to(torch::kFloat64), exact); };
       std::vector<std::pair<std::string, double>> ratios;
       for (auto& [what, got, exact] : std::vector<std::tuple<std::string, Tensor, Tensor>>{

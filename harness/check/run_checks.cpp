@@ -14,11 +14,18 @@
 #include "harness/cp/shard_plan.h"
 #include "harness/io/file_name.h"
 #include "harness/io/hdf5_tensors.h"
+#include "harness/model/layer_geometry.h"
 #include "harness/model/parameter_order.h"
 #include "kernels/relative_error.h"
 
 namespace cpharness::check {
 namespace {
+
+using report::Policy;
+using torch::Tensor;
+
+double rel(const Tensor& a, const Tensor& b) { return kernels::relative_error(a, b); }
+double rel_scalar(double a, double b) { return kernels::relative_error(a, b); }
 
 // The family of a parameter, whose members' errors share one scale: the same tensor in every layer. (All norm
 // weights as one family was tried: too loose, tiny-e4b-bf16 then no longer saw the power check's dropped label.)
@@ -27,27 +34,18 @@ std::string tensor_family(const std::string& name) {
   return std::regex_replace(name, layer_index, "layers.*.");
 }
 
-// Relative L2 error of every tensor of `a` against `b` taken as one vector (what a gradient norm's error is at most).
-double vector_error(const std::map<std::string, torch::Tensor>& a, const std::map<std::string, torch::Tensor>& b) {
-  double diff = 0, ref = 0;
+// The relative error of every tensor of `a` against `b` taken as one vector (what a gradient norm's error is at
+// most); a tensor `a` lacks makes it infinite.
+double vector_error(const std::map<std::string, Tensor>& a, const std::map<std::string, Tensor>& b) {
+  std::vector<Tensor> flat_a, flat_b;
   for (auto& [name, t] : b) {
     auto it = a.find(name);
     if (it == a.end()) return INFINITY;
-    diff += (it->second.to(torch::kFloat64) - t.to(torch::kFloat64)).pow(2).sum().item<double>();
-    ref += t.to(torch::kFloat64).pow(2).sum().item<double>();
+    flat_a.push_back(it->second.reshape({-1}));
+    flat_b.push_back(t.reshape({-1}));
   }
-  return ref > 0 ? std::sqrt(diff / ref) : (diff > 0 ? INFINITY : 0.0);
+  return flat_b.empty() ? 0.0 : rel(torch::cat(flat_a), torch::cat(flat_b));
 }
-
-}  // namespace
-
-namespace {
-
-using report::Policy;
-using torch::Tensor;
-
-double rel(const Tensor& a, const Tensor& b) { return kernels::relative_error(a, b); }
-double rel_scalar(double a, double b) { return kernels::relative_error(a, b); }
 
 // Real (non-padding) tokens of step 0 as a [B, S, 1] fp64 mask: padded rows are HF-uniform in the reference
 // and zero under the ring, and neither carries loss.
@@ -101,19 +99,8 @@ std::string dump_divergence(const std::string& dump_dir, const train::Case& c, i
 int expected_ring_steps(const train::Case& c, int64_t layer, int n) {
   cp::RingOptions o;
   o.hop_limit = c.ring_hop_limit;
-  const kernels::LayerGeometry g{true, c.model.layer_window(layer), c.model.layer_vision_bidirectional(layer)};
-  return cp::ring_steps(o, g, n, cp::ShardPlan(c.data.seq_len, n).local_len());
+  return cp::ring_steps(o, model::layer_geometry(c.model, layer), n, cp::ShardPlan(c.data.seq_len, n).local_len());
 }
-
-namespace {
-
-std::string layer_type_name(const model::ModelConfig& m, int64_t l) {
-  if (m.is_full(l)) return "full";
-  std::string s = fmt::format("sliding (window {})", m.layer_window(l).value_or(0));
-  return m.layer_vision_bidirectional(l) ? s + ", vision bidirectional" : s;
-}
-
-}  // namespace
 
 std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun& cand) {
   const int n = cand.cp;
@@ -140,10 +127,9 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
       // Exchanges per pass against the layer's ring steps, per layer type.
       const bool hops_ok = e.ring_exchanges == h && int(e.owners.size()) == h + 1;
       wrong_hops += !hops_ok;
-      auto& t = per_type[layer_type_name(c.model, e.layer)];
+      auto& t = per_type[layer_type_name(model::layer_geometry(c.model, e.layer))];
       t["expected_exchanges_per_pass"] = h;
-      if (!hops_ok) t["wrong_passes"] = t.value("wrong_passes", 0) + 1;
-      else if (!t.contains("wrong_passes")) t["wrong_passes"] = 0;
+      t["wrong_passes"] = t.value("wrong_passes", 0) + (hops_ok ? 0 : 1);
     }
     const bool complete = entries[0] == layers && entries[1] == layers;
     out.push_back(CheckResult::judge("ring.rotation_order", n, r, "wrong_passes", double(wrong_owner + (complete ? 0 : 1)), 0,

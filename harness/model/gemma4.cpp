@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "harness/model/layer_geometry.h"
 #include "harness/model/rope.h"
 
 namespace cpharness::model {
@@ -35,7 +36,7 @@ Gemma4AttentionImpl::Gemma4AttentionImpl(const ModelConfig& c, int64_t layer)
       source_(c.kv_source_layer(layer)),
       shared_(c.is_kv_shared(layer)),
       stores_kv_(c.stores_full_length_kv(layer)),
-      geometry_{true, c.layer_window(layer), c.layer_vision_bidirectional(layer)},
+      geometry_(layer_geometry(c, layer)),
       eps_(c.rms_norm_eps) {
   const int64_t H = c.hidden_size;
   q_proj = register_module("q_proj", linear(H, heads_ * head_dim_));

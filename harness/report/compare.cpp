@@ -70,13 +70,13 @@ void set_missing(CompareEntry& e, bool in_a) {
   }
 }
 
-// Rows [B, S, ...] of a tensor with the padded positions zeroed (`keep`: [B, S] fp64, 1 for real tokens), when the
+// Rows [B, S, ...] of a tensor with the padded positions zeroed (`keep`: [B, S] bool, true for real tokens), when the
 // shapes line up; else the tensor unchanged.
 torch::Tensor real_rows(const torch::Tensor& t, const torch::Tensor& keep) {
   if (!keep.defined() || t.dim() < 2 || t.size(0) != keep.size(0) || t.size(1) != keep.size(1)) return t;
   auto k = keep;
   while (k.dim() < t.dim()) k = k.unsqueeze(-1);
-  return torch::where(k.to(torch::kBool), t, torch::zeros_like(t));
+  return torch::where(k, t, torch::zeros_like(t));
 }
 
 void compare_tensor(CompareEntry& e, const torch::Tensor* a, const torch::Tensor* b, const torch::Tensor& keep = {}) {
@@ -399,7 +399,7 @@ CompareResult compare_dumps(const RunDump& a, const RunDump& b, const ComparePol
   const torch::Tensor* padding = find_tensor(b.inputs, "padding");
   if (!padding) padding = find_tensor(a.inputs, "padding");
   if (padding && padding->dim() == 2) {
-    keep = padding->to(torch::kCPU).to(torch::kBool).logical_not().to(torch::kDouble);
+    keep = padding->to(torch::kCPU).to(torch::kBool).logical_not();
     r.padded_positions_excluded = padding->to(torch::kBool).sum().item<std::int64_t>();
   }
   for (std::int64_t k : union_keys(a.steps, b.steps)) {

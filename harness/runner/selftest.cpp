@@ -35,7 +35,6 @@ SuiteOptions mutate(SuiteOptions o, const std::string& name) {
   return o;
 }
 
-
 std::vector<Mutant> selftest_mutants() {
   return {
       {"window_off_by_one_at_shard_edge", "sliding window q - k <= W on foreign chunks", "mask.dense_slice"},

@@ -44,6 +44,11 @@ double number_at(const json& j, const std::string& key, const std::string& path,
   return j.at(key).get<double>();
 }
 
+bool bool_at(const json& j, const std::string& key, const std::string& path, const std::string& field) {
+  if (!j.at(key).is_boolean()) throw InputError(path, field, "wrong type: expected a boolean");
+  return j.at(key).get<bool>();
+}
+
 std::string string_at(const json& j, const std::string& key, const std::string& path, const std::string& field) {
   if (!j.at(key).is_string()) throw InputError(path, field, "wrong type: expected a string");
   return j.at(key).get<std::string>();
@@ -220,21 +225,12 @@ Case case_from_json(const json& j, const std::string& path) {
   if (j.contains("checks")) read_checks(j, path, c);
   if (j.contains("tolerances")) read_tolerances(j, path, c);
   if (j.contains("block_size")) c.block_size = int_at(j, "block_size", path, "block_size", 1);
-  if (j.contains("block_mask_cache")) {
-    if (!j["block_mask_cache"].is_boolean()) throw InputError(path, "block_mask_cache", "wrong type: expected a boolean");
-    c.block_mask_cache = j["block_mask_cache"].get<bool>();
-  }
-  if (j.contains("record_tensors")) {
-    if (!j["record_tensors"].is_boolean()) throw InputError(path, "record_tensors", "wrong type: expected a boolean");
-    c.record_tensors = j["record_tensors"].get<bool>();
-  }
+  if (j.contains("block_mask_cache")) c.block_mask_cache = bool_at(j, "block_mask_cache", path, "block_mask_cache");
+  if (j.contains("record_tensors")) c.record_tensors = bool_at(j, "record_tensors", path, "record_tensors");
   if (j.contains("ring")) {
     const json& r = object_at(j, "ring", path, "ring");
     reject_unknown(r, {"hop_limit"}, path, "ring.");
-    if (r.contains("hop_limit")) {
-      if (!r["hop_limit"].is_boolean()) throw InputError(path, "ring.hop_limit", "wrong type: expected a boolean");
-      c.ring_hop_limit = r["hop_limit"].get<bool>();
-    }
+    if (r.contains("hop_limit")) c.ring_hop_limit = bool_at(r, "hop_limit", path, "ring.hop_limit");
   }
   if (j.contains("trained_exemptions")) {
     const json& t = object_at(j, "trained_exemptions", path, "trained_exemptions");

@@ -1,0 +1,13 @@
+// The attention geometry of one decoder layer (causal; sliding window or full; vision groups bidirectional), the
+// one place the model and the checks derive it from the configuration.
+#pragma once
+#include "harness/model/config.h"
+#include "kernels/mask_spec.h"
+
+namespace cpharness::model {
+
+inline kernels::LayerGeometry layer_geometry(const ModelConfig& c, int64_t layer) {
+  return {true, c.layer_window(layer), c.layer_vision_bidirectional(layer)};
+}
+
+}  // namespace cpharness::model
