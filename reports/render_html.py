@@ -587,6 +587,10 @@ def _grid_svg(grid, px):
 def _grid_ok(g):
     if not isinstance(g, dict):
         return False
+    for key, required in (("rank", True), ("chunk_owner", True), ("q_start", False), ("kv_start", False)):
+        v = g.get(key)
+        if (v is not None or required) and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return False
     q, kv, tiles = g.get("q_blocks"), g.get("kv_blocks"), g.get("tiles")
     if not (isinstance(q, int) and isinstance(kv, int) and 1 <= q <= MAX_TILES_PER_SIDE and 1 <= kv <= MAX_TILES_PER_SIDE):
         return False
@@ -619,26 +623,32 @@ def render_block_masks(case, figs):
         for g in ok:
             by_type.setdefault(str(g.get("layer_type")), []).append(g)
         for layer_type, gs in by_type.items():
-            ranks = sorted({g["rank"] for g in gs})
-            owners = sorted({g["chunk_owner"] for g in gs})
+            # Zigzag sharding: each rank and chunk is two sub-chunks, told apart by their global starts.
+            ranks = sorted({(g["rank"], g.get("q_start", -1)) for g in gs})
+            owners = sorted({(g["chunk_owner"], g.get("kv_start", -1)) for g in gs})
             side = max(max(g["q_blocks"], g["kv_blocks"]) for g in gs)
             px = max(2, min(14, 112 // side))
-            cell = {(g["rank"], g["chunk_owner"]): g for g in gs}
+            cell = {(g["rank"], g.get("q_start", -1), g["chunk_owner"], g.get("kv_start", -1)): g for g in gs}
+
+            def named(who, start, what):
+                return f"{what} {who}" + (f" (tokens from {start})" if start >= 0 else "")
+
             rowsh = ['<table class="gridtab"><tr><th></th>' +
-                     "".join(f"<th>K/V chunk of rank {o}</th>" for o in owners) + "</tr>"]
-            for r in ranks:
+                     "".join(f"<th>{named(o, ks, 'K/V chunk of rank')}</th>" for o, ks in owners) + "</tr>"]
+            for r, qs in ranks:
                 tds = []
-                for o in owners:
-                    g = cell.get((r, o))
+                for o, ks in owners:
+                    g = cell.get((r, qs, o, ks))
                     if g is None:
                         tds.append('<td class="nogrid">–</td>')
                         continue
                     counts = {k: sum(row.count(k) for row in g["tiles"]) for k in "FPE"}
-                    tip = f"rank {r}, chunk of rank {o}: {counts['F']} full, {counts['P']} partial, {counts['E']} empty"
+                    tip = (f"{named(r, qs, 'rank')}, {named(o, ks, 'chunk of rank')}: {counts['F']} full, "
+                           f"{counts['P']} partial, {counts['E']} empty")
                     tds.append(f'<td title="{esc(tip)}">{_grid_svg(g, px)}<div class="cnt">'
                                f'{g["q_blocks"]}&times;{g["kv_blocks"]}: F{counts["F"]} P{counts["P"]} E{counts["E"]}'
                                f'</div></td>')
-                rowsh.append(f"<tr><th>rank {r}</th>{''.join(tds)}</tr>")
+                rowsh.append(f"<tr><th>{named(r, qs, 'rank')}</th>{''.join(tds)}</tr>")
             rowsh.append("</table>")
             out.append(f'<figure class="fig masks" data-figure="block-masks"><figcaption>cp {cp}, layer type '
                        f'<b>{esc(layer_type)}</b></figcaption>{"".join(rowsh)}</figure>')

@@ -39,7 +39,20 @@ nlohmann::json block_mask_grids(const train::Case& c, int cp, const cp::RingOpti
 constexpr double kBf16RoundingsAllowed = 1.05;  // a correct ring measured <= 1.00001 (fp32 sums)
 std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, const cp::RingOptions& ring);
 
-// ring.rotation_order and ring.grad_return from the candidate's step-0 traces and comm counts.
+// The case's shard layout ("sharding": contiguous or zigzag) and ring mode ("ring": {"mode": collect or stream}).
+cp::Sharding case_sharding(const train::Case& c);
+cp::RingMode case_ring_mode(const train::Case& c);
+
+// shard.layout: every rank's tokens, as the candidate sharded its step-0 batch, are where the case's layout puts
+// them (contiguous: [r S_loc, (r+1) S_loc); zigzag: sub-chunks r and 2cp-1-r of S_loc/2, in that order), each
+// token on exactly one rank. The ring masks by the layout, so a batch laid out otherwise is attended wrongly. The
+// details carry the causal work per rank and its imbalance (max/min), what the layout is for.
+std::vector<CheckResult> check_shard_layout(const train::Case& c, const report::LaneRun& candidate);
+
+// ring.rotation_order, ring.grad_return, ring.hop_limit and ring.chunks_held from the candidate's step-0 traces and
+// comm counts. Per layer and micro-batch, with h the layer's ring steps: collect mode: forward h ring exchanges,
+// backward h (replay) and h direct dK/dV returns, h + 1 chunks held; stream mode: forward h, backward 2h (the replay
+// and the travelling accumulators) and one return home, at most 2 chunks held.
 std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun& candidate);
 
 // The ring steps after its own chunk that `layer` of `c` takes at cp `n`: cp - 1, or under the case's hop limit
@@ -113,8 +126,8 @@ CheckResult check_determinism(const train::Case& c, int cp, const report::LaneRu
 
 // The counts the cache checks expect for one rank and step of `c` at `cp`.
 struct ExpectedCacheCounts {
-  int64_t lookups = 0;  // layers x chunks x passes
-  int64_t builds = 0;   // distinct keys: layer geometries x kv offsets
+  int64_t lookups = 0;  // layers x chunks x passes x segment pairs (1 contiguous, 4 zigzag)
+  int64_t builds = 0;   // distinct keys: layer geometries x kv offsets x segment pairs
 };
 ExpectedCacheCounts expected_cache_counts(const train::Case& c, int cp, bool cache_enabled);
 

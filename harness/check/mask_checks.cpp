@@ -54,8 +54,19 @@ kernels::TokenMetadata padded_meta(const train::Batch& b, const cp::ShardPlan& p
   return m;
 }
 
+// Rank r's metadata as the ring sees it: its segments laid end to end.
 kernels::TokenMetadata shard_meta(const kernels::TokenMetadata& m, const cp::ShardPlan& plan, int r) {
-  return m.slice(plan.begin(r), plan.local_len());
+  auto cut = [&](const Tensor& t) { return t.defined() ? plan.shard(t, r, 1) : t; };
+  return {cut(m.document_ids), cut(m.padding), cut(m.vision_group_ids)};
+}
+
+// Every (query segment of rank r, key segment of `owner`) pair the ring builds a mask for: one under contiguous
+// sharding, four under zigzag.
+std::vector<std::pair<kernels::TokenRange, kernels::TokenRange>> segment_pairs(const cp::ShardPlan& plan, int r, int owner) {
+  std::vector<std::pair<kernels::TokenRange, kernels::TokenRange>> out;
+  for (auto& q : plan.segments(r))
+    for (auto& kv : plan.segments(owner)) out.push_back({q, kv});
+  return out;
 }
 
 double rel(const Tensor& a, const Tensor& b) { return kernels::relative_error(a, b); }
@@ -64,22 +75,22 @@ double rel(const Tensor& a, const Tensor& b) { return kernels::relative_error(a,
 
 std::vector<CheckResult> check_masks(const train::Case& c, int cp, const cp::RingOptions& ring, BlockMaskMutation mutation) {
   const auto batch = train::batch_for_step(c, 0);
-  const cp::ShardPlan plan(c.data.seq_len, cp);
+  const cp::ShardPlan plan(c.data.seq_len, cp, case_sharding(c));
   const auto meta = padded_meta(batch, plan);
-  const int64_t B = c.data.batch, L = plan.local_len();
+  const int64_t B = c.data.batch;
   std::vector<CheckResult> out;
   for (int r = 0; r < cp; ++r) {
     int64_t dense_mismatch = 0, block_mismatch = 0, pairs = 0;
     nlohmann::json dense_first, block_first;
     for (auto& layer : distinct_layers(c.model)) {
       auto global = kernels::dense_mask(meta, layer.geometry, B, plan.padded_len());
-      for (int owner = 0; owner < cp; ++owner) {
+      for (int owner = 0; owner < cp; ++owner)
+        for (auto& [q_range, kv_range] : segment_pairs(plan, r, owner)) {
         ++pairs;
-        const kernels::TokenRange q_range{plan.begin(r), L}, kv_range{plan.begin(owner), L};
-        const auto q_meta = shard_meta(meta, plan, r), kv_meta = shard_meta(meta, plan, owner);
+        const auto q_meta = meta.slice(q_range.start, q_range.length), kv_meta = meta.slice(kv_range.start, kv_range.length);
         const auto geometry = cp::ring_chunk_geometry(ring, r, owner, layer.geometry);
         auto local = kernels::dense_mask(q_meta, kv_meta, q_range, kv_range, geometry, B);
-        auto expected = global.narrow(1, q_range.start, L).narrow(2, kv_range.start, L);
+        auto expected = global.narrow(1, q_range.start, q_range.length).narrow(2, kv_range.start, kv_range.length);
         const int64_t wrong = (local != expected).sum().item<int64_t>();
         if (wrong && dense_first.is_null())
           dense_first = {{"layer_type", layer.name}, {"owner", owner}, {"wrong_elements", wrong}};
@@ -107,11 +118,12 @@ std::vector<CheckResult> check_masks(const train::Case& c, int cp, const cp::Rin
 }
 
 nlohmann::json block_mask_grids(const train::Case& c, int cp, const cp::RingOptions& ring) {
-  const cp::ShardPlan plan(c.data.seq_len, cp);
+  const cp::ShardPlan plan(c.data.seq_len, cp, case_sharding(c));
   const auto layers = distinct_layers(c.model);
   const int64_t side = std::max((plan.local_len() + ring.q_block - 1) / ring.q_block,
                                 (plan.local_len() + ring.kv_block - 1) / ring.kv_block);
-  if (int64_t(layers.size()) * cp * cp > kMaxBlockMaskGrids || side > kMaxBlockMaskGridSide) return nullptr;
+  const int64_t per_chunk = int64_t(segment_pairs(plan, 0, 0).size());
+  if (int64_t(layers.size()) * cp * cp * per_chunk > kMaxBlockMaskGrids || side > kMaxBlockMaskGridSide) return nullptr;
   const auto meta = padded_meta(train::batch_for_step(c, 0), plan);
   const char kTile[3] = {'E', 'P', 'F'};  // kEmptyBlock, kPartialBlock, kFullBlock
   nlohmann::json grids = nlohmann::json::array();
@@ -119,10 +131,11 @@ nlohmann::json block_mask_grids(const train::Case& c, int cp, const cp::RingOpti
     // The name says what the geometry is, so two sliding geometries (with and without vision groups) stay apart.
     const std::string type = layer_type_name(layer.geometry);
     for (int r = 0; r < cp; ++r)
-      for (int owner = 0; owner < cp; ++owner) {
+      for (int owner = 0; owner < cp; ++owner)
+        for (auto& [q_range, kv_range] : segment_pairs(plan, r, owner)) {
         const auto geometry = cp::ring_chunk_geometry(ring, r, owner, layer.geometry);
-        const auto mask = kernels::build_block_mask(shard_meta(meta, plan, r), shard_meta(meta, plan, owner),
-                                                    {plan.begin(r), plan.local_len()}, {plan.begin(owner), plan.local_len()},
+        const auto mask = kernels::build_block_mask(meta.slice(q_range.start, q_range.length),
+                                                    meta.slice(kv_range.start, kv_range.length), q_range, kv_range,
                                                     geometry, c.data.batch, ring.q_block, ring.kv_block);
         const auto classes = kernels::block_classes(mask).select(0, 0).contiguous();  // batch row 0
         const auto* p = classes.data_ptr<uint8_t>();
@@ -132,8 +145,10 @@ nlohmann::json block_mask_grids(const train::Case& c, int cp, const cp::RingOpti
           for (int64_t j = 0; j < classes.size(1); ++j) row += kTile[std::min<int>(p[i * classes.size(1) + j], 2)];
           tiles.push_back(row);
         }
-        grids.push_back({{"layer_type", type}, {"rank", r}, {"chunk_owner", owner}, {"q_blocks", classes.size(0)},
-                         {"kv_blocks", classes.size(1)}, {"tiles", tiles}});
+        nlohmann::json grid = {{"layer_type", type}, {"rank", r}, {"chunk_owner", owner}, {"q_blocks", classes.size(0)},
+                               {"kv_blocks", classes.size(1)}, {"tiles", tiles}};
+        if (per_chunk > 1) grid["q_start"] = q_range.start, grid["kv_start"] = kv_range.start;  // zigzag sub-chunks
+        grids.push_back(std::move(grid));
       }
   }
   return grids;
@@ -141,7 +156,7 @@ nlohmann::json block_mask_grids(const train::Case& c, int cp, const cp::RingOpti
 
 std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, const cp::RingOptions& ring_options) {
   const auto batch = train::batch_for_step(c, 0);
-  const cp::ShardPlan plan(c.data.seq_len, cp);
+  const cp::ShardPlan plan(c.data.seq_len, cp, case_sharding(c));
   const auto meta = padded_meta(batch, plan);
   const int64_t B = c.data.batch, L = plan.local_len(), S = plan.padded_len(), Hq = c.model.num_attention_heads;
   const double threshold = 1e-9;  // fp64: the same math in another order
@@ -175,8 +190,9 @@ std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, co
       auto options = ring_options;
       options.record_chunks = true;
       cp::RingAttention ring(comm, options);
-      ring.begin_batch(1, L);
-      auto rows = [&](const Tensor& t) { return t.narrow(2, r * L, L); };
+      ring.begin_batch(1, L, plan.sharding());
+      const auto mine = plan.global_indices(r);
+      auto rows = [&](const Tensor& t) { return t.index_select(2, mine); };
       auto lq = rows(q).clone().requires_grad_(), lk = rows(k).clone().requires_grad_(), lv = rows(v).clone().requires_grad_();
       auto out = ring.attend({lq, lk, lv, layer.geometry, 1.0, 0}, shard_meta(meta, plan, r));
       (out * rows(dout)).sum().backward();
@@ -186,9 +202,10 @@ std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, co
                                                           {"dv", rel(lv.grad(), rows(vr.grad()))}};
       for (auto& rec : ring.records()) {
         if (!rec.computed) continue;
-        auto chunk_allowed = allowed.narrow(1, r * L, L).narrow(2, rec.owner * L, L);
-        auto [chunk_out, lse] = kernels::dense_reference_attention(rows(q), k.narrow(2, rec.owner * L, L),
-                                                                   v.narrow(2, rec.owner * L, L), chunk_allowed);
+        const auto theirs = plan.global_indices(rec.owner);
+        auto chunk_allowed = allowed.index_select(1, mine).index_select(2, theirs);
+        auto [chunk_out, lse] = kernels::dense_reference_attention(rows(q), k.index_select(2, theirs),
+                                                                   v.index_select(2, theirs), chunk_allowed);
         auto finite = torch::isfinite(lse);
         errs.push_back({fmt::format("chunk {} out", rec.owner), rel(rec.out, chunk_out)});
         const bool same_pattern = torch::equal(torch::isfinite(rec.lse), finite);
@@ -203,7 +220,7 @@ std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, co
       // the input dtype rounds once per ring step, and its error grows with cp (sqrt(cp) x at cp 3 and up). The
       // ratio to one rounding is a property of the whole tensor, not a draw: no lane slack hides it.
       cp::RingAttention ring16(comm, ring_options);
-      ring16.begin_batch(1, L);
+      ring16.begin_batch(1, L, plan.sharding());
       auto lq16 = rows(q16).clone().requires_grad_(), lk16 = rows(k16).clone().requires_grad_();
       auto lv16 = rows(v16).clone().requires_grad_();
       auto out16 = ring16.attend({lq16, lk16, lv16, layer.geometry, 1.0, 0}, shard_meta(meta, plan, r));

@@ -96,10 +96,59 @@ std::string dump_divergence(const std::string& dump_dir, const train::Case& c, i
 
 }  // namespace
 
+cp::RingMode case_ring_mode(const train::Case& c) {
+  return c.ring_mode == "stream" ? cp::RingMode::kStream : cp::RingMode::kCollect;  // validated on load
+}
+
+cp::Sharding case_sharding(const train::Case& c) {
+  return cp::sharding_from_string(c.sharding).value_or(cp::Sharding::kContiguous);  // validated on load
+}
+
 int expected_ring_steps(const train::Case& c, int64_t layer, int n) {
   cp::RingOptions o;
   o.hop_limit = c.ring_hop_limit;
   return cp::ring_steps(o, model::layer_geometry(c.model, layer), n, cp::ShardPlan(c.data.seq_len, n).local_len());
+}
+
+std::vector<CheckResult> check_shard_layout(const train::Case& c, const report::LaneRun& cand) {
+  const int n = cand.cp;
+  const cp::ShardPlan plan(c.data.seq_len, n);  // S_pad and S_loc only: the layout below is written from its definition
+  const int64_t L = plan.local_len(), half = L / 2, S = plan.padded_len();
+  const bool zigzag = case_sharding(c) == cp::Sharding::kZigzag;
+  // Where local token i of rank r belongs, from the layout's definition (not from the plan the run used).
+  auto expected = [&](int r, int64_t i) {
+    if (!zigzag) return r * L + i;
+    return i < half ? r * half + i : (2 * n - 1 - r) * half + (i - half);
+  };
+  std::vector<int> holders(size_t(S), 0);
+  std::vector<double> work(size_t(n), 0);  // causal (query, key) pairs of the rank's real tokens
+  for (int r = 0; r < n && r < int(cand.token_index.size()); ++r)
+    for (auto g : cand.token_index[size_t(r)])
+      if (g >= 0 && g < S) {
+        ++holders[size_t(g)];
+        if (g < c.data.seq_len) work[size_t(r)] += double(g + 1);
+      }
+  std::vector<CheckResult> out;
+  const auto [lo, hi] = std::minmax_element(work.begin(), work.end());
+  const double imbalance = *lo > 0 ? *hi / *lo : INFINITY;
+  for (int r = 0; r < n; ++r) {
+    const std::vector<int64_t> none;
+    const auto& got = r < int(cand.token_index.size()) ? cand.token_index[size_t(r)] : none;
+    int64_t misplaced = std::abs(int64_t(got.size()) - L);
+    nlohmann::json first = nullptr;
+    for (int64_t i = 0; i < int64_t(got.size()) && i < L; ++i) {
+      const bool wrong = got[size_t(i)] != expected(r, i) || got[size_t(i)] < 0 || got[size_t(i)] >= S ||
+                         holders[size_t(got[size_t(i)])] != 1;
+      if (wrong && first.is_null()) first = {{"local_index", i}, {"global_index", got[size_t(i)]}, {"expected", expected(r, i)}};
+      misplaced += wrong;
+    }
+    out.push_back(CheckResult::judge("shard.layout", n, r, "misplaced_tokens", double(misplaced), 0, Policy::Count,
+                                     {{"sharding", c.sharding}, {"local_tokens", L}, {"first_misplaced", first},
+                                      {"causal_work", work[size_t(r)]}, {"causal_work_imbalance", imbalance},
+                                      {"what", "global index of each local token as the batch was sharded, against the "
+                                               "layout the ring masks by; causal_work: (query, key) pairs of real tokens"}}));
+  }
+  return out;
 }
 
 std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun& cand) {
@@ -107,14 +156,23 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
   const int64_t layers = c.model.num_hidden_layers;
   std::vector<int> steps(size_t(layers), 0);  // ring steps after the own chunk, per layer (cp - 1, or the hop limit)
   for (int64_t l = 0; l < layers; ++l) steps[size_t(l)] = expected_ring_steps(c, l, n);
+  const bool stream = case_ring_mode(c) == cp::RingMode::kStream;
+  // What a pass of a layer with h ring steps shows: exchanges around the ring, dK/dV returns home, chunks held.
+  auto ring_exchanges = [&](const std::string& pass, int64_t h) { return pass == "backward" && stream ? 2 * h : h; };
+  // Activation checkpointing runs every layer's forward ring twice: in the forward, and recomputed in the backward.
+  const int64_t forwards = c.activation_checkpointing == "off" ? 1 : 2;
+  auto returns = [&](int64_t h) -> int64_t { return stream ? (h > 0) : h; };
+  auto chunks_bound = [&](int64_t h) -> int64_t { return stream ? std::min<int64_t>(2, h + 1) : h + 1; };
   std::vector<CheckResult> out;
   for (int r = 0; r < n; ++r) {
     const auto& trace = cand.traces.at(size_t(r));
-    int64_t wrong_owner = 0, wrong_return = 0, wrong_hops = 0, entries[2] = {0, 0};
+    int64_t wrong_owner = 0, wrong_return = 0, wrong_hops = 0, over_held = 0, peak = 0, entries[2] = {0, 0};
     nlohmann::json first, per_type = nlohmann::json::object();
     for (auto& e : trace) {
       ++entries[e.pass == "backward"];
       const int h = e.layer >= 0 && e.layer < layers ? steps[size_t(e.layer)] : n - 1;
+      over_held += e.peak_chunks > chunks_bound(h) || e.peak_chunks < 1;
+      peak = std::max(peak, e.peak_chunks);
       // Owners: ring steps 0..h hold ranks r, r - 1, ... (the hop count itself is ring.hop_limit's to judge).
       std::set<int> seen(e.owners.begin(), e.owners.end());
       bool ok = seen.size() == e.owners.size() && !e.owners.empty();
@@ -123,38 +181,48 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
         ++wrong_owner;
         if (first.is_null()) first = {{"layer", e.layer}, {"pass", e.pass}, {"owners", e.owners}};
       }
-      if (e.pass == "backward" && e.grad_returns != int64_t(e.owners.size()) - 1) ++wrong_return;
+      if (e.pass == "backward" && e.grad_returns != returns(int64_t(e.owners.size()) - 1)) ++wrong_return;
       // Exchanges per pass against the layer's ring steps, per layer type.
-      const bool hops_ok = e.ring_exchanges == h && int(e.owners.size()) == h + 1;
+      const bool hops_ok = e.ring_exchanges == ring_exchanges(e.pass, h) && int(e.owners.size()) == h + 1;
       wrong_hops += !hops_ok;
       auto& t = per_type[layer_type_name(model::layer_geometry(c.model, e.layer))];
       t["expected_exchanges_per_pass"] = h;
       t["wrong_passes"] = t.value("wrong_passes", 0) + (hops_ok ? 0 : 1);
     }
-    const bool complete = entries[0] == layers && entries[1] == layers;
+    const int64_t passes = layers * c.micro_batches;  // per layer and micro-batch: one backward, one or two forwards
+    const bool complete = entries[0] == forwards * passes && entries[1] == passes;
     out.push_back(CheckResult::judge("ring.rotation_order", n, r, "wrong_passes", double(wrong_owner + (complete ? 0 : 1)), 0,
                                      Policy::Count, {{"first_wrong", first}, {"forward_passes", entries[0]}, {"backward_passes", entries[1]}}));
     out.push_back(CheckResult::judge("ring.hop_limit", n, r, "passes_with_wrong_exchanges", double(wrong_hops), 0,
                                      Policy::Count,
                                      {{"hop_limit", c.ring_hop_limit}, {"per_layer_type", per_type},
                                       {"what", "ring exchanges per pass and layer type: cp - 1, or with the hop limit "
-                                               "min(cp - 1, ceil(W / S_loc)) on sliding layers without vision groups"}}));
+                                               "min(cp - 1, ceil(W / S_loc)) on sliding layers without vision groups "
+                                               "(stream mode backward: twice that, the accumulators travel too)"}}));
+    out.push_back(CheckResult::judge("ring.chunks_held", n, r, "passes_over_bound", double(over_held), 0, Policy::Count,
+                                     {{"mode", c.ring_mode}, {"peak_chunks", peak},
+                                      {"what", "K/V chunks alive on the rank at once, per pass: collect mode all h + 1 "
+                                               "of the layer's ring steps, stream mode at most 2 (the one computed and "
+                                               "the one in flight)"}}));
     // Comm counts per step against the formula: forward h ring steps per layer, backward h replay steps and h
-    // direct returns per layer (h = cp - 1, or the hop limit), two all-reduces (loss statistics, gradients).
+    // direct returns per layer (h = cp - 1, or the hop limit), each once per micro-batch; an all-reduce of the loss
+    // statistics per micro-batch and one of the gradients.
     const auto& stats = cand.comm_step0.at(size_t(r));
     int64_t expected_bytes = 0, expected_ring = 0, expected_returns = 0;
     const cp::ShardPlan plan(c.data.seq_len, n);
     const int64_t acc_bytes = cand.lane == train::DtypeLane::kFp64 ? 8 : 4;  // dK/dV travel home in the accumulation dtype
     for (int64_t l = 0; l < layers; ++l) {
       const int64_t h = steps[size_t(l)];
-      expected_bytes += 2 * c.data.batch * c.model.layer_kv_heads(l) * plan.local_len() * c.model.layer_head_dim(l) * acc_bytes * h;
-      expected_ring += 2 * h;
-      expected_returns += h;
+      // Rows: the whole batch over all micro-batches.
+      expected_bytes += 2 * c.data.batch * c.model.layer_kv_heads(l) * plan.local_len() * c.model.layer_head_dim(l) * acc_bytes * returns(h);
+      expected_ring += (forwards * ring_exchanges("forward", h) + ring_exchanges("backward", h)) * c.micro_batches;
+      expected_returns += returns(h) * c.micro_batches;
     }
     const int64_t got_ring = stats.ops(cp::CommOp::RingExchange), got_exchange = stats.ops(cp::CommOp::Exchange);
     const int64_t got_bytes = stats.bytes(cp::CommOp::Exchange);
     const double misses = double(std::abs(got_ring - expected_ring) + std::abs(got_exchange - expected_returns) +
-                                 (got_bytes != expected_bytes) + wrong_return + std::abs(stats.ops(cp::CommOp::AllReduce) - 2));
+                                 (got_bytes != expected_bytes) + wrong_return +
+                                 std::abs(stats.ops(cp::CommOp::AllReduce) - (c.micro_batches + 1)));
     out.push_back(CheckResult::judge("ring.grad_return", n, r, "count_mismatches", misses, 0, Policy::Count,
                                      {{"ring_exchanges", got_ring}, {"expected_ring_exchanges", expected_ring},
                                       {"grad_returns", got_exchange}, {"expected_grad_returns", expected_returns},
@@ -167,14 +235,20 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
 ExpectedCacheCounts expected_cache_counts(const train::Case& c, int cp, bool cache_enabled) {
   // Per rank and step: every layer looks up each chunk it holds, forward and backward replay; the cache builds one
   // mask per distinct (layer geometry, chunk) pair.
+  // Under zigzag a chunk is two sub-chunks against the rank's two: four masks, each keyed by its own sub-chunk start.
+  const int pairs = case_sharding(c) == cp::Sharding::kZigzag ? 4 : 1;
   std::map<std::pair<int64_t, bool>, int> chunks_of_geometry;
   ExpectedCacheCounts e;
   for (int64_t l = 0; l < c.model.num_hidden_layers; ++l) {
     const int held = expected_ring_steps(c, l, cp) + 1;
-    e.lookups += 2 * held;
-    chunks_of_geometry[{c.model.layer_window(l).value_or(-1), c.model.layer_vision_bidirectional(l)}] = held;
+    const int passes = c.activation_checkpointing == "off" ? 2 : 3;  // forward (again in the recompute), backward
+    e.lookups += passes * held * pairs;
+    chunks_of_geometry[{c.model.layer_window(l).value_or(-1), c.model.layer_vision_bidirectional(l)}] = held * pairs;
   }
   for (auto& [geometry, held] : chunks_of_geometry) e.builds += held;
+  // Each micro-batch is a new batch: the cache starts afresh and looks everything up again.
+  e.lookups *= c.micro_batches;
+  e.builds *= c.micro_batches;
   if (!cache_enabled) e.builds = e.lookups;
   return e;
 }
@@ -191,7 +265,7 @@ std::vector<CheckResult> check_cache(const train::Case& c, const report::LaneRun
       per_step.push_back({{"lookups", k.lookups}, {"builds", k.builds}, {"hits", k.hits}, {"resets", k.resets}});
       build_miss += (k.builds != on.builds) + (k.lookups != on.lookups);
       hit_miss += k.hits != k.lookups - k.builds || k.hits != on.lookups - on.builds;
-      reset_miss += k.resets != 1;
+      reset_miss += k.resets != c.micro_batches;  // one per batch: every micro-batch is a batch of its own
     }
     nlohmann::json uncached_counts = nullptr;
     if (uncached) {
@@ -205,7 +279,7 @@ std::vector<CheckResult> check_cache(const train::Case& c, const report::LaneRun
     out.push_back(CheckResult::judge("cache.hit_count", n, r, "steps_with_wrong_hits", double(hit_miss), 0, Policy::Count,
                                      {{"expected_hits", on.lookups - on.builds}, {"per_step", per_step}}));
     out.push_back(CheckResult::judge("cache.generation_reset", n, r, "steps_without_one_reset", double(reset_miss), 0,
-                                     Policy::Count, {{"per_step", per_step}}));
+                                     Policy::Count, {{"per_step", per_step}, {"expected_resets_per_step", c.micro_batches}}));
   }
   return out;
 }

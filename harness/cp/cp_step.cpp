@@ -47,15 +47,30 @@ BoundaryLabel boundary_label_in(const TokenBatch& prepared, const ShardPlan& pla
     const auto counted = (labels != model::kIgnoreIndex).nonzero();
     if (counted.numel() == 0) continue;
     const int64_t i = counted[0][0].item<int64_t>();
-    return {r, i, r * plan.local_len() + i};
+    return {r, i, plan.global_index(r, i)};
   }
   return {};
 }
 
+// KNOWN-BAD (selftest only): the shard's two zigzag halves in the wrong order, on every per-token tensor.
+at::Tensor swap_halves(const at::Tensor& t) {
+  if (!t.defined()) return t;
+  const int64_t half = t.size(1) / 2;
+  return at::cat({t.narrow(1, half, half), t.narrow(1, 0, half)}, 1);
+}
+
+TokenBatch swap_halves(const TokenBatch& b) {
+  auto out = b;
+  for (auto* t : {&out.input_ids, &out.labels, &out.padding_mask, &out.document_ids, &out.vision_group_ids,
+                  &out.token_type_ids, &out.position_ids, &out.loss_mask, &out.per_layer_inputs, &out.inputs_embeds})
+    *t = swap_halves(*t);
+  return out;
+}
+
 }  // namespace
 
-BoundaryLabel boundary_label_target(const train::Batch& batch, int cp, int64_t pad_token_id) {
-  const ShardPlan plan(batch.input_ids.size(1), cp);
+BoundaryLabel boundary_label_target(const train::Batch& batch, int cp, int64_t pad_token_id, Sharding sharding) {
+  const ShardPlan plan(batch.input_ids.size(1), cp, sharding);
   return boundary_label_in(prepare_cp_batch(token_batch_of(batch), plan, pad_token_id), plan);
 }
 
@@ -63,11 +78,17 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
                                     uint64_t generation, const CpStepOptions& step_options) {
   const int n = comm.size(), rank = comm.rank();
   CpForwardResult result;
-  result.plan = ShardPlan(batch.input_ids.size(1), n);
+  result.plan = ShardPlan(batch.input_ids.size(1), n, step_options.sharding);
   auto full = token_batch_of(batch);
   full.labels_shifted = step_options.shift_labels_after_sharding;  // the mutant skips the full-sequence shift
   const auto prepared = prepare_cp_batch(full, result.plan, model->config().pad_token_id);
   auto shard = shard_batch(prepared, result.plan, rank);
+  // Where each local token came from, sharded by the same path as the data (the shard.layout check reads it).
+  result.token_index = result.plan.shard(at::arange(result.plan.padded_len(), at::kLong).unsqueeze(0), rank).squeeze(0);
+  if (step_options.swap_zigzag_halves) {
+    shard = swap_halves(shard);
+    result.token_index = swap_halves(result.token_index.unsqueeze(0)).squeeze(0);
+  }
   if (step_options.shift_labels_after_sharding) shard.labels = shift_labels(shard.labels);
   if (step_options.drop_boundary_label) {
     const auto target = boundary_label_in(prepared, result.plan);
@@ -77,11 +98,12 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
     }
   }
 
-  ring.begin_batch(generation, result.plan.local_len());
+  ring.begin_batch(generation, result.plan.local_len(), result.plan.sharding());
   model::KvShareHolder holder;
   model::ForwardOptions options;
   if (step_options.use_share_holder) options.holder = &holder;
   options.hidden_states = step_options.hidden_states;
+  options.checkpointing = step_options.activation_checkpointing;
   kernels::TokenMetadata meta{shard.document_ids, shard.padding_mask, shard.vision_group_ids};
   torch::Tensor logits;
   auto loss = model::forward_loss(model, {shard.input_ids, shard.position_ids, meta, {}}, ring, options, shard.labels,
@@ -94,8 +116,14 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
   }
   const double global_sum = stats[0].item<double>();
   result.counted_tokens = int64_t(stats[1].item<double>());
-  const double denominator = double(std::max<int64_t>(result.counted_tokens, 1));
+  const int64_t step_tokens = step_options.step_counted_tokens >= 0 ? step_options.step_counted_tokens : result.counted_tokens;
+  const double denominator = double(std::max<int64_t>(step_tokens, 1));
   (loss.sum / denominator).backward();
+  if (!step_options.reduce_gradients) {  // an accumulating micro-batch: the last one's all-reduce sums them all
+    result.loss = global_sum / denominator;
+    result.local_logits = logits;
+    return result;
+  }
   {
     CommTimer timer(ring);
     all_reduce_gradients(comm, model->parameters());
@@ -125,7 +153,51 @@ train::StepResult CpTrainer::step(const train::Batch& batch, CpForwardResult* fo
   options.hidden_states = hidden_states;
   auto r = cp_forward_backward(comm_, model_, ring_, batch, ++generation_, options);
   if (forward) *forward = r;
-  train::StepResult result{r.loss, train::grad_norm(model_->parameters()), r.counted_tokens};
+  return finish_step(r.loss, r.counted_tokens, gradients);
+}
+
+static int64_t counted_targets(const train::Batch& batch) {
+  return (model::shift_labels(batch.labels) != model::kIgnoreIndex).sum().item<int64_t>();
+}
+
+train::StepResult CpTrainer::step(const std::vector<train::Batch>& micro_batches, CpForwardResult* forward,
+                                  std::vector<torch::Tensor>* hidden_states,
+                                  std::map<std::string, torch::Tensor>* gradients) {
+  if (micro_batches.size() == 1) return step(micro_batches.front(), forward, hidden_states, gradients);
+  if (micro_batches.empty()) throw std::invalid_argument("CpTrainer::step: no micro-batch");
+  // Every rank holds every micro-batch whole before sharding, so the step's token count needs no collective.
+  int64_t step_tokens = 0;
+  for (auto& b : micro_batches) step_tokens += counted_targets(b);
+  optimizer_->zero_grad();
+  double loss = 0;
+  std::vector<torch::Tensor> logits;
+  std::vector<std::vector<torch::Tensor>> hidden(micro_batches.size());
+  for (size_t m = 0; m < micro_batches.size(); ++m) {
+    auto options = step_options_;
+    options.step_counted_tokens = step_tokens;
+    options.reduce_gradients = m + 1 == micro_batches.size();
+    options.drop_boundary_label = step_options_.drop_boundary_label && m == 0;  // one perturbed token per step
+    options.hidden_states = hidden_states ? &hidden[m] : nullptr;
+    if (step_options_.zero_grad_per_micro_batch) optimizer_->zero_grad();  // the mutant: earlier micro-batches lost
+    auto r = cp_forward_backward(comm_, model_, ring_, micro_batches[m], ++generation_, options);
+    loss += r.loss;
+    if (r.local_logits.defined()) logits.push_back(r.local_logits);
+    if (forward && m == 0) *forward = r;
+  }
+  if (forward && logits.size() == micro_batches.size()) forward->local_logits = torch::cat(logits, 0);
+  if (hidden_states) {
+    hidden_states->clear();
+    for (size_t layer = 0; layer < hidden.front().size(); ++layer) {
+      std::vector<torch::Tensor> parts;
+      for (auto& h : hidden) parts.push_back(h.at(layer));
+      hidden_states->push_back(torch::cat(parts, 0));
+    }
+  }
+  return finish_step(loss, step_tokens, gradients);
+}
+
+train::StepResult CpTrainer::finish_step(double loss, int64_t counted_tokens, std::map<std::string, torch::Tensor>* gradients) {
+  train::StepResult result{loss, train::grad_norm(model_->parameters()), counted_tokens};
   if (gradients) *gradients = model::gradient_copies(model_, torch::kFloat64);  // before clipping, as cp 1 records them
   train::optimizer_step(*optimizer_, optimizer_options_, result.grad_norm);
   return result;

@@ -24,16 +24,28 @@ struct CpForwardResult {
   int64_t counted_tokens = 0;   // global
   torch::Tensor local_logits;   // [B, S_loc, V] of this rank (detached); undefined under the chunked loss
   ShardPlan plan;
+  torch::Tensor token_index;    // int64 [S_loc]: the global index of each local token as the batch was sharded
 };
 
 struct CpStepOptions {
   bool use_share_holder = true;               // pass a fresh KV-share holder (cache-gated semantics need it)
   bool shift_labels_after_sharding = false;   // KNOWN-BAD, selftest only: each rank shifts its own shard
   bool average_gradients = false;             // KNOWN-BAD, selftest only: gradients averaged over ranks, not summed
+  bool swap_zigzag_halves = false;            // KNOWN-BAD, selftest only: the batch's two sub-chunks per rank are
+                                              // laid in the wrong order while the ring masks by the layout
+  bool zero_grad_per_micro_batch = false;     // KNOWN-BAD, selftest only: gradients cleared before every micro-batch
   std::vector<torch::Tensor>* hidden_states = nullptr;  // receives this rank's residual stream per layer
   int64_t loss_chunk_tokens = 0;  // > 0: chunked LM head + cross entropy; local_logits stays undefined
   // The power check's perturbation (never in a real run): the label of boundary_label_target() is dropped.
   bool drop_boundary_label = false;
+  Sharding sharding = Sharding::kContiguous;  // the layout of the shards (the ring follows it)
+  // Gradient accumulation: >= 0, the global count of counted tokens over every micro-batch of the optimizer step,
+  // which divides this micro-batch's loss sum (not its own count: a mean of micro-batch means weighs tokens
+  // unequally). -1: this batch is the whole step, its count comes from the loss all-reduce.
+  int64_t step_counted_tokens = -1;
+  bool reduce_gradients = true;  // false: gradients stay local (all but the last micro-batch; the last sums all)
+  // Recompute each decoder layer in backward (its forward ring runs again there).
+  model::ActivationCheckpointing activation_checkpointing = model::ActivationCheckpointing::kOff;
 };
 
 // The token the power check perturbs: the first counted target (label != -100 after the full-sequence shift) of
@@ -43,7 +55,8 @@ struct BoundaryLabel {
   int64_t local_index = -1;   // in that rank's shard (batch row 0)
   int64_t global_index = -1;  // in the sequence
 };
-BoundaryLabel boundary_label_target(const train::Batch& batch, int cp, int64_t pad_token_id);
+BoundaryLabel boundary_label_target(const train::Batch& batch, int cp, int64_t pad_token_id,
+                                    Sharding sharding = Sharding::kContiguous);
 
 // Forward and backward on this rank's shard; afterwards every parameter's .grad() holds the global gradient
 // (all-reduced).
@@ -63,10 +76,20 @@ class CpTrainer {
   train::StepResult step(const train::Batch& batch, CpForwardResult* forward = nullptr,
                          std::vector<torch::Tensor>* hidden_states = nullptr,
                          std::map<std::string, torch::Tensor>* gradients = nullptr);
+  // One optimizer step over micro-batches (gradient accumulation): every micro-batch's loss sum is divided by the
+  // global count of counted tokens of all of them, gradients accumulate locally and are summed over the ranks once,
+  // the grad norm is taken (and clipping applied) on the sum. `forward` receives the first micro-batch's result with
+  // its logits and `hidden_states` its residual stream, each the micro-batches' laid along the batch dimension.
+  train::StepResult step(const std::vector<train::Batch>& micro_batches, CpForwardResult* forward = nullptr,
+                         std::vector<torch::Tensor>* hidden_states = nullptr,
+                         std::map<std::string, torch::Tensor>* gradients = nullptr);
   model::Gemma4Model& model() { return model_; }
   RingAttention& ring() { return ring_; }
 
  private:
+  // The grad norm (before clipping), the gradients' copies when asked, the optimizer step.
+  train::StepResult finish_step(double loss, int64_t counted_tokens, std::map<std::string, torch::Tensor>* gradients);
+
   Comm& comm_;
   model::Gemma4Model model_;
   RingAttention ring_;

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <optional>
+
 #include "harness/cp/shard_plan.h"
 
 namespace cpharness::cp {
@@ -49,10 +51,12 @@ struct RingContext {
   kernels::BlockMaskCache& cache;
   ChunkCompute& compute;  // where each chunk's attention runs (CPU ops, CUDA kernel)
   uint64_t generation;
-  int64_t local_len;  // S_loc: rank r's tokens are [r * S_loc, (r + 1) * S_loc)
+  int64_t local_len;  // S_loc
+  Sharding sharding;  // which global ranges a rank's S_loc tokens are (shard_segments)
   const RingOptions& options;
   const RingHooks& hooks;
   RingObserver& observer;
+  CommWorker* worker;  // the streaming ring's background exchanges (stream mode only)
 };
 
 // One layer's attention call.
@@ -69,10 +73,46 @@ std::vector<Tensor> observed_exchange(const RingContext& ctx, const std::vector<
   const auto wall0 = std::chrono::steady_clock::now();
   const double cpu0 = thread_cpu_seconds();
   auto received = exchange(send);
-  ctx.observer.exchanged(bytes_of(send), grad_return,
-                         std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count(),
+  const auto wall1 = std::chrono::steady_clock::now();
+  ctx.observer.exchanged(bytes_of(send), grad_return, std::chrono::duration<double>(wall1 - wall0).count(),
                          thread_cpu_seconds() - cpu0);
+  ctx.observer.exchange_times(wall0, wall1);
   return received;
+}
+
+// An exchange posted to the background thread: it runs while this rank computes; wait() blocks until it is done.
+class PostedExchange {
+ public:
+  PostedExchange() = default;
+  PostedExchange(const RingContext& ctx, std::vector<Tensor> send, bool grad_return, CommWorker::Exchange exchange)
+      : ctx_(&ctx), bytes_(bytes_of(send)), grad_return_(grad_return), posted_(std::chrono::steady_clock::now()),
+        received_(ctx.worker->post(std::move(exchange))) {}
+  bool pending() const { return received_.valid(); }
+  std::vector<Tensor> wait() {
+    const auto wall0 = std::chrono::steady_clock::now();
+    const double cpu0 = thread_cpu_seconds();
+    auto received = received_.get();  // rethrows the exchange's CommError here, in the rank's thread
+    const auto wall1 = std::chrono::steady_clock::now();
+    // The time blocked is what the rank spent on communication: the rest overlapped with compute.
+    ctx_->observer.exchanged(bytes_, grad_return_, std::chrono::duration<double>(wall1 - wall0).count(),
+                             thread_cpu_seconds() - cpu0);
+    ctx_->observer.exchange_times(posted_, wall1);
+    return received;
+  }
+
+ private:
+  const RingContext* ctx_ = nullptr;
+  int64_t bytes_ = 0;
+  bool grad_return_ = false;
+  std::chrono::steady_clock::time_point posted_;
+  std::future<std::vector<Tensor>> received_;
+};
+
+// Posts the K/V of `chunk` to the next rank; what arrives is the previous rank's chunk.
+PostedExchange post_ring_exchange(const RingContext& ctx, std::vector<Tensor> send, bool grad_return = false) {
+  Comm* comm = &ctx.comm;
+  auto payload = send;
+  return PostedExchange(ctx, std::move(send), grad_return, [comm, payload] { return comm->ring_exchange(payload); });
 }
 
 // Own chunk first, then `steps` rotations (cp - 1, or fewer under the hop limit): at step s this rank holds the
@@ -81,27 +121,105 @@ std::vector<Chunk> collect_chunks(const RingContext& ctx, int steps, const Tenso
                                   const kernels::TokenMetadata& meta) {
   const int n = ctx.comm.size(), r = ctx.comm.rank();
   std::vector<Chunk> chunks = {{ctx.hooks.owner_at_step(r, 0, n), k, v, meta}};
+  ctx.observer.chunks_held(1);
   auto travelling = pack(chunks.front());
   for (int s = 1; s <= steps; ++s) {
     travelling = observed_exchange(ctx, travelling, false, [&](const auto& send) { return ctx.comm.ring_exchange(send); });
     chunks.push_back(unpack(travelling, meta, ctx.hooks.owner_at_step(r, s, n)));
+    ctx.observer.chunks_held(int(chunks.size()));
   }
   return chunks;
 }
 
-// The block mask of this rank's queries against `chunk`, from the cache.
-std::shared_ptr<const kernels::BlockMask> mask_for(const RingContext& ctx, const LayerCall& call,
-                                                   const kernels::TokenMetadata& q_meta, const Chunk& chunk,
-                                                   const Tensor& q) {
-  const int64_t S = ctx.local_len;
-  const int r = ctx.comm.rank();
-  const kernels::TokenRange q_range{r * S, S}, kv_range{chunk.owner * S, S};
-  return ctx.cache.lookup(ctx.generation, q_meta, chunk.meta, q_range, kv_range,
-                          ctx.hooks.chunk_geometry(r, chunk.owner, call.geometry), q.size(0), ctx.options.q_block,
-                          ctx.options.kv_block, q.device());
+// One (query segment, key segment) pair of this rank's queries against a chunk, with its block mask from the cache:
+// one pair under contiguous sharding, four under zigzag (each sub-chunk is a global range of its own).
+struct SegmentPair {
+  kernels::TokenRange q, kv;    // global ranges
+  int64_t q_local, kv_local;    // where they start in the rank's queries and in the chunk
+  std::shared_ptr<const kernels::BlockMask> mask;
+  bool work;                    // some allowed (query, key) pair
+};
+
+std::vector<SegmentPair> masks_for(const RingContext& ctx, const LayerCall& call, const kernels::TokenMetadata& q_meta,
+                                   const Chunk& chunk, const Tensor& q) {
+  const int n = ctx.comm.size(), r = ctx.comm.rank();
+  const auto geometry = ctx.hooks.chunk_geometry(r, chunk.owner, call.geometry);
+  std::vector<SegmentPair> pairs;
+  int64_t q_local = 0;
+  for (auto& qs : shard_segments(ctx.sharding, r, n, ctx.local_len)) {
+    int64_t kv_local = 0;
+    for (auto& ks : shard_segments(ctx.sharding, chunk.owner, n, ctx.local_len)) {
+      auto mask = ctx.cache.lookup(ctx.generation, q_meta.slice(q_local, qs.length), chunk.meta.slice(kv_local, ks.length),
+                                   qs, ks, geometry, q.size(0), ctx.options.q_block, ctx.options.kv_block, q.device());
+      const bool work = kernels::computed_score_elements(*mask) > 0;
+      pairs.push_back({qs, ks, q_local, kv_local, std::move(mask), work});
+      kv_local += ks.length;
+    }
+    q_local += qs.length;
+  }
+  return pairs;
 }
 
-bool has_work(const kernels::BlockMask& mask) { return kernels::computed_score_elements(mask) > 0; }
+bool has_work(const std::vector<SegmentPair>& pairs) {
+  for (auto& p : pairs)
+    if (p.work) return true;
+  return false;
+}
+
+Tensor rows(const Tensor& t, int64_t start, int64_t length) { return t.narrow(2, start, length).contiguous(); }
+
+kernels::AttentionPartial empty_partial(const Tensor& q, int64_t rows_count) {
+  const auto acc = q.options().dtype(kernels::accumulation_dtype(q.scalar_type()));
+  return {torch::zeros({q.size(0), q.size(1), rows_count, q.size(3)}, acc),
+          torch::full({q.size(0), q.size(1), rows_count}, -std::numeric_limits<double>::infinity(), acc)};
+}
+
+// This rank's queries against one chunk: out / LSE over all its keys. A single pair is the chunk attention itself;
+// under zigzag each query segment merges its key segments' partials and the segments are laid end to end.
+kernels::AttentionPartial chunk_forward(const RingContext& ctx, const LayerCall& call, const Tensor& q, const Chunk& chunk,
+                                        const std::vector<SegmentPair>& pairs) {
+  if (pairs.size() == 1) return ctx.compute.forward(q, chunk.k, chunk.v, pairs.front().mask, call.scale);
+  std::vector<Tensor> outs, lses;
+  for (size_t i = 0; i < pairs.size();) {
+    const auto q_seg = pairs[i].q;
+    const int64_t q_local = pairs[i].q_local;
+    std::vector<kernels::AttentionPartial> parts;
+    for (; i < pairs.size() && pairs[i].q_local == q_local; ++i) {
+      const auto& p = pairs[i];
+      if (p.work)
+        parts.push_back(ctx.compute.forward(rows(q, q_local, q_seg.length), rows(chunk.k, p.kv_local, p.kv.length),
+                                            rows(chunk.v, p.kv_local, p.kv.length), p.mask, call.scale));
+    }
+    auto merged = parts.empty() ? empty_partial(q, q_seg.length)
+                  : parts.size() == 1 ? parts.front() : kernels::lse_merge(parts, ctx.options.merge);
+    outs.push_back(merged.out);
+    lses.push_back(merged.lse);
+  }
+  return {torch::cat(outs, 2), torch::cat(lses, 2)};
+}
+
+// One chunk's dq (this rank's queries) and dk / dv (the chunk's keys), summed over its segment pairs.
+kernels::ChunkAttentionGrads chunk_backward(const RingContext& ctx, const LayerCall& call, const Tensor& q,
+                                            const Chunk& chunk, const Tensor& out, const Tensor& lse, const Tensor& dout,
+                                            const std::vector<SegmentPair>& pairs) {
+  if (pairs.size() == 1)
+    return ctx.compute.backward(q, chunk.k, chunk.v, out, lse, dout, pairs.front().mask, call.scale);
+  const auto acc = kernels::accumulation_dtype(q.scalar_type());
+  kernels::ChunkAttentionGrads g{torch::zeros(q.sizes(), q.options().dtype(acc)),
+                                 torch::zeros(chunk.k.sizes(), chunk.k.options().dtype(acc)),
+                                 torch::zeros(chunk.v.sizes(), chunk.v.options().dtype(acc))};
+  for (auto& p : pairs) {
+    if (!p.work) continue;
+    const int64_t ql = p.q.length, kl = p.kv.length;
+    auto pg = ctx.compute.backward(rows(q, p.q_local, ql), rows(chunk.k, p.kv_local, kl), rows(chunk.v, p.kv_local, kl),
+                                   rows(out, p.q_local, ql), lse.narrow(2, p.q_local, ql).contiguous(),
+                                   rows(dout, p.q_local, ql), p.mask, call.scale);
+    g.dq.narrow(2, p.q_local, ql) += pg.dq;
+    g.dk.narrow(2, p.kv_local, kl) += pg.dk;
+    g.dv.narrow(2, p.kv_local, kl) += pg.dv;
+  }
+  return g;
+}
 
 int steps_of(const RingContext& ctx, const LayerCall& call) {
   const int n = ctx.comm.size();
@@ -110,23 +228,19 @@ int steps_of(const RingContext& ctx, const LayerCall& call) {
 
 // Forward: every chunk's partial out/LSE, merged by log-sum-exp; rows with no allowed key anywhere are 0, -inf.
 // Returns the merged result in the accumulation dtype.
-kernels::AttentionPartial ring_forward(const RingContext& ctx, const LayerCall& call, const Tensor& q, const Tensor& k,
-                                       const Tensor& v, const kernels::TokenMetadata& meta) {
+kernels::AttentionPartial collect_forward(const RingContext& ctx, const LayerCall& call, const Tensor& q, const Tensor& k,
+                                          const Tensor& v, const kernels::TokenMetadata& meta) {
   ctx.observer.pass_begin(call.layer, "forward");
   std::vector<kernels::AttentionPartial> partials;
   for (auto& chunk : collect_chunks(ctx, steps_of(ctx, call), k, v, meta)) {
-    const auto mask = mask_for(ctx, call, meta, chunk, q);
-    const bool work = has_work(*mask);
+    const auto pairs = masks_for(ctx, call, meta, chunk, q);
+    const bool work = has_work(pairs);
     ctx.observer.chunk(chunk.owner, work);
-    if (work) partials.push_back(ctx.compute.forward(q, chunk.k, chunk.v, mask, call.scale));
+    if (work) partials.push_back(chunk_forward(ctx, call, q, chunk, pairs));
     ctx.observer.chunk_forward(call.layer, chunk.owner, work ? &partials.back() : nullptr);
   }
-  const auto acc = q.options().dtype(kernels::accumulation_dtype(q.scalar_type()));
   kernels::AttentionPartial merged =
-      partials.empty() ? kernels::AttentionPartial{torch::zeros(q.sizes(), acc),
-                                                   torch::full({q.size(0), q.size(1), q.size(2)},
-                                                               -std::numeric_limits<double>::infinity(), acc)}
-                       : kernels::lse_merge(partials, ctx.options.merge);
+      partials.empty() ? empty_partial(q, q.size(2)) : kernels::lse_merge(partials, ctx.options.merge);
   ctx.hooks.finish_output(merged, v);
   ctx.observer.pass_end();
   return merged;
@@ -139,8 +253,8 @@ struct RingGrads {
 // Backward from the merged out/LSE (cp-reference §1.6): the ring is replayed to get every chunk back (nothing
 // was kept from the forward), each chunk gives dq, dk, dv; the dK/dV of the chunk held at step d go home to
 // rank r - d, and ours come from rank r + d, which held it at its step d. Accumulated in fp32 (fp64 runs: fp64).
-RingGrads ring_backward(const RingContext& ctx, const LayerCall& call, const Tensor& q, const Tensor& k, const Tensor& v,
-                        const Tensor& out, const Tensor& lse, const Tensor& dout, const kernels::TokenMetadata& meta) {
+RingGrads collect_backward(const RingContext& ctx, const LayerCall& call, const Tensor& q, const Tensor& k, const Tensor& v,
+                           const Tensor& out, const Tensor& lse, const Tensor& dout, const kernels::TokenMetadata& meta) {
   ctx.observer.pass_begin(call.layer, "backward");
   const int n = ctx.comm.size(), r = ctx.comm.rank();
   const auto acc = kernels::accumulation_dtype(q.scalar_type());
@@ -150,15 +264,15 @@ RingGrads ring_backward(const RingContext& ctx, const LayerCall& call, const Ten
   std::vector<Tensor> dk(held), dv(held);  // by ring step
   for (int s = 0; s < held; ++s) {
     const auto& chunk = chunks[size_t(s)];
-    const auto mask = mask_for(ctx, call, meta, chunk, q);
-    const bool work = has_work(*mask);
+    const auto pairs = masks_for(ctx, call, meta, chunk, q);
+    const bool work = has_work(pairs);
     ctx.observer.chunk(chunk.owner, work);
     if (!work) {
       dk[s] = torch::zeros(chunk.k.sizes(), chunk.k.options().dtype(acc));
       dv[s] = torch::zeros(chunk.v.sizes(), chunk.v.options().dtype(acc));
       continue;
     }
-    auto g = ctx.compute.backward(q, chunk.k, chunk.v, out, lse, dout, mask, call.scale);
+    auto g = chunk_backward(ctx, call, q, chunk, out, lse, dout, pairs);
     ctx.observer.chunk_backward(call.layer, chunk.owner, g);
     dq += g.dq;
     dk[s] = g.dk;
@@ -176,6 +290,103 @@ RingGrads ring_backward(const RingContext& ctx, const LayerCall& call, const Ten
   return {dq, dk_home, dv_home};
 }
 
+// Streaming forward: the exchange that brings the next chunk is posted before the current one is computed, and each
+// chunk's partial is merged as soon as it is computed (the same left fold as the collect mode's merge, so the same
+// bits). At most two chunks are alive: the one computed and the one in flight.
+kernels::AttentionPartial stream_forward(const RingContext& ctx, const LayerCall& call, const Tensor& q, const Tensor& k,
+                                         const Tensor& v, const kernels::TokenMetadata& meta) {
+  ctx.observer.pass_begin(call.layer, "forward");
+  const int n = ctx.comm.size(), r = ctx.comm.rank(), steps = steps_of(ctx, call);
+  Chunk chunk{ctx.hooks.owner_at_step(r, 0, n), k, v, meta};
+  std::optional<kernels::AttentionPartial> merged;
+  for (int s = 0; s <= steps; ++s) {
+    PostedExchange next;
+    if (s < steps) next = post_ring_exchange(ctx, pack(chunk));
+    ctx.observer.chunks_held(next.pending() ? 2 : 1);
+    const auto pairs = masks_for(ctx, call, meta, chunk, q);
+    const bool work = has_work(pairs);
+    ctx.observer.chunk(chunk.owner, work);
+    std::optional<kernels::AttentionPartial> partial;
+    if (work) partial = chunk_forward(ctx, call, q, chunk, pairs);
+    ctx.observer.chunk_forward(call.layer, chunk.owner, partial ? &*partial : nullptr);
+    if (partial && ctx.hooks.merges_arrived_chunk(s, steps))
+      merged = merged ? kernels::lse_merge(*merged, *partial, ctx.options.merge) : *partial;
+    if (next.pending()) chunk = unpack(next.wait(), meta, ctx.hooks.owner_at_step(r, s + 1, n));
+  }
+  auto result = merged ? *merged : empty_partial(q, q.size(2));
+  ctx.hooks.finish_output(result, v);
+  ctx.observer.pass_end();
+  return result;
+}
+
+// Streaming backward: the K/V ring is replayed with the next chunk posted before the current one is computed, and the
+// dK/dV accumulators travel with their chunks (ring-flash-attention): each holder adds its share to what arrived with
+// the chunk and passes it on, and after the last step one exchange takes each accumulator home. The shares of a
+// chunk are summed in the order of the collect mode's returns (own first, then rank + 1, + 2, ...), so the same bits.
+RingGrads stream_backward(const RingContext& ctx, const LayerCall& call, const Tensor& q, const Tensor& k, const Tensor& v,
+                          const Tensor& out, const Tensor& lse, const Tensor& dout, const kernels::TokenMetadata& meta) {
+  ctx.observer.pass_begin(call.layer, "backward");
+  const int n = ctx.comm.size(), r = ctx.comm.rank(), steps = steps_of(ctx, call);
+  const auto acc = kernels::accumulation_dtype(q.scalar_type());
+  auto dq = torch::zeros(q.sizes(), q.options().dtype(acc));
+  Chunk chunk{ctx.hooks.owner_at_step(r, 0, n), k, v, meta};
+  Tensor dk_acc, dv_acc, dk_own, dv_own;  // the held chunk's accumulators; this rank's share of its own chunk
+  PostedExchange arriving_acc;            // the accumulators of the next chunk, from the rank that held it last
+  for (int s = 0; s <= steps; ++s) {
+    PostedExchange next;
+    if (s < steps) next = post_ring_exchange(ctx, pack(chunk));
+    ctx.observer.chunks_held(next.pending() ? 2 : 1);
+    const auto pairs = masks_for(ctx, call, meta, chunk, q);
+    const bool work = has_work(pairs);
+    ctx.observer.chunk(chunk.owner, work);
+    Tensor dk_share, dv_share;
+    if (work) {
+      auto g = chunk_backward(ctx, call, q, chunk, out, lse, dout, pairs);
+      ctx.observer.chunk_backward(call.layer, chunk.owner, g);
+      dq += g.dq;
+      dk_share = g.dk.clone(), dv_share = g.dv.clone();  // summed into below; the record keeps the share alone
+    } else {
+      dk_share = torch::zeros(chunk.k.sizes(), chunk.k.options().dtype(acc));
+      dv_share = torch::zeros(chunk.v.sizes(), chunk.v.options().dtype(acc));
+    }
+    if (s == 0) dk_own = dk_share, dv_own = dv_share;
+    dk_acc = dk_share, dv_acc = dv_share;
+    if (arriving_acc.pending()) {
+      auto earlier = arriving_acc.wait();
+      ctx.hooks.add_returned(dk_acc, earlier[0], k.scalar_type());
+      ctx.hooks.add_returned(dv_acc, earlier[1], v.scalar_type());
+    }
+    if (next.pending()) {
+      chunk = unpack(next.wait(), meta, ctx.hooks.owner_at_step(r, s + 1, n));
+      if (ctx.hooks.returns_grads()) arriving_acc = post_ring_exchange(ctx, {dk_acc.contiguous(), dv_acc.contiguous()});
+    }
+  }
+  Tensor dk_home = dk_own, dv_home = dv_own;
+  if (steps > 0 && ctx.hooks.returns_grads()) {  // the last holder's accumulators go home in one exchange
+    const int dst = ring_owner(r, steps, n), src = ring_owner(r, -steps, n);
+    auto home = observed_exchange(ctx, {dk_acc.contiguous(), dv_acc.contiguous()}, true,
+                                  [&](const auto& send) { return ctx.comm.exchange(send, dst, src); });
+    dk_home = home[0], dv_home = home[1];
+  } else if (steps == 0) {
+    dk_home = dk_acc, dv_home = dv_acc;
+  }
+  ctx.observer.pass_end();
+  return {dq, dk_home, dv_home};
+}
+
+kernels::AttentionPartial ring_forward(const RingContext& ctx, const LayerCall& call, const Tensor& q, const Tensor& k,
+                                       const Tensor& v, const kernels::TokenMetadata& meta) {
+  const bool stream = ctx.options.mode == RingMode::kStream && ctx.hooks.streams();
+  return stream ? stream_forward(ctx, call, q, k, v, meta) : collect_forward(ctx, call, q, k, v, meta);
+}
+
+RingGrads ring_backward(const RingContext& ctx, const LayerCall& call, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& out, const Tensor& lse, const Tensor& dout, const kernels::TokenMetadata& meta) {
+  const bool stream = ctx.options.mode == RingMode::kStream && ctx.hooks.streams();
+  return stream ? stream_backward(ctx, call, q, k, v, out, lse, dout, meta)
+                : collect_backward(ctx, call, q, k, v, out, lse, dout, meta);
+}
+
 // ---- The autograd shell ----
 
 // What the backward needs besides saved tensors: the ring it ran on, the layer's call and the query metadata
@@ -187,7 +398,9 @@ struct SavedCall : torch::CustomClassHolder {
 };
 
 RingContext context_of(RingAttention& ring) {
-  return {ring.comm(), ring.cache(), ring.compute(), ring.generation(), ring.local_len(), ring.options(), ring.hooks(), ring};
+  return {ring.comm(),       ring.cache(),   ring.compute(), ring.generation(), ring.local_len(),
+          ring.sharding(), ring.options(), ring.hooks(),   ring,
+          ring.options().mode == RingMode::kStream ? &ring.worker() : nullptr};
 }
 
 struct RingFunction : public torch::autograd::Function<RingFunction> {
@@ -218,8 +431,11 @@ RingAttention::RingAttention(Comm& comm, RingOptions options)
     : comm_(comm), options_(options), hooks_(make_ring_hooks(options.mutation)),
       cache_(kernels::BlockMaskCache::kDefaultCapacity, options.cache_enabled), compute_(options.cuda_attention) {}
 
-void RingAttention::begin_batch(uint64_t generation, int64_t local_len) {
+void RingAttention::begin_batch(uint64_t generation, int64_t local_len, Sharding sharding) {
+  if (options_.hop_limit && sharding == Sharding::kZigzag)  // a late sub-chunk's window reaches rank r + 1: cp - 1 steps away
+    throw std::invalid_argument("ring attention: the hop limit needs contiguous sharding");
   local_len_ = local_len;
+  sharding_ = sharding;
   compute_.new_batch();
   if (generation_set_ && !hooks_->advances_generation()) return;
   generation_ = generation;
@@ -239,7 +455,22 @@ void RingAttention::pass_begin(int64_t layer, const char* pass) {
   current_ = RingTraceEntry{};
   current_.layer = layer;
   current_.pass = pass;
+  pass_start_ = std::chrono::steady_clock::now();
 }
+
+void RingAttention::exchange_times(std::chrono::steady_clock::time_point posted, std::chrono::steady_clock::time_point waited) {
+  current_.posted_s.push_back(std::chrono::duration<double>(posted - pass_start_).count());
+  current_.waited_s.push_back(std::chrono::duration<double>(waited - pass_start_).count());
+}
+
+void RingAttention::chunks_held(int chunks) { current_.peak_chunks = std::max<int64_t>(current_.peak_chunks, chunks); }
+
+CommWorker& RingAttention::worker() {
+  if (!worker_) worker_ = std::make_unique<CommWorker>();
+  return *worker_;
+}
+
+const char* to_string(RingMode mode) { return mode == RingMode::kStream ? "stream" : "collect"; }
 
 void RingAttention::chunk(int owner, bool computed) {
   current_.owners.push_back(owner);

@@ -19,7 +19,9 @@
 
 #include "harness/cp/chunk_compute.h"
 #include "harness/cp/comm.h"
+#include "harness/cp/comm_worker.h"
 #include "harness/cp/ring_hooks.h"
+#include "harness/cp/shard_plan.h"
 #include "harness/model/attention_backend.h"
 #include "kernels/block_mask_cache.h"
 #include "kernels/chunk_attention.h"
@@ -27,7 +29,17 @@
 
 namespace cpharness::cp {
 
+// How K/V chunks move (both give bitwise the same numbers: the same merges and sums in the same order).
+enum class RingMode {
+  kCollect,  // upstream (#2621): every chunk collected before any compute, foreign dK/dV returned one exchange per
+             // distance; the exchanges block
+  kStream,   // the next chunk's exchange is posted before the current one is computed (at most two chunks held),
+             // out/LSE merged as chunks arrive, dK/dV accumulators travel with their chunks (ring-flash-attention)
+};
+const char* to_string(RingMode mode);
+
 struct RingOptions {
+  RingMode mode = RingMode::kCollect;
   bool cache_enabled = true;
   bool recompute_backward = true;
   int64_t q_block = 128;
@@ -59,6 +71,10 @@ struct RingTraceEntry {
   int64_t ring_exchanges = 0;
   int64_t grad_returns = 0;  // exchanges that returned dK/dV to owners
   int64_t bytes_sent = 0;
+  int64_t peak_chunks = 0;   // most K/V chunks alive on the rank at once (own included, received and in flight)
+  // Per exchange of the pass, in order: seconds since the pass began when it was posted and when its wait returned
+  // (collect: the same moment apart from the exchange itself; stream: compute happened in between).
+  std::vector<double> posted_s, waited_s;
 };
 
 // What the ring reports as it runs. The algorithm never keeps records itself.
@@ -70,8 +86,12 @@ class RingObserver {
   virtual void chunk(int owner, bool computed) {}
   virtual void chunk_forward(int64_t layer, int owner, const kernels::AttentionPartial* partial) {}
   virtual void chunk_backward(int64_t layer, int owner, const kernels::ChunkAttentionGrads& grads) {}
-  // One exchange of `bytes` (K/V around the ring, or dK/dV home), and the time it took.
+  // One exchange of `bytes` (K/V around the ring, or dK/dV home), and the time this rank was blocked on it.
   virtual void exchanged(int64_t bytes, bool grad_return, double wall_s, double cpu_s) {}
+  // When an exchange was posted and when its wait returned (steady clock), in exchange order.
+  virtual void exchange_times(std::chrono::steady_clock::time_point posted, std::chrono::steady_clock::time_point waited) {}
+  // K/V chunks alive on the rank now.
+  virtual void chunks_held(int chunks) {}
   virtual void pass_end() {}
 };
 
@@ -90,8 +110,9 @@ class RingAttention : public model::AttentionBackend, public RingObserver {
  public:
   RingAttention(Comm& comm, RingOptions options = {});
 
-  // Call once per batch before its forward: the generation keys the block-mask cache, `local_len` is S_loc.
-  void begin_batch(uint64_t generation, int64_t local_len);
+  // Call once per batch before its forward: the generation keys the block-mask cache, `local_len` is S_loc and
+  // `sharding` the layout that says which global ranges a rank's tokens are.
+  void begin_batch(uint64_t generation, int64_t local_len, Sharding sharding = Sharding::kContiguous);
 
   torch::Tensor attend(const model::AttentionInputs& in, const kernels::TokenMetadata& local_meta) override;
 
@@ -104,6 +125,7 @@ class RingAttention : public model::AttentionBackend, public RingObserver {
   std::vector<ChunkRecord>& records() { return records_; }
   uint64_t generation() const { return generation_; }
   int64_t local_len() const { return local_len_; }
+  Sharding sharding() const { return sharding_; }
 
   // Seconds spent inside communication calls (including waiting for peers), for step-time breakdowns: wall time,
   // and this thread's CPU time (MPI polls while it waits, so waiting burns CPU that is not compute).
@@ -118,7 +140,11 @@ class RingAttention : public model::AttentionBackend, public RingObserver {
   void chunk_forward(int64_t layer, int owner, const kernels::AttentionPartial* partial) override;
   void chunk_backward(int64_t layer, int owner, const kernels::ChunkAttentionGrads& grads) override;
   void exchanged(int64_t bytes, bool grad_return, double wall_s, double cpu_s) override;
+  void exchange_times(std::chrono::steady_clock::time_point posted, std::chrono::steady_clock::time_point waited) override;
+  void chunks_held(int chunks) override;
   void pass_end() override;
+  // The background thread of the streaming ring (started on first use).
+  CommWorker& worker();
 
  private:
   Comm& comm_;
@@ -126,12 +152,15 @@ class RingAttention : public model::AttentionBackend, public RingObserver {
   std::unique_ptr<RingHooks> hooks_;
   kernels::BlockMaskCache cache_;
   ChunkCompute compute_;
+  std::unique_ptr<CommWorker> worker_;
   std::vector<RingTraceEntry> trace_;
   RingTraceEntry current_;
+  std::chrono::steady_clock::time_point pass_start_;
   std::vector<ChunkRecord> records_;
   uint64_t generation_ = 0;
   bool generation_set_ = false;
   int64_t local_len_ = 0;
+  Sharding sharding_ = Sharding::kContiguous;
   double comm_seconds_ = 0;
   double comm_cpu_seconds_ = 0;
 };

@@ -35,6 +35,14 @@ struct PaddedRowsNotZeroed : RingHooks {
   }
 };
 
+struct StreamDropsChunkInFlight : RingHooks {
+  bool merges_arrived_chunk(int step, int steps) const override { return step == 0 || step < steps; }
+};
+
+struct StreamCollectsEveryChunk : RingHooks {
+  bool streams() const override { return false; }
+};
+
 struct HopLimitOneTooMany : RingHooks {
   int ring_steps(int correct, int n) const override { return std::min(correct + 1, n - 1); }
 };
@@ -61,6 +69,8 @@ std::unique_ptr<RingHooks> make_ring_hooks(RingMutation mutation) {
     case RingMutation::kPaddedRowsNotZeroed: return std::make_unique<PaddedRowsNotZeroed>();
     case RingMutation::kHopLimitOneTooMany: return std::make_unique<HopLimitOneTooMany>();
     case RingMutation::kInputDtypeGradAccumulation: return std::make_unique<InputDtypeGradAccumulation>();
+    case RingMutation::kStreamDropsChunkInFlight: return std::make_unique<StreamDropsChunkInFlight>();
+    case RingMutation::kStreamCollectsEveryChunk: return std::make_unique<StreamCollectsEveryChunk>();
   }
   throw std::logic_error("make_ring_hooks: unknown mutation");
 }

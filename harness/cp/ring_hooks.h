@@ -21,6 +21,8 @@ enum class RingMutation {
   kHopLimitOneTooMany,    // the hop limit fetches one chunk more than the window reaches (correct numbers, wasted traffic)
   kInputDtypeGradAccumulation,  // returned dK/dV summed in the input dtype (bf16 in the bf16 lane), not fp32: one
                                 // rounding per ring step, an error that grows with cp
+  kStreamDropsChunkInFlight,    // streaming ring: the chunk that arrives at the last step is never merged
+  kStreamCollectsEveryChunk,    // "stream" mode that still collects every chunk before computing (correct numbers)
 };
 
 class RingHooks {
@@ -32,6 +34,10 @@ class RingHooks {
   virtual kernels::LayerGeometry chunk_geometry(int rank, int owner, const kernels::LayerGeometry& geometry) const;
   // Ring steps a layer takes, given the correct number (correct: unchanged).
   virtual int ring_steps(int correct, int n) const { return correct; }
+  // Whether a ring in stream mode streams (correct: always; else it runs the collect algorithm).
+  virtual bool streams() const { return true; }
+  // Whether the streaming forward merges the chunk that arrived for ring step `step` of `steps` (correct: always).
+  virtual bool merges_arrived_chunk(int step, int steps) const { return true; }
   // Whether foreign dK/dV are sent home (correct: always).
   virtual bool returns_grads() const { return true; }
   // Whether a new batch after the first advances the block-mask cache generation (correct: always).

@@ -6,7 +6,24 @@
 
 namespace cpharness::cp {
 
-ShardPlan::ShardPlan(int64_t seq_len, int cp, int64_t pad_multiple) : seq_len_(seq_len), cp_(cp) {
+const char* to_string(Sharding sharding) { return sharding == Sharding::kZigzag ? "zigzag" : "contiguous"; }
+
+std::optional<Sharding> sharding_from_string(const std::string& name) {
+  if (name == "contiguous") return Sharding::kContiguous;
+  if (name == "zigzag") return Sharding::kZigzag;
+  return std::nullopt;
+}
+
+std::vector<kernels::TokenRange> shard_segments(Sharding sharding, int rank, int cp, int64_t local_len) {
+  if (rank < 0 || rank >= cp) throw std::out_of_range("shard_segments: rank " + std::to_string(rank) + " out of range");
+  if (sharding == Sharding::kContiguous) return {{rank * local_len, local_len}};
+  if (local_len % 2) throw std::invalid_argument("shard_segments: zigzag needs an even S_loc, got " + std::to_string(local_len));
+  const int64_t half = local_len / 2;
+  return {{rank * half, half}, {(2 * cp - 1 - rank) * half, half}};
+}
+
+ShardPlan::ShardPlan(int64_t seq_len, int cp, Sharding sharding, int64_t pad_multiple)
+    : seq_len_(seq_len), cp_(cp), sharding_(sharding) {
   if (seq_len < 1) throw std::invalid_argument("ShardPlan: seq_len must be >= 1, got " + std::to_string(seq_len));
   if (cp < 1) throw std::invalid_argument("ShardPlan: cp must be >= 1, got " + std::to_string(cp));
   if (pad_multiple < 1) throw std::invalid_argument("ShardPlan: pad_multiple must be >= 1");
@@ -15,28 +32,37 @@ ShardPlan::ShardPlan(int64_t seq_len, int cp, int64_t pad_multiple) : seq_len_(s
   local_len_ = padded_len_ / cp;
 }
 
-int64_t ShardPlan::begin(int rank) const {
-  if (rank < 0 || rank >= cp_) throw std::out_of_range("ShardPlan: rank " + std::to_string(rank) + " out of range");
-  return rank * local_len_;
+std::vector<kernels::TokenRange> ShardPlan::segments(int rank) const {
+  return shard_segments(sharding_, rank, cp_, local_len_);
 }
-int64_t ShardPlan::end(int rank) const { return begin(rank) + local_len_; }
 
 int ShardPlan::owner(int64_t global) const {
   if (global < 0 || global >= padded_len_) throw std::out_of_range("ShardPlan: global index out of range");
-  return static_cast<int>(global / local_len_);
+  for (int r = 0; r < cp_; ++r)
+    for (auto& s : segments(r))
+      if (global >= s.start && global < s.end()) return r;
+  throw std::logic_error("ShardPlan: no rank owns a global index");  // unreachable: the segments tile [0, S_pad)
 }
 
 int64_t ShardPlan::global_index(int rank, int64_t local) const {
   if (local < 0 || local >= local_len_) throw std::out_of_range("ShardPlan: local index out of range");
-  return begin(rank) + local;
+  for (auto& s : segments(rank)) {
+    if (local < s.length) return s.start + local;
+    local -= s.length;
+  }
+  throw std::logic_error("ShardPlan: segments shorter than S_loc");  // unreachable
 }
 
 int64_t ShardPlan::valid_tokens(int rank) const {
-  return std::max<int64_t>(0, std::min(end(rank), seq_len_) - begin(rank));
+  int64_t n = 0;
+  for (auto& s : segments(rank)) n += std::max<int64_t>(0, std::min(s.end(), seq_len_) - s.start);
+  return n;
 }
 
 at::Tensor ShardPlan::global_indices(int rank) const {
-  return at::arange(begin(rank), end(rank), at::kLong);
+  std::vector<at::Tensor> parts;
+  for (auto& s : segments(rank)) parts.push_back(at::arange(s.start, s.end(), at::kLong));
+  return at::cat(parts);
 }
 
 void ShardPlan::check_dim(const at::Tensor& t, int64_t dim, int64_t expect, const char* what) const {
@@ -68,7 +94,9 @@ at::Tensor ShardPlan::pad_positions(const at::Tensor& pos, int64_t dim) const {
 
 at::Tensor ShardPlan::shard(const at::Tensor& padded, int rank, int64_t dim) const {
   check_dim(padded, dim, padded_len_, "shard");
-  return padded.narrow(dim, begin(rank), local_len_).contiguous();
+  std::vector<at::Tensor> parts;
+  for (auto& s : segments(rank)) parts.push_back(padded.narrow(dim, s.start, s.length));
+  return parts.size() == 1 ? parts.front().contiguous() : at::cat(parts, dim);
 }
 
 std::vector<at::Tensor> ShardPlan::shard_all(const at::Tensor& padded, int64_t dim) const {

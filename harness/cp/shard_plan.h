@@ -1,8 +1,15 @@
-// Batch sharding for CP (cp-reference §1.1, §4): contiguous shards, no load balancing, no zigzag.
+// Batch sharding for CP (cp-reference §1.1, §4), in one of two layouts:
 //
 //   S_pad = S rounded up to a multiple of lcm(2*cp, pad_multiple) (2*cp as upstream; pad_multiple defaults to 1
 //           and lets a caller also align to a block size, which the ring does not require)
-//   S_loc = S_pad / cp;  rank r owns global tokens [r*S_loc, (r+1)*S_loc)
+//   S_loc = S_pad / cp
+//   contiguous (upstream): rank r owns global tokens [r*S_loc, (r+1)*S_loc)
+//   zigzag (load-balanced: Llama 3, ring-flash-attention, TransformerEngine): the sequence is cut into 2*cp
+//           sub-chunks of S_loc/2; rank r owns sub-chunks r and 2*cp-1-r, in that order, so every rank holds one
+//           early and one late piece of the causal triangle and does the same work.
+//
+// A rank's tokens are its segments (one or two global ranges) laid end to end; the ring builds one block mask
+// per (query segment, key segment) pair, so every mask key names the sub-chunk's own start.
 //
 // Order of preparation: labels are shifted on the FULL sequence (target[t] = labels[t+1], last = -100), then
 // every per-token tensor is padded, then sharded on its sequence dim. So the last token of a shard keeps its true
@@ -12,11 +19,14 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include <ATen/ATen.h>
 
 #include "harness/model/gemma4.h"
+#include "kernels/mask_spec.h"
 
 namespace cpharness::cp {
 
@@ -27,20 +37,31 @@ using model::shift_labels;
 // for the ring's schedule, its trace check and its gradient return (the chunk held at step d goes home to it).
 inline int ring_owner(int rank, int step, int n) { return ((rank - step) % n + n) % n; }
 
+enum class Sharding { kContiguous, kZigzag };
+
+// "contiguous" / "zigzag", and back (std::nullopt for any other name).
+const char* to_string(Sharding sharding);
+std::optional<Sharding> sharding_from_string(const std::string& name);
+
+// The global ranges rank `rank` of `cp` holds, in local order, each local_len / segments long: the one formula for
+// the layout, used by the plan and the ring (local_len must be even under zigzag).
+std::vector<kernels::TokenRange> shard_segments(Sharding sharding, int rank, int cp, int64_t local_len);
+
 class ShardPlan {
  public:
   ShardPlan() = default;
   // seq_len >= 1, cp >= 1, pad_multiple >= 1.
-  ShardPlan(int64_t seq_len, int cp, int64_t pad_multiple = 1);
+  ShardPlan(int64_t seq_len, int cp, Sharding sharding = Sharding::kContiguous, int64_t pad_multiple = 1);
 
   int64_t seq_len() const { return seq_len_; }        // S (original)
   int64_t padded_len() const { return padded_len_; }  // S_pad
   int64_t pad_len() const { return padded_len_ - seq_len_; }
   int64_t local_len() const { return local_len_; }    // S_loc
   int cp() const { return cp_; }
+  Sharding sharding() const { return sharding_; }
 
-  int64_t begin(int rank) const;  // first global index of rank
-  int64_t end(int rank) const;    // one past the last
+  // Rank's global ranges, in local order (contiguous: one, zigzag: two).
+  std::vector<kernels::TokenRange> segments(int rank) const;
   int owner(int64_t global) const;
   int64_t global_index(int rank, int64_t local) const;
   bool is_pad(int64_t global) const { return global >= seq_len_; }
@@ -52,7 +73,8 @@ class ShardPlan {
   at::Tensor pad(const at::Tensor& t, const at::Scalar& value, int64_t dim = 1) const;
   // Pads position ids along `dim` continuing last+1, last+2, ... (per row).
   at::Tensor pad_positions(const at::Tensor& pos, int64_t dim = 1) const;
-  // Rank's contiguous slice of a padded tensor along `dim` ([B,S], [B,S,D], [B,S,L,P], [3,B,S] with dim 2, ...).
+  // Rank's shard of a padded tensor along `dim` ([B,S], [B,S,D], [B,S,L,P], [3,B,S] with dim 2, ...): its
+  // segments laid end to end, contiguous.
   at::Tensor shard(const at::Tensor& padded, int rank, int64_t dim = 1) const;
   std::vector<at::Tensor> shard_all(const at::Tensor& padded, int64_t dim = 1) const;
   // Puts per-rank outputs (rank order, each S_loc long on `dim`) back in global order through the index map;
@@ -64,6 +86,7 @@ class ShardPlan {
   void check_dim(const at::Tensor& t, int64_t dim, int64_t expect, const char* what) const;
   int64_t seq_len_ = 0, padded_len_ = 0, local_len_ = 0;
   int cp_ = 1;
+  Sharding sharding_ = Sharding::kContiguous;
 };
 
 // The per-token tensors of one batch. All are [B, S] except per_layer_inputs [B, S, L, P] and inputs_embeds
@@ -85,7 +108,7 @@ struct TokenBatch {
 // shift labels (full sequence) + fill defaults + pad to plan.padded_len(). Defaults synthesized when missing, as
 // upstream does: padding_mask = all false; position_ids = arange(S); document_ids = (~padding_mask).long().
 TokenBatch prepare_cp_batch(const TokenBatch& batch, const ShardPlan& plan, int64_t pad_id = 0);
-// Rank's shard of a prepared (padded) batch: every defined tensor sliced on dim 1, contiguous.
+// Rank's shard of a prepared (padded) batch: every defined tensor cut on dim 1 by the plan's layout, contiguous.
 TokenBatch shard_batch(const TokenBatch& prepared, const ShardPlan& plan, int rank);
 
 }  // namespace cpharness::cp

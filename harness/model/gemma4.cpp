@@ -172,7 +172,12 @@ torch::Tensor Gemma4ModelImpl::forward(const ModelInputs& inputs, AttentionBacke
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const auto& rope = c.is_full(i) ? full : sliding;
     auto per_layer_input = ple.defined() ? ple.select(2, i) : torch::Tensor();
-    h = layers[i]->as<Gemma4DecoderLayer>()->forward(h, rope.cos, rope.sin, per_layer_input, inputs.meta, backend, store);
+    auto* layer = layers[i]->as<Gemma4DecoderLayer>();
+    if (options.checkpointing != ActivationCheckpointing::kOff && torch::GradMode::is_enabled())
+      h = checkpointed_layer(options.checkpointing, *layer, i, h, rope.cos, rope.sin, per_layer_input, inputs.meta, backend,
+                             store, c.is_kv_shared(i) ? c.kv_source_layer(i) : -1, c.stores_full_length_kv(i));
+    else
+      h = layer->forward(h, rope.cos, rope.sin, per_layer_input, inputs.meta, backend, store);
     if (options.hidden_states) options.hidden_states->push_back(h);
   }
   h = norm(h);

@@ -12,6 +12,7 @@
 #include "harness/model/attention_backend.h"
 #include "harness/model/config.h"
 #include "harness/model/kv_share.h"
+#include "harness/model/layer_checkpoint.h"
 #include "harness/model/rms_norm.h"
 #include "kernels/mask_spec.h"
 
@@ -34,10 +35,13 @@ struct ForwardOptions {
   std::vector<torch::Tensor>* hidden_states = nullptr;
   // Return the final-normed hidden state [B, S, H] instead of logits, for chunked_token_loss (no [S, V] logits).
   bool final_hidden = false;
+  // Recompute every decoder layer in backward instead of keeping its activations (layer_checkpoint.h); applies only
+  // when gradients are being recorded.
+  ActivationCheckpointing checkpointing = ActivationCheckpointing::kOff;
 };
 
-// Where a forward keeps the K/V of source layers: a plain per-forward map (shared-kv-states) or a holder.
-using KvStore = std::map<int64_t, KvPair>;
+// Where a forward keeps the K/V of source layers (KvStore, layer_checkpoint.h): a plain per-forward map
+// (shared-kv-states) or a holder's.
 
 class Gemma4AttentionImpl : public torch::nn::Module {
  public:

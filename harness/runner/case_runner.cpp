@@ -163,6 +163,11 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
   step_options.use_share_holder = options.use_share_holder;
   step_options.shift_labels_after_sharding = options.step_mutation == StepMutation::kShiftLabelsAfterSharding;
   step_options.average_gradients = options.step_mutation == StepMutation::kAverageGradients;
+  step_options.swap_zigzag_halves = options.step_mutation == StepMutation::kSwapZigzagHalves;
+  step_options.sharding = options.sharding;
+  step_options.activation_checkpointing =
+      model::activation_checkpointing_from_string(c.activation_checkpointing).value_or(model::ActivationCheckpointing::kOff);
+  step_options.zero_grad_per_micro_batch = options.step_mutation == StepMutation::kZeroGradPerMicroBatch;
   step_options.loss_chunk_tokens = c.loss_chunk_tokens;
   step_options.drop_boundary_label = options.drop_boundary_label;
   cp::CpTrainer trainer(comm, m, c.optimizer, options.ring, step_options);
@@ -171,7 +176,8 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
         options.fault->rank == rec.rank &&
         options.fault->step == step)
       inject_fault(*options.fault);
-    auto batch = train::to_device(train::batch_for_step(c, step), options.device);
+    std::vector<train::Batch> batch;
+    for (auto& micro : train::micro_batches_for_step(c, step)) batch.push_back(train::to_device(micro, options.device));
     std::vector<torch::Tensor> h;
     cp::CpForwardResult fwd;
     comm.reset_stats();
@@ -189,6 +195,8 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
     if (step == 0) {
       rec.trace = trainer.ring().trace();
       rec.comm_step0 = comm.stats();
+      const auto index = fwd.token_index.to(torch::kCPU).contiguous();
+      rec.token_index.assign(index.data_ptr<int64_t>(), index.data_ptr<int64_t>() + index.numel());
       if (record) {
         if (fwd.local_logits.defined()) rec.logits = fwd.local_logits.to(torch::kCPU, torch::kFloat64);
         for (auto& t : h) rec.hidden.push_back(t.detach().to(torch::kCPU, torch::kFloat64));
@@ -200,7 +208,7 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
   return rec;
 }
 
-LaneRun assemble_cp_run(const train::Case& c, train::DtypeLane lane, std::vector<CpRankRecord> ranks, double seconds,
+LaneRun assemble_cp_run(const train::Case& c, train::DtypeLane lane, cp::Sharding sharding, std::vector<CpRankRecord> ranks, double seconds,
                         const torch::Device& device, int devices) {
   const int n = int(ranks.size());
   LaneRun run;
@@ -220,8 +228,9 @@ LaneRun assemble_cp_run(const train::Case& c, train::DtypeLane lane, std::vector
     for (size_t s = 0; s < rec.cache.size() && s < run.cache.size(); ++s) run.cache[s][size_t(r)] = rec.cache[s];
     run.traces.push_back(rec.trace);
     run.comm_step0.push_back(rec.comm_step0);
+    run.token_index.push_back(rec.token_index);
   }
-  cp::ShardPlan plan(c.data.seq_len, n);
+  const cp::ShardPlan plan(c.data.seq_len, n, sharding);
   if (root.logits.defined()) {
     std::vector<torch::Tensor> logits;
     for (auto& rec : ranks) logits.push_back(rec.logits);
@@ -240,7 +249,7 @@ LaneRun run_cp(const train::Case& c, train::DtypeLane lane, int n, const RunOpti
   std::vector<CpRankRecord> ranks(static_cast<size_t>(n));
   cp::run_local(n, [&](cp::Comm& comm) { ranks[size_t(comm.rank())] = run_cp_rank(comm, c, lane, options); }, options.timeout);
   train::release_cached_memory(options.device);
-  return assemble_cp_run(c, lane, std::move(ranks), std::chrono::duration<double>(Clock::now() - start).count(),
+  return assemble_cp_run(c, lane, options.sharding, std::move(ranks), std::chrono::duration<double>(Clock::now() - start).count(),
                          options.device, 1);
 }
 
@@ -251,7 +260,7 @@ std::optional<LaneRun> run_cp_on(cp::Comm& world, const train::Case& c, train::D
   auto all = gather_rank_records(world, mine);
   if (world.rank() != 0) return std::nullopt;
   // One process per rank: each has a device of its own when on CUDA (nccl), or shares the host (mpi on the CPU).
-  return assemble_cp_run(c, lane, std::move(all), std::chrono::duration<double>(Clock::now() - start).count(),
+  return assemble_cp_run(c, lane, options.sharding, std::move(all), std::chrono::duration<double>(Clock::now() - start).count(),
                          options.device, options.device.is_cpu() ? 1 : world.size());
 }
 

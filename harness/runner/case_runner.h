@@ -28,6 +28,8 @@ enum class StepMutation {
   kNone,
   kShiftLabelsAfterSharding,  // each rank shifts its own shard: the token at a shard edge loses its target
   kAverageGradients,          // gradients averaged over the ranks instead of summed (the loss is already global)
+  kZeroGradPerMicroBatch,     // gradients cleared before every micro-batch: only the last one reaches the update
+  kSwapZigzagHalves,          // zigzag: each rank's two sub-chunks laid in the wrong order (the ring masks by the layout)
 };
 
 // A fault injected into one rank of a cp N run (CPHARNESS_INJECT_FAULT=crash@1 or hang@0:2), to prove that a rank
@@ -46,6 +48,7 @@ Fault parse_fault(const std::string& spec);  // KIND@RANK[:STEP]; std::invalid_a
 struct RunOptions {
   cp::RingOptions ring;              // cache switch, mutations, block sizes
   StepMutation step_mutation = StepMutation::kNone;
+  cp::Sharding sharding = cp::Sharding::kContiguous;  // the case's layout
   bool use_share_holder = true;      // pass the KV-share holder (matters under cache-gated semantics)
   std::optional<model::KvShareSemantics> semantics;  // override the case's semantics
   bool record_tensors = true;        // step-0 logits, hidden states and gradients
@@ -70,7 +73,7 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
 CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane lane, const RunOptions& options);
 // The records of ranks 0..N-1 (in order) as one run: shards put back in global order through the shard plan.
 // `devices`: how many devices the ranks ran on (1 for ranks as threads on one GPU or the CPU).
-LaneRun assemble_cp_run(const train::Case& c, train::DtypeLane lane, std::vector<CpRankRecord> ranks, double seconds,
+LaneRun assemble_cp_run(const train::Case& c, train::DtypeLane lane, cp::Sharding sharding, std::vector<CpRankRecord> ranks, double seconds,
                         const torch::Device& device = torch::kCPU, int devices = 1);
 // cp N with the local backend (ranks as threads of this process).
 LaneRun run_cp(const train::Case& c, train::DtypeLane lane, int cp, const RunOptions& options = {});

@@ -25,8 +25,10 @@ json small_fields(const CpRankRecord& r) {
   for (auto& k : r.cache) j["cache"].push_back(counters_json(k));
   for (auto& e : r.trace)
     j["trace"].push_back({{"layer", e.layer}, {"pass", e.pass}, {"owners", e.owners}, {"computed", e.computed},
-                          {"ring_exchanges", e.ring_exchanges}, {"grad_returns", e.grad_returns}, {"bytes_sent", e.bytes_sent}});
+                          {"ring_exchanges", e.ring_exchanges}, {"grad_returns", e.grad_returns}, {"bytes_sent", e.bytes_sent},
+                          {"peak_chunks", e.peak_chunks}, {"posted_s", e.posted_s}, {"waited_s", e.waited_s}});
   j["comm"] = {r.comm_step0.calls, r.comm_step0.tensors_sent, r.comm_step0.bytes_sent};
+  j["token_index"] = r.token_index;
   return j;
 }
 
@@ -73,12 +75,16 @@ CpRankRecord decode_rank_record(const std::vector<char>& bytes) {
     t.ring_exchanges = e.at("ring_exchanges").get<int64_t>();
     t.grad_returns = e.at("grad_returns").get<int64_t>();
     t.bytes_sent = e.at("bytes_sent").get<int64_t>();
+    t.peak_chunks = e.at("peak_chunks").get<int64_t>();
+    t.posted_s = e.at("posted_s").get<std::vector<double>>();
+    t.waited_s = e.at("waited_s").get<std::vector<double>>();
     r.trace.push_back(std::move(t));
   }
   const auto& c = j.at("comm");
   r.comm_step0.calls = c.at(0).get<std::array<int64_t, cp::kNumCommOps>>();
   r.comm_step0.tensors_sent = c.at(1).get<std::array<int64_t, cp::kNumCommOps>>();
   r.comm_step0.bytes_sent = c.at(2).get<std::array<int64_t, cp::kNumCommOps>>();
+  r.token_index = j.value("token_index", std::vector<int64_t>{});
   if (!items[1].isNone()) r.logits = items[1].toTensor();
   for (const auto& h : items[2].toTensorList()) r.hidden.push_back(h);
   r.grads = map_of(items[3]);

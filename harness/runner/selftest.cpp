@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <iostream>
+#include <map>
 
 namespace cpharness::runner {
 
@@ -31,6 +32,10 @@ SuiteOptions mutate(SuiteOptions o, const std::string& name) {
   else if (name == "hop_limit_one_too_many") ring.mutation = cp::RingMutation::kHopLimitOneTooMany;
   else if (name == "cp_gradients_averaged") o.run.step_mutation = StepMutation::kAverageGradients;
   else if (name == "returned_dkdv_accumulated_in_bf16") ring.mutation = cp::RingMutation::kInputDtypeGradAccumulation;
+  else if (name == "zigzag_chunk_order_swapped") o.run.step_mutation = StepMutation::kSwapZigzagHalves;
+  else if (name == "micro_batch_gradients_cleared") o.run.step_mutation = StepMutation::kZeroGradPerMicroBatch;
+  else if (name == "stream_merge_drops_chunk_in_flight") ring.mutation = cp::RingMutation::kStreamDropsChunkInFlight;
+  else if (name == "stream_collects_every_chunk") ring.mutation = cp::RingMutation::kStreamCollectsEveryChunk;
   else throw std::invalid_argument("unknown mutant '" + name + "'");
   return o;
 }
@@ -50,6 +55,14 @@ std::vector<Mutant> selftest_mutants() {
       {"returned_dkdv_accumulated_in_bf16", "returned dK/dV summed in the input dtype (bf16) instead of fp32",
        "attention.parity", {}, {8}},
       {"hop_limit_one_too_many", "sliding layers fetch one chunk more than the window reaches", "ring.hop_limit"},
+      {"zigzag_chunk_order_swapped", "each rank's two zigzag sub-chunks laid in the wrong order (the ring masks by the layout)",
+       "shard.layout", {}, {}, "zigzag"},
+      {"stream_merge_drops_chunk_in_flight", "streaming ring: the chunk that arrives at the last ring step is never merged",
+       "attention.parity", {}, {}, "stream"},
+      {"stream_collects_every_chunk", "\"stream\" mode that still collects every chunk before computing", "ring.chunks_held",
+       {}, {}, "stream"},
+      {"micro_batch_gradients_cleared", "gradients cleared before every micro-batch: only the last reaches the update",
+       "train.grad_norm_parity", {}, {}, "micro_batches"},
       {"padded_rows_not_zeroed", "empty query rows take V of local index 0", "attention.parity"},
       {"cache_rebuilds_every_lookup", "block-mask cache off: every lookup builds", "cache.build_count"},
       {"block_mask_partial_tiles_as_full", "analytic builder calls partial tiles full", "mask.block_classification"},
@@ -62,7 +75,7 @@ std::vector<Mutant> selftest_mutants() {
   };
 }
 
-train::Case selftest_case() {
+train::Case selftest_case(const std::string& variant) {
   nlohmann::json j = {
       {"id", "selftest"},
       {"description", "E4B-like layout at tiny width: 8 layers, KV sharing (4..7 read 2 / 3), packed documents, padding"},
@@ -80,6 +93,17 @@ train::Case selftest_case() {
       {"block_size", 4},
       {"ring", {{"hop_limit", true}}},  // S_loc 14, window 6: sliding layers take 1 ring step of 2
   };
+  if (variant == "zigzag") {
+    j["sharding"] = "zigzag";
+    j.erase("ring");  // the hop limit needs contiguous shards
+  } else if (variant == "stream") {
+    j["ring"]["mode"] = "stream";
+  } else if (variant == "micro_batches") {
+    j["data"]["batch"] = 2;
+    j["micro_batches"] = 2;
+  } else if (variant != "default") {
+    throw std::invalid_argument("unknown selftest case variant '" + variant + "'");
+  }
   return train::case_from_json(j, "<selftest case>");
 }
 
@@ -94,24 +118,27 @@ report::Report run_selftest(const SuiteOptions& base, const std::vector<std::str
         if (m.name == o) keep.push_back(m);
     mutants = keep;
   }
-  auto c = selftest_case();
-  const auto case_cp = c.cp_sizes;
-  c.checks.clear();
+  // One baseline per layout the selected mutants run on: the unmutated code passes every targeted check there.
+  std::map<std::string, train::Case> cases;
   for (auto& m : mutants) {
+    auto [it, fresh] = cases.try_emplace(m.variant, selftest_case(m.variant));
+    auto& c = it->second;
+    if (fresh) c.checks.clear();
     c.checks.push_back(m.target_check);
     for (auto n : m.cp)  // the baseline passes at every cp size a mutant runs at, so the failure is the mutant's
       if (std::find(c.cp_sizes.begin(), c.cp_sizes.end(), n) == c.cp_sizes.end()) c.cp_sizes.push_back(n);
   }
-
-  // Baseline: the unmutated code passes every targeted check.
-  std::cerr << "[selftest] baseline (no mutant)\n";
-  auto baseline = run_case(c, base);
-  baseline.id = "selftest.baseline";
-  rep.cases.push_back(baseline);
+  for (auto& [variant, c] : cases) {
+    std::cerr << fmt::format("[selftest] baseline (no mutant, {} case)\n", variant);
+    auto baseline = run_case(c, base);
+    baseline.id = variant == "default" ? "selftest.baseline" : "selftest.baseline." + variant;
+    rep.cases.push_back(baseline);
+  }
 
   for (auto& m : mutants) {
     std::cerr << fmt::format("[selftest] mutant {}: {}\n", m.name, m.bug);
-    auto mc = c;
+    auto mc = cases.at(m.variant);
+    const auto case_cp = selftest_case(m.variant).cp_sizes;
     mc.checks = {m.target_check};
     mc.checks.insert(mc.checks.end(), m.with_checks.begin(), m.with_checks.end());
     mc.cp_sizes = m.cp.empty() ? case_cp : m.cp;

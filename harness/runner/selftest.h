@@ -15,6 +15,7 @@ struct Mutant {
   std::string target_check; // the catalogue check that must catch it
   std::vector<std::string> with_checks = {};  // also selected for the mutant's run (a check that judges others)
   std::vector<int64_t> cp = {};               // the cp sizes of the mutant's run, where not the case's (3)
+  std::string variant = "default";            // the selftest case's variant for this mutant (its baseline too)
 };
 
 std::vector<Mutant> selftest_mutants();
@@ -25,7 +26,9 @@ SuiteOptions mutate(SuiteOptions options, const std::string& name);
 
 // The small case the selftest runs (E4B-like layout: KV sharing, both layer types, packed documents,
 // padding, a window smaller than a shard), cp 3.
-train::Case selftest_case();
+// The selftest case: "default" (contiguous shards, the hop limit), "zigzag" (zigzag shards, which the hop limit
+// cannot go with), "stream" (the streaming ring) or "micro_batches" (two rows in two micro-batches).
+train::Case selftest_case(const std::string& variant = "default");
 
 // One report case per mutant plus a baseline; status pass only when every mutant was caught.
 report::Report run_selftest(const SuiteOptions& base, const std::vector<std::string>& only = {});

@@ -177,7 +177,7 @@ LaneRun first_step(const LaneRun& run) {
 }
 
 report::CheckResult power_check(const train::Case& c, int n, const check::Tolerances& tol, const CaseRuns& runs) {
-  const auto target = cp::boundary_label_target(train::batch_for_step(c, 0), n, c.model.pad_token_id);
+  const auto target = cp::boundary_label_target(train::batch_for_step(c, 0), n, c.model.pad_token_id, check::case_sharding(c));
   const std::string perturbation =
       target.rank < 0 ? std::string("dropping a boundary label")
                       : fmt::format("dropping the label of token {} (the first counted target of rank {}'s shard)",
@@ -242,6 +242,8 @@ RunOptions run_options_of(const train::Case& c, const SuiteOptions& options) {
   o.ring.q_block = o.ring.kv_block = c.block_size;
   if (!c.block_mask_cache) o.ring.cache_enabled = false;
   o.ring.hop_limit = c.ring_hop_limit;
+  o.sharding = check::case_sharding(c);
+  o.ring.mode = check::case_ring_mode(c);
   return o;
 }
 
@@ -282,7 +284,7 @@ void run_reference_phase(const train::Case& c, const std::vector<int>& cps, cons
     const auto expected = check::expected_cache_counts(c, n, run_options.ring.cache_enabled);
     rep.page["block_mask_cache_expected"][std::to_string(n)] = {
         {"lookups", expected.lookups}, {"builds", expected.builds}, {"hits", expected.lookups - expected.builds},
-        {"resets", 1}, {"builds_uncached", check::expected_cache_counts(c, n, false).builds}};
+        {"resets", c.micro_batches}, {"builds_uncached", check::expected_cache_counts(c, n, false).builds}};
     if (wants_check(c, "attention.parity")) append(rep.checks, c, check::check_attention_parity(c, n, run_options.ring));
   }
 }
@@ -334,6 +336,7 @@ void judge_phase(const train::Case& c, const RunOptions& run_options, const Suit
     rep.performance[n] = performance_of(candidate);
     const auto u = runs.uncached.find(n);
     rep.checks.push_back(check::check_trained(candidate, c.trained_exemptions));  // whatever the case selects
+    append(rep.checks, c, check::check_shard_layout(c, candidate));
     append(rep.checks, c, check::check_ring(c, candidate));
     append(rep.checks, c, check::check_cache(c, candidate, u == runs.uncached.end() ? nullptr : &u->second));
     // fp32 tensors that miss fp32_relative against cp 1 on weights the harness did not condition: the step-0

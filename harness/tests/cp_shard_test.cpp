@@ -2,6 +2,7 @@
 // 4D per-layer inputs, and exact unshard(shard(x)) == x through the global-index map.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <random>
 
 #include "harness/cp/shard_plan.h"
@@ -9,34 +10,51 @@
 namespace cpharness::cp {
 namespace {
 
+// Where local token i of rank r belongs, written from the layouts' definitions (not from the plan).
+int64_t layout_oracle(Sharding sharding, int r, int cp, int64_t local_len, int64_t i) {
+  if (sharding == Sharding::kContiguous) return r * local_len + i;
+  const int64_t half = local_len / 2;  // 2 cp sub-chunks; rank r holds r and 2 cp - 1 - r
+  return i < half ? r * half + i : (2 * cp - 1 - r) * half + i - half;
+}
+
 TEST(CpShardPlan, GeometryForRandomLengthsAndCpSizes) {
   std::mt19937 rng(7);
   for (int iter = 0; iter < 300; ++iter) {
     const int cp = 1 + static_cast<int>(rng() % 8);
     const int64_t s = 1 + static_cast<int64_t>(rng() % 300);
     const int64_t block = (iter % 3 == 0) ? 1 + static_cast<int64_t>(rng() % 64) : 1;
-    const ShardPlan p(s, cp, block);
+    const auto sharding = iter % 2 ? Sharding::kZigzag : Sharding::kContiguous;
+    const ShardPlan p(s, cp, sharding, block);
     EXPECT_EQ(p.padded_len() % (2 * cp), 0);
     EXPECT_EQ(p.padded_len() % block, 0);
     EXPECT_GE(p.padded_len(), s);
     EXPECT_LT(p.pad_len(), std::lcm(static_cast<int64_t>(2 * cp), block));
     EXPECT_EQ(p.local_len() * cp, p.padded_len());
     int64_t valid = 0;
+    std::vector<int> holders(static_cast<size_t>(p.padded_len()), 0);
     for (int r = 0; r < cp; ++r) {
-      EXPECT_EQ(p.begin(r), r * p.local_len());
-      EXPECT_EQ(p.end(r), (r + 1) * p.local_len());
-      EXPECT_EQ(p.owner(p.begin(r)), r);
-      EXPECT_EQ(p.owner(p.end(r) - 1), r);
-      EXPECT_EQ(p.global_index(r, 0), p.begin(r));
-      EXPECT_TRUE(at::equal(p.global_indices(r), at::arange(p.begin(r), p.end(r), at::kLong)));
+      const auto index = p.global_indices(r);
+      ASSERT_EQ(index.numel(), p.local_len());
+      int64_t real = 0;
+      for (int64_t i = 0; i < p.local_len(); ++i) {
+        const int64_t g = layout_oracle(sharding, r, cp, p.local_len(), i);
+        EXPECT_EQ(index[i].item<int64_t>(), g);
+        EXPECT_EQ(p.global_index(r, i), g);
+        EXPECT_EQ(p.owner(g), r);
+        ++holders[static_cast<size_t>(g)];
+        real += g < s;
+      }
+      EXPECT_EQ(p.valid_tokens(r), real);
       valid += p.valid_tokens(r);
     }
     EXPECT_EQ(valid, s);
+    EXPECT_EQ(std::count(holders.begin(), holders.end(), 1), p.padded_len());  // every token on exactly one rank
   }
   // The upstream rule: pad to a multiple of 2*cp, not of the block size.
   EXPECT_EQ(ShardPlan(10, 4).padded_len(), 16);
   EXPECT_EQ(ShardPlan(16, 4).padded_len(), 16);
-  EXPECT_EQ(ShardPlan(10, 4, 3).padded_len(), 24);
+  EXPECT_EQ(ShardPlan(10, 4, Sharding::kContiguous, 3).padded_len(), 24);
+  EXPECT_EQ(ShardPlan(10, 4, Sharding::kZigzag).padded_len(), 16);
   // A rank whose shard is all padding.
   const ShardPlan tiny(3, 4);
   EXPECT_EQ(tiny.local_len(), 2);
@@ -83,12 +101,13 @@ TEST(CpShardPlan, PadValuesShardAndUnshardExactly) {
     const int cp = 1 + static_cast<int>(rng() % 5);
     const int64_t s = 1 + static_cast<int64_t>(rng() % 40);
     const int64_t b = 1 + static_cast<int64_t>(rng() % 2);
-    const ShardPlan plan(s, cp);
+    const auto sharding = iter % 2 ? Sharding::kZigzag : Sharding::kContiguous;
+    const ShardPlan plan(s, cp, sharding);
     const auto x = random_batch(rng, b, s, 3, 4);
     const int64_t pad_id = iter % 2 == 0 ? 0 : 7;
     const auto p = prepare_cp_batch(x, plan, pad_id);
     const int64_t sp = plan.padded_len(), np = plan.pad_len();
-    SCOPED_TRACE("cp=" + std::to_string(cp) + " S=" + std::to_string(s));
+    SCOPED_TRACE("cp=" + std::to_string(cp) + " S=" + std::to_string(s) + " " + to_string(sharding));
 
     // The original part is untouched (labels: shifted), the pad tail has the pad values.
     auto head = [&](const at::Tensor& t) { return t.narrow(1, 0, s); };
@@ -136,8 +155,9 @@ TEST(CpShardPlan, PadValuesShardAndUnshardExactly) {
     EXPECT_TRUE(at::equal(field_back(&TokenBatch::position_ids), x.position_ids));
     EXPECT_TRUE(at::equal(field_back(&TokenBatch::labels), shift_labels(x.labels)));
     for (int r = 0; r < cp; ++r)
-      EXPECT_TRUE(at::equal(shards[static_cast<size_t>(r)].per_layer_inputs,
-                            p.per_layer_inputs.narrow(1, plan.begin(r), plan.local_len())));
+      for (int64_t t = 0; t < plan.local_len(); ++t)
+        EXPECT_TRUE(at::equal(shards[static_cast<size_t>(r)].per_layer_inputs.select(1, t),
+                              p.per_layer_inputs.select(1, layout_oracle(sharding, r, cp, plan.local_len(), t))));
 
     // Label shift at the shard edges: every local position keeps its true global target.
     for (int r = 0; r < cp; ++r)

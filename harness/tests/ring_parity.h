@@ -26,6 +26,8 @@ struct Scenario {
   std::optional<int64_t> window;
   bool vision_bidirectional = false;
   int64_t block = 4;
+  Sharding sharding = Sharding::kContiguous;
+  RingMode mode = RingMode::kCollect;
 };
 
 struct Reference {
@@ -42,7 +44,7 @@ struct Data {
 
 inline Data make_data(const Scenario& sc, int cp, uint64_t seed) {
   Data d;
-  d.plan = ShardPlan(sc.seq_len, cp);
+  d.plan = ShardPlan(sc.seq_len, cp, sc.sharding);
   const int64_t S = sc.seq_len, P = d.plan.padded_len(), B = sc.batch;
   auto i64 = torch::TensorOptions().dtype(torch::kInt64);
   auto docs = torch::zeros({B, S}, i64);
@@ -106,8 +108,9 @@ inline RankOutput rank_output(Comm& comm, const Scenario& sc, const Data& data) 
   RingOptions options;
   options.q_block = options.kv_block = sc.block;
   options.record_chunks = true;
+  options.mode = sc.mode;
   RingAttention ring(comm, options);
-  ring.begin_batch(1, data.plan.local_len());
+  ring.begin_batch(1, data.plan.local_len(), data.plan.sharding());
   auto shard = [&](const Tensor& t) { return data.plan.shard(t, r, 2).clone(); };
   auto q = shard(data.q).requires_grad_(), k = shard(data.k).requires_grad_(), v = shard(data.v).requires_grad_();
   kernels::TokenMetadata meta;
@@ -124,10 +127,12 @@ inline RankOutput rank_output(Comm& comm, const Scenario& sc, const Data& data) 
 }
 
 // Every parity, trace and op-count assertion for rank r (gtest assertions; call inside a test).
-inline void check_rank(const Data& data, const Reference& ref, int r, int cp, const RankOutput& o) {
-  const int64_t L = data.plan.local_len();
+inline void check_rank(const Data& data, const Reference& ref, int r, int cp, const RankOutput& o,
+                       RingMode mode = RingMode::kCollect) {
   {
-    auto rows = [&](const Tensor& t) { return t.narrow(2, r * L, L); };
+    // This rank's tokens and the chunk owner's, wherever the layout puts them (index_select: a copy).
+    const auto mine = data.plan.global_indices(r);
+    auto rows = [&](const Tensor& t) { return t.index_select(2, mine); };
     expect_close(o.out, rows(ref.out), fmt::format("rank {} out", r));
     expect_close(o.dq, rows(ref.dq), fmt::format("rank {} dq", r));
     expect_close(o.dk, rows(ref.dk), fmt::format("rank {} dk", r));
@@ -137,8 +142,9 @@ inline void check_rank(const Data& data, const Reference& ref, int r, int cp, co
     ASSERT_EQ(o.records.size(), size_t(cp));
     auto dq_sum = torch::zeros_like(o.dq);
     for (auto& rec : o.records) {
-      auto cols = [&](const Tensor& t) { return t.narrow(2, rec.owner * L, L); };
-      auto allowed = data.allowed.narrow(1, r * L, L).narrow(2, rec.owner * L, L);
+      const auto theirs = data.plan.global_indices(rec.owner);
+      auto cols = [&](const Tensor& t) { return t.index_select(2, theirs); };
+      auto allowed = data.allowed.index_select(1, mine).index_select(2, theirs);
       const bool any = allowed.any().item<bool>();
       EXPECT_EQ(rec.computed, any) << "rank " << r << " owner " << rec.owner;
       if (!any) continue;
@@ -152,7 +158,7 @@ inline void check_rank(const Data& data, const Reference& ref, int r, int cp, co
       // dK/dV of this chunk from this rank's queries = the full reference's gradient with dout zero off this shard.
       auto q_all = data.q.clone().requires_grad_(), k_all = data.k.clone().requires_grad_(), v_all = data.v.clone().requires_grad_();
       auto dout_rows = torch::zeros_like(data.dout);
-      rows(dout_rows).copy_(rows(data.dout));
+      dout_rows.index_copy_(2, mine, rows(data.dout));
       (kernels::dense_reference_attention(q_all, k_all, v_all, data.allowed).out * dout_rows).sum().backward();
       expect_close(rec.dk, cols(k_all.grad()), fmt::format("rank {} chunk {} dk", r, rec.owner));
       expect_close(rec.dv, cols(v_all.grad()), fmt::format("rank {} chunk {} dv", r, rec.owner));
@@ -160,20 +166,28 @@ inline void check_rank(const Data& data, const Reference& ref, int r, int cp, co
     }
     expect_close(dq_sum, rows(ref.dq), fmt::format("rank {} sum of chunk dq", r));
 
-    // Trace: at step s rank r processes the chunk of rank (r - s) mod cp, every owner once; n - 1 returns.
+    // Trace: at step s rank r processes the chunk of rank (r - s) mod cp, every owner once. collect: cp - 1 direct
+    // returns, every chunk held at once; stream: the accumulators travel (cp - 1 more ring exchanges) and go home in
+    // one exchange, at most two chunks held, every exchange posted before the compute it overlaps.
+    const bool stream = mode == RingMode::kStream;
+    const int64_t returns = stream ? (cp > 1) : cp - 1;
     ASSERT_EQ(o.trace.size(), 2u);
     for (auto& entry : o.trace) {
       ASSERT_EQ(entry.owners.size(), size_t(cp));
       for (int s = 0; s < cp; ++s) EXPECT_EQ(entry.owners[s], ((r - s) % cp + cp) % cp) << entry.pass << " step " << s;
-      EXPECT_EQ(entry.ring_exchanges, cp - 1) << entry.pass;
+      EXPECT_EQ(entry.ring_exchanges, (stream && entry.pass == "backward" ? 2 : 1) * (cp - 1)) << entry.pass;
+      EXPECT_EQ(entry.peak_chunks, stream ? std::min(cp, 2) : cp) << entry.pass;
+      ASSERT_EQ(entry.posted_s.size(), entry.waited_s.size());
+      EXPECT_EQ(int64_t(entry.posted_s.size()), entry.ring_exchanges + entry.grad_returns) << entry.pass;
+      for (size_t i = 0; i < entry.posted_s.size(); ++i) EXPECT_LE(entry.posted_s[i], entry.waited_s[i]);
     }
-    EXPECT_EQ(o.trace[1].grad_returns, cp - 1);
-    // Op counts: forward cp - 1 ring steps; backward cp - 1 ring steps (replay) + cp - 1 direct returns.
+    EXPECT_EQ(o.trace[1].grad_returns, returns);
+    // Op counts: forward cp - 1 ring steps; backward cp - 1 ring steps (replay), plus the returns.
     EXPECT_EQ(o.forward_stats.ops(CommOp::RingExchange), cp - 1);
     EXPECT_EQ(o.forward_stats.ops(CommOp::Exchange), 0);
-    EXPECT_EQ(o.backward_stats.ops(CommOp::RingExchange), cp - 1);
-    EXPECT_EQ(o.backward_stats.ops(CommOp::Exchange), cp - 1);
-    EXPECT_EQ(o.backward_stats.bytes(CommOp::Exchange), (cp - 1) * (o.dk.nbytes() + o.dv.nbytes()));
+    EXPECT_EQ(o.backward_stats.ops(CommOp::RingExchange), (stream ? 2 : 1) * (cp - 1));
+    EXPECT_EQ(o.backward_stats.ops(CommOp::Exchange), returns);
+    EXPECT_EQ(o.backward_stats.bytes(CommOp::Exchange), returns * int64_t(o.dk.nbytes() + o.dv.nbytes()));
   }
 }
 

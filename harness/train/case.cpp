@@ -1,5 +1,7 @@
 #include "harness/train/case.h"
 
+#include "harness/model/layer_checkpoint.h"
+
 #include "harness/train/device.h"
 
 #include <fmt/format.h>
@@ -80,6 +82,18 @@ Batch batch_for_step(const Case& c, int64_t step) {
     std::rotate(spec.document_lengths.begin(), spec.document_lengths.begin() + k, spec.document_lengths.end());
   }
   return make_batch(spec);
+}
+
+std::vector<Batch> micro_batches_for_step(const Case& c, int64_t step) {
+  const auto whole = batch_for_step(c, step);
+  if (c.micro_batches <= 1) return {whole};
+  const int64_t rows = c.data.batch / c.micro_batches;  // validated: micro_batches divides data.batch
+  auto cut = [&](const torch::Tensor& t, int64_t m) { return t.defined() ? t.narrow(0, m * rows, rows).contiguous() : t; };
+  std::vector<Batch> out;
+  for (int64_t m = 0; m < c.micro_batches; ++m)
+    out.push_back({cut(whole.input_ids, m), cut(whole.labels, m), cut(whole.position_ids, m),
+                   {cut(whole.meta.document_ids, m), cut(whole.meta.padding, m), cut(whole.meta.vision_group_ids, m)}});
+  return out;
 }
 
 std::string to_string(DtypeLane lane) { return lane == DtypeLane::kBf16 ? "bf16" : lane == DtypeLane::kFp64 ? "fp64" : "fp32"; }
@@ -169,7 +183,7 @@ void read_requires(const json& j, const std::string& path, Case& c) {
 void read_checks(const json& j, const std::string& path, Case& c) {
   if (!j["checks"].is_array()) throw InputError(path, "checks", "wrong type: expected an array of check names");
   static const std::vector<std::string> known = {
-      "mask.", "ring.", "attention.", "kvshare.", "cache.", "train.", "determinism.", "golden.", "hf.", "power."};
+      "mask.", "ring.", "shard.", "attention.", "kvshare.", "cache.", "train.", "determinism.", "golden.", "hf.", "power."};
   for (size_t i = 0; i < j["checks"].size(); ++i) {
     const json& v = j["checks"][i];
     const std::string field = fmt::format("checks[{}]", i);
@@ -204,7 +218,7 @@ Case case_from_json(const json& j, const std::string& path) {
   if (!j.is_object()) throw InputError(path, "case", "expected a JSON object");
   reject_unknown(j, {"id", "description", "model", "weights", "data", "dtype", "steps", "optimizer", "cp", "requires", "checks",
                      "tolerances", "block_size", "block_mask_cache", "device", "loss_chunk_tokens", "reference_cp", "record_tensors",
-                     "trained_exemptions", "ring"}, path, "");
+                     "trained_exemptions", "ring", "sharding", "micro_batches", "activation_checkpointing"}, path, "");
   Case c;
   c.path = path;
   c.raw = j;
@@ -229,8 +243,37 @@ Case case_from_json(const json& j, const std::string& path) {
   if (j.contains("record_tensors")) c.record_tensors = bool_at(j, "record_tensors", path, "record_tensors");
   if (j.contains("ring")) {
     const json& r = object_at(j, "ring", path, "ring");
-    reject_unknown(r, {"hop_limit"}, path, "ring.");
+    reject_unknown(r, {"hop_limit", "mode"}, path, "ring.");
     if (r.contains("hop_limit")) c.ring_hop_limit = bool_at(r, "hop_limit", path, "ring.hop_limit");
+    if (r.contains("mode")) {
+      c.ring_mode = string_at(r, "mode", path, "ring.mode");
+      if (c.ring_mode != "collect" && c.ring_mode != "stream")
+        throw InputError(path, "ring.mode", "unknown mode '" + c.ring_mode + "': expected \"collect\" or \"stream\"");
+    }
+  }
+  if (j.contains("activation_checkpointing")) {
+    const json& a = j.at("activation_checkpointing");
+    if (a.is_boolean()) c.activation_checkpointing = a.get<bool>() ? "kv_holder" : "off";
+    else if (a.is_string()) c.activation_checkpointing = a.get<std::string>();
+    else throw InputError(path, "activation_checkpointing", "wrong type: expected true, false or a mode name");
+    if (!model::activation_checkpointing_from_string(c.activation_checkpointing))
+      throw InputError(path, "activation_checkpointing",
+                       "unknown mode '" + c.activation_checkpointing + "': expected \"off\", \"kv_holder\" or \"layer_only\"");
+  }
+  if (j.contains("micro_batches")) {
+    c.micro_batches = int_at(j, "micro_batches", path, "micro_batches", 1);
+    if (c.data.batch % c.micro_batches)
+      throw InputError(path, "micro_batches", fmt::format("{} micro-batches cannot split data.batch {} rows evenly",
+                                                          c.micro_batches, c.data.batch));
+  }
+  if (j.contains("sharding")) {
+    c.sharding = string_at(j, "sharding", path, "sharding");
+    if (c.sharding != "contiguous" && c.sharding != "zigzag")
+      throw InputError(path, "sharding", "unknown layout '" + c.sharding + "': expected \"contiguous\" or \"zigzag\"");
+    // Under zigzag a rank's late sub-chunk reaches back into rank r + 1's, cp - 1 ring steps away: nothing to save.
+    if (c.sharding == "zigzag" && c.ring_hop_limit)
+      throw InputError(path, "ring.hop_limit", "needs \"sharding\": \"contiguous\" (under zigzag a window reaches rank r + 1, "
+                                              "the last ring step)");
   }
   if (j.contains("trained_exemptions")) {
     const json& t = object_at(j, "trained_exemptions", path, "trained_exemptions");

@@ -44,6 +44,10 @@ struct Case {
   int64_t block_size = 128;                    // block-mask q and kv block size
   bool block_mask_cache = true;                // run the candidate with the block-mask cache on
   bool ring_hop_limit = false;                 // "ring": {"hop_limit": true}: sliding layers fetch only what W reaches
+  std::string ring_mode = "collect";           // "ring": {"mode": "stream"}: exchanges posted ahead, dK/dV travelling
+  std::string activation_checkpointing = "off";  // candidates: "kv_holder" (true) or "layer_only" (layer_checkpoint.h)
+  int64_t micro_batches = 1;                   // gradient accumulation: the batch's rows in this many micro-batches
+  std::string sharding = "contiguous";         // "contiguous" or "zigzag" (2 cp sub-chunks, rank r holds r and 2cp-1-r)
   bool record_tensors = true;                  // false: no step-0 tensors or final parameters kept (real sizes)
   int64_t reference_cp = 1;                    // the CP size of the run candidates are judged against
   int64_t loss_chunk_tokens = 0;               // > 0: chunked LM head + cross entropy (no [S, V] logits)
@@ -61,6 +65,9 @@ inline constexpr int64_t kMaxTokens = int64_t(1) << 23;  // batch x seq_len
 inline constexpr int64_t kMaxCp = 4096;
 // Why `cp` cannot split `seq_len` tokens (more ranks than tokens, or above kMaxCp), or nullopt.
 std::optional<std::string> cp_size_problem(int64_t cp, int64_t seq_len);
+
+// Step `step`'s batch cut along its rows into the case's micro_batches (one: the batch itself).
+std::vector<Batch> micro_batches_for_step(const Case& c, int64_t step);
 
 Case case_from_json(const nlohmann::json& j, const std::string& path);
 Case load_case(const std::string& path);

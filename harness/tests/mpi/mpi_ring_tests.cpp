@@ -16,13 +16,17 @@ Comm* g_comm = nullptr;
 
 TEST(MpiRingAttention, MatchesFullAttentionPerRankAndPerChunk) {
   uint64_t seed = 300;
-  for (auto& sc : testing::scenarios()) {
-    SCOPED_TRACE(sc.name);
-    auto data = testing::make_data(sc, g_comm->size(), seed++);
-    auto ref = testing::reference(data);
-    auto out = testing::rank_output(*g_comm, sc, data);
-    testing::check_rank(data, ref, g_comm->rank(), g_comm->size(), out);
-  }
+  for (auto sc : testing::scenarios())
+    for (auto sharding : {Sharding::kContiguous, Sharding::kZigzag})
+      for (auto mode : {RingMode::kCollect, RingMode::kStream}) {
+        sc.sharding = sharding;
+        sc.mode = mode;
+        SCOPED_TRACE(sc.name + " " + to_string(sharding) + " " + to_string(mode));
+        auto data = testing::make_data(sc, g_comm->size(), seed++);
+        auto ref = testing::reference(data);
+        auto out = testing::rank_output(*g_comm, sc, data);
+        testing::check_rank(data, ref, g_comm->rank(), g_comm->size(), out, mode);
+      }
 }
 
 TEST(MpiRingAttention, TinyE4bForwardBackwardMatchesCp1Fp64) {
@@ -37,15 +41,22 @@ TEST(MpiRingAttention, TinyE4bForwardBackwardMatchesCp1Fp64) {
   auto mean = loss.sum / double(loss.count);
   mean.backward();
 
-  auto m = cpharness::testing::make_model(c, torch::kFloat64);
-  RingAttention ring(*g_comm, RingOptions{});
-  auto r = cp_forward_backward(*g_comm, m, ring, b, 1);
-  EXPECT_LE(std::abs(r.loss - mean.item<double>()), 1e-12 * std::abs(mean.item<double>()));
-  auto ref_params = ref_model->named_parameters();
-  for (auto& p : m->named_parameters()) {
-    auto g = p.value().grad(), ref = ref_params[p.key()].grad();
-    const double denom = ref.norm().item<double>();
-    EXPECT_LE(denom == 0 ? g.norm().item<double>() : (g - ref).norm().item<double>() / denom, 1e-10) << p.key();
+  for (auto sharding : {Sharding::kContiguous, Sharding::kZigzag}) {
+    SCOPED_TRACE(to_string(sharding));
+    auto m = cpharness::testing::make_model(c, torch::kFloat64);
+    RingOptions ring_options;
+    ring_options.mode = sharding == Sharding::kZigzag ? RingMode::kStream : RingMode::kCollect;  // both modes over MPI
+    RingAttention ring(*g_comm, ring_options);
+    CpStepOptions step;
+    step.sharding = sharding;
+    auto r = cp_forward_backward(*g_comm, m, ring, b, 1, step);
+    EXPECT_LE(std::abs(r.loss - mean.item<double>()), 1e-12 * std::abs(mean.item<double>()));
+    auto ref_params = ref_model->named_parameters();
+    for (auto& p : m->named_parameters()) {
+      auto g = p.value().grad(), ref = ref_params[p.key()].grad();
+      const double denom = ref.norm().item<double>();
+      EXPECT_LE(denom == 0 ? g.norm().item<double>() : (g - ref).norm().item<double>() / denom, 1e-10) << p.key();
+    }
   }
 }
 

@@ -1,0 +1,108 @@
+#include "harness/model/layer_checkpoint.h"
+
+#include "harness/model/gemma4.h"
+
+namespace cpharness::model {
+namespace {
+
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// What the recompute needs besides the saved inputs.
+struct LayerCall : torch::CustomClassHolder {
+  Gemma4DecoderLayerImpl* layer = nullptr;
+  int64_t index = 0, source = -1;
+  bool shares = false;        // the forward had a K/V store
+  bool kv_out = false;        // kKvHolder source: K and V are outputs
+  bool has_ple = false;       // a per-layer input (else its slot holds an empty placeholder)
+  bool kv_in = false;         // kKvHolder consumer: K and V are inputs (else placeholders)
+  KvPair constant_kv;         // kLayerOnly consumer: the K/V read in forward, without their graph
+  Tensor cos, sin;
+  kernels::TokenMetadata meta;
+  AttentionBackend* backend = nullptr;
+};
+
+// The layer on `h` with a store of its own: the source's K/V when given (consumer), this layer's K/V when it stores.
+variable_list run_layer(const LayerCall& call, const Tensor& h, const Tensor& ple_slot, const Tensor& k_in, const Tensor& v_in) {
+  KvStore store;
+  const Tensor ple = call.has_ple ? ple_slot : Tensor();
+  if (call.kv_in) store[call.source] = {k_in, v_in};
+  else if (call.constant_kv.first.defined()) store[call.source] = call.constant_kv;
+  auto out = call.layer->forward(h, call.cos, call.sin, ple, call.meta, *call.backend, call.shares ? &store : nullptr);
+  variable_list result{out};
+  if (call.kv_out) result.push_back(store.at(call.index).first), result.push_back(store.at(call.index).second);
+  return result;
+}
+
+Tensor leaf(const Tensor& t) { return t.defined() ? t.detach().requires_grad_(t.requires_grad()) : t; }
+
+struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction> {
+  static variable_list forward(AutogradContext* ctx, Tensor h, Tensor ple, Tensor k_in, Tensor v_in,
+                               c10::intrusive_ptr<LayerCall> call) {
+    auto outputs = run_layer(*call, h, ple, k_in, v_in);  // autograd records nothing inside a Function's forward
+    ctx->save_for_backward({h, ple, k_in, v_in});
+    ctx->saved_data["call"] = c10::IValue::make_capsule(call);
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto call = c10::static_intrusive_pointer_cast<LayerCall>(ctx->saved_data["call"].toCapsule());
+    auto h = leaf(saved[0]), ple = leaf(saved[1]), k = leaf(saved[2]), v = leaf(saved[3]);
+    torch::AutoGradMode grad_mode(true);
+    auto outputs = run_layer(*call, h, ple, k, v);
+    variable_list roots, root_grads;
+    for (size_t i = 0; i < outputs.size(); ++i)
+      if (grads[i].defined() && outputs[i].requires_grad()) roots.push_back(outputs[i]), root_grads.push_back(grads[i]);
+    if (!roots.empty()) torch::autograd::backward(roots, root_grads);  // parameter gradients accumulate here
+    auto grad_of = [](const Tensor& t) { return t.defined() && t.requires_grad() ? t.grad() : Tensor(); };
+    return {grad_of(h), grad_of(ple), grad_of(k), grad_of(v), Tensor()};
+  }
+};
+
+}  // namespace
+
+const char* to_string(ActivationCheckpointing mode) {
+  switch (mode) {
+    case ActivationCheckpointing::kOff: return "off";
+    case ActivationCheckpointing::kKvHolder: return "kv_holder";
+    case ActivationCheckpointing::kLayerOnly: return "layer_only";
+  }
+  return "off";
+}
+
+std::optional<ActivationCheckpointing> activation_checkpointing_from_string(const std::string& name) {
+  for (auto mode : {ActivationCheckpointing::kOff, ActivationCheckpointing::kKvHolder, ActivationCheckpointing::kLayerOnly})
+    if (name == to_string(mode)) return mode;
+  return std::nullopt;
+}
+
+Tensor checkpointed_layer(ActivationCheckpointing mode, Gemma4DecoderLayerImpl& layer, int64_t index, const Tensor& h,
+                          const Tensor& cos, const Tensor& sin, const Tensor& per_layer_input,
+                          const kernels::TokenMetadata& meta, AttentionBackend& backend, KvStore* store, int64_t source,
+                          bool stores_kv) {
+  auto call = c10::make_intrusive<LayerCall>();
+  call->layer = &layer, call->index = index, call->shares = store != nullptr;
+  call->cos = cos, call->sin = sin, call->meta = meta, call->backend = &backend;
+  // Custom functions take defined tensors only: an absent input is an empty placeholder that its flag says to ignore.
+  const auto placeholder = torch::empty({0}, h.options());
+  Tensor k_in = placeholder, v_in = placeholder;
+  const bool consumer = store && source >= 0 && source != index && store->count(source);
+  if (consumer) {
+    call->source = source;
+    call->kv_in = mode == ActivationCheckpointing::kKvHolder;
+    if (call->kv_in) std::tie(k_in, v_in) = store->at(source);
+    else call->constant_kv = {store->at(source).first.detach(), store->at(source).second.detach()};
+  }
+  call->has_ple = per_layer_input.defined();
+  call->kv_out = store && stores_kv;  // both modes compute them; only kKvHolder lets them out with a graph
+  auto outputs = CheckpointFunction::apply(h, call->has_ple ? per_layer_input : placeholder, k_in, v_in, call);
+  if (call->kv_out) {
+    if (mode == ActivationCheckpointing::kKvHolder) (*store)[index] = {outputs[1], outputs[2]};
+    else (*store)[index] = {outputs[1].detach(), outputs[2].detach()};  // as the plain checkpoint leaves them
+  }
+  return outputs[0];
+}
+
+}  // namespace cpharness::model

@@ -1,0 +1,79 @@
+// Activation checkpointing of whole decoder layers with KV sharing (case key activation_checkpointing): the question
+// the seed and upstream disagree on, settled by the harness's own checks. With the shared K/V crossing the checkpoint
+// through the share holder (kv_holder) every check passes; with the layer alone checkpointed (layer_only, what
+// torch.utils.checkpoint(use_reentrant=True) around each layer does) the gradient of the source layers' K/V
+// projections loses every consumer's share, and only on a model that shares K/V.
+#include <gtest/gtest.h>
+
+#include "harness/io/input_error.h"
+#include "harness/runner/selftest.h"
+#include "harness/runner/suite.h"
+#include "harness/train/case.h"
+
+namespace cpharness::runner {
+namespace {
+
+report::CaseReport run_with(train::Case c, const std::string& checkpointing, std::vector<int64_t> cps) {
+  c.activation_checkpointing = checkpointing;
+  c.cp_sizes = std::move(cps);
+  return run_case(c, SuiteOptions{});
+}
+
+TEST(ActivationCheckpointing, WithTheKvHolderEveryCheckPasses) {
+  for (const char* variant : {"default", "stream", "micro_batches"}) {
+    SCOPED_TRACE(variant);
+    const auto rep = run_with(selftest_case(variant), "kv_holder", {2, 3});
+    ASSERT_FALSE(rep.error) << *rep.error;
+    int parity = 0;
+    for (auto& k : rep.checks) {
+      EXPECT_NE(k.status, report::Status::Fail) << k.name << " cp " << k.cp << ": " << k.message;
+      EXPECT_NE(k.status, report::Status::Error) << k.name << " cp " << k.cp << ": " << k.message;
+      parity += k.name == "train.grad_norm_parity" && k.status == report::Status::Pass;
+    }
+    EXPECT_GT(parity, 0);
+  }
+}
+
+TEST(ActivationCheckpointing, TheLayerAloneLosesTheSharedKvGradientOnlyWithKvSharing) {
+  auto sharing = selftest_case("default");  // layers 4..7 read the K/V of layers 2 and 3
+  ASSERT_GT(sharing.model.num_kv_shared_layers, 0);
+  sharing.checks = {"train.grad_norm_parity"};
+  const auto rep = run_with(sharing, "layer_only", {2});
+  ASSERT_FALSE(rep.error) << *rep.error;
+  int failures = 0;
+  std::string first_divergence;
+  for (auto& k : rep.checks)
+    if (k.name == "train.grad_norm_parity" && k.status == report::Status::Fail) {
+      ++failures;
+      if (first_divergence.empty()) first_divergence = k.message;
+    }
+  EXPECT_GT(failures, 0);
+  // The first tensor to diverge belongs to a source layer's K/V path (layer 2 or 3).
+  EXPECT_TRUE(first_divergence.find("layers.2.") != std::string::npos ||
+              first_divergence.find("layers.3.") != std::string::npos) << first_divergence;
+
+  auto no_sharing = sharing;
+  no_sharing.model.num_kv_shared_layers = 0;
+  for (const auto& k : run_with(no_sharing, "layer_only", {2}).checks)
+    EXPECT_NE(k.status, report::Status::Fail) << k.name << ": " << k.message;
+}
+
+TEST(ActivationCheckpointing, TheCaseKeyTakesABooleanOrAModeName) {
+  auto j = nlohmann::json::parse(R"({"id": "ac", "model": {"preset": "tiny-e2b"}, "data": {"seq_len": 32}})");
+  j["activation_checkpointing"] = true;
+  EXPECT_EQ(train::case_from_json(j, "ac.json").activation_checkpointing, "kv_holder");
+  j["activation_checkpointing"] = "layer_only";
+  EXPECT_EQ(train::case_from_json(j, "ac.json").activation_checkpointing, "layer_only");
+  for (auto bad : {nlohmann::json("everything"), nlohmann::json(1)}) {
+    j["activation_checkpointing"] = bad;
+    try {
+      train::case_from_json(j, "ac.json");
+      ADD_FAILURE() << "accepted " << bad.dump();
+    } catch (const io::InputError& e) {
+      EXPECT_EQ(e.subject(), "activation_checkpointing") << e.what();
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cpharness::runner
