@@ -86,28 +86,31 @@ std::vector<CheckResult> check_masks(const train::Case& c, int cp, const cp::Rin
       auto global = kernels::dense_mask(meta, layer.geometry, B, plan.padded_len());
       for (int owner = 0; owner < cp; ++owner)
         for (auto& [q_range, kv_range] : segment_pairs(plan, r, owner)) {
-        ++pairs;
-        const auto q_meta = meta.slice(q_range.start, q_range.length), kv_meta = meta.slice(kv_range.start, kv_range.length);
-        const auto geometry = cp::ring_chunk_geometry(ring, r, owner, layer.geometry);
-        auto local = kernels::dense_mask(q_meta, kv_meta, q_range, kv_range, geometry, B);
-        auto expected = global.narrow(1, q_range.start, q_range.length).narrow(2, kv_range.start, kv_range.length);
-        const int64_t wrong = (local != expected).sum().item<int64_t>();
-        if (wrong && dense_first.is_null())
-          dense_first = {{"layer_type", layer.name}, {"owner", owner}, {"wrong_elements", wrong}};
-        dense_mismatch += wrong;
+          ++pairs;
+          const auto q_meta = meta.slice(q_range.start, q_range.length), kv_meta = meta.slice(kv_range.start, kv_range.length);
+          const auto geometry = cp::ring_chunk_geometry(ring, r, owner, layer.geometry);
+          auto local = kernels::dense_mask(q_meta, kv_meta, q_range, kv_range, geometry, B);
+          auto expected = global.narrow(1, q_range.start, q_range.length).narrow(2, kv_range.start, kv_range.length);
+          const int64_t wrong = (local != expected).sum().item<int64_t>();
+          if (wrong && dense_first.is_null())
+            dense_first = {{"layer_type", layer.name}, {"owner", owner}, {"q_start", q_range.start},
+                           {"kv_start", kv_range.start}, {"wrong_elements", wrong}};
+          dense_mismatch += wrong;
 
-        auto analytic = kernels::build_block_mask(q_meta, kv_meta, q_range, kv_range, geometry, B, ring.q_block, ring.kv_block);
-        if (mutation == BlockMaskMutation::kPartialAsFull) {
-          auto classes = kernels::block_classes(analytic);
-          classes.masked_fill_(classes == kernels::kPartialBlock, uint8_t(kernels::kFullBlock));
-          kernels::fill_block_lists(analytic, classes);
+          auto analytic = kernels::build_block_mask(q_meta, kv_meta, q_range, kv_range, geometry, B, ring.q_block, ring.kv_block);
+          if (mutation == BlockMaskMutation::kPartialAsFull) {
+            auto classes = kernels::block_classes(analytic);
+            classes.masked_fill_(classes == kernels::kPartialBlock, uint8_t(kernels::kFullBlock));
+            kernels::fill_block_lists(analytic, classes);
+          }
+          auto brute = kernels::build_block_mask_brute_force(q_meta, kv_meta, q_range, kv_range, geometry, B, ring.q_block, ring.kv_block);
+          if (auto diff = kernels::block_mask_mismatch(analytic, brute)) {
+            ++block_mismatch;
+            if (block_first.is_null())
+              block_first = {{"layer_type", layer.name}, {"owner", owner}, {"q_start", q_range.start},
+                             {"kv_start", kv_range.start}, {"difference", *diff}};
+          }
         }
-        auto brute = kernels::build_block_mask_brute_force(q_meta, kv_meta, q_range, kv_range, geometry, B, ring.q_block, ring.kv_block);
-        if (auto diff = kernels::block_mask_mismatch(analytic, brute)) {
-          ++block_mismatch;
-          if (block_first.is_null()) block_first = {{"layer_type", layer.name}, {"owner", owner}, {"difference", *diff}};
-        }
-      }
     }
     out.push_back(CheckResult::judge("mask.dense_slice", cp, r, "mismatched_elements", double(dense_mismatch), 0, Policy::Count,
                                      {{"first_mismatch", dense_first}, {"chunks_checked", pairs}}));
@@ -133,23 +136,23 @@ nlohmann::json block_mask_grids(const train::Case& c, int cp, const cp::RingOpti
     for (int r = 0; r < cp; ++r)
       for (int owner = 0; owner < cp; ++owner)
         for (auto& [q_range, kv_range] : segment_pairs(plan, r, owner)) {
-        const auto geometry = cp::ring_chunk_geometry(ring, r, owner, layer.geometry);
-        const auto mask = kernels::build_block_mask(meta.slice(q_range.start, q_range.length),
-                                                    meta.slice(kv_range.start, kv_range.length), q_range, kv_range,
-                                                    geometry, c.data.batch, ring.q_block, ring.kv_block);
-        const auto classes = kernels::block_classes(mask).select(0, 0).contiguous();  // batch row 0
-        const auto* p = classes.data_ptr<uint8_t>();
-        nlohmann::json tiles = nlohmann::json::array();
-        for (int64_t i = 0; i < classes.size(0); ++i) {
-          std::string row;
-          for (int64_t j = 0; j < classes.size(1); ++j) row += kTile[std::min<int>(p[i * classes.size(1) + j], 2)];
-          tiles.push_back(row);
+          const auto geometry = cp::ring_chunk_geometry(ring, r, owner, layer.geometry);
+          const auto mask = kernels::build_block_mask(meta.slice(q_range.start, q_range.length),
+                                                      meta.slice(kv_range.start, kv_range.length), q_range, kv_range,
+                                                      geometry, c.data.batch, ring.q_block, ring.kv_block);
+          const auto classes = kernels::block_classes(mask).select(0, 0).contiguous();  // batch row 0
+          const auto* p = classes.data_ptr<uint8_t>();
+          nlohmann::json tiles = nlohmann::json::array();
+          for (int64_t i = 0; i < classes.size(0); ++i) {
+            std::string row;
+            for (int64_t j = 0; j < classes.size(1); ++j) row += kTile[std::min<int>(p[i * classes.size(1) + j], 2)];
+            tiles.push_back(row);
+          }
+          nlohmann::json grid = {{"layer_type", type}, {"rank", r}, {"chunk_owner", owner}, {"q_blocks", classes.size(0)},
+                                 {"kv_blocks", classes.size(1)}, {"tiles", tiles}};
+          if (per_chunk > 1) grid["q_start"] = q_range.start, grid["kv_start"] = kv_range.start;  // zigzag sub-chunks
+          grids.push_back(std::move(grid));
         }
-        nlohmann::json grid = {{"layer_type", type}, {"rank", r}, {"chunk_owner", owner}, {"q_blocks", classes.size(0)},
-                               {"kv_blocks", classes.size(1)}, {"tiles", tiles}};
-        if (per_chunk > 1) grid["q_start"] = q_range.start, grid["kv_start"] = kv_range.start;  // zigzag sub-chunks
-        grids.push_back(std::move(grid));
-      }
   }
   return grids;
 }

@@ -115,6 +115,8 @@ class NcclComm final : public Comm {
   void sendrecv(const std::vector<at::Tensor>& send, int dst, std::vector<at::Tensor>& recv, int src, CommOp op,
                 Clock::time_point deadline) override {
     const char* name = comm_op_name(op);
+    // The streaming ring calls this from its background thread, whose current device is not yet this rank's.
+    cuda_check(cudaSetDevice(device_), "cudaSetDevice");
     for (const auto& t : send) check_device(t, op, dst);
     for (const auto& t : recv) check_device(t, op, src);
     nccl_check(ncclGroupStart(), "ncclGroupStart", -1, name);

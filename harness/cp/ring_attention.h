@@ -1,13 +1,16 @@
 // Ring attention for CP (cp-reference §1): each rank keeps its query shard; K/V chunks (with their owners'
-// per-token metadata) travel around the ring. Forward: own chunk first, then cp - 1 rotations, each chunk
-// through the block-mask cache and the kernels' chunk attention, merged by log-sum-exp. Backward: the ring is
-// replayed (recompute: no chunk is held between forward and backward, so memory stays at one shard of K/V per
-// layer, as upstream), per-chunk dq/dk/dv, and every foreign dK/dV is sent back to its owner and accumulated
-// there in fp32. RingAttention implements the model's AttentionBackend, so the model never knows.
+// per-token metadata) travel around the ring. Forward: own chunk first, then cp - 1 rotations (fewer under the hop
+// limit), each chunk through the block-mask cache and the kernels' chunk attention, merged by log-sum-exp.
+// Backward: the ring is replayed (recompute: no chunk is held between forward and backward), per-chunk dq/dk/dv, and
+// every foreign dK/dV reaches its owner, accumulated in fp32. Two modes (RingMode): `collect`, upstream's ring
+// (every chunk collected first, one direct return per distance), and `stream` (the next exchange posted before the
+// current chunk is computed, at most two chunks held, dK/dV accumulators travelling with their chunks); both give the
+// same bits. Under zigzag sharding a rank's tokens are two global ranges, and each (query range, key range) pair gets
+// its own block mask. RingAttention implements the model's AttentionBackend, so the model never knows.
 //
-// The algorithm is ring_forward / ring_backward in ring_attention.cpp; the selftest's known-bad variants go
-// through RingHooks (ring_hooks.h), and everything recorded (trace, per-chunk results, comm time) through a
-// RingObserver.
+// The algorithm is collect_forward / collect_backward and stream_forward / stream_backward in ring_attention.cpp;
+// the selftest's known-bad variants go through RingHooks (ring_hooks.h), and everything recorded (trace, per-chunk
+// results, comm time, chunks held) through a RingObserver.
 #pragma once
 #include <ctime>
 #include <torch/torch.h>
