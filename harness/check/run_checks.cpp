@@ -516,9 +516,9 @@ CheckResult check_trained(const report::LaneRun& run, const std::map<std::string
     ignores_input = std::abs(run.steps[0].loss - ln_vocab) <= 1e-3 * ln_vocab && logit_spread <= 1e-6 * scale;
   }
   auto waived = [&](const char* part) { return exemptions.count(part) > 0; };
-  const double defects = double(nonfinite + (waived("zero_grad_norm") ? 0 : zero_grad) +
-                                (loss_moved || waived("loss_frozen") ? 0 : 1) +
-                                (ignores_input && !waived("output_ignores_input") ? 1 : 0));
+  const double defects = double(nonfinite + (waived(train::kExemptZeroGradNorm) ? 0 : zero_grad) +
+                                (loss_moved || waived(train::kExemptLossFrozen) ? 0 : 1) +
+                                (ignores_input && !waived(train::kExemptOutputIgnoresInput) ? 1 : 0));
   auto res = CheckResult::judge("train.trained", run.cp, std::nullopt, "defects", defects, 0, Policy::Count,
                                 {{"steps_nonfinite", nonfinite}, {"steps_zero_grad_norm", zero_grad},
                                  {"loss_frozen", !loss_moved}, {"output_ignores_input", ignores_input},
@@ -530,10 +530,10 @@ CheckResult check_trained(const report::LaneRun& run, const std::map<std::string
   if (res.status != report::Status::Pass) {
     std::vector<std::string> why;
     if (nonfinite) why.push_back(fmt::format("{} step(s) with a non-finite loss or grad norm", nonfinite));
-    if (zero_grad && !waived("zero_grad_norm")) why.push_back(fmt::format("{} step(s) with grad norm exactly 0", zero_grad));
-    if (!loss_moved && !waived("loss_frozen"))
+    if (zero_grad && !waived(train::kExemptZeroGradNorm)) why.push_back(fmt::format("{} step(s) with grad norm exactly 0", zero_grad));
+    if (!loss_moved && !waived(train::kExemptLossFrozen))
       why.push_back(fmt::format("the loss is {:.9g} on all {} steps", run.steps[0].loss, run.steps.size()));
-    if (ignores_input && !waived("output_ignores_input"))
+    if (ignores_input && !waived(train::kExemptOutputIgnoresInput))
       why.push_back(fmt::format("its output ignores its input (step-0 logits equal at every position, loss {:.9g} = "
                                 "ln(vocab))", run.steps[0].loss));
     res.message = fmt::format("the cp {} run did not train: {}", run.cp, fmt::join(why, "; "));

@@ -83,6 +83,9 @@ class Comm {
   virtual int rank() const = 0;
   virtual int size() const = 0;
   virtual Backend backend() const = 0;
+  // Why this Comm may not be driven from a thread other than the one that made it (one thread at a time), or nullopt
+  // when it may (the streaming ring runs its exchanges on a background thread). mpi: below MPI_THREAD_SERIALIZED.
+  virtual std::optional<std::string> other_thread_problem() const { return std::nullopt; }
 
   std::chrono::milliseconds timeout() const { return timeout_; }
   void set_timeout(std::chrono::milliseconds t) { timeout_ = t; }

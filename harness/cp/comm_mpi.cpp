@@ -76,6 +76,13 @@ class MpiComm final : public Comm {
   }
 
   int rank() const override { return rank_; }
+  std::optional<std::string> other_thread_problem() const override {
+    int level = MPI_THREAD_SINGLE;
+    MPI_Query_thread(&level);
+    if (level >= MPI_THREAD_SERIALIZED) return std::nullopt;
+    return "this MPI provides thread level " + std::to_string(level) + ", below MPI_THREAD_SERIALIZED (" +
+           std::to_string(MPI_THREAD_SERIALIZED) + ")";
+  }
   int size() const override { return size_; }
   Backend backend() const override { return Backend::Mpi; }
   std::optional<at::Device> transfer_device() const override { return at::Device(at::kCPU); }

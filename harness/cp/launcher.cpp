@@ -1,4 +1,5 @@
 #include "harness/cp/launcher.h"
+#include "harness/cp/stderr_scanner.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -139,72 +140,6 @@ int free_loopback_port() {
   ::close(fd);
   return port;
 }
-
-namespace {
-
-// Pins a failure on one rank from the job's stderr. Evidence, strongest first: a rank mpirun saw die (signal or
-// non-zero exit); a rank blamed by a peer's CommError that never reported anything itself (it hung); a rank that
-// reported its own failure; any blamed rank.
-struct StderrScanner {
-  struct Seen {
-    int rank;
-    std::string line;
-  };
-  bool hard_failure = false;  // a rank failed (not only "the ranks exited 1 together")
-  std::vector<Seen> died, blamed, self_failed, reporters;
-  const std::regex ours{R"(cpharness: rank (\d+): )"};
-  // Anywhere after the message, not only at the line's end: mpirun's banners can be glued on behind it.
-  const std::regex culprit_tag{R"(\[culprit: rank (\d+)\])"};
-  const std::regex sig{R"(process rank (\d+) with PID .* exited on signal)"};
-  const std::regex abort_{R"(MPI_ABORT was invoked on rank (\d+))"};
-  const std::regex procname{R"(Process name: \[\[\d+,\d+\],(\d+)\])"};
-  const std::regex exitcode{R"(Exit code:\s+(\d+))"};
-
-  void line(const std::string& text) {
-    // Two ranks writing to the shared stderr at once can glue their messages into one line ("...[culprit: rank
-    // 1]cpharness: rank 0: ..."); each rank's message is read on its own, or one rank's blame is pinned on another.
-    static const std::string kPrefix = "cpharness: rank ";
-    std::size_t start = 0;
-    for (std::size_t at = text.find(kPrefix, 1); at != std::string::npos; at = text.find(kPrefix, at + 1)) {
-      one_line(text.substr(start, at - start));
-      start = at;
-    }
-    one_line(text.substr(start));
-  }
-  void one_line(const std::string& l) {
-    std::smatch m;
-    if (std::regex_search(l, m, ours)) {
-      hard_failure = true;
-      const int r = std::stoi(m[1].str());
-      reporters.push_back({r, l});
-      if (std::smatch b; std::regex_search(l, b, culprit_tag)) blamed.push_back({std::stoi(b[1].str()), l});
-      else self_failed.push_back({r, l});
-    } else if (std::regex_search(l, m, sig)) {
-      hard_failure = true;
-      died.push_back({std::stoi(m[1].str()), l});
-    } else if (std::regex_search(l, m, abort_)) {
-      hard_failure = true;
-    } else if (std::regex_search(l, m, procname)) {
-      died.push_back({std::stoi(m[1].str()), l});
-    } else if (std::regex_search(l, m, exitcode)) {
-      // 1 (a check failed) and 3 (no check ran) are verdicts every rank returns together; anything else is a failure.
-      if (m[1].str() != "1" && m[1].str() != "3") hard_failure = true;
-    }
-  }
-  const Seen* culprit() const {
-    if (!died.empty()) return &died.front();
-    for (const auto& b : blamed) {
-      bool reported = false;
-      for (const auto& r : reporters) reported = reported || r.rank == b.rank;
-      if (!reported) return &b;
-    }
-    if (!self_failed.empty()) return &self_failed.front();
-    if (!blamed.empty()) return &blamed.front();
-    return nullptr;
-  }
-};
-
-}  // namespace
 
 namespace {
 
@@ -380,7 +315,7 @@ void judge_job(LaunchResult& res, const StderrScanner& scan, bool timed_out, std
                   " ms limit and was killed (exit 2)";
   } else if (res.mpirun_status == 0) {
     res.exit_code = 0;
-  } else if ((res.mpirun_status == 1 || res.mpirun_status == 3) && !scan.hard_failure) {
+  } else if ((res.mpirun_status == 1 || res.mpirun_status == 3) && !scan.hard_failure()) {
     res.exit_code = res.mpirun_status;  // ranks agreed: a check failed (1), or no check ran (3, every case skipped)
   } else {
     res.exit_code = 2;

@@ -466,6 +466,10 @@ void RingAttention::exchange_times(std::chrono::steady_clock::time_point posted,
 void RingAttention::chunks_held(int chunks) { current_.peak_chunks = std::max<int64_t>(current_.peak_chunks, chunks); }
 
 CommWorker& RingAttention::worker() {
+  if (auto why = comm_.other_thread_problem())
+    throw CommError("the streaming ring runs exchanges on a background thread, which this " +
+                    std::string(backend_name(comm_.backend())) + " Comm cannot allow: " + *why + "; use ring.mode collect",
+                    "ring_exchange", comm_.rank());
   if (!worker_) worker_ = std::make_unique<CommWorker>();
   return *worker_;
 }

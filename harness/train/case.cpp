@@ -281,8 +281,9 @@ Case case_from_json(const json& j, const std::string& path) {
       const std::string field = "trained_exemptions." + it.key();
       if (it.key() == "nonfinite")
         throw InputError(path, field, "a non-finite loss or grad norm fails every run; it cannot be waived");
-      if (it.key() != "zero_grad_norm" && it.key() != "loss_frozen" && it.key() != "output_ignores_input")
-        throw InputError(path, field, "unknown: expected zero_grad_norm, loss_frozen or output_ignores_input");
+      if (it.key() != kExemptZeroGradNorm && it.key() != kExemptLossFrozen && it.key() != kExemptOutputIgnoresInput)
+        throw InputError(path, field, fmt::format("unknown: expected {}, {} or {}", kExemptZeroGradNorm, kExemptLossFrozen,
+                                                  kExemptOutputIgnoresInput));
       if (!it->is_string() || it->get<std::string>().empty())
         throw InputError(path, field, "expected the reason, a non-empty string");
       c.trained_exemptions[it.key()] = it->get<std::string>();

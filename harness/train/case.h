@@ -26,6 +26,11 @@ struct CaseTolerances {
   double cp_growth = 0.0;  // thresholds x (1 + cp_growth * log2(cp))
 };
 
+// The parts of train.trained a case may waive (Case::trained_exemptions); a non-finite run can never be waived.
+inline constexpr const char* kExemptZeroGradNorm = "zero_grad_norm";
+inline constexpr const char* kExemptLossFrozen = "loss_frozen";
+inline constexpr const char* kExemptOutputIgnoresInput = "output_ignores_input";
+
 struct Case {
   std::string id;
   std::string path;
