@@ -84,7 +84,7 @@ std::vector<Tensor> observed_exchange(const RingContext& ctx, const std::vector<
 class PostedExchange {
  public:
   PostedExchange() = default;
-  PostedExchange(const RingContext& ctx, std::vector<Tensor> send, bool grad_return, CommWorker::Exchange exchange)
+  PostedExchange(const RingContext& ctx, const std::vector<Tensor>& send, bool grad_return, CommWorker::Exchange exchange)
       : ctx_(&ctx), bytes_(bytes_of(send)), grad_return_(grad_return), posted_(std::chrono::steady_clock::now()),
         received_(ctx.worker->post(std::move(exchange))) {}
   bool pending() const { return received_.valid(); }
@@ -108,11 +108,10 @@ class PostedExchange {
   std::future<std::vector<Tensor>> received_;
 };
 
-// Posts the K/V of `chunk` to the next rank; what arrives is the previous rank's chunk.
-PostedExchange post_ring_exchange(const RingContext& ctx, std::vector<Tensor> send, bool grad_return = false) {
+// Posts `send` to the next rank around the ring; what arrives is the previous rank's.
+PostedExchange post_ring_exchange(const RingContext& ctx, const std::vector<Tensor>& send) {
   Comm* comm = &ctx.comm;
-  auto payload = send;
-  return PostedExchange(ctx, std::move(send), grad_return, [comm, payload] { return comm->ring_exchange(payload); });
+  return PostedExchange(ctx, send, false, [comm, send] { return comm->ring_exchange(send); });
 }
 
 // Own chunk first, then `steps` rotations (cp - 1, or fewer under the hop limit): at step s this rank holds the

@@ -508,23 +508,28 @@ TEST_F(CliTest, MpiRunMatchesTheLocalRunBitForBit) {
   }
 }
 
-// A rank that dies, and one that hangs, end the run within the timeout: exit 2, an error report naming the rank.
+// A rank that dies, and one that hangs, end the run within the timeout: exit 2, an error report naming the rank;
+// with the streaming ring too, whose exchanges a background thread runs.
 TEST_F(CliTest, MpiRunWithAFailingRankIsExit2WithAnErrorReportNamingIt) {
-  auto c = write("g.json", kGoodCase);
-  for (const std::string fault : {"crash@1", "hang@1:1"}) {
-    SCOPED_TRACE(fault);
-    const auto out = dir_ / fault;
-    const auto start = std::chrono::steady_clock::now();
-    auto r = run_cli("run " + c + " --comm mpi --nproc 2 --timeout 5 --out " + out.string(), "CPHARNESS_INJECT_FAULT=" + fault);
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    EXPECT_EQ(r.exit_code, 2) << r.output;
-    EXPECT_LT(seconds, 60) << r.output;
-    EXPECT_NE(r.output.find("rank 1"), std::string::npos) << r.output;
-    auto j = read_json(out / "report.json");
-    EXPECT_EQ(j["status"], "error");
-    EXPECT_NE(j.dump().find("rank 1"), std::string::npos) << j.dump(2);
-    for (auto& k : j["cases"]) EXPECT_TRUE(k["checks"].empty()) << "no partial result next to the error";
-  }
+  auto stream = nlohmann::json::parse(kGoodCase);
+  stream["ring"] = {{"mode", "stream"}};
+  const std::vector<std::pair<std::string, std::string>> cases = {{"collect", write("g.json", kGoodCase)},
+                                                                  {"stream", write("s.json", stream.dump())}};
+  for (const auto& [mode, c] : cases)
+    for (const std::string fault : {"crash@1", "hang@1:1"}) {
+      SCOPED_TRACE(mode + " " + fault);
+      const auto out = dir_ / (mode + "-" + fault);
+      const auto start = std::chrono::steady_clock::now();
+      auto r = run_cli("run " + c + " --comm mpi --nproc 2 --timeout 5 --out " + out.string(), "CPHARNESS_INJECT_FAULT=" + fault);
+      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      EXPECT_EQ(r.exit_code, 2) << r.output;
+      EXPECT_LT(seconds, 60) << r.output;
+      EXPECT_NE(r.output.find("rank 1"), std::string::npos) << r.output;
+      auto j = read_json(out / "report.json");
+      EXPECT_EQ(j["status"], "error");
+      EXPECT_NE(j.dump().find("rank 1"), std::string::npos) << j.dump(2);
+      for (auto& k : j["cases"]) EXPECT_TRUE(k["checks"].empty()) << "no partial result next to the error";
+    }
 }
 #endif
 
