@@ -166,6 +166,10 @@ runner::SuiteOptions plant_bug_from_env(runner::SuiteOptions o) {
   }
   planted.planted_bug = name;
   std::cerr << fmt::format("cpharness: CPHARNESS_PLANT_BUG={}: a known bug is planted in every candidate run\n", name);
+  for (auto& m : runner::selftest_mutants())
+    if (m.name == name && !m.acts_only_with.empty())
+      std::cerr << fmt::format("cpharness: note: this bug acts only in cases with {}; in others the runs are unchanged\n",
+                               m.acts_only_with);
   return planted;
 }
 

@@ -16,6 +16,7 @@ struct Mutant {
   std::vector<std::string> with_checks = {};  // also selected for the mutant's run (a check that judges others)
   std::vector<int64_t> cp = {};               // the cp sizes of the mutant's run, where not the case's (3)
   std::string variant = "default";            // the selftest case's variant for this mutant (its baseline too)
+  std::string acts_only_with = {};            // the case option without which the planted bug changes nothing
 };
 
 std::vector<Mutant> selftest_mutants();
