@@ -736,11 +736,20 @@ def render_ring(case, figs):
         passes = [p for p in ring.get("passes") or [] if isinstance(p, dict)]
         table = ""
         if passes:
-            table = ('<table class="small"><tr><th>pass</th><th>comm ops</th><th>bytes</th></tr>' +
+            # Optional column: the most K/V chunks one rank held at once (collect: every chunk; stream: at most 2).
+            peak = any("peak_chunks" in p for p in passes)
+            head_peak = "<th>peak K/V chunks held by a rank</th>" if peak else ""
+            table = ('<table class="small"><tr><th>pass</th><th>comm ops</th><th>bytes</th>' + head_peak + "</tr>" +
                      "".join(f"<tr><td>{esc(p.get('pass'))}</td><td>{esc(p.get('comm_ops'))}</td>"
-                             f"<td>{esc(p.get('bytes'))}</td></tr>" for p in passes) + "</table>")
-        cap = (f"cp {cp}: the owner of the K/V chunk each rank holds at each ring step; arrows are the exchanges"
-               f"{recorded_note}. Communication per optimizer step, summed over ranks:")
+                             f"<td>{esc(p.get('bytes'))}</td>"
+                             + (f"<td>{esc(p.get('peak_chunks', '–'))}</td>" if peak else "") + "</tr>"
+                             for p in passes) + "</table>")
+        mode = ring.get("mode")
+        mode_note = f" ({esc(mode)} ring)" if mode in ("collect", "stream") else ""
+        stream_note = (" In the stream ring the dK/dV shares do not go home one by one as drawn: they accumulate as"
+                       " they travel with their chunk and reach the owner in one exchange." if mode == "stream" else "")
+        cap = (f"cp {cp}{mode_note}: the owner of the K/V chunk each rank holds at each ring step; arrows are the exchanges"
+               f"{recorded_note}.{stream_note} Communication per optimizer step, summed over ranks:")
         out.append(figs.svg(fig, "ring", esc(cap)) + table)
     return "\n".join(out) + "</div>"
 

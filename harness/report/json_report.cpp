@@ -89,8 +89,12 @@ ojson case_json(const CaseReport& c) {
   ojson ring = ojson::object();
   for (const auto& [cp, t] : c.ring) {
     ojson passes = ojson::array();
-    for (const auto& p : t.passes) passes.push_back(ojson{{"pass", p.pass}, {"comm_ops", p.comm_ops}, {"bytes", p.bytes}});
+    for (const auto& p : t.passes) {
+      passes.push_back(ojson{{"pass", p.pass}, {"comm_ops", p.comm_ops}, {"bytes", p.bytes}});
+      if (p.peak_chunks > 0) passes.back()["peak_chunks"] = p.peak_chunks;
+    }
     ring[std::to_string(cp)] = ojson{{"owners", t.owners}, {"passes", std::move(passes)}};
+    if (!t.mode.empty()) ring[std::to_string(cp)]["mode"] = t.mode;
     if (!t.owners_by_pass.empty()) {
       ojson by = ojson::object();
       for (const auto& [pass, table] : t.owners_by_pass) by[pass] = table;
@@ -375,8 +379,13 @@ CaseReport read_case(const json& j, const std::string& path, const std::string& 
       rp.pass = p.str("pass");
       rp.comm_ops = p.integer("comm_ops", 0);
       rp.bytes = p.integer("bytes", 0);
+      if (p.has("peak_chunks")) rp.peak_chunks = p.integer("peak_chunks", 1);
       p.finish();
       tr.passes.push_back(std::move(rp));
+    }
+    if (t.has("mode")) {
+      tr.mode = t.str("mode");
+      if (tr.mode != "collect" && tr.mode != "stream") t.fail(t.key_path("mode"), "expected \"collect\" or \"stream\"");
     }
     t.finish();
     return tr;

@@ -86,6 +86,8 @@ struct RingPass {
   std::string pass;
   std::int64_t comm_ops = 0;
   std::int64_t bytes = 0;
+  // Optional: the most K/V chunks one rank held at once in a pass of this kind (any layer, any rank); 0 = not recorded.
+  std::int64_t peak_chunks = 0;
 };
 
 // The ring trace at one cp size.
@@ -95,6 +97,7 @@ struct RingTrace {
   std::vector<RingPass> passes;
   // Optional: the owners table of each pass ("forward", "backward"), from its first layer's trace.
   std::map<std::string, std::vector<std::vector<int>>> owners_by_pass;
+  std::string mode;  // optional: "collect" or "stream" (the ring's mode); empty = not recorded
 };
 
 // How fast and how big one run of a case was (the cp 1 reference, or a cp N candidate), one value per step.

@@ -83,7 +83,7 @@ bool agree_with_root(cp::Comm& world, bool ok, std::chrono::milliseconds wait) {
 namespace {
 
 // The ring's trace and the cache counters of a candidate, in the report's form.
-void record_ring_and_cache(report::CaseReport& rep, int n, const LaneRun& candidate) {
+void record_ring_and_cache(report::CaseReport& rep, int n, const LaneRun& candidate, cp::RingMode mode) {
   auto& cache = rep.block_mask_cache[n];
   cache.assign(size_t(n), {});
   for (size_t s = 0; s < candidate.cache.size(); ++s)
@@ -109,9 +109,13 @@ void record_ring_and_cache(report::CaseReport& rep, int n, const LaneRun& candid
     report::RingPass p{pass, 0, 0};
     for (int r = 0; r < n; ++r)
       for (auto& e : candidate.traces[size_t(r)])
-        if (e.pass == pass) p.comm_ops += e.ring_exchanges + e.grad_returns, p.bytes += e.bytes_sent;
+        if (e.pass == pass) {
+          p.comm_ops += e.ring_exchanges + e.grad_returns, p.bytes += e.bytes_sent;
+          p.peak_chunks = std::max(p.peak_chunks, e.peak_chunks);
+        }
     trace.passes.push_back(p);
   }
+  trace.mode = cp::to_string(mode);
   rep.ring[n] = trace;
 }
 
@@ -370,7 +374,7 @@ void judge_phase(const train::Case& c, const RunOptions& run_options, const Suit
     rep.checks.push_back(power_check(c, n, tol, runs));  // whatever the case selects
     if (wants_check(c, "kvshare.loss_parity") || wants_check(c, "kvshare.bug_detected"))
       append(rep.checks, c, kvshare_checks(c, n, tol, *runs.reference, run_options));
-    record_ring_and_cache(rep, n, candidate);
+    record_ring_and_cache(rep, n, candidate, run_options.ring.mode);
   }
   if (wants_check(c, "determinism.repeat_bitwise")) {
     auto repeat_case = c;

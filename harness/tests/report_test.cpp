@@ -190,6 +190,8 @@ Report sample_report() {
   pass.trajectories[2] = Trajectory{{2.5, 2.4000001, 2.3}, {1.0, 0.9, 0.8}, {10.0, 10.1, 10.2}};
   pass.block_mask_cache[2] = {{{10, 4, 6, 0, 1}, {10, 4, 6, 2, 1}}, {{10, 4, 6, 0, 1}, {10, 4, 6, 0, 1}}};
   pass.ring[2] = RingTrace{{{0, 1}, {1, 0}}, {{"forward", 2, 4096}, {"backward", 4, 8192}}};
+  pass.ring[2].passes[0].peak_chunks = 2;  // optional fields: the chunks held and the ring's mode
+  pass.ring[2].mode = "stream";
   r.cases.push_back(pass);
 
   CaseReport fail;
@@ -516,11 +518,13 @@ TEST(ReportJson, ReadBackEqualsWhatWasWritten) {
     ASSERT_EQ(y.ring.size(), x.ring.size());
     for (const auto& [cp, t] : x.ring) {
       EXPECT_EQ(y.ring.at(cp).owners, t.owners);
+      EXPECT_EQ(y.ring.at(cp).mode, t.mode);
       ASSERT_EQ(y.ring.at(cp).passes.size(), t.passes.size());
       for (std::size_t i2 = 0; i2 < t.passes.size(); ++i2) {
         EXPECT_EQ(y.ring.at(cp).passes[i2].pass, t.passes[i2].pass);
         EXPECT_EQ(y.ring.at(cp).passes[i2].comm_ops, t.passes[i2].comm_ops);
         EXPECT_EQ(y.ring.at(cp).passes[i2].bytes, t.passes[i2].bytes);
+        EXPECT_EQ(y.ring.at(cp).passes[i2].peak_chunks, t.passes[i2].peak_chunks);
       }
     }
   }
@@ -552,6 +556,16 @@ TEST(ReportJson, ReadingRejectsBadReportsNamingTheKey) {
     json m = good;
     m["cases"][0]["extra"] = true;
     expect_rejected(m, "cases[0].extra", "unknown key");
+  }
+  for (const json& bad : {json("async"), json(3)}) {  // the ring's optional mode
+    json m = good;
+    m["cases"][0]["ring"]["2"]["mode"] = bad;
+    try {
+      from_json(m, "r.json");
+      ADD_FAILURE() << "accepted ring mode " << bad.dump();
+    } catch (const io::InputError& e) {
+      EXPECT_NE(e.subject().find("mode"), std::string::npos) << e.what();
+    }
   }
   {
     json m = good;

@@ -197,9 +197,11 @@ def build_case(spec, failing, rng):
         owners = [[(r - s) % n for s in range(n)] for r in range(n)]
         local_bytes = 2 * 1 * 2 * math.ceil(seq_len / n) * 32 * 4
         case["ring"][str(n)] = {"owners": owners, "owners_by_pass": {"forward": owners, "backward": owners},
-                                "passes": [{"pass": "forward", "comm_ops": layers * n * (n - 1), "bytes": 0},
+                                "mode": "collect",
+                                "passes": [{"pass": "forward", "comm_ops": layers * n * (n - 1), "bytes": 0,
+                                            "peak_chunks": n},
                                            {"pass": "backward", "comm_ops": 2 * layers * n * (n - 1),
-                                            "bytes": layers * n * (n - 1) * local_bytes}]}
+                                            "bytes": layers * n * (n - 1) * local_bytes, "peak_chunks": n}]}
         grids = []
         for lt in sorted(geometries):
             for r in range(n):
