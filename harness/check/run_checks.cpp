@@ -160,7 +160,7 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
   // What a pass of a layer with h ring steps shows: exchanges around the ring, dK/dV returns home, chunks held.
   auto ring_exchanges = [&](const std::string& pass, int64_t h) { return pass == "backward" && stream ? 2 * h : h; };
   // Activation checkpointing runs every layer's forward ring twice: in the forward, and recomputed in the backward.
-  const int64_t forwards = c.activation_checkpointing == "off" ? 1 : 2;
+  const int64_t forwards = c.activation_checkpointing == model::ActivationCheckpointing::kOff ? 1 : 2;
   auto returns = [&](int64_t h) -> int64_t { return stream ? (h > 0) : h; };
   auto chunks_bound = [&](int64_t h) -> int64_t { return stream ? std::min<int64_t>(2, h + 1) : h + 1; };
   std::vector<CheckResult> out;
@@ -237,11 +237,12 @@ ExpectedCacheCounts expected_cache_counts(const train::Case& c, int cp, bool cac
   // mask per distinct (layer geometry, chunk) pair.
   // Under zigzag a chunk is two sub-chunks against the rank's two: four masks, each keyed by its own sub-chunk start.
   const int pairs = case_sharding(c) == cp::Sharding::kZigzag ? 4 : 1;
+  // Passes per layer: forward (again in the recompute under activation checkpointing) and backward.
+  const int passes = c.activation_checkpointing == model::ActivationCheckpointing::kOff ? 2 : 3;
   std::map<std::pair<int64_t, bool>, int> chunks_of_geometry;
   ExpectedCacheCounts e;
   for (int64_t l = 0; l < c.model.num_hidden_layers; ++l) {
     const int held = expected_ring_steps(c, l, cp) + 1;
-    const int passes = c.activation_checkpointing == "off" ? 2 : 3;  // forward (again in the recompute), backward
     e.lookups += passes * held * pairs;
     chunks_of_geometry[{c.model.layer_window(l).value_or(-1), c.model.layer_vision_bidirectional(l)}] = held * pairs;
   }

@@ -114,6 +114,15 @@ PostedExchange post_ring_exchange(const RingContext& ctx, const std::vector<Tens
   return PostedExchange(ctx, send, false, [comm, send] { return comm->ring_exchange(send); });
 }
 
+// Streaming, at ring step s of `steps`: posts the exchange that passes `chunk` on and brings the next one (none at the
+// last step), and reports the chunks alive, the one held and the one in flight.
+PostedExchange post_next_chunk(const RingContext& ctx, const Chunk& chunk, int s, int steps) {
+  PostedExchange next;
+  if (s < steps) next = post_ring_exchange(ctx, pack(chunk));
+  ctx.observer.chunks_held(next.pending() ? 2 : 1);
+  return next;
+}
+
 // Own chunk first, then `steps` rotations (cp - 1, or fewer under the hop limit): at step s this rank holds the
 // chunk of rank (r - s) mod cp.
 std::vector<Chunk> collect_chunks(const RingContext& ctx, int steps, const Tensor& k, const Tensor& v,
@@ -165,6 +174,17 @@ bool has_work(const std::vector<SegmentPair>& pairs) {
   return false;
 }
 
+// The masks of this rank's queries against the chunk held at a ring step, the chunk reported to the observer.
+std::vector<SegmentPair> visit_chunk(const RingContext& ctx, const LayerCall& call, const kernels::TokenMetadata& q_meta,
+                                     const Chunk& chunk, const Tensor& q) {
+  auto pairs = masks_for(ctx, call, q_meta, chunk, q);
+  ctx.observer.chunk(chunk.owner, has_work(pairs));
+  return pairs;
+}
+
+// Zeros shaped like `like` in the accumulation dtype `acc`.
+Tensor zeros_like_in(const Tensor& like, torch::ScalarType acc) { return torch::zeros(like.sizes(), like.options().dtype(acc)); }
+
 Tensor rows(const Tensor& t, int64_t start, int64_t length) { return t.narrow(2, start, length).contiguous(); }
 
 kernels::AttentionPartial empty_partial(const Tensor& q, int64_t rows_count) {
@@ -204,9 +224,7 @@ kernels::ChunkAttentionGrads chunk_backward(const RingContext& ctx, const LayerC
   if (pairs.size() == 1)
     return ctx.compute.backward(q, chunk.k, chunk.v, out, lse, dout, pairs.front().mask, call.scale);
   const auto acc = kernels::accumulation_dtype(q.scalar_type());
-  kernels::ChunkAttentionGrads g{torch::zeros(q.sizes(), q.options().dtype(acc)),
-                                 torch::zeros(chunk.k.sizes(), chunk.k.options().dtype(acc)),
-                                 torch::zeros(chunk.v.sizes(), chunk.v.options().dtype(acc))};
+  kernels::ChunkAttentionGrads g{zeros_like_in(q, acc), zeros_like_in(chunk.k, acc), zeros_like_in(chunk.v, acc)};
   for (auto& p : pairs) {
     if (!p.work) continue;
     const int64_t ql = p.q.length, kl = p.kv.length;
@@ -232,9 +250,8 @@ kernels::AttentionPartial collect_forward(const RingContext& ctx, const LayerCal
   ctx.observer.pass_begin(call.layer, "forward");
   std::vector<kernels::AttentionPartial> partials;
   for (auto& chunk : collect_chunks(ctx, steps_of(ctx, call), k, v, meta)) {
-    const auto pairs = masks_for(ctx, call, meta, chunk, q);
+    const auto pairs = visit_chunk(ctx, call, meta, chunk, q);
     const bool work = has_work(pairs);
-    ctx.observer.chunk(chunk.owner, work);
     if (work) partials.push_back(chunk_forward(ctx, call, q, chunk, pairs));
     ctx.observer.chunk_forward(call.layer, chunk.owner, work ? &partials.back() : nullptr);
   }
@@ -259,16 +276,15 @@ RingGrads collect_backward(const RingContext& ctx, const LayerCall& call, const 
   const auto acc = kernels::accumulation_dtype(q.scalar_type());
   auto chunks = collect_chunks(ctx, steps_of(ctx, call), k, v, meta);
   const int held = int(chunks.size());
-  auto dq = torch::zeros(q.sizes(), q.options().dtype(acc));
+  auto dq = zeros_like_in(q, acc);
   std::vector<Tensor> dk(held), dv(held);  // by ring step
   for (int s = 0; s < held; ++s) {
     const auto& chunk = chunks[size_t(s)];
-    const auto pairs = masks_for(ctx, call, meta, chunk, q);
+    const auto pairs = visit_chunk(ctx, call, meta, chunk, q);
     const bool work = has_work(pairs);
-    ctx.observer.chunk(chunk.owner, work);
     if (!work) {
-      dk[s] = torch::zeros(chunk.k.sizes(), chunk.k.options().dtype(acc));
-      dv[s] = torch::zeros(chunk.v.sizes(), chunk.v.options().dtype(acc));
+      dk[s] = zeros_like_in(chunk.k, acc);
+      dv[s] = zeros_like_in(chunk.v, acc);
       continue;
     }
     auto g = chunk_backward(ctx, call, q, chunk, out, lse, dout, pairs);
@@ -299,12 +315,9 @@ kernels::AttentionPartial stream_forward(const RingContext& ctx, const LayerCall
   Chunk chunk{ctx.hooks.owner_at_step(r, 0, n), k, v, meta};
   std::optional<kernels::AttentionPartial> merged;
   for (int s = 0; s <= steps; ++s) {
-    PostedExchange next;
-    if (s < steps) next = post_ring_exchange(ctx, pack(chunk));
-    ctx.observer.chunks_held(next.pending() ? 2 : 1);
-    const auto pairs = masks_for(ctx, call, meta, chunk, q);
+    auto next = post_next_chunk(ctx, chunk, s, steps);
+    const auto pairs = visit_chunk(ctx, call, meta, chunk, q);
     const bool work = has_work(pairs);
-    ctx.observer.chunk(chunk.owner, work);
     std::optional<kernels::AttentionPartial> partial;
     if (work) partial = chunk_forward(ctx, call, q, chunk, pairs);
     ctx.observer.chunk_forward(call.layer, chunk.owner, partial ? &*partial : nullptr);
@@ -327,17 +340,14 @@ RingGrads stream_backward(const RingContext& ctx, const LayerCall& call, const T
   ctx.observer.pass_begin(call.layer, "backward");
   const int n = ctx.comm.size(), r = ctx.comm.rank(), steps = steps_of(ctx, call);
   const auto acc = kernels::accumulation_dtype(q.scalar_type());
-  auto dq = torch::zeros(q.sizes(), q.options().dtype(acc));
+  auto dq = zeros_like_in(q, acc);
   Chunk chunk{ctx.hooks.owner_at_step(r, 0, n), k, v, meta};
   Tensor dk_acc, dv_acc, dk_own, dv_own;  // the held chunk's accumulators; this rank's share of its own chunk
   PostedExchange arriving_acc;            // the accumulators of the next chunk, from the rank that held it last
   for (int s = 0; s <= steps; ++s) {
-    PostedExchange next;
-    if (s < steps) next = post_ring_exchange(ctx, pack(chunk));
-    ctx.observer.chunks_held(next.pending() ? 2 : 1);
-    const auto pairs = masks_for(ctx, call, meta, chunk, q);
+    auto next = post_next_chunk(ctx, chunk, s, steps);
+    const auto pairs = visit_chunk(ctx, call, meta, chunk, q);
     const bool work = has_work(pairs);
-    ctx.observer.chunk(chunk.owner, work);
     Tensor dk_share, dv_share;
     if (work) {
       auto g = chunk_backward(ctx, call, q, chunk, out, lse, dout, pairs);
@@ -345,8 +355,8 @@ RingGrads stream_backward(const RingContext& ctx, const LayerCall& call, const T
       dq += g.dq;
       dk_share = g.dk.clone(), dv_share = g.dv.clone();  // summed into below; the record keeps the share alone
     } else {
-      dk_share = torch::zeros(chunk.k.sizes(), chunk.k.options().dtype(acc));
-      dv_share = torch::zeros(chunk.v.sizes(), chunk.v.options().dtype(acc));
+      dk_share = zeros_like_in(chunk.k, acc);
+      dv_share = zeros_like_in(chunk.v, acc);
     }
     if (s == 0) dk_own = dk_share, dv_own = dv_share;
     dk_acc = dk_share, dv_acc = dv_share;

@@ -165,8 +165,7 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
   step_options.average_gradients = options.step_mutation == StepMutation::kAverageGradients;
   step_options.swap_zigzag_halves = options.step_mutation == StepMutation::kSwapZigzagHalves;
   step_options.sharding = options.sharding;
-  step_options.activation_checkpointing =
-      model::activation_checkpointing_from_string(c.activation_checkpointing).value_or(model::ActivationCheckpointing::kOff);
+  step_options.activation_checkpointing = c.activation_checkpointing;
   step_options.zero_grad_per_micro_batch = options.step_mutation == StepMutation::kZeroGradPerMicroBatch;
   step_options.loss_chunk_tokens = c.loss_chunk_tokens;
   step_options.drop_boundary_label = options.drop_boundary_label;

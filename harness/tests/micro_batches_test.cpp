@@ -8,6 +8,7 @@
 #include "harness/model/weights.h"
 #include "harness/runner/selftest.h"
 #include "harness/runner/suite.h"
+#include "harness/tests/case_report_expectations.h"
 #include "harness/tests/model_fixtures.h"
 #include "harness/train/case.h"
 
@@ -94,16 +95,10 @@ TEST(MicroBatches, EveryCheckPassesAndCountsScaleWithTheMicroBatches) {
   c.cp_sizes = {2, 3};
   const auto rep = runner::run_case(c, runner::SuiteOptions{});
   ASSERT_FALSE(rep.error) << *rep.error;
-  int resets = 0;
-  for (auto& k : rep.checks) {
-    EXPECT_NE(k.status, report::Status::Fail) << k.name << " cp " << k.cp << ": " << k.message;
-    EXPECT_NE(k.status, report::Status::Error) << k.name << " cp " << k.cp << ": " << k.message;
-    if (k.name == "cache.generation_reset") {
-      ++resets;
-      EXPECT_EQ(k.details.at("expected_resets_per_step"), 2);
-    }
-  }
-  EXPECT_EQ(resets, 2 + 3);
+  testing::expect_no_failed_check(rep);
+  const auto resets = testing::results_of(rep, "cache.generation_reset");
+  for (auto& k : resets) EXPECT_EQ(k.details.at("expected_resets_per_step"), 2);
+  EXPECT_EQ(resets.size(), 2u + 3u);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include "harness/runner/case_runner.h"
 #include "harness/runner/selftest.h"
 #include "harness/runner/suite.h"
+#include "harness/tests/case_report_expectations.h"
 #include "harness/train/case.h"
 
 namespace cpharness::runner {
@@ -75,16 +76,10 @@ TEST(ZigzagSharding, EveryCheckPassesAndTheLayoutCheckJudgesEveryRank) {
   c.cp_sizes = {2, 3, 4};
   const auto rep = run_case(c, SuiteOptions{});
   ASSERT_FALSE(rep.error) << *rep.error;
-  int layout = 0;
-  for (auto& k : rep.checks) {
-    EXPECT_NE(k.status, report::Status::Fail) << k.name << " cp " << k.cp << ": " << k.message;
-    EXPECT_NE(k.status, report::Status::Error) << k.name << " cp " << k.cp << ": " << k.message;
-    if (k.name == "shard.layout") {
-      ++layout;
-      EXPECT_EQ(k.details.at("sharding"), "zigzag");
-    }
-  }
-  EXPECT_EQ(layout, 2 + 3 + 4);  // one per rank
+  testing::expect_no_failed_check(rep);
+  const auto layout = testing::results_of(rep, "shard.layout");
+  for (auto& k : layout) EXPECT_EQ(k.details.at("sharding"), "zigzag");
+  EXPECT_EQ(layout.size(), 2u + 3u + 4u);  // one per rank
 }
 
 TEST(ZigzagSharding, SwappedSubChunksAreCaughtByTheLayoutAndTheParityChecks) {

@@ -1,7 +1,5 @@
 #include "harness/train/case.h"
 
-#include "harness/model/layer_checkpoint.h"
-
 #include "harness/train/device.h"
 
 #include <fmt/format.h>
@@ -253,12 +251,17 @@ Case case_from_json(const json& j, const std::string& path) {
   }
   if (j.contains("activation_checkpointing")) {
     const json& a = j.at("activation_checkpointing");
-    if (a.is_boolean()) c.activation_checkpointing = a.get<bool>() ? "kv_holder" : "off";
-    else if (a.is_string()) c.activation_checkpointing = a.get<std::string>();
-    else throw InputError(path, "activation_checkpointing", "wrong type: expected true, false or a mode name");
-    if (!model::activation_checkpointing_from_string(c.activation_checkpointing))
-      throw InputError(path, "activation_checkpointing",
-                       "unknown mode '" + c.activation_checkpointing + "': expected \"off\", \"kv_holder\" or \"layer_only\"");
+    if (a.is_boolean()) {
+      c.activation_checkpointing = a.get<bool>() ? model::ActivationCheckpointing::kKvHolder : model::ActivationCheckpointing::kOff;
+    } else if (a.is_string()) {
+      const auto mode = model::activation_checkpointing_from_string(a.get<std::string>());
+      if (!mode)
+        throw InputError(path, "activation_checkpointing", "unknown mode '" + a.get<std::string>() +
+                                                               "': expected \"off\", \"kv_holder\" or \"layer_only\"");
+      c.activation_checkpointing = *mode;
+    } else {
+      throw InputError(path, "activation_checkpointing", "wrong type: expected true, false or a mode name");
+    }
   }
   if (j.contains("micro_batches")) {
     c.micro_batches = int_at(j, "micro_batches", path, "micro_batches", 1);

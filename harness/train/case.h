@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "harness/model/config.h"
+#include "harness/model/layer_checkpoint.h"
 #include "harness/train/batch.h"
 #include "harness/train/trainer.h"
 
@@ -50,7 +51,8 @@ struct Case {
   bool block_mask_cache = true;                // run the candidate with the block-mask cache on
   bool ring_hop_limit = false;                 // "ring": {"hop_limit": true}: sliding layers fetch only what W reaches
   std::string ring_mode = "collect";           // "ring": {"mode": "stream"}: exchanges posted ahead, dK/dV travelling
-  std::string activation_checkpointing = "off";  // candidates: "kv_holder" (true) or "layer_only" (layer_checkpoint.h)
+  // The candidates recompute each decoder layer in backward: kKvHolder (the key's true) or kLayerOnly (layer_checkpoint.h).
+  model::ActivationCheckpointing activation_checkpointing = model::ActivationCheckpointing::kOff;
   int64_t micro_batches = 1;                   // gradient accumulation: the batch's rows in this many micro-batches
   std::string sharding = "contiguous";         // "contiguous" or "zigzag" (2 cp sub-chunks, rank r holds r and 2cp-1-r)
   bool record_tensors = true;                  // false: no step-0 tensors or final parameters kept (real sizes)
