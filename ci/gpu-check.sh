@@ -7,7 +7,7 @@
 #   ci/gpu-check.sh [--out DIR] [--stages env,kernels,suite,bench,cases] [--quick] [--no-peers] [--peer-args "..."] [--dry-run]
 #
 # Stages: env (nvidia-smi, torch, library resolution), kernels (the `gpu` tests: CUDA attention and the harness on
-# CUDA), suite (cases/default on CUDA, ranks as threads), bench (attention kernel vs FlexAttention / SDPA), cases
+# CUDA), suite (cases/default on CUDA, ranks as threads and as processes), bench (attention kernel vs FlexAttention / SDPA), cases
 # (cases/gpu, the real-size cases).
 #
 # --quick: the attention benchmark at S 8k only; --no-peers: without FlexAttention / SDPA (their compiles take minutes).
@@ -105,13 +105,13 @@ if has_stage kernels; then
 fi
 
 if has_stage suite; then
-  # The default suite on CUDA: reference and candidates on the GPU, every check as on the CPU. cp N runs as one
-  # process per rank (mpirun, device tensors host-staged, every rank on this GPU): ranks as threads cannot run a
-  # CUDA backward (README, "CUDA").
-  for np in 2 4; do
-    run_stage "suite-cuda-mpi$np" "$bin/cpharness" run "$root/cases/default" --device cuda --comm mpi --nproc "$np" \
-      --timeout 300 --report "$out/$stamp-default-suite-cuda-cp$np.json" --junit "$out/$stamp-default-suite-cuda-cp$np.xml"
-  done
+  # The default suite on CUDA: reference and candidates on the GPU, every check as on the CPU. Ranks as threads on
+  # this GPU (--comm local, each case's own cp sizes), then as one process per rank (mpirun, device tensors
+  # host-staged, every rank on this GPU).
+  run_stage suite-cuda-threads "$bin/cpharness" run "$root/cases/default" --device cuda --timeout 300 \
+    --report "$out/$stamp-default-suite-cuda-threads.json" --junit "$out/$stamp-default-suite-cuda-threads.xml"
+  run_stage suite-cuda-mpi2 "$bin/cpharness" run "$root/cases/default" --device cuda --comm mpi --nproc 2 \
+    --timeout 300 --report "$out/$stamp-default-suite-cuda-cp2.json" --junit "$out/$stamp-default-suite-cuda-cp2.xml"
   run_stage suite-cuda-ops "$bin/cpharness" run "$root/cases/default/e4b-pattern.json" --device cuda --cuda-attention ops \
     --comm mpi --nproc 2 --timeout 300 --report "$out/$stamp-e4b-pattern-cuda-ops.json"
 fi

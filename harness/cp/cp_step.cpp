@@ -118,7 +118,9 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
   result.counted_tokens = int64_t(stats[1].item<double>());
   const int64_t step_tokens = step_options.step_counted_tokens >= 0 ? step_options.step_counted_tokens : result.counted_tokens;
   const double denominator = double(std::max<int64_t>(step_tokens, 1));
-  (loss.sum / denominator).backward();
+  auto scaled = loss.sum / denominator;
+  if (step_options.before_backward) step_options.before_backward(scaled);
+  scaled.backward();
   if (!step_options.reduce_gradients) {  // an accumulating micro-batch: the last one's all-reduce sums them all
     result.loss = global_sum / denominator;
     result.local_logits = logits;

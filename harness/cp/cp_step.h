@@ -6,6 +6,7 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -46,6 +47,9 @@ struct CpStepOptions {
   bool reduce_gradients = true;  // false: gradients stay local (all but the last micro-batch; the last sums all)
   // Recompute each decoder layer in backward (its forward ring runs again there).
   model::ActivationCheckpointing activation_checkpointing = model::ActivationCheckpointing::kOff;
+  // Called with the loss whose backward is about to run (its graph complete). Tests install autograd hooks with it
+  // (caller_thread_backward_test emulates a CUDA device's single autograd worker); runs leave it empty.
+  std::function<void(const torch::Tensor& loss)> before_backward;
 };
 
 // The token the power check perturbs: the first counted target (label != -100 after the full-sequence shift) of

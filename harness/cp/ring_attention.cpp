@@ -5,12 +5,12 @@
 #include <optional>
 
 #include "harness/cp/shard_plan.h"
+#include "harness/model/caller_thread_backward.h"
 
 namespace cpharness::cp {
 namespace {
 
 using torch::Tensor;
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // ---- What travels: one K/V chunk with its owner's metadata (bool padding goes as uint8) ----
@@ -398,37 +398,35 @@ RingGrads ring_backward(const RingContext& ctx, const LayerCall& call, const Ten
 
 // ---- The autograd shell ----
 
-// What the backward needs besides saved tensors: the ring it ran on, the layer's call and the query metadata
-// (integer tensors, never differentiated).
-struct SavedCall : torch::CustomClassHolder {
-  RingAttention* ring = nullptr;
-  LayerCall call;
-  kernels::TokenMetadata meta;
-};
-
 RingContext context_of(RingAttention& ring) {
   return {ring.comm(),       ring.cache(),   ring.compute(), ring.generation(), ring.local_len(),
           ring.sharding(), ring.options(), ring.hooks(),   ring,
           ring.options().mode == RingMode::kStream ? &ring.worker() : nullptr};
 }
 
-struct RingFunction : public torch::autograd::Function<RingFunction> {
-  static Tensor forward(AutogradContext* ctx, Tensor q, Tensor k, Tensor v, c10::intrusive_ptr<SavedCall> call) {
-    auto merged = ring_forward(context_of(*call->ring), call->call, q, k, v, call->meta);
-    ctx->save_for_backward({q, k, v, merged.out, merged.lse});
-    ctx->saved_data["call"] = c10::IValue::make_capsule(call);
-    return merged.out.to(q.scalar_type());
+// One layer's ring attention as an autograd operation. Its backward exchanges with the other ranks, so it runs on
+// the thread that called backward() (a rank's own thread), never on a CUDA device's shared autograd worker: ranks
+// as threads on one GPU would deadlock there (harness/model/caller_thread_backward.h).
+struct RingOp : model::CallerThreadOp {
+  RingAttention* ring = nullptr;
+  LayerCall call;
+  kernels::TokenMetadata meta;  // the query shard's metadata (integer tensors, never differentiated)
+  Tensor out, lse;              // the merged result in the accumulation dtype (detached: never the returned tensor)
+
+  variable_list forward(const variable_list& in) override {
+    auto merged = ring_forward(context_of(*ring), call, in[0], in[1], in[2], meta);
+    out = merged.out.detach(), lse = merged.lse.detach();
+    return {merged.out.to(in[0].scalar_type())};
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    const auto call = c10::static_intrusive_pointer_cast<SavedCall>(ctx->saved_data["call"].toCapsule());
-    const auto& q = saved[0];
-    const auto& k = saved[1];
-    const auto& v = saved[2];
-    auto g = ring_backward(context_of(*call->ring), call->call, q, k, v, saved[3], saved[4], grad_outputs[0].contiguous(),
-                           call->meta);
-    return {g.dq.to(q.scalar_type()), g.dk.to(k.scalar_type()), g.dv.to(v.scalar_type()), Tensor()};
+  variable_list backward(const variable_list& in, const variable_list& grad_outputs) override {
+    const auto& q = in[0];
+    const auto& k = in[1];
+    const auto& v = in[2];
+    TORCH_CHECK(out.defined(), "ring attention: a second backward through the same forward (retain_graph is not supported)");
+    auto g = ring_backward(context_of(*ring), call, q, k, v, out, lse, grad_outputs[0].contiguous(), meta);
+    out = lse = Tensor();
+    return {g.dq.to(q.scalar_type()), g.dk.to(k.scalar_type()), g.dv.to(v.scalar_type())};
   }
 };
 
@@ -453,11 +451,11 @@ void RingAttention::begin_batch(uint64_t generation, int64_t local_len, Sharding
 
 torch::Tensor RingAttention::attend(const model::AttentionInputs& in, const kernels::TokenMetadata& local_meta) {
   TORCH_CHECK(local_len_ == in.q.size(2), fmt::format("ring attention: begin_batch said S_loc = {}, q has {}", local_len_, in.q.size(2)));
-  auto call = c10::make_intrusive<SavedCall>();
-  call->ring = this;
-  call->call = {in.geometry, in.scale, in.layer_index};
-  call->meta = local_meta;
-  return RingFunction::apply(in.q, in.k, in.v, call);
+  auto op = c10::make_intrusive<RingOp>();
+  op->ring = this;
+  op->call = {in.geometry, in.scale, in.layer_index};
+  op->meta = local_meta;
+  return model::apply_on_caller_thread(op, {in.q, in.k, in.v})[0];
 }
 
 void RingAttention::pass_begin(int64_t layer, const char* pass) {

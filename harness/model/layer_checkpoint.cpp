@@ -1,16 +1,21 @@
 #include "harness/model/layer_checkpoint.h"
 
+#include "harness/model/caller_thread_backward.h"
 #include "harness/model/gemma4.h"
 
 namespace cpharness::model {
 namespace {
 
 using torch::Tensor;
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// What the recompute needs besides the saved inputs.
-struct LayerCall : torch::CustomClassHolder {
+Tensor leaf(const Tensor& t) { return t.defined() ? t.detach().requires_grad_(t.requires_grad()) : t; }
+
+// One checkpointed layer as an autograd operation: forward keeps only the inputs (the caller saves them), backward
+// recomputes the layer and backpropagates through the recompute. The recompute runs the attention backend's forward
+// again, which may block on other threads (a ring between ranks), so the backward runs on the thread that called
+// backward() (caller_thread_backward.h says why that matters on CUDA).
+struct LayerCall : CallerThreadOp {
   Gemma4DecoderLayerImpl* layer = nullptr;
   int64_t index = 0, source = -1;
   bool shares = false;        // the forward had a K/V store
@@ -21,43 +26,32 @@ struct LayerCall : torch::CustomClassHolder {
   Tensor cos, sin;
   kernels::TokenMetadata meta;
   AttentionBackend* backend = nullptr;
-};
 
-// The layer on `h` with a store of its own: the source's K/V when given (consumer), this layer's K/V when it stores.
-variable_list run_layer(const LayerCall& call, const Tensor& h, const Tensor& ple_slot, const Tensor& k_in, const Tensor& v_in) {
-  KvStore store;
-  const Tensor ple = call.has_ple ? ple_slot : Tensor();
-  if (call.kv_in) store[call.source] = {k_in, v_in};
-  else if (call.constant_kv.first.defined()) store[call.source] = call.constant_kv;
-  auto out = call.layer->forward(h, call.cos, call.sin, ple, call.meta, *call.backend, call.shares ? &store : nullptr);
-  variable_list result{out};
-  if (call.kv_out) result.push_back(store.at(call.index).first), result.push_back(store.at(call.index).second);
-  return result;
-}
+  // inputs: h, the per-layer input slot, the source's K and V slots.
+  variable_list forward(const variable_list& in) override { return run_layer(in[0], in[1], in[2], in[3]); }
 
-Tensor leaf(const Tensor& t) { return t.defined() ? t.detach().requires_grad_(t.requires_grad()) : t; }
-
-struct CheckpointFunction : public torch::autograd::Function<CheckpointFunction> {
-  static variable_list forward(AutogradContext* ctx, Tensor h, Tensor ple, Tensor k_in, Tensor v_in,
-                               c10::intrusive_ptr<LayerCall> call) {
-    auto outputs = run_layer(*call, h, ple, k_in, v_in);  // autograd records nothing inside a Function's forward
-    ctx->save_for_backward({h, ple, k_in, v_in});
-    ctx->saved_data["call"] = c10::IValue::make_capsule(call);
-    return outputs;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto call = c10::static_intrusive_pointer_cast<LayerCall>(ctx->saved_data["call"].toCapsule());
-    auto h = leaf(saved[0]), ple = leaf(saved[1]), k = leaf(saved[2]), v = leaf(saved[3]);
+  variable_list backward(const variable_list& in, const variable_list& grads) override {
+    auto h = leaf(in[0]), ple = leaf(in[1]), k = leaf(in[2]), v = leaf(in[3]);
     torch::AutoGradMode grad_mode(true);
-    auto outputs = run_layer(*call, h, ple, k, v);
+    auto outputs = run_layer(h, ple, k, v);
     variable_list roots, root_grads;
     for (size_t i = 0; i < outputs.size(); ++i)
       if (grads[i].defined() && outputs[i].requires_grad()) roots.push_back(outputs[i]), root_grads.push_back(grads[i]);
     if (!roots.empty()) torch::autograd::backward(roots, root_grads);  // parameter gradients accumulate here
     auto grad_of = [](const Tensor& t) { return t.defined() && t.requires_grad() ? t.grad() : Tensor(); };
-    return {grad_of(h), grad_of(ple), grad_of(k), grad_of(v), Tensor()};
+    return {grad_of(h), grad_of(ple), grad_of(k), grad_of(v)};
+  }
+
+  // The layer on `h` with a store of its own: the source's K/V when given (consumer), this layer's K/V when it stores.
+  variable_list run_layer(const Tensor& h, const Tensor& ple_slot, const Tensor& k_in, const Tensor& v_in) const {
+    KvStore store;
+    const Tensor ple = has_ple ? ple_slot : Tensor();
+    if (kv_in) store[source] = {k_in, v_in};
+    else if (constant_kv.first.defined()) store[source] = constant_kv;
+    auto out = layer->forward(h, cos, sin, ple, meta, *backend, shares ? &store : nullptr);
+    variable_list result{out};
+    if (kv_out) result.push_back(store.at(index).first), result.push_back(store.at(index).second);
+    return result;
   }
 };
 
@@ -97,7 +91,7 @@ Tensor checkpointed_layer(ActivationCheckpointing mode, Gemma4DecoderLayerImpl& 
   }
   call->has_ple = per_layer_input.defined();
   call->kv_out = store && stores_kv;  // both modes compute them; only kKvHolder lets them out with a graph
-  auto outputs = CheckpointFunction::apply(h, call->has_ple ? per_layer_input : placeholder, k_in, v_in, call);
+  auto outputs = apply_on_caller_thread(call, {h, call->has_ple ? per_layer_input : placeholder, k_in, v_in});
   if (call->kv_out) {
     if (mode == ActivationCheckpointing::kKvHolder) (*store)[index] = {outputs[1], outputs[2]};
     else (*store)[index] = {outputs[1].detach(), outputs[2].detach()};  // as the plain checkpoint leaves them

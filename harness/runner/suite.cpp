@@ -360,9 +360,8 @@ void judge_phase(const train::Case& c, const RunOptions& run_options, const Suit
       if ((params_noisy || grads_noisy) && !fp64_reference)
         fp64_reference = reference_run(c, train::DtypeLane::kFp64, rerun_options);
       if (params_noisy || grads_noisy) fp64.reference = &*fp64_reference;
-      // The cp N rerun runs ranks as threads in this process whatever the backend (the judge is one process), which
-      // libtorch's autograd engine allows on the CPU only: on CUDA the parameters keep the fp32 judgement.
-      if (params_noisy && run_options.device.is_cpu()) {
+      // The cp N rerun runs ranks as threads in this process whatever the backend (the judge is one process).
+      if (params_noisy) {
         fp64_candidate = run_cp(c, train::DtypeLane::kFp64, n, rerun_options);
         fp64.candidate = &*fp64_candidate;
       }
@@ -404,22 +403,6 @@ std::optional<std::string> unsupported_configuration(const train::Case& c, const
   if (options.world && c.reference_cp > 1)
     return fmt::format("reference_cp {} runs its ranks as threads of rank 0; under a process backend (--comm {}) only "
                        "reference_cp 1 is supported so far", c.reference_cp, cp::backend_name(options.world->backend()));
-  if (!options.world && device_of(c, options).is_cuda() && c.reference_cp > 1)
-    return fmt::format("reference_cp {} on CUDA needs ranks as threads, which cannot run a CUDA backward (see below); "
-                       "use reference_cp 1", c.reference_cp);
-  if (options.world || !device_of(c, options).is_cuda()) return std::nullopt;
-  for (int n : cp_sizes_of(c, options))
-    if (n > 1)
-      // libtorch's autograd engine runs every backward function of one CUDA device on that device's single worker
-      // thread, whichever thread called backward(). Ranks as threads on one GPU therefore share that thread, and
-      // the ring backward's blocking exchange of one rank waits for a peer whose backward is queued behind it: a
-      // deadlock (seen on an H200: rank 1 timed out waiting for rank 0's dK/dV). Processes have an engine each.
-      return fmt::format(
-          "cp {} on CUDA cannot run with ranks as threads (--comm local): libtorch's autograd engine runs all "
-          "backward work of a CUDA device on one worker thread, so the ring backward's exchanges between ranks "
-          "deadlock; use --comm mpi --nproc {} (one process per rank, device tensors host-staged; ranks may share "
-          "one GPU) or --comm nccl (one GPU per rank)",
-          n, n);
   return std::nullopt;
 }
 

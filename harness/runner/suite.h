@@ -43,8 +43,8 @@ bool agree_with_root(cp::Comm& world, bool ok, std::chrono::milliseconds wait);
 // True when `check` is requested by the case (exact name or a prefix ending in '.').
 bool wants_check(const train::Case& c, const std::string& check);
 
-// Why the case cannot run as configured (checked before any work), or nullopt. Today: cp > 1 on CUDA with ranks as
-// threads (--comm local), which libtorch's autograd engine cannot run (see the definition).
+// Why the case cannot run as configured (checked before any work), or nullopt: a cp size the sequence cannot be
+// sharded into, or reference_cp > 1 under a process backend.
 std::optional<std::string> unsupported_configuration(const train::Case& c, const SuiteOptions& options);
 
 report::CaseReport run_case(const train::Case& c, const SuiteOptions& options);

@@ -3,8 +3,10 @@
 //   * the libtorch-ops chunk attention on CUDA tensors against the same function on the CPU (fp32 <= 1e-5
 //     relative), at Gemma4's head dims 256 and 512, on random masks of every kind;
 //   * the ring's chunk compute (CUDA kernel path) against the CPU on the same inputs;
-//   * the cp 1 reference of default cases on CUDA against the CPU; cp N with ranks as threads on CUDA is refused
-//     with the reason (cp N on one GPU runs as processes: ci/gpu-check.sh runs the default suite so).
+//   * the cp 1 reference of default cases on CUDA against the CPU;
+//   * cp N with ranks as threads on one GPU (--comm local): every check of the default cases, both ring modes and
+//     layouts, activation checkpointing, reference_cp. Before the ring's backward ran on the rank's own thread this
+//     deadlocked on the device's single autograd worker (harness/model/caller_thread_backward.h).
 #include <gtest/gtest.h>
 
 #include <random>
@@ -12,6 +14,7 @@
 #include "harness/cp/chunk_compute.h"
 #include "harness/runner/case_runner.h"
 #include "harness/runner/suite.h"
+#include "harness/tests/case_report_expectations.h"
 #include "harness/train/case.h"
 #include "harness/train/device.h"
 #include "kernels/block_mask_builder.h"
@@ -130,16 +133,32 @@ train::Case default_case(const std::string& name) {
   return train::load_case(std::string(CPHARNESS_SOURCE_DIR) + "/cases/default/" + name + ".json");
 }
 
-TEST(GpuCases, RanksAsThreadsOnCudaAreRefusedWithTheReason) {
+TEST(GpuCases, RanksAsThreadsOnOneGpuPassEveryCheck) {
   SKIP_WITHOUT_CUDA();
   runner::SuiteOptions o;
   o.device = "cuda";
-  auto why = runner::unsupported_configuration(default_case("e4b-pattern"), o);
-  ASSERT_TRUE(why.has_value());
-  EXPECT_NE(why->find("autograd engine"), std::string::npos) << *why;
-  EXPECT_NE(why->find("--comm mpi"), std::string::npos) << *why;
-  o.cp_sizes = std::vector<int>{1};
-  EXPECT_FALSE(runner::unsupported_configuration(default_case("e4b-pattern"), o).has_value());
+  // e4b-pattern: 168 lookups -> 4 builds at cp 2; the zigzag case checkpoints layers; the stream case streams.
+  for (const char* name : {"e4b-pattern", "tiny-e4b-zigzag", "tiny-31b-stream"}) {
+    SCOPED_TRACE(name);
+    auto c = default_case(name);
+    EXPECT_FALSE(runner::unsupported_configuration(c, o).has_value());
+    const auto rep = runner::run_case(c, o);
+    ASSERT_FALSE(rep.error) << *rep.error;
+    testing::expect_no_failed_check(rep);
+    EXPECT_FALSE(testing::results_of(rep, "cache.hit_count").empty());
+  }
+}
+
+TEST(GpuCases, AReferenceAtCp2OnOneGpuJudgesCp4) {
+  SKIP_WITHOUT_CUDA();
+  runner::SuiteOptions o;
+  o.device = "cuda";
+  auto c = default_case("e4b-pattern");
+  c.reference_cp = 2;
+  c.cp_sizes = {4};
+  const auto rep = runner::run_case(c, o);
+  ASSERT_FALSE(rep.error) << *rep.error;
+  testing::expect_no_failed_check(rep);
 }
 
 // The cp 1 reference on CUDA against the same reference on the CPU: same weights, batches and steps; fp32 within
