@@ -7,6 +7,9 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 namespace {
+// The token between the two nodes, and its gradient: a 0-d CPU tensor, which is what places compute's backward.
+Tensor cpu_token() { return torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat32).device(torch::kCPU)); }
+
 c10::intrusive_ptr<CallerThreadOp> op_of(AutogradContext* ctx) {
   return c10::static_intrusive_pointer_cast<CallerThreadOp>(ctx->saved_data["op"].toCapsule());
 }
@@ -19,7 +22,7 @@ struct CallerThreadCompute : public torch::autograd::Function<CallerThreadComput
     op->outputs_ = op->forward(op->with_gaps(inputs.vec()));
     ctx->save_for_backward(inputs.vec());
     ctx->saved_data["op"] = c10::IValue::make_capsule(op);
-    return torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat32).device(torch::kCPU));
+    return cpu_token();
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list /*token gradient*/) {
@@ -44,7 +47,7 @@ struct CallerThreadRelease : public torch::autograd::Function<CallerThreadReleas
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     op_of(ctx)->grad_outputs_ = std::move(grad_outputs);
-    return {torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat32).device(torch::kCPU)), Tensor()};
+    return {cpu_token(), Tensor()};
   }
 };
 

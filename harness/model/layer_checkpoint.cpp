@@ -20,14 +20,12 @@ struct LayerCall : CallerThreadOp {
   int64_t index = 0, source = -1;
   bool shares = false;        // the forward had a K/V store
   bool kv_out = false;        // kKvHolder source: K and V are outputs
-  bool has_ple = false;       // a per-layer input (else its slot holds an empty placeholder)
-  bool kv_in = false;         // kKvHolder consumer: K and V are inputs (else placeholders)
   KvPair constant_kv;         // kLayerOnly consumer: the K/V read in forward, without their graph
   Tensor cos, sin;
   kernels::TokenMetadata meta;
   AttentionBackend* backend = nullptr;
 
-  // inputs: h, the per-layer input slot, the source's K and V slots.
+  // inputs: h, the per-layer input, the source's K and V (a kKvHolder consumer's; each undefined when absent).
   variable_list forward(const variable_list& in) override { return run_layer(in[0], in[1], in[2], in[3]); }
 
   variable_list backward(const variable_list& in, const variable_list& grads) override {
@@ -43,10 +41,9 @@ struct LayerCall : CallerThreadOp {
   }
 
   // The layer on `h` with a store of its own: the source's K/V when given (consumer), this layer's K/V when it stores.
-  variable_list run_layer(const Tensor& h, const Tensor& ple_slot, const Tensor& k_in, const Tensor& v_in) const {
+  variable_list run_layer(const Tensor& h, const Tensor& ple, const Tensor& k_in, const Tensor& v_in) const {
     KvStore store;
-    const Tensor ple = has_ple ? ple_slot : Tensor();
-    if (kv_in) store[source] = {k_in, v_in};
+    if (k_in.defined()) store[source] = {k_in, v_in};
     else if (constant_kv.first.defined()) store[source] = constant_kv;
     auto out = layer->forward(h, cos, sin, ple, meta, *backend, shares ? &store : nullptr);
     variable_list result{out};
@@ -79,19 +76,15 @@ Tensor checkpointed_layer(ActivationCheckpointing mode, Gemma4DecoderLayerImpl& 
   auto call = c10::make_intrusive<LayerCall>();
   call->layer = &layer, call->index = index, call->shares = store != nullptr;
   call->cos = cos, call->sin = sin, call->meta = meta, call->backend = &backend;
-  // Custom functions take defined tensors only: an absent input is an empty placeholder that its flag says to ignore.
-  const auto placeholder = torch::empty({0}, h.options());
-  Tensor k_in = placeholder, v_in = placeholder;
+  Tensor k_in, v_in;
   const bool consumer = store && source >= 0 && source != index && store->count(source);
   if (consumer) {
     call->source = source;
-    call->kv_in = mode == ActivationCheckpointing::kKvHolder;
-    if (call->kv_in) std::tie(k_in, v_in) = store->at(source);
+    if (mode == ActivationCheckpointing::kKvHolder) std::tie(k_in, v_in) = store->at(source);
     else call->constant_kv = {store->at(source).first.detach(), store->at(source).second.detach()};
   }
-  call->has_ple = per_layer_input.defined();
   call->kv_out = store && stores_kv;  // both modes compute them; only kKvHolder lets them out with a graph
-  auto outputs = apply_on_caller_thread(call, {h, call->has_ple ? per_layer_input : placeholder, k_in, v_in});
+  auto outputs = apply_on_caller_thread(call, {h, per_layer_input, k_in, v_in});
   if (call->kv_out) {
     if (mode == ActivationCheckpointing::kKvHolder) (*store)[index] = {outputs[1], outputs[2]};
     else (*store)[index] = {outputs[1].detach(), outputs[2].detach()};  // as the plain checkpoint leaves them
