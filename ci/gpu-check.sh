@@ -8,7 +8,7 @@
 #
 # Stages: env (nvidia-smi, torch, library resolution), kernels (the `gpu` tests: CUDA attention and the harness on
 # CUDA), suite (cases/default on CUDA, ranks as threads and as processes), bench (attention kernel vs FlexAttention / SDPA), cases
-# (cases/gpu, the real-size cases).
+# (cases/gpu, the real-size cases, ranks as threads; CASES="file ..." picks some).
 #
 # --quick: the attention benchmark at S 8k only; --no-peers: without FlexAttention / SDPA (their compiles take minutes).
 #
@@ -129,10 +129,14 @@ if has_stage bench; then
 fi
 
 if has_stage cases; then
-  if [ -d "$root/cases/gpu" ]; then
-    run_stage cases "$bin/cpharness" run "$root/cases/gpu" --device cuda --comm mpi --nproc 2 --timeout 1200 \
-      --report "$out/$stamp-cases.json" --junit "$out/$stamp-cases.xml"
-  fi
+  # The real-size cases, ranks as threads on this GPU (one shared copy of the weights, each rank its own stream and
+  # gradients), each case its own report so that one that does not fit leaves the others' figures. CASES (a
+  # space-separated list of case files) picks some; default every file in cases/gpu, smallest first.
+  for case_file in ${CASES:-$root/cases/gpu/e2b.json $root/cases/gpu/31b.json $root/cases/gpu/e4b.json}; do
+    name=$(basename "$case_file" .json)
+    run_stage "case-$name" "$bin/cpharness" run "$case_file" --device cuda --timeout 1200 \
+      --report "$out/$stamp-case-$name.json" --junit "$out/$stamp-case-$name.xml"
+  done
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then

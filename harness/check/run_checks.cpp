@@ -206,7 +206,7 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
                                                "the one in flight)"}}));
     // Comm counts per step against the formula: forward h ring steps per layer, backward h replay steps and h
     // direct returns per layer (h = cp - 1, or the hop limit), each once per micro-batch; an all-reduce of the loss
-    // statistics per micro-batch and one of the gradients.
+    // statistics per micro-batch and one gradient reduction (as many calls as it has buckets).
     const auto& stats = cand.comm_step0.at(size_t(r));
     int64_t expected_bytes = 0, expected_ring = 0, expected_returns = 0;
     const cp::ShardPlan plan(c.data.seq_len, n);
@@ -222,11 +222,13 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
     const int64_t got_bytes = stats.bytes(cp::CommOp::Exchange);
     const double misses = double(std::abs(got_ring - expected_ring) + std::abs(got_exchange - expected_returns) +
                                  (got_bytes != expected_bytes) + wrong_return +
-                                 std::abs(stats.ops(cp::CommOp::AllReduce) - (c.micro_batches + 1)));
+                                 std::abs(stats.ops(cp::CommOp::AllReduce) - (c.micro_batches + cand.gradient_all_reduces)));
     out.push_back(CheckResult::judge("ring.grad_return", n, r, "count_mismatches", misses, 0, Policy::Count,
                                      {{"ring_exchanges", got_ring}, {"expected_ring_exchanges", expected_ring},
                                       {"grad_returns", got_exchange}, {"expected_grad_returns", expected_returns},
                                       {"grad_return_bytes", got_bytes}, {"expected_grad_return_bytes", expected_bytes},
+                                      {"all_reduces", stats.ops(cp::CommOp::AllReduce)},
+                                      {"expected_all_reduces", c.micro_batches + cand.gradient_all_reduces},
                                       {"passes_without_full_return", wrong_return}}));
   }
   return out;

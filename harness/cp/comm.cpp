@@ -9,6 +9,8 @@
 #include <sstream>
 #include <thread>
 
+#include "harness/train/device.h"
+
 namespace cpharness::cp {
 
 CommError::CommError(const std::string& message, std::string op, int rank, int peer)
@@ -245,6 +247,7 @@ struct LocalWorld::State {
   struct Message {
     CommOp op;
     std::vector<at::Tensor> tensors;
+    std::shared_ptr<const train::StreamHandoff> handoff;  // ranks on one GPU on streams of their own
   };
   explicit State(int n) : size(n) {}
   int size;
@@ -284,6 +287,7 @@ class LocalComm final : public Comm {
       LocalWorld::State::Message m{op, {}};
       m.tensors.reserve(send.size());
       for (const auto& t : send) m.tensors.push_back(t.clone(at::MemoryFormat::Contiguous));
+      m.handoff = train::StreamHandoff::mark(m.tensors);
       std::lock_guard<std::mutex> lk(st_->mu);
       throw_if_aborted(op, dst);
       st_->boxes[{rank_, dst}].push_back(std::move(m));
@@ -313,6 +317,7 @@ class LocalComm final : public Comm {
       throw CommError(where(op) + ": rank " + std::to_string(src) + " sent " + std::to_string(m.tensors.size()) +
                           " tensors, expected " + std::to_string(recv.size()),
                       name, rank_, src);
+    if (m.handoff) m.handoff->accept(m.tensors);
     for (size_t i = 0; i < recv.size(); ++i) {
       const auto& in = m.tensors[i];
       if (in.sizes() != recv[i].sizes() || in.scalar_type() != recv[i].scalar_type()) {

@@ -1,5 +1,7 @@
 #include "harness/cp/comm_worker.h"
 
+#include "harness/train/device.h"
+
 namespace cpharness::cp {
 
 CommWorker::CommWorker() : thread_([this] { run(); }) {}
@@ -14,7 +16,12 @@ CommWorker::~CommWorker() {
 }
 
 std::future<std::vector<at::Tensor>> CommWorker::post(Exchange exchange) {
-  std::packaged_task<std::vector<at::Tensor>()> task(std::move(exchange));
+  // The exchange runs on the poster's stream (ranks as threads on one GPU each have their own), so that it follows
+  // the work that produced what it sends, and what it receives precedes the poster's later work.
+  std::packaged_task<std::vector<at::Tensor>()> task([stream = train::ThreadStream(), exchange = std::move(exchange)] {
+    const auto on_poster_stream = stream.use();
+    return exchange();
+  });
   auto done = task.get_future();
   {
     std::lock_guard<std::mutex> lock(mu_);

@@ -1,28 +1,58 @@
 #include "harness/cp/cp_step.h"
 
+#include <array>
+
 #include "harness/model/chunked_loss.h"
+#include "harness/train/device.h"
 #include "harness/model/weights.h"
 
 namespace cpharness::cp {
 
-void all_reduce_gradients(Comm& comm, const std::vector<torch::Tensor>& parameters) {
-  if (parameters.empty()) return;
-  // One flat buffer in the widest dtype present, so one collective serves every tensor.
+int64_t gradient_all_reduce_calls(const std::vector<torch::Tensor>& parameters, int64_t bucket_elements) {
+  if (bucket_elements < 1) throw std::invalid_argument("gradient bucket must hold at least one element");
+  int64_t total = 0;
+  for (auto& p : parameters) total += p.numel();
+  return (total + bucket_elements - 1) / bucket_elements;
+}
+
+void all_reduce_gradients(Comm& comm, const std::vector<torch::Tensor>& parameters, int64_t bucket_elements) {
+  const int64_t calls = gradient_all_reduce_calls(parameters, bucket_elements);
+  if (calls == 0) return;
+  // The gradients laid end to end in parameter order, reduced one window of that line at a time through one buffer
+  // in the widest dtype present: the same sums, in the same order, as one flat collective, while the extra memory
+  // stays one bucket (a real-size model's fp32 copy of every gradient would not fit beside the model).
   auto dtype = torch::kFloat32;
   for (auto& p : parameters)
     if (p.scalar_type() == torch::kFloat64) dtype = torch::kFloat64;
-  std::vector<torch::Tensor> flat;
-  for (auto& p : parameters)
-    flat.push_back(p.grad().defined() ? p.grad().reshape({-1}).to(dtype) : torch::zeros({p.numel()}, p.options().dtype(dtype)));
-  auto buffer = torch::cat(flat).contiguous();
-  comm.all_reduce(buffer);
-  int64_t offset = 0;
   torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> flat;  // each gradient as a 1-D view (undefined gradients become zeros)
+  int64_t total = 0;
   for (auto& p : parameters) {
-    auto slice = buffer.narrow(0, offset, p.numel()).view(p.sizes()).to(p.scalar_type());
-    if (p.grad().defined()) p.mutable_grad().copy_(slice);
-    else p.mutable_grad() = slice.clone();
-    offset += p.numel();
+    if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
+    else if (!p.grad().is_contiguous()) p.mutable_grad() = p.grad().contiguous();
+    flat.push_back(p.grad().view({-1}));
+    total += p.numel();
+  }
+  auto bucket = torch::empty({std::min(bucket_elements, total)}, parameters.front().options().dtype(dtype));
+  size_t first = 0;        // the parameter the window starts in
+  int64_t first_off = 0;   // and the offset in it
+  for (int64_t start = 0; start < total; start += bucket_elements) {
+    const int64_t len = std::min(bucket_elements, total - start);
+    auto window = bucket.narrow(0, 0, len);
+    // Each piece of the window: (parameter, offset in it, offset in the window, length).
+    std::vector<std::array<int64_t, 4>> pieces;
+    for (int64_t filled = 0; filled < len;) {
+      const int64_t take = std::min(flat[first].numel() - first_off, len - filled);
+      if (take > 0) {
+        pieces.push_back({int64_t(first), first_off, filled, take});
+        window.narrow(0, filled, take).copy_(flat[first].narrow(0, first_off, take));
+      }
+      filled += take;
+      first_off += take;
+      if (first_off == flat[first].numel()) ++first, first_off = 0;
+    }
+    comm.all_reduce(window);
+    for (auto& [param, offset, at, take] : pieces) flat[size_t(param)].narrow(0, offset, take).copy_(window.narrow(0, at, take));
   }
 }
 
@@ -128,7 +158,7 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
   }
   {
     CommTimer timer(ring);
-    all_reduce_gradients(comm, model->parameters());
+    all_reduce_gradients(comm, model->parameters(), step_options.gradient_bucket_elements);
   }
   if (step_options.average_gradients) {  // the mutant: a mean where the global-token normalisation needs a sum
     torch::NoGradGuard no_grad;
@@ -201,7 +231,17 @@ train::StepResult CpTrainer::step(const std::vector<train::Batch>& micro_batches
 train::StepResult CpTrainer::finish_step(double loss, int64_t counted_tokens, std::map<std::string, torch::Tensor>* gradients) {
   train::StepResult result{loss, train::grad_norm(model_->parameters()), counted_tokens};
   if (gradients) *gradients = model::gradient_copies(model_, torch::kFloat64);  // before clipping, as cp 1 records them
-  train::optimizer_step(*optimizer_, optimizer_options_, result.grad_norm);
+  if (!step_options_.shared_weights) {
+    train::optimizer_step(*optimizer_, optimizer_options_, result.grad_norm);
+    return result;
+  }
+  // Every rank holds the same summed gradients; one update of the one copy of the weights is the update of all.
+  if (comm_.rank() == 0) {
+    train::optimizer_step(*optimizer_, optimizer_options_, result.grad_norm);
+    const auto parameters = model_->parameters();
+    if (!parameters.empty()) train::synchronize(parameters.front().device());  // finished before the others read
+  }
+  comm_.barrier();
   return result;
 }
 

@@ -20,6 +20,9 @@
 
 namespace cpharness::cp {
 
+// The gradient all-reduce's bucket (all_reduce_gradients): 64 MiB in fp32.
+inline constexpr int64_t kGradientBucketElements = int64_t(1) << 24;
+
 struct CpForwardResult {
   double loss = 0;              // global
   int64_t counted_tokens = 0;   // global
@@ -45,6 +48,10 @@ struct CpStepOptions {
   // unequally). -1: this batch is the whole step, its count comes from the loss all-reduce.
   int64_t step_counted_tokens = -1;
   bool reduce_gradients = true;  // false: gradients stay local (all but the last micro-batch; the last sums all)
+  int64_t gradient_bucket_elements = kGradientBucketElements;  // the gradient all-reduce's bucket
+  // The ranks' models alias one set of weights (ranks as threads, model_sharing_weights): rank 0 alone updates them,
+  // then every rank waits at a barrier, so that none reads them mid-update. Each rank keeps its own gradients.
+  bool shared_weights = false;
   // Recompute each decoder layer in backward (its forward ring runs again there).
   model::ActivationCheckpointing activation_checkpointing = model::ActivationCheckpointing::kOff;
   // Called with the loss whose backward is about to run (its graph complete). Tests install autograd hooks with it
@@ -67,8 +74,13 @@ BoundaryLabel boundary_label_target(const train::Batch& batch, int cp, int64_t p
 CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingAttention& ring, const train::Batch& batch,
                                     uint64_t generation, const CpStepOptions& options = {});
 
-// Sums every parameter gradient over the ranks in one flat collective (undefined grads count as zero).
-void all_reduce_gradients(Comm& comm, const std::vector<torch::Tensor>& parameters);
+// Sums every parameter gradient over the ranks (undefined grads count as zero), in buckets of `bucket_elements`
+// elements of the gradients laid end to end: bit-identical to one flat collective, with one bucket of extra memory.
+void all_reduce_gradients(Comm& comm, const std::vector<torch::Tensor>& parameters,
+                          int64_t bucket_elements = kGradientBucketElements);
+// How many all-reduce calls all_reduce_gradients makes for these parameters (the ring.grad_return count).
+int64_t gradient_all_reduce_calls(const std::vector<torch::Tensor>& parameters,
+                                  int64_t bucket_elements = kGradientBucketElements);
 
 class CpTrainer {
  public:

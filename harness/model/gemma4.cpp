@@ -10,7 +10,7 @@
 namespace cpharness::model {
 namespace {
 
-torch::nn::Linear linear(int64_t in, int64_t out) { return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false)); }
+BiasFreeLinear linear(int64_t in, int64_t out) { return BiasFreeLinear(in, out); }
 
 torch::Tensor gelu_tanh(const torch::Tensor& x) { return torch::gelu(x, "tanh"); }
 

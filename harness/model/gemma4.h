@@ -43,6 +43,17 @@ struct ForwardOptions {
 // Where a forward keeps the K/V of source layers (KvStore, layer_checkpoint.h): a plain per-forward map
 // (shared-kv-states) or a holder's.
 
+// y = x W^T, the only linear layer Gemma4 has. Its weight starts at zero rather than torch::nn::Linear's Kaiming
+// draw: every model gets its values from init_weights or a checkpoint (or aliases another's), and at real size that
+// draw alone is a pass over billions of host numbers per model built.
+class BiasFreeLinearImpl : public torch::nn::Module {
+ public:
+  BiasFreeLinearImpl(int64_t in, int64_t out) { weight = register_parameter("weight", torch::zeros({out, in})); }
+  torch::Tensor forward(const torch::Tensor& x) { return torch::linear(x, weight); }
+  torch::Tensor weight;
+};
+TORCH_MODULE(BiasFreeLinear);
+
 class Gemma4AttentionImpl : public torch::nn::Module {
  public:
   Gemma4AttentionImpl(const ModelConfig& config, int64_t layer);
@@ -50,7 +61,7 @@ class Gemma4AttentionImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         const kernels::TokenMetadata& meta, AttentionBackend& backend, KvStore* store);
 
-  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  BiasFreeLinear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   RMSNorm q_norm{nullptr}, k_norm{nullptr};
 
  private:
@@ -65,7 +76,7 @@ class Gemma4MlpImpl : public torch::nn::Module {
  public:
   Gemma4MlpImpl(int64_t hidden, int64_t intermediate);
   torch::Tensor forward(const torch::Tensor& x);
-  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  BiasFreeLinear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
 };
 TORCH_MODULE(Gemma4Mlp);
 
@@ -80,7 +91,7 @@ class Gemma4DecoderLayerImpl : public torch::nn::Module {
   Gemma4Mlp mlp{nullptr};
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   RMSNorm pre_feedforward_layernorm{nullptr}, post_feedforward_layernorm{nullptr};
-  torch::nn::Linear per_layer_input_gate{nullptr}, per_layer_projection{nullptr};
+  BiasFreeLinear per_layer_input_gate{nullptr}, per_layer_projection{nullptr};
   RMSNorm post_per_layer_input_norm{nullptr};
   torch::Tensor layer_scalar;  // [1] buffer, loaded from checkpoints (never assumed 1)
 };
@@ -108,7 +119,7 @@ class Gemma4ModelImpl : public torch::nn::Module {
   torch::ScalarType dtype() const { return embed_tokens->weight.scalar_type(); }
 
   EmbeddingTable embed_tokens{nullptr}, embed_tokens_per_layer{nullptr};
-  torch::nn::Linear per_layer_model_projection{nullptr};
+  BiasFreeLinear per_layer_model_projection{nullptr};
   RMSNorm per_layer_projection_norm{nullptr};
   torch::nn::ModuleList layers{nullptr};
   RMSNorm norm{nullptr};

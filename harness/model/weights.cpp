@@ -161,4 +161,24 @@ std::map<std::string, torch::Tensor> parameter_copies(Gemma4Model& model, torch:
   return out;
 }
 
+Gemma4Model model_sharing_weights(Gemma4Model& source) {
+  Gemma4Model m(source->config());
+  torch::NoGradGuard no_grad;
+  // set_data swaps the storage under each leaf and frees the fresh initialisation; the leaf, and so its .grad(),
+  // stays the new model's own.
+  auto own = [](const torch::OrderedDict<std::string, torch::Tensor>& mine,
+                const torch::OrderedDict<std::string, torch::Tensor>& theirs, const char* what) {
+    if (mine.size() != theirs.size()) throw std::logic_error(fmt::format("model_sharing_weights: {} counts differ", what));
+    for (auto& item : mine) {
+      const auto* src = theirs.find(item.key());
+      if (!src || src->sizes() != item.value().sizes())
+        throw std::logic_error(fmt::format("model_sharing_weights: {} '{}' has no match in the source", what, item.key()));
+      item.value().set_data(*src);
+    }
+  };
+  own(m->named_parameters(), source->named_parameters(), "parameter");
+  own(m->named_buffers(), source->named_buffers(), "buffer");
+  return m;
+}
+
 }  // namespace cpharness::model

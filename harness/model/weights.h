@@ -43,6 +43,11 @@ std::map<std::string, torch::Tensor> model_tensors(Gemma4Model& model);
 std::map<std::string, torch::Tensor> gradient_copies(Gemma4Model& model, torch::ScalarType dtype);
 std::map<std::string, torch::Tensor> parameter_copies(Gemma4Model& model, torch::ScalarType dtype);
 
+// A second model over the same weights: every parameter and buffer aliases the source's storage (same dtype,
+// device and values; an update to one is an update to both), while its parameters are leaves of its own, so its
+// gradients are its own. Building it allocates one host initialisation of the model and frees it at once.
+Gemma4Model model_sharing_weights(Gemma4Model& source);
+
 }  // namespace cpharness::model
 
 namespace cpharness::model {

@@ -37,6 +37,7 @@ struct LaneRun {
   std::vector<std::vector<kernels::BlockMaskCacheCounters>> cache;
   std::vector<std::vector<cp::RingTraceEntry>> traces;
   std::vector<cp::CommStats> comm_step0;
+  int64_t gradient_all_reduces = 1;  // all-reduce calls that one gradient reduction takes (its buckets)
   std::vector<std::vector<int64_t>> token_index;  // [rank]: the global index of each local token at step 0
   double seconds = 0;
   std::string device = "cpu";  // where it ran ("cpu", "cuda:0"), and the device's name
@@ -53,6 +54,7 @@ struct CpRankRecord {
   std::vector<kernels::BlockMaskCacheCounters> cache;  // per step
   std::vector<cp::RingTraceEntry> trace;               // step 0
   cp::CommStats comm_step0;
+  int64_t gradient_all_reduces = 1;                    // all-reduce calls of one gradient reduction (buckets)
   std::vector<int64_t> token_index;                    // step 0: the global index of each local token
   torch::Tensor logits;               // step 0, this rank's shard, fp64
   std::vector<torch::Tensor> hidden;  // step 0, this rank's shard, fp64

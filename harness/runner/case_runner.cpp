@@ -1,7 +1,10 @@
 #include "harness/runner/case_runner.h"
 
+#include <fmt/format.h>
+
 #include <chrono>
 #include <csignal>
+#include <mutex>
 #include <thread>
 
 #include "harness/cp/cp_step.h"
@@ -91,20 +94,66 @@ Fault parse_fault(const std::string& spec) {
   return f;
 }
 
+namespace {
+
+// The initial weights of the last case built, fp32 on the host, by tensor name: a case builds its model many times
+// (reference, oracle, every candidate, the cache and power checks' extra steps, the repeat run), and at real size one
+// seeded initialisation is minutes of host time while a copy is seconds. A tensor's initial value depends only on its
+// name, shape, the seed and the checkpoint, so the K/V-sharing semantics (which add or drop the shared layers' own K/V
+// weights) share one entry. One case at a time: the next case replaces it.
+class InitialWeights {
+ public:
+  // Copies the initial weights into `m` (built from `config`), drawing them first when this case has not yet.
+  void copy_into(model::Gemma4Model& m, uint64_t seed, const std::string& checkpoint) {
+    auto shape_only = m->config();
+    shape_only.kv_share_semantics = model::ModelConfig{}.kv_share_semantics;
+    const auto key = fmt::format("{}|{}|{}", shape_only.to_json().dump(), seed, checkpoint);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (key != key_) {
+      tensors_.clear();  // the previous case's weights go before the next ones are made
+      key_ = key;
+    }
+    const auto params = m->named_parameters();
+    const auto buffers = m->named_buffers();
+    bool complete = true;
+    for (auto* dict : {&params, &buffers})
+      for (auto& t : *dict) complete = complete && tensors_.count(t.key());
+    if (!complete) {
+      model::Gemma4Model drawn(m->config());
+      model::init_weights(drawn, seed);
+      if (!checkpoint.empty()) model::load_checkpoint(drawn, checkpoint);
+      for (auto& t : drawn->named_parameters()) tensors_.emplace(t.key(), t.value().detach());
+      for (auto& t : drawn->named_buffers()) tensors_.emplace(t.key(), t.value().detach());
+    }
+    torch::NoGradGuard no_grad;
+    for (auto* dict : {&params, &buffers})
+      for (auto& t : *dict) t.value().copy_(tensors_.at(t.key()));
+  }
+
+ private:
+  std::mutex mu_;
+  std::string key_;
+  std::map<std::string, torch::Tensor> tensors_;
+};
+
+InitialWeights& initial_weights() {
+  static InitialWeights cache;
+  return cache;
+}
+
+}  // namespace
+
 model::Gemma4Model build_model(const train::Case& c, torch::ScalarType dtype, std::optional<model::KvShareSemantics> semantics,
                                const torch::Device& device, bool zero_weights, bool zero_final_norm) {
   auto config = c.model;
   if (semantics) config.kv_share_semantics = *semantics;
   model::Gemma4Model m(config);
-  model::init_weights(m, c.init_seed);
-  if (!c.checkpoint.empty()) model::load_checkpoint(m, c.checkpoint);
-  if (zero_weights) {
+  initial_weights().copy_into(m, c.init_seed, c.checkpoint);
+  {
     torch::NoGradGuard no_grad;
-    for (auto& p : m->parameters()) p.zero_();
-  }
-  if (zero_final_norm) {
-    torch::NoGradGuard no_grad;
-    m->norm->weight.zero_();
+    if (zero_weights)
+      for (auto& p : m->parameters()) p.zero_();
+    if (zero_final_norm) m->norm->weight.zero_();
   }
   m->to(dtype);
   if (!device.is_cpu()) m->to(device);
@@ -128,6 +177,7 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
     model::KvShareHolder holder;
     model::ForwardOptions fo;
     if (options.use_share_holder) fo.holder = &holder;
+    if (c.reference_checkpointing) fo.checkpointing = model::ActivationCheckpointing::kKvHolder;
     std::vector<torch::Tensor> hidden;
     if (step == 0 && options.record_tensors) fo.hidden_states = &hidden;
     torch::Tensor logits;
@@ -154,12 +204,15 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
   return run;
 }
 
-CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane lane, const RunOptions& options) {
+CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane lane, const RunOptions& options,
+                         const std::function<model::Gemma4Model()>& shared_model) {
   CpRankRecord rec;
   rec.rank = comm.rank();
-  auto m = build_model(c, train::lane_dtype(lane), options.semantics, options.device, options.zero_weights,
-                       options.zero_final_norm);
+  auto m = shared_model ? shared_model()
+                        : build_model(c, train::lane_dtype(lane), options.semantics, options.device, options.zero_weights,
+                                      options.zero_final_norm);
   cp::CpStepOptions step_options;
+  step_options.shared_weights = bool(shared_model);
   step_options.use_share_holder = options.use_share_holder;
   step_options.shift_labels_after_sharding = options.step_mutation == StepMutation::kShiftLabelsAfterSharding;
   step_options.average_gradients = options.step_mutation == StepMutation::kAverageGradients;
@@ -169,6 +222,7 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
   step_options.zero_grad_per_micro_batch = options.step_mutation == StepMutation::kZeroGradPerMicroBatch;
   step_options.loss_chunk_tokens = c.loss_chunk_tokens;
   step_options.drop_boundary_label = options.drop_boundary_label;
+  rec.gradient_all_reduces = cp::gradient_all_reduce_calls(m->parameters(), step_options.gradient_bucket_elements);
   cp::CpTrainer trainer(comm, m, c.optimizer, options.ring, step_options);
   for (int64_t step = 0; step < c.steps; ++step) {
     if (options.fault && (options.fault->kind == Fault::Kind::kCrash || options.fault->kind == Fault::Kind::kHang) &&
@@ -219,6 +273,7 @@ LaneRun assemble_cp_run(const train::Case& c, train::DtypeLane lane, cp::Shardin
     if (ranks[size_t(r)].rank != r) throw std::runtime_error("rank records out of order");
   auto& root = ranks.front();
   run.steps = root.steps;  // global values: identical on every rank
+  run.gradient_all_reduces = root.gradient_all_reduces;
   run.grads = std::move(root.grads);
   run.final_params = std::move(root.final_params);
   run.cache.assign(root.cache.size(), std::vector<kernels::BlockMaskCacheCounters>(size_t(n)));
@@ -246,7 +301,20 @@ LaneRun assemble_cp_run(const train::Case& c, train::DtypeLane lane, cp::Shardin
 LaneRun run_cp(const train::Case& c, train::DtypeLane lane, int n, const RunOptions& options) {
   const auto start = Clock::now();
   std::vector<CpRankRecord> ranks(static_cast<size_t>(n));
-  cp::run_local(n, [&](cp::Comm& comm) { ranks[size_t(comm.rank())] = run_cp_rank(comm, c, lane, options); }, options.timeout);
+  // One copy of the weights for every rank thread (each keeps its own gradients): memory is one model plus cp
+  // gradient buffers, not cp models. Rank 0 trains the copy itself; the others' models alias it. All are built
+  // before any rank starts, one at a time, so that no rank waits on a peer still building (a collective's timeout)
+  // and no two transient host initialisations coexist.
+  std::vector<model::Gemma4Model> models{build_model(c, train::lane_dtype(lane), options.semantics, options.device,
+                                                     options.zero_weights, options.zero_final_norm)};
+  for (int r = 1; r < n; ++r) models.push_back(model::model_sharing_weights(models.front()));
+  train::synchronize(options.device);  // the weights are complete before rank streams (which do not wait) read them
+  cp::run_local(n, [&](cp::Comm& comm) {
+    // On a GPU each rank queues on a stream of its own; the local comm orders what crosses between them.
+    train::OwnStream own_stream(options.device);
+    ranks[size_t(comm.rank())] = run_cp_rank(comm, c, lane, options, [&] { return models[size_t(comm.rank())]; });
+  }, options.timeout);
+  models.clear();
   train::release_cached_memory(options.device);
   return assemble_cp_run(c, lane, options.sharding, std::move(ranks), std::chrono::duration<double>(Clock::now() - start).count(),
                          options.device, 1);

@@ -5,6 +5,7 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -70,7 +71,10 @@ model::Gemma4Model build_model(const train::Case& c, torch::ScalarType dtype,
 LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOptions& options = {});
 
 // This rank's part of a cp N run over `comm` (any backend).
-CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane lane, const RunOptions& options);
+// `shared_model`, when given, returns this rank's model over weights shared by every rank (ranks as threads); rank
+// 0 alone then updates them. Without it the rank builds a model of its own.
+CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane lane, const RunOptions& options,
+                         const std::function<model::Gemma4Model()>& shared_model = {});
 // The records of ranks 0..N-1 (in order) as one run: shards put back in global order through the shard plan.
 // `devices`: how many devices the ranks ran on (1 for ranks as threads on one GPU or the CPU).
 LaneRun assemble_cp_run(const train::Case& c, train::DtypeLane lane, cp::Sharding sharding, std::vector<CpRankRecord> ranks, double seconds,

@@ -15,16 +15,16 @@
 namespace cpharness::runner {
 
 std::string case_hash(const train::Case& c) {
-  // Everything that can change the cp 1 reference's numbers: not the description, the thresholds, the checks
-  // chosen or the cp sizes compared; nor, unless the reference itself is a ring run (reference_cp > 1), the ring's
-  // block size, mask cache, options, shard layout, micro-batches and checkpointing, which only the candidates use
-  // (the cp 1 reference runs the whole batch in one pass, without recompute).
+  // Everything that can change the reference's numbers: not the description, the thresholds, the checks chosen,
+  // the cp sizes compared or the candidates' activation checkpointing (the reference recomputes only under
+  // reference_checkpointing); nor, unless the reference itself is a ring run (reference_cp > 1), the ring's block
+  // size, mask cache, options, shard layout and micro-batches, which only the candidates use (the cp 1 reference
+  // runs the whole batch in one pass).
   auto content = c.raw;
   if (content.is_object()) {
-    for (const char* key : {"description", "tolerances", "checks", "cp"}) content.erase(key);
+    for (const char* key : {"description", "tolerances", "checks", "cp", "activation_checkpointing"}) content.erase(key);
     if (c.reference_cp <= 1)
-      for (const char* key : {"block_size", "block_mask_cache", "ring", "sharding", "micro_batches", "activation_checkpointing"})
-        content.erase(key);
+      for (const char* key : {"block_size", "block_mask_cache", "ring", "sharding", "micro_batches"}) content.erase(key);
   }
   uint64_t h = 1469598103934665603ull;
   for (unsigned char ch : content.dump()) h = (h ^ ch) * 1099511628211ull;

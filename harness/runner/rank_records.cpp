@@ -28,6 +28,7 @@ json small_fields(const CpRankRecord& r) {
                           {"ring_exchanges", e.ring_exchanges}, {"grad_returns", e.grad_returns}, {"bytes_sent", e.bytes_sent},
                           {"peak_chunks", e.peak_chunks}, {"posted_s", e.posted_s}, {"waited_s", e.waited_s}});
   j["comm"] = {r.comm_step0.calls, r.comm_step0.tensors_sent, r.comm_step0.bytes_sent};
+  j["gradient_all_reduces"] = r.gradient_all_reduces;
   j["token_index"] = r.token_index;
   return j;
 }
@@ -84,6 +85,7 @@ CpRankRecord decode_rank_record(const std::vector<char>& bytes) {
   r.comm_step0.calls = c.at(0).get<std::array<int64_t, cp::kNumCommOps>>();
   r.comm_step0.tensors_sent = c.at(1).get<std::array<int64_t, cp::kNumCommOps>>();
   r.comm_step0.bytes_sent = c.at(2).get<std::array<int64_t, cp::kNumCommOps>>();
+  r.gradient_all_reduces = j.at("gradient_all_reduces").get<int64_t>();
   r.token_index = j.value("token_index", std::vector<int64_t>{});
   if (!items[1].isNone()) r.logits = items[1].toTensor();
   for (const auto& h : items[2].toTensorList()) r.hidden.push_back(h);

@@ -255,12 +255,17 @@ RunOptions run_options_of(const train::Case& c, const SuiteOptions& options) {
 // cannot hold the sequence), recording the same tensors in global order.
 LaneRun reference_run(const train::Case& c, train::DtypeLane lane, const RunOptions& options) {
   if (c.reference_cp <= 1) return run_reference(c, lane, options);
+  // The candidates' activation checkpointing is theirs to test; the reference recomputes only when the case asks
+  // for it for memory, and then in the correct mode.
+  auto k = c;
+  k.activation_checkpointing =
+      c.reference_checkpointing ? model::ActivationCheckpointing::kKvHolder : model::ActivationCheckpointing::kOff;
   auto o = options;
   o.fault.reset();
   // The candidates' known-bad variants (selftest) never reach the reference, or a bug would agree with itself.
   o.ring.mutation = cp::RingMutation::kNone;
   o.step_mutation = StepMutation::kNone;
-  return run_cp(c, lane, int(c.reference_cp), o);
+  return run_cp(k, lane, int(c.reference_cp), o);
 }
 
 // Phase A (rank 0): the cp 1 reference (and the fp32 oracle of a bf16 lane), mask and per-chunk attention checks.

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include "harness/io/input_error.h"
+#include "harness/runner/case_runner.h"
 #include "harness/runner/selftest.h"
 #include "harness/runner/suite.h"
 #include "harness/tests/case_report_expectations.h"
@@ -55,6 +56,49 @@ TEST(ActivationCheckpointing, TheLayerAloneLosesTheSharedKvGradientOnlyWithKvSha
   auto no_sharing = sharing;
   no_sharing.model.num_kv_shared_layers = 0;
   testing::expect_no_failed_check(run_with(no_sharing, ActivationCheckpointing::kLayerOnly, {2}));
+}
+
+TEST(ReferenceCheckpointing, TheReferenceRecomputingGivesTheNumbersOfTheOneThatKeepsActivations) {
+  for (const char* variant : {"default", "micro_batches"}) {  // KV sharing through the holder; cache-gated semantics
+    SCOPED_TRACE(variant);
+    auto keeps = selftest_case(variant);
+    ASSERT_GT(keeps.model.num_kv_shared_layers, 0);
+    auto recomputes = keeps;
+    recomputes.reference_checkpointing = true;
+    const auto a = run_reference(keeps, train::DtypeLane::kFp32);
+    const auto b = run_reference(recomputes, train::DtypeLane::kFp32);
+    ASSERT_EQ(a.steps.size(), b.steps.size());
+    for (size_t s = 0; s < a.steps.size(); ++s) {
+      EXPECT_EQ(a.steps[s].loss, b.steps[s].loss) << "step " << s;
+      EXPECT_EQ(a.steps[s].grad_norm, b.steps[s].grad_norm) << "step " << s;
+      EXPECT_EQ(a.steps[s].param_norm, b.steps[s].param_norm) << "step " << s;
+    }
+    for (auto& [name, g] : a.grads) EXPECT_TRUE(torch::equal(b.grads.at(name), g)) << name;
+    for (auto& [name, p] : a.final_params) EXPECT_TRUE(torch::equal(b.final_params.at(name), p)) << name;
+    // The whole case, with the candidates checkpointing too: every check passes against it.
+    recomputes.cp_sizes = {2};
+    recomputes.activation_checkpointing = ActivationCheckpointing::kKvHolder;
+    testing::expect_no_failed_check(run_case(recomputes, SuiteOptions{}));
+  }
+}
+
+// The candidates' checkpointing is theirs to test: a ring reference (reference_cp > 1) must not inherit it, or the
+// layer-only mode's lost K/V gradient would reach the run that judges it.
+TEST(ReferenceCheckpointing, TheCandidatesLayerOnlyModeNeverReachesARingReference) {
+  auto c = selftest_case("default");
+  c.checks = {"train.grad_norm_parity"};
+  c.reference_cp = 2;
+  const auto plain = run_with(c, ActivationCheckpointing::kOff, {3});
+  const auto layer_only = run_with(c, ActivationCheckpointing::kLayerOnly, {3});
+  ASSERT_FALSE(plain.error) << *plain.error;
+  ASSERT_FALSE(layer_only.error) << *layer_only.error;
+  // The reference (cp 2) is the same run whatever the candidates do ...
+  EXPECT_EQ(plain.trajectories.at(2).grad_norm, layer_only.trajectories.at(2).grad_norm);
+  EXPECT_EQ(plain.trajectories.at(2).loss, layer_only.trajectories.at(2).loss);
+  // ... and judges the layer-only candidate wrong.
+  int failures = 0;
+  for (auto& k : testing::results_of(layer_only, "train.grad_norm_parity")) failures += k.status == report::Status::Fail;
+  EXPECT_GT(failures, 0);
 }
 
 TEST(ActivationCheckpointing, TheCaseKeyTakesABooleanOrAModeName) {

@@ -44,7 +44,9 @@ Run run_cpn(const model::ModelConfig& c, const train::Batch& b, int cp, bool hol
   run_local(cp, [&](Comm& comm) {
     auto m = make_model(c, dtype);
     RingAttention ring(comm, RingOptions{});
-    auto r = cp_forward_backward(comm, m, ring, b, 1, CpStepOptions{holder});
+    CpStepOptions options;
+    options.use_share_holder = holder;
+    auto r = cp_forward_backward(comm, m, ring, b, 1, options);
     per_rank[comm.rank()] = {r.loss, {}, grads_of(m)};
     logits[comm.rank()] = r.local_logits;
     if (comm.rank() == 0) plan = r.plan;

@@ -216,7 +216,8 @@ Case case_from_json(const json& j, const std::string& path) {
   if (!j.is_object()) throw InputError(path, "case", "expected a JSON object");
   reject_unknown(j, {"id", "description", "model", "weights", "data", "dtype", "steps", "optimizer", "cp", "requires", "checks",
                      "tolerances", "block_size", "block_mask_cache", "device", "loss_chunk_tokens", "reference_cp", "record_tensors",
-                     "trained_exemptions", "ring", "sharding", "micro_batches", "activation_checkpointing"}, path, "");
+                     "trained_exemptions", "ring", "sharding", "micro_batches", "activation_checkpointing",
+                     "reference_checkpointing"}, path, "");
   Case c;
   c.path = path;
   c.raw = j;
@@ -294,6 +295,8 @@ Case case_from_json(const json& j, const std::string& path) {
   }
   if (j.contains("reference_cp")) c.reference_cp = int_at(j, "reference_cp", path, "reference_cp", 1);
   if (auto why = cp_size_problem(c.reference_cp, c.data.seq_len)) throw InputError(path, "reference_cp", *why);
+  if (j.contains("reference_checkpointing"))
+    c.reference_checkpointing = bool_at(j, "reference_checkpointing", path, "reference_checkpointing");
   if (j.contains("loss_chunk_tokens")) c.loss_chunk_tokens = int_at(j, "loss_chunk_tokens", path, "loss_chunk_tokens", 1);
   if (j.contains("device")) {
     c.device = string_at(j, "device", path, "device");

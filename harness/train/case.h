@@ -57,6 +57,9 @@ struct Case {
   std::string sharding = "contiguous";         // "contiguous" or "zigzag" (2 cp sub-chunks, rank r holds r and 2cp-1-r)
   bool record_tensors = true;                  // false: no step-0 tensors or final parameters kept (real sizes)
   int64_t reference_cp = 1;                    // the CP size of the run candidates are judged against
+  // The reference (and its oracle) recompute each decoder layer in backward (kv_holder), whatever the candidates
+  // do: memory for real sizes, where the eager reference's attention probabilities of every layer do not fit.
+  bool reference_checkpointing = false;
   int64_t loss_chunk_tokens = 0;               // > 0: chunked LM head + cross entropy (no [S, V] logits)
   std::string device = "cpu";                  // "cpu", "cuda" or "cuda:N": where every run of the case trains
   // train.trained parts the case opts out of, each named with the reason shown in the report ("zero_grad_norm",

@@ -6,6 +6,9 @@
 #ifdef CPHARNESS_HAVE_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <cuda_runtime_api.h>
 #endif
 
@@ -82,5 +85,57 @@ std::string device_name(const torch::Device& device) {
 #endif
   return device.str();
 }
+
+#ifdef CPHARNESS_HAVE_CUDA
+struct OwnStream::Impl {
+  explicit Impl(const torch::Device& device)
+      : guard(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.has_index() ? device.index() : 0)) {}
+  c10::cuda::CUDAStreamGuard guard;  // sets the stream (and its device) current; restores both when destroyed
+};
+
+OwnStream::OwnStream(const torch::Device& device) {
+  if (device.is_cuda()) impl_ = std::make_unique<Impl>(device);
+}
+
+ThreadStream::ThreadStream() {
+  if (cuda_available()) stream_ = std::make_shared<c10::cuda::CUDAStream>(c10::cuda::getCurrentCUDAStream());
+}
+
+std::shared_ptr<void> ThreadStream::use() const {
+  if (!stream_) return nullptr;
+  return std::make_shared<c10::cuda::CUDAStreamGuard>(*static_cast<const c10::cuda::CUDAStream*>(stream_.get()));
+}
+
+std::shared_ptr<const StreamHandoff> StreamHandoff::mark(const std::vector<at::Tensor>& sent) {
+  for (const auto& t : sent) {
+    if (!t.defined() || !t.is_cuda()) continue;
+    auto h = std::make_shared<StreamHandoff>();
+    auto event = std::make_shared<at::cuda::CUDAEvent>();
+    event->record(c10::cuda::getCurrentCUDAStream(t.device().index()));
+    h->event_ = event;
+    return h;
+  }
+  return nullptr;
+}
+
+void StreamHandoff::accept(const std::vector<at::Tensor>& received) const {
+  if (!event_) return;
+  auto& event = *static_cast<at::cuda::CUDAEvent*>(event_.get());
+  for (const auto& t : received) {
+    if (!t.defined() || !t.is_cuda()) continue;
+    const auto stream = c10::cuda::getCurrentCUDAStream(t.device().index());
+    event.block(stream);
+    c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), stream);
+  }
+}
+#else
+struct OwnStream::Impl {};
+OwnStream::OwnStream(const torch::Device&) {}
+ThreadStream::ThreadStream() = default;
+std::shared_ptr<void> ThreadStream::use() const { return nullptr; }
+std::shared_ptr<const StreamHandoff> StreamHandoff::mark(const std::vector<at::Tensor>&) { return nullptr; }
+void StreamHandoff::accept(const std::vector<at::Tensor>&) const {}
+#endif
+OwnStream::~OwnStream() = default;
 
 }  // namespace cpharness::train

@@ -4,8 +4,10 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "harness/train/batch.h"
 
@@ -40,5 +42,47 @@ void release_cached_memory(const torch::Device& device);
 
 // The device's name for reports ("cpu", or the GPU's marketing name).
 std::string device_name(const torch::Device& device);
+
+// ---- Ranks as threads on one GPU, each on a CUDA stream of its own ----------------------------------------------
+// Each rank thread queues its work on a stream of its own, so one rank's kernels are never ordered behind another's
+// by a shared queue; what crosses between them is ordered explicitly. Everything below is a no-op for CPU devices
+// and in the CPU build.
+
+// Makes a stream from the device's pool this thread's current stream until destroyed (the previous one restored).
+class OwnStream {
+ public:
+  explicit OwnStream(const torch::Device& device);
+  ~OwnStream();
+  OwnStream(const OwnStream&) = delete;
+  OwnStream& operator=(const OwnStream&) = delete;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// The calling thread's current stream (of its current CUDA device), captured so that a helper thread working for
+// it (the streaming ring's communication thread) queues onto the same stream: use() makes it current there until
+// the returned holder dies.
+class ThreadStream {
+ public:
+  ThreadStream();  // captures the calling thread's stream
+  std::shared_ptr<void> use() const;
+
+ private:
+  std::shared_ptr<void> stream_;  // null: nothing to carry (CPU)
+};
+
+// Tensors one rank thread hands another are complete only when the sender's stream reaches them: mark() records
+// that point after the sender queued them; accept() makes the receiver's current stream wait for it and keeps the
+// tensors' memory from reuse until the receiver's stream has read them. Null (no CUDA tensor): nothing to order.
+class StreamHandoff {
+ public:
+  static std::shared_ptr<const StreamHandoff> mark(const std::vector<at::Tensor>& sent);
+  void accept(const std::vector<at::Tensor>& received) const;
+
+ private:
+  std::shared_ptr<void> event_;
+};
 
 }  // namespace cpharness::train
