@@ -6,7 +6,9 @@
 // to FlexAttention and SDPA. Not a test.
 //   bench_cuda_attention [--seq 8192,16384,32768] [--dim 256,512] [--hkv 2,4] [--masks causal,sliding512,docs]
 //                        [--dtype bf16|fp16|fp32] [--block 128] [--warmup 2] [--reps 5] [--no-backward]
-//                        [--json FILE]   (one JSON object per line, for the Python peer script)
+//                        [--forward tc|fp32|both] [--json FILE]   (one JSON object per line, for the peer script)
+// --forward: bf16 / fp16 run the tensor-core forward (tc, the default) or the fp32 CUDA-core one (fp32); both: each
+// configuration twice, the fp32 kernel as impl "cpharness_cuda_fp32". The backward is the same kernel either way.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -105,6 +107,7 @@ int main(int argc, char** argv) {
   int64_t hq = 8, block = 128;
   int warmup = 2, reps = 5;
   bool backward = true;
+  std::string forward = "tc";
   for (int i = 1; i < argc; ++i) {
     auto next = [&]() -> const char* {
       if (i + 1 >= argc) {
@@ -124,6 +127,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--reps")) reps = std::atoi(next());
     else if (!std::strcmp(argv[i], "--no-backward")) backward = false;
     else if (!std::strcmp(argv[i], "--json")) json_path = next();
+    else if (!std::strcmp(argv[i], "--forward")) forward = next();
     else {
       std::fprintf(stderr, "unknown argument %s\n", argv[i]);
       return 2;
@@ -139,7 +143,14 @@ int main(int argc, char** argv) {
                                                          : torch::kBFloat16;
   std::ofstream json;
   if (!json_path.empty()) json.open(json_path);
-  std::printf("%-10s %6s %4s %4s %4s | %10s %8s | %10s %8s | %6s\n", "mask", "S", "D", "Hq", "Hkv", "fwd ms",
+  std::vector<bool> forwards;
+  if (forward == "tc" || forward == "both") forwards.push_back(true);
+  if (forward == "fp32" || forward == "both") forwards.push_back(false);
+  if (forwards.empty()) {
+    std::fprintf(stderr, "--forward must be tc, fp32 or both\n");
+    return 2;
+  }
+  std::printf("%-5s %-10s %6s %4s %4s %4s | %10s %8s | %10s %8s | %6s\n", "fwd", "mask", "S", "D", "Hq", "Hkv", "fwd ms",
               "TFLOP/s", "fwd+bwd ms", "TFLOP/s", "work");
   try {
     for (const auto& kind : masks)
@@ -189,27 +200,31 @@ int main(int argc, char** argv) {
             ba.dq = kc::contiguous4(dqb, dt, hq, S, D);
             ba.dk = kc::contiguous4(dkb, dt, hkv, S, D);
             ba.dv = kc::contiguous4(dvb, dt, hkv, S, D);
-            Timer timer;
-            const double fwd = timer.median_ms(warmup, reps, [&] { ok(kc::block_sparse_attention_forward(fa, nullptr)); });
-            double both = 0;
-            if (backward)
-              both = timer.median_ms(warmup, reps, [&] {
-                ok(kc::block_sparse_attention_forward(fa, nullptr));
-                ok(kc::block_sparse_attention_backward(ba, nullptr));
-              });
-            const double allowed = allowed_elements(kind, S) * double(B);
-            const double work = double(computed_score_elements(mask)) * (mask.batch == 1 ? double(B) : 1.0) / allowed;
-            const double fwd_tflops = 4.0 * allowed * double(D) * double(hq) / (fwd * 1e-3) / 1e12;
-            const double both_tflops = backward ? 14.0 * allowed * double(D) * double(hq) / (both * 1e-3) / 1e12 : 0;
-            std::printf("%-10s %6ld %4ld %4ld %4ld | %10.3f %8.2f | %10.3f %8.2f | %6.3f\n", kind.c_str(), long(S),
-                        long(D), long(hq), long(hkv), fwd, fwd_tflops, both, both_tflops, work);
-            std::fflush(stdout);
-            if (json)
-              json << "{\"impl\":\"cpharness_cuda\",\"mask\":\"" << kind << "\",\"S\":" << S << ",\"D\":" << D
-                   << ",\"Hq\":" << hq << ",\"Hkv\":" << hkv << ",\"dtype\":\"" << dtype_name << "\",\"block\":" << block
-                   << ",\"allowed_elements\":" << allowed << ",\"work_ratio\":" << work << ",\"fwd_ms\":" << fwd
-                   << ",\"fwd_tflops\":" << fwd_tflops << ",\"fwd_bwd_ms\":" << both
-                   << ",\"fwd_bwd_tflops\":" << both_tflops << "}\n";
+            for (bool tc : forwards) {
+              fa.tensor_cores = tc;
+              const std::string impl = tc ? "cpharness_cuda" : "cpharness_cuda_fp32";
+              Timer timer;
+              const double fwd = timer.median_ms(warmup, reps, [&] { ok(kc::block_sparse_attention_forward(fa, nullptr)); });
+              double both = 0;
+              if (backward)
+                both = timer.median_ms(warmup, reps, [&] {
+                  ok(kc::block_sparse_attention_forward(fa, nullptr));
+                  ok(kc::block_sparse_attention_backward(ba, nullptr));
+                });
+              const double allowed = allowed_elements(kind, S) * double(B);
+              const double work = double(computed_score_elements(mask)) * (mask.batch == 1 ? double(B) : 1.0) / allowed;
+              const double fwd_tflops = 4.0 * allowed * double(D) * double(hq) / (fwd * 1e-3) / 1e12;
+              const double both_tflops = backward ? 14.0 * allowed * double(D) * double(hq) / (both * 1e-3) / 1e12 : 0;
+              std::printf("%-5s %-10s %6ld %4ld %4ld %4ld | %10.3f %8.2f | %10.3f %8.2f | %6.3f\n", tc ? "tc" : "fp32",
+                          kind.c_str(), long(S), long(D), long(hq), long(hkv), fwd, fwd_tflops, both, both_tflops, work);
+              std::fflush(stdout);
+              if (json)
+                json << "{\"impl\":\"" << impl << "\",\"mask\":\"" << kind << "\",\"S\":" << S << ",\"D\":" << D
+                     << ",\"Hq\":" << hq << ",\"Hkv\":" << hkv << ",\"dtype\":\"" << dtype_name << "\",\"block\":" << block
+                     << ",\"allowed_elements\":" << allowed << ",\"work_ratio\":" << work << ",\"fwd_ms\":" << fwd
+                     << ",\"fwd_tflops\":" << fwd_tflops << ",\"fwd_bwd_ms\":" << both
+                     << ",\"fwd_bwd_tflops\":" << both_tflops << "}\n";
+            }
           }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_cuda_attention: %s\n", e.what());

@@ -149,12 +149,12 @@ def run_peers(seqs, dims, hkvs, masks, warmup, reps, on_record=lambda records: N
     return records
 
 
-def run_binary(path, seqs, dims, hkvs, masks, warmup, reps):
+def run_binary(path, seqs, dims, hkvs, masks, warmup, reps, forward):
     with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as f:
         out = f.name
     cmd = [path, "--seq", ",".join(map(str, seqs)), "--dim", ",".join(map(str, dims)), "--hkv",
            ",".join(map(str, hkvs)), "--masks", ",".join(masks), "--warmup", str(warmup), "--reps", str(reps),
-           "--json", out]
+           "--forward", forward, "--json", out]
     print("+", " ".join(cmd), flush=True)
     rc = subprocess.run(cmd).returncode
     records = []
@@ -178,6 +178,8 @@ def main():
     p.add_argument("--dims", default="256,512", help="comma-separated head dims")
     p.add_argument("--hkv", default="2,4", help="comma-separated K/V head counts (Hq is 8)")
     p.add_argument("--masks", default="causal,sliding512,docs", help="comma-separated: causal, sliding512, docs")
+    p.add_argument("--forward", default="tc", choices=["tc", "fp32", "both"],
+                   help="the kernel's forward: tensor cores (tc), the fp32 CUDA-core kernel, or both side by side")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("flex_attention_peer: no CUDA device", file=sys.stderr)
@@ -195,22 +197,22 @@ def main():
 
     records = []
     if not a.no_binary:
-        records += run_binary(a.bin, seqs, dims, hkvs, masks, warmup, reps)
+        records += run_binary(a.bin, seqs, dims, hkvs, masks, warmup, reps, a.forward)
         save(records)
     if not a.no_peers:
         done = list(records)
         records += run_peers(seqs, dims, hkvs, masks, warmup, reps, lambda peer: save(done + peer))
-    print(f"\n{'impl':16} {'mask':10} {'S':>6} {'D':>4} {'Hkv':>3} | {'fwd ms':>9} {'TFLOP/s':>8} | "
+    print(f"\n{'impl':20} {'mask':10} {'S':>6} {'D':>4} {'Hkv':>3} | {'fwd ms':>9} {'TFLOP/s':>8} | "
           f"{'f+b ms':>9} {'TFLOP/s':>8}")
     for r in records:
         if "mask" not in r:
             print(r)
             continue
         if "error" in r and "fwd_ms" not in r:
-            print(f"{r['impl']:16} {r['mask']:10} {r['S']:>6} {r['D']:>4} {r['Hkv']:>3} | {r['error'][:60]}")
+            print(f"{r['impl']:20} {r['mask']:10} {r['S']:>6} {r['D']:>4} {r['Hkv']:>3} | {r['error'][:60]}")
             continue
         fb = f"{r.get('fwd_bwd_ms', float('nan')):9.3f} {r.get('fwd_bwd_tflops', float('nan')):8.2f}"
-        print(f"{r['impl']:16} {r['mask']:10} {r['S']:>6} {r['D']:>4} {r['Hkv']:>3} | {r['fwd_ms']:9.3f} "
+        print(f"{r['impl']:20} {r['mask']:10} {r['S']:>6} {r['D']:>4} {r['Hkv']:>3} | {r['fwd_ms']:9.3f} "
               f"{r['fwd_tflops']:8.2f} | {fb}" + (f"  ({r['error'][:40]})" if "error" in r else ""))
     save(records)
     return 0

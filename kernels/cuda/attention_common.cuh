@@ -59,7 +59,7 @@ inline int compiled_head_dim(int64_t head_dim) {
   return head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : head_dim <= 256 ? 256 : 512;
 }
 
-__device__ __forceinline__ float load_as_float(const void* p, int64_t i, DType t) {
+__host__ __device__ __forceinline__ float load_as_float(const void* p, int64_t i, DType t) {
   switch (t) {
     case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
     case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
@@ -67,7 +67,7 @@ __device__ __forceinline__ float load_as_float(const void* p, int64_t i, DType t
   }
 }
 
-__device__ __forceinline__ void store_from_float(void* p, int64_t i, DType t, float x) {
+__host__ __device__ __forceinline__ void store_from_float(void* p, int64_t i, DType t, float x) {
   switch (t) {
     case DType::kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(x); break;
     case DType::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(x); break;
@@ -75,12 +75,15 @@ __device__ __forceinline__ void store_from_float(void* p, int64_t i, DType t, fl
   }
 }
 
-__device__ __forceinline__ int64_t offset4(const Tensor4& t, int64_t b, int64_t h, int64_t s) {
+__host__ __device__ __forceinline__ int64_t offset4(const Tensor4& t, int64_t b, int64_t h, int64_t s) {
   return b * t.stride_b + h * t.stride_h + s * t.stride_s;
 }
-__device__ __forceinline__ int64_t offset3(const Tensor3& t, int64_t b, int64_t h, int64_t s) {
+__host__ __device__ __forceinline__ int64_t offset3(const Tensor3& t, int64_t b, int64_t h, int64_t s) {
   return b * t.stride_b + h * t.stride_h + s * t.stride_s;
 }
+
+// Helpers below are host and device: the tensor-core kernel's CTA body also runs on the CPU under an emulation of
+// the warp (tests/tensor_core_emulation_test.cu).
 
 // Which metadata terms of the rule are live (kernels/dense_mask.cpp: each term needs its arrays on both sides).
 struct MaskTerms {
@@ -98,17 +101,17 @@ struct TokenMeta {
   bool pad;
 };
 
-__device__ __forceinline__ TokenMeta q_token_meta(const BlockMaskView& m, const MaskTerms& t, int64_t mb, int64_t i) {
+__host__ __device__ __forceinline__ TokenMeta q_token_meta(const BlockMaskView& m, const MaskTerms& t, int64_t mb, int64_t i) {
   return {t.documents ? m.q_document_ids[mb * m.q_len + i] : 0, t.vision ? m.q_vision_group_ids[mb * m.q_len + i] : -1,
           false};
 }
-__device__ __forceinline__ TokenMeta kv_token_meta(const BlockMaskView& m, const MaskTerms& t, int64_t mb, int64_t j) {
+__host__ __device__ __forceinline__ TokenMeta kv_token_meta(const BlockMaskView& m, const MaskTerms& t, int64_t mb, int64_t j) {
   return {t.documents ? m.kv_document_ids[mb * m.kv_len + j] : 0,
           t.vision ? m.kv_vision_group_ids[mb * m.kv_len + j] : -1, t.padding ? m.kv_padding[mb * m.kv_len + j] != 0 : false};
 }
 
 // The rule of kernels/dense_mask.cpp for one element, q / k global token indices.
-__device__ __forceinline__ bool element_allowed(const BlockMaskView& m, const MaskTerms& t, int64_t q, int64_t k,
+__host__ __device__ __forceinline__ bool element_allowed(const BlockMaskView& m, const MaskTerms& t, int64_t q, int64_t k,
                                                 int64_t q_doc, int64_t q_group, const TokenMeta& kv) {
   bool a = true;
   if (m.causal) a = k <= q;
@@ -126,14 +129,14 @@ struct TileWalker {
   const int32_t* full;
   int32_t num_partial, num_full, a = 0, c = 0;
 
-  __device__ TileWalker(const BlockList& p, const BlockList& f, int64_t mb, int64_t rows_per_batch, int64_t row) {
+  __host__ __device__ TileWalker(const BlockList& p, const BlockList& f, int64_t mb, int64_t rows_per_batch, int64_t row) {
     const int64_t r = mb * rows_per_batch + row;
     num_partial = p.num[r];
     num_full = f.num[r];
     partial = p.indices ? p.indices + r * p.width : nullptr;
     full = f.indices ? f.indices + r * f.width : nullptr;
   }
-  __device__ bool next(int32_t& tile, bool& is_partial) {
+  __host__ __device__ bool next(int32_t& tile, bool& is_partial) {
     if (a >= num_partial && c >= num_full) return false;
     is_partial = c >= num_full || (a < num_partial && partial[a] < full[c]);
     tile = is_partial ? partial[a++] : full[c++];

@@ -4,6 +4,7 @@
 // softmax in fp32, O += P V. Empty tiles are never touched; rows that never see a key end with out = 0 and
 // lse = -inf.
 #include "kernels/cuda/attention_common.cuh"
+#include "kernels/cuda/tensor_core_forward.cuh"
 
 namespace cpharness::kernels::cuda {
 namespace detail {
@@ -194,8 +195,70 @@ std::string launch_forward(const ForwardArgs& a, cudaStream_t stream) {
   return launch_status("forward launch");
 }
 
+// The warp interface of tc_forward_cta on the GPU (tensor_core_forward.cuh): mma.sync on sm_80+.
+struct DeviceWarp {
+  __device__ int thread() const { return int(threadIdx.x); }
+  __device__ void sync() { __syncthreads(); }
+  __device__ float shfl_xor(float v, int lane_mask) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); }
+  template <bool kBf16>
+  __device__ void mma(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+    if constexpr (kBf16)
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+          "{%0, %1, %2, %3};\n"
+          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    else
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+          "{%0, %1, %2, %3};\n"
+          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+  __device__ void count_work(WorkCounters* w, unsigned long long score, unsigned long long mask, int32_t partial,
+                             int32_t full) {
+    atomicAdd(&w->score_elements, score);
+    if (mask) atomicAdd(&w->mask_elements, mask);
+    if (partial) atomicAdd(&w->partial_blocks, (unsigned long long)partial);
+    if (full) atomicAdd(&w->full_blocks, (unsigned long long)full);
+  }
+};
+
+template <int D, bool kBf16>
+__global__ void __launch_bounds__(kThreads) tc_forward_kernel(const __grid_constant__ ForwardArgs a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DeviceWarp hw;
+  tc_forward_cta<D, kBf16>(a, hw, blockIdx.x, blockIdx.y, blockIdx.z, smem_raw);
+}
+
+template <int D, bool kBf16>
+std::string launch_forward_tc(const ForwardArgs& a, cudaStream_t stream) {
+  using T = TcTiles<D>;
+  const int64_t nq = (a.mask.q_len + a.mask.q_block - 1) / a.mask.q_block;
+  const int64_t subs = (a.mask.q_block + T::kQ - 1) / T::kQ;
+  if (nq * subs > 0x7fffffffLL) return "block_sparse_attention: too many q tiles for one grid";
+  if (auto e = allow_smem(tc_forward_kernel<D, kBf16>, T::smem()); !e.empty()) return e;
+  const dim3 grid(unsigned(nq * subs), unsigned(a.g.q_heads), unsigned(a.g.batch));
+  tc_forward_kernel<D, kBf16><<<grid, kThreads, T::smem(), stream>>>(a);
+  return launch_status("tensor-core forward launch");
+}
+
+template <bool kBf16>
+std::string dispatch_forward_tc(const ForwardArgs& a, cudaStream_t stream) {
+  switch (compiled_head_dim(a.g.head_dim)) {
+    case 64: return launch_forward_tc<64, kBf16>(a, stream);
+    case 128: return launch_forward_tc<128, kBf16>(a, stream);
+    case 256: return launch_forward_tc<256, kBf16>(a, stream);
+    default: return launch_forward_tc<512, kBf16>(a, stream);
+  }
+}
+
 }  // namespace
 }  // namespace detail
+
+bool uses_tensor_cores(const ForwardArgs& a) {
+  return a.tensor_cores && a.q.dtype != DType::kFloat32 && a.q.dtype == a.k.dtype && a.k.dtype == a.v.dtype;
+}
 
 std::string block_sparse_attention_forward(const ForwardArgs& a, cudaStream_t stream) {
   using namespace detail;
@@ -205,6 +268,8 @@ std::string block_sparse_attention_forward(const ForwardArgs& a, cudaStream_t st
   if (a.mask.q_len == 0) return "";
   if (!a.q.data || !a.out.data || !a.lse.data || (a.mask.kv_len > 0 && (!a.k.data || !a.v.data)))
     return "block_sparse_attention: forward: null tensor";
+  if (uses_tensor_cores(a))
+    return a.q.dtype == DType::kBFloat16 ? dispatch_forward_tc<true>(a, stream) : dispatch_forward_tc<false>(a, stream);
   switch (compiled_head_dim(a.g.head_dim)) {
     case 64: return launch_forward<64>(a, stream);
     case 128: return launch_forward<128>(a, stream);
@@ -217,7 +282,9 @@ TileShape tile_shape(int64_t head_dim) {
   using namespace detail;
   auto make = [](auto tiles, int d) {
     using T = decltype(tiles);
-    return TileShape{d, kThreads, T::kQ, T::kK, T::kKV, T::kQB, T::forward_smem(), T::dq_smem(), T::dkdv_smem()};
+    using TC = TcTiles<T::kStride - 1>;
+    return TileShape{d, kThreads, T::kQ, T::kK, T::kKV, T::kQB, T::forward_smem(), T::dq_smem(), T::dkdv_smem(),
+                     TC::kQ, TC::kK, TC::smem()};
   };
   switch (compiled_head_dim(head_dim)) {
     case 64: return make(Tiles<64>{}, 64);

@@ -84,7 +84,12 @@ struct ForwardArgs {
   Tensor4 out;      // [B, Hq, Sq, D], any dtype (the input's, or fp32 for an LSE merge); rows with no key: 0
   Tensor3 lse;      // [B, Hq, Sq], natural log; rows with no key: -inf
   WorkCounters* work = nullptr;  // device; null: not counted
+  // bf16 or fp16 q, k, v of one dtype run the tensor-core kernel (mma.sync, sm_80+; P rounded to the input dtype
+  // before P V, as FlashAttention does); false, or any other dtypes: the fp32 CUDA-core kernel.
+  bool tensor_cores = true;
 };
+// Whether block_sparse_attention_forward runs `args` on the tensor-core kernel.
+bool uses_tensor_cores(const ForwardArgs& args);
 
 struct BackwardArgs {
   Geometry g;
@@ -111,6 +116,7 @@ struct TileShape {
   int dkdv_kv_rows = 0;       // dK/dV: keys per CTA
   int dkdv_q_rows = 0;        // dK/dV: query rows per shared-memory sub-tile
   int forward_smem = 0, dq_smem = 0, dkdv_smem = 0;  // dynamic shared memory, bytes
+  int tc_q_rows = 0, tc_kv_rows = 0, tc_forward_smem = 0;  // the tensor-core forward (bf16 / fp16)
 };
 TileShape tile_shape(int64_t head_dim);
 

@@ -7,7 +7,8 @@
 // CPU fp32 kernel itself misses 1e-5, the third where the oracle is ~0, e.g. dq when every row sees one key;
 // f = 1e-7 for out, max(1e-7, 2^-24 sqrt(head_dim)) for the gradients).
 // bf16 / fp16 inputs: oracle-relative: ||gpu - oracle|| <= 2 ||math - oracle|| + 1e-4 ||oracle|| + 1e-6 sqrt(n),
-// with `math` a plain attention computed in bf16 / fp16 on the same rounded inputs.
+// with `math` a plain attention computed in bf16 / fp16 on the same rounded inputs. 16-bit inputs are checked on
+// both forwards: the tensor-core kernel (the default) and the fp32 CUDA-core kernel (tensor_cores = false).
 // CPHARNESS_CUDA_TEST_DRY_RUN=1 on a machine without a GPU runs every GPU test with the CPU chunk attention
 // standing in for the device (checks the references, tolerances and bookkeeping of this file); those tests
 // still end as skipped, since the kernel did not run.
@@ -45,7 +46,10 @@ TEST(CudaAttentionHost, EveryHeadDimUpTo512HasATilingThatFitsSm80SharedMemory) {
     EXPECT_LE(t.forward_smem, kSm80MaxDynamicSmem) << d;
     EXPECT_LE(t.dq_smem, kSm80MaxDynamicSmem) << d;
     EXPECT_LE(t.dkdv_smem, kSm80MaxDynamicSmem) << d;
+    EXPECT_LE(t.tc_forward_smem, kSm80MaxDynamicSmem) << d;
   }
+  EXPECT_EQ(tile_shape(512).tc_q_rows, 32);  // two warps share a row group at head_dim 512
+  EXPECT_EQ(tile_shape(256).tc_q_rows, 64);
   EXPECT_EQ(tile_shape(0).compiled_head_dim, 0);
   EXPECT_EQ(tile_shape(513).compiled_head_dim, 0);
   EXPECT_EQ(tile_shape(512).q_rows, 16);
@@ -148,6 +152,7 @@ struct RunOptions {
   bool backward = true;
   torch::Tensor merged_out, merged_lse;  // for the backward; undefined: this run's own out / lse
   bool strided_q = false;                // q stored as [B, S, H, D] in memory
+  bool tensor_cores = true;              // bf16 / fp16 inputs: the tensor-core forward (false: the fp32 kernel)
 };
 
 // One forward (+ backward) on the device. q, k, v, dout are CPU tensors in the input dtype.
@@ -187,6 +192,7 @@ Result run_device(const torch::Tensor& q, const torch::Tensor& k, const torch::T
   fa.out = contiguous4(ob, dtype_of(o.out_dtype), Hq, Sq, D);
   fa.lse = contiguous3(lb, Hq, Sq);
   fa.work = counters;
+  fa.tensor_cores = o.tensor_cores;
   const std::string fe = block_sparse_attention_forward(fa, nullptr);
   if (!fe.empty()) throw std::runtime_error(fe);
   check_cuda(cudaDeviceSynchronize(), "forward");
@@ -314,10 +320,11 @@ Oracle make_oracle(const Inputs& in, const BlockMask& mask, const torch::Tensor&
 // Runs the device on `dtype` inputs (rounded from the masters) and checks out, LSE, dQ, dK, dV, empty rows,
 // unseen keys and work counters against the oracle.
 void check_dtype(const std::string& what0, const Inputs& in, const BlockMask& mask, const Oracle& o, double scale,
-                 torch::ScalarType dtype) {
-  const std::string what = what0 + " " + dtype_name(dtype);
+                 torch::ScalarType dtype, bool tensor_cores = true) {
+  const std::string what = what0 + " " + dtype_name(dtype) + (tensor_cores ? "" : " (fp32 kernel)");
   auto q = in.q.to(dtype), k = in.k.to(dtype), v = in.v.to(dtype), dout = in.dout.to(dtype);
   RunOptions opt;
+  opt.tensor_cores = tensor_cores;
   opt.out_dtype = opt.grad_dtype = dtype;  // low precision: out and grads in the input dtype, as a framework uses them
   const Result gpu = run_device(q, k, v, dout, mask, scale, opt);
   Result peer;
@@ -367,6 +374,8 @@ void check_problem(const std::string& what, const MaskConfig& c, Heads h, uint64
   const Oracle o = make_oracle(in, mask, allowed_of(c, c.kv_range), scale);
   for (auto dt : dtypes) {
     check_dtype(what, in, mask, o, scale, dt);
+    // 16-bit inputs run the tensor-core forward by default; the fp32 kernel serves them too (tensor_cores = false).
+    if (dt != torch::kFloat32) check_dtype(what, in, mask, o, scale, dt, false);
     if (::testing::Test::HasFailure()) return;
   }
 }

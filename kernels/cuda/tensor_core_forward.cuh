@@ -1,0 +1,255 @@
+// The tensor-core forward: one CTA's work for bf16 / fp16 inputs, written once against a small warp interface
+// (`Hw`) so that the same source runs on the GPU (DeviceWarp, tensor_core_device.cuh: mma.sync, __shfl_xor_sync,
+// __syncthreads) and on the CPU under an emulation of the warp (tests/tensor_core_emulation_test.cu), where its
+// fragment bookkeeping is checked against a brute-force oracle without a GPU.
+//
+// Hw provides: int thread() (0..127); void sync() (the CTA barrier); float shfl_xor(float, int lane_mask) (within
+// the warp); template <bool kBf16> void mma(float c[4], const uint32_t a[4], const uint32_t b[2]): c += A B for
+// one m16n8k16 tile (fp32 accumulate) with PTX's fragment layouts (g = lane / 4, t = lane % 4):
+//   A 16x16 row-major: a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..]
+//   B 16x8:            b[0] = B[2t..2t+1][g],  b[1] = B[2t+8..2t+9][g]
+//   C 16x8:            c[0..1] = C[g][2t..2t+1], c[2..3] = C[g+8][2t..2t+1]
+// (two 16-bit values per 32-bit register, the lower index in the low half).
+//
+// Work split: 4 warps; each owns 16 query rows and a slice of the head dim for O (at D 512 two warps share a row
+// group, each computing the full S for its rows and O for 256 columns, so no thread holds more than 128 fp32
+// accumulators). K and V^T sub-tiles are staged in shared memory in the input dtype, rows padded by 16 bytes.
+// S = Q K^T on tensor cores, scale and mask (the rule per element in partial tiles only), online softmax in fp32
+// on the accumulator registers (row statistics reduced over the 4 lanes of a row), P rounded to the input dtype
+// (as FlashAttention does) for O += P V on tensor cores. Fixed order everywhere: bitwise repeatable.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/cuda/attention_common.cuh"
+
+namespace cpharness::kernels::cuda::detail {
+
+__host__ __device__ constexpr int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Full unrolling where an index names a register (o[n], s[n]); host compilers never see the pragma.
+#ifdef __CUDA_ARCH__
+#define CPH_UNROLL _Pragma("unroll")
+#else
+#define CPH_UNROLL
+#endif
+
+template <int D>
+struct TcTiles {
+  static_assert(D == 64 || D == 128 || D == 256 || D == 512, "compiled head dims: 64, 128, 256, 512");
+  static constexpr int kDSplit = D > 256 ? D / 256 : 1;  // warps sharing a 16-row group, each a slice of D
+  static constexpr int kRowGroups = kWarps / kDSplit;
+  static constexpr int kQ = 16 * kRowGroups;             // query rows per CTA: 64, or 32 at D 512
+  static constexpr int kK = D > 256 ? 32 : 64;           // keys per shared-memory sub-tile
+  static constexpr int kDW = D / kDSplit;                // O columns per warp (<= 256: 128 accumulators)
+  static constexpr int kRow = D + 8;                     // Q / K row in shared memory, 16-bit elements
+  static constexpr int kVtRow = kK + 8;                  // V^T row (one per d), 16-bit elements
+  static_assert(kK % 16 == 0 && kDW % 8 == 0, "whole mma tiles");
+
+  // int64 metadata (q documents and groups, kv documents and groups), kv padding flags, then 16-bit tiles.
+  static constexpr int kMetaBytes = 8 * (2 * kQ + 2 * kK) + ((kK + 15) / 16) * 16;
+  static constexpr int smem() { return kMetaBytes + 2 * (kQ * kRow + kK * kRow + D * kVtRow); }
+};
+
+// Two floats rounded to the 16-bit input type, packed low-first into one mma register.
+template <bool kBf16>
+__host__ __device__ inline uint32_t pack2(float lo, float hi) {
+  uint16_t l, h;
+  if constexpr (kBf16) {
+    const __nv_bfloat16 a = __float2bfloat16_rn(lo), b = __float2bfloat16_rn(hi);
+    memcpy(&l, &a, 2);
+    memcpy(&h, &b, 2);
+  } else {
+    const __half a = __float2half_rn(lo), b = __float2half_rn(hi);
+    memcpy(&l, &a, 2);
+    memcpy(&h, &b, 2);
+  }
+  return uint32_t(l) | (uint32_t(h) << 16);
+}
+
+__host__ __device__ inline uint32_t load_pair(const uint16_t* p) {  // two adjacent 16-bit values, 4-byte aligned
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// One CTA (block index bx, by, bz as the grid of launch_forward_tc) of the forward for bf16 (kBf16) or fp16
+// q, k, v of one dtype. `smem` holds TcTiles<D>::smem() bytes, 16-byte aligned.
+#pragma nv_exec_check_disable
+template <int D, bool kBf16, class Hw>
+__host__ __device__ void tc_forward_cta(const ForwardArgs& a, Hw& hw, int64_t bx, int64_t by, int64_t bz,
+                                        unsigned char* smem) {
+  using T = TcTiles<D>;
+  constexpr int BQ = T::kQ, BK = T::kK, DW = T::kDW, RS = T::kRow, VS = T::kVtRow;
+  constexpr int NS = BK / 8;  // score n-tiles per warp
+  constexpr int NO = DW / 8;  // output n-tiles per warp
+  const BlockMaskView& m = a.mask;
+  const int tid = hw.thread(), lane = tid % 32, warp = tid / 32;
+  const int g = lane / 4, t = lane % 4;
+  const int r0 = (warp / T::kDSplit) * 16;  // this warp's first row in the CTA
+  const int c0 = (warp % T::kDSplit) * DW;  // and first O column
+
+  const int64_t subs = (m.q_block + BQ - 1) / BQ;
+  const int64_t qb = bx / subs, sub = bx % subs;
+  const int64_t h = by, b = bz;
+  const int64_t q0 = qb * m.q_block + sub * BQ;
+  const int64_t q_block_end = min64(m.q_len, (qb + 1) * int64_t(m.q_block));
+  if (q0 >= q_block_end) return;  // the whole CTA: past a short last q block
+  const int ql = int(min64(BQ, q_block_end - q0));
+  const int64_t hk = h / (a.g.q_heads / a.g.kv_heads);
+  const int64_t mb = m.batch == 1 ? 0 : b;
+  const int64_t dim = a.g.head_dim;
+  const MaskTerms terms = mask_terms(m);
+
+  int64_t* q_doc = reinterpret_cast<int64_t*>(smem);
+  int64_t* q_grp = q_doc + BQ;
+  int64_t* kv_doc = q_grp + BQ;
+  int64_t* kv_grp = kv_doc + BK;
+  bool* kv_pad = reinterpret_cast<bool*>(kv_grp + BK);
+  uint16_t* Qs = reinterpret_cast<uint16_t*>(smem + T::kMetaBytes);
+  uint16_t* Ks = Qs + BQ * RS;
+  uint16_t* Vt = Ks + BK * RS;
+
+  const uint16_t* qbits = static_cast<const uint16_t*>(a.q.data);
+  const uint16_t* kbits = static_cast<const uint16_t*>(a.k.data);
+  const uint16_t* vbits = static_cast<const uint16_t*>(a.v.data);
+  for (int i = tid; i < BQ * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    Qs[r * RS + d] = (r < ql && d < dim) ? qbits[offset4(a.q, b, h, q0 + r) + d] : uint16_t(0);  // 0 bits: +0
+  }
+  if (tid < BQ) {
+    const TokenMeta qm = tid < ql ? q_token_meta(m, terms, mb, q0 + tid) : TokenMeta{0, -1, false};
+    q_doc[tid] = qm.doc;
+    q_grp[tid] = qm.group;
+  }
+
+  float o[NO][4];
+  CPH_UNROLL
+  for (int n = 0; n < NO; ++n)
+    CPH_UNROLL
+    for (int e = 0; e < 4; ++e) o[n][e] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // rows g and g + 8
+
+  unsigned long long n_score = 0, n_mask = 0;
+  const int64_t nq = (m.q_len + m.q_block - 1) / m.q_block;
+  TileWalker walk(m.partial_kv, m.full_kv, mb, nq, qb);
+  int32_t tile;
+  bool partial;
+  while (walk.next(tile, partial)) {
+    const int64_t k_begin = int64_t(tile) * m.kv_block, k_end = min64(m.kv_len, k_begin + m.kv_block);
+    n_score += uint64_t(ql) * uint64_t(k_end - k_begin);
+    if (partial) n_mask += uint64_t(ql) * uint64_t(k_end - k_begin);
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
+      const int kl = int(min64(BK, k_end - k0));
+      hw.sync();  // the previous sub-tile's K and V^T are consumed (and Q is in place)
+      for (int i = tid; i < BK * D; i += kThreads) {
+        const int j = i / D, d = i % D;
+        const bool in = j < kl && d < dim;
+        Ks[j * RS + d] = in ? kbits[offset4(a.k, b, hk, k0 + j) + d] : uint16_t(0);
+        Vt[d * VS + j] = in ? vbits[offset4(a.v, b, hk, k0 + j) + d] : uint16_t(0);
+      }
+      if (partial && tid < BK) {
+        const TokenMeta km = tid < kl ? kv_token_meta(m, terms, mb, k0 + tid) : TokenMeta{0, -1, true};
+        kv_doc[tid] = km.doc;
+        kv_grp[tid] = km.group;
+        kv_pad[tid] = km.pad;
+      }
+      hw.sync();
+
+      // S = Q K^T for this warp's 16 rows and every key of the sub-tile.
+      float s[NS][4];
+      CPH_UNROLL
+      for (int n = 0; n < NS; ++n)
+        CPH_UNROLL
+        for (int e = 0; e < 4; ++e) s[n][e] = 0.f;
+      for (int kk = 0; kk < D; kk += 16) {
+        const uint32_t qa[4] = {load_pair(&Qs[(r0 + g) * RS + kk + 2 * t]), load_pair(&Qs[(r0 + g + 8) * RS + kk + 2 * t]),
+                                load_pair(&Qs[(r0 + g) * RS + kk + 8 + 2 * t]),
+                                load_pair(&Qs[(r0 + g + 8) * RS + kk + 8 + 2 * t])};
+        CPH_UNROLL
+        for (int n = 0; n < NS; ++n) {
+          const uint16_t* key = &Ks[(n * 8 + g) * RS + kk + 2 * t];
+          const uint32_t kb[2] = {load_pair(key), load_pair(key + 8)};
+          hw.template mma<kBf16>(s[n], qa, kb);
+        }
+      }
+
+      // Scale and mask: element e of n-tile n is row r0 + g + 8 (e / 2), key n * 8 + 2t + e % 2.
+      CPH_UNROLL
+      for (int n = 0; n < NS; ++n)
+        CPH_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int row = r0 + g + 8 * (e / 2), col = n * 8 + 2 * t + e % 2;
+          bool ok = col < kl && row < ql;
+          if (ok && partial)
+            ok = element_allowed(m, terms, m.q_start + q0 + row, m.kv_start + k0 + col, q_doc[row], q_grp[row],
+                                 TokenMeta{kv_doc[col], kv_grp[col], kv_pad[col]});
+          s[n][e] = ok ? s[n][e] * a.g.scale : -INFINITY;
+        }
+
+      // Online softmax per row (the 4 lanes of a row hold its 2 x NS values each; butterflies give all 4 the same
+      // result bit for bit), then O rescaled.
+      CPH_UNROLL
+      for (int i = 0; i < 2; ++i) {
+        float mx = -INFINITY;
+        CPH_UNROLL
+        for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * i], s[n][2 * i + 1]));
+        mx = fmaxf(mx, hw.shfl_xor(mx, 1));
+        mx = fmaxf(mx, hw.shfl_xor(mx, 2));
+        const float m_new = fmaxf(row_max[i], mx);
+        const float shift = m_new == -INFINITY ? 0.f : m_new;  // never -inf - -inf
+        float sum = 0.f;
+        CPH_UNROLL
+        for (int n = 0; n < NS; ++n)
+          CPH_UNROLL
+          for (int e = 2 * i; e < 2 * i + 2; ++e) {
+            s[n][e] = expf(s[n][e] - shift);
+            sum += s[n][e];
+          }
+        sum += hw.shfl_xor(sum, 1);
+        sum += hw.shfl_xor(sum, 2);
+        const float alpha = expf(row_max[i] - shift);  // 0 while the row has seen no key
+        row_sum[i] = row_sum[i] * alpha + sum;
+        row_max[i] = m_new;
+        CPH_UNROLL
+        for (int n = 0; n < NO; ++n) {
+          o[n][2 * i] *= alpha;
+          o[n][2 * i + 1] *= alpha;
+        }
+      }
+
+      // O += P V: P's accumulator layout over two adjacent n-tiles is the A layout of one k-step of 16 keys.
+      CPH_UNROLL
+      for (int j = 0; j < BK / 16; ++j) {
+        const uint32_t pa[4] = {pack2<kBf16>(s[2 * j][0], s[2 * j][1]), pack2<kBf16>(s[2 * j][2], s[2 * j][3]),
+                                pack2<kBf16>(s[2 * j + 1][0], s[2 * j + 1][1]),
+                                pack2<kBf16>(s[2 * j + 1][2], s[2 * j + 1][3])};
+        CPH_UNROLL
+        for (int n = 0; n < NO; ++n) {
+          const uint16_t* vcol = &Vt[(c0 + n * 8 + g) * VS + j * 16 + 2 * t];
+          const uint32_t vb[2] = {load_pair(vcol), load_pair(vcol + 8)};
+          hw.template mma<kBf16>(o[n], pa, vb);
+        }
+      }
+    }
+  }
+
+  CPH_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    const int row = r0 + g + 8 * i;
+    if (row >= ql) continue;
+    const float l = row_sum[i];
+    const int64_t base = offset4(a.out, b, h, q0 + row);
+    CPH_UNROLL
+    for (int n = 0; n < NO; ++n)
+      CPH_UNROLL
+      for (int e = 0; e < 2; ++e) {
+        const int d = c0 + n * 8 + 2 * t + e;
+        if (d < dim) store_from_float(a.out.data, base + d, a.out.dtype, l > 0.f ? o[n][2 * i + e] / l : 0.f);
+      }
+    if (c0 == 0 && t == 0) a.lse.data[offset3(a.lse, b, h, q0 + row)] = l > 0.f ? row_max[i] + logf(l) : -INFINITY;
+  }
+
+  if (a.work && tid == 0) hw.count_work(a.work, n_score, h == 0 ? n_mask : 0,
+                                        h == 0 && sub == 0 ? walk.num_partial : 0, h == 0 && sub == 0 ? walk.num_full : 0);
+}
+
+}  // namespace cpharness::kernels::cuda::detail

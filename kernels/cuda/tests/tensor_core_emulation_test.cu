@@ -1,0 +1,483 @@
+// The tensor-core forward's CTA body (tensor_core_forward.cuh) run on the CPU, against a brute-force oracle, with
+// no GPU: every CUDA thread of a CTA is a fiber, and the warp's collective operations are emulated from their PTX
+// definitions (mma.sync m16n8k16: each lane computes its own outputs from the fragments every lane posted, decoded
+// with the layout tables of the PTX ISA; __shfl_xor_sync; __syncthreads), so the kernel's fragment bookkeeping, masks,
+// online softmax, tile walk and boundary handling are checked here. What only a GPU can check (the real mma unit,
+// shared-memory limits, speed) is the `gpu` label's CudaAttentionGpu tests.
+#include <gtest/gtest.h>
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/tensor_core_forward.cuh"
+
+namespace cpharness::kernels::cuda::detail {
+namespace {
+
+// ---- A CTA of fibers ---------------------------------------------------------------------------------------------
+
+// 128 fibers run round robin on this thread; a fiber gives way only while it waits at a barrier. A full round in
+// which no fiber arrives at a barrier, passes one or finishes is a deadlock (threads that disagree on barriers).
+class FiberCta {
+ public:
+  explicit FiberCta(std::function<void(int)> body) : body_(std::move(body)), stacks_(kThreads * kStack) {}
+
+  void run() {
+    for (int i = 0; i < kThreads; ++i) {
+      getcontext(&fiber_[i]);
+      fiber_[i].uc_stack.ss_sp = stacks_.data() + size_t(i) * kStack;
+      fiber_[i].uc_stack.ss_size = kStack;
+      fiber_[i].uc_link = &main_;
+      makecontext(&fiber_[i], reinterpret_cast<void (*)()>(&FiberCta::entry), 0);
+    }
+    int finished = 0;
+    while (finished < kThreads) {
+      const long progress_before = progress_;
+      for (int i = 0; i < kThreads; ++i) {
+        if (done_[i]) continue;
+        current_ = i;
+        running_ = this;
+        swapcontext(&main_, &fiber_[i]);
+        if (done_[i]) ++finished, ++progress_;
+      }
+      if (progress_ == progress_before) throw std::runtime_error("emulated CTA deadlocked at a barrier");
+    }
+  }
+
+  void cta_barrier() { wait(cta_arrived_, cta_generation_, kThreads); }
+  void warp_barrier(int warp) { wait(warp_arrived_[warp], warp_generation_[warp], 32); }
+
+  // Lane slots the warp collectives exchange through.
+  float shfl[kWarps][32];
+  uint32_t frag_a[kWarps][32][4];
+  uint32_t frag_b[kWarps][32][2];
+
+ private:
+  static constexpr size_t kStack = 256 * 1024;
+
+  static void entry() {
+    FiberCta* self = running_;
+    const int i = self->current_;
+    self->body_(i);
+    self->done_[i] = true;
+  }
+  void wait(int& arrived, long& generation, int count) {
+    const long mine = generation;
+    ++progress_;
+    if (++arrived == count) {
+      arrived = 0;
+      ++generation;
+      return;
+    }
+    while (generation == mine) swapcontext(&fiber_[current_], &main_);
+  }
+
+  static inline thread_local FiberCta* running_ = nullptr;
+  std::function<void(int)> body_;
+  std::vector<char> stacks_;
+  ucontext_t main_{}, fiber_[kThreads]{};
+  bool done_[kThreads] = {};
+  int current_ = 0;
+  long progress_ = 0;
+  int cta_arrived_ = 0;
+  long cta_generation_ = 0;
+  int warp_arrived_[kWarps] = {};
+  long warp_generation_[kWarps] = {};
+};
+
+template <bool kBf16>
+float from_bits(uint16_t bits) {
+  if constexpr (kBf16) {
+    __nv_bfloat16 x;
+    memcpy(&x, &bits, 2);
+    return __bfloat162float(x);
+  } else {
+    __half x;
+    memcpy(&x, &bits, 2);
+    return __half2float(x);
+  }
+}
+template <bool kBf16>
+uint16_t to_bits(float f) {
+  return uint16_t(pack2<kBf16>(f, 0.f) & 0xffffu);
+}
+
+// The warp interface of tc_forward_cta, emulated (FiberCta's lane `tid`).
+struct EmulatedWarp {
+  FiberCta* cta;
+  int tid;
+  WorkCounters counted{};
+
+  int thread() const { return tid; }
+  void sync() { cta->cta_barrier(); }
+  float shfl_xor(float v, int lane_mask) {
+    const int w = tid / 32, lane = tid % 32;
+    cta->shfl[w][lane] = v;
+    cta->warp_barrier(w);
+    const float r = cta->shfl[w][lane ^ lane_mask];
+    cta->warp_barrier(w);
+    return r;
+  }
+  // PTX ISA, "Matrix Fragments for mma.m16n8k16" (.f16 / .bf16 A, B; .f32 C, D), groupID = lane >> 2,
+  // threadID_in_group = lane % 4:
+  //   A: a_i (i = 0..7), row = groupID for a0, a1, a4, a5, else groupID + 8; col = threadID_in_group * 2 + (i & 1),
+  //      + 8 for i >= 4; four .b32 registers hold {a0, a1}, {a2, a3}, {a4, a5}, {a6, a7}, lower element in the low half
+  //   B: b_i (i = 0..3), row = threadID_in_group * 2 + (i & 1), + 8 for i >= 2; col = groupID; {b0, b1}, {b2, b3}
+  //   C: c_i (i = 0..3), row = groupID for c0, c1, else groupID + 8; col = threadID_in_group * 2 + (i & 1)
+  template <bool kBf16>
+  void mma(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+    const int w = tid / 32, lane = tid % 32;
+    for (int r = 0; r < 4; ++r) cta->frag_a[w][lane][r] = a[r];
+    for (int r = 0; r < 2; ++r) cta->frag_b[w][lane][r] = b[r];
+    cta->warp_barrier(w);
+    auto A = [&](int row, int col) {  // which lane, register and half hold A[row][col]
+      const int owner = (row % 8) * 4 + (col % 8) / 2;
+      const int reg = (row >= 8 ? 1 : 0) + (col >= 8 ? 2 : 0);
+      return from_bits<kBf16>(uint16_t(cta->frag_a[w][owner][reg] >> (16 * (col % 2))));
+    };
+    auto B = [&](int row, int col) {
+      const int owner = col * 4 + (row % 8) / 2;
+      const int reg = row >= 8 ? 1 : 0;
+      return from_bits<kBf16>(uint16_t(cta->frag_b[w][owner][reg] >> (16 * (row % 2))));
+    };
+    const int g = lane / 4, t = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+      const int row = g + (i >= 2 ? 8 : 0), col = t * 2 + (i & 1);
+      float acc = c[i];
+      for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+      c[i] = acc;
+    }
+    cta->warp_barrier(w);
+  }
+  void count_work(WorkCounters* w, unsigned long long score, unsigned long long mask, int32_t partial, int32_t full) {
+    w->score_elements += score;
+    w->mask_elements += mask;
+    w->partial_blocks += (unsigned long long)partial;
+    w->full_blocks += (unsigned long long)full;
+  }
+};
+
+// Runs every CTA of the tensor-core forward's grid, one after another.
+template <int D, bool kBf16>
+void emulate_forward(const ForwardArgs& a) {
+  using T = TcTiles<D>;
+  const int64_t nq = (a.mask.q_len + a.mask.q_block - 1) / a.mask.q_block;
+  const int64_t subs = (a.mask.q_block + T::kQ - 1) / T::kQ;
+  std::vector<uint64_t> smem((T::smem() + 7) / 8);
+  for (int64_t bz = 0; bz < a.g.batch; ++bz)
+    for (int64_t by = 0; by < a.g.q_heads; ++by)
+      for (int64_t bx = 0; bx < nq * subs; ++bx) {
+        std::unique_ptr<FiberCta> cta;
+        cta = std::make_unique<FiberCta>([&](int tid) {
+          EmulatedWarp hw{cta.get(), tid};
+          tc_forward_cta<D, kBf16>(a, hw, bx, by, bz, reinterpret_cast<unsigned char*>(smem.data()));
+        });
+        cta->run();
+      }
+}
+
+template <bool kBf16>
+void emulate_forward_any(const ForwardArgs& a) {
+  switch (compiled_head_dim(a.g.head_dim)) {
+    case 64: return emulate_forward<64, kBf16>(a);
+    case 128: return emulate_forward<128, kBf16>(a);
+    case 256: return emulate_forward<256, kBf16>(a);
+    default: return emulate_forward<512, kBf16>(a);
+  }
+}
+
+// ---- The emulated mma against a plain matrix product -------------------------------------------------------------
+
+TEST(TensorCoreEmulation, TheEmulatedMmaIsTheMatrixProductOfTheDocumentedFragments) {
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(-2.f, 2.f);
+  float A[16][16], B[16][8];
+  for (auto& r : A)
+    for (auto& x : r) x = from_bits<true>(to_bits<true>(u(rng)));
+  for (auto& r : B)
+    for (auto& x : r) x = from_bits<true>(to_bits<true>(u(rng)));
+  float C[16][8] = {};
+  std::unique_ptr<FiberCta> cta;
+  cta = std::make_unique<FiberCta>([&](int tid) {
+    if (tid >= 32) return;  // one warp (the other warps never meet a barrier)
+    EmulatedWarp hw{cta.get(), tid};
+    const int g = tid / 4, t = tid % 4;
+    const uint32_t a[4] = {pack2<true>(A[g][2 * t], A[g][2 * t + 1]), pack2<true>(A[g + 8][2 * t], A[g + 8][2 * t + 1]),
+                           pack2<true>(A[g][2 * t + 8], A[g][2 * t + 9]),
+                           pack2<true>(A[g + 8][2 * t + 8], A[g + 8][2 * t + 9])};
+    const uint32_t b[2] = {pack2<true>(B[2 * t][g], B[2 * t + 1][g]), pack2<true>(B[2 * t + 8][g], B[2 * t + 9][g])};
+    float c[4] = {};
+    hw.mma<true>(c, a, b);
+    C[g][2 * t] = c[0], C[g][2 * t + 1] = c[1], C[g + 8][2 * t] = c[2], C[g + 8][2 * t + 1] = c[3];
+  });
+  cta->run();
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 8; ++j) {
+      double want = 0;
+      for (int k = 0; k < 16; ++k) want += double(A[i][k]) * B[k][j];
+      EXPECT_NEAR(C[i][j], want, 1e-4 * (1 + std::abs(want))) << i << "," << j;
+    }
+}
+
+TEST(TensorCoreEmulation, ABarrierOnlySomeThreadsReachIsReportedNotHung) {
+  std::unique_ptr<FiberCta> cta;
+  cta = std::make_unique<FiberCta>([&](int tid) {
+    if (tid % 2) cta->cta_barrier();
+  });
+  EXPECT_THROW(cta->run(), std::runtime_error);
+}
+
+// ---- The forward against a brute-force oracle --------------------------------------------------------------------
+
+struct Problem {
+  int64_t batch = 1, q_heads = 1, kv_heads = 1, head_dim = 64, sq = 1, skv = 1;
+  int32_t q_block = 32, kv_block = 32, mask_batch = 1;
+  int64_t q_start = 0, kv_start = 0, window = 0;
+  bool causal = true, has_window = false, vision = false, documents = false, padding = false, bf16 = true;
+  bool out_fp32 = true;
+  std::string describe() const {
+    return "B" + std::to_string(batch) + " Hq" + std::to_string(q_heads) + " Hkv" + std::to_string(kv_heads) + " D" +
+           std::to_string(head_dim) + " Sq" + std::to_string(sq) + " Skv" + std::to_string(skv) + " blocks " +
+           std::to_string(q_block) + "x" + std::to_string(kv_block) + " starts " + std::to_string(q_start) + "/" +
+           std::to_string(kv_start) + (causal ? " causal" : "") + (has_window ? " window " + std::to_string(window) : "") +
+           (vision ? " vision" : "") + (documents ? " documents" : "") + (padding ? " padding" : "") +
+           (bf16 ? " bf16" : " fp16") + (out_fp32 ? " out fp32" : " out 16-bit");
+  }
+};
+
+// Token metadata as functions of the global index (so q and kv sides agree where their ranges overlap).
+int64_t document_of(int64_t x, int64_t run) { return x % 23 == 5 ? 0 : 1 + (x / run) % 3; }
+int64_t group_of(int64_t x) { return (x / 6) % 3 == 0 ? x / 6 : -1; }
+bool padded(int64_t x, uint64_t seed) { return (x * 2654435761ull + seed) % 7 == 0; }
+
+struct Inputs {
+  Problem p;
+  std::vector<uint16_t> q, k, v;
+  std::vector<int64_t> q_doc, kv_doc, q_grp, kv_grp;
+  std::vector<uint8_t> kv_pad;
+  int64_t run = 5;
+  uint64_t pad_seed = 0;
+};
+
+// The rule, written out again from block_sparse_attention.h's comment (not the kernel's element_allowed).
+bool oracle_allowed(const Inputs& in, int64_t mb, int64_t i, int64_t j) {
+  const Problem& p = in.p;
+  const int64_t q = p.q_start + i, k = p.kv_start + j;
+  bool ok = true;
+  if (p.causal) ok = k <= q;
+  if (p.has_window) ok = ok && q - k < p.window;
+  if (p.vision && p.has_window) {
+    const int64_t gq = in.q_grp[mb * p.sq + i], gk = in.kv_grp[mb * p.skv + j];
+    ok = ok || (gq >= 0 && gq == gk);
+  }
+  if (p.documents) {
+    const int64_t dq = in.q_doc[mb * p.sq + i], dk = in.kv_doc[mb * p.skv + j];
+    ok = ok && dq == dk && dq > 0;
+  }
+  if (p.padding) ok = ok && !in.kv_pad[mb * p.skv + j];
+  return ok;
+}
+
+template <bool kBf16>
+void check_problem(const Problem& p, uint64_t seed) {
+  SCOPED_TRACE(p.describe());
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  Inputs in;
+  in.p = p;
+  in.run = 3 + int64_t(rng() % 9);
+  in.pad_seed = rng();
+  const int64_t D = p.head_dim;
+  auto fill = [&](std::vector<uint16_t>& x, int64_t n) {
+    x.resize(size_t(n));
+    for (auto& e : x) e = to_bits<kBf16>(normal(rng));
+  };
+  fill(in.q, p.batch * p.q_heads * p.sq * D);
+  fill(in.k, p.batch * p.kv_heads * p.skv * D);
+  fill(in.v, p.batch * p.kv_heads * p.skv * D);
+  for (int64_t mb = 0; mb < p.mask_batch; ++mb) {
+    for (int64_t i = 0; i < p.sq; ++i) {
+      in.q_doc.push_back(document_of(p.q_start + i + 3 * mb, in.run));
+      in.q_grp.push_back(group_of(p.q_start + i + 3 * mb));
+    }
+    for (int64_t j = 0; j < p.skv; ++j) {
+      in.kv_doc.push_back(document_of(p.kv_start + j + 3 * mb, in.run));
+      in.kv_grp.push_back(group_of(p.kv_start + j + 3 * mb));
+      in.kv_pad.push_back(padded(p.kv_start + j + 3 * mb, in.pad_seed));
+    }
+  }
+
+  // Block lists by brute force: a tile is full when every valid (row, key) pair is allowed, empty when none is;
+  // some full tiles are listed as partial (legal: the rule is then evaluated per element).
+  const int64_t nq = (p.sq + p.q_block - 1) / p.q_block, nkv = (p.skv + p.kv_block - 1) / p.kv_block;
+  std::vector<int32_t> partial_num, full_num, partial_idx, full_idx;
+  for (int64_t mb = 0; mb < p.mask_batch; ++mb)
+    for (int64_t qb = 0; qb < nq; ++qb) {
+      std::vector<int32_t> part, full;
+      for (int64_t kb = 0; kb < nkv; ++kb) {
+        int64_t allowed = 0, total = 0;
+        for (int64_t i = qb * p.q_block; i < std::min(p.sq, (qb + 1) * p.q_block); ++i)
+          for (int64_t j = kb * p.kv_block; j < std::min(p.skv, (kb + 1) * p.kv_block); ++j, ++total)
+            allowed += oracle_allowed(in, mb, i, j);
+        if (allowed == 0) continue;
+        if (allowed == total && rng() % 4 != 0) full.push_back(int32_t(kb));
+        else part.push_back(int32_t(kb));
+      }
+      partial_num.push_back(int32_t(part.size()));
+      full_num.push_back(int32_t(full.size()));
+      part.resize(size_t(nkv), 0);
+      full.resize(size_t(nkv), 0);
+      partial_idx.insert(partial_idx.end(), part.begin(), part.end());
+      full_idx.insert(full_idx.end(), full.begin(), full.end());
+    }
+
+  ForwardArgs a;
+  a.g = {p.batch, p.q_heads, p.kv_heads, D, 1.0f / std::sqrt(float(D))};
+  BlockMaskView& m = a.mask;
+  m.q_start = p.q_start, m.q_len = p.sq, m.kv_start = p.kv_start, m.kv_len = p.skv;
+  m.q_block = p.q_block, m.kv_block = p.kv_block, m.batch = int32_t(p.mask_batch);
+  m.partial_kv = {partial_num.data(), partial_idx.data(), int32_t(nkv)};
+  m.full_kv = {full_num.data(), full_idx.data(), int32_t(nkv)};
+  m.causal = p.causal, m.has_window = p.has_window, m.window = p.window, m.vision_bidirectional = p.vision;
+  if (p.documents) m.q_document_ids = in.q_doc.data(), m.kv_document_ids = in.kv_doc.data();
+  if (p.vision) m.q_vision_group_ids = in.q_grp.data(), m.kv_vision_group_ids = in.kv_grp.data();
+  if (p.padding) m.kv_padding = in.kv_pad.data();
+  const DType dt = kBf16 ? DType::kBFloat16 : DType::kFloat16;
+  // Strided layouts: [B, H, S, D] for q and k, [B, S, H, D] for v, so no code path assumes one.
+  a.q = {in.q.data(), dt, p.q_heads * p.sq * D, p.sq * D, D};
+  a.k = {in.k.data(), dt, p.kv_heads * p.skv * D, p.skv * D, D};
+  a.v = {in.v.data(), dt, p.kv_heads * p.skv * D, D, p.kv_heads * D};
+  std::vector<float> out32(size_t(p.batch * p.q_heads * p.sq * D), NAN);
+  std::vector<uint16_t> out16(out32.size(), 0xffff);
+  std::vector<float> lse(size_t(p.batch * p.q_heads * p.sq), NAN);
+  if (p.out_fp32) a.out = {out32.data(), DType::kFloat32, p.q_heads * p.sq * D, p.sq * D, D};
+  else a.out = {out16.data(), dt, p.q_heads * p.sq * D, p.sq * D, D};
+  a.lse = {lse.data(), p.q_heads * p.sq, p.sq, 1};
+  WorkCounters work;
+  a.work = &work;
+  emulate_forward_any<kBf16>(a);
+
+  // The oracle in double from the same 16-bit inputs. P is rounded to the input dtype on the tensor cores: bf16
+  // keeps 8 bits (relative 2^-9), fp16 11, so the bound is that rounding over the values' scale.
+  const double tol = kBf16 ? 1.2e-2 : 2e-3;
+  int64_t allowed_pairs = 0;
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t h = 0; h < p.q_heads; ++h) {
+      const int64_t hk = h / (p.q_heads / p.kv_heads), mb = p.mask_batch == 1 ? 0 : b;
+      for (int64_t i = 0; i < p.sq; ++i) {
+        std::vector<double> s;
+        std::vector<int64_t> keys;
+        for (int64_t j = 0; j < p.skv; ++j) {
+          if (!oracle_allowed(in, mb, i, j)) continue;
+          double dot = 0;
+          for (int64_t d = 0; d < D; ++d)
+            dot += double(from_bits<kBf16>(in.q[size_t(((b * p.q_heads + h) * p.sq + i) * D + d)])) *
+                   from_bits<kBf16>(in.k[size_t(((b * p.kv_heads + hk) * p.skv + j) * D + d)]);
+          s.push_back(dot * a.g.scale);
+          keys.push_back(j);
+        }
+        allowed_pairs += int64_t(keys.size());
+        const size_t row = size_t((b * p.q_heads + h) * p.sq + i);
+        auto got_out = [&](int64_t d) {
+          return p.out_fp32 ? double(out32[row * D + d]) : double(from_bits<kBf16>(out16[row * D + d]));
+        };
+        if (keys.empty()) {
+          ASSERT_TRUE(std::isinf(lse[row]) && lse[row] < 0) << "row " << i << " head " << h << ": lse " << lse[row];
+          for (int64_t d = 0; d < D; ++d) ASSERT_EQ(got_out(d), 0.0) << "row " << i << " d " << d;
+          continue;
+        }
+        double mx = -INFINITY, sum = 0;
+        for (double x : s) mx = std::max(mx, x);
+        for (double x : s) sum += std::exp(x - mx);
+        ASSERT_NEAR(lse[row], mx + std::log(sum), 2e-4 * (1 + std::abs(mx))) << "row " << i << " head " << h;
+        for (int64_t d = 0; d < D; ++d) {
+          double want = 0, scale_v = 0;
+          for (size_t n = 0; n < keys.size(); ++n) {
+            const double vv = from_bits<kBf16>(in.v[size_t(((b * p.skv + keys[n]) * p.kv_heads + hk) * D + d)]);
+            want += std::exp(s[n] - mx) / sum * vv;
+            scale_v = std::max(scale_v, std::abs(vv));
+          }
+          const double out_rounding = p.out_fp32 ? 0 : std::abs(want) * (kBf16 ? 1.0 / 256 : 1.0 / 2048);
+          ASSERT_NEAR(got_out(d), want, tol * scale_v + out_rounding + 1e-6) << "row " << i << " head " << h << " d " << d;
+        }
+      }
+    }
+  // The counters as the CPU chunk attention counts them: score elements over every listed tile and query head.
+  EXPECT_GE(work.score_elements, uint64_t(allowed_pairs));
+}
+
+Problem random_problem(std::mt19937_64& rng) {
+  Problem p;
+  const int64_t dims[] = {64, 128, 256, 512, 40, 80, 200, 300};
+  p.head_dim = dims[rng() % 8];
+  p.batch = 1 + int64_t(rng() % 2);
+  p.kv_heads = 1 + int64_t(rng() % 2);
+  p.q_heads = p.kv_heads * int64_t(1 << (rng() % 3));
+  const int32_t blocks[] = {16, 32, 64, 128};
+  p.q_block = blocks[rng() % 4];
+  p.kv_block = blocks[rng() % 4];
+  const int64_t limit = p.head_dim > 256 ? 48 : 96;  // the emulation is slow at D 512
+  p.sq = 1 + int64_t(rng() % uint64_t(limit));
+  p.skv = 1 + int64_t(rng() % uint64_t(limit));
+  p.q_start = int64_t(rng() % 120);
+  p.kv_start = rng() % 3 == 0 ? p.q_start : int64_t(rng() % 120);
+  p.causal = rng() % 5 != 0;
+  p.has_window = rng() % 2 == 0;
+  p.window = 1 + int64_t(rng() % 60);
+  p.vision = p.has_window && rng() % 3 == 0;
+  p.documents = rng() % 2 == 0;
+  p.padding = rng() % 3 == 0;
+  p.mask_batch = (p.documents || p.vision || p.padding || rng() % 2) ? int32_t(p.batch) : 1;
+  p.bf16 = rng() % 3 != 0;
+  p.out_fp32 = rng() % 2 == 0;
+  return p;
+}
+
+TEST(TensorCoreEmulation, RandomProblemsAgreeWithTheBruteForceOracle) {
+  std::mt19937_64 rng(2026);
+  for (int n = 0; n < 40; ++n) {
+    const Problem p = random_problem(rng);
+    if (p.bf16) check_problem<true>(p, rng());
+    else check_problem<false>(p, rng());
+    if (HasFatalFailure()) return;
+  }
+}
+
+TEST(TensorCoreEmulation, EveryCompiledHeadDimWithEveryMaskTerm) {
+  std::mt19937_64 rng(7);
+  for (int64_t d : {64, 128, 256, 512})
+    for (int variant = 0; variant < 3; ++variant) {
+      Problem p;
+      p.head_dim = d;
+      p.batch = 2;
+      p.q_heads = 4;
+      p.kv_heads = 2;
+      p.sq = d > 256 ? 40 : 70;
+      p.skv = d > 256 ? 45 : 75;
+      p.q_block = 32;
+      p.kv_block = 16;
+      p.q_start = 30;
+      p.kv_start = variant == 2 ? 200 : 10;  // variant 2: a chunk wholly in the future, every row empty
+      p.has_window = variant != 1;
+      p.window = 24;
+      p.vision = variant == 0;
+      p.documents = true;
+      p.padding = variant != 2;
+      p.mask_batch = 2;
+      p.bf16 = variant != 1;
+      if (p.bf16) check_problem<true>(p, rng());
+      else check_problem<false>(p, rng());
+      if (HasFatalFailure()) return;
+    }
+}
+
+}  // namespace
+}  // namespace cpharness::kernels::cuda::detail
