@@ -6,9 +6,9 @@
 // to FlexAttention and SDPA. Not a test.
 //   bench_cuda_attention [--seq 8192,16384,32768] [--dim 256,512] [--hkv 2,4] [--masks causal,sliding512,docs]
 //                        [--dtype bf16|fp16|fp32] [--block 128] [--warmup 2] [--reps 5] [--no-backward]
-//                        [--forward tc|fp32|both] [--json FILE]   (one JSON object per line, for the peer script)
-// --forward: bf16 / fp16 run the tensor-core forward (tc, the default) or the fp32 CUDA-core one (fp32); both: each
-// configuration twice, the fp32 kernel as impl "cpharness_cuda_fp32". The backward is the same kernel either way.
+//                        [--kernels tc|fp32|both] [--json FILE]   (one JSON object per line, for the peer script)
+// --kernels: bf16 / fp16 run the tensor-core kernels (tc, the default: forward and backward) or the fp32 CUDA-core
+// ones (fp32); both: each configuration twice, the fp32 kernels as impl "cpharness_cuda_fp32".
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -107,7 +107,7 @@ int main(int argc, char** argv) {
   int64_t hq = 8, block = 128;
   int warmup = 2, reps = 5;
   bool backward = true;
-  std::string forward = "tc";
+  std::string kernels = "tc";
   for (int i = 1; i < argc; ++i) {
     auto next = [&]() -> const char* {
       if (i + 1 >= argc) {
@@ -127,7 +127,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--reps")) reps = std::atoi(next());
     else if (!std::strcmp(argv[i], "--no-backward")) backward = false;
     else if (!std::strcmp(argv[i], "--json")) json_path = next();
-    else if (!std::strcmp(argv[i], "--forward")) forward = next();
+    else if (!std::strcmp(argv[i], "--kernels")) kernels = next();
     else {
       std::fprintf(stderr, "unknown argument %s\n", argv[i]);
       return 2;
@@ -144,10 +144,10 @@ int main(int argc, char** argv) {
   std::ofstream json;
   if (!json_path.empty()) json.open(json_path);
   std::vector<bool> forwards;
-  if (forward == "tc" || forward == "both") forwards.push_back(true);
-  if (forward == "fp32" || forward == "both") forwards.push_back(false);
+  if (kernels == "tc" || kernels == "both") forwards.push_back(true);
+  if (kernels == "fp32" || kernels == "both") forwards.push_back(false);
   if (forwards.empty()) {
-    std::fprintf(stderr, "--forward must be tc, fp32 or both\n");
+    std::fprintf(stderr, "--kernels must be tc, fp32 or both\n");
     return 2;
   }
   std::printf("%-5s %-10s %6s %4s %4s %4s | %10s %8s | %10s %8s | %6s\n", "fwd", "mask", "S", "D", "Hq", "Hkv", "fwd ms",
@@ -201,7 +201,7 @@ int main(int argc, char** argv) {
             ba.dk = kc::contiguous4(dkb, dt, hkv, S, D);
             ba.dv = kc::contiguous4(dvb, dt, hkv, S, D);
             for (bool tc : forwards) {
-              fa.tensor_cores = tc;
+              fa.tensor_cores = ba.tensor_cores = tc;
               const std::string impl = tc ? "cpharness_cuda" : "cpharness_cuda_fp32";
               Timer timer;
               const double fwd = timer.median_ms(warmup, reps, [&] { ok(kc::block_sparse_attention_forward(fa, nullptr)); });

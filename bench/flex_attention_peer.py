@@ -149,12 +149,12 @@ def run_peers(seqs, dims, hkvs, masks, warmup, reps, on_record=lambda records: N
     return records
 
 
-def run_binary(path, seqs, dims, hkvs, masks, warmup, reps, forward):
+def run_binary(path, seqs, dims, hkvs, masks, warmup, reps, kernels):
     with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as f:
         out = f.name
     cmd = [path, "--seq", ",".join(map(str, seqs)), "--dim", ",".join(map(str, dims)), "--hkv",
            ",".join(map(str, hkvs)), "--masks", ",".join(masks), "--warmup", str(warmup), "--reps", str(reps),
-           "--forward", forward, "--json", out]
+           "--kernels", kernels, "--json", out]
     print("+", " ".join(cmd), flush=True)
     rc = subprocess.run(cmd).returncode
     records = []
@@ -178,8 +178,8 @@ def main():
     p.add_argument("--dims", default="256,512", help="comma-separated head dims")
     p.add_argument("--hkv", default="2,4", help="comma-separated K/V head counts (Hq is 8)")
     p.add_argument("--masks", default="causal,sliding512,docs", help="comma-separated: causal, sliding512, docs")
-    p.add_argument("--forward", default="tc", choices=["tc", "fp32", "both"],
-                   help="the kernel's forward: tensor cores (tc), the fp32 CUDA-core kernel, or both side by side")
+    p.add_argument("--kernels", default="tc", choices=["tc", "fp32", "both"],
+                   help="tensor-core kernels (tc), the fp32 CUDA-core ones, or both side by side")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("flex_attention_peer: no CUDA device", file=sys.stderr)
@@ -197,7 +197,7 @@ def main():
 
     records = []
     if not a.no_binary:
-        records += run_binary(a.bin, seqs, dims, hkvs, masks, warmup, reps, a.forward)
+        records += run_binary(a.bin, seqs, dims, hkvs, masks, warmup, reps, a.kernels)
         save(records)
     if not a.no_peers:
         done = list(records)

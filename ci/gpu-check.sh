@@ -120,7 +120,9 @@ if has_stage bench; then
   if [ "$dry" -eq 1 ]; then
     say "[bench] dry run: would run bench/flex_attention_peer.py --bin $bin/bench_cuda_attention"
   else
-    q=(); [ "$quick" -eq 1 ] && q=(--quick --forward both)  # quick: the tensor-core and fp32 forwards side by side; [ "$peers" -eq 0 ] && q+=(--no-peers)
+    # --quick: the tensor-core and fp32 kernels side by side at S 8k.
+    q=(); [ "$quick" -eq 1 ] && q=(--quick --kernels both)
+    [ "$peers" -eq 0 ] && q+=(--no-peers)
     # shellcheck disable=SC2206
     [ -n "$peer_args" ] && q+=($peer_args)
     run_stage bench-attention env PYTHONUNBUFFERED=1 "$python" "$root/bench/flex_attention_peer.py" \

@@ -6,6 +6,8 @@
 // P = exp(scale q.k - lse) on allowed elements (0 where lse = -inf), dS = P (dout.v - delta),
 // dQ = scale dS K, dK = scale dS^T Q, dV = P^T dout; everything accumulates in fp32 in a fixed order.
 #include "kernels/cuda/attention_common.cuh"
+#include "kernels/cuda/tensor_core_backward.cuh"
+#include "kernels/cuda/tensor_core_device.cuh"
 
 namespace cpharness::kernels::cuda {
 namespace detail {
@@ -326,12 +328,12 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const __grid_constant__ 
   }
 }
 
-template <int D>
-std::string launch_backward(const BackwardArgs& a, cudaStream_t stream) {
-  using T = Tiles<D>;
+// Checks the grids of a backward whose dQ CTAs cover `q_rows` query rows and dK/dV CTAs `kv_rows` keys, then
+// launches the delta kernel (shared by both backwards).
+std::string launch_delta(const BackwardArgs& a, int q_rows, int kv_rows, cudaStream_t stream) {
   const BlockMaskView& m = a.mask;
-  const int64_t nq = (m.q_len + m.q_block - 1) / m.q_block, q_subs = (m.q_block + T::kQ - 1) / T::kQ;
-  const int64_t nkv = (m.kv_len + m.kv_block - 1) / m.kv_block, kv_subs = (m.kv_block + T::kKV - 1) / T::kKV;
+  const int64_t nq = (m.q_len + m.q_block - 1) / m.q_block, q_subs = (m.q_block + q_rows - 1) / q_rows;
+  const int64_t nkv = (m.kv_len + m.kv_block - 1) / m.kv_block, kv_subs = (m.kv_block + kv_rows - 1) / kv_rows;
   const int64_t rows = a.g.batch * a.g.q_heads * m.q_len;
   if (nq * q_subs > 0x7fffffffLL || nkv * kv_subs > 0x7fffffffLL || (rows + kWarps - 1) / kWarps > 0x7fffffffLL)
     return "block_sparse_attention: too many tiles for one grid";
@@ -339,6 +341,16 @@ std::string launch_backward(const BackwardArgs& a, cudaStream_t stream) {
     delta_kernel<<<unsigned((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(a);
     if (auto e = launch_status("delta launch"); !e.empty()) return e;
   }
+  return "";
+}
+
+template <int D>
+std::string launch_backward(const BackwardArgs& a, cudaStream_t stream) {
+  using T = Tiles<D>;
+  const BlockMaskView& m = a.mask;
+  const int64_t nq = (m.q_len + m.q_block - 1) / m.q_block, q_subs = (m.q_block + T::kQ - 1) / T::kQ;
+  const int64_t nkv = (m.kv_len + m.kv_block - 1) / m.kv_block, kv_subs = (m.kv_block + T::kKV - 1) / T::kKV;
+  if (auto e = launch_delta(a, T::kQ, T::kKV, stream); !e.empty()) return e;
   if (nq > 0) {
     if (auto e = allow_smem(dq_kernel<D>, T::dq_smem()); !e.empty()) return e;
     dq_kernel<D><<<dim3(unsigned(nq * q_subs), unsigned(a.g.q_heads), unsigned(a.g.batch)), kThreads, T::dq_smem(),
@@ -354,8 +366,60 @@ std::string launch_backward(const BackwardArgs& a, cudaStream_t stream) {
   return "";
 }
 
+template <int D, bool kBf16>
+__global__ void __launch_bounds__(kThreads) tc_dq_kernel(const __grid_constant__ BackwardArgs a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DeviceWarp hw;
+  tc_dq_cta<D, kBf16>(a, hw, blockIdx.x, blockIdx.y, blockIdx.z, smem_raw);
+}
+
+template <int D, bool kBf16>
+__global__ void __launch_bounds__(kThreads) tc_dkdv_kernel(const __grid_constant__ BackwardArgs a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DeviceWarp hw;
+  tc_dkdv_cta<D, kBf16>(a, hw, blockIdx.x, blockIdx.y, blockIdx.z, smem_raw);
+}
+
+template <int D, bool kBf16>
+std::string launch_backward_tc(const BackwardArgs& a, cudaStream_t stream) {
+  using Q = TcDqTiles<D>;
+  using K = TcDkdvTiles<D>;
+  const BlockMaskView& m = a.mask;
+  const int64_t nq = (m.q_len + m.q_block - 1) / m.q_block, q_subs = (m.q_block + Q::kQ - 1) / Q::kQ;
+  const int64_t nkv = (m.kv_len + m.kv_block - 1) / m.kv_block, kv_subs = (m.kv_block + K::kKV - 1) / K::kKV;
+  if (auto e = launch_delta(a, Q::kQ, K::kKV, stream); !e.empty()) return e;
+  if (nq > 0) {
+    if (auto e = allow_smem(tc_dq_kernel<D, kBf16>, Q::smem()); !e.empty()) return e;
+    tc_dq_kernel<D, kBf16><<<dim3(unsigned(nq * q_subs), unsigned(a.g.q_heads), unsigned(a.g.batch)), kThreads,
+                             Q::smem(), stream>>>(a);
+    if (auto e = launch_status("tensor-core dq launch"); !e.empty()) return e;
+  }
+  if (nkv > 0) {
+    if (auto e = allow_smem(tc_dkdv_kernel<D, kBf16>, K::smem()); !e.empty()) return e;
+    tc_dkdv_kernel<D, kBf16><<<dim3(unsigned(nkv * kv_subs), unsigned(a.g.kv_heads), unsigned(a.g.batch)), kThreads,
+                               K::smem(), stream>>>(a);
+    if (auto e = launch_status("tensor-core dkdv launch"); !e.empty()) return e;
+  }
+  return "";
+}
+
+template <bool kBf16>
+std::string dispatch_backward_tc(const BackwardArgs& a, cudaStream_t stream) {
+  switch (compiled_head_dim(a.g.head_dim)) {
+    case 64: return launch_backward_tc<64, kBf16>(a, stream);
+    case 128: return launch_backward_tc<128, kBf16>(a, stream);
+    case 256: return launch_backward_tc<256, kBf16>(a, stream);
+    default: return launch_backward_tc<512, kBf16>(a, stream);
+  }
+}
+
 }  // namespace
 }  // namespace detail
+
+bool uses_tensor_cores(const BackwardArgs& a) {
+  return a.tensor_cores && a.q.dtype != DType::kFloat32 && a.q.dtype == a.k.dtype && a.k.dtype == a.v.dtype &&
+         a.v.dtype == a.dout.dtype;
+}
 
 std::string block_sparse_attention_backward(const BackwardArgs& a, cudaStream_t stream) {
   using namespace detail;
@@ -367,6 +431,8 @@ std::string block_sparse_attention_backward(const BackwardArgs& a, cudaStream_t 
   const bool kv_side = a.k.data && a.v.data && a.dk.data && a.dv.data;
   if ((a.mask.q_len > 0 && !q_side) || (a.mask.kv_len > 0 && !kv_side))
     return "block_sparse_attention: backward: null tensor";
+  if (uses_tensor_cores(a))
+    return a.q.dtype == DType::kBFloat16 ? dispatch_backward_tc<true>(a, stream) : dispatch_backward_tc<false>(a, stream);
   switch (compiled_head_dim(a.g.head_dim)) {
     case 64: return launch_backward<64>(a, stream);
     case 128: return launch_backward<128>(a, stream);

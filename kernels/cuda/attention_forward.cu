@@ -4,6 +4,8 @@
 // softmax in fp32, O += P V. Empty tiles are never touched; rows that never see a key end with out = 0 and
 // lse = -inf.
 #include "kernels/cuda/attention_common.cuh"
+#include "kernels/cuda/tensor_core_device.cuh"
+#include "kernels/cuda/tensor_core_backward.cuh"
 #include "kernels/cuda/tensor_core_forward.cuh"
 
 namespace cpharness::kernels::cuda {
@@ -195,35 +197,6 @@ std::string launch_forward(const ForwardArgs& a, cudaStream_t stream) {
   return launch_status("forward launch");
 }
 
-// The warp interface of tc_forward_cta on the GPU (tensor_core_forward.cuh): mma.sync on sm_80+.
-struct DeviceWarp {
-  __device__ int thread() const { return int(threadIdx.x); }
-  __device__ void sync() { __syncthreads(); }
-  __device__ float shfl_xor(float v, int lane_mask) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); }
-  template <bool kBf16>
-  __device__ void mma(float c[4], const uint32_t a[4], const uint32_t b[2]) {
-    if constexpr (kBf16)
-      asm volatile(
-          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-          "{%0, %1, %2, %3};\n"
-          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    else
-      asm volatile(
-          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-          "{%0, %1, %2, %3};\n"
-          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-  __device__ void count_work(WorkCounters* w, unsigned long long score, unsigned long long mask, int32_t partial,
-                             int32_t full) {
-    atomicAdd(&w->score_elements, score);
-    if (mask) atomicAdd(&w->mask_elements, mask);
-    if (partial) atomicAdd(&w->partial_blocks, (unsigned long long)partial);
-    if (full) atomicAdd(&w->full_blocks, (unsigned long long)full);
-  }
-};
-
 template <int D, bool kBf16>
 __global__ void __launch_bounds__(kThreads) tc_forward_kernel(const __grid_constant__ ForwardArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -284,7 +257,8 @@ TileShape tile_shape(int64_t head_dim) {
     using T = decltype(tiles);
     using TC = TcTiles<T::kStride - 1>;
     return TileShape{d, kThreads, T::kQ, T::kK, T::kKV, T::kQB, T::forward_smem(), T::dq_smem(), T::dkdv_smem(),
-                     TC::kQ, TC::kK, TC::smem()};
+                     TC::kQ, TC::kK, TC::smem(), TcDqTiles<T::kStride - 1>::smem(), TcDkdvTiles<T::kStride - 1>::smem(),
+                     TcDkdvTiles<T::kStride - 1>::kKV};
   };
   switch (compiled_head_dim(head_dim)) {
     case 64: return make(Tiles<64>{}, 64);

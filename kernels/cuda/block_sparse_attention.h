@@ -101,7 +101,12 @@ struct BackwardArgs {
   Tensor4 dq;         // [B, Hq, Sq, D], this chunk's contribution
   Tensor4 dk, dv;     // [B, Hkv, Skv, D]
   WorkCounters* work = nullptr;
+  // bf16 or fp16 q, k, v, dout of one dtype run the tensor-core dQ and dK/dV kernels (P and dS rounded to the input
+  // dtype for their second products); false, or any other dtypes: the fp32 CUDA-core kernels.
+  bool tensor_cores = true;
 };
+// Whether block_sparse_attention_backward runs `args` on the tensor-core kernels.
+bool uses_tensor_cores(const BackwardArgs& args);
 
 std::string block_sparse_attention_forward(const ForwardArgs& args, cudaStream_t stream);
 std::string block_sparse_attention_backward(const BackwardArgs& args, cudaStream_t stream);
@@ -117,6 +122,7 @@ struct TileShape {
   int dkdv_q_rows = 0;        // dK/dV: query rows per shared-memory sub-tile
   int forward_smem = 0, dq_smem = 0, dkdv_smem = 0;  // dynamic shared memory, bytes
   int tc_q_rows = 0, tc_kv_rows = 0, tc_forward_smem = 0;  // the tensor-core forward (bf16 / fp16)
+  int tc_dq_smem = 0, tc_dkdv_smem = 0, tc_dkdv_kv_rows = 0;  // and backward
 };
 TileShape tile_shape(int64_t head_dim);
 

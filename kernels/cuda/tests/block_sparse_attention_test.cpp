@@ -8,7 +8,7 @@
 // f = 1e-7 for out, max(1e-7, 2^-24 sqrt(head_dim)) for the gradients).
 // bf16 / fp16 inputs: oracle-relative: ||gpu - oracle|| <= 2 ||math - oracle|| + 1e-4 ||oracle|| + 1e-6 sqrt(n),
 // with `math` a plain attention computed in bf16 / fp16 on the same rounded inputs. 16-bit inputs are checked on
-// both forwards: the tensor-core kernel (the default) and the fp32 CUDA-core kernel (tensor_cores = false).
+// both kernel families: tensor cores (the default) and the fp32 CUDA-core kernels (tensor_cores = false).
 // CPHARNESS_CUDA_TEST_DRY_RUN=1 on a machine without a GPU runs every GPU test with the CPU chunk attention
 // standing in for the device (checks the references, tolerances and bookkeeping of this file); those tests
 // still end as skipped, since the kernel did not run.
@@ -47,6 +47,8 @@ TEST(CudaAttentionHost, EveryHeadDimUpTo512HasATilingThatFitsSm80SharedMemory) {
     EXPECT_LE(t.dq_smem, kSm80MaxDynamicSmem) << d;
     EXPECT_LE(t.dkdv_smem, kSm80MaxDynamicSmem) << d;
     EXPECT_LE(t.tc_forward_smem, kSm80MaxDynamicSmem) << d;
+    EXPECT_LE(t.tc_dq_smem, kSm80MaxDynamicSmem) << d;
+    EXPECT_LE(t.tc_dkdv_smem, kSm80MaxDynamicSmem) << d;
   }
   EXPECT_EQ(tile_shape(512).tc_q_rows, 32);  // two warps share a row group at head_dim 512
   EXPECT_EQ(tile_shape(256).tc_q_rows, 64);
@@ -152,7 +154,7 @@ struct RunOptions {
   bool backward = true;
   torch::Tensor merged_out, merged_lse;  // for the backward; undefined: this run's own out / lse
   bool strided_q = false;                // q stored as [B, S, H, D] in memory
-  bool tensor_cores = true;              // bf16 / fp16 inputs: the tensor-core forward (false: the fp32 kernel)
+  bool tensor_cores = true;              // bf16 / fp16 inputs: the tensor-core kernels (false: the fp32 ones)
 };
 
 // One forward (+ backward) on the device. q, k, v, dout are CPU tensors in the input dtype.
@@ -203,6 +205,7 @@ Result run_device(const torch::Tensor& q, const torch::Tensor& k, const torch::T
     BackwardArgs ba;
     ba.g = fa.g;
     ba.mask = dm.view;
+    ba.tensor_cores = o.tensor_cores;
     ba.q = fa.q;
     ba.k = fa.k;
     ba.v = fa.v;
@@ -374,7 +377,7 @@ void check_problem(const std::string& what, const MaskConfig& c, Heads h, uint64
   const Oracle o = make_oracle(in, mask, allowed_of(c, c.kv_range), scale);
   for (auto dt : dtypes) {
     check_dtype(what, in, mask, o, scale, dt);
-    // 16-bit inputs run the tensor-core forward by default; the fp32 kernel serves them too (tensor_cores = false).
+    // 16-bit inputs run the tensor-core kernels by default; the fp32 kernels serve them too (tensor_cores = false).
     if (dt != torch::kFloat32) check_dtype(what, in, mask, o, scale, dt, false);
     if (::testing::Test::HasFailure()) return;
   }

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/tensor_core_backward.cuh"
 #include "kernels/cuda/tensor_core_forward.cuh"
 
 namespace cpharness::kernels::cuda::detail {
@@ -184,6 +185,43 @@ void emulate_forward(const ForwardArgs& a) {
       }
 }
 
+// Runs every CTA of the tensor-core backward's dQ grid, then of its dK/dV grid (delta given by the caller).
+template <int D, bool kBf16>
+void emulate_backward(const BackwardArgs& a) {
+  using Q = TcDqTiles<D>;
+  using K = TcDkdvTiles<D>;
+  const BlockMaskView& m = a.mask;
+  const int64_t nq = (m.q_len + m.q_block - 1) / m.q_block, q_subs = (m.q_block + Q::kQ - 1) / Q::kQ;
+  const int64_t nkv = (m.kv_len + m.kv_block - 1) / m.kv_block, kv_subs = (m.kv_block + K::kKV - 1) / K::kKV;
+  std::vector<uint64_t> smem((std::max(Q::smem(), K::smem()) + 7) / 8);
+  auto cta = [&](auto&& body) {
+    std::unique_ptr<FiberCta> c;
+    c = std::make_unique<FiberCta>([&](int tid) {
+      EmulatedWarp hw{c.get(), tid};
+      body(hw);
+    });
+    c->run();
+  };
+  auto* sm = reinterpret_cast<unsigned char*>(smem.data());
+  for (int64_t bz = 0; bz < a.g.batch; ++bz) {
+    for (int64_t by = 0; by < a.g.q_heads; ++by)
+      for (int64_t bx = 0; bx < nq * q_subs; ++bx) cta([&](EmulatedWarp& hw) { tc_dq_cta<D, kBf16>(a, hw, bx, by, bz, sm); });
+    for (int64_t by = 0; by < a.g.kv_heads; ++by)
+      for (int64_t bx = 0; bx < nkv * kv_subs; ++bx)
+        cta([&](EmulatedWarp& hw) { tc_dkdv_cta<D, kBf16>(a, hw, bx, by, bz, sm); });
+  }
+}
+
+template <bool kBf16>
+void emulate_backward_any(const BackwardArgs& a) {
+  switch (compiled_head_dim(a.g.head_dim)) {
+    case 64: return emulate_backward<64, kBf16>(a);
+    case 128: return emulate_backward<128, kBf16>(a);
+    case 256: return emulate_backward<256, kBf16>(a);
+    default: return emulate_backward<512, kBf16>(a);
+  }
+}
+
 template <bool kBf16>
 void emulate_forward_any(const ForwardArgs& a) {
   switch (compiled_head_dim(a.g.head_dim)) {
@@ -286,6 +324,112 @@ bool oracle_allowed(const Inputs& in, int64_t mb, int64_t i, int64_t j) {
   return ok;
 }
 
+// The backward from the oracle's own out and LSE (as the ring hands over the merged ones) and a random dout,
+// against dQ = scale dS K, dK = scale dS^T Q, dV = P^T dout computed in double. A bound per element: the tolerance
+// times the sum of the absolute terms (P and dS are rounded to the input dtype on the tensor cores).
+template <bool kBf16>
+void check_backward(const Inputs& in, const ForwardArgs& fwd, std::mt19937_64& rng) {
+  const Problem& p = in.p;
+  const int64_t D = p.head_dim, G = p.q_heads / p.kv_heads;
+  const double scale = fwd.g.scale;
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<uint16_t> dout(size_t(p.batch * p.q_heads * p.sq * D));
+  for (auto& e : dout) e = to_bits<kBf16>(normal(rng));
+  auto q_at = [&](int64_t b, int64_t h, int64_t i, int64_t d) {
+    return double(from_bits<kBf16>(in.q[size_t(((b * p.q_heads + h) * p.sq + i) * D + d)]));
+  };
+  auto k_at = [&](int64_t b, int64_t hk, int64_t j, int64_t d) {
+    return double(from_bits<kBf16>(in.k[size_t(((b * p.kv_heads + hk) * p.skv + j) * D + d)]));
+  };
+  auto v_at = [&](int64_t b, int64_t hk, int64_t j, int64_t d) {
+    return double(from_bits<kBf16>(in.v[size_t(((b * p.skv + j) * p.kv_heads + hk) * D + d)]));
+  };
+  auto o_at = [&](int64_t b, int64_t h, int64_t i, int64_t d) {
+    return double(from_bits<kBf16>(dout[size_t(((b * p.q_heads + h) * p.sq + i) * D + d)]));
+  };
+  // Oracle P (0 off the mask), its out and LSE, delta; then the gradients and their bounds.
+  const size_t nqo = size_t(p.batch * p.q_heads * p.sq), nkvo = size_t(p.batch * p.kv_heads * p.skv);
+  std::vector<float> out(nqo * size_t(D), 0.f), lse(nqo, -INFINITY), delta(nqo, 0.f);
+  std::vector<double> want_dq(nqo * size_t(D), 0), bound_dq(want_dq.size(), 0);
+  std::vector<double> want_dk(nkvo * size_t(D), 0), bound_dk(want_dk.size(), 0), want_dv(want_dk.size(), 0),
+      bound_dv(want_dk.size(), 0);
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t h = 0; h < p.q_heads; ++h) {
+      const int64_t hk = h / G, mb = p.mask_batch == 1 ? 0 : b;
+      for (int64_t i = 0; i < p.sq; ++i) {
+        const size_t row = size_t((b * p.q_heads + h) * p.sq + i);
+        std::vector<double> s(size_t(p.skv), -INFINITY);
+        double mx = -INFINITY;
+        for (int64_t j = 0; j < p.skv; ++j) {
+          if (!oracle_allowed(in, mb, i, j)) continue;
+          double dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += q_at(b, h, i, d) * k_at(b, hk, j, d);
+          s[size_t(j)] = dot * scale;
+          mx = std::max(mx, s[size_t(j)]);
+        }
+        if (mx == -INFINITY) continue;  // an empty row: lse -inf, out 0, no gradient
+        double sum = 0;
+        for (double x : s) sum += x == -INFINITY ? 0 : std::exp(x - mx);
+        const double l = mx + std::log(sum);
+        lse[row] = float(l);
+        std::vector<double> P(size_t(p.skv), 0), dP(size_t(p.skv), 0);
+        for (int64_t j = 0; j < p.skv; ++j)
+          if (s[size_t(j)] != -INFINITY) P[size_t(j)] = std::exp(s[size_t(j)] - double(lse[row]));
+        double dlt = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          double o = 0;
+          for (int64_t j = 0; j < p.skv; ++j) o += P[size_t(j)] * v_at(b, hk, j, d);
+          out[row * size_t(D) + size_t(d)] = float(o);
+          dlt += double(float(o)) * o_at(b, h, i, d);
+        }
+        delta[row] = float(dlt);
+        for (int64_t j = 0; j < p.skv; ++j) {
+          if (P[size_t(j)] == 0) continue;
+          for (int64_t d = 0; d < D; ++d) dP[size_t(j)] += o_at(b, h, i, d) * v_at(b, hk, j, d);
+          const double ds = P[size_t(j)] * (dP[size_t(j)] - double(delta[row]));
+          const double ds_abs = P[size_t(j)] * (std::abs(dP[size_t(j)]) + std::abs(double(delta[row])));
+          const size_t kv_row = size_t((b * p.kv_heads + hk) * p.skv + j);
+          for (int64_t d = 0; d < D; ++d) {
+            want_dq[row * size_t(D) + size_t(d)] += scale * ds * k_at(b, hk, j, d);
+            bound_dq[row * size_t(D) + size_t(d)] += scale * ds_abs * std::abs(k_at(b, hk, j, d));
+            want_dk[kv_row * size_t(D) + size_t(d)] += scale * ds * q_at(b, h, i, d);
+            bound_dk[kv_row * size_t(D) + size_t(d)] += scale * ds_abs * std::abs(q_at(b, h, i, d));
+            want_dv[kv_row * size_t(D) + size_t(d)] += P[size_t(j)] * o_at(b, h, i, d);
+            bound_dv[kv_row * size_t(D) + size_t(d)] += P[size_t(j)] * std::abs(o_at(b, h, i, d));
+          }
+        }
+      }
+    }
+
+  BackwardArgs a;
+  a.g = fwd.g;
+  a.mask = fwd.mask;
+  a.q = fwd.q;
+  a.k = fwd.k;
+  a.v = fwd.v;
+  const DType dt = kBf16 ? DType::kBFloat16 : DType::kFloat16;
+  a.out = {out.data(), DType::kFloat32, p.q_heads * p.sq * D, p.sq * D, D};
+  a.dout = {dout.data(), dt, p.q_heads * p.sq * D, p.sq * D, D};
+  a.lse = {lse.data(), p.q_heads * p.sq, p.sq, 1};
+  a.delta = {delta.data(), p.q_heads * p.sq, p.sq, 1};
+  std::vector<float> dq(want_dq.size(), NAN), dk(want_dk.size(), NAN), dv(want_dk.size(), NAN);
+  a.dq = {dq.data(), DType::kFloat32, p.q_heads * p.sq * D, p.sq * D, D};
+  a.dk = {dk.data(), DType::kFloat32, p.kv_heads * p.skv * D, p.skv * D, D};
+  a.dv = {dv.data(), DType::kFloat32, p.kv_heads * p.skv * D, p.skv * D, D};
+  emulate_backward_any<kBf16>(a);
+
+  const double tol = kBf16 ? 1.5e-2 : 3e-3;
+  auto expect_close = [&](const char* what, const std::vector<float>& got, const std::vector<double>& want,
+                          const std::vector<double>& bound) {
+    for (size_t i = 0; i < got.size(); ++i)
+      ASSERT_NEAR(got[i], want[i], tol * bound[i] + 1e-6) << what << " element " << i << " (row " << i / size_t(D)
+                                                           << ", d " << i % size_t(D) << ")";
+  };
+  expect_close("dq", dq, want_dq, bound_dq);
+  expect_close("dk", dk, want_dk, bound_dk);
+  expect_close("dv", dv, want_dv, bound_dv);
+}
+
 template <bool kBf16>
 void check_problem(const Problem& p, uint64_t seed) {
   SCOPED_TRACE(p.describe());
@@ -318,26 +462,36 @@ void check_problem(const Problem& p, uint64_t seed) {
   // Block lists by brute force: a tile is full when every valid (row, key) pair is allowed, empty when none is;
   // some full tiles are listed as partial (legal: the rule is then evaluated per element).
   const int64_t nq = (p.sq + p.q_block - 1) / p.q_block, nkv = (p.skv + p.kv_block - 1) / p.kv_block;
-  std::vector<int32_t> partial_num, full_num, partial_idx, full_idx;
+  std::vector<int> cls(size_t(p.mask_batch * nq * nkv), 0);  // 0 empty, 1 partial, 2 full
   for (int64_t mb = 0; mb < p.mask_batch; ++mb)
-    for (int64_t qb = 0; qb < nq; ++qb) {
-      std::vector<int32_t> part, full;
+    for (int64_t qb = 0; qb < nq; ++qb)
       for (int64_t kb = 0; kb < nkv; ++kb) {
         int64_t allowed = 0, total = 0;
         for (int64_t i = qb * p.q_block; i < std::min(p.sq, (qb + 1) * p.q_block); ++i)
           for (int64_t j = kb * p.kv_block; j < std::min(p.skv, (kb + 1) * p.kv_block); ++j, ++total)
             allowed += oracle_allowed(in, mb, i, j);
-        if (allowed == 0) continue;
-        if (allowed == total && rng() % 4 != 0) full.push_back(int32_t(kb));
-        else part.push_back(int32_t(kb));
+        cls[size_t((mb * nq + qb) * nkv + kb)] = allowed == 0 ? 0 : allowed == total && rng() % 4 != 0 ? 2 : 1;
       }
-      partial_num.push_back(int32_t(part.size()));
-      full_num.push_back(int32_t(full.size()));
-      part.resize(size_t(nkv), 0);
-      full.resize(size_t(nkv), 0);
-      partial_idx.insert(partial_idx.end(), part.begin(), part.end());
-      full_idx.insert(full_idx.end(), full.begin(), full.end());
-    }
+  // The lists of one major order: rows x (count, indices padded to `cols`).
+  auto lists = [&](bool q_major, int want, std::vector<int32_t>& num, std::vector<int32_t>& idx) {
+    const int64_t rows = q_major ? nq : nkv, cols = q_major ? nkv : nq;
+    for (int64_t mb = 0; mb < p.mask_batch; ++mb)
+      for (int64_t r = 0; r < rows; ++r) {
+        std::vector<int32_t> row;
+        for (int64_t c = 0; c < cols; ++c) {
+          const int64_t qb = q_major ? r : c, kb = q_major ? c : r;
+          if (cls[size_t((mb * nq + qb) * nkv + kb)] == want) row.push_back(int32_t(c));
+        }
+        num.push_back(int32_t(row.size()));
+        row.resize(size_t(cols), 0);
+        idx.insert(idx.end(), row.begin(), row.end());
+      }
+  };
+  std::vector<int32_t> partial_num, full_num, partial_idx, full_idx, partial_q_num, full_q_num, partial_q_idx, full_q_idx;
+  lists(true, 1, partial_num, partial_idx);
+  lists(true, 2, full_num, full_idx);
+  lists(false, 1, partial_q_num, partial_q_idx);
+  lists(false, 2, full_q_num, full_q_idx);
 
   ForwardArgs a;
   a.g = {p.batch, p.q_heads, p.kv_heads, D, 1.0f / std::sqrt(float(D))};
@@ -346,6 +500,8 @@ void check_problem(const Problem& p, uint64_t seed) {
   m.q_block = p.q_block, m.kv_block = p.kv_block, m.batch = int32_t(p.mask_batch);
   m.partial_kv = {partial_num.data(), partial_idx.data(), int32_t(nkv)};
   m.full_kv = {full_num.data(), full_idx.data(), int32_t(nkv)};
+  m.partial_q = {partial_q_num.data(), partial_q_idx.data(), int32_t(nq)};
+  m.full_q = {full_q_num.data(), full_q_idx.data(), int32_t(nq)};
   m.causal = p.causal, m.has_window = p.has_window, m.window = p.window, m.vision_bidirectional = p.vision;
   if (p.documents) m.q_document_ids = in.q_doc.data(), m.kv_document_ids = in.kv_doc.data();
   if (p.vision) m.q_vision_group_ids = in.q_grp.data(), m.kv_vision_group_ids = in.kv_grp.data();
@@ -412,6 +568,7 @@ void check_problem(const Problem& p, uint64_t seed) {
     }
   // The counters as the CPU chunk attention counts them: score elements over every listed tile and query head.
   EXPECT_GE(work.score_elements, uint64_t(allowed_pairs));
+  check_backward<kBf16>(in, a, rng);
 }
 
 Problem random_problem(std::mt19937_64& rng) {
