@@ -97,16 +97,8 @@ __host__ __device__ void tc_dq_cta(const BackwardArgs& a, Hw& hw, int64_t bx, in
   uint16_t* Vs = Ks + BK * RS;
   uint16_t* Kt = Vs + BK * RS;
 
-  const uint16_t* qbits = static_cast<const uint16_t*>(a.q.data);
-  const uint16_t* obits = static_cast<const uint16_t*>(a.dout.data);
-  const uint16_t* kbits = static_cast<const uint16_t*>(a.k.data);
-  const uint16_t* vbits = static_cast<const uint16_t*>(a.v.data);
-  for (int i = tid; i < BQ * D; i += kThreads) {
-    const int r = i / D, d = i % D;
-    const bool in = r < ql && d < dim;
-    Qs[r * RS + d] = in ? qbits[offset4(a.q, b, h, q0 + r) + d] : uint16_t(0);
-    dOs[r * RS + d] = in ? obits[offset4(a.dout, b, h, q0 + r) + d] : uint16_t(0);
-  }
+  stage_rows<D>(Qs, RS, nullptr, 0, a.q, b, h, q0, BQ, ql, dim, tid);
+  stage_rows<D>(dOs, RS, nullptr, 0, a.dout, b, h, q0, BQ, ql, dim, tid);
   if (tid < BQ) {
     const bool in = tid < ql;
     const TokenMeta qm = in ? q_token_meta(m, terms, mb, q0 + tid) : TokenMeta{0, -1, false};
@@ -134,14 +126,8 @@ __host__ __device__ void tc_dq_cta(const BackwardArgs& a, Hw& hw, int64_t bx, in
     for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
       const int kl = int(min64(BK, k_end - k0));
       hw.sync();  // the previous sub-tile's K, V, K^T are consumed (and Q, dO, row state are in place)
-      for (int i = tid; i < BK * D; i += kThreads) {
-        const int j = i / D, d = i % D;
-        const bool in = j < kl && d < dim;
-        const uint16_t kv = in ? kbits[offset4(a.k, b, hk, k0 + j) + d] : uint16_t(0);
-        Ks[j * RS + d] = kv;
-        Kt[d * KS + j] = kv;
-        Vs[j * RS + d] = in ? vbits[offset4(a.v, b, hk, k0 + j) + d] : uint16_t(0);
-      }
+      stage_rows<D>(Ks, RS, Kt, KS, a.k, b, hk, k0, BK, kl, dim, tid);
+      stage_rows<D>(Vs, RS, nullptr, 0, a.v, b, hk, k0, BK, kl, dim, tid);
       if (partial && tid < BK) {
         const TokenMeta km = tid < kl ? kv_token_meta(m, terms, mb, k0 + tid) : TokenMeta{0, -1, true};
         kv_doc[tid] = km.doc;
@@ -253,16 +239,8 @@ __host__ __device__ void tc_dkdv_cta(const BackwardArgs& a, Hw& hw, int64_t bx, 
   uint16_t* Qt = dOs + BQ * RS;
   uint16_t* dOt = Qt + D * TS;
 
-  const uint16_t* qbits = static_cast<const uint16_t*>(a.q.data);
-  const uint16_t* obits = static_cast<const uint16_t*>(a.dout.data);
-  const uint16_t* kbits = static_cast<const uint16_t*>(a.k.data);
-  const uint16_t* vbits = static_cast<const uint16_t*>(a.v.data);
-  for (int i = tid; i < BKV * D; i += kThreads) {
-    const int j = i / D, d = i % D;
-    const bool in = j < kl && d < dim;
-    Ks[j * RS + d] = in ? kbits[offset4(a.k, b, hk, k0 + j) + d] : uint16_t(0);
-    Vs[j * RS + d] = in ? vbits[offset4(a.v, b, hk, k0 + j) + d] : uint16_t(0);
-  }
+  stage_rows<D>(Ks, RS, nullptr, 0, a.k, b, hk, k0, BKV, kl, dim, tid);
+  stage_rows<D>(Vs, RS, nullptr, 0, a.v, b, hk, k0, BKV, kl, dim, tid);
   if (tid < BKV) {
     const TokenMeta km = tid < kl ? kv_token_meta(m, terms, mb, k0 + tid) : TokenMeta{0, -1, true};
     k_doc[tid] = km.doc;
@@ -290,16 +268,8 @@ __host__ __device__ void tc_dkdv_cta(const BackwardArgs& a, Hw& hw, int64_t bx, 
       for (int64_t gq = 0; gq < G; ++gq) {
         const int64_t h = hk * G + gq;
         hw.sync();  // the previous (sub-tile, head)'s Q, dO and their transposes are consumed
-        for (int i = tid; i < BQ * D; i += kThreads) {
-          const int r = i / D, d = i % D;
-          const bool in = r < ql && d < dim;
-          const uint16_t qv = in ? qbits[offset4(a.q, b, h, q0 + r) + d] : uint16_t(0);
-          const uint16_t ov = in ? obits[offset4(a.dout, b, h, q0 + r) + d] : uint16_t(0);
-          Qs[r * RS + d] = qv;
-          Qt[d * TS + r] = qv;
-          dOs[r * RS + d] = ov;
-          dOt[d * TS + r] = ov;
-        }
+        stage_rows<D>(Qs, RS, Qt, TS, a.q, b, h, q0, BQ, ql, dim, tid);
+        stage_rows<D>(dOs, RS, dOt, TS, a.dout, b, h, q0, BQ, ql, dim, tid);
         if (tid < BQ) {
           const bool in = tid < ql;
           const TokenMeta qm = in ? q_token_meta(m, terms, mb, q0 + tid) : TokenMeta{0, -1, false};

@@ -71,6 +71,39 @@ __host__ __device__ inline uint32_t load_pair(const uint16_t* p) {  // two adjac
   return *reinterpret_cast<const uint32_t*>(p);
 }
 
+// Stages `rows` rows of a 16-bit [B, H, S, D] tensor (row r = token s0 + r of batch b, head h; zeros past `valid` rows
+// and past `dim` columns) into a row-major shared tile (row stride rs) and, when `transposed` is not null, into its
+// transpose (row stride ts: transposed[d * ts + r]); either may be null. 16-byte loads when every row is whole and 16-byte aligned,
+// else one element at a time. Every thread of the CTA calls it with the same arguments.
+template <int D>
+__host__ __device__ void stage_rows(uint16_t* tile, int rs, uint16_t* transposed, int ts, const Tensor4& t, int64_t b,
+                                    int64_t h, int64_t s0, int rows, int valid, int64_t dim, int tid) {
+  const uint16_t* bits = static_cast<const uint16_t*>(t.data);
+  const int64_t base = valid > 0 ? offset4(t, b, h, s0) : 0;
+  const bool whole = dim == D && t.stride_s % 8 == 0 && base % 8 == 0 &&
+                     reinterpret_cast<uintptr_t>(t.data) % 16 == 0;
+  if (whole) {
+    constexpr int kChunks = D / 8;
+    for (int i = tid; i < rows * kChunks; i += kThreads) {
+      const int r = i / kChunks, c = (i % kChunks) * 8;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (r < valid) v = *reinterpret_cast<const uint4*>(bits + base + int64_t(r) * t.stride_s + c);
+      if (tile) *reinterpret_cast<uint4*>(tile + r * rs + c) = v;
+      if (transposed) {
+        const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+        for (int e = 0; e < 8; ++e) transposed[(c + e) * ts + r] = uint16_t(w[e / 2] >> (16 * (e % 2)));
+      }
+    }
+    return;
+  }
+  for (int i = tid; i < rows * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    const uint16_t v = (r < valid && d < dim) ? bits[base + int64_t(r) * t.stride_s + d] : uint16_t(0);  // 0 bits: +0
+    if (tile) tile[r * rs + d] = v;
+    if (transposed) transposed[d * ts + r] = v;
+  }
+}
+
 // One CTA (block index bx, by, bz as the grid of launch_forward_tc) of the forward for bf16 (kBf16) or fp16
 // q, k, v of one dtype. `smem` holds TcTiles<D>::smem() bytes, 16-byte aligned.
 #pragma nv_exec_check_disable
@@ -108,13 +141,7 @@ __host__ __device__ void tc_forward_cta(const ForwardArgs& a, Hw& hw, int64_t bx
   uint16_t* Ks = Qs + BQ * RS;
   uint16_t* Vt = Ks + BK * RS;
 
-  const uint16_t* qbits = static_cast<const uint16_t*>(a.q.data);
-  const uint16_t* kbits = static_cast<const uint16_t*>(a.k.data);
-  const uint16_t* vbits = static_cast<const uint16_t*>(a.v.data);
-  for (int i = tid; i < BQ * D; i += kThreads) {
-    const int r = i / D, d = i % D;
-    Qs[r * RS + d] = (r < ql && d < dim) ? qbits[offset4(a.q, b, h, q0 + r) + d] : uint16_t(0);  // 0 bits: +0
-  }
+  stage_rows<D>(Qs, RS, nullptr, 0, a.q, b, h, q0, BQ, ql, dim, tid);
   if (tid < BQ) {
     const TokenMeta qm = tid < ql ? q_token_meta(m, terms, mb, q0 + tid) : TokenMeta{0, -1, false};
     q_doc[tid] = qm.doc;
@@ -140,12 +167,8 @@ __host__ __device__ void tc_forward_cta(const ForwardArgs& a, Hw& hw, int64_t bx
     for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
       const int kl = int(min64(BK, k_end - k0));
       hw.sync();  // the previous sub-tile's K and V^T are consumed (and Q is in place)
-      for (int i = tid; i < BK * D; i += kThreads) {
-        const int j = i / D, d = i % D;
-        const bool in = j < kl && d < dim;
-        Ks[j * RS + d] = in ? kbits[offset4(a.k, b, hk, k0 + j) + d] : uint16_t(0);
-        Vt[d * VS + j] = in ? vbits[offset4(a.v, b, hk, k0 + j) + d] : uint16_t(0);
-      }
+      stage_rows<D>(Ks, RS, nullptr, 0, a.k, b, hk, k0, BK, kl, dim, tid);
+      stage_rows<D>(nullptr, 0, Vt, VS, a.v, b, hk, k0, BK, kl, dim, tid);
       if (partial && tid < BK) {
         const TokenMeta km = tid < kl ? kv_token_meta(m, terms, mb, k0 + tid) : TokenMeta{0, -1, true};
         kv_doc[tid] = km.doc;
