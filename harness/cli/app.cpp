@@ -82,8 +82,9 @@ void add_run(CLI::App& app, Verbs& v) {
           "DEVICE"))
       ->type_name("DEVICE");
   run->add_option("--cuda-attention", v.run.cuda_attention,
-                  "on CUDA: the block-sparse kernel (default) or the libtorch-ops chunk attention (reference, fallback)")
-      ->check(CLI::IsMember({"kernel", "ops"}));
+                  "on CUDA: the block-sparse kernels (default; bf16/fp16 on tensor cores), kernel-fp32 (bf16/fp16 on "
+                  "the fp32 CUDA-core kernels) or the libtorch-ops chunk attention (reference, fallback)")
+      ->check(CLI::IsMember({"kernel", "kernel-fp32", "ops"}));
   add_report_outputs(run, v.run.outputs);
 }
 

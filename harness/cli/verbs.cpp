@@ -146,7 +146,9 @@ runner::SuiteOptions suite_options(const RunArgs& a) {
   o.timeout = millis(a.timeout_s);
   o.root_wait = o.timeout;  // every wait is bounded by --timeout, rank 0's cp 1 reference included
   if (!a.device.empty()) o.device = a.device;
-  o.run.ring.cuda_attention = a.cuda_attention == "ops" ? cp::CudaAttentionPath::kOps : cp::CudaAttentionPath::kKernel;
+  o.run.ring.cuda_attention = a.cuda_attention == "ops"           ? cp::CudaAttentionPath::kOps
+                              : a.cuda_attention == "kernel-fp32" ? cp::CudaAttentionPath::kKernelFp32
+                                                                  : cp::CudaAttentionPath::kKernel;
   return o;
 }
 

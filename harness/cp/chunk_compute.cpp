@@ -16,7 +16,7 @@ bool cuda_kernel_built() {
 
 bool ChunkCompute::use_kernel(const torch::Tensor& q) const {
   const auto t = q.scalar_type();
-  return cuda_kernel_built() && q.is_cuda() && path_ == CudaAttentionPath::kKernel &&
+  return cuda_kernel_built() && q.is_cuda() && path_ != CudaAttentionPath::kOps &&
          (t == torch::kFloat32 || t == torch::kBFloat16 || t == torch::kFloat16);
 }
 
@@ -36,7 +36,9 @@ const kernels::BlockMask& ChunkCompute::on_device(const std::shared_ptr<const ke
 kernels::AttentionPartial ChunkCompute::forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                                 const std::shared_ptr<const kernels::BlockMask>& mask, double scale) {
 #ifdef CPHARNESS_HAVE_CUDA
-  if (use_kernel(q)) return kernels::chunk_attention_forward_cuda(q, k, v, on_device(mask, q.device()), scale);
+  if (use_kernel(q))
+    return kernels::chunk_attention_forward_cuda(q, k, v, on_device(mask, q.device()), scale, nullptr,
+                                                 path_ == CudaAttentionPath::kKernel);
 #endif
   return kernels::chunk_attention_forward(q, k, v, *mask, scale);
 }
@@ -47,7 +49,8 @@ kernels::ChunkAttentionGrads ChunkCompute::backward(const torch::Tensor& q, cons
                                                     const std::shared_ptr<const kernels::BlockMask>& mask, double scale) {
 #ifdef CPHARNESS_HAVE_CUDA
   if (use_kernel(q))
-    return kernels::chunk_attention_backward_cuda(q, k, v, out, lse, dout, on_device(mask, q.device()), scale);
+    return kernels::chunk_attention_backward_cuda(q, k, v, out, lse, dout, on_device(mask, q.device()), scale, nullptr,
+                                                  path_ == CudaAttentionPath::kKernel);
 #endif
   return kernels::chunk_attention_backward(q, k, v, out, lse, dout, *mask, scale);
 }

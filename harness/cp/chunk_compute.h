@@ -12,8 +12,10 @@
 namespace cpharness::cp {
 
 enum class CudaAttentionPath {
-  kKernel,  // kernels/cuda block-sparse flash attention (fp32 / fp16 / bf16; fp64 falls back to kOps)
-  kOps,     // the libtorch-ops chunk attention on CUDA tensors
+  kKernel,      // kernels/cuda block-sparse flash attention (fp32 / fp16 / bf16; fp64 falls back to kOps), bf16 /
+                // fp16 on tensor cores
+  kKernelFp32,  // the same kernels with bf16 / fp16 on the fp32 CUDA-core path (the fallback of the tensor-core one)
+  kOps,         // the libtorch-ops chunk attention on CUDA tensors
 };
 
 // Whether this build has the CUDA kernel path (CPHARNESS_CUDA=ON).

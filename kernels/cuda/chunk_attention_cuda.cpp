@@ -110,7 +110,7 @@ BlockMask block_mask_to(const BlockMask& mask, const torch::Device& device) {
 
 AttentionPartial chunk_attention_forward_cuda(const torch::Tensor& q_in, const torch::Tensor& k_in,
                                               const torch::Tensor& v_in, const BlockMask& mask_in, double scale,
-                                              AttentionWork* work) {
+                                              AttentionWork* work, bool tensor_cores) {
   check_inputs(q_in, k_in, v_in, mask_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const auto dev = q_in.device();
@@ -130,6 +130,7 @@ AttentionPartial chunk_attention_forward_cuda(const torch::Tensor& q_in, const t
   a.out = view4(out);
   a.lse = view3(lse);
   a.work = w.ptr();
+  a.tensor_cores = tensor_cores;
   const std::string e = kc::block_sparse_attention_forward(a, c10::cuda::getCurrentCUDAStream(dev.index()).stream());
   TORCH_CHECK(e.empty(), e);
   w.add_to(work);
@@ -139,7 +140,8 @@ AttentionPartial chunk_attention_forward_cuda(const torch::Tensor& q_in, const t
 ChunkAttentionGrads chunk_attention_backward_cuda(const torch::Tensor& q_in, const torch::Tensor& k_in,
                                                   const torch::Tensor& v_in, const torch::Tensor& out_in,
                                                   const torch::Tensor& lse_in, const torch::Tensor& dout_in,
-                                                  const BlockMask& mask_in, double scale, AttentionWork* work) {
+                                                  const BlockMask& mask_in, double scale, AttentionWork* work,
+                                                  bool tensor_cores) {
   check_inputs(q_in, k_in, v_in, mask_in);
   TORCH_CHECK(out_in.sizes() == q_in.sizes() && dout_in.sizes() == q_in.sizes(),
               "CUDA chunk attention backward: out/dout shape");
@@ -170,6 +172,7 @@ ChunkAttentionGrads chunk_attention_backward_cuda(const torch::Tensor& q_in, con
   a.dk = view4(dk);
   a.dv = view4(dv);
   a.work = w.ptr();
+  a.tensor_cores = tensor_cores;
   const std::string e = kc::block_sparse_attention_backward(a, c10::cuda::getCurrentCUDAStream(dev.index()).stream());
   TORCH_CHECK(e.empty(), e);
   w.add_to(work);
