@@ -2,8 +2,10 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
+#include <filesystem>
 #include <mutex>
 #include <thread>
 
@@ -101,13 +103,36 @@ namespace {
 // seeded initialisation is minutes of host time while a copy is seconds. A tensor's initial value depends only on its
 // name, shape, the seed and the checkpoint, so the K/V-sharing semantics (which add or drop the shared layers' own K/V
 // weights) share one entry. One case at a time: the next case replaces it.
+// What identifies a checkpoint's contents for the cache: its path and, for it or each file in its directory, size
+// and modification time (a file rewritten under the same name between two cases is read again).
+std::string checkpoint_identity(const std::string& path) {
+  namespace fs = std::filesystem;
+  if (path.empty()) return "";
+  std::string id = path;
+  std::error_code ec;
+  auto add = [&](const fs::path& f) {
+    const auto size = fs::file_size(f, ec);
+    const auto time = fs::last_write_time(f, ec).time_since_epoch().count();
+    id += fmt::format("|{}:{}:{}", f.filename().string(), ec ? -1 : int64_t(size), ec ? 0 : int64_t(time));
+  };
+  if (fs::is_directory(path, ec)) {
+    std::vector<fs::path> files;
+    for (auto& e : fs::directory_iterator(path, ec)) files.push_back(e.path());
+    std::sort(files.begin(), files.end());
+    for (auto& f : files) add(f);
+  } else {
+    add(path);
+  }
+  return id;
+}
+
 class InitialWeights {
  public:
   // Copies the initial weights into `m` (built from `config`), drawing them first when this case has not yet.
   void copy_into(model::Gemma4Model& m, uint64_t seed, const std::string& checkpoint) {
     auto shape_only = m->config();
     shape_only.kv_share_semantics = model::ModelConfig{}.kv_share_semantics;
-    const auto key = fmt::format("{}|{}|{}", shape_only.to_json().dump(), seed, checkpoint);
+    const auto key = fmt::format("{}|{}|{}", shape_only.to_json().dump(), seed, checkpoint_identity(checkpoint));
     std::lock_guard<std::mutex> lock(mu_);
     if (key != key_) {
       tensors_.clear();  // the previous case's weights go before the next ones are made

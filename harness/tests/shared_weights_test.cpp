@@ -3,10 +3,14 @@
 // gradients, rank 0 alone updating the copy). Both must leave every number exactly as it was.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <filesystem>
 #include <random>
 
 #include "harness/cp/comm.h"
 #include "harness/cp/cp_step.h"
+#include "harness/io/safetensors.h"
 #include "harness/model/attention_backend.h"
 #include "harness/model/weights.h"
 #include "harness/runner/case_runner.h"
@@ -119,6 +123,33 @@ TEST(SharedWeights, RanksSharingOneCopyTrainExactlyAsRanksWithModelsOfTheirOwn) 
     for (auto& [name, value] : own.final_params) EXPECT_TRUE(torch::equal(shared.final_params.at(name), value)) << name;
     for (auto& [name, value] : own.grads) EXPECT_TRUE(torch::equal(shared.grads.at(name), value)) << name;
   }
+}
+
+}  // namespace
+}  // namespace cpharness
+
+namespace cpharness {
+namespace {
+
+// Builds copy one cached initialisation per case; a checkpoint rewritten under the same name must be read again.
+TEST(InitialWeightsCache, ACheckpointRewrittenUnderTheSameNameIsReadAgain) {
+  const auto dir = std::filesystem::temp_directory_path() / ("cpharness-initial-weights-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const auto file = (dir / "model.safetensors").string();
+  auto c = training_case("tiny-e2b", "collect");
+  auto write = [&](uint64_t seed) {
+    auto m = testing::make_model(c.model, torch::kFloat32, seed);
+    io::write_safetensors(file, model::model_tensors(m));
+    return model::parameter_copies(m, torch::kFloat32);
+  };
+  c.checkpoint = file;
+  const auto first = write(11);
+  auto a = runner::build_model(c, torch::kFloat32);
+  for (auto& [name, value] : model::parameter_copies(a, torch::kFloat32)) EXPECT_TRUE(torch::equal(value, first.at(name))) << name;
+  const auto second = write(12);
+  auto b = runner::build_model(c, torch::kFloat32);
+  for (auto& [name, value] : model::parameter_copies(b, torch::kFloat32)) EXPECT_TRUE(torch::equal(value, second.at(name))) << name;
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
