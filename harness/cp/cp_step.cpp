@@ -3,8 +3,8 @@
 #include <array>
 
 #include "harness/model/chunked_loss.h"
-#include "harness/train/device.h"
 #include "harness/model/weights.h"
+#include "harness/train/device.h"
 
 namespace cpharness::cp {
 

@@ -98,11 +98,6 @@ Fault parse_fault(const std::string& spec) {
 
 namespace {
 
-// The initial weights of the last case built, fp32 on the host, by tensor name: a case builds its model many times
-// (reference, oracle, every candidate, the cache and power checks' extra steps, the repeat run), and at real size one
-// seeded initialisation is minutes of host time while a copy is seconds. A tensor's initial value depends only on its
-// name, shape, the seed and the checkpoint, so the K/V-sharing semantics (which add or drop the shared layers' own K/V
-// weights) share one entry. One case at a time: the next case replaces it.
 // What identifies a checkpoint's contents for the cache: its path and, for it or each file in its directory, size
 // and modification time (a file rewritten under the same name between two cases is read again).
 std::string checkpoint_identity(const std::string& path) {
@@ -126,6 +121,11 @@ std::string checkpoint_identity(const std::string& path) {
   return id;
 }
 
+// The initial weights of the last case built, fp32 on the host, by tensor name: a case builds its model many times
+// (reference, oracle, every candidate, the cache and power checks' extra steps, the repeat run), and at real size one
+// seeded initialisation is minutes of host time while a copy is seconds. A tensor's initial value depends only on its
+// name, shape, the seed and the checkpoint, so the K/V-sharing semantics (which add or drop the shared layers' own K/V
+// weights) share one entry. One case at a time: the next case replaces it.
 class InitialWeights {
  public:
   // Copies the initial weights into `m` (built from `config`), drawing them first when this case has not yet.
