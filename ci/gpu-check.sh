@@ -10,6 +10,7 @@
 # CUDA), suite (cases/default on CUDA, ranks as threads and as processes), bench (attention kernel vs FlexAttention / SDPA), cases
 # (cases/gpu, the real-size cases, ranks as threads; CASES="file ..." picks some).
 #
+# CUDA_ATTENTION=kernel-fp32 (or ops) runs the suite and cases stages without the tensor-core kernels.
 # --quick: the attention benchmark at S 8k only; --no-peers: without FlexAttention / SDPA (their compiles take minutes).
 #
 # --dry-run (on a CPU machine): checks the bundle and the library resolution, runs every stage that needs no GPU
@@ -19,6 +20,9 @@ set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out="$root/reports/gpu"
 stages="env,kernels,suite,bench,cases"
+# The harness's attention on CUDA for the suite and cases stages: kernel (bf16/fp16 on tensor cores), kernel-fp32
+# (the fp32 CUDA-core kernels: the fallback if the tensor-core ones fail the kernels stage) or ops.
+attention="${CUDA_ATTENTION:-kernel}"
 quick=0
 dry=0
 peers=1
@@ -108,9 +112,9 @@ if has_stage suite; then
   # The default suite on CUDA: reference and candidates on the GPU, every check as on the CPU. Ranks as threads on
   # this GPU (--comm local, each case's own cp sizes), then as one process per rank (mpirun, device tensors
   # host-staged, every rank on this GPU).
-  run_stage suite-cuda-threads "$bin/cpharness" run "$root/cases/default" --device cuda --timeout 300 \
+  run_stage suite-cuda-threads "$bin/cpharness" run "$root/cases/default" --device cuda --cuda-attention "$attention" --timeout 300 \
     --report "$out/$stamp-default-suite-cuda-threads.json" --junit "$out/$stamp-default-suite-cuda-threads.xml"
-  run_stage suite-cuda-mpi2 "$bin/cpharness" run "$root/cases/default" --device cuda --comm mpi --nproc 2 \
+  run_stage suite-cuda-mpi2 "$bin/cpharness" run "$root/cases/default" --device cuda --cuda-attention "$attention" --comm mpi --nproc 2 \
     --timeout 300 --report "$out/$stamp-default-suite-cuda-cp2.json" --junit "$out/$stamp-default-suite-cuda-cp2.xml"
   run_stage suite-cuda-ops "$bin/cpharness" run "$root/cases/default/e4b-pattern.json" --device cuda --cuda-attention ops \
     --comm mpi --nproc 2 --timeout 300 --report "$out/$stamp-e4b-pattern-cuda-ops.json"
@@ -136,7 +140,7 @@ if has_stage cases; then
   # space-separated list of case files) picks some; default every file in cases/gpu, smallest first.
   for case_file in ${CASES:-$root/cases/gpu/e2b.json $root/cases/gpu/31b.json $root/cases/gpu/e4b.json}; do
     name=$(basename "$case_file" .json)
-    run_stage "case-$name" "$bin/cpharness" run "$case_file" --device cuda --timeout 1200 \
+    run_stage "case-$name" "$bin/cpharness" run "$case_file" --device cuda --cuda-attention "$attention" --timeout 1200 \
       --report "$out/$stamp-case-$name.json" --junit "$out/$stamp-case-$name.xml"
   done
 fi

@@ -53,7 +53,7 @@ template <int D>
 struct TcDkdvTiles {
   static constexpr int kDSplit = D > 128 ? D / 128 : 1;  // warps sharing 16 keys, each 128 columns of dK and dV
   static constexpr int kKV = 16 * (kWarps / kDSplit);    // keys per CTA: 64, 32 at D 256, 16 at D 512
-  static constexpr int kQ = D <= 128 ? 64 : D == 256 ? 32 : 16;  // query rows per sub-tile
+  static constexpr int kQ = D <= 64 ? 64 : D <= 256 ? 32 : 16;  // query rows per sub-tile (registers: S^T, dP^T)
   static constexpr int kDW = D / kDSplit;
   static constexpr int kRow = D + 8, kTRow = kQ + 8;
   static constexpr int kMetaBytes = 8 * (2 * kKV + 2 * kQ) + 4 * 2 * kQ + ((kKV + 15) / 16) * 16;
