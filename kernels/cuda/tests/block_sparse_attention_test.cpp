@@ -60,6 +60,25 @@ TEST(CudaAttentionHost, EveryHeadDimUpTo512HasATilingThatFitsSm80SharedMemory) {
   EXPECT_EQ(tile_shape(64).dkdv_kv_rows, 64);
 }
 
+TEST(CudaAttentionHost, SixteenBitInputsOfOneDtypeTakeTheTensorCores) {
+  ForwardArgs f;
+  BackwardArgs b;
+  EXPECT_FALSE(uses_tensor_cores(f));  // fp32
+  for (DType t : {DType::kBFloat16, DType::kFloat16}) {
+    f.q.dtype = f.k.dtype = f.v.dtype = t;
+    b.q.dtype = b.k.dtype = b.v.dtype = b.dout.dtype = t;
+    EXPECT_TRUE(uses_tensor_cores(f));
+    EXPECT_TRUE(uses_tensor_cores(b));
+    f.tensor_cores = b.tensor_cores = false;  // asked for the fp32 kernels
+    EXPECT_FALSE(uses_tensor_cores(f));
+    EXPECT_FALSE(uses_tensor_cores(b));
+    f.tensor_cores = b.tensor_cores = true;
+    f.v.dtype = b.dout.dtype = DType::kFloat32;  // mixed dtypes: the fp32 kernels
+    EXPECT_FALSE(uses_tensor_cores(f));
+    EXPECT_FALSE(uses_tensor_cores(b));
+  }
+}
+
 TEST(CudaAttentionHost, BadArgumentsAreRejectedBeforeAnyLaunch) {
   int32_t zero = 0;
   ForwardArgs a;
