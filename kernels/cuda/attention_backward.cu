@@ -13,8 +13,6 @@ namespace cpharness::kernels::cuda {
 namespace detail {
 namespace {
 
-// exp(s - lse) must vanish for rows with no key anywhere: their lse = -inf is used as +inf.
-__device__ __forceinline__ float safe_lse(float lse) { return lse == -INFINITY ? INFINITY : lse; }
 
 __global__ void __launch_bounds__(kThreads) delta_kernel(const __grid_constant__ BackwardArgs a) {
   const int64_t Sq = a.mask.q_len;
@@ -328,44 +326,6 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const __grid_constant__ 
   }
 }
 
-// Checks the grids of a backward whose dQ CTAs cover `q_rows` query rows and dK/dV CTAs `kv_rows` keys, then
-// launches the delta kernel (shared by both backwards).
-std::string launch_delta(const BackwardArgs& a, int q_rows, int kv_rows, cudaStream_t stream) {
-  const BlockMaskView& m = a.mask;
-  const int64_t nq = (m.q_len + m.q_block - 1) / m.q_block, q_subs = (m.q_block + q_rows - 1) / q_rows;
-  const int64_t nkv = (m.kv_len + m.kv_block - 1) / m.kv_block, kv_subs = (m.kv_block + kv_rows - 1) / kv_rows;
-  const int64_t rows = a.g.batch * a.g.q_heads * m.q_len;
-  if (nq * q_subs > 0x7fffffffLL || nkv * kv_subs > 0x7fffffffLL || (rows + kWarps - 1) / kWarps > 0x7fffffffLL)
-    return "block_sparse_attention: too many tiles for one grid";
-  if (rows > 0) {
-    delta_kernel<<<unsigned((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(a);
-    if (auto e = launch_status("delta launch"); !e.empty()) return e;
-  }
-  return "";
-}
-
-template <int D>
-std::string launch_backward(const BackwardArgs& a, cudaStream_t stream) {
-  using T = Tiles<D>;
-  const BlockMaskView& m = a.mask;
-  const int64_t nq = (m.q_len + m.q_block - 1) / m.q_block, q_subs = (m.q_block + T::kQ - 1) / T::kQ;
-  const int64_t nkv = (m.kv_len + m.kv_block - 1) / m.kv_block, kv_subs = (m.kv_block + T::kKV - 1) / T::kKV;
-  if (auto e = launch_delta(a, T::kQ, T::kKV, stream); !e.empty()) return e;
-  if (nq > 0) {
-    if (auto e = allow_smem(dq_kernel<D>, T::dq_smem()); !e.empty()) return e;
-    dq_kernel<D><<<dim3(unsigned(nq * q_subs), unsigned(a.g.q_heads), unsigned(a.g.batch)), kThreads, T::dq_smem(),
-                   stream>>>(a);
-    if (auto e = launch_status("dq launch"); !e.empty()) return e;
-  }
-  if (nkv > 0) {
-    if (auto e = allow_smem(dkdv_kernel<D>, T::dkdv_smem()); !e.empty()) return e;
-    dkdv_kernel<D><<<dim3(unsigned(nkv * kv_subs), unsigned(a.g.kv_heads), unsigned(a.g.batch)), kThreads,
-                     T::dkdv_smem(), stream>>>(a);
-    if (auto e = launch_status("dkdv launch"); !e.empty()) return e;
-  }
-  return "";
-}
-
 template <int D, bool kBf16>
 __global__ void __launch_bounds__(kThreads) tc_dq_kernel(const __grid_constant__ BackwardArgs a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -380,37 +340,30 @@ __global__ void __launch_bounds__(kThreads) tc_dkdv_kernel(const __grid_constant
   tc_dkdv_cta<D, kBf16>(a, hw, blockIdx.x, blockIdx.y, blockIdx.z, smem_raw);
 }
 
-template <int D, bool kBf16>
-std::string launch_backward_tc(const BackwardArgs& a, cudaStream_t stream) {
-  using Q = TcDqTiles<D>;
-  using K = TcDkdvTiles<D>;
+// Launches a backward: the delta kernel, then `dq` over CTAs of `q_rows` query rows per q block (grid: q sub-tile,
+// query head, batch element) and `dkdv` over CTAs of `kv_rows` keys per kv block (kv sub-tile, kv head, batch).
+std::string launch_backward_kernels(void (*dq)(BackwardArgs), int q_rows, int dq_smem, void (*dkdv)(BackwardArgs),
+                                    int kv_rows, int dkdv_smem, const BackwardArgs& a, cudaStream_t stream,
+                                    const char* dq_what, const char* dkdv_what) {
   const BlockMaskView& m = a.mask;
-  const int64_t nq = (m.q_len + m.q_block - 1) / m.q_block, q_subs = (m.q_block + Q::kQ - 1) / Q::kQ;
-  const int64_t nkv = (m.kv_len + m.kv_block - 1) / m.kv_block, kv_subs = (m.kv_block + K::kKV - 1) / K::kKV;
-  if (auto e = launch_delta(a, Q::kQ, K::kKV, stream); !e.empty()) return e;
-  if (nq > 0) {
-    if (auto e = allow_smem(tc_dq_kernel<D, kBf16>, Q::smem()); !e.empty()) return e;
-    tc_dq_kernel<D, kBf16><<<dim3(unsigned(nq * q_subs), unsigned(a.g.q_heads), unsigned(a.g.batch)), kThreads,
-                             Q::smem(), stream>>>(a);
-    if (auto e = launch_status("tensor-core dq launch"); !e.empty()) return e;
+  const int64_t nq = (m.q_len + m.q_block - 1) / m.q_block, q_subs = (m.q_block + q_rows - 1) / q_rows;
+  const int64_t nkv = (m.kv_len + m.kv_block - 1) / m.kv_block, kv_subs = (m.kv_block + kv_rows - 1) / kv_rows;
+  const int64_t rows = a.g.batch * a.g.q_heads * m.q_len;
+  if (nq * q_subs > 0x7fffffffLL || nkv * kv_subs > 0x7fffffffLL || (rows + kWarps - 1) / kWarps > 0x7fffffffLL)
+    return "block_sparse_attention: too many tiles for one grid";
+  if (rows > 0) {
+    delta_kernel<<<unsigned((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(a);
+    if (auto e = launch_status("delta launch"); !e.empty()) return e;
   }
-  if (nkv > 0) {
-    if (auto e = allow_smem(tc_dkdv_kernel<D, kBf16>, K::smem()); !e.empty()) return e;
-    tc_dkdv_kernel<D, kBf16><<<dim3(unsigned(nkv * kv_subs), unsigned(a.g.kv_heads), unsigned(a.g.batch)), kThreads,
-                               K::smem(), stream>>>(a);
-    if (auto e = launch_status("tensor-core dkdv launch"); !e.empty()) return e;
-  }
+  if (nq > 0)
+    if (auto e = launch_kernel(dq, dim3(unsigned(nq * q_subs), unsigned(a.g.q_heads), unsigned(a.g.batch)), dq_smem,
+                               stream, a, dq_what);
+        !e.empty())
+      return e;
+  if (nkv > 0)
+    return launch_kernel(dkdv, dim3(unsigned(nkv * kv_subs), unsigned(a.g.kv_heads), unsigned(a.g.batch)), dkdv_smem,
+                         stream, a, dkdv_what);
   return "";
-}
-
-template <bool kBf16>
-std::string dispatch_backward_tc(const BackwardArgs& a, cudaStream_t stream) {
-  switch (compiled_head_dim(a.g.head_dim)) {
-    case 64: return launch_backward_tc<64, kBf16>(a, stream);
-    case 128: return launch_backward_tc<128, kBf16>(a, stream);
-    case 256: return launch_backward_tc<256, kBf16>(a, stream);
-    default: return launch_backward_tc<512, kBf16>(a, stream);
-  }
 }
 
 }  // namespace
@@ -431,14 +384,18 @@ std::string block_sparse_attention_backward(const BackwardArgs& a, cudaStream_t 
   const bool kv_side = a.k.data && a.v.data && a.dk.data && a.dv.data;
   if ((a.mask.q_len > 0 && !q_side) || (a.mask.kv_len > 0 && !kv_side))
     return "block_sparse_attention: backward: null tensor";
-  if (uses_tensor_cores(a))
-    return a.q.dtype == DType::kBFloat16 ? dispatch_backward_tc<true>(a, stream) : dispatch_backward_tc<false>(a, stream);
-  switch (compiled_head_dim(a.g.head_dim)) {
-    case 64: return launch_backward<64>(a, stream);
-    case 128: return launch_backward<128>(a, stream);
-    case 256: return launch_backward<256>(a, stream);
-    default: return launch_backward<512>(a, stream);
-  }
+  const bool tensor_cores = uses_tensor_cores(a), bf16 = a.q.dtype == DType::kBFloat16;
+  return with_compiled_head_dim(a.g.head_dim, [&](auto head_dim) {
+    constexpr int D = decltype(head_dim)::value;
+    if (!tensor_cores)
+      return launch_backward_kernels(dq_kernel<D>, Tiles<D>::kQ, Tiles<D>::dq_smem(), dkdv_kernel<D>, Tiles<D>::kKV,
+                                     Tiles<D>::dkdv_smem(), a, stream, "dq launch", "dkdv launch");
+    using Q = TcDqTiles<D>;
+    using K = TcDkdvTiles<D>;
+    return launch_backward_kernels(bf16 ? tc_dq_kernel<D, true> : tc_dq_kernel<D, false>, Q::kQ, Q::smem(),
+                                   bf16 ? tc_dkdv_kernel<D, true> : tc_dkdv_kernel<D, false>, K::kKV, K::smem(), a,
+                                   stream, "tensor-core dq launch", "tensor-core dkdv launch");
+  });
 }
 
 }  // namespace cpharness::kernels::cuda

@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 #include "kernels/cuda/block_sparse_attention.h"
 
@@ -59,6 +60,17 @@ inline int compiled_head_dim(int64_t head_dim) {
   return head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : head_dim <= 256 ? 256 : 512;
 }
 
+// f(std::integral_constant<int, D>{}) with D the head dim compiled for `head_dim` (checked to be 1..512 before).
+template <class F>
+decltype(auto) with_compiled_head_dim(int64_t head_dim, F&& f) {
+  switch (compiled_head_dim(head_dim)) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    case 256: return f(std::integral_constant<int, 256>{});
+    default: return f(std::integral_constant<int, 512>{});
+  }
+}
+
 __host__ __device__ __forceinline__ float load_as_float(const void* p, int64_t i, DType t) {
   switch (t) {
     case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
@@ -84,6 +96,9 @@ __host__ __device__ __forceinline__ int64_t offset3(const Tensor3& t, int64_t b,
 
 // Helpers below are host and device: the tensor-core kernel's CTA body also runs on the CPU under an emulation of
 // the warp (tests/tensor_core_emulation_test.cu).
+
+// exp(s - lse) must vanish for rows with no key anywhere: their lse = -inf is used as +inf.
+__host__ __device__ __forceinline__ float safe_lse(float lse) { return lse == -INFINITY ? INFINITY : lse; }
 
 // Which metadata terms of the rule are live (kernels/dense_mask.cpp: each term needs its arrays on both sides).
 struct MaskTerms {
@@ -182,6 +197,16 @@ std::string allow_smem(K kernel, int bytes) {
   cudaGetLastError();  // clear
   return std::string("block_sparse_attention: cudaFuncSetAttribute: ") + cudaGetErrorName(e) + ": " +
          cudaGetErrorString(e);
+}
+
+// Launches `kernel` on `grid` (kThreads per CTA) with `smem` bytes of dynamic shared memory, allowed first; "" or what
+// failed, named `what`.
+template <class Args>
+std::string launch_kernel(void (*kernel)(Args), dim3 grid, int smem, cudaStream_t stream, const Args& a,
+                          const char* what) {
+  if (auto e = allow_smem(kernel, smem); !e.empty()) return e;
+  kernel<<<grid, kThreads, smem, stream>>>(a);
+  return launch_status(what);
 }
 
 }  // namespace cpharness::kernels::cuda::detail

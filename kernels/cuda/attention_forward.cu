@@ -185,16 +185,15 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
   }
 }
 
-template <int D>
-std::string launch_forward(const ForwardArgs& a, cudaStream_t stream) {
-  using T = Tiles<D>;
+// Launches a forward kernel whose CTAs each cover `q_rows` query rows of one q block: one grid cell per (q sub-tile,
+// query head, batch element).
+std::string launch_forward_kernel(void (*kernel)(ForwardArgs), int q_rows, int smem, const ForwardArgs& a,
+                                  cudaStream_t stream, const char* what) {
   const int64_t nq = (a.mask.q_len + a.mask.q_block - 1) / a.mask.q_block;
-  const int64_t subs = (a.mask.q_block + T::kQ - 1) / T::kQ;
+  const int64_t subs = (a.mask.q_block + q_rows - 1) / q_rows;
   if (nq * subs > 0x7fffffffLL) return "block_sparse_attention: too many q tiles for one grid";
-  if (auto e = allow_smem(forward_kernel<D>, T::forward_smem()); !e.empty()) return e;
-  const dim3 grid(unsigned(nq * subs), unsigned(a.g.q_heads), unsigned(a.g.batch));
-  forward_kernel<D><<<grid, kThreads, T::forward_smem(), stream>>>(a);
-  return launch_status("forward launch");
+  return launch_kernel(kernel, dim3(unsigned(nq * subs), unsigned(a.g.q_heads), unsigned(a.g.batch)), smem, stream, a,
+                       what);
 }
 
 template <int D, bool kBf16>
@@ -202,28 +201,6 @@ __global__ void __launch_bounds__(kThreads) tc_forward_kernel(const __grid_const
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DeviceWarp hw;
   tc_forward_cta<D, kBf16>(a, hw, blockIdx.x, blockIdx.y, blockIdx.z, smem_raw);
-}
-
-template <int D, bool kBf16>
-std::string launch_forward_tc(const ForwardArgs& a, cudaStream_t stream) {
-  using T = TcTiles<D>;
-  const int64_t nq = (a.mask.q_len + a.mask.q_block - 1) / a.mask.q_block;
-  const int64_t subs = (a.mask.q_block + T::kQ - 1) / T::kQ;
-  if (nq * subs > 0x7fffffffLL) return "block_sparse_attention: too many q tiles for one grid";
-  if (auto e = allow_smem(tc_forward_kernel<D, kBf16>, T::smem()); !e.empty()) return e;
-  const dim3 grid(unsigned(nq * subs), unsigned(a.g.q_heads), unsigned(a.g.batch));
-  tc_forward_kernel<D, kBf16><<<grid, kThreads, T::smem(), stream>>>(a);
-  return launch_status("tensor-core forward launch");
-}
-
-template <bool kBf16>
-std::string dispatch_forward_tc(const ForwardArgs& a, cudaStream_t stream) {
-  switch (compiled_head_dim(a.g.head_dim)) {
-    case 64: return launch_forward_tc<64, kBf16>(a, stream);
-    case 128: return launch_forward_tc<128, kBf16>(a, stream);
-    case 256: return launch_forward_tc<256, kBf16>(a, stream);
-    default: return launch_forward_tc<512, kBf16>(a, stream);
-  }
 }
 
 }  // namespace
@@ -241,32 +218,26 @@ std::string block_sparse_attention_forward(const ForwardArgs& a, cudaStream_t st
   if (a.mask.q_len == 0) return "";
   if (!a.q.data || !a.out.data || !a.lse.data || (a.mask.kv_len > 0 && (!a.k.data || !a.v.data)))
     return "block_sparse_attention: forward: null tensor";
-  if (uses_tensor_cores(a))
-    return a.q.dtype == DType::kBFloat16 ? dispatch_forward_tc<true>(a, stream) : dispatch_forward_tc<false>(a, stream);
-  switch (compiled_head_dim(a.g.head_dim)) {
-    case 64: return launch_forward<64>(a, stream);
-    case 128: return launch_forward<128>(a, stream);
-    case 256: return launch_forward<256>(a, stream);
-    default: return launch_forward<512>(a, stream);
-  }
+  const bool tensor_cores = uses_tensor_cores(a), bf16 = a.q.dtype == DType::kBFloat16;
+  return with_compiled_head_dim(a.g.head_dim, [&](auto head_dim) {
+    constexpr int D = decltype(head_dim)::value;
+    if (!tensor_cores)
+      return launch_forward_kernel(forward_kernel<D>, Tiles<D>::kQ, Tiles<D>::forward_smem(), a, stream, "forward launch");
+    return launch_forward_kernel(bf16 ? tc_forward_kernel<D, true> : tc_forward_kernel<D, false>, TcTiles<D>::kQ,
+                                 TcTiles<D>::smem(), a, stream, "tensor-core forward launch");
+  });
 }
 
 TileShape tile_shape(int64_t head_dim) {
   using namespace detail;
-  auto make = [](auto tiles, int d) {
-    using T = decltype(tiles);
-    using TC = TcTiles<T::kStride - 1>;
-    return TileShape{d, kThreads, T::kQ, T::kK, T::kKV, T::kQB, T::forward_smem(), T::dq_smem(), T::dkdv_smem(),
-                     TC::kQ, TC::kK, TC::smem(), TcDqTiles<T::kStride - 1>::smem(), TcDkdvTiles<T::kStride - 1>::smem(),
-                     TcDkdvTiles<T::kStride - 1>::kKV};
-  };
-  switch (compiled_head_dim(head_dim)) {
-    case 64: return make(Tiles<64>{}, 64);
-    case 128: return make(Tiles<128>{}, 128);
-    case 256: return make(Tiles<256>{}, 256);
-    case 512: return make(Tiles<512>{}, 512);
-    default: return TileShape{};
-  }
+  if (compiled_head_dim(head_dim) == 0) return TileShape{};
+  return with_compiled_head_dim(head_dim, [](auto d) {
+    constexpr int D = decltype(d)::value;
+    using T = Tiles<D>;
+    return TileShape{D, kThreads, T::kQ, T::kK, T::kKV, T::kQB, T::forward_smem(), T::dq_smem(), T::dkdv_smem(),
+                     TcTiles<D>::kQ, TcTiles<D>::kK, TcTiles<D>::smem(), TcDqTiles<D>::smem(), TcDkdvTiles<D>::smem(),
+                     TcDkdvTiles<D>::kKV};
+  });
 }
 
 }  // namespace cpharness::kernels::cuda

@@ -13,30 +13,17 @@
 
 namespace cpharness::kernels::cuda::detail {
 
-// Fragments from 16-bit tiles in shared memory (row stride `rs` elements), lane coordinates g = lane / 4, t = lane % 4.
-// A operand (16 x 16) = rows r0..r0+15, columns c..c+15 of a row-major tile.
-__host__ __device__ inline void fragment_a(uint32_t a[4], const uint16_t* tile, int rs, int r0, int c, int g, int t) {
-  a[0] = load_pair(&tile[(r0 + g) * rs + c + 2 * t]);
-  a[1] = load_pair(&tile[(r0 + g + 8) * rs + c + 2 * t]);
-  a[2] = load_pair(&tile[(r0 + g) * rs + c + 8 + 2 * t]);
-  a[3] = load_pair(&tile[(r0 + g + 8) * rs + c + 8 + 2 * t]);
+// The backward's per-row state of `count` staged query rows q0.. of head h: mask metadata, LSE (-inf as +inf, so that
+// exp(s - lse) vanishes) and delta; rows past `valid` have P = 0.
+__host__ __device__ __forceinline__ void stage_q_rows(const BackwardArgs& a, const MaskTerms& terms, int64_t mb,
+                                                      int64_t b, int64_t h, int64_t q0, int count, int valid,
+                                                      int64_t* doc, int64_t* grp, float* lse, float* delta, int tid) {
+  stage_q_meta(a.mask, terms, mb, q0, count, valid, doc, grp, tid);
+  if (tid >= count) return;
+  const bool in = tid < valid;
+  lse[tid] = in ? safe_lse(a.lse.data[offset3(a.lse, b, h, q0 + tid)]) : INFINITY;
+  delta[tid] = in ? a.delta.data[offset3(a.delta, b, h, q0 + tid)] : 0.f;
 }
-// B operand (16 x 8) with B[k][n] = tile[n0 + n][c + k]: the rows of a row-major tile as B's columns.
-__host__ __device__ inline void fragment_b(uint32_t b[2], const uint16_t* tile, int rs, int n0, int c, int g, int t) {
-  b[0] = load_pair(&tile[(n0 + g) * rs + c + 2 * t]);
-  b[1] = load_pair(&tile[(n0 + g) * rs + c + 8 + 2 * t]);
-}
-// Two adjacent 16 x 8 accumulator tiles (columns 16j..16j+15) as one A operand, rounded to the input dtype.
-template <bool kBf16>
-__host__ __device__ inline void fragment_a_from(uint32_t a[4], const float lo[4], const float hi[4]) {
-  a[0] = pack2<kBf16>(lo[0], lo[1]);
-  a[1] = pack2<kBf16>(lo[2], lo[3]);
-  a[2] = pack2<kBf16>(hi[0], hi[1]);
-  a[3] = pack2<kBf16>(hi[2], hi[3]);
-}
-
-// exp(s - lse) must vanish for rows with no key anywhere: their lse = -inf is used as +inf.
-__host__ __device__ inline float finite_lse(float lse) { return lse == -INFINITY ? INFINITY : lse; }
 
 template <int D>
 struct TcDqTiles {
@@ -99,20 +86,10 @@ __host__ __device__ void tc_dq_cta(const BackwardArgs& a, Hw& hw, int64_t bx, in
 
   stage_rows<D>(Qs, RS, nullptr, 0, a.q, b, h, q0, BQ, ql, dim, tid);
   stage_rows<D>(dOs, RS, nullptr, 0, a.dout, b, h, q0, BQ, ql, dim, tid);
-  if (tid < BQ) {
-    const bool in = tid < ql;
-    const TokenMeta qm = in ? q_token_meta(m, terms, mb, q0 + tid) : TokenMeta{0, -1, false};
-    q_doc[tid] = qm.doc;
-    q_grp[tid] = qm.group;
-    row_lse[tid] = in ? finite_lse(a.lse.data[offset3(a.lse, b, h, q0 + tid)]) : INFINITY;
-    row_delta[tid] = in ? a.delta.data[offset3(a.delta, b, h, q0 + tid)] : 0.f;
-  }
+  stage_q_rows(a, terms, mb, b, h, q0, BQ, ql, q_doc, q_grp, row_lse, row_delta, tid);
 
   float dq[NO][4];
-  CPH_UNROLL
-  for (int n = 0; n < NO; ++n)
-    CPH_UNROLL
-    for (int e = 0; e < 4; ++e) dq[n][e] = 0.f;
+  zero(dq);
 
   unsigned long long n_score = 0, n_mask = 0;
   const int64_t nq = (m.q_len + m.q_block - 1) / m.q_block;
@@ -128,33 +105,13 @@ __host__ __device__ void tc_dq_cta(const BackwardArgs& a, Hw& hw, int64_t bx, in
       hw.sync();  // the previous sub-tile's K, V, K^T are consumed (and Q, dO, row state are in place)
       stage_rows<D>(Ks, RS, Kt, KS, a.k, b, hk, k0, BK, kl, dim, tid);
       stage_rows<D>(Vs, RS, nullptr, 0, a.v, b, hk, k0, BK, kl, dim, tid);
-      if (partial && tid < BK) {
-        const TokenMeta km = tid < kl ? kv_token_meta(m, terms, mb, k0 + tid) : TokenMeta{0, -1, true};
-        kv_doc[tid] = km.doc;
-        kv_grp[tid] = km.group;
-        kv_pad[tid] = km.pad;
-      }
+      if (partial) stage_kv_meta(m, terms, mb, k0, BK, kl, kv_doc, kv_grp, kv_pad, tid);
       hw.sync();
 
       // S = Q K^T and dP = dO V^T for this warp's 16 rows.
       float s[NS][4], dp[NS][4];
-      CPH_UNROLL
-      for (int n = 0; n < NS; ++n)
-        CPH_UNROLL
-        for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
-      for (int kk = 0; kk < D; kk += 16) {
-        uint32_t qa[4], oa[4];
-        fragment_a(qa, Qs, RS, r0, kk, g, t);
-        fragment_a(oa, dOs, RS, r0, kk, g, t);
-        CPH_UNROLL
-        for (int n = 0; n < NS; ++n) {
-          uint32_t kb[2], vb[2];
-          fragment_b(kb, Ks, RS, n * 8, kk, g, t);
-          fragment_b(vb, Vs, RS, n * 8, kk, g, t);
-          hw.template mma<kBf16>(s[n], qa, kb);
-          hw.template mma<kBf16>(dp[n], oa, vb);
-        }
-      }
+      rows_times_rows<D, NS, kBf16>(hw, s, Qs, Ks, RS, r0, g, t);
+      rows_times_rows<D, NS, kBf16>(hw, dp, dOs, Vs, RS, r0, g, t);
       // dS = P (dP - delta), P = exp(scale S - lse) on allowed elements; kept in s.
       CPH_UNROLL
       for (int n = 0; n < NS; ++n)
@@ -169,17 +126,7 @@ __host__ __device__ void tc_dq_cta(const BackwardArgs& a, Hw& hw, int64_t bx, in
           s[n][e] = p * (dp[n][e] - row_delta[row]);
         }
       // dQ += dS K (scaled at the end).
-      CPH_UNROLL
-      for (int j = 0; j < BK / 16; ++j) {
-        uint32_t da[4];
-        fragment_a_from<kBf16>(da, s[2 * j], s[2 * j + 1]);
-        CPH_UNROLL
-        for (int n = 0; n < NO; ++n) {
-          uint32_t kb[2];
-          fragment_b(kb, Kt, KS, c0 + n * 8, j * 16, g, t);
-          hw.template mma<kBf16>(dq[n], da, kb);
-        }
-      }
+      accumulate_times<NS, NO, kBf16>(hw, dq, s, Kt, KS, c0, g, t);
     }
   }
 
@@ -241,18 +188,11 @@ __host__ __device__ void tc_dkdv_cta(const BackwardArgs& a, Hw& hw, int64_t bx, 
 
   stage_rows<D>(Ks, RS, nullptr, 0, a.k, b, hk, k0, BKV, kl, dim, tid);
   stage_rows<D>(Vs, RS, nullptr, 0, a.v, b, hk, k0, BKV, kl, dim, tid);
-  if (tid < BKV) {
-    const TokenMeta km = tid < kl ? kv_token_meta(m, terms, mb, k0 + tid) : TokenMeta{0, -1, true};
-    k_doc[tid] = km.doc;
-    k_grp[tid] = km.group;
-    k_pad[tid] = km.pad;
-  }
+  stage_kv_meta(m, terms, mb, k0, BKV, kl, k_doc, k_grp, k_pad, tid);
 
   float dk[NO][4], dv[NO][4];
-  CPH_UNROLL
-  for (int n = 0; n < NO; ++n)
-    CPH_UNROLL
-    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+  zero(dk);
+  zero(dv);
 
   unsigned long long n_score = 0, n_mask = 0;
   const int64_t nkv = (m.kv_len + m.kv_block - 1) / m.kv_block;
@@ -270,35 +210,13 @@ __host__ __device__ void tc_dkdv_cta(const BackwardArgs& a, Hw& hw, int64_t bx, 
         hw.sync();  // the previous (sub-tile, head)'s Q, dO and their transposes are consumed
         stage_rows<D>(Qs, RS, Qt, TS, a.q, b, h, q0, BQ, ql, dim, tid);
         stage_rows<D>(dOs, RS, dOt, TS, a.dout, b, h, q0, BQ, ql, dim, tid);
-        if (tid < BQ) {
-          const bool in = tid < ql;
-          const TokenMeta qm = in ? q_token_meta(m, terms, mb, q0 + tid) : TokenMeta{0, -1, false};
-          q_doc[tid] = qm.doc;
-          q_grp[tid] = qm.group;
-          row_lse[tid] = in ? finite_lse(a.lse.data[offset3(a.lse, b, h, q0 + tid)]) : INFINITY;
-          row_delta[tid] = in ? a.delta.data[offset3(a.delta, b, h, q0 + tid)] : 0.f;
-        }
+        stage_q_rows(a, terms, mb, b, h, q0, BQ, ql, q_doc, q_grp, row_lse, row_delta, tid);
         hw.sync();
 
         // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys and every query row of the sub-tile.
         float st[NS][4], dpt[NS][4];
-        CPH_UNROLL
-        for (int n = 0; n < NS; ++n)
-          CPH_UNROLL
-          for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.f;
-        for (int kk = 0; kk < D; kk += 16) {
-          uint32_t ka[4], va[4];
-          fragment_a(ka, Ks, RS, r0, kk, g, t);
-          fragment_a(va, Vs, RS, r0, kk, g, t);
-          CPH_UNROLL
-          for (int n = 0; n < NS; ++n) {
-            uint32_t qb[2], ob[2];
-            fragment_b(qb, Qs, RS, n * 8, kk, g, t);
-            fragment_b(ob, dOs, RS, n * 8, kk, g, t);
-            hw.template mma<kBf16>(st[n], ka, qb);
-            hw.template mma<kBf16>(dpt[n], va, ob);
-          }
-        }
+        rows_times_rows<D, NS, kBf16>(hw, st, Ks, Qs, RS, r0, g, t);
+        rows_times_rows<D, NS, kBf16>(hw, dpt, Vs, dOs, RS, r0, g, t);
         // P^T (kept in st) and dS^T = P^T (dP^T - delta) (kept in dpt); element e: key r0 + g + 8 (e / 2), query
         // column n * 8 + 2t + e % 2.
         CPH_UNROLL
@@ -314,21 +232,9 @@ __host__ __device__ void tc_dkdv_cta(const BackwardArgs& a, Hw& hw, int64_t bx, 
             st[n][e] = p;
             dpt[n][e] = p * (dpt[n][e] - row_delta[qc]);
           }
-        // dV += P^T dO and dK += dS^T Q (scaled at the end): B[k = query][n = d] from the transposed tiles.
-        CPH_UNROLL
-        for (int j = 0; j < BQ / 16; ++j) {
-          uint32_t pa[4], da[4];
-          fragment_a_from<kBf16>(pa, st[2 * j], st[2 * j + 1]);
-          fragment_a_from<kBf16>(da, dpt[2 * j], dpt[2 * j + 1]);
-          CPH_UNROLL
-          for (int n = 0; n < NO; ++n) {
-            uint32_t ob[2], qb[2];
-            fragment_b(ob, dOt, TS, c0 + n * 8, j * 16, g, t);
-            fragment_b(qb, Qt, TS, c0 + n * 8, j * 16, g, t);
-            hw.template mma<kBf16>(dv[n], pa, ob);
-            hw.template mma<kBf16>(dk[n], da, qb);
-          }
-        }
+        // dV += P^T dO and dK += dS^T Q (scaled at the end), from the transposed tiles.
+        accumulate_times<NS, NO, kBf16>(hw, dv, st, dOt, TS, c0, g, t);
+        accumulate_times<NS, NO, kBf16>(hw, dk, dpt, Qt, TS, c0, g, t);
       }
     }
   }

@@ -104,6 +104,95 @@ __host__ __device__ void stage_rows(uint16_t* tile, int rs, uint16_t* transposed
   }
 }
 
+// Fragments from 16-bit tiles in shared memory (row stride `rs` elements), lane coordinates g = lane / 4, t = lane % 4.
+// A operand (16 x 16) = rows r0..r0+15, columns c..c+15 of a row-major tile.
+__host__ __device__ inline void fragment_a(uint32_t a[4], const uint16_t* tile, int rs, int r0, int c, int g, int t) {
+  a[0] = load_pair(&tile[(r0 + g) * rs + c + 2 * t]);
+  a[1] = load_pair(&tile[(r0 + g + 8) * rs + c + 2 * t]);
+  a[2] = load_pair(&tile[(r0 + g) * rs + c + 8 + 2 * t]);
+  a[3] = load_pair(&tile[(r0 + g + 8) * rs + c + 8 + 2 * t]);
+}
+// B operand (16 x 8) with B[k][n] = tile[n0 + n][c + k]: the rows of a row-major tile as B's columns.
+__host__ __device__ inline void fragment_b(uint32_t b[2], const uint16_t* tile, int rs, int n0, int c, int g, int t) {
+  b[0] = load_pair(&tile[(n0 + g) * rs + c + 2 * t]);
+  b[1] = load_pair(&tile[(n0 + g) * rs + c + 8 + 2 * t]);
+}
+// Two adjacent 16 x 8 accumulator tiles (columns 16j..16j+15) as one A operand, rounded to the input dtype.
+template <bool kBf16>
+__host__ __device__ inline void fragment_a_from(uint32_t a[4], const float lo[4], const float hi[4]) {
+  a[0] = pack2<kBf16>(lo[0], lo[1]);
+  a[1] = pack2<kBf16>(lo[2], lo[3]);
+  a[2] = pack2<kBf16>(hi[0], hi[1]);
+  a[3] = pack2<kBf16>(hi[2], hi[3]);
+}
+
+template <int N>
+__host__ __device__ __forceinline__ void zero(float (&acc)[N][4]) {
+  CPH_UNROLL
+  for (int n = 0; n < N; ++n)
+    CPH_UNROLL
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+}
+
+// One warp's 16 x 8N block of A B^T over the head dim, for two row-major staged tiles (row stride rs): acc[n] =
+// rows r0..r0+15 of `a` times rows n*8..n*8+7 of `b` (S = Q K^T, dP = dO V^T and their transposes).
+#pragma nv_exec_check_disable
+template <int D, int N, bool kBf16, class Hw>
+__host__ __device__ __forceinline__ void rows_times_rows(Hw& hw, float (&acc)[N][4], const uint16_t* a, const uint16_t* b,
+                                                         int rs, int r0, int g, int t) {
+  zero(acc);
+  for (int kk = 0; kk < D; kk += 16) {
+    uint32_t fa[4];
+    fragment_a(fa, a, rs, r0, kk, g, t);
+    CPH_UNROLL
+    for (int n = 0; n < N; ++n) {
+      uint32_t fb[2];
+      fragment_b(fb, b, rs, n * 8, kk, g, t);
+      hw.template mma<kBf16>(acc[n], fa, fb);
+    }
+  }
+}
+
+// acc[n] += P X for one warp: P its NP accumulator tiles (16 x 8NP, rounded to the input dtype: two adjacent tiles
+// are one A operand of 16 columns), X given transposed in shared memory (row stride ts), acc[n] its columns
+// c0 + n*8.. (O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q).
+#pragma nv_exec_check_disable
+template <int NP, int N, bool kBf16, class Hw>
+__host__ __device__ __forceinline__ void accumulate_times(Hw& hw, float (&acc)[N][4], const float (&p)[NP][4],
+                                                          const uint16_t* xt, int ts, int c0, int g, int t) {
+  CPH_UNROLL
+  for (int j = 0; j < NP / 2; ++j) {
+    uint32_t fa[4];
+    fragment_a_from<kBf16>(fa, p[2 * j], p[2 * j + 1]);
+    CPH_UNROLL
+    for (int n = 0; n < N; ++n) {
+      uint32_t fb[2];
+      fragment_b(fb, xt, ts, c0 + n * 8, j * 16, g, t);
+      hw.template mma<kBf16>(acc[n], fa, fb);
+    }
+  }
+}
+
+// The metadata of `count` staged tokens (query side: q0 + i; key side: k0 + i, padding as a key), for the per-element
+// rule of partial tiles; entries past `valid` are neutral (a key past the end counts as padding).
+__host__ __device__ __forceinline__ void stage_q_meta(const BlockMaskView& m, const MaskTerms& terms, int64_t mb,
+                                                      int64_t q0, int count, int valid, int64_t* doc, int64_t* grp,
+                                                      int tid) {
+  if (tid >= count) return;
+  const TokenMeta qm = tid < valid ? q_token_meta(m, terms, mb, q0 + tid) : TokenMeta{0, -1, false};
+  doc[tid] = qm.doc;
+  grp[tid] = qm.group;
+}
+__host__ __device__ __forceinline__ void stage_kv_meta(const BlockMaskView& m, const MaskTerms& terms, int64_t mb,
+                                                       int64_t k0, int count, int valid, int64_t* doc, int64_t* grp,
+                                                       bool* pad, int tid) {
+  if (tid >= count) return;
+  const TokenMeta km = tid < valid ? kv_token_meta(m, terms, mb, k0 + tid) : TokenMeta{0, -1, true};
+  doc[tid] = km.doc;
+  grp[tid] = km.group;
+  pad[tid] = km.pad;
+}
+
 // One CTA (block index bx, by, bz as the grid of launch_forward_tc) of the forward for bf16 (kBf16) or fp16
 // q, k, v of one dtype. `smem` holds TcTiles<D>::smem() bytes, 16-byte aligned.
 #pragma nv_exec_check_disable
@@ -142,17 +231,10 @@ __host__ __device__ void tc_forward_cta(const ForwardArgs& a, Hw& hw, int64_t bx
   uint16_t* Vt = Ks + BK * RS;
 
   stage_rows<D>(Qs, RS, nullptr, 0, a.q, b, h, q0, BQ, ql, dim, tid);
-  if (tid < BQ) {
-    const TokenMeta qm = tid < ql ? q_token_meta(m, terms, mb, q0 + tid) : TokenMeta{0, -1, false};
-    q_doc[tid] = qm.doc;
-    q_grp[tid] = qm.group;
-  }
+  stage_q_meta(m, terms, mb, q0, BQ, ql, q_doc, q_grp, tid);
 
   float o[NO][4];
-  CPH_UNROLL
-  for (int n = 0; n < NO; ++n)
-    CPH_UNROLL
-    for (int e = 0; e < 4; ++e) o[n][e] = 0.f;
+  zero(o);
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // rows g and g + 8
 
   unsigned long long n_score = 0, n_mask = 0;
@@ -169,31 +251,12 @@ __host__ __device__ void tc_forward_cta(const ForwardArgs& a, Hw& hw, int64_t bx
       hw.sync();  // the previous sub-tile's K and V^T are consumed (and Q is in place)
       stage_rows<D>(Ks, RS, nullptr, 0, a.k, b, hk, k0, BK, kl, dim, tid);
       stage_rows<D>(nullptr, 0, Vt, VS, a.v, b, hk, k0, BK, kl, dim, tid);
-      if (partial && tid < BK) {
-        const TokenMeta km = tid < kl ? kv_token_meta(m, terms, mb, k0 + tid) : TokenMeta{0, -1, true};
-        kv_doc[tid] = km.doc;
-        kv_grp[tid] = km.group;
-        kv_pad[tid] = km.pad;
-      }
+      if (partial) stage_kv_meta(m, terms, mb, k0, BK, kl, kv_doc, kv_grp, kv_pad, tid);
       hw.sync();
 
       // S = Q K^T for this warp's 16 rows and every key of the sub-tile.
       float s[NS][4];
-      CPH_UNROLL
-      for (int n = 0; n < NS; ++n)
-        CPH_UNROLL
-        for (int e = 0; e < 4; ++e) s[n][e] = 0.f;
-      for (int kk = 0; kk < D; kk += 16) {
-        const uint32_t qa[4] = {load_pair(&Qs[(r0 + g) * RS + kk + 2 * t]), load_pair(&Qs[(r0 + g + 8) * RS + kk + 2 * t]),
-                                load_pair(&Qs[(r0 + g) * RS + kk + 8 + 2 * t]),
-                                load_pair(&Qs[(r0 + g + 8) * RS + kk + 8 + 2 * t])};
-        CPH_UNROLL
-        for (int n = 0; n < NS; ++n) {
-          const uint16_t* key = &Ks[(n * 8 + g) * RS + kk + 2 * t];
-          const uint32_t kb[2] = {load_pair(key), load_pair(key + 8)};
-          hw.template mma<kBf16>(s[n], qa, kb);
-        }
-      }
+      rows_times_rows<D, NS, kBf16>(hw, s, Qs, Ks, RS, r0, g, t);
 
       // Scale and mask: element e of n-tile n is row r0 + g + 8 (e / 2), key n * 8 + 2t + e % 2.
       CPH_UNROLL
@@ -240,18 +303,7 @@ __host__ __device__ void tc_forward_cta(const ForwardArgs& a, Hw& hw, int64_t bx
       }
 
       // O += P V: P's accumulator layout over two adjacent n-tiles is the A layout of one k-step of 16 keys.
-      CPH_UNROLL
-      for (int j = 0; j < BK / 16; ++j) {
-        const uint32_t pa[4] = {pack2<kBf16>(s[2 * j][0], s[2 * j][1]), pack2<kBf16>(s[2 * j][2], s[2 * j][3]),
-                                pack2<kBf16>(s[2 * j + 1][0], s[2 * j + 1][1]),
-                                pack2<kBf16>(s[2 * j + 1][2], s[2 * j + 1][3])};
-        CPH_UNROLL
-        for (int n = 0; n < NO; ++n) {
-          const uint16_t* vcol = &Vt[(c0 + n * 8 + g) * VS + j * 16 + 2 * t];
-          const uint32_t vb[2] = {load_pair(vcol), load_pair(vcol + 8)};
-          hw.template mma<kBf16>(o[n], pa, vb);
-        }
-      }
+      accumulate_times<NS, NO, kBf16>(hw, o, s, Vt, VS, c0, g, t);
     }
   }
 
