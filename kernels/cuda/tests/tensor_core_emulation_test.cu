@@ -305,6 +305,21 @@ struct Inputs {
   uint64_t pad_seed = 0;
 };
 
+// The 16-bit inputs as doubles by logical index (q, k stored [B, H, S, D]; v stored [B, S, H, D]).
+template <bool kBf16>
+struct Values {
+  const Inputs& in;
+  double q(int64_t b, int64_t h, int64_t i, int64_t d) const {
+    return from_bits<kBf16>(in.q[size_t(((b * in.p.q_heads + h) * in.p.sq + i) * in.p.head_dim + d)]);
+  }
+  double k(int64_t b, int64_t hk, int64_t j, int64_t d) const {
+    return from_bits<kBf16>(in.k[size_t(((b * in.p.kv_heads + hk) * in.p.skv + j) * in.p.head_dim + d)]);
+  }
+  double v(int64_t b, int64_t hk, int64_t j, int64_t d) const {
+    return from_bits<kBf16>(in.v[size_t(((b * in.p.skv + j) * in.p.kv_heads + hk) * in.p.head_dim + d)]);
+  }
+};
+
 // The rule, written out again from block_sparse_attention.h's comment (not the kernel's element_allowed).
 bool oracle_allowed(const Inputs& in, int64_t mb, int64_t i, int64_t j) {
   const Problem& p = in.p;
@@ -335,15 +350,7 @@ void check_backward(const Inputs& in, const ForwardArgs& fwd, std::mt19937_64& r
   std::normal_distribution<float> normal(0.f, 1.f);
   std::vector<uint16_t> dout(size_t(p.batch * p.q_heads * p.sq * D));
   for (auto& e : dout) e = to_bits<kBf16>(normal(rng));
-  auto q_at = [&](int64_t b, int64_t h, int64_t i, int64_t d) {
-    return double(from_bits<kBf16>(in.q[size_t(((b * p.q_heads + h) * p.sq + i) * D + d)]));
-  };
-  auto k_at = [&](int64_t b, int64_t hk, int64_t j, int64_t d) {
-    return double(from_bits<kBf16>(in.k[size_t(((b * p.kv_heads + hk) * p.skv + j) * D + d)]));
-  };
-  auto v_at = [&](int64_t b, int64_t hk, int64_t j, int64_t d) {
-    return double(from_bits<kBf16>(in.v[size_t(((b * p.skv + j) * p.kv_heads + hk) * D + d)]));
-  };
+  const Values<kBf16> x{in};
   auto o_at = [&](int64_t b, int64_t h, int64_t i, int64_t d) {
     return double(from_bits<kBf16>(dout[size_t(((b * p.q_heads + h) * p.sq + i) * D + d)]));
   };
@@ -363,7 +370,7 @@ void check_backward(const Inputs& in, const ForwardArgs& fwd, std::mt19937_64& r
         for (int64_t j = 0; j < p.skv; ++j) {
           if (!oracle_allowed(in, mb, i, j)) continue;
           double dot = 0;
-          for (int64_t d = 0; d < D; ++d) dot += q_at(b, h, i, d) * k_at(b, hk, j, d);
+          for (int64_t d = 0; d < D; ++d) dot += x.q(b, h, i, d) * x.k(b, hk, j, d);
           s[size_t(j)] = dot * scale;
           mx = std::max(mx, s[size_t(j)]);
         }
@@ -378,22 +385,22 @@ void check_backward(const Inputs& in, const ForwardArgs& fwd, std::mt19937_64& r
         double dlt = 0;
         for (int64_t d = 0; d < D; ++d) {
           double o = 0;
-          for (int64_t j = 0; j < p.skv; ++j) o += P[size_t(j)] * v_at(b, hk, j, d);
+          for (int64_t j = 0; j < p.skv; ++j) o += P[size_t(j)] * x.v(b, hk, j, d);
           out[row * size_t(D) + size_t(d)] = float(o);
           dlt += double(float(o)) * o_at(b, h, i, d);
         }
         delta[row] = float(dlt);
         for (int64_t j = 0; j < p.skv; ++j) {
           if (P[size_t(j)] == 0) continue;
-          for (int64_t d = 0; d < D; ++d) dP[size_t(j)] += o_at(b, h, i, d) * v_at(b, hk, j, d);
+          for (int64_t d = 0; d < D; ++d) dP[size_t(j)] += o_at(b, h, i, d) * x.v(b, hk, j, d);
           const double ds = P[size_t(j)] * (dP[size_t(j)] - double(delta[row]));
           const double ds_abs = P[size_t(j)] * (std::abs(dP[size_t(j)]) + std::abs(double(delta[row])));
           const size_t kv_row = size_t((b * p.kv_heads + hk) * p.skv + j);
           for (int64_t d = 0; d < D; ++d) {
-            want_dq[row * size_t(D) + size_t(d)] += scale * ds * k_at(b, hk, j, d);
-            bound_dq[row * size_t(D) + size_t(d)] += scale * ds_abs * std::abs(k_at(b, hk, j, d));
-            want_dk[kv_row * size_t(D) + size_t(d)] += scale * ds * q_at(b, h, i, d);
-            bound_dk[kv_row * size_t(D) + size_t(d)] += scale * ds_abs * std::abs(q_at(b, h, i, d));
+            want_dq[row * size_t(D) + size_t(d)] += scale * ds * x.k(b, hk, j, d);
+            bound_dq[row * size_t(D) + size_t(d)] += scale * ds_abs * std::abs(x.k(b, hk, j, d));
+            want_dk[kv_row * size_t(D) + size_t(d)] += scale * ds * x.q(b, h, i, d);
+            bound_dk[kv_row * size_t(D) + size_t(d)] += scale * ds_abs * std::abs(x.q(b, h, i, d));
             want_dv[kv_row * size_t(D) + size_t(d)] += P[size_t(j)] * o_at(b, h, i, d);
             bound_dv[kv_row * size_t(D) + size_t(d)] += P[size_t(j)] * std::abs(o_at(b, h, i, d));
           }
@@ -523,6 +530,7 @@ void check_problem(const Problem& p, uint64_t seed) {
 
   // The oracle in double from the same 16-bit inputs. P is rounded to the input dtype on the tensor cores: bf16
   // keeps 8 bits (relative 2^-9), fp16 11, so the bound is that rounding over the values' scale.
+  const Values<kBf16> x{in};
   const double tol = kBf16 ? 1.2e-2 : 2e-3;
   int64_t allowed_pairs = 0;
   for (int64_t b = 0; b < p.batch; ++b)
@@ -535,8 +543,7 @@ void check_problem(const Problem& p, uint64_t seed) {
           if (!oracle_allowed(in, mb, i, j)) continue;
           double dot = 0;
           for (int64_t d = 0; d < D; ++d)
-            dot += double(from_bits<kBf16>(in.q[size_t(((b * p.q_heads + h) * p.sq + i) * D + d)])) *
-                   from_bits<kBf16>(in.k[size_t(((b * p.kv_heads + hk) * p.skv + j) * D + d)]);
+            dot += x.q(b, h, i, d) * x.k(b, hk, j, d);
           s.push_back(dot * a.g.scale);
           keys.push_back(j);
         }
@@ -557,7 +564,7 @@ void check_problem(const Problem& p, uint64_t seed) {
         for (int64_t d = 0; d < D; ++d) {
           double want = 0, scale_v = 0;
           for (size_t n = 0; n < keys.size(); ++n) {
-            const double vv = from_bits<kBf16>(in.v[size_t(((b * p.skv + keys[n]) * p.kv_heads + hk) * D + d)]);
+            const double vv = x.v(b, hk, keys[n], d);
             want += std::exp(s[n] - mx) / sum * vv;
             scale_v = std::max(scale_v, std::abs(vv));
           }
