@@ -6,8 +6,8 @@
 //   dK = scale dS^T Q     one CTA per (key sub-tile, kv head), over the kv-major transposes and the G query heads of
 //   dV = P^T dout         its group, so every element has one writer (no atomics, bitwise repeatable).
 // Products on tensor cores (m16n8k16, fp32 accumulate); P and dS are rounded to the input dtype for the second
-// product of each pair, as FlashAttention does. Operands a product needs column-wise are staged transposed in
-// shared memory (K^T for dQ; Q^T and dout^T for dK/dV), so every fragment is two adjacent 16-bit values.
+// product of each pair, as FlashAttention does. Every operand is staged row-major in shared memory once; the products
+// that need one column-wise (K for dQ, Q and dout for dK/dV) read it down its columns by ldmatrix.trans.
 #pragma once
 #include "kernels/cuda/tensor_core_forward.cuh"
 
@@ -31,9 +31,9 @@ struct TcDqTiles {
   static constexpr int kQ = 16 * (kWarps / kDSplit);     // 64, or 32 at D 512
   static constexpr int kK = D <= 128 ? 64 : D == 256 ? 32 : 16;
   static constexpr int kDW = D / kDSplit;
-  static constexpr int kRow = D + 8, kKtRow = kK + 8;
+  static constexpr int kRow = D + 8;
   static constexpr int kMetaBytes = 8 * (2 * kQ + 2 * kK) + 4 * 2 * kQ + ((kK + 15) / 16) * 16;
-  static constexpr int smem() { return kMetaBytes + 2 * (2 * kQ * kRow + 2 * kK * kRow + D * kKtRow); }
+  static constexpr int smem() { return kMetaBytes + 2 * (2 * kQ * kRow + 2 * kK * kRow); }
 };
 
 template <int D>
@@ -42,9 +42,9 @@ struct TcDkdvTiles {
   static constexpr int kKV = 16 * (kWarps / kDSplit);    // keys per CTA: 64, 32 at D 256, 16 at D 512
   static constexpr int kQ = D <= 64 ? 64 : D <= 256 ? 32 : 16;  // query rows per sub-tile (registers: S^T, dP^T)
   static constexpr int kDW = D / kDSplit;
-  static constexpr int kRow = D + 8, kTRow = kQ + 8;
+  static constexpr int kRow = D + 8;
   static constexpr int kMetaBytes = 8 * (2 * kKV + 2 * kQ) + 4 * 2 * kQ + ((kKV + 15) / 16) * 16;
-  static constexpr int smem() { return kMetaBytes + 2 * (2 * kKV * kRow + 2 * kQ * kRow + 2 * D * kTRow); }
+  static constexpr int smem() { return kMetaBytes + 2 * (2 * kKV * kRow + 2 * kQ * kRow); }
 };
 
 #pragma nv_exec_check_disable
@@ -52,7 +52,7 @@ template <int D, bool kBf16, class Hw>
 __host__ __device__ void tc_dq_cta(const BackwardArgs& a, Hw& hw, int64_t bx, int64_t by, int64_t bz,
                                    unsigned char* smem) {
   using T = TcDqTiles<D>;
-  constexpr int BQ = T::kQ, BK = T::kK, DW = T::kDW, RS = T::kRow, KS = T::kKtRow;
+  constexpr int BQ = T::kQ, BK = T::kK, DW = T::kDW, RS = T::kRow;
   constexpr int NS = BK / 8, NO = DW / 8;
   const BlockMaskView& m = a.mask;
   const int tid = hw.thread(), lane = tid % 32, warp = tid / 32;
@@ -82,10 +82,9 @@ __host__ __device__ void tc_dq_cta(const BackwardArgs& a, Hw& hw, int64_t bx, in
   uint16_t* dOs = Qs + BQ * RS;
   uint16_t* Ks = dOs + BQ * RS;
   uint16_t* Vs = Ks + BK * RS;
-  uint16_t* Kt = Vs + BK * RS;
 
-  stage_rows<D>(Qs, RS, nullptr, 0, a.q, b, h, q0, BQ, ql, dim, tid);
-  stage_rows<D>(dOs, RS, nullptr, 0, a.dout, b, h, q0, BQ, ql, dim, tid);
+  stage_rows<D>(Qs, RS, a.q, b, h, q0, BQ, ql, dim, tid);
+  stage_rows<D>(dOs, RS, a.dout, b, h, q0, BQ, ql, dim, tid);
   stage_q_rows(a, terms, mb, b, h, q0, BQ, ql, q_doc, q_grp, row_lse, row_delta, tid);
 
   float dq[NO][4];
@@ -102,16 +101,16 @@ __host__ __device__ void tc_dq_cta(const BackwardArgs& a, Hw& hw, int64_t bx, in
     if (partial) n_mask += uint64_t(ql) * uint64_t(k_end - k_begin);
     for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
       const int kl = int(min64(BK, k_end - k0));
-      hw.sync();  // the previous sub-tile's K, V, K^T are consumed (and Q, dO, row state are in place)
-      stage_rows<D>(Ks, RS, Kt, KS, a.k, b, hk, k0, BK, kl, dim, tid);
-      stage_rows<D>(Vs, RS, nullptr, 0, a.v, b, hk, k0, BK, kl, dim, tid);
+      hw.sync();  // the previous sub-tile's K and V are consumed (and Q, dO, row state are in place)
+      stage_rows<D>(Ks, RS, a.k, b, hk, k0, BK, kl, dim, tid);
+      stage_rows<D>(Vs, RS, a.v, b, hk, k0, BK, kl, dim, tid);
       if (partial) stage_kv_meta(m, terms, mb, k0, BK, kl, kv_doc, kv_grp, kv_pad, tid);
       hw.sync();
 
       // S = Q K^T and dP = dO V^T for this warp's 16 rows.
       float s[NS][4], dp[NS][4];
-      rows_times_rows<D, NS, kBf16>(hw, s, Qs, Ks, RS, r0, g, t);
-      rows_times_rows<D, NS, kBf16>(hw, dp, dOs, Vs, RS, r0, g, t);
+      rows_times_rows<D, NS, kBf16>(hw, s, Qs, Ks, RS, r0, lane);
+      rows_times_rows<D, NS, kBf16>(hw, dp, dOs, Vs, RS, r0, lane);
       // dS = P (dP - delta), P = exp(scale S - lse) on allowed elements; kept in s.
       CPH_UNROLL
       for (int n = 0; n < NS; ++n)
@@ -126,7 +125,7 @@ __host__ __device__ void tc_dq_cta(const BackwardArgs& a, Hw& hw, int64_t bx, in
           s[n][e] = p * (dp[n][e] - row_delta[row]);
         }
       // dQ += dS K (scaled at the end).
-      accumulate_times<NS, NO, kBf16>(hw, dq, s, Kt, KS, c0, g, t);
+      accumulate_times<NS, NO, kBf16>(hw, dq, s, Ks, RS, c0, lane);
     }
   }
 
@@ -153,7 +152,7 @@ template <int D, bool kBf16, class Hw>
 __host__ __device__ void tc_dkdv_cta(const BackwardArgs& a, Hw& hw, int64_t bx, int64_t by, int64_t bz,
                                      unsigned char* smem) {
   using T = TcDkdvTiles<D>;
-  constexpr int BKV = T::kKV, BQ = T::kQ, DW = T::kDW, RS = T::kRow, TS = T::kTRow;
+  constexpr int BKV = T::kKV, BQ = T::kQ, DW = T::kDW, RS = T::kRow;
   constexpr int NS = BQ / 8, NO = DW / 8;
   const BlockMaskView& m = a.mask;
   const int tid = hw.thread(), lane = tid % 32, warp = tid / 32;
@@ -183,11 +182,9 @@ __host__ __device__ void tc_dkdv_cta(const BackwardArgs& a, Hw& hw, int64_t bx, 
   uint16_t* Vs = Ks + BKV * RS;
   uint16_t* Qs = Vs + BKV * RS;
   uint16_t* dOs = Qs + BQ * RS;
-  uint16_t* Qt = dOs + BQ * RS;
-  uint16_t* dOt = Qt + D * TS;
 
-  stage_rows<D>(Ks, RS, nullptr, 0, a.k, b, hk, k0, BKV, kl, dim, tid);
-  stage_rows<D>(Vs, RS, nullptr, 0, a.v, b, hk, k0, BKV, kl, dim, tid);
+  stage_rows<D>(Ks, RS, a.k, b, hk, k0, BKV, kl, dim, tid);
+  stage_rows<D>(Vs, RS, a.v, b, hk, k0, BKV, kl, dim, tid);
   stage_kv_meta(m, terms, mb, k0, BKV, kl, k_doc, k_grp, k_pad, tid);
 
   float dk[NO][4], dv[NO][4];
@@ -207,16 +204,16 @@ __host__ __device__ void tc_dkdv_cta(const BackwardArgs& a, Hw& hw, int64_t bx, 
       const int ql = int(min64(BQ, q_end - q0));
       for (int64_t gq = 0; gq < G; ++gq) {
         const int64_t h = hk * G + gq;
-        hw.sync();  // the previous (sub-tile, head)'s Q, dO and their transposes are consumed
-        stage_rows<D>(Qs, RS, Qt, TS, a.q, b, h, q0, BQ, ql, dim, tid);
-        stage_rows<D>(dOs, RS, dOt, TS, a.dout, b, h, q0, BQ, ql, dim, tid);
+        hw.sync();  // the previous (sub-tile, head)'s Q and dO are consumed
+        stage_rows<D>(Qs, RS, a.q, b, h, q0, BQ, ql, dim, tid);
+        stage_rows<D>(dOs, RS, a.dout, b, h, q0, BQ, ql, dim, tid);
         stage_q_rows(a, terms, mb, b, h, q0, BQ, ql, q_doc, q_grp, row_lse, row_delta, tid);
         hw.sync();
 
         // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys and every query row of the sub-tile.
         float st[NS][4], dpt[NS][4];
-        rows_times_rows<D, NS, kBf16>(hw, st, Ks, Qs, RS, r0, g, t);
-        rows_times_rows<D, NS, kBf16>(hw, dpt, Vs, dOs, RS, r0, g, t);
+        rows_times_rows<D, NS, kBf16>(hw, st, Ks, Qs, RS, r0, lane);
+        rows_times_rows<D, NS, kBf16>(hw, dpt, Vs, dOs, RS, r0, lane);
         // P^T (kept in st) and dS^T = P^T (dP^T - delta) (kept in dpt); element e: key r0 + g + 8 (e / 2), query
         // column n * 8 + 2t + e % 2.
         CPH_UNROLL
@@ -232,9 +229,9 @@ __host__ __device__ void tc_dkdv_cta(const BackwardArgs& a, Hw& hw, int64_t bx, 
             st[n][e] = p;
             dpt[n][e] = p * (dpt[n][e] - row_delta[qc]);
           }
-        // dV += P^T dO and dK += dS^T Q (scaled at the end), from the transposed tiles.
-        accumulate_times<NS, NO, kBf16>(hw, dv, st, dOt, TS, c0, g, t);
-        accumulate_times<NS, NO, kBf16>(hw, dk, dpt, Qt, TS, c0, g, t);
+        // dV += P^T dO and dK += dS^T Q (scaled at the end), dO and Q read down their columns.
+        accumulate_times<NS, NO, kBf16>(hw, dv, st, dOs, RS, c0, lane);
+        accumulate_times<NS, NO, kBf16>(hw, dk, dpt, Qs, RS, c0, lane);
       }
     }
   }

@@ -1,5 +1,6 @@
 // The warp interface of the tensor-core CTA bodies (tensor_core_forward.cuh, tensor_core_backward.cuh) on the GPU:
-// mma.sync m16n8k16 (sm_80+), __shfl_xor_sync, __syncthreads, atomic work counters. Device code only.
+// ldmatrix.sync.m8n8.x4 (sm_75+), mma.sync m16n8k16 (sm_80+), __shfl_xor_sync, __syncthreads, atomic work counters.
+// Device code only.
 #pragma once
 #include "kernels/cuda/attention_common.cuh"
 
@@ -9,6 +10,18 @@ struct DeviceWarp {
   __device__ int thread() const { return int(threadIdx.x); }
   __device__ void sync() { __syncthreads(); }
   __device__ float shfl_xor(float v, int lane_mask) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); }
+  template <bool kTrans>
+  __device__ void ldmatrix_x4(uint32_t r[4], const uint16_t* row) {
+    const unsigned address = unsigned(__cvta_generic_to_shared(row));
+    if constexpr (kTrans)
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                   : "r"(address));
+    else
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                   : "r"(address));
+  }
   template <bool kBf16>
   __device__ void mma(float c[4], const uint32_t a[4], const uint32_t b[2]) {
     if constexpr (kBf16)

@@ -4,7 +4,10 @@
 // fragment bookkeeping is checked against a brute-force oracle without a GPU.
 //
 // Hw provides: int thread() (0..127); void sync() (the CTA barrier); float shfl_xor(float, int lane_mask) (within
-// the warp); template <bool kBf16> void mma(float c[4], const uint32_t a[4], const uint32_t b[2]): c += A B for
+// the warp); template <bool kTrans> void ldmatrix_x4(uint32_t r[4], const uint16_t* row): ldmatrix.sync.m8n8.x4
+// (.trans) of 16-bit shared memory, lanes 8j..8j+7 giving the 16-byte aligned addresses of rows 0..7 of matrix j and
+// every lane receiving in r[j] the elements (lane / 4, 2 (lane % 4)..+1) of matrix j, or of its transpose;
+// template <bool kBf16> void mma(float c[4], const uint32_t a[4], const uint32_t b[2]): c += A B for
 // one m16n8k16 tile (fp32 accumulate) with PTX's fragment layouts (g = lane / 4, t = lane % 4):
 //   A 16x16 row-major: a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..]
 //   B 16x8:            b[0] = B[2t..2t+1][g],  b[1] = B[2t+8..2t+9][g]
@@ -13,7 +16,8 @@
 //
 // Work split: 4 warps; each owns 16 query rows and a slice of the head dim for O (at D 512 two warps share a row
 // group, each computing the full S for its rows and O for 256 columns, so no thread holds more than 128 fp32
-// accumulators). K and V^T sub-tiles are staged in shared memory in the input dtype, rows padded by 16 bytes.
+// accumulators). K and V sub-tiles are staged row-major in shared memory in the input dtype, rows padded by 16 bytes
+// (so the 8 rows an ldmatrix phase reads fall in distinct banks); V is read down its columns by ldmatrix.trans.
 // S = Q K^T on tensor cores, scale and mask (the rule per element in partial tiles only), online softmax in fp32
 // on the accumulator registers (row statistics reduced over the 4 lanes of a row), P rounded to the input dtype
 // (as FlashAttention does) for O += P V on tensor cores. Fixed order everywhere: bitwise repeatable.
@@ -42,13 +46,12 @@ struct TcTiles {
   static constexpr int kQ = 16 * kRowGroups;             // query rows per CTA: 64, or 32 at D 512
   static constexpr int kK = D > 256 ? 32 : 64;           // keys per shared-memory sub-tile
   static constexpr int kDW = D / kDSplit;                // O columns per warp (<= 256: 128 accumulators)
-  static constexpr int kRow = D + 8;                     // Q / K row in shared memory, 16-bit elements
-  static constexpr int kVtRow = kK + 8;                  // V^T row (one per d), 16-bit elements
+  static constexpr int kRow = D + 8;                     // Q / K / V row in shared memory, 16-bit elements
   static_assert(kK % 16 == 0 && kDW % 8 == 0, "whole mma tiles");
 
   // int64 metadata (q documents and groups, kv documents and groups), kv padding flags, then 16-bit tiles.
   static constexpr int kMetaBytes = 8 * (2 * kQ + 2 * kK) + ((kK + 15) / 16) * 16;
-  static constexpr int smem() { return kMetaBytes + 2 * (kQ * kRow + kK * kRow + D * kVtRow); }
+  static constexpr int smem() { return kMetaBytes + 2 * (kQ * kRow + 2 * kK * kRow); }
 };
 
 // Two floats rounded to the 16-bit input type, packed low-first into one mma register.
@@ -67,17 +70,12 @@ __host__ __device__ inline uint32_t pack2(float lo, float hi) {
   return uint32_t(l) | (uint32_t(h) << 16);
 }
 
-__host__ __device__ inline uint32_t load_pair(const uint16_t* p) {  // two adjacent 16-bit values, 4-byte aligned
-  return *reinterpret_cast<const uint32_t*>(p);
-}
-
 // Stages `rows` rows of a 16-bit [B, H, S, D] tensor (row r = token s0 + r of batch b, head h; zeros past `valid` rows
-// and past `dim` columns) into a row-major shared tile (row stride rs) and, when `transposed` is not null, into its
-// transpose (row stride ts: transposed[d * ts + r]); either may be null. 16-byte loads when every row is whole and 16-byte aligned,
-// else one element at a time. Every thread of the CTA calls it with the same arguments.
+// and past `dim` columns) into a row-major shared tile (row stride rs). 16-byte loads when every row is whole and
+// 16-byte aligned, else one element at a time. Every thread of the CTA calls it with the same arguments.
 template <int D>
-__host__ __device__ void stage_rows(uint16_t* tile, int rs, uint16_t* transposed, int ts, const Tensor4& t, int64_t b,
-                                    int64_t h, int64_t s0, int rows, int valid, int64_t dim, int tid) {
+__host__ __device__ void stage_rows(uint16_t* tile, int rs, const Tensor4& t, int64_t b, int64_t h, int64_t s0,
+                                    int rows, int valid, int64_t dim, int tid) {
   const uint16_t* bits = static_cast<const uint16_t*>(t.data);
   const int64_t base = valid > 0 ? offset4(t, b, h, s0) : 0;
   const bool whole = dim == D && t.stride_s % 8 == 0 && base % 8 == 0 &&
@@ -88,34 +86,43 @@ __host__ __device__ void stage_rows(uint16_t* tile, int rs, uint16_t* transposed
       const int r = i / kChunks, c = (i % kChunks) * 8;
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
       if (r < valid) v = *reinterpret_cast<const uint4*>(bits + base + int64_t(r) * t.stride_s + c);
-      if (tile) *reinterpret_cast<uint4*>(tile + r * rs + c) = v;
-      if (transposed) {
-        const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-        for (int e = 0; e < 8; ++e) transposed[(c + e) * ts + r] = uint16_t(w[e / 2] >> (16 * (e % 2)));
-      }
+      *reinterpret_cast<uint4*>(tile + r * rs + c) = v;
     }
     return;
   }
   for (int i = tid; i < rows * D; i += kThreads) {
     const int r = i / D, d = i % D;
-    const uint16_t v = (r < valid && d < dim) ? bits[base + int64_t(r) * t.stride_s + d] : uint16_t(0);  // 0 bits: +0
-    if (tile) tile[r * rs + d] = v;
-    if (transposed) transposed[d * ts + r] = v;
+    tile[r * rs + d] = (r < valid && d < dim) ? bits[base + int64_t(r) * t.stride_s + d] : uint16_t(0);  // 0 bits: +0
   }
 }
 
-// Fragments from 16-bit tiles in shared memory (row stride `rs` elements), lane coordinates g = lane / 4, t = lane % 4.
-// A operand (16 x 16) = rows r0..r0+15, columns c..c+15 of a row-major tile.
-__host__ __device__ inline void fragment_a(uint32_t a[4], const uint16_t* tile, int rs, int r0, int c, int g, int t) {
-  a[0] = load_pair(&tile[(r0 + g) * rs + c + 2 * t]);
-  a[1] = load_pair(&tile[(r0 + g + 8) * rs + c + 2 * t]);
-  a[2] = load_pair(&tile[(r0 + g) * rs + c + 8 + 2 * t]);
-  a[3] = load_pair(&tile[(r0 + g + 8) * rs + c + 8 + 2 * t]);
+// Fragments from 16-bit row-major tiles in shared memory (row stride `rs` elements, a multiple of 8), one ldmatrix.x4
+// each: lane l gives the address of row l % 8 of matrix l / 8.
+// A operand (16 x 16) = rows r0..r0+15, columns c..c+15.
+#pragma nv_exec_check_disable
+template <class Hw>
+__host__ __device__ __forceinline__ void fragment_a(Hw& hw, uint32_t a[4], const uint16_t* tile, int rs, int r0, int c,
+                                                    int lane) {
+  const int i = lane % 8, j = lane / 8;  // matrices: (rows +0, cols +0), (+8, +0), (+0, +8), (+8, +8)
+  hw.template ldmatrix_x4<false>(a, &tile[(r0 + i + 8 * (j % 2)) * rs + c + 8 * (j / 2)]);
 }
-// B operand (16 x 8) with B[k][n] = tile[n0 + n][c + k]: the rows of a row-major tile as B's columns.
-__host__ __device__ inline void fragment_b(uint32_t b[2], const uint16_t* tile, int rs, int n0, int c, int g, int t) {
-  b[0] = load_pair(&tile[(n0 + g) * rs + c + 2 * t]);
-  b[1] = load_pair(&tile[(n0 + g) * rs + c + 8 + 2 * t]);
+// B operands (16 x 8) of two adjacent n-tiles with B[k][n] = tile[n0 + n][c + k] (the rows of a tile as B's columns:
+// K for S = Q K^T): b[0..1] for columns n0..n0+7, b[2..3] for n0+8..n0+15.
+#pragma nv_exec_check_disable
+template <class Hw>
+__host__ __device__ __forceinline__ void fragment_b_pair(Hw& hw, uint32_t b[4], const uint16_t* tile, int rs, int n0,
+                                                         int c, int lane) {
+  const int i = lane % 8, j = lane / 8;  // matrices: (rows +0, cols +0), (+0, +8), (+8, +0), (+8, +8)
+  hw.template ldmatrix_x4<false>(b, &tile[(n0 + i + 8 * (j / 2)) * rs + c + 8 * (j % 2)]);
+}
+// B operands of two adjacent n-tiles with B[k][n] = tile[k0 + k][n0 + n] (a tile read down its columns: V for P V),
+// by ldmatrix.trans.
+#pragma nv_exec_check_disable
+template <class Hw>
+__host__ __device__ __forceinline__ void fragment_b_pair_down(Hw& hw, uint32_t b[4], const uint16_t* tile, int rs,
+                                                              int k0, int n0, int lane) {
+  const int i = lane % 8, j = lane / 8;  // matrices: (rows +0, cols +0), (+8, +0), (+0, +8), (+8, +8)
+  hw.template ldmatrix_x4<true>(b, &tile[(k0 + i + 8 * (j % 2)) * rs + n0 + 8 * (j / 2)]);
 }
 // Two adjacent 16 x 8 accumulator tiles (columns 16j..16j+15) as one A operand, rounded to the input dtype.
 template <bool kBf16>
@@ -135,40 +142,44 @@ __host__ __device__ __forceinline__ void zero(float (&acc)[N][4]) {
 }
 
 // One warp's 16 x 8N block of A B^T over the head dim, for two row-major staged tiles (row stride rs): acc[n] =
-// rows r0..r0+15 of `a` times rows n*8..n*8+7 of `b` (S = Q K^T, dP = dO V^T and their transposes).
+// rows r0..r0+15 of `a` times rows n*8..n*8+7 of `b` (S = Q K^T, dP = dO V^T and their transposes). N even.
 #pragma nv_exec_check_disable
 template <int D, int N, bool kBf16, class Hw>
 __host__ __device__ __forceinline__ void rows_times_rows(Hw& hw, float (&acc)[N][4], const uint16_t* a, const uint16_t* b,
-                                                         int rs, int r0, int g, int t) {
+                                                         int rs, int r0, int lane) {
+  static_assert(N % 2 == 0, "B fragments come in pairs of n-tiles");
   zero(acc);
   for (int kk = 0; kk < D; kk += 16) {
     uint32_t fa[4];
-    fragment_a(fa, a, rs, r0, kk, g, t);
+    fragment_a(hw, fa, a, rs, r0, kk, lane);
     CPH_UNROLL
-    for (int n = 0; n < N; ++n) {
-      uint32_t fb[2];
-      fragment_b(fb, b, rs, n * 8, kk, g, t);
+    for (int n = 0; n < N; n += 2) {
+      uint32_t fb[4];
+      fragment_b_pair(hw, fb, b, rs, n * 8, kk, lane);
       hw.template mma<kBf16>(acc[n], fa, fb);
+      hw.template mma<kBf16>(acc[n + 1], fa, fb + 2);
     }
   }
 }
 
 // acc[n] += P X for one warp: P its NP accumulator tiles (16 x 8NP, rounded to the input dtype: two adjacent tiles
-// are one A operand of 16 columns), X given transposed in shared memory (row stride ts), acc[n] its columns
-// c0 + n*8.. (O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q).
+// are one A operand of 16 columns), X the first 8NP rows of a row-major staged tile (row stride rs), acc[n] its
+// columns c0 + n*8.. (O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q). N even.
 #pragma nv_exec_check_disable
 template <int NP, int N, bool kBf16, class Hw>
 __host__ __device__ __forceinline__ void accumulate_times(Hw& hw, float (&acc)[N][4], const float (&p)[NP][4],
-                                                          const uint16_t* xt, int ts, int c0, int g, int t) {
+                                                          const uint16_t* x, int rs, int c0, int lane) {
+  static_assert(N % 2 == 0 && NP % 2 == 0, "fragments come in pairs of n-tiles");
   CPH_UNROLL
   for (int j = 0; j < NP / 2; ++j) {
     uint32_t fa[4];
     fragment_a_from<kBf16>(fa, p[2 * j], p[2 * j + 1]);
     CPH_UNROLL
-    for (int n = 0; n < N; ++n) {
-      uint32_t fb[2];
-      fragment_b(fb, xt, ts, c0 + n * 8, j * 16, g, t);
+    for (int n = 0; n < N; n += 2) {
+      uint32_t fb[4];
+      fragment_b_pair_down(hw, fb, x, rs, j * 16, c0 + n * 8, lane);
       hw.template mma<kBf16>(acc[n], fa, fb);
+      hw.template mma<kBf16>(acc[n + 1], fa, fb + 2);
     }
   }
 }
@@ -200,7 +211,7 @@ template <int D, bool kBf16, class Hw>
 __host__ __device__ void tc_forward_cta(const ForwardArgs& a, Hw& hw, int64_t bx, int64_t by, int64_t bz,
                                         unsigned char* smem) {
   using T = TcTiles<D>;
-  constexpr int BQ = T::kQ, BK = T::kK, DW = T::kDW, RS = T::kRow, VS = T::kVtRow;
+  constexpr int BQ = T::kQ, BK = T::kK, DW = T::kDW, RS = T::kRow;
   constexpr int NS = BK / 8;  // score n-tiles per warp
   constexpr int NO = DW / 8;  // output n-tiles per warp
   const BlockMaskView& m = a.mask;
@@ -228,9 +239,9 @@ __host__ __device__ void tc_forward_cta(const ForwardArgs& a, Hw& hw, int64_t bx
   bool* kv_pad = reinterpret_cast<bool*>(kv_grp + BK);
   uint16_t* Qs = reinterpret_cast<uint16_t*>(smem + T::kMetaBytes);
   uint16_t* Ks = Qs + BQ * RS;
-  uint16_t* Vt = Ks + BK * RS;
+  uint16_t* Vs = Ks + BK * RS;
 
-  stage_rows<D>(Qs, RS, nullptr, 0, a.q, b, h, q0, BQ, ql, dim, tid);
+  stage_rows<D>(Qs, RS, a.q, b, h, q0, BQ, ql, dim, tid);
   stage_q_meta(m, terms, mb, q0, BQ, ql, q_doc, q_grp, tid);
 
   float o[NO][4];
@@ -248,15 +259,15 @@ __host__ __device__ void tc_forward_cta(const ForwardArgs& a, Hw& hw, int64_t bx
     if (partial) n_mask += uint64_t(ql) * uint64_t(k_end - k_begin);
     for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
       const int kl = int(min64(BK, k_end - k0));
-      hw.sync();  // the previous sub-tile's K and V^T are consumed (and Q is in place)
-      stage_rows<D>(Ks, RS, nullptr, 0, a.k, b, hk, k0, BK, kl, dim, tid);
-      stage_rows<D>(nullptr, 0, Vt, VS, a.v, b, hk, k0, BK, kl, dim, tid);
+      hw.sync();  // the previous sub-tile's K and V are consumed (and Q is in place)
+      stage_rows<D>(Ks, RS, a.k, b, hk, k0, BK, kl, dim, tid);
+      stage_rows<D>(Vs, RS, a.v, b, hk, k0, BK, kl, dim, tid);
       if (partial) stage_kv_meta(m, terms, mb, k0, BK, kl, kv_doc, kv_grp, kv_pad, tid);
       hw.sync();
 
       // S = Q K^T for this warp's 16 rows and every key of the sub-tile.
       float s[NS][4];
-      rows_times_rows<D, NS, kBf16>(hw, s, Qs, Ks, RS, r0, g, t);
+      rows_times_rows<D, NS, kBf16>(hw, s, Qs, Ks, RS, r0, lane);
 
       // Scale and mask: element e of n-tile n is row r0 + g + 8 (e / 2), key n * 8 + 2t + e % 2.
       CPH_UNROLL
@@ -303,7 +314,7 @@ __host__ __device__ void tc_forward_cta(const ForwardArgs& a, Hw& hw, int64_t bx
       }
 
       // O += P V: P's accumulator layout over two adjacent n-tiles is the A layout of one k-step of 16 keys.
-      accumulate_times<NS, NO, kBf16>(hw, o, s, Vt, VS, c0, g, t);
+      accumulate_times<NS, NO, kBf16>(hw, o, s, Vs, RS, c0, lane);
     }
   }
 

@@ -1,12 +1,14 @@
 // The tensor-core forward's CTA body (tensor_core_forward.cuh) run on the CPU, against a brute-force oracle, with
 // no GPU: every CUDA thread of a CTA is a fiber, and the warp's collective operations are emulated from their PTX
 // definitions (mma.sync m16n8k16: each lane computes its own outputs from the fragments every lane posted, decoded
-// with the layout tables of the PTX ISA; __shfl_xor_sync; __syncthreads), so the kernel's fragment bookkeeping, masks,
+// with the layout tables of the PTX ISA; ldmatrix.x4 and .trans from the row addresses every lane posted;
+// __shfl_xor_sync; __syncthreads), so the kernel's fragment bookkeeping, masks,
 // online softmax, tile walk and boundary handling are checked here. What only a GPU can check (the real mma unit,
 // shared-memory limits, speed) is the `gpu` label's CudaAttentionGpu tests.
 #include <gtest/gtest.h>
 #include <ucontext.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -60,6 +62,7 @@ class FiberCta {
   float shfl[kWarps][32];
   uint32_t frag_a[kWarps][32][4];
   uint32_t frag_b[kWarps][32][2];
+  const uint16_t* ldmatrix_row[kWarps][32];
 
  private:
   static constexpr size_t kStack = 256 * 1024;
@@ -126,6 +129,25 @@ struct EmulatedWarp {
     const float r = cta->shfl[w][lane ^ lane_mask];
     cta->warp_barrier(w);
     return r;
+  }
+  // PTX ISA, "ldmatrix": for .x4, threads 8j..8j+7 give the addresses of rows 0..7 of matrix j (16 bytes each,
+  // 16-byte aligned); "each thread receives ... row (laneid / 4), elements 2 (laneid % 4) and 2 (laneid % 4) + 1" of
+  // every matrix, register j holding matrix j, the lower column in the low half; .trans delivers the transpose (row
+  // and column swapped: elements (2 (lane % 4), lane / 4) and (2 (lane % 4) + 1, lane / 4)).
+  template <bool kTrans>
+  void ldmatrix_x4(uint32_t r[4], const uint16_t* row) {
+    const int w = tid / 32, lane = tid % 32;
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0) ADD_FAILURE() << "ldmatrix row address not 16-byte aligned";
+    cta->ldmatrix_row[w][lane] = row;
+    cta->warp_barrier(w);
+    const int g = lane / 4, t = lane % 4;
+    for (int j = 0; j < 4; ++j) {
+      const uint16_t* const* rows = &cta->ldmatrix_row[w][8 * j];
+      const uint16_t lo = kTrans ? rows[2 * t][g] : rows[g][2 * t];
+      const uint16_t hi = kTrans ? rows[2 * t + 1][g] : rows[g][2 * t + 1];
+      r[j] = uint32_t(lo) | (uint32_t(hi) << 16);
+    }
+    cta->warp_barrier(w);
   }
   // PTX ISA, "Matrix Fragments for mma.m16n8k16" (.f16 / .bf16 A, B; .f32 C, D), groupID = lane >> 2,
   // threadID_in_group = lane % 4:
@@ -263,6 +285,52 @@ TEST(TensorCoreEmulation, TheEmulatedMmaIsTheMatrixProductOfTheDocumentedFragmen
       for (int k = 0; k < 16; ++k) want += double(A[i][k]) * B[k][j];
       EXPECT_NEAR(C[i][j], want, 1e-4 * (1 + std::abs(want))) << i << "," << j;
     }
+}
+
+// The three ldmatrix loaders feed the mma the operands they name: A = rows r0.. of a staged tile, B = rows of a tile
+// as columns (S = Q K^T) and B = a tile read down its columns (O += P V), at offsets inside padded tiles.
+TEST(TensorCoreEmulation, TheLdmatrixLoadersGiveTheOperandsTheyName) {
+  constexpr int kRows = 48, kCols = 64, kStride = kCols + 8;
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(-2.f, 2.f);
+  alignas(16) static uint16_t tile[kRows * kStride];
+  for (auto& x : tile) x = to_bits<true>(u(rng));
+  auto at = [&](int r, int c) { return double(from_bits<true>(tile[r * kStride + c])); };
+  for (const std::array<int, 3>& offsets : {std::array{0, 0, 0}, std::array{16, 8, 24}, std::array{32, 24, 48}}) {
+    const int r0 = offsets[0], n0 = offsets[1], c = offsets[2];
+    float rows_by_rows[16][16] = {}, rows_by_down[16][16] = {};
+    std::unique_ptr<FiberCta> cta;
+    cta = std::make_unique<FiberCta>([&](int tid) {
+      if (tid >= 32) return;
+      EmulatedWarp hw{cta.get(), tid};
+      uint32_t a[4], b[4], d[4];
+      fragment_a(hw, a, tile, kStride, r0, c, tid);
+      fragment_b_pair(hw, b, tile, kStride, n0, c, tid);
+      fragment_b_pair_down(hw, d, tile, kStride, n0, c, tid);
+      float s0[4] = {}, s1[4] = {}, v0[4] = {}, v1[4] = {};
+      hw.mma<true>(s0, a, b);
+      hw.mma<true>(s1, a, b + 2);
+      hw.mma<true>(v0, a, d);
+      hw.mma<true>(v1, a, d + 2);
+      const int g = tid / 4, t = tid % 4;
+      for (int e = 0; e < 4; ++e) {
+        const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
+        rows_by_rows[row][col] = s0[e], rows_by_rows[row][col + 8] = s1[e];
+        rows_by_down[row][col] = v0[e], rows_by_down[row][col + 8] = v1[e];
+      }
+    });
+    cta->run();
+    for (int i = 0; i < 16; ++i)
+      for (int j = 0; j < 16; ++j) {
+        double want_rows = 0, want_down = 0;
+        for (int k = 0; k < 16; ++k) {
+          want_rows += at(r0 + i, c + k) * at(n0 + j, c + k);  // A[i][k] B[k][j], B[k][j] = tile[n0 + j][c + k]
+          want_down += at(r0 + i, c + k) * at(n0 + k, c + j);  // B[k][j] = tile[n0 + k][c + j]
+        }
+        EXPECT_NEAR(rows_by_rows[i][j], want_rows, 1e-4 * (1 + std::abs(want_rows))) << r0 << " " << i << "," << j;
+        EXPECT_NEAR(rows_by_down[i][j], want_down, 1e-4 * (1 + std::abs(want_down))) << r0 << " " << i << "," << j;
+      }
+  }
 }
 
 TEST(TensorCoreEmulation, ABarrierOnlySomeThreadsReachIsReportedNotHung) {
