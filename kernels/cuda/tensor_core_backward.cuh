@@ -83,8 +83,8 @@ __host__ __device__ void tc_dq_cta(const BackwardArgs& a, Hw& hw, int64_t bx, in
   uint16_t* Ks = dOs + BQ * RS;
   uint16_t* Vs = Ks + BK * RS;
 
-  stage_rows<D>(Qs, RS, a.q, b, h, q0, BQ, ql, dim, tid);
-  stage_rows<D>(dOs, RS, a.dout, b, h, q0, BQ, ql, dim, tid);
+  stage_rows_async<D>(hw, Qs, RS, a.q, b, h, q0, BQ, ql, dim, tid);
+  stage_rows_async<D>(hw, dOs, RS, a.dout, b, h, q0, BQ, ql, dim, tid);
   stage_q_rows(a, terms, mb, b, h, q0, BQ, ql, q_doc, q_grp, row_lse, row_delta, tid);
 
   float dq[NO][4];
@@ -102,9 +102,10 @@ __host__ __device__ void tc_dq_cta(const BackwardArgs& a, Hw& hw, int64_t bx, in
     for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
       const int kl = int(min64(BK, k_end - k0));
       hw.sync();  // the previous sub-tile's K and V are consumed (and Q, dO, row state are in place)
-      stage_rows<D>(Ks, RS, a.k, b, hk, k0, BK, kl, dim, tid);
-      stage_rows<D>(Vs, RS, a.v, b, hk, k0, BK, kl, dim, tid);
+      stage_rows_async<D>(hw, Ks, RS, a.k, b, hk, k0, BK, kl, dim, tid);
+      stage_rows_async<D>(hw, Vs, RS, a.v, b, hk, k0, BK, kl, dim, tid);
       if (partial) stage_kv_meta(m, terms, mb, k0, BK, kl, kv_doc, kv_grp, kv_pad, tid);
+      hw.copy_async_wait_all();
       hw.sync();
 
       // S = Q K^T and dP = dO V^T for this warp's 16 rows.
@@ -183,8 +184,8 @@ __host__ __device__ void tc_dkdv_cta(const BackwardArgs& a, Hw& hw, int64_t bx, 
   uint16_t* Qs = Vs + BKV * RS;
   uint16_t* dOs = Qs + BQ * RS;
 
-  stage_rows<D>(Ks, RS, a.k, b, hk, k0, BKV, kl, dim, tid);
-  stage_rows<D>(Vs, RS, a.v, b, hk, k0, BKV, kl, dim, tid);
+  stage_rows_async<D>(hw, Ks, RS, a.k, b, hk, k0, BKV, kl, dim, tid);
+  stage_rows_async<D>(hw, Vs, RS, a.v, b, hk, k0, BKV, kl, dim, tid);
   stage_kv_meta(m, terms, mb, k0, BKV, kl, k_doc, k_grp, k_pad, tid);
 
   float dk[NO][4], dv[NO][4];
@@ -205,9 +206,10 @@ __host__ __device__ void tc_dkdv_cta(const BackwardArgs& a, Hw& hw, int64_t bx, 
       for (int64_t gq = 0; gq < G; ++gq) {
         const int64_t h = hk * G + gq;
         hw.sync();  // the previous (sub-tile, head)'s Q and dO are consumed
-        stage_rows<D>(Qs, RS, a.q, b, h, q0, BQ, ql, dim, tid);
-        stage_rows<D>(dOs, RS, a.dout, b, h, q0, BQ, ql, dim, tid);
+        stage_rows_async<D>(hw, Qs, RS, a.q, b, h, q0, BQ, ql, dim, tid);
+        stage_rows_async<D>(hw, dOs, RS, a.dout, b, h, q0, BQ, ql, dim, tid);
         stage_q_rows(a, terms, mb, b, h, q0, BQ, ql, q_doc, q_grp, row_lse, row_delta, tid);
+        hw.copy_async_wait_all();  // (the key tiles' copies too, on the first pass)
         hw.sync();
 
         // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys and every query row of the sub-tile.

@@ -1,5 +1,5 @@
 // The warp interface of the tensor-core CTA bodies (tensor_core_forward.cuh, tensor_core_backward.cuh) on the GPU:
-// ldmatrix.sync.m8n8.x4 (sm_75+), mma.sync m16n8k16 (sm_80+), __shfl_xor_sync, __syncthreads, atomic work counters.
+// cp.async (sm_80+), ldmatrix.sync.m8n8.x4 (sm_75+), mma.sync m16n8k16 (sm_80+), __shfl_xor_sync, __syncthreads, atomic work counters.
 // Device code only.
 #pragma once
 #include "kernels/cuda/attention_common.cuh"
@@ -10,6 +10,12 @@ struct DeviceWarp {
   __device__ int thread() const { return int(threadIdx.x); }
   __device__ void sync() { __syncthreads(); }
   __device__ float shfl_xor(float v, int lane_mask) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); }
+  // 16 bytes global -> shared without a register round trip (.cg: through L2 only; both addresses 16-byte aligned).
+  __device__ void copy_async_16(uint16_t* shared, const uint16_t* global) {
+    const unsigned address = unsigned(__cvta_generic_to_shared(shared));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global));
+  }
+  __device__ void copy_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
   template <bool kTrans>
   __device__ void ldmatrix_x4(uint32_t r[4], const uint16_t* row) {
     const unsigned address = unsigned(__cvta_generic_to_shared(row));

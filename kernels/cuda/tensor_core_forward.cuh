@@ -3,7 +3,8 @@
 // __syncthreads) and on the CPU under an emulation of the warp (tests/tensor_core_emulation_test.cu), where its
 // fragment bookkeeping is checked against a brute-force oracle without a GPU.
 //
-// Hw provides: int thread() (0..127); void sync() (the CTA barrier); float shfl_xor(float, int lane_mask) (within
+// Hw provides: int thread() (0..127); void sync() (the CTA barrier); void copy_async_16(uint16_t* shared,
+// const uint16_t* global) and void copy_async_wait_all() (cp.async of 16 bytes, and the wait for this thread's); float shfl_xor(float, int lane_mask) (within
 // the warp); template <bool kTrans> void ldmatrix_x4(uint32_t r[4], const uint16_t* row): ldmatrix.sync.m8n8.x4
 // (.trans) of 16-bit shared memory, lanes 8j..8j+7 giving the 16-byte aligned addresses of rows 0..7 of matrix j and
 // every lane receiving in r[j] the elements (lane / 4, 2 (lane % 4)..+1) of matrix j, or of its transpose;
@@ -70,12 +71,15 @@ __host__ __device__ inline uint32_t pack2(float lo, float hi) {
   return uint32_t(l) | (uint32_t(h) << 16);
 }
 
-// Stages `rows` rows of a 16-bit [B, H, S, D] tensor (row r = token s0 + r of batch b, head h; zeros past `valid` rows
-// and past `dim` columns) into a row-major shared tile (row stride rs). 16-byte loads when every row is whole and
-// 16-byte aligned, else one element at a time. Every thread of the CTA calls it with the same arguments.
-template <int D>
-__host__ __device__ void stage_rows(uint16_t* tile, int rs, const Tensor4& t, int64_t b, int64_t h, int64_t s0,
-                                    int rows, int valid, int64_t dim, int tid) {
+// Starts staging `rows` rows of a 16-bit [B, H, S, D] tensor (row r = token s0 + r of batch b, head h; zeros past
+// `valid` rows and past `dim` columns) into a row-major shared tile (row stride rs): 16-byte asynchronous copies
+// (cp.async) when every row is whole and 16-byte aligned, else plain stores one element at a time. The tile is
+// complete once every thread has called hw.copy_async_wait_all() and passed a barrier. Every thread of the CTA calls
+// it with the same arguments.
+#pragma nv_exec_check_disable
+template <int D, class Hw>
+__host__ __device__ void stage_rows_async(Hw& hw, uint16_t* tile, int rs, const Tensor4& t, int64_t b, int64_t h,
+                                          int64_t s0, int rows, int valid, int64_t dim, int tid) {
   const uint16_t* bits = static_cast<const uint16_t*>(t.data);
   const int64_t base = valid > 0 ? offset4(t, b, h, s0) : 0;
   const bool whole = dim == D && t.stride_s % 8 == 0 && base % 8 == 0 &&
@@ -84,9 +88,10 @@ __host__ __device__ void stage_rows(uint16_t* tile, int rs, const Tensor4& t, in
     constexpr int kChunks = D / 8;
     for (int i = tid; i < rows * kChunks; i += kThreads) {
       const int r = i / kChunks, c = (i % kChunks) * 8;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (r < valid) v = *reinterpret_cast<const uint4*>(bits + base + int64_t(r) * t.stride_s + c);
-      *reinterpret_cast<uint4*>(tile + r * rs + c) = v;
+      if (r < valid)
+        hw.copy_async_16(tile + r * rs + c, bits + base + int64_t(r) * t.stride_s + c);
+      else
+        *reinterpret_cast<uint4*>(tile + r * rs + c) = make_uint4(0u, 0u, 0u, 0u);
     }
     return;
   }
@@ -204,6 +209,37 @@ __host__ __device__ __forceinline__ void stage_kv_meta(const BlockMaskView& m, c
   pad[tid] = km.pad;
 }
 
+// The key sub-tiles (kSub keys, the last of a tile shorter) of one query block's tiles, in the order of its lists,
+// one at a time so a kernel can start copying the next while it computes on this one. Counts the keys it walks.
+struct SubTile {
+  int64_t k0 = 0;
+  int kl = 0;
+  bool partial = false;
+};
+template <int kSub>
+struct SubTileWalk {
+  TileWalker tiles;
+  int64_t k0 = 0, k_end = 0;
+  bool partial = false;
+  int64_t keys = 0, partial_keys = 0;  // over the tiles walked (the work counts are these times the CTA's rows)
+
+  __host__ __device__ explicit SubTileWalk(const TileWalker& t) : tiles(t) {}
+  __host__ __device__ bool next(SubTile& st, const BlockMaskView& m) {
+    while (k0 >= k_end) {  // (a tile past kv_len has no keys)
+      int32_t tile;
+      if (!tiles.next(tile, partial)) return false;
+      k0 = int64_t(tile) * m.kv_block;
+      k_end = min64(m.kv_len, k0 + m.kv_block);
+      const int64_t n = k_end > k0 ? k_end - k0 : 0;
+      keys += n;
+      if (partial) partial_keys += n;
+    }
+    st = SubTile{k0, int(min64(kSub, k_end - k0)), partial};
+    k0 += kSub;
+    return true;
+  }
+};
+
 // One CTA (block index bx, by, bz as the grid of launch_forward_tc) of the forward for bf16 (kBf16) or fp16
 // q, k, v of one dtype. `smem` holds TcTiles<D>::smem() bytes, 16-byte aligned.
 #pragma nv_exec_check_disable
@@ -241,82 +277,92 @@ __host__ __device__ void tc_forward_cta(const ForwardArgs& a, Hw& hw, int64_t bx
   uint16_t* Ks = Qs + BQ * RS;
   uint16_t* Vs = Ks + BK * RS;
 
-  stage_rows<D>(Qs, RS, a.q, b, h, q0, BQ, ql, dim, tid);
-  stage_q_meta(m, terms, mb, q0, BQ, ql, q_doc, q_grp, tid);
-
   float o[NO][4];
   zero(o);
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // rows g and g + 8
 
-  unsigned long long n_score = 0, n_mask = 0;
+  // Two copies in flight at any time: V of this sub-tile while S is computed, K of the next while O += P V is.
+  // Ks and the key metadata are free once every warp has its S (the barrier after V's wait); Vs once every warp
+  // has added its P V (the barrier that starts the next sub-tile).
   const int64_t nq = (m.q_len + m.q_block - 1) / m.q_block;
-  TileWalker walk(m.partial_kv, m.full_kv, mb, nq, qb);
-  int32_t tile;
-  bool partial;
-  while (walk.next(tile, partial)) {
-    const int64_t k_begin = int64_t(tile) * m.kv_block, k_end = min64(m.kv_len, k_begin + m.kv_block);
-    n_score += uint64_t(ql) * uint64_t(k_end - k_begin);
-    if (partial) n_mask += uint64_t(ql) * uint64_t(k_end - k_begin);
-    for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
-      const int kl = int(min64(BK, k_end - k0));
-      hw.sync();  // the previous sub-tile's K and V are consumed (and Q is in place)
-      stage_rows<D>(Ks, RS, a.k, b, hk, k0, BK, kl, dim, tid);
-      stage_rows<D>(Vs, RS, a.v, b, hk, k0, BK, kl, dim, tid);
-      if (partial) stage_kv_meta(m, terms, mb, k0, BK, kl, kv_doc, kv_grp, kv_pad, tid);
-      hw.sync();
+  SubTileWalk<BK> walk(TileWalker(m.partial_kv, m.full_kv, mb, nq, qb));
+  SubTile cur, nxt;
+  bool have = walk.next(cur, m);
+  stage_rows_async<D>(hw, Qs, RS, a.q, b, h, q0, BQ, ql, dim, tid);
+  stage_q_meta(m, terms, mb, q0, BQ, ql, q_doc, q_grp, tid);
+  if (have) {
+    stage_rows_async<D>(hw, Ks, RS, a.k, b, hk, cur.k0, BK, cur.kl, dim, tid);
+    if (cur.partial) stage_kv_meta(m, terms, mb, cur.k0, BK, cur.kl, kv_doc, kv_grp, kv_pad, tid);
+  }
+  while (have) {
+    const int64_t k0 = cur.k0;
+    const int kl = cur.kl;
+    const bool partial = cur.partial;
+    hw.copy_async_wait_all();
+    hw.sync();  // K, its metadata (and Q) in place; every warp's P V of the previous sub-tile done
+    stage_rows_async<D>(hw, Vs, RS, a.v, b, hk, k0, BK, kl, dim, tid);
 
-      // S = Q K^T for this warp's 16 rows and every key of the sub-tile.
-      float s[NS][4];
-      rows_times_rows<D, NS, kBf16>(hw, s, Qs, Ks, RS, r0, lane);
+    // S = Q K^T for this warp's 16 rows and every key of the sub-tile.
+    float s[NS][4];
+    rows_times_rows<D, NS, kBf16>(hw, s, Qs, Ks, RS, r0, lane);
 
-      // Scale and mask: element e of n-tile n is row r0 + g + 8 (e / 2), key n * 8 + 2t + e % 2.
+    // Scale and mask: element e of n-tile n is row r0 + g + 8 (e / 2), key n * 8 + 2t + e % 2.
+    CPH_UNROLL
+    for (int n = 0; n < NS; ++n)
+      CPH_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int row = r0 + g + 8 * (e / 2), col = n * 8 + 2 * t + e % 2;
+        bool ok = col < kl && row < ql;
+        if (ok && partial)
+          ok = element_allowed(m, terms, m.q_start + q0 + row, m.kv_start + k0 + col, q_doc[row], q_grp[row],
+                               TokenMeta{kv_doc[col], kv_grp[col], kv_pad[col]});
+        s[n][e] = ok ? s[n][e] * a.g.scale : -INFINITY;
+      }
+
+    // Online softmax per row (the 4 lanes of a row hold its 2 x NS values each; butterflies give all 4 the same
+    // result bit for bit), then O rescaled.
+    CPH_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      float mx = -INFINITY;
+      CPH_UNROLL
+      for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * i], s[n][2 * i + 1]));
+      mx = fmaxf(mx, hw.shfl_xor(mx, 1));
+      mx = fmaxf(mx, hw.shfl_xor(mx, 2));
+      const float m_new = fmaxf(row_max[i], mx);
+      const float shift = m_new == -INFINITY ? 0.f : m_new;  // never -inf - -inf
+      float sum = 0.f;
       CPH_UNROLL
       for (int n = 0; n < NS; ++n)
         CPH_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          const int row = r0 + g + 8 * (e / 2), col = n * 8 + 2 * t + e % 2;
-          bool ok = col < kl && row < ql;
-          if (ok && partial)
-            ok = element_allowed(m, terms, m.q_start + q0 + row, m.kv_start + k0 + col, q_doc[row], q_grp[row],
-                                 TokenMeta{kv_doc[col], kv_grp[col], kv_pad[col]});
-          s[n][e] = ok ? s[n][e] * a.g.scale : -INFINITY;
+        for (int e = 2 * i; e < 2 * i + 2; ++e) {
+          s[n][e] = expf(s[n][e] - shift);
+          sum += s[n][e];
         }
-
-      // Online softmax per row (the 4 lanes of a row hold its 2 x NS values each; butterflies give all 4 the same
-      // result bit for bit), then O rescaled.
+      sum += hw.shfl_xor(sum, 1);
+      sum += hw.shfl_xor(sum, 2);
+      const float alpha = expf(row_max[i] - shift);  // 0 while the row has seen no key
+      row_sum[i] = row_sum[i] * alpha + sum;
+      row_max[i] = m_new;
       CPH_UNROLL
-      for (int i = 0; i < 2; ++i) {
-        float mx = -INFINITY;
-        CPH_UNROLL
-        for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * i], s[n][2 * i + 1]));
-        mx = fmaxf(mx, hw.shfl_xor(mx, 1));
-        mx = fmaxf(mx, hw.shfl_xor(mx, 2));
-        const float m_new = fmaxf(row_max[i], mx);
-        const float shift = m_new == -INFINITY ? 0.f : m_new;  // never -inf - -inf
-        float sum = 0.f;
-        CPH_UNROLL
-        for (int n = 0; n < NS; ++n)
-          CPH_UNROLL
-          for (int e = 2 * i; e < 2 * i + 2; ++e) {
-            s[n][e] = expf(s[n][e] - shift);
-            sum += s[n][e];
-          }
-        sum += hw.shfl_xor(sum, 1);
-        sum += hw.shfl_xor(sum, 2);
-        const float alpha = expf(row_max[i] - shift);  // 0 while the row has seen no key
-        row_sum[i] = row_sum[i] * alpha + sum;
-        row_max[i] = m_new;
-        CPH_UNROLL
-        for (int n = 0; n < NO; ++n) {
-          o[n][2 * i] *= alpha;
-          o[n][2 * i + 1] *= alpha;
-        }
+      for (int n = 0; n < NO; ++n) {
+        o[n][2 * i] *= alpha;
+        o[n][2 * i + 1] *= alpha;
       }
-
-      // O += P V: P's accumulator layout over two adjacent n-tiles is the A layout of one k-step of 16 keys.
-      accumulate_times<NS, NO, kBf16>(hw, o, s, Vs, RS, c0, lane);
     }
+
+    have = walk.next(nxt, m);
+    hw.copy_async_wait_all();
+    hw.sync();  // V in place; every warp's S (and mask) of this sub-tile done
+    if (have) {
+      stage_rows_async<D>(hw, Ks, RS, a.k, b, hk, nxt.k0, BK, nxt.kl, dim, tid);
+      if (nxt.partial) stage_kv_meta(m, terms, mb, nxt.k0, BK, nxt.kl, kv_doc, kv_grp, kv_pad, tid);
+    }
+    cur = nxt;
+
+    // O += P V: P's accumulator layout over two adjacent n-tiles is the A layout of one k-step of 16 keys.
+    accumulate_times<NS, NO, kBf16>(hw, o, s, Vs, RS, c0, lane);
   }
+  hw.copy_async_wait_all();  // (Q's copy, when there was no key to attend to)
 
   CPH_UNROLL
   for (int i = 0; i < 2; ++i) {
@@ -334,8 +380,9 @@ __host__ __device__ void tc_forward_cta(const ForwardArgs& a, Hw& hw, int64_t bx
     if (c0 == 0 && t == 0) a.lse.data[offset3(a.lse, b, h, q0 + row)] = l > 0.f ? row_max[i] + logf(l) : -INFINITY;
   }
 
-  if (a.work && tid == 0) hw.count_work(a.work, n_score, h == 0 ? n_mask : 0,
-                                        h == 0 && sub == 0 ? walk.num_partial : 0, h == 0 && sub == 0 ? walk.num_full : 0);
+  if (a.work && tid == 0)
+    hw.count_work(a.work, uint64_t(ql) * uint64_t(walk.keys), h == 0 ? uint64_t(ql) * uint64_t(walk.partial_keys) : 0,
+                  h == 0 && sub == 0 ? walk.tiles.num_partial : 0, h == 0 && sub == 0 ? walk.tiles.num_full : 0);
 }
 
 }  // namespace cpharness::kernels::cuda::detail

@@ -1,13 +1,15 @@
 // The tensor-core forward's CTA body (tensor_core_forward.cuh) run on the CPU, against a brute-force oracle, with
 // no GPU: every CUDA thread of a CTA is a fiber, and the warp's collective operations are emulated from their PTX
 // definitions (mma.sync m16n8k16: each lane computes its own outputs from the fragments every lane posted, decoded
-// with the layout tables of the PTX ISA; ldmatrix.x4 and .trans from the row addresses every lane posted;
+// with the layout tables of the PTX ISA; ldmatrix.x4 and .trans from the row addresses every lane posted; cp.async
+// landing at the wait, its destination poisoned until then;
 // __shfl_xor_sync; __syncthreads), so the kernel's fragment bookkeeping, masks,
 // online softmax, tile walk and boundary handling are checked here. What only a GPU can check (the real mma unit,
 // shared-memory limits, speed) is the `gpu` label's CudaAttentionGpu tests.
 #include <gtest/gtest.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -17,6 +19,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda/tensor_core_backward.cuh"
@@ -27,8 +30,11 @@ namespace {
 
 // ---- A CTA of fibers ---------------------------------------------------------------------------------------------
 
-// 128 fibers run round robin on this thread; a fiber gives way only while it waits at a barrier. A full round in
-// which no fiber arrives at a barrier, passes one or finishes is a deadlock (threads that disagree on barriers).
+// 128 fibers run on this thread; a fiber gives way only while it waits at a barrier. The schedule runs one warp at a
+// time as far as it gets (until each of its fibers waits at the CTA barrier or has finished), the warps in a shuffled
+// order each round, so one warp runs far ahead of another as real warps can: a shared tile overwritten before another
+// warp has read it, or read before the barrier that publishes it, changes the result. A full round in which no fiber
+// arrives at a barrier, passes one or finishes is a deadlock (threads that disagree on barriers).
 class FiberCta {
  public:
   explicit FiberCta(std::function<void(int)> body) : body_(std::move(body)), stacks_(kThreads * kStack) {}
@@ -41,17 +47,27 @@ class FiberCta {
       fiber_[i].uc_link = &main_;
       makecontext(&fiber_[i], reinterpret_cast<void (*)()>(&FiberCta::entry), 0);
     }
+    std::mt19937 order_rng(11);
+    int order[kWarps];
+    for (int w = 0; w < kWarps; ++w) order[w] = w;
     int finished = 0;
     while (finished < kThreads) {
-      const long progress_before = progress_;
-      for (int i = 0; i < kThreads; ++i) {
-        if (done_[i]) continue;
-        current_ = i;
-        running_ = this;
-        swapcontext(&main_, &fiber_[i]);
-        if (done_[i]) ++finished, ++progress_;
+      const long round_before = progress_;
+      std::shuffle(order, order + kWarps, order_rng);
+      for (const int w : order) {
+        long warp_before;
+        do {  // this warp until it makes no more progress on its own
+          warp_before = progress_;
+          for (int i = w * 32; i < (w + 1) * 32; ++i) {
+            if (done_[i]) continue;
+            current_ = i;
+            running_ = this;
+            swapcontext(&main_, &fiber_[i]);
+            if (done_[i]) ++finished, ++progress_;
+          }
+        } while (progress_ != warp_before);
       }
-      if (progress_ == progress_before) throw std::runtime_error("emulated CTA deadlocked at a barrier");
+      if (progress_ == round_before) throw std::runtime_error("emulated CTA deadlocked at a barrier");
     }
   }
 
@@ -119,9 +135,23 @@ struct EmulatedWarp {
   FiberCta* cta;
   int tid;
   WorkCounters counted{};
+  std::vector<std::pair<uint16_t*, const uint16_t*>> pending;  // this thread's copies in flight
 
   int thread() const { return tid; }
   void sync() { cta->cta_barrier(); }
+  // cp.async as late as PTX allows: the 16 bytes land at this thread's wait, and the destination reads as NaN
+  // (0xffff in bf16 and fp16) from the copy's start until then, so a read the kernel did not wait and synchronise
+  // for, or a copy started while another warp still reads the old tile, changes the result.
+  void copy_async_16(uint16_t* shared, const uint16_t* global) {
+    if (reinterpret_cast<uintptr_t>(shared) % 16 != 0 || reinterpret_cast<uintptr_t>(global) % 16 != 0)
+      ADD_FAILURE() << "cp.async address not 16-byte aligned";
+    std::memset(shared, 0xff, 16);
+    pending.push_back({shared, global});
+  }
+  void copy_async_wait_all() {
+    for (const auto& [shared, global] : pending) std::memcpy(shared, global, 16);
+    pending.clear();
+  }
   float shfl_xor(float v, int lane_mask) {
     const int w = tid / 32, lane = tid % 32;
     cta->shfl[w][lane] = v;
