@@ -2,13 +2,21 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
 
-#include <chrono>
-#include <filesystem>
-#include <iostream>
-#include <thread>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+#include "harness/cli/stop_signals.h"
 #include "harness/cli/usage_error.h"
 #include "harness/cp/launcher.h"
 #include "harness/io/error_text.h"
@@ -38,6 +46,30 @@ ReportOutputs ReportOutputs::resolved() const {
 
 namespace {
 
+// Runs argv (searched on PATH) and returns its exit status (127: it could not start, 128 + N: killed by signal N).
+// The child dies with this process (PR_SET_PDEATHSIG), so a run that is killed leaves no renderer behind writing
+// a page after it.
+int run_child(std::vector<std::string> argv) {
+  std::vector<char*> args;
+  for (auto& s : argv) args.push_back(s.data());
+  args.push_back(nullptr);
+  std::cout.flush();
+  std::cerr.flush();
+  const pid_t parent = ::getpid();
+  const pid_t pid = ::fork();
+  if (pid < 0) return 127;
+  if (pid == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(127);
+    ::execvp(args[0], args.data());
+    ::_exit(127);
+  }
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
 // The HTML page of report.json at `json_path` (reports/render_html.py under Debian's /usr/bin/python3 with its matplotlib; CPHARNESS_RENDERER
 // names another copy of the script). False, with the renderer's one-line reason on stderr, when it failed.
 bool render_html(const std::string& json_path, const std::string& html_path) {
@@ -48,15 +80,10 @@ bool render_html(const std::string& json_path, const std::string& html_path) {
               << " is missing (set CPHARNESS_RENDERER to reports/render_html.py)\n";
     return false;
   }
-  auto quote = [](const std::string& s) {
-    std::string q = "'";
-    for (char ch : s) q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
-    return q + "'";
-  };
   // Debian's interpreter (its matplotlib) where there is one; CPHARNESS_PYTHON names another (a GPU image's venv).
   const char* py_env = std::getenv("CPHARNESS_PYTHON");
   const std::string python = py_env && *py_env ? py_env : std::filesystem::exists("/usr/bin/python3") ? "/usr/bin/python3" : "python3";
-  const int status = std::system((quote(python) + " " + quote(script) + " " + quote(json_path) + " -o " + quote(html_path)).c_str());
+  const int status = run_child({python, script, json_path, "-o", html_path});
   if (status != 0) std::cerr << "cpharness: " << html_path << " not written (the renderer's reason is above)\n";
   return status == 0;
 }
@@ -118,6 +145,25 @@ void write_error_report(const ReportOutputs& outputs, const std::string& comm, c
   } catch (const std::exception& e) {
     std::cerr << "cpharness: could not write the error report: " << e.what() << "\n";
   }
+}
+
+// What a stop signal leaves from here on (stop_signals.h): the error report in every report file asked for
+// (rendered now, the handler cannot), no page of another run.
+void end_cleanly_on_stop(const std::string& verb, const ReportOutputs& outputs, const std::string& comm) {
+  const auto o = outputs.resolved();
+  StopReportFile json{o.report_path, {}}, xml{o.junit_path, {}};
+  for (int i = 0; i < 3; ++i) {
+    auto r = report::new_report("cpu", comm);
+    r.error = fmt::format("{} stopped: received {} before it finished", verb, stop_signal_name(i));
+    json.contents[i] = report::to_json(r).dump(2) + "\n";
+    xml.contents[i] = report::to_junit_xml(r);
+  }
+  std::vector<StopReportFile> files;
+  if (!o.report_path.empty()) files.push_back(json);
+  if (!o.junit_path.empty()) files.push_back(xml);
+  std::vector<std::string> stale;
+  if (!o.html_path.empty()) stale.push_back(o.html_path);
+  end_on_stop_signals(verb, std::move(files), std::move(stale));
 }
 
 // Bad input found before any case ran: exit 2 with an error report.
@@ -185,6 +231,16 @@ std::optional<runner::Fault> fault_from_env() {
   }
 }
 
+// True when `path` holds a report with status error written at or after `since`.
+bool is_error_report_written_since(const std::string& path, std::filesystem::file_time_type since) {
+  std::error_code ec;
+  const auto when = std::filesystem::last_write_time(path, ec);
+  if (ec || when < since) return false;
+  std::ifstream in(path);
+  const auto doc = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  return doc.is_object() && doc.value("status", std::string()) == "error";
+}
+
 // --comm mpi outside a launcher: run this command again under mpirun with N ranks. When the job dies without
 // rank 0 having written its report (a rank crashed and mpirun stopped the rest), write the error report here.
 int launch_mpi_job(const RunArgs& a) {
@@ -206,9 +262,14 @@ int launch_mpi_job(const RunArgs& a) {
     return 2;
   }
   if (result.exit_code == 0 || result.exit_code == 1 || result.exit_code == 3) return result.exit_code;
-  const bool fresh = !outputs.report_path.empty() && std::filesystem::exists(outputs.report_path) &&
-                     std::filesystem::last_write_time(outputs.report_path) >= started;
-  if (!fresh && !outputs.report_path.empty()) write_error_report(a.outputs, a.comm, "the rank job failed: " + result.message);
+  // Exit 2 and the report must agree: rank 0's own error report (written during this job: it has the details) is
+  // kept; anything else there (a pass rank 0 wrote before a rank died or hung in shutdown, another run's report
+  // in the same directory, an older one) is replaced by the launcher's error report.
+  if (!outputs.report_path.empty() && !is_error_report_written_since(outputs.report_path, started)) {
+    std::string why = result.message;
+    if (why.rfind("cpharness: ", 0) == 0) why.erase(0, std::string("cpharness: ").size());
+    write_error_report(a.outputs, a.comm, "the rank job failed: " + why);
+  }
   return 2;
 }
 
@@ -218,14 +279,21 @@ int run_verb_checked(const RunArgs& a);
 
 int run_verb(const RunArgs& a) {
   const auto env = cp::detect_launch_env();
+  if (env.source == cp::LaunchEnv::Source::Mpirun) cp::end_with_parent(env.rank);
   if (!env.launched() || env.rank == 0) check_outputs_writable(a.outputs, a.dump_dir);  // rank 0 writes them
+  if (!env.launched()) end_cleanly_on_stop("run", a.outputs, a.comm);
   try {
     return run_verb_checked(a);
   } catch (const UsageError&) {
     throw;
   } catch (const std::exception& e) {
-    // Whatever went wrong, the report asked for says so (one line, no backtrace) and the exit code is 2.
-    return input_error_report(a.outputs, a.comm, "internal error: " + io::one_line(e));
+    // Whatever went wrong, the report asked for says so (one line, no backtrace) and the exit code is 2. In a rank
+    // job only rank 0 writes it (another rank's would overwrite the real cause), and the rank ends the job at once
+    // instead of leaving its peers to time out in the verdict's broadcast and MPI's shutdown.
+    const std::string why = "internal error: " + io::one_line(e);
+    if (!env.launched()) return input_error_report(a.outputs, a.comm, why);
+    if (env.rank == 0) input_error_report(a.outputs, a.comm, why);
+    cp::fail_rank(nullptr, env.rank, why);
   }
 }
 
@@ -277,11 +345,14 @@ int run_verb_checked(const RunArgs& a) {
   // One rank exiting non-zero ends the job: every rank leaves with rank 0's verdict.
   auto verdict = torch::tensor({int64_t(code)}, torch::kInt64);
   world->broadcast(verdict, 0);
+  const auto& fault = options.run.fault;
+  if (fault && fault->at_exit && fault->rank == world->rank()) runner::inject_fault(*fault);
   return int(verdict.item<int64_t>());
 }
 
 int selftest_verb(const SelftestArgs& a) {
   check_outputs_writable(a.outputs);
+  end_cleanly_on_stop("selftest", a.outputs, "local");
   runner::SuiteOptions options;
   options.timeout = millis(a.timeout_s);
   return finish(a.outputs, runner::run_selftest(options, a.only));
@@ -293,6 +364,7 @@ int golden_record_verb(const std::string& case_path, const std::string& out_path
   const auto c = train::load_case(case_path);
   if (!c.requires_features.empty())
     throw io::InputError(case_path, "requires", "cannot record a golden here: requires " + c.requires_features.front());
+  end_on_stop_signals("golden record", {}, {});  // (its temp file removed, the old golden untouched)
   report::write_run_dump(out_path, runner::reference_dump(c, report::kKindGolden));
   std::cerr << fmt::format("recorded {} ({}, {} steps) -> {}\n", c.id, train::to_string(c.dtype), c.steps, out_path);
   return 0;
@@ -300,6 +372,7 @@ int golden_record_verb(const std::string& case_path, const std::string& out_path
 
 int golden_verify_verb(const std::string& case_path, const std::string& golden_path, const ReportOutputs& outputs) {
   check_outputs_writable(outputs);
+  end_cleanly_on_stop("golden verify", outputs, "local");
   return finish(outputs, runner::run_golden_verify(case_path, golden_path));
 }
 
@@ -326,6 +399,7 @@ int compare_verb(const CompareArgs& a) {
 
 int hf_parity_verb(const runner::HfParityOptions& options, const ReportOutputs& outputs) {
   check_outputs_writable(outputs);
+  end_cleanly_on_stop("hf-parity", outputs, "local");
   try {
     runner::hf_golden_files(options.paths);  // a missing path is bad input, before any golden runs
   } catch (const io::InputError& e) {

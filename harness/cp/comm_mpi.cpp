@@ -11,7 +11,10 @@
 
 #include <atomic>
 #include <climits>
+#include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <mutex>
 #include <thread>
 #endif
@@ -26,6 +29,42 @@ namespace {
 
 std::atomic<bool> g_mpi_failed{false};  // a CommError was raised: at exit, abort instead of a collective finalize
 bool g_we_initialized = false;
+std::chrono::milliseconds g_step_limit{120000};  // --timeout: MPI's startup and shutdown get as long as any wait
+
+// Runs `step`, an MPI call that waits for the other ranks and has no timeout of its own (MPI_Init_thread,
+// MPI_Finalize), under a watchdog: past `limit` the process ends with exit 2 and a line saying which step hung,
+// so a stopped peer or mpirun cannot hang this rank (and the job) for good.
+void bounded(const char* step, std::chrono::milliseconds limit, const std::function<void()>& fn) {
+  std::mutex m;
+  std::condition_variable cv;
+  bool done = false;
+  std::thread watchdog([&] {
+    std::unique_lock<std::mutex> lock(m);
+    if (cv.wait_for(lock, limit, [&] { return done; })) return;
+    const char* r = std::getenv("OMPI_COMM_WORLD_RANK");
+    std::fprintf(stderr,
+                 "cpharness: rank %s: %s did not complete within %.0f s: another rank or mpirun is stopped or "
+                 "unresponsive (exit 2)\n",
+                 r ? r : "?", step, limit.count() / 1000.0);
+    std::fflush(stderr);
+    std::_Exit(2);
+  });
+  auto finish = [&] {
+    {
+      std::lock_guard<std::mutex> lock(m);
+      done = true;
+    }
+    cv.notify_one();
+    watchdog.join();
+  };
+  try {
+    fn();
+  } catch (...) {
+    finish();
+    throw;
+  }
+  finish();
+}
 
 void finalize_at_exit() {
   int fin = 0;
@@ -34,18 +73,20 @@ void finalize_at_exit() {
   // MPI_Finalize synchronizes with the other ranks; after a comm failure they may be gone or stuck, so end the
   // job instead (mpirun then stops every rank, exit 2).
   if (g_mpi_failed.load()) MPI_Abort(MPI_COMM_WORLD, 2);
-  MPI_Finalize();
+  bounded("MPI shutdown (MPI_Finalize)", g_step_limit, [] { MPI_Finalize(); });
 }
 
-void ensure_mpi_initialized() {
+void ensure_mpi_initialized(std::chrono::milliseconds limit) {
   static std::once_flag once;
-  std::call_once(once, [] {
+  std::call_once(once, [limit] {
+    g_step_limit = limit;
     int init = 0;
     MPI_Initialized(&init);
     if (init) return;
-    int provided = 0;
-    if (MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided) != MPI_SUCCESS)
-      throw CommError("mpi: MPI_Init_thread failed", "init");
+    int provided = 0, rc = MPI_SUCCESS;
+    bounded("MPI startup (MPI_Init_thread)", limit,
+            [&] { rc = MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided); });
+    if (rc != MPI_SUCCESS) throw CommError("mpi: MPI_Init_thread failed", "init");
     g_we_initialized = true;
     std::atexit(finalize_at_exit);
   });
@@ -63,7 +104,7 @@ constexpr int64_t kMaxMessageBytes = INT_MAX / 2;  // larger tensors travel as s
 class MpiComm final : public Comm {
  public:
   explicit MpiComm(std::chrono::milliseconds timeout) : Comm(timeout) {
-    ensure_mpi_initialized();
+    ensure_mpi_initialized(timeout);
     check(MPI_Comm_dup(MPI_COMM_WORLD, &comm_), CommOp::Barrier, -1, "MPI_Comm_dup");
     MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
     MPI_Comm_rank(comm_, &rank_);

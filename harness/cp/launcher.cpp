@@ -6,6 +6,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -179,10 +180,15 @@ pid_t spawn_job(std::vector<std::string> cmd, std::vector<std::string> env, int&
   std::cout.flush();
   std::cerr.flush();
   std::fflush(nullptr);
+  const pid_t launcher = ::getpid();
   const pid_t pid = ::fork();
   if (pid < 0) throw std::runtime_error("launcher: fork() failed");
   if (pid == 0) {
     ::setpgid(0, 0);
+    // The launcher killed outright (SIGKILL, OOM) cannot end the job itself: mpirun gets SIGTERM then and stops
+    // its ranks (which also watch their parent: end_with_parent), instead of running on unowned.
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (::getppid() != launcher) ::_exit(127);  // it died before the line above
     ::dup2(pipefd[1], 2);
     ::close(pipefd[0]);
     ::close(pipefd[1]);
@@ -386,6 +392,20 @@ std::vector<uint8_t> store_rendezvous(const LaunchEnv& env, const std::string& k
     if (const auto nl = w.find('\n'); nl != std::string::npos) w.resize(nl);  // drop c10's backtrace
     throw CommError(where + w, "rendezvous", env.rank, env.rank == 0 ? -1 : 0);
   }
+}
+
+void end_with_parent(int rank) {
+  const pid_t parent = ::getppid();
+  std::thread([parent, rank] {
+    for (;;) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      if (::getppid() == parent) continue;
+      const std::string line = "cpharness: rank " + std::to_string(rank) + ": mpirun (pid " + std::to_string(parent) +
+                               ") is gone: ending this rank (exit 2)\n";
+      (void)!::write(2, line.data(), line.size());
+      std::_Exit(2);
+    }
+  }).detach();
 }
 
 [[noreturn]] void fail_rank(Comm* comm, int rank, const std::string& what) {

@@ -86,6 +86,10 @@ std::string self_exe();
 
 // Prints "cpharness: rank R: <what>" to stderr and ends the job with exit 2: through comm->terminate_job when a
 // process backend is given (MPI_Abort makes mpirun stop every rank), else std::_Exit(2).
+// A rank started by mpirun ends itself (exit 2, one line) within a second of mpirun dying, so that a launcher or
+// mpirun killed outright leaves no rank training on unowned (a thread that watches the parent process).
+void end_with_parent(int rank);
+
 [[noreturn]] void fail_rank(Comm* comm, int rank, const std::string& what);
 
 // Runs body() and returns its exit code; any exception -> fail_rank(comm, rank, what) (exit 2 for the whole job).

@@ -15,18 +15,52 @@
 
 namespace cpharness::io::detail {
 
-// A fresh temp path in the same directory as `path` (same file system, so rename is atomic).
+// The temp files this process is writing, so that a stop signal's handler can remove them (remove_temp_files:
+// async-signal-safe, fixed slots, no allocation). A path too long for a slot, or more than kSlots at once, is
+// simply not tracked.
+struct TempFiles {
+  static constexpr int kSlots = 32;
+  static constexpr size_t kPathMax = 4096;
+  std::atomic<bool> used[kSlots] = {};
+  char path[kSlots][kPathMax] = {};
+};
+inline TempFiles g_temp_files;
+
+inline void track_temp_file(const std::string& p) {
+  if (p.size() >= TempFiles::kPathMax) return;
+  for (int i = 0; i < TempFiles::kSlots; ++i) {
+    bool expected = false;
+    if (g_temp_files.used[i].load() || !g_temp_files.used[i].compare_exchange_strong(expected, true)) continue;
+    std::memcpy(g_temp_files.path[i], p.c_str(), p.size() + 1);
+    return;
+  }
+}
+inline void untrack_temp_file(const std::string& p) {
+  for (int i = 0; i < TempFiles::kSlots; ++i)
+    if (g_temp_files.used[i].load() && p == g_temp_files.path[i]) g_temp_files.used[i] = false;
+}
+// For a signal handler: unlinks every tracked temp file.
+inline void remove_temp_files() {
+  for (int i = 0; i < TempFiles::kSlots; ++i)
+    if (g_temp_files.used[i].load()) ::unlink(g_temp_files.path[i]);
+}
+
+// A fresh temp path in the same directory as `path` (same file system, so rename is atomic), tracked until it is
+// committed or removed.
 inline std::string temp_path_for(const std::string& path) {
   static std::atomic<unsigned long> counter{0};
   const auto ticks = static_cast<unsigned long>(std::chrono::steady_clock::now().time_since_epoch().count());
-  return path + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(counter++) + "-" +
-         std::to_string(ticks % 1000000007UL);
+  std::string tmp = path + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(counter++) + "-" +
+                    std::to_string(ticks % 1000000007UL);
+  track_temp_file(tmp);
+  return tmp;
 }
 
 // Renames tmp over path; on failure removes tmp and throws InputError naming path.
 inline void commit_temp_file(const std::string& tmp, const std::string& path) {
   std::error_code ec;
   std::filesystem::rename(tmp, path, ec);
+  untrack_temp_file(tmp);
   if (ec) {
     std::error_code ignored;
     std::filesystem::remove(tmp, ignored);
@@ -37,6 +71,7 @@ inline void commit_temp_file(const std::string& tmp, const std::string& path) {
 inline void remove_quietly(const std::string& path) {
   std::error_code ignored;
   std::filesystem::remove(path, ignored);
+  untrack_temp_file(path);
 }
 
 }  // namespace cpharness::io::detail

@@ -70,7 +70,7 @@ void inject_fault(const Fault& fault) {
 }
 
 Fault parse_fault(const std::string& spec) {
-  // KIND@RANK[:STEP], e.g. crash@1 or hang@0:1
+  // KIND@RANK[:STEP|:exit], e.g. crash@1, hang@0:1 or stop@1:exit
   const auto at = spec.find('@');
   if (at == std::string::npos) throw std::invalid_argument("expected KIND@RANK[:STEP], got '" + spec + "'");
   Fault f;
@@ -86,12 +86,14 @@ Fault parse_fault(const std::string& spec) {
     size_t used = 0;
     f.rank = std::stoi(rest.substr(0, colon), &used);
     if (used != rest.substr(0, colon).size() || f.rank < 0) throw std::invalid_argument(rest);
-    if (colon != std::string::npos) {
+    if (colon != std::string::npos && rest.substr(colon + 1) == "exit") {
+      f.at_exit = true;
+    } else if (colon != std::string::npos) {
       f.step = std::stoll(rest.substr(colon + 1), &used);
       if (used != rest.size() - colon - 1 || f.step < 0) throw std::invalid_argument(rest);
     }
   } catch (const std::logic_error&) {
-    throw std::invalid_argument("expected KIND@RANK[:STEP] with non-negative integers, got '" + spec + "'");
+    throw std::invalid_argument("expected KIND@RANK[:STEP|:exit] with non-negative integers, got '" + spec + "'");
   }
   return f;
 }
@@ -251,8 +253,7 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
   cp::CpTrainer trainer(comm, m, c.optimizer, options.ring, step_options);
   for (int64_t step = 0; step < c.steps; ++step) {
     if (options.fault && (options.fault->kind == Fault::Kind::kCrash || options.fault->kind == Fault::Kind::kHang) &&
-        options.fault->rank == rec.rank &&
-        options.fault->step == step)
+        options.fault->rank == rec.rank && !options.fault->at_exit && options.fault->step == step)
       inject_fault(*options.fault);
     std::vector<train::Batch> batch;
     for (auto& micro : train::micro_batches_for_step(c, step)) batch.push_back(train::to_device(micro, options.device));

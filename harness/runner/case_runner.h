@@ -41,9 +41,11 @@ struct Fault {
   Kind kind = Kind::kCrash;
   int rank = 0;
   int64_t step = 0;  // before this optimizer step's forward
+  bool at_exit = false;  // KIND@RANK:exit: once the ranks agree on the verdict, before MPI's shutdown
 };
-Fault parse_fault(const std::string& spec);  // KIND@RANK[:STEP]; std::invalid_argument when malformed
-// stop@0 and throw@0 act on rank 0 before its cp 1 reference; crash and hang before a candidate step.
+Fault parse_fault(const std::string& spec);  // KIND@RANK[:STEP|:exit]; std::invalid_argument when malformed
+// stop@0 and throw@0 act on rank 0 before its cp 1 reference; crash and hang before a candidate step; any kind
+// with :exit at the very end of the rank's run (`run` acts on it, every step-based point ignores it).
 [[noreturn]] void inject_fault(const Fault& fault);
 
 struct RunOptions {

@@ -433,7 +433,8 @@ report::CaseReport run_case(const train::Case& c, const SuiteOptions& options) {
   const auto run_options = run_options_of(c, options);
   CaseRuns runs;
   const auto& fault = options.run.fault;  // rank 0 stops, or throws, during its cp 1 work (fault injection)
-  const bool reference_fault = fault && fault->rank == 0 && (fault->kind == Fault::Kind::kStop || fault->kind == Fault::Kind::kThrow);
+  const bool reference_fault = fault && fault->rank == 0 && !fault->at_exit &&
+                               (fault->kind == Fault::Kind::kStop || fault->kind == Fault::Kind::kThrow);
   if (root) guarded(rep, [&] {
     if (reference_fault) inject_fault(*fault);
     run_reference_phase(c, cps, run_options, options, rep, runs);

@@ -531,7 +531,83 @@ TEST_F(CliTest, MpiRunWithAFailingRankIsExit2WithAnErrorReportNamingIt) {
       for (auto& k : j["cases"]) EXPECT_TRUE(k["checks"].empty()) << "no partial result next to the error";
     }
 }
+
+// A rank frozen once the verdict is agreed (stop@1:exit) leaves rank 0 in MPI's shutdown, which has no timeout of
+// its own: the shutdown is bounded by --timeout, and the pass rank 0 had already written does not survive the
+// exit 2 (exit code and report agree).
+TEST_F(CliTest, ARankFrozenInMpiShutdownEndsTheJobAndThePassReportDoesNotSurviveIt) {
+  auto c = write("g.json", kGoodCase);
+  const auto out = dir_ / "frozen-at-exit";
+  const auto start = std::chrono::steady_clock::now();
+  auto r = run_cli("run " + c + " --comm mpi --nproc 2 --timeout 8 --out " + out.string(),
+                   "CPHARNESS_INJECT_FAULT=stop@1:exit");
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(90)) << r.output;
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("MPI shutdown"), std::string::npos) << r.output;
+  const auto j = read_json(out / "report.json");
+  EXPECT_EQ(j["status"], "error") << j.dump(2);
+  EXPECT_EQ(processes_left(out.string(), std::chrono::seconds(10)), 0);
+}
+
+// A report another run writes into the same place while this job runs is not taken for this job's: the job's
+// exit 2 leaves its own error report there.
+TEST_F(CliTest, AFailedJobNeverLeavesAnotherRunsPassReportInItsPlace) {
+  auto c = write("g.json", kGoodCase);
+  const auto report = dir_ / "shared-report.json";
+  const std::string pass_text = R"({"status": "pass", "note": "written by another run"})";
+  write("other-pass.json", pass_text);
+  const std::string cmd = "CPHARNESS_INJECT_FAULT=crash@1 " + std::string(CPHARNESS_BINARY) + " run " + c +
+                          " --comm mpi --nproc 2 --timeout 20 --report " + report.string();
+  auto r = cpharness::testing::run_command("sh -c '" + cmd + " & pid=$!; sleep 0.5; cp " +
+                                           (dir_ / "other-pass.json").string() + " " + report.string() +
+                                           "; wait $pid; echo EXIT=$?'");
+  EXPECT_NE(r.output.find("EXIT=2"), std::string::npos) << r.output;
+  const auto j = read_json(report);
+  EXPECT_EQ(j["status"], "error") << j.dump(2);
+  EXPECT_FALSE(j.contains("note")) << j.dump(2);
+}
+
+// The launching process killed outright (SIGKILL: no handler runs) takes mpirun and the ranks with it.
+TEST_F(CliTest, KillingTheLauncherOutrightLeavesNoRankRunning) {
+  auto c = write("g.json", kGoodCase);
+  const auto report = dir_ / "orphan-report.json";
+  const std::string cmd = "CPHARNESS_INJECT_FAULT=hang@1:0 " + std::string(CPHARNESS_BINARY) + " run " + c +
+                          " --comm mpi --nproc 2 --timeout 120 --report " + report.string();
+  auto r = cpharness::testing::run_command("sh -c '" + cmd + " & pid=$!; sleep 6; kill -KILL $pid; wait $pid; echo EXIT=$?'");
+  EXPECT_NE(r.output.find("EXIT=137"), std::string::npos) << r.output;
+  EXPECT_EQ(processes_left(report.string(), std::chrono::seconds(10)), 0);
+}
 #endif
+
+// A local run stopped by SIGTERM or SIGINT (CI cancelling the job, Ctrl-C): exit 2, the error report naming the
+// signal in place of the reports (an older run's included), no page of the older run, no temp file.
+TEST_F(CliTest, ASignalStoppingALocalRunLeavesTheErrorReportNotAnOlderOne) {
+  auto c = write("g.json", kGoodCase);
+  for (const std::string sig : {"TERM", "INT"}) {
+    SCOPED_TRACE(sig);
+    const auto out = dir_ / ("out-" + sig);
+    fs::create_directories(out);
+    std::ofstream(out / "report.json") << R"({"status": "pass", "note": "an older run"})";
+    std::ofstream(out / "report.xml") << "<testsuites/>";
+    std::ofstream(out / "report.html") << "<html>an older run</html>";
+    // rank 1 hangs before step 0, so the run is still going when the signal comes.
+    const std::string cmd = "CPHARNESS_INJECT_FAULT=hang@1:0 " + std::string(CPHARNESS_BINARY) + " run " + c +
+                            " --cp 2 --timeout 120 --out " + out.string();
+    auto r = cpharness::testing::run_command("sh -c '" + cmd + " & pid=$!; sleep 4; kill -" + sig +
+                                             " $pid; wait $pid; echo EXIT=$?'");
+    EXPECT_NE(r.output.find("EXIT=2"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("SIG" + sig), std::string::npos) << r.output;
+    const auto j = read_json(out / "report.json");
+    EXPECT_EQ(j["status"], "error") << j.dump(2);
+    EXPECT_NE(j["error"].get<std::string>().find("SIG" + sig), std::string::npos) << j.dump(2);
+    std::ifstream xml(out / "report.xml");
+    const std::string xml_text((std::istreambuf_iterator<char>(xml)), std::istreambuf_iterator<char>());
+    EXPECT_NE(xml_text.find("SIG" + sig), std::string::npos) << xml_text;
+    EXPECT_FALSE(fs::exists(out / "report.html"));
+    for (const auto& e : fs::directory_iterator(out))
+      EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
+  }
+}
 
 }  // namespace
 

@@ -6,6 +6,7 @@
 
 #include <hdf5.h>
 
+#include "harness/io/atomic_file.h"
 #include "harness/io/hdf5_tensors.h"
 #include "harness/tests/io_test_util.h"
 
@@ -152,6 +153,19 @@ TEST(IoHdf5, AtomicWriteReplacesAndAbandonedWriterLeavesNothing) {
   EXPECT_EQ(dir.entries(), std::vector<std::string>{"atomic.h5"});
   write_hdf5(path, {{"new", torch::zeros({2})}});
   EXPECT_EQ(list_hdf5_datasets(path), std::vector<std::string>{"new"});
+}
+
+// What a stop signal's handler removes (io::detail::remove_temp_files): the temp file of a write in progress, and
+// never a file already committed or a temp file already gone.
+TEST(IoHdf5, AWriteInProgressIsTrackedForAStopSignalAndCommittedFilesAreNot) {
+  TempDir dir;
+  const std::string done = dir.file("done.h5"), busy = dir.file("busy.h5");
+  write_hdf5(done, {{"a", torch::ones({2})}});
+  Hdf5Writer w(busy);
+  w.write("a", torch::ones({2}));
+  ASSERT_EQ(dir.entries().size(), 2u);  // done.h5 and busy.h5's temp file
+  cpharness::io::detail::remove_temp_files();
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"done.h5"});
 }
 
 TEST(IoHdf5, SameContentGivesSameBytes) {

@@ -1,0 +1,82 @@
+#include "harness/cli/stop_signals.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "harness/io/atomic_file.h"
+
+namespace cpharness::cli {
+namespace {
+
+constexpr int kSignals[3] = {SIGTERM, SIGINT, SIGHUP};
+
+struct Prepared {
+  std::vector<StopReportFile> reports;
+  std::vector<std::string> temps;  // one per report: where its contents are written before the rename
+  std::vector<std::string> stale;
+  std::string lines[3];
+};
+Prepared* g_prepared = nullptr;
+
+void write_all(int fd, const std::string& s) {
+  const char* p = s.data();
+  size_t left = s.size();
+  while (left > 0) {
+    const ssize_t n = ::write(fd, p, left);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return;
+    p += n;
+    left -= size_t(n);
+  }
+}
+
+void on_stop_signal_in_verb(int sig) {
+  int i = 0;
+  while (i < 2 && kSignals[i] != sig) ++i;
+  const Prepared& p = *g_prepared;
+  write_all(2, p.lines[i]);
+  io::detail::remove_temp_files();
+  for (size_t f = 0; f < p.reports.size(); ++f) {
+    const int fd = ::open(p.temps[f].c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) continue;
+    write_all(fd, p.reports[f].contents[i]);
+    ::close(fd);
+    if (::rename(p.temps[f].c_str(), p.reports[f].path.c_str()) != 0) ::unlink(p.temps[f].c_str());
+  }
+  for (const auto& s : p.stale) ::unlink(s.c_str());
+  ::_exit(2);
+}
+
+}  // namespace
+
+const char* stop_signal_name(int index) {
+  static const char* const kNames[3] = {"SIGTERM", "SIGINT", "SIGHUP"};
+  return kNames[index];
+}
+
+void end_on_stop_signals(const std::string& verb, std::vector<StopReportFile> reports, std::vector<std::string> stale) {
+  auto* p = new Prepared;  // never freed: a handler may run until the process ends
+  for (const auto& r : reports) p->temps.push_back(r.path + ".tmp-stop-" + std::to_string(::getpid()));
+  p->reports = std::move(reports);
+  p->stale = std::move(stale);
+  for (int i = 0; i < 3; ++i)
+    p->lines[i] = "cpharness: " + verb + " stopped: received " + stop_signal_name(i) +
+                  (p->reports.empty() ? "" : "; the error report replaces the reports") + " (exit 2)\n";
+  // Blocked while the pointer changes hands, so a handler never sees half of it.
+  sigset_t block, old;
+  sigemptyset(&block);
+  for (int s : kSignals) sigaddset(&block, s);
+  ::pthread_sigmask(SIG_BLOCK, &block, &old);
+  g_prepared = p;
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal_in_verb;
+  sigemptyset(&sa.sa_mask);
+  for (int s : kSignals) sigaddset(&sa.sa_mask, s);  // one stop at a time
+  for (int s : kSignals) ::sigaction(s, &sa, nullptr);
+  ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+}
+
+}  // namespace cpharness::cli
