@@ -2,6 +2,7 @@
 // (a 10 MB key in a bad file is echoed as its first 300 characters and a count of the rest).
 #pragma once
 #include <c10/util/Exception.h>
+#include <nlohmann/json.hpp>
 
 #include <exception>
 #include <string>
@@ -20,6 +21,16 @@ inline std::string one_line(const std::exception& e) {
   const auto eol = text.find('\n');
   if (eol != std::string::npos) text.resize(eol);
   return clip(text);
+}
+
+// A JSON value from an input file, for an error message: scalars as written (clipped), arrays and objects by kind
+// and size only. Never dump(): it recurses once per nesting level, and a hostile file nested 100000 deep would
+// overflow the stack.
+template <class Json>
+std::string describe_json(const Json& v) {
+  if (v.is_array()) return "an array of " + std::to_string(v.size()) + " elements";
+  if (v.is_object()) return "an object of " + std::to_string(v.size()) + " keys";
+  return clip(v.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
 }
 
 }  // namespace cpharness::io

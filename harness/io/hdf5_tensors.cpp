@@ -12,6 +12,7 @@
 #include <hdf5.h>
 
 #include "harness/io/atomic_file.h"
+#include "harness/io/error_text.h"
 #include "harness/io/input_error.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "HDF5 tensor IO assumes a little-endian host");
@@ -437,6 +438,8 @@ Hdf5Reader::Hdf5Reader(std::string path) : path_(std::move(path)), impl_(std::ma
   std::error_code ec;
   if (!fs::exists(path_, ec)) throw InputError(path_, "", "no such file");
   if (fs::is_directory(path_, ec)) throw InputError(path_, "", "is a directory, expected an HDF5 file");
+  if (!fs::is_regular_file(path_, ec))  // a FIFO or device would block the read, or never end
+    throw InputError(path_, "", "is not a regular file, expected an HDF5 file");
   const htri_t is = H5Fis_hdf5(path_.c_str());
   if (is <= 0) {
     if (is < 0) h5_fail(path_, "", "cannot read file");
@@ -541,6 +544,28 @@ Opened open_dataset(const std::string& file, hid_t fid, const std::string& name)
 
 }  // namespace
 
+namespace {
+
+constexpr int kMaxGroupDepth = 16;
+
+// numel x element size of `shape`; UINT64_MAX when it overflows.
+uint64_t declared_bytes(const std::vector<int64_t>& shape, size_t element) {
+  unsigned __int128 n = element;
+  for (const int64_t d : shape) {
+    n *= static_cast<uint64_t>(d < 0 ? 0 : d);
+    if (n > UINT64_MAX / 2) return UINT64_MAX;
+  }
+  return static_cast<uint64_t>(n);
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+}  // namespace
+
 std::vector<std::string> Hdf5Reader::list_datasets(const std::string& group) const {
   H5Guard guard;
   const std::string norm = normalize(path_, group, true);
@@ -553,21 +578,34 @@ std::vector<std::string> Hdf5Reader::list_datasets(const std::string& group) con
   struct Ctx {
     std::vector<std::string> names;
     std::string prefix;
-  } ctx{{}, norm.empty() ? "" : norm + "/"};
-  // Generic lambda: matches both the 1.10 (H5L_info_t) and 1.12+ (H5L_info2_t) callback signatures.
+    std::string bad_name, bad_reason;  // why the walk stopped, for the error
+  } ctx{{}, norm.empty() ? "" : norm + "/", {}, {}};
+  // Generic lambda: matches both the 1.10 (H5L_info_t) and 1.12+ (H5L_info2_t) callback signatures. A tensor file
+  // holds groups and datasets only: a soft or external link (an alias, or data in another file) is refused rather
+  // than skipped, and so is nesting far deeper than any layout uses (a walk over it costs time quadratic in depth).
   const herr_t r = H5Lvisit(
       g.get(), H5_INDEX_NAME, H5_ITER_INC,
       [](hid_t gid, const char* name, const auto* info, void* data) -> herr_t {
-        if (info->type != H5L_TYPE_HARD) return 0;
+        auto* c = static_cast<Ctx*>(data);
+        if (info->type != H5L_TYPE_HARD) {
+          c->bad_name = c->prefix + name;
+          c->bad_reason = info->type == H5L_TYPE_SOFT ? "is a soft link; a tensor file holds only groups and datasets"
+                                                      : "is an external or user-defined link; a tensor file holds only "
+                                                        "groups and datasets";
+          return -1;
+        }
+        if (std::count(name, name + std::strlen(name), '/') >= kMaxGroupDepth) {
+          c->bad_name = c->prefix + name;
+          c->bad_reason = "groups nested more than " + std::to_string(kMaxGroupDepth) + " deep";
+          return -1;
+        }
         Hid obj(H5Oopen(gid, name, H5P_DEFAULT), H5Oclose);
         if (!obj.valid()) return -1;
-        if (H5Iget_type(obj.get()) == H5I_DATASET) {
-          auto* c = static_cast<Ctx*>(data);
-          c->names.push_back(c->prefix + name);
-        }
+        if (H5Iget_type(obj.get()) == H5I_DATASET) c->names.push_back(c->prefix + name);
         return 0;
       },
       &ctx);
+  if (!ctx.bad_reason.empty()) throw InputError(path_, ctx.bad_name, ctx.bad_reason);
   if (r < 0) h5_fail(path_, what, "cannot list group");
   std::sort(ctx.names.begin(), ctx.names.end());
   return ctx.names;
@@ -591,7 +629,20 @@ torch::Tensor Hdf5Reader::read(const std::string& name, std::optional<torch::Sca
     throw InputError(path_, name, std::string("stored dtype is ") + c10::toString(o.dtype) + ", expected " +
                                       c10::toString(*expected));
   }
-  torch::Tensor t = torch::empty(o.shape, torch::TensorOptions().dtype(o.dtype));
+  // A shape is checked against the bytes the file stores for it before anything is allocated: a header may
+  // declare terabytes over a file of kilobytes. DEFLATE, the strongest filter h5py offers, shrinks at most ~1032:1.
+  const uint64_t declared = declared_bytes(o.shape, c10::elementSize(o.dtype));
+  const uint64_t stored = H5Dget_storage_size(o.dset.get());
+  if (declared == UINT64_MAX || declared > 1032 * stored + (uint64_t(1) << 20))
+    throw InputError(path_, name, "declares shape " + shape_text(o.shape) + " (" +
+                                      (declared == UINT64_MAX ? std::string("more than 2^64") : std::to_string(declared)) +
+                                      " bytes) but the file stores " + std::to_string(stored) + " bytes for it");
+  torch::Tensor t;
+  try {
+    t = torch::empty(o.shape, torch::TensorOptions().dtype(o.dtype));
+  } catch (const c10::Error& e) {
+    throw InputError(path_, name, "cannot allocate shape " + shape_text(o.shape) + ": " + io::one_line(e));
+  }
   if (t.numel() > 0) {
     if (H5Dread(o.dset.get(), o.mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.data_ptr()) < 0) {
       h5_fail(path_, name, "cannot read dataset");

@@ -1,5 +1,7 @@
 #include "harness/io/safetensors.h"
 
+#include "harness/io/error_text.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -88,6 +90,7 @@ std::uint64_t file_size_or_throw(const std::string& path) {
   const auto status = fs::status(path, ec);
   if (ec || !fs::exists(status)) throw InputError(path, "", "no such file");
   if (fs::is_directory(status)) throw InputError(path, "", "is a directory, expected a .safetensors file");
+  if (!fs::is_regular_file(status)) throw InputError(path, "", "is not a regular file, expected a .safetensors file");
   const auto size = fs::file_size(path, ec);
   if (ec) throw InputError(path, "", "cannot determine file size: " + ec.message());
   return size;
@@ -114,7 +117,7 @@ void read_exact(std::ifstream& in, const std::string& path, const std::string& w
 std::uint64_t json_uint(const json& v, const std::string& path, const std::string& what, const std::string& field) {
   if (v.is_number_unsigned()) return v.get<std::uint64_t>();
   if (v.is_number_integer() && v.get<std::int64_t>() >= 0) return static_cast<std::uint64_t>(v.get<std::int64_t>());
-  throw InputError(path, what, field + " must hold non-negative integers, got " + v.dump());
+  throw InputError(path, what, field + " must hold non-negative integers, got " + describe_json(v));
 }
 
 // The 8-byte little-endian header length, checked against the file; the JSON header text after it.
@@ -163,11 +166,11 @@ json parse_header_json(const std::string& text, const std::string& path) {
 
 void read_metadata(const json& v, const std::string& path, Header& h) {
   if (v.is_null()) return;
-  if (!v.is_object()) throw InputError(path, kMetadataKey, "must be an object of strings, got " + v.dump());
+  if (!v.is_object()) throw InputError(path, kMetadataKey, "must be an object of strings, got " + describe_json(v));
   for (auto m = v.begin(); m != v.end(); ++m) {
     if (!m.value().is_string()) {
       throw InputError(path, std::string(kMetadataKey) + "." + m.key(),
-                       "metadata values must be strings, got " + m.value().dump());
+                       "metadata values must be strings, got " + describe_json(m.value()));
     }
     h.metadata[m.key()] = m.value().get<std::string>();
   }
@@ -176,16 +179,16 @@ void read_metadata(const json& v, const std::string& path, Header& h) {
 // One tensor entry: dtype, shape and data_offsets, whose span must match the shape's byte size and lie in the
 // data buffer.
 Entry read_entry(const std::string& name, const json& v, const std::string& path, std::uint64_t buffer_len) {
-  if (!v.is_object()) throw InputError(path, name, "tensor entry must be an object, got " + v.dump());
+  if (!v.is_object()) throw InputError(path, name, "tensor entry must be an object, got " + describe_json(v));
   for (const char* field : {"dtype", "shape", "data_offsets"}) {
     if (!v.contains(field)) throw InputError(path, name, std::string("tensor entry lacks \"") + field + "\"");
   }
   Entry e;
   e.name = name;
-  if (!v["dtype"].is_string()) throw InputError(path, name, "dtype must be a string, got " + v["dtype"].dump());
+  if (!v["dtype"].is_string()) throw InputError(path, name, "dtype must be a string, got " + describe_json(v["dtype"]));
   e.dtype_name = v["dtype"].get<std::string>();
   if (!dtype_from_name(e.dtype_name, &e.dtype)) throw InputError(path, name, "unknown dtype \"" + e.dtype_name + "\"");
-  if (!v["shape"].is_array()) throw InputError(path, name, "shape must be an array, got " + v["shape"].dump());
+  if (!v["shape"].is_array()) throw InputError(path, name, "shape must be an array, got " + describe_json(v["shape"]));
   std::uint64_t numel = 1;
   bool overflow = false;
   for (const auto& d : v["shape"]) {
@@ -196,7 +199,7 @@ Entry read_entry(const std::string& name, const json& v, const std::string& path
   }
   const auto& off = v["data_offsets"];
   if (!off.is_array() || off.size() != 2) {
-    throw InputError(path, name, "data_offsets must be [begin, end], got " + off.dump());
+    throw InputError(path, name, "data_offsets must be [begin, end], got " + describe_json(off));
   }
   e.begin = json_uint(off[0], path, name, "data_offsets");
   e.end = json_uint(off[1], path, name, "data_offsets");
@@ -257,36 +260,53 @@ Header parse_header(std::ifstream& in, const std::string& path, std::uint64_t fi
 }
 
 std::ifstream open_or_throw(const std::string& path) {
+  std::error_code ec;
+  if (fs::exists(path, ec) && !fs::is_regular_file(path, ec))  // a FIFO would block the read
+    throw InputError(path, "", "is not a regular file");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw InputError(path, "", std::string("cannot open: ") + std::strerror(errno));
   return in;
 }
 
-TensorMap read_index(const std::string& index_path) {
+// A sharded checkpoint's index: weight_map's entries by shard file (resolved beside the index). Strict as a single
+// file is: a name listed twice is an error (JSON parsers keep one silently), and read_index refuses a shard that
+// holds a tensor weight_map does not list (a single file's unknown tensor is refused too).
+std::map<std::string, std::vector<std::string>> read_weight_map(const std::string& index_path) {
   json doc;
   {
     std::ifstream in = open_or_throw(index_path);
+    std::string top_key, duplicate;
+    std::set<std::string> names;
+    const json::parser_callback_t watch_duplicates = [&](int depth, json::parse_event_t event, json& parsed) {
+      if (event != json::parse_event_t::key) return true;
+      if (depth == 1) top_key = parsed.get<std::string>();
+      else if (depth == 2 && top_key == "weight_map" && !names.insert(parsed.get<std::string>()).second &&
+               duplicate.empty())
+        duplicate = parsed.get<std::string>();
+      return true;
+    };
     try {
-      doc = json::parse(in);
+      doc = json::parse(in, watch_duplicates);
     } catch (const json::exception& e) {
       throw InputError(index_path, "index", std::string("malformed JSON: ") + e.what());
     }
+    if (!duplicate.empty()) throw InputError(index_path, "weight_map." + duplicate, "listed twice");
   }
   if (!doc.is_object() || !doc.contains("weight_map")) {
     throw InputError(index_path, "weight_map", "missing: not a safetensors index");
   }
   const json& wm = doc["weight_map"];
-  if (!wm.is_object()) throw InputError(index_path, "weight_map", "must be an object, got " + wm.dump());
+  if (!wm.is_object()) throw InputError(index_path, "weight_map", "must be an object, got " + describe_json(wm));
   if (wm.empty()) throw InputError(index_path, "weight_map", "is empty");
   std::map<std::string, std::vector<std::string>> by_shard;
   for (auto it = wm.begin(); it != wm.end(); ++it) {
     if (!it.value().is_string()) {
-      throw InputError(index_path, it.key(), "weight_map value must be a shard file name, got " + it.value().dump());
+      throw InputError(index_path, it.key(), "weight_map value must be a shard file name, got " + describe_json(it.value()));
     }
     by_shard[it.value().get<std::string>()].push_back(it.key());
   }
   const fs::path dir = fs::path(index_path).parent_path();
-  TensorMap out;
+  std::map<std::string, std::vector<std::string>> out;
   for (auto& [shard, names] : by_shard) {
     const std::string shard_path = (dir / shard).string();
     std::error_code ec;
@@ -295,15 +315,57 @@ TensorMap read_index(const std::string& index_path) {
                        "shard file \"" + shard_path + "\" (holding " + std::to_string(names.size()) +
                            " tensors of weight_map) does not exist");
     }
-    TensorMap shard_tensors = read_safetensors(shard_path);
+    out[shard_path] = names;
+  }
+  return out;
+}
+
+// Every tensor of a sharded checkpoint, as `read_shard` gives a shard's (a name -> T map).
+template <class Map, class ReadShard>
+Map read_index(const std::string& index_path, ReadShard read_shard) {
+  Map out;
+  for (auto& [shard_path, names] : read_weight_map(index_path)) {
+    auto shard = read_shard(shard_path);
+    const std::set<std::string> listed(names.begin(), names.end());
+    for (const auto& held : shard)
+      if (!listed.count(held.first))
+        throw InputError(index_path, held.first,
+                         "held by shard file \"" + shard_path + "\" but not listed for it in weight_map");
     for (const auto& name : names) {
-      auto found = shard_tensors.find(name);
-      if (found == shard_tensors.end()) {
+      auto found = shard.find(name);
+      if (found == shard.end()) {
         throw InputError(index_path, name, "listed in weight_map but absent from its shard file \"" + shard_path + "\"");
       }
       out.emplace(name, std::move(found->second));
     }
   }
+  return out;
+}
+
+// The checkpoint file `path` names: a .safetensors file, an index json, or a directory holding either.
+struct CheckpointFile {
+  std::string path;
+  bool is_index = false;
+};
+CheckpointFile checkpoint_file(const std::string& path) {
+  std::error_code ec;
+  const fs::path p(path);
+  if (!fs::exists(p, ec)) throw InputError(path, "", "no such file or directory");
+  if (fs::is_directory(p, ec)) {
+    const fs::path single = p / "model.safetensors";
+    const fs::path index = p / "model.safetensors.index.json";
+    if (fs::exists(single, ec)) return {single.string(), false};
+    if (fs::exists(index, ec)) return {index.string(), true};
+    throw InputError(path, "", "directory holds neither model.safetensors nor model.safetensors.index.json");
+  }
+  return {path, p.extension() == ".json"};
+}
+
+std::map<std::string, TensorInfo> read_infos(const std::string& path) {
+  const std::uint64_t size = file_size_or_throw(path);
+  std::ifstream in = open_or_throw(path);
+  std::map<std::string, TensorInfo> out;
+  for (const auto& e : parse_header(in, path, size).entries) out[e.name] = TensorInfo{e.dtype, e.shape};
   return out;
 }
 
@@ -347,18 +409,15 @@ StringMap read_safetensors_metadata(const std::string& path) {
 }
 
 TensorMap read_safetensors_checkpoint(const std::string& path) {
-  std::error_code ec;
-  const fs::path p(path);
-  if (!fs::exists(p, ec)) throw InputError(path, "", "no such file or directory");
-  if (fs::is_directory(p, ec)) {
-    const fs::path single = p / "model.safetensors";
-    const fs::path index = p / "model.safetensors.index.json";
-    if (fs::exists(single, ec)) return read_safetensors(single.string());
-    if (fs::exists(index, ec)) return read_index(index.string());
-    throw InputError(path, "", "directory holds neither model.safetensors nor model.safetensors.index.json");
-  }
-  if (p.extension() == ".json") return read_index(path);
-  return read_safetensors(path);
+  const auto file = checkpoint_file(path);
+  if (file.is_index) return read_index<TensorMap>(file.path, read_safetensors);
+  return read_safetensors(file.path);
+}
+
+CheckpointInfo read_safetensors_checkpoint_info(const std::string& path) {
+  const auto file = checkpoint_file(path);
+  if (file.is_index) return {file.path, read_index<std::map<std::string, TensorInfo>>(file.path, read_infos)};
+  return {file.path, read_infos(file.path)};
 }
 
 void write_safetensors(const std::string& path, const TensorMap& tensors, const StringMap& metadata) {

@@ -34,9 +34,22 @@ StringMap read_safetensors_metadata(const std::string& path);
 //   - a directory holding model.safetensors (preferred, as in transformers) or model.safetensors.index.json,
 //   - a sharded-checkpoint index json ({"metadata": ..., "weight_map": {tensor: shard file}}); shard files are
 //     resolved relative to the index's directory.
-// For a sharded checkpoint exactly the tensors of weight_map are returned; a missing shard file or a tensor that
-// its shard does not hold is an InputError naming the index, the tensor and the shard.
+// For a sharded checkpoint exactly the tensors of weight_map are returned; a missing shard file, a tensor that
+// its shard does not hold, a shard holding a tensor weight_map does not list for it, or a name listed twice is an
+// InputError naming the index, the tensor and the shard.
 TensorMap read_safetensors_checkpoint(const std::string& path);
+
+// What read_safetensors_checkpoint would return, from the headers alone (nothing allocated but the headers): the
+// dtype and shape of every tensor, and the file that lists them (the .safetensors file or the index json).
+struct TensorInfo {
+  torch::ScalarType dtype;
+  std::vector<std::int64_t> shape;
+};
+struct CheckpointInfo {
+  std::string file;
+  std::map<std::string, TensorInfo> tensors;
+};
+CheckpointInfo read_safetensors_checkpoint_info(const std::string& path);
 
 // Writes `tensors` (any device/layout; stored contiguous from CPU) with optional "__metadata__", byte-identical to
 // the Python reference's save_file: compact JSON with "__metadata__" first, tensors ordered by dtype (U64 I64 F64

@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -227,6 +228,19 @@ void apply_hf_keys(ModelConfig& c, const json& j, const std::string& source, con
          }
          layer_types_given = true;
        }},
+      // Keys that name the math itself: only Gemma4's is implemented, and a config naming another must not run as it.
+      {"model_type",
+       [&](const std::string& k) {
+         const auto v = read_field<std::string>(j, k, source, prefix);
+         if (v != "gemma4_text" && v != "gemma4")
+           throw InputError(source, prefix + k, "\"" + v.substr(0, 64) + "\" is not a Gemma4 text model (gemma4_text)");
+       }},
+      {"hidden_activation",
+       [&](const std::string& k) {
+         const auto v = read_field<std::string>(j, k, source, prefix);
+         if (v != "gelu_pytorch_tanh")
+           throw InputError(source, prefix + k, "\"" + v.substr(0, 64) + "\": Gemma4 uses gelu_pytorch_tanh, the only one implemented");
+       }},
       {"rope_parameters",
        [&](const std::string& k) {
          const json& v = j.at(k);
@@ -363,8 +377,21 @@ void ModelConfig::validate(const std::string& source, const std::string& key_pre
   if (!use_bidirectional_attention.empty() && use_bidirectional_attention != "vision")
     throw InputError(source, key("use_bidirectional_attention"), "only null or \"vision\" is supported, got \"" + use_bidirectional_attention.substr(0, 64) + "\"");
   if (!tie_word_embeddings) throw InputError(source, key("tie_word_embeddings"), "Gemma4 ties the LM head; false is not supported");
-  if (rope_full.partial_rotary_factor <= 0 || rope_full.partial_rotary_factor > 1)
-    throw InputError(source, key("rope_parameters.full_attention.partial_rotary_factor"), "must be in (0, 1]");
+  // Values that would make every run NaN (or silently something else) are bad input, not a training failure.
+  for (const auto& [r, type] : {std::pair{&rope_full, "full_attention"}, std::pair{&rope_sliding, "sliding_attention"}}) {
+    const std::string at = std::string("rope_parameters.") + type + ".";
+    if (!(r->partial_rotary_factor > 0 && r->partial_rotary_factor <= 1))
+      throw InputError(source, key((at + "partial_rotary_factor").c_str()), "must be in (0, 1]");
+    if (!(std::isfinite(r->theta) && r->theta > 1))
+      throw InputError(source, key((at + "rope_theta").c_str()), fmt::format("must be finite and > 1, got {}", r->theta));
+    if (!(std::isfinite(r->factor) && r->factor > 0))
+      throw InputError(source, key((at + "factor").c_str()), fmt::format("must be finite and > 0, got {}", r->factor));
+  }
+  if (!(rms_norm_eps > 0 && rms_norm_eps < 1))
+    throw InputError(source, key("rms_norm_eps"), fmt::format("must be in (0, 1), got {}", rms_norm_eps));
+  if (final_logit_softcapping && !(std::isfinite(*final_logit_softcapping) && *final_logit_softcapping > 0))
+    throw InputError(source, key("final_logit_softcapping"),
+                     fmt::format("must be null or finite and > 0, got {}", *final_logit_softcapping));
   if (pad_token_id < 0 || pad_token_id >= vocab_size) throw InputError(source, key("pad_token_id"), "outside the vocabulary");
   const int64_t params = parameter_count();
   if (params > kMaxParameters)
@@ -439,6 +466,9 @@ ModelConfig config_from_hf_json(const json& j, const std::string& source) {
 }
 
 ModelConfig load_hf_config_file(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::exists(path, ec) && !std::filesystem::is_regular_file(path, ec))
+    throw InputError(path, "config", "is not a regular file");
   std::ifstream in(path);
   if (!in) throw InputError(path, "config", "cannot open file");
   json j;

@@ -6,6 +6,7 @@
 #include <set>
 
 #include "harness/io/input_error.h"
+#include "harness/io/safetensors.h"
 
 namespace cpharness::model {
 namespace {
@@ -26,7 +27,7 @@ bool is_non_text(const std::string& stripped) {
   return stripped == "lm_head.weight";  // tied to embed_tokens
 }
 
-std::string shape_str(at::IntArrayRef s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
+std::string shape_str(const std::vector<int64_t>& s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
 
 }  // namespace
 
@@ -74,9 +75,10 @@ std::map<std::string, torch::Tensor> model_tensors(Gemma4Model& model) {
   return out;
 }
 
-LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::Tensor>& tensors, const std::string& source) {
-  const ModelConfig& c = model->config();
-  auto targets = model_tensors(model);
+LoadSummary check_weights(const ModelConfig& c, const std::map<std::string, io::TensorInfo>& tensors,
+                          const std::string& source) {
+  std::map<std::string, std::vector<int64_t>> targets;
+  for (auto& spec : tensor_specs(c)) targets[spec.name] = spec.shape;
   // Names a shared layer may carry in checkpoints but never uses (Google's originals keep them).
   std::set<std::string> redundant;
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
@@ -87,19 +89,22 @@ LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::
   LoadSummary summary;
   std::vector<std::string> unknown, mismatched;
   std::set<std::string> seen;
-  torch::NoGradGuard no_grad;
-  for (auto& [raw_name, tensor] : tensors) {
+  for (auto& [raw_name, info] : tensors) {
     const std::string name = strip_text_prefix(raw_name);
     if (is_non_text(name)) { summary.skipped_non_text.push_back(raw_name); continue; }
     if (redundant.count(name)) { summary.skipped_redundant.push_back(raw_name); continue; }
     auto it = targets.find(name);
     if (it == targets.end()) { unknown.push_back(raw_name); continue; }
-    if (it->second.sizes() != tensor.sizes()) {
-      mismatched.push_back(fmt::format("{} has shape {}, the model expects {}", raw_name, shape_str(tensor.sizes()), shape_str(it->second.sizes())));
+    // Weights are converted to the model's dtype; only floating-point values mean the same thing after that (an
+    // integer, bool or fp8 tensor is quantized or not a weight at all).
+    const auto t = info.dtype;
+    if (t != torch::kFloat32 && t != torch::kFloat16 && t != torch::kBFloat16 && t != torch::kFloat64)
+      throw io::InputError(source, raw_name, fmt::format("dtype {}: a weight must be floating point (F32, F16, BF16 or F64)", c10::toString(t)));
+    if (it->second != info.shape) {
+      mismatched.push_back(fmt::format("{} has shape {}, the model expects {}", raw_name, shape_str(info.shape), shape_str(it->second)));
       continue;
     }
     if (!seen.insert(name).second) throw io::InputError(source, raw_name, "tensor given twice (under two prefixes)");
-    it->second.copy_(tensor.to(it->second.scalar_type()));
     ++summary.loaded;
   }
   // Under cache-gated semantics a shared layer owns K/V weights it uses only without the share holder (5.5.0's
@@ -111,11 +116,31 @@ LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::
       for (const char* n : {"k_proj.weight", "v_proj.weight", "k_norm.weight"})
         own_kv_of_shared.insert(fmt::format("layers.{}.self_attn.{}", i, n));
   std::vector<std::string> missing;
-  for (auto& [name, t] : targets)
+  for (auto& [name, shape] : targets)
     if (!seen.count(name)) (own_kv_of_shared.count(name) ? summary.kept_init : missing).push_back(name);
   if (!mismatched.empty()) throw io::InputError(source, mismatched.front(), fmt::format("shape mismatch ({} tensors: {})", mismatched.size(), fmt::join(mismatched, "; ")));
   if (!missing.empty()) throw io::InputError(source, missing.front(), fmt::format("missing tensor ({} missing: {})", missing.size(), fmt::join(missing, ", ")));
   if (!unknown.empty()) throw io::InputError(source, unknown.front(), fmt::format("unknown tensor ({} unknown: {})", unknown.size(), fmt::join(unknown, ", ")));
+  return summary;
+}
+
+LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::Tensor>& tensors, const std::string& source) {
+  std::map<std::string, io::TensorInfo> infos;
+  for (auto& [name, t] : tensors) infos[name] = io::TensorInfo{t.scalar_type(), t.sizes().vec()};
+  const LoadSummary summary = check_weights(model->config(), infos, source);
+  auto targets = model_tensors(model);
+  torch::NoGradGuard no_grad;
+  for (auto& [raw_name, tensor] : tensors) {
+    auto it = targets.find(strip_text_prefix(raw_name));
+    if (it == targets.end() || it->second.sizes() != tensor.sizes()) continue;  // skipped above (non-text, redundant)
+    // A NaN or Inf weight is bad input, not a CP bug: every run would "fail" on it, naming the wrong culprit.
+    const auto finite = torch::isfinite(tensor);
+    if (!finite.all().item<bool>()) {
+      const int64_t at = (~finite).flatten().nonzero()[0].item<int64_t>();
+      throw io::InputError(source, raw_name, fmt::format("holds NaN or Inf (first at flat index {} of {})", at, tensor.numel()));
+    }
+    it->second.copy_(tensor.to(it->second.scalar_type()));
+  }
   return summary;
 }
 
@@ -127,7 +152,13 @@ LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::
 namespace cpharness::model {
 
 LoadSummary load_checkpoint(Gemma4Model& model, const std::string& path) {
+  check_checkpoint(model->config(), path);  // before a byte of data is read
   return load_weights(model, io::read_safetensors_checkpoint(path), path);
+}
+
+LoadSummary check_checkpoint(const ModelConfig& config, const std::string& path) {
+  const auto info = io::read_safetensors_checkpoint_info(path);
+  return check_weights(config, info.tensors, info.file);
 }
 
 void save_weights_hdf5(Gemma4Model& model, const std::string& path) {

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "harness/io/safetensors.h"
 #include "harness/model/config.h"
 #include "harness/model/gemma4.h"
 
@@ -35,6 +36,11 @@ struct LoadSummary {
 // save: absent, they keep their initialisation (LoadSummary::kept_init).
 LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::Tensor>& tensors, const std::string& source);
 
+// load_weights' checks on names, shapes and dtypes (floating point only), from the tensors' descriptions alone: no
+// model, no data. A NaN or Inf weight is found by load_weights (it needs the data).
+LoadSummary check_weights(const ModelConfig& config, const std::map<std::string, io::TensorInfo>& tensors,
+                          const std::string& source);
+
 // The model's tensors by checkpoint name (parameters and layer_scalar buffers), detached.
 std::map<std::string, torch::Tensor> model_tensors(Gemma4Model& model);
 
@@ -54,6 +60,10 @@ namespace cpharness::model {
 
 // An HF safetensors checkpoint (file, directory, or sharded index json) into `model`.
 LoadSummary load_checkpoint(Gemma4Model& model, const std::string& path);
+
+// The checkpoint's headers against the model of `config` (check_weights): what a case checks when it is loaded,
+// before any model is built. Errors name the file that lists the tensors (the .safetensors file or the index).
+LoadSummary check_checkpoint(const ModelConfig& config, const std::string& path);
 
 // The model's tensors as an HDF5 file (dataset per checkpoint name under /weights, config json as an attribute),
 // and back. Loading checks names and shapes like load_weights.

@@ -4,9 +4,11 @@
 #include <fmt/ranges.h>
 
 #include "harness/io/input_error.h"
+#include "harness/model/gemma4.h"
 #include "harness/train/batch.h"
 
 #include <limits>
+#include <optional>
 
 namespace cpharness::report {
 namespace {
@@ -18,12 +20,32 @@ std::string prov(const report::RunDump& d, const std::string& key) {
   return it == d.provenance.end() ? std::string() : it->second;
 }
 
+// An input of the export as `dtype`: stored as integers (bool too, for padding), never as floats a cast would
+// truncate, and [batch, seq] with at least one row and one token.
 torch::Tensor need_input(const HfGolden& g, const std::string& name, torch::ScalarType dtype) {
   auto it = g.dump.inputs.find(name);
   if (it == g.dump.inputs.end()) throw InputError(g.path, "inputs/" + name, "missing");
   auto t = it->second;
   if (t.dim() != 2) throw InputError(g.path, "inputs/" + name, fmt::format("expected [batch, seq], got {} dims", t.dim()));
+  if (t.size(0) < 1 || t.size(1) < 1)
+    throw InputError(g.path, "inputs/" + name, fmt::format("empty: shape [{}, {}]", t.size(0), t.size(1)));
+  if (at::isFloatingType(t.scalar_type()) || at::isComplexType(t.scalar_type()))
+    throw InputError(g.path, "inputs/" + name, fmt::format("stored as {}: token data must be integers", c10::toString(t.scalar_type())));
+  if (dtype == torch::kBool && t.scalar_type() != torch::kBool && ((t != 0) & (t != 1)).any().item<bool>())
+    throw InputError(g.path, "inputs/" + name, "holds values other than 0 and 1");
   return t.to(dtype).contiguous();
+}
+
+// Every element of `t` in [lo, hi), or equal to `also` (the ignore index of labels).
+void require_range(const HfGolden& g, const std::string& name, const torch::Tensor& t, int64_t lo, int64_t hi,
+                   std::optional<int64_t> also = std::nullopt) {
+  auto bad = (t < lo) | (t >= hi);
+  if (also) bad = bad & (t != *also);
+  if (!bad.any().item<bool>()) return;
+  const int64_t at = bad.flatten().nonzero()[0].item<int64_t>();
+  throw InputError(g.path, "inputs/" + name,
+                   fmt::format("value {} at flat index {} is outside [{}, {}){}", t.flatten()[at].item<int64_t>(), at, lo,
+                               hi, also ? fmt::format(" (and is not {})", *also) : ""));
 }
 
 }  // namespace
@@ -114,6 +136,12 @@ HfGolden load_hf_golden(const std::string& path) {
   for (auto* t : {&g.batch.labels, &g.batch.position_ids, &g.batch.meta.document_ids, &g.batch.meta.padding,
                   &g.batch.meta.vision_group_ids})
     if (t->defined() && t->sizes().vec() != shape) throw InputError(path, "inputs", "inputs disagree in shape with input_ids");
+  // Token ids index the embedding and the loss's classes: out of range they are bad input, not a model failure.
+  require_range(g, "input_ids", g.batch.input_ids, 0, g.config.vocab_size);
+  require_range(g, "labels", g.batch.labels, 0, g.config.vocab_size, model::kIgnoreIndex);
+  require_range(g, "position_ids", g.batch.position_ids, 0, std::numeric_limits<int32_t>::max());
+  if (!(model::shift_labels(g.batch.labels) != model::kIgnoreIndex).any().item<bool>())
+    throw InputError(path, "inputs/labels", "no token has a target (every shifted label is the ignore index): no loss to compare");
   const auto lshape = s0.logits.sizes().vec();
   if (lshape != std::vector<int64_t>{shape[0], shape[1], g.config.vocab_size})
     throw InputError(path, "steps/0/logits", fmt::format("shape [{}] does not match [batch, seq, vocab]", fmt::join(lshape, ", ")));

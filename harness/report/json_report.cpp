@@ -1,5 +1,7 @@
 #include "harness/report/json_report.h"
 
+#include "harness/io/error_text.h"
+
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -217,7 +219,7 @@ class Obj {
     if (t == "nan") return std::numeric_limits<double>::quiet_NaN();
     if (t == "inf") return std::numeric_limits<double>::infinity();
     if (t == "-inf") return -std::numeric_limits<double>::infinity();
-    fail(where, "expected \"nan\", \"inf\" or \"-inf\", got " + t.dump());
+    fail(where, "expected \"nan\", \"inf\" or \"-inf\", got " + io::describe_json(t));
   }
   const std::string& source() const { return source_; }
 

@@ -136,8 +136,11 @@ report::CheckResult verify_golden(const train::Case& c, const std::string& golde
                                           double(result.counts.out_of_tolerance + result.counts.nonfinite + result.counts.missing +
                                                  result.counts.shape_mismatch),
                                           0, report::Policy::Count, details);
-  if (!pass && result.first_divergence)
-    check.message += fmt::format("; first divergence: {}", result.entries[*result.first_divergence].message);
+  // The message names the tensor (its HDF5 path) as well as the numbers: JUnit and the summary show only this line.
+  const report::CompareEntry* first = result.first_divergence ? &result.entries[*result.first_divergence] : nullptr;
+  for (size_t i = 0; !first && !pass && i < result.entries.size(); ++i)
+    if (result.entries[i].failed()) first = &result.entries[i];
+  if (!pass && first) check.message += fmt::format("; first divergence: {}: {}", first->path, first->message);
   return check;
 }
 

@@ -1,5 +1,7 @@
 #include "harness/runner/hf_suite.h"
 
+#include "harness/io/error_text.h"
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -82,6 +84,10 @@ report::CaseReport hf_parity_case(const std::string& path, const HfParityOptions
     if (std::find(versions.begin(), versions.end(), g.transformers_version) == versions.end())
       versions.push_back(g.transformers_version);
     const bool holder = options.holder.value_or(g.hf_shared_kv());
+    const int64_t seq = g.batch.input_ids.size(1);
+    for (int cp : options.cp_sizes)
+      if (cp > seq)
+        throw io::InputError(path, "inputs/input_ids", fmt::format("{} tokens per row cannot be split over cp {}", seq, cp));
     for (int cp : options.cp_sizes) {
       const auto run = run_on_hf_golden(g, cp, holder);
       bool ok = true;
@@ -104,6 +110,10 @@ report::CaseReport hf_parity_case(const std::string& path, const HfParityOptions
     cr.checks.clear();
     cr.error = e.what();
     std::cerr << "cpharness: error: " << e.what() << "\n";
+  } catch (const std::exception& e) {  // this golden errors; the others still run and the report is written
+    cr.checks.clear();
+    cr.error = path + ": internal error: " + io::one_line(e);
+    std::cerr << "cpharness: error: " << *cr.error << "\n";
   }
   cr.duration_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return cr;

@@ -579,6 +579,44 @@ TEST_F(CliTest, KillingTheLauncherOutrightLeavesNoRankRunning) {
 }
 #endif
 
+// Every case's checkpoint is checked when the cases are loaded: a truncated one, or a config.json lying about the
+// geometry, is exit 2 naming the case key before any case trains (not after the good cases ran for hours).
+TEST_F(CliTest, ABadCheckpointIsRefusedBeforeAnyCaseRuns) {
+  const fs::path ckpt = fs::path(CPHARNESS_SOURCE_DIR) / "golden" / "hf-5.5.0" / "tiny-e2b-hf-checkpoint";
+  for (const std::string spoil : {"truncated", "geometry"}) {
+    SCOPED_TRACE(spoil);
+    const auto copy = dir_ / ("ckpt-" + spoil);
+    fs::create_directories(copy);
+    fs::copy(ckpt, copy, fs::copy_options::recursive | fs::copy_options::overwrite_existing);
+    if (spoil == "truncated") {
+      fs::resize_file(copy / "model.safetensors", fs::file_size(copy / "model.safetensors") / 2);
+    } else {
+      auto config = read_json(copy / "config.json");
+      auto& text = config.contains("text_config") ? config["text_config"] : config;
+      text["hidden_size"] = 1024;
+      text["intermediate_size"] = 4096;
+      std::ofstream(copy / "config.json") << config.dump();
+    }
+    const auto cases = dir_ / ("cases-" + spoil);
+    fs::create_directories(cases);
+    std::ofstream(cases / "a-good.json") << kGoodCase;
+    nlohmann::json bad = {{"id", "b-bad"},
+                          {"model", {{"config_file", (copy / "config.json").string()}}},
+                          {"weights", {{"checkpoint", copy.string()}}},
+                          {"data", {{"seq_len", 24}, {"seed", 1}}},
+                          {"steps", 1}};
+    std::ofstream(cases / "b-bad.json") << bad.dump();
+    const auto start = std::chrono::steady_clock::now();
+    auto r = run_cli("run " + cases.string() + " --cp 2 --out " + (dir_ / ("out-" + spoil)).string());
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30)) << r.output;
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    EXPECT_NE(r.output.find("weights.checkpoint"), std::string::npos) << r.output;
+    const auto j = read_json(dir_ / ("out-" + spoil) / "report.json");
+    EXPECT_EQ(j["status"], "error");
+    EXPECT_TRUE(j["cases"].empty()) << "no case ran: " << j["cases"].dump();
+  }
+}
+
 // A local run stopped by SIGTERM or SIGINT (CI cancelling the job, Ctrl-C): exit 2, the error report naming the
 // signal in place of the reports (an older run's included), no page of the older run, no temp file.
 TEST_F(CliTest, ASignalStoppingALocalRunLeavesTheErrorReportNotAnOlderOne) {

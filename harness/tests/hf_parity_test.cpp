@@ -4,12 +4,14 @@
 // without the holder and fails kvshare.loss_parity against the sharing reference; the save_pretrained
 // checkpoints load through the C++ loader and reproduce the exported logits.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
 #include <algorithm>
 #include <filesystem>
+#include <functional>
 #include <random>
 
 #include "harness/check/checks.h"
@@ -17,6 +19,7 @@
 #include "harness/model/attention_backend.h"
 #include "harness/model/weights.h"
 #include "harness/runner/hf_run.h"
+#include "harness/runner/hf_suite.h"
 #include "harness/train/batch.h"
 
 namespace cpharness {
@@ -230,6 +233,57 @@ TEST(HfParity, NonHfGoldenIsAnInputErrorNamingTheField) {
     EXPECT_EQ(e.subject(), "provenance/kv_share_mechanism");
   }
   fs::remove(tmp);
+}
+
+// Hostile inputs in an export: token data stored as floats, ids outside the vocabulary, labels outside it (other
+// than the ignore index), no target at all, a NaN weight. Each is an InputError naming the dataset, and in a
+// directory run the golden errors on its own: the others still pass and the report is written.
+TEST(HfParity, HostileInputsInAnExportAreInputErrorsNamingTheDataset) {
+  const auto dir = fs::temp_directory_path() / ("cpharness_hf_hostile_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const auto good = runner::load_hf_golden((kGoldenDir / "hf-5.24.0" / "tiny-31b-hf.h5").string());
+  const int64_t vocab = good.config.vocab_size;
+  struct Bad {
+    std::string name, subject;
+    std::function<void(report::RunDump&)> spoil;
+  };
+  const std::vector<Bad> bad = {
+      {"float-ids", "inputs/input_ids", [](auto& d) { d.inputs["input_ids"] = d.inputs["input_ids"].to(torch::kFloat64) + 0.7; }},
+      {"id-past-vocab", "inputs/input_ids", [&](auto& d) { d.inputs["input_ids"].view(-1)[3] = vocab; }},
+      {"negative-id", "inputs/input_ids", [](auto& d) { d.inputs["input_ids"].view(-1)[0] = -7; }},
+      {"label-past-vocab", "inputs/labels", [&](auto& d) { d.inputs["labels"].view(-1)[5] = vocab + 4; }},
+      {"no-target", "inputs/labels", [](auto& d) { d.inputs["labels"].fill_(model::kIgnoreIndex); }},
+      {"empty-batch", "inputs/input_ids", [](auto& d) { d.inputs["input_ids"] = d.inputs["input_ids"].slice(0, 0, 0); }},
+      {"nan-weight", "norm.weight", [](auto& d) { d.weights["norm.weight"].view(-1)[1] = NAN; }},
+  };
+  for (const auto& b : bad) {
+    SCOPED_TRACE(b.name);
+    auto dump = good.dump;
+    for (auto& [k, t] : dump.inputs) t = t.clone();
+    for (auto& [k, t] : dump.weights) t = t.clone();
+    b.spoil(dump);
+    const auto path = (dir / (b.name + ".h5")).string();
+    report::write_run_dump(path, dump);
+    try {
+      const auto g = runner::load_hf_golden(path);
+      (void)runner::run_on_hf_golden(g, 1, g.hf_shared_kv());
+      FAIL() << "expected an InputError";
+    } catch (const io::InputError& e) {
+      EXPECT_NE(e.subject().find(b.subject), std::string::npos) << e.what();
+    }
+  }
+  // A directory of one good export and the bad ones: every bad one is a case error, the good one passes.
+  fs::copy_file(kGoldenDir / "hf-5.24.0" / "tiny-31b-hf.h5", dir / "good.h5");
+  runner::HfParityOptions options;
+  options.paths = {dir.string()};
+  options.cp_sizes = {1};
+  const auto r = runner::run_hf_parity(options);
+  ASSERT_EQ(r.cases.size(), bad.size() + 1);
+  for (const auto& c : r.cases) {
+    if (c.id.find("good") != std::string::npos) EXPECT_EQ(c.status(), report::Status::Pass) << c.id;
+    else EXPECT_EQ(c.status(), report::Status::Error) << c.id;
+  }
+  fs::remove_all(dir);
 }
 
 // ---------- packed documents given by position ids alone (transformers' own packing) ----------

@@ -168,6 +168,44 @@ TEST(IoHdf5, AWriteInProgressIsTrackedForAStopSignalAndCommittedFilesAreNot) {
   EXPECT_EQ(dir.entries(), std::vector<std::string>{"done.h5"});
 }
 
+// Hostile structure, built with the HDF5 API: a dataset declaring terabytes over no stored data is refused before
+// anything is allocated; a soft or external link, and groups nested deeper than any layout, are refused by name.
+TEST(IoHdf5, LyingShapesLinksAndDeepNestingAreInputErrorsNamingTheObject) {
+  TempDir dir;
+  const std::string path = dir.file("hostile.h5");
+  {
+    const hid_t f = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    const hsize_t dims[2] = {hsize_t(1) << 20, hsize_t(1) << 20}, chunk[2] = {16, 16};
+    const hid_t space = H5Screate_simple(2, dims, nullptr);
+    const hid_t plist = H5Pcreate(H5P_DATASET_CREATE);
+    H5Pset_chunk(plist, 2, chunk);
+    const hid_t d = H5Dcreate2(f, "huge", H5T_IEEE_F32LE, space, H5P_DEFAULT, plist, H5P_DEFAULT);  // no data written
+    H5Dclose(d);
+    H5Pclose(plist);
+    H5Sclose(space);
+    H5Fclose(f);
+  }
+  EXPECT_TRUE(throws_input_error([&] { read_hdf5_dataset(path, "huge"); }, {path, "huge", "declares shape", "stores"}));
+  {
+    const hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    H5Ldelete(f, "huge", H5P_DEFAULT);
+    H5Lcreate_soft("/elsewhere", f, "alias", H5P_DEFAULT, H5P_DEFAULT);
+    H5Fclose(f);
+  }
+  EXPECT_TRUE(throws_input_error([&] { list_hdf5_datasets(path); }, {path, "alias", "soft link"}));
+  {
+    const hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    H5Ldelete(f, "alias", H5P_DEFAULT);
+    std::string name;
+    for (int i = 0; i < 20; ++i) {
+      name += "/a";
+      H5Gclose(H5Gcreate2(f, name.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
+    }
+    H5Fclose(f);
+  }
+  EXPECT_TRUE(throws_input_error([&] { list_hdf5_datasets(path); }, {path, "nested"}));
+}
+
 TEST(IoHdf5, SameContentGivesSameBytes) {
   TempDir dir;
   const TensorMap t = {{"g/a", torch::arange(6).reshape({2, 3})}, {"b", torch::ones({3}, torch::kBFloat16)}};

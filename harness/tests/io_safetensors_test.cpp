@@ -241,6 +241,40 @@ TEST(IoSafetensors, CheckpointTensorAbsentFromItsShard) {
                                   "absent"}));
 }
 
+// The index is as strict as a single file: a name listed twice in weight_map (JSON keeps one silently), and a shard
+// holding a tensor weight_map does not list for it, are errors naming the index and the tensor.
+TEST(IoSafetensors, AnIndexListingANameTwiceOrAShardHoldingAnUnlistedTensorIsRefused) {
+  TempDir dir;
+  const Sharded s = make_sharded(dir);
+  std::string text = read_bytes(s.index);
+  const std::string dup = "\"weight_map\": {\n    \"model.norm.weight\": \"nonexistent.safetensors\",";
+  const auto at = text.find("\"weight_map\": {");
+  ASSERT_NE(at, std::string::npos);
+  write_bytes(s.index, text.substr(0, at) + dup + text.substr(at + std::string("\"weight_map\": {").size()));
+  EXPECT_TRUE(throws_input_error([&] { read_safetensors_checkpoint(s.index); }, {s.index, "model.norm.weight", "twice"}));
+  EXPECT_TRUE(throws_input_error([&] { read_safetensors_checkpoint_info(s.index); }, {s.index, "twice"}));
+  write_bytes(s.index, text);
+  auto idx = nlohmann::json::parse(text);
+  idx["weight_map"].erase("model.norm.weight");
+  std::ofstream(s.index, std::ios::trunc) << idx.dump();
+  EXPECT_TRUE(throws_input_error([&] { read_safetensors_checkpoint(s.index); },
+                                 {s.index, "model.norm.weight", "not listed"}));
+}
+
+// The headers alone say what the checkpoint holds: every tensor's dtype and shape, the same as reading it.
+TEST(IoSafetensors, CheckpointInfoDescribesWhatReadingWouldReturn) {
+  TempDir dir;
+  const Sharded s = make_sharded(dir);
+  const auto info = read_safetensors_checkpoint_info(dir.path().string());
+  EXPECT_EQ(info.file, s.index);
+  ASSERT_EQ(info.tensors.size(), s.all.size());
+  for (const auto& [name, t] : s.all) {
+    ASSERT_TRUE(info.tensors.count(name)) << name;
+    EXPECT_EQ(info.tensors.at(name).dtype, t.scalar_type()) << name;
+    EXPECT_EQ(info.tensors.at(name).shape, t.sizes().vec()) << name;
+  }
+}
+
 TEST(IoSafetensors, CorruptShardIsReportedWithShardPathAndTensor) {
   TempDir dir;
   const Sharded s = make_sharded(dir);
@@ -352,6 +386,18 @@ TEST_F(IoSafetensorsCorrupt, UnknownDtype) {
   EXPECT_TRUE(read_fails({"layers.0.weight", "unknown dtype", "F128"}));
   write_raw(R"({"layers.0.weight":{"dtype":7,"shape":[1],"data_offsets":[0,4]}})", 4);
   EXPECT_TRUE(read_fails({"layers.0.weight", "dtype"}));
+}
+
+// A value nested 100000 deep in the header: an error naming the tensor, not a stack overflow while the message
+// is written.
+TEST_F(IoSafetensorsCorrupt, DeeplyNestedHeaderValuesAreErrorsNotCrashes) {
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  write_raw(R"({"layers.0.weight":{"dtype":)" + deep + R"(,"shape":[1],"data_offsets":[0,4]}})", 4);
+  EXPECT_TRUE(read_fails({"layers.0.weight", "dtype", "array"}));
+  write_raw(R"({"layers.0.weight":{"dtype":"F32","shape":[)" + deep + R"(],"data_offsets":[0,4]}})", 4);
+  EXPECT_TRUE(read_fails({"layers.0.weight", "shape"}));
+  write_raw(R"({"__metadata__":{"a":)" + deep + R"(}})", 0);
+  EXPECT_TRUE(read_fails({"metadata"}));
 }
 
 TEST_F(IoSafetensorsCorrupt, MissingFields) {

@@ -143,6 +143,25 @@ TEST(ModelStructure, BadConfigsNameTheField) {
   expect_error({{"preset", "tiny-e2b"}, {"colour", 1}}, "model.colour");
   expect_error({{"preset", "tiny-e2b"}, {"kv_share_semantics", "sometimes"}}, "kv_share_semantics");
   expect_error({{"preset", "tiny-e2b"}, {"overrides", {{"num_key_value_heads", 3}}}}, "num_key_value_heads");
+  // Values that would make every run NaN, or another model's math, are refused naming the key.
+  const nlohmann::json rope_zero = {{"sliding_attention", {{"rope_type", "default"}, {"rope_theta", 0.0}}}};
+  expect_error({{"preset", "tiny-e2b"}, {"overrides", {{"rope_parameters", rope_zero}}}}, "sliding_attention.rope_theta");
+  const nlohmann::json rope_partial = {{"sliding_attention", {{"rope_type", "default"}, {"partial_rotary_factor", 5.0}}}};
+  expect_error({{"preset", "tiny-e2b"}, {"overrides", {{"rope_parameters", rope_partial}}}}, "sliding_attention.partial_rotary_factor");
+  const nlohmann::json rope_factor = {{"full_attention", {{"rope_type", "proportional"}, {"factor", 0.0}}}};
+  expect_error({{"preset", "tiny-e2b"}, {"overrides", {{"rope_parameters", rope_factor}}}}, "full_attention.factor");
+  expect_error({{"preset", "tiny-e2b"}, {"overrides", {{"rms_norm_eps", -1.0}}}}, "rms_norm_eps");
+  expect_error({{"preset", "tiny-e2b"}, {"overrides", {{"rms_norm_eps", 1e308}}}}, "rms_norm_eps");
+  expect_error({{"preset", "tiny-e2b"}, {"overrides", {{"final_logit_softcapping", 0.0}}}}, "final_logit_softcapping");
+  expect_error({{"preset", "tiny-e2b"}, {"overrides", {{"model_type", "llama"}}}}, "model_type");
+  expect_error({{"preset", "tiny-e2b"}, {"overrides", {{"hidden_activation", "relu"}}}}, "hidden_activation");
+  // In an HF config.json (where unknown keys are ignored, as transformers does) too.
+  auto hf = preset_config("tiny-e2b").to_json();
+  hf["hidden_activation"] = "relu";
+  EXPECT_THROW(config_from_hf_json(hf, "config.json"), io::InputError);
+  hf["hidden_activation"] = "gelu_pytorch_tanh";
+  hf["model_type"] = "llama";
+  EXPECT_THROW(config_from_hf_json(hf, "config.json"), io::InputError);
 }
 
 }  // namespace

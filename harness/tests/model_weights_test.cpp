@@ -150,6 +150,55 @@ TEST_F(ModelWeights, MissingAndMisshapenTensorsAreNamed) {
   EXPECT_THROW(load_checkpoint(target, path("unknown.safetensors")), io::InputError);
 }
 
+// A NaN or Inf weight, and a weight that is not floating point (an integer, bool or fp8 tensor would be cast
+// silently), are bad input naming the tensor, not something for the checks to blame on CP.
+TEST_F(ModelWeights, NonFiniteAndNonFloatingWeightsAreInputErrorsNamingTheTensor) {
+  auto source = make_model("tiny-31b", torch::kFloat32, 5);
+  auto target = make_model("tiny-31b");
+  for (const float bad : {NAN, INFINITY}) {
+    auto tensors = with_prefix(source, "model.", torch::kFloat32);
+    tensors["model.layers.0.self_attn.q_proj.weight"].view(-1)[7] = bad;
+    io::write_safetensors(path("nonfinite.safetensors"), tensors);
+    try {
+      load_checkpoint(target, path("nonfinite.safetensors"));
+      FAIL() << "accepted " << bad;
+    } catch (const io::InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("layers.0.self_attn.q_proj.weight"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("NaN or Inf"), std::string::npos) << e.what();
+    }
+  }
+  for (const auto dtype : {torch::kInt64, torch::kBool, torch::kUInt8, torch::kFloat8_e4m3fn}) {
+    auto tensors = with_prefix(source, "model.", torch::kFloat32);
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].to(dtype);
+    io::write_safetensors(path("int.safetensors"), tensors);
+    try {
+      load_checkpoint(target, path("int.safetensors"));
+      FAIL() << "accepted " << c10::toString(dtype);
+    } catch (const io::InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("embed_tokens.weight"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("floating point"), std::string::npos) << e.what();
+    }
+  }
+}
+
+// A config that lies about the geometry is found from the checkpoint's headers, before any model is built (a
+// config claiming a huge model over a small checkpoint must not allocate the huge model first).
+TEST_F(ModelWeights, CheckCheckpointComparesHeadersWithoutBuildingAModel) {
+  auto source = make_model("tiny-31b", torch::kFloat32, 5);
+  io::write_safetensors(path("ok.safetensors"), with_prefix(source, "model.", torch::kFloat32));
+  EXPECT_NO_THROW(check_checkpoint(source->config(), path("ok.safetensors")));
+  auto huge = source->config();
+  huge.hidden_size = 16384;
+  huge.vocab_size = int64_t(1) << 22;
+  try {
+    check_checkpoint(huge, path("ok.safetensors"));
+    FAIL();
+  } catch (const io::InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("shape mismatch"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("ok.safetensors"), std::string::npos) << e.what();
+  }
+}
+
 TEST_F(ModelWeights, TruncatedSafetensorsIsAnInputError) {
   auto source = make_model("tiny-31b");
   io::write_safetensors(path("t.safetensors"), with_prefix(source, "model.", torch::kFloat32));

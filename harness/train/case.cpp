@@ -1,5 +1,7 @@
 #include "harness/train/case.h"
 
+#include "harness/model/weights.h"
+
 #include "harness/train/device.h"
 
 #include <fmt/format.h>
@@ -306,10 +308,22 @@ Case case_from_json(const json& j, const std::string& path) {
       throw InputError(path, "device", e.what());
     }
   }
+  // The checkpoint's headers against the model, now: a bad one is refused before any case runs (not after hours
+  // of the others), and a config that lies about the geometry never gets a model built for it.
+  if (!c.checkpoint.empty()) {
+    try {
+      model::check_checkpoint(c.model, c.checkpoint);
+    } catch (const InputError& e) {
+      throw InputError(path, "weights.checkpoint", e.what());
+    }
+  }
   return c;
 }
 
 Case load_case(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::exists(path, ec) && !std::filesystem::is_regular_file(path, ec))
+    throw InputError(path, "case", "is not a regular file");
   std::ifstream in(path);
   if (!in) throw InputError(path, "case", "cannot open file");
   json j;
