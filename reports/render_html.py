@@ -1088,7 +1088,12 @@ def main(argv=None):
         report = load_report(args.report)
     except InputError as e:
         fail(f"{args.report}: {e}")
-    page = render(report, args.title)
+    try:
+        page = render(report, args.title)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError) as e:
+        # The schema allows what the page cannot draw (an infinite-looking 1e308, a value of another type where
+        # the writer never puts one): one line naming the report, never a traceback, and no page.
+        fail(f"{args.report}: cannot render: {type(e).__name__}: {e}")
     try:
         write_atomically(args.output, page)
     except OSError as e:

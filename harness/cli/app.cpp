@@ -29,11 +29,28 @@ const CLI::Validator kSeconds(
     },
     "SECONDS");
 
+// A count: a whole number >= 1 (kPositiveInteger accepts 2.5 and words its refusal of 0 as a range to 1e308).
+const CLI::Validator kPositiveInteger(
+    [](std::string& value) -> std::string {
+      try {
+        size_t used = 0;
+        const long long v = std::stoll(value, &used);
+        if (used == value.size() && v >= 1) return "";
+      } catch (const std::exception&) {
+      }
+      return "expects a whole number >= 1, got '" + value + "'";
+    },
+    "N");
+
+// An output path: an empty one (an unset variable in a CI script) would silently write nothing.
+const CLI::Validator kPath(
+    [](std::string& value) -> std::string { return value.empty() ? "expects a path, got an empty string" : ""; }, "PATH");
+
 void add_report_outputs(CLI::App* verb, ReportOutputs& o) {
-  verb->add_option("--out", o.out_dir, "write DIR/report.json and DIR/report.xml")->type_name("DIR");
-  verb->add_option("--report", o.report_path, "report.json path (JSON Schema: reports/schema)")->type_name("F");
-  verb->add_option("--junit", o.junit_path, "JUnit XML path")->type_name("F");
-  verb->add_option("--html", o.html_path, "self-contained HTML page of the report")->type_name("F");
+  verb->add_option("--out", o.out_dir, "write DIR/report.json and DIR/report.xml")->check(kPath)->type_name("DIR");
+  verb->add_option("--report", o.report_path, "report.json path (JSON Schema: reports/schema)")->check(kPath)->type_name("F");
+  verb->add_option("--junit", o.junit_path, "JUnit XML path")->check(kPath)->type_name("F");
+  verb->add_option("--html", o.html_path, "self-contained HTML page of the report")->check(kPath)->type_name("F");
 }
 
 // The parser of every verb; `run` is set to the chosen verb's call.
@@ -57,11 +74,11 @@ void add_run(CLI::App& app, Verbs& v) {
                                         "(exit 0 pass, 1 a check failed, 2 usage/input/infrastructure error)");
   run->add_option("cases", v.run.cases, "case files or directories of *.json")->required()->type_name("CASE");
   run->add_option("--cp", v.run.cp, "cp sizes, overriding each case's (e.g. 2,4)")
-      ->delimiter(',')->check(CLI::PositiveNumber)->type_name("N,...");
+      ->delimiter(',')->check(kPositiveInteger)->type_name("N,...");
   run->add_option("--comm", v.run.comm, "local (ranks as threads) or mpi (one process per rank)")
       ->check(CLI::IsMember({"local", "mpi", "nccl"}));
   run->add_option("--nproc", v.run.nproc, "with --comm mpi: launch N ranks on this host through mpirun")
-      ->check(CLI::PositiveNumber)->type_name("N");
+      ->check(kPositiveInteger)->type_name("N");
   run->add_option("--dump-dir", v.run.dump_dir, "first-divergence tensors land here")->type_name("DIR");
   run->add_flag("--allow-nothing-ran", v.run.allow_nothing_ran,
                 "exit 0 when every case is skipped (default: exit 3, status skipped: no check ran is not a pass)");
@@ -122,7 +139,7 @@ void add_compare(CLI::App& app, Verbs& v) {
 void add_hf_parity(CLI::App& app, Verbs& v) {
   auto* hf = app.add_subcommand("hf-parity", "hf.parity: the C++ model against goldens exported from transformers");
   hf->add_option("goldens", v.hf.paths, "GOLDEN.h5 files or directories of them")->required()->type_name("GOLDEN");
-  hf->add_option("--cp", v.hf.cp_sizes, "cp sizes (default 1,2,4)")->delimiter(',')->check(CLI::PositiveNumber)->type_name("N,...");
+  hf->add_option("--cp", v.hf.cp_sizes, "cp sizes (default 1,2,4)")->delimiter(',')->check(kPositiveInteger)->type_name("N,...");
   auto* with = hf->add_flag("--holder", v.holder, "force the KV-share holder on");
   hf->add_flag("--no-holder", v.no_holder, "force the KV-share holder off")->excludes(with);
   add_report_outputs(hf, v.hf_outputs);

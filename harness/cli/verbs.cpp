@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <filesystem>
@@ -118,6 +119,9 @@ void require_writable_dir(const std::string& dir, const char* flag) {
 void require_writable_file(const std::string& path, const char* flag) {
   namespace fs = std::filesystem;
   if (fs::is_directory(path)) throw UsageError(fmt::format("{} {}: is a directory", flag, path));
+  std::error_code ec;
+  if (fs::exists(path, ec) && !fs::is_regular_file(path, ec))  // a FIFO or device is never replaced by a report
+    throw UsageError(fmt::format("{} {}: exists and is not a regular file", flag, path));
   auto parent = fs::path(path).parent_path();
   if (parent.empty()) parent = ".";
   if (!fs::is_directory(parent)) throw UsageError(fmt::format("{} {}: the directory {} does not exist", flag, path, parent.string()));
@@ -127,6 +131,17 @@ void require_writable_file(const std::string& path, const char* flag) {
 }  // namespace
 
 void check_outputs_writable(const ReportOutputs& outputs, const std::string& dump_dir) {
+  // Two outputs on one path: the second would overwrite the first (report.json lost under the XML).
+  const auto o = outputs.resolved();
+  const std::vector<std::pair<std::string, const char*>> files = {
+      {o.report_path, "--report"}, {o.junit_path, "--junit"}, {o.html_path, "--html"}};
+  for (size_t i = 0; i < files.size(); ++i)
+    for (size_t k = i + 1; k < files.size(); ++k) {
+      if (files[i].first.empty() || files[k].first.empty()) continue;
+      std::error_code ec;
+      if (std::filesystem::weakly_canonical(files[i].first, ec) == std::filesystem::weakly_canonical(files[k].first, ec))
+        throw UsageError(fmt::format("{} and {} name the same file {}", files[i].second, files[k].second, files[i].first));
+    }
   if (!outputs.out_dir.empty()) require_writable_dir(outputs.out_dir, "--out");
   if (!outputs.report_path.empty()) require_writable_file(outputs.report_path, "--report");
   if (!outputs.junit_path.empty()) require_writable_file(outputs.junit_path, "--junit");
@@ -351,6 +366,11 @@ int run_verb_checked(const RunArgs& a) {
 }
 
 int selftest_verb(const SelftestArgs& a) {
+  std::vector<std::string> known;
+  for (auto& m : runner::selftest_mutants()) known.push_back(m.name);
+  for (auto& name : a.only)  // an unknown name would run nothing and exit 3, looking like a skipped suite
+    if (std::find(known.begin(), known.end(), name) == known.end())
+      throw UsageError(fmt::format("--only {}: no such mutant; known: {}", name.empty() ? "''" : name, fmt::join(known, ", ")));
   check_outputs_writable(a.outputs);
   end_cleanly_on_stop("selftest", a.outputs, "local");
   runner::SuiteOptions options;

@@ -59,6 +59,14 @@ inline std::string temp_path_for(const std::string& path) {
 // Renames tmp over path; on failure removes tmp and throws InputError naming path.
 inline void commit_temp_file(const std::string& tmp, const std::string& path) {
   std::error_code ec;
+  // Only a regular file is replaced: renaming over a FIFO or a device node (/dev/full) would destroy it.
+  const auto existing = std::filesystem::status(path, ec);
+  if (!ec && std::filesystem::exists(existing) && !std::filesystem::is_regular_file(existing)) {
+    std::error_code ignored;
+    std::filesystem::remove(tmp, ignored);
+    untrack_temp_file(tmp);
+    throw InputError(path, "", "exists and is not a regular file; it is not replaced");
+  }
   std::filesystem::rename(tmp, path, ec);
   untrack_temp_file(tmp);
   if (ec) {

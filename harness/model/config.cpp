@@ -115,7 +115,9 @@ T read_field(const json& j, const std::string& key, const std::string& source, c
   return v.get<T>();
 }
 
-RopeConfig read_rope(const json& j, const std::string& source, const std::string& field) {
+// `strict` (case files): an unknown key is an error (a typo there silently changed the RoPE); HF files carry keys
+// other RoPE types use, ignored as transformers ignores them.
+RopeConfig read_rope(const json& j, const std::string& source, const std::string& field, bool strict) {
   if (!j.is_object()) throw InputError(source, field, "expected an object");
   RopeConfig r;
   for (auto& [k, v] : j.items()) {
@@ -123,6 +125,7 @@ RopeConfig read_rope(const json& j, const std::string& source, const std::string
     else if (k == "rope_theta") r.theta = read_field<double>(j, k, source, field + ".");
     else if (k == "partial_rotary_factor") r.partial_rotary_factor = read_field<double>(j, k, source, field + ".");
     else if (k == "factor") r.factor = read_field<double>(j, k, source, field + ".");
+    else if (strict) throw InputError(source, field + "." + k, "unknown key");
   }
   if (r.rope_type != "default" && r.rope_type != "proportional")
     throw InputError(source, field + ".rope_type", "unsupported rope type '" + r.rope_type + "'");
@@ -246,8 +249,8 @@ void apply_hf_keys(ModelConfig& c, const json& j, const std::string& source, con
          const json& v = j.at(k);
          if (!v.is_object()) throw InputError(source, prefix + k, "expected an object keyed by layer type");
          for (auto& [type, r] : v.items()) {
-           if (type == "sliding_attention") c.rope_sliding = read_rope(r, source, prefix + k + "." + type);
-           else if (type == "full_attention") c.rope_full = read_rope(r, source, prefix + k + "." + type);
+           if (type == "sliding_attention") c.rope_sliding = read_rope(r, source, prefix + k + "." + type, strict);
+           else if (type == "full_attention") c.rope_full = read_rope(r, source, prefix + k + "." + type, strict);
            else if (strict) throw InputError(source, prefix + k + "." + type, "unknown layer type");
          }
        }},
@@ -359,6 +362,10 @@ void ModelConfig::validate(const std::string& source, const std::string& key_pre
   positive(head_dim, "head_dim");
   positive(global_head_dim, "global_head_dim");
   positive(sliding_window, "sliding_window");
+  if (num_global_key_value_heads) {
+    positive(*num_global_key_value_heads, "num_global_key_value_heads");
+    at_most(*num_global_key_value_heads, 1024, "num_global_key_value_heads");
+  }
   if (head_dim % 2 || global_head_dim % 2) throw InputError(source, key("head_dim"), "head dims must be even for RoPE");
   if (int64_t(layer_types.size()) != num_hidden_layers)
     throw InputError(source, key("layer_types"), fmt::format("has {} entries for {} layers", layer_types.size(), num_hidden_layers));
@@ -459,7 +466,12 @@ ModelConfig config_from_hf_json(const json& j, const std::string& source) {
   if (nested && !j["text_config"].is_object()) throw InputError(source, "text_config", "expected an object");
   ModelConfig c;
   c.layer_types.clear();
-  apply_hf_keys(c, nested ? j["text_config"] : j, source, nested ? "text_config." : "", /*strict=*/false);
+  const json& text = nested ? j["text_config"] : j;
+  // transformers' config.json always names its model type; a JSON object without one (a case file, a config of
+  // nothing) would otherwise become a default-sized model.
+  if (!text.contains("model_type") && !j.contains("model_type"))
+    throw InputError(source, "model_type", "missing: not a transformers config.json (expected \"gemma4_text\")");
+  apply_hf_keys(c, text, source, nested ? "text_config." : "", /*strict=*/false);
   c.name = "hf";
   c.validate(source);
   return c;
@@ -524,6 +536,11 @@ ModelConfig config_from_case_json(const json& j, const std::string& source) {
     prefix = j.contains("overrides") ? "model.overrides." : "model.";
   } else {
     if (j.contains("overrides")) throw InputError(source, "model.overrides", "only allowed with \"preset\"");
+    // An inline config gives the geometry itself: defaults for it would be a 2.6 B-parameter model nobody asked for.
+    if (j["config"].is_object())
+      for (const char* k : {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                            "num_key_value_heads", "head_dim", "layer_types"})
+        if (!j["config"].contains(k)) throw InputError(source, std::string("model.config.") + k, "missing required key");
     c.layer_types.clear();
     apply_hf_keys(c, j["config"], source, "model.config.", /*strict=*/true);
     c.name = "inline";

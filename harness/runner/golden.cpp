@@ -148,8 +148,15 @@ report::Report run_golden_verify(const std::string& case_path, const std::string
   auto r = report::new_report("cpu", std::nullopt);
   report::CaseReport cr;
   const auto start = std::chrono::steady_clock::now();
+  train::Case c;
+  try {  // a case that cannot be read is the run's error, with no case in the report (as `run` reports it)
+    c = train::load_case(case_path);
+  } catch (const io::InputError& e) {
+    r.error = e.what();
+    std::cerr << "cpharness: error: " << e.what() << "\n";
+    return r;
+  }
   try {
-    const auto c = train::load_case(case_path);
     cr.id = c.id;
     cr.dtype = train::to_string(c.dtype);
     cr.cp_sizes = {1};

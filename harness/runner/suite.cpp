@@ -1,7 +1,11 @@
 #include "harness/runner/suite.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <chrono>
 #include <iostream>
 
@@ -405,6 +409,21 @@ std::optional<std::string> unsupported_configuration(const train::Case& c, const
   for (int n : cp_sizes_of(c, options))  // --cp and the world size are checked here, the case's own on load
     if (auto why = train::cp_size_problem(n, c.data.seq_len)) return *why;
   if (skip_reason(c, options)) return std::nullopt;
+  // A case whose candidates are all the reference's own size compares nothing: a pass would be vacuous.
+  const auto cps = cp_sizes_of(c, options);
+  if (std::all_of(cps.begin(), cps.end(), [&](int n) { return n == c.reference_cp; }))
+    return fmt::format("cp sizes [{}] hold no candidate: every one is the reference's size (reference_cp {}), so "
+                       "nothing would be compared", fmt::join(cps, ", "), c.reference_cp);
+  // On the host, a model that cannot fit is refused before it is built (not killed by the kernel half-way): its
+  // fp32 weights, gradients, two AdamW states and the cached initialisation, at the least.
+  if (!device_of(c, options).is_cuda()) {
+    const double need = double(c.model.parameter_count()) * 4.0 * 5.0;
+    const double have = double(::sysconf(_SC_PHYS_PAGES)) * double(::sysconf(_SC_PAGE_SIZE));
+    if (have > 0 && need > have)
+      return fmt::format("the model ({:.3g} B parameters) needs at least {:.1f} GiB of host memory (fp32 weights, "
+                         "gradients, AdamW states, the cached initialisation); this machine has {:.1f} GiB",
+                         double(c.model.parameter_count()) / 1e9, need / double(1 << 30), have / double(1 << 30));
+  }
   if (options.world && c.reference_cp > 1)
     return fmt::format("reference_cp {} runs its ranks as threads of rank 0; under a process backend (--comm {}) only "
                        "reference_cp 1 is supported so far", c.reference_cp, cp::backend_name(options.world->backend()));

@@ -1,5 +1,6 @@
 // The cpharness binary end to end: exit codes and messages for good and bad input.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <array>
@@ -359,8 +360,10 @@ TEST_F(CliTest, RealCheckpointsPassTheFp32LaneAtCp2To4) {
   EXPECT_GE(reruns, 1);
 }
 
-// A run whose loss or gradients are not finite fails, whatever checks the case selects: a NaN weight in a real
-// checkpoint, and rms_norm_eps -1e30 (the square root of a negative number), with only count checks selected.
+// A run whose loss or gradients are not finite fails, whatever checks the case selects: AdamW at lr 1e30 (valid
+// input; the first update takes every weight to ~1e30 and the next forward overflows), with only count checks.
+// What would make a run non-finite from its inputs alone (a NaN weight in a real checkpoint, rms_norm_eps -1e30)
+// is bad input: exit 2 naming the tensor or the key, before any run.
 TEST_F(CliTest, ANonFiniteRunFailsWhateverChecksTheCaseSelects) {
   const fs::path ckpt = dir_ / "nan-checkpoint";
   fs::copy(fs::path(CPHARNESS_SOURCE_DIR) / "golden/hf-5.5.0/tiny-e2b-hf-checkpoint", ckpt);
@@ -384,21 +387,26 @@ TEST_F(CliTest, ANonFiniteRunFailsWhateverChecksTheCaseSelects) {
                                               R"("}, "data": {"seq_len": 24, "seed": 1}, )" + counts_only + "}");
   const auto eps_case = write("eps.json", R"({"id": "negative-eps", "model": {"preset": "tiny-31b", "overrides":
       {"rms_norm_eps": -1e30}}, "data": {"seq_len": 24, "seed": 1}, )" + counts_only + "}");
-  for (const auto& c : {nan_case, eps_case}) {
+  for (const auto& [c, named] : {std::pair{nan_case, "layers.0.mlp.down_proj.weight"}, std::pair{eps_case, "rms_norm_eps"}}) {
     SCOPED_TRACE(c);
-    const auto out = dir_ / fs::path(c).stem();
-    auto r = run_cli("run " + c + " --out " + out.string());
-    ASSERT_EQ(r.exit_code, 1) << r.output;
-    const auto j = read_json(out / "report.json");
-    EXPECT_EQ(j["status"], "fail");
-    int trained_failed = 0;
-    for (auto& k : j["cases"][0]["checks"])
-      if (k["name"] == "train.trained" && k["status"] == "fail") {
-        ++trained_failed;
-        EXPECT_NE(k["message"].get<std::string>().find("non-finite"), std::string::npos) << k["message"];
-      }
-    EXPECT_EQ(trained_failed, 2) << "the cp 1 reference and the cp 2 candidate";
+    auto r = run_cli("run " + c + " --out " + (dir_ / fs::path(c).stem()).string());
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    EXPECT_NE(r.output.find(named), std::string::npos) << r.output;
   }
+  const auto lr_case = write("lr.json", R"({"id": "huge-lr", "model": {"preset": "tiny-31b"}, "optimizer": {"lr": 1e30},
+      "data": {"seq_len": 24, "seed": 1}, )" + counts_only + "}");
+  const auto out = dir_ / "lr";
+  auto r = run_cli("run " + lr_case + " --out " + out.string());
+  ASSERT_EQ(r.exit_code, 1) << r.output;
+  const auto j = read_json(out / "report.json");
+  EXPECT_EQ(j["status"], "fail");
+  int trained_failed = 0;
+  for (auto& k : j["cases"][0]["checks"])
+    if (k["name"] == "train.trained" && k["status"] == "fail") {
+      ++trained_failed;
+      EXPECT_NE(k["message"].get<std::string>().find("non-finite"), std::string::npos) << k["message"];
+    }
+  EXPECT_EQ(trained_failed, 2) << "the cp 1 reference and the cp 2 candidate";
 }
 
 // An HF golden without /inputs/document_ids whose position ids restart among the real tokens while
@@ -578,6 +586,45 @@ TEST_F(CliTest, KillingTheLauncherOutrightLeavesNoRankRunning) {
   EXPECT_EQ(processes_left(report.string(), std::chrono::seconds(10)), 0);
 }
 #endif
+
+// Outputs that would lose or destroy something are usage errors before any work: two outputs on one path, an empty
+// path (an unset variable), a FIFO or device in place of a report; and so are --cp 0, and a selftest mutant that
+// does not exist (it used to run nothing and exit 3).
+TEST_F(CliTest, OutputsThatWouldLoseOrDestroySomethingAreRefusedBeforeAnyWork) {
+  auto c = write("g.json", kGoodCase);
+  const auto same = (dir_ / "same").string();
+  auto r = run_cli("run " + c + " --report " + same + " --junit " + same);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("same file"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(same));
+  for (const std::string flag : {"--out", "--report", "--junit", "--html"}) {
+    r = run_cli("run " + c + " " + flag + " ''");
+    EXPECT_EQ(r.exit_code, 2) << flag << r.output;
+    EXPECT_NE(r.output.find("empty"), std::string::npos) << flag << r.output;
+  }
+  const auto fifo = dir_ / "report.fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0644), 0);
+  r = run_cli("run " + c + " --report " + fifo.string());
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_TRUE(fs::is_fifo(fifo)) << "the FIFO was replaced";
+  r = run_cli("run " + c + " --cp 0");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("whole number >= 1"), std::string::npos) << r.output;
+  r = run_cli("selftest --only no-such-mutant");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("no such mutant"), std::string::npos) << r.output;
+}
+
+// golden verify on a case that cannot be read: exit 2 and an error report with no case in it (as run's).
+TEST_F(CliTest, GoldenVerifyOfAnUnreadableCaseReportsNoCase) {
+  auto bad = write("bad.json", "{\"id\": ");
+  const auto report = dir_ / "verify.json";
+  auto r = run_cli("golden verify " + bad + " " + (dir_ / "none.h5").string() + " --report " + report.string());
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  const auto j = read_json(report);
+  EXPECT_EQ(j["status"], "error");
+  EXPECT_TRUE(j["cases"].empty()) << j.dump(2);
+}
 
 // Every case's checkpoint is checked when the cases are loaded: a truncated one, or a config.json lying about the
 // geometry, is exit 2 naming the case key before any case trains (not after the good cases ran for hours).

@@ -162,6 +162,9 @@ TEST(ModelStructure, BadConfigsNameTheField) {
   hf["hidden_activation"] = "gelu_pytorch_tanh";
   hf["model_type"] = "llama";
   EXPECT_THROW(config_from_hf_json(hf, "config.json"), io::InputError);
+  hf.erase("model_type");  // any JSON object (a case file, {}) is not a config.json of a default-sized model
+  EXPECT_THROW(config_from_hf_json(hf, "config.json"), io::InputError);
+  EXPECT_THROW(config_from_hf_json(nlohmann::json::object(), "config.json"), io::InputError);
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 #include "harness/train/case.h"
 
+#include "harness/model/gemma4.h"
 #include "harness/model/weights.h"
 
 #include "harness/train/device.h"
@@ -7,6 +8,8 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -35,6 +38,15 @@ int64_t int_value(const json& v, const std::string& path, const std::string& fie
   const int64_t x = v.get<int64_t>();
   if (x < min_value) throw InputError(path, field, fmt::format("must be >= {}, got {}", min_value, x));
   return x;
+}
+
+// A seed: any integer in [0, 2^64) (JSON integers past 2^63 arrive unsigned).
+uint64_t seed_at(const json& j, const std::string& key, const std::string& path, const std::string& field) {
+  const json& v = j.at(key);
+  if (v.is_number_unsigned()) return v.get<uint64_t>();
+  if (!v.is_number_integer()) throw InputError(path, field, fmt::format("wrong type: expected an integer, got {}", v.type_name()));
+  if (v.get<int64_t>() < 0) throw InputError(path, field, fmt::format("must be in [0, 2^64), got {}", v.get<int64_t>()));
+  return uint64_t(v.get<int64_t>());
 }
 
 int64_t int_at(const json& j, const std::string& key, const std::string& path, const std::string& field, int64_t min_value) {
@@ -103,8 +115,12 @@ namespace {
 void read_weights(const json& j, const std::string& path, Case& c) {
   const json& w = object_at(j, "weights", path, "weights");
   reject_unknown(w, {"init_seed", "checkpoint"}, path, "weights.");
-  if (w.contains("init_seed")) c.init_seed = uint64_t(int_at(w, "init_seed", path, "weights.init_seed", 0));
-  if (w.contains("checkpoint")) c.checkpoint = io::resolve_beside(path, string_at(w, "checkpoint", path, "weights.checkpoint"));
+  if (w.contains("init_seed")) c.init_seed = seed_at(w, "init_seed", path, "weights.init_seed");
+  if (w.contains("checkpoint")) {
+    const auto named = string_at(w, "checkpoint", path, "weights.checkpoint");
+    if (named.empty()) throw InputError(path, "weights.checkpoint", "empty path (leave the key out for the seeded init)");
+    c.checkpoint = io::resolve_beside(path, named);
+  }
 }
 
 void read_data(const json& j, const std::string& path, Case& c) {
@@ -114,7 +130,7 @@ void read_data(const json& j, const std::string& path, Case& c) {
   c.data.seq_len = int_at(d, "seq_len", path, "data.seq_len", 2);
   if (d.contains("batch")) c.data.batch = int_at(d, "batch", path, "data.batch", 1);
   if (d.contains("padding")) c.data.padding = int_at(d, "padding", path, "data.padding", 0);
-  if (d.contains("seed")) c.data.seed = uint64_t(int_at(d, "seed", path, "data.seed", 0));
+  if (d.contains("seed")) c.data.seed = seed_at(d, "seed", path, "data.seed");
   if (d.contains("document_lengths")) c.data.document_lengths = ints_at(d, "document_lengths", path, "data.document_lengths", 1);
   if (d.contains("vision_runs")) {
     if (!d["vision_runs"].is_array()) throw InputError(path, "data.vision_runs", "wrong type: expected an array of [start, length]");
@@ -123,6 +139,10 @@ void read_data(const json& j, const std::string& path, Case& c) {
       const std::string field = fmt::format("data.vision_runs[{}]", i);
       if (!r.is_array() || r.size() != 2 || !r[0].is_number_integer() || !r[1].is_number_integer())
         throw InputError(path, field, "expected [start, length]");
+      if (r[0].get<int64_t>() < 0 || r[1].get<int64_t>() < 1 || r[0].get<int64_t>() > c.data.seq_len ||
+          r[1].get<int64_t>() > c.data.seq_len)  // (so start + length cannot overflow)
+        throw InputError(path, field, fmt::format("[{}, {}]: start must be in [0, seq_len {}] and length in [1, seq_len]",
+                                                  r[0].get<int64_t>(), r[1].get<int64_t>(), c.data.seq_len));
       c.data.vision_runs.push_back({r[0].get<int64_t>(), r[1].get<int64_t>()});
     }
   }
@@ -142,11 +162,16 @@ void read_data(const json& j, const std::string& path, Case& c) {
       throw InputError(path, fmt::format("data.document_lengths[{}]", i),
                        fmt::format("{} is longer than seq_len {}", c.data.document_lengths[i], c.data.seq_len));
   c.data.vocab_size = c.model.vocab_size;
+  Batch batch;
   try {
-    make_batch(c.data);  // validates lengths, padding and runs against each other
+    batch = make_batch(c.data);  // validates lengths, padding and runs against each other
   } catch (const InputError& e) {
     throw InputError(path, "data", e.what());
   }
+  // Every step's batch has the same documents and padding (only their order and tokens change): without a single
+  // target there is no loss to train, and every check would judge zeros.
+  if (!(model::shift_labels(batch.labels) != model::kIgnoreIndex).any().item<bool>())
+    throw InputError(path, "data", "no token has a target (all padding or one-token documents): no loss to train on");
 }
 
 DtypeLane read_lane(const json& j, const std::string& path) {
@@ -170,6 +195,20 @@ void read_optimizer(const json& j, const std::string& path, Case& c) {
   if (o.contains("beta2")) c.optimizer.beta2 = number_at(o, "beta2", path, "optimizer.beta2");
   if (o.contains("eps")) c.optimizer.eps = number_at(o, "eps", path, "optimizer.eps");
   if (o.contains("weight_decay")) c.optimizer.weight_decay = number_at(o, "weight_decay", path, "optimizer.weight_decay");
+  // What AdamW accepts and what keeps every update finite; checked here, not by the optimizer mid-run.
+  auto need = [&](bool ok, const char* field, double v, const char* range) {
+    if (!ok) throw InputError(path, std::string("optimizer.") + field, fmt::format("must be {}, got {}", range, v));
+  };
+  const auto& opt = c.optimizer;
+  need(std::isfinite(opt.lr) && opt.lr >= 0, "lr", opt.lr, "finite and >= 0");
+  need(opt.beta1 >= 0 && opt.beta1 < 1, "beta1", opt.beta1, "in [0, 1)");
+  need(opt.beta2 >= 0 && opt.beta2 < 1, "beta2", opt.beta2, "in [0, 1)");
+  need(std::isfinite(opt.eps) && opt.eps > 0, "eps", opt.eps, "finite and > 0");
+  need(std::isfinite(opt.weight_decay) && opt.weight_decay >= 0, "weight_decay", opt.weight_decay, "finite and >= 0");
+  // AdamW's first step size, lr / (1 - beta1), is a scalar of the weights' dtype: past fp32's range libtorch
+  // refuses it mid-run.
+  const double step = opt.lr / (1 - opt.beta1);
+  need(step <= double(std::numeric_limits<float>::max()), "lr", opt.lr, "such that lr / (1 - beta1) fits fp32");
 }
 
 void read_requires(const json& j, const std::string& path, Case& c) {
@@ -204,6 +243,10 @@ void read_tolerances(const json& j, const std::string& path, Case& c) {
   if (t.contains("bf16_k")) c.tolerances.bf16_k = number_at(t, "bf16_k", path, "tolerances.bf16_k");
   if (t.contains("bf16_floor")) c.tolerances.bf16_floor = number_at(t, "bf16_floor", path, "tolerances.bf16_floor");
   if (t.contains("cp_growth")) c.tolerances.cp_growth = number_at(t, "cp_growth", path, "tolerances.cp_growth");
+  for (const auto& [field, v] : {std::pair{"fp32_oracle_k", c.tolerances.fp32_oracle_k}, {"fp32_relative", c.tolerances.fp32_relative},
+                                 {"bf16_k", c.tolerances.bf16_k}, {"bf16_floor", c.tolerances.bf16_floor}, {"cp_growth", c.tolerances.cp_growth}})
+    if (!(std::isfinite(v) && v >= 0))  // a negative tolerance fails every check; NaN passes none
+      throw InputError(path, std::string("tolerances.") + field, fmt::format("must be finite and >= 0, got {}", v));
 }
 
 }  // namespace
@@ -226,14 +269,18 @@ Case case_from_json(const json& j, const std::string& path) {
   for (const char* required : {"id", "model", "data"})
     if (!j.contains(required)) throw InputError(path, required, "missing required key");
   c.id = string_at(j, "id", path, "id");
+  if (c.id.empty()) throw InputError(path, "id", "must not be empty");
   if (j.contains("description")) c.description = string_at(j, "description", path, "description");
   c.model = model::config_from_case_json(j.at("model"), path);
   if (j.contains("weights")) read_weights(j, path, c);
   read_data(j, path, c);
   if (j.contains("dtype")) c.dtype = read_lane(j, path);
   if (j.contains("steps")) c.steps = int_at(j, "steps", path, "steps", 1);
+  if (c.steps > kMaxSteps)  // a parity case runs a few steps; a huge count is a typo that would look like a hang
+    throw InputError(path, "steps", fmt::format("{} is more than this harness allows ({})", c.steps, kMaxSteps));
   if (j.contains("optimizer")) read_optimizer(j, path, c);
   if (j.contains("cp")) c.cp_sizes = ints_at(j, "cp", path, "cp", 1);
+  if (c.cp_sizes.empty()) throw InputError(path, "cp", "empty: a case needs at least one candidate cp size");
   for (size_t i = 0; i < c.cp_sizes.size(); ++i)
     if (auto why = cp_size_problem(c.cp_sizes[i], c.data.seq_len)) throw InputError(path, fmt::format("cp[{}]", i), *why);
   if (j.contains("requires")) read_requires(j, path, c);
@@ -322,14 +369,16 @@ Case case_from_json(const json& j, const std::string& path) {
 
 Case load_case(const std::string& path) {
   std::error_code ec;
-  if (std::filesystem::exists(path, ec) && !std::filesystem::is_regular_file(path, ec))
+  const auto status = std::filesystem::status(path, ec);
+  if (ec && ec != std::errc::no_such_file_or_directory) throw InputError(path, "case", "cannot read: " + ec.message());
+  if (std::filesystem::exists(status) && !std::filesystem::is_regular_file(status))
     throw InputError(path, "case", "is not a regular file");
   std::ifstream in(path);
   if (!in) throw InputError(path, "case", "cannot open file");
   json j;
   try {
     j = json::parse(in);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse errors, and numbers out of range (1e400)
     throw InputError(path, "case", std::string("malformed JSON: ") + e.what());
   }
   return case_from_json(j, path);
@@ -339,10 +388,15 @@ std::vector<Case> load_cases(const std::vector<std::string>& paths) {
   namespace fs = std::filesystem;
   std::vector<Case> cases;
   for (auto& p : paths) {
-    if (fs::is_directory(p)) {
+    std::error_code ec;
+    const auto status = fs::status(p, ec);
+    if (ec && ec != std::errc::no_such_file_or_directory)  // a symlink loop, a path through a file, no permission
+      throw InputError(p, "case", "cannot read: " + ec.message());
+    if (fs::is_directory(status)) {
       std::vector<std::string> files;
-      for (auto& entry : fs::directory_iterator(p))
+      for (auto& entry : fs::directory_iterator(p, ec))
         if (entry.path().extension() == ".json") files.push_back(entry.path().string());
+      if (ec) throw InputError(p, "cases", "cannot list the directory: " + ec.message());
       std::sort(files.begin(), files.end());
       if (files.empty()) throw InputError(p, "cases", "directory holds no *.json case");
       for (auto& f : files) cases.push_back(load_case(f));

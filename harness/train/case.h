@@ -73,6 +73,7 @@ inline constexpr int64_t kMaxSeqLen = int64_t(1) << 21;  // tokens per row
 inline constexpr int64_t kMaxBatch = 1024;
 inline constexpr int64_t kMaxTokens = int64_t(1) << 23;  // batch x seq_len
 inline constexpr int64_t kMaxCp = 4096;
+inline constexpr int64_t kMaxSteps = 100000;  // optimizer steps of one case
 // Why `cp` cannot split `seq_len` tokens (more ranks than tokens, or above kMaxCp), or nullopt.
 std::optional<std::string> cp_size_problem(int64_t cp, int64_t seq_len);
 

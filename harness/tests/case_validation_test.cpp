@@ -1,0 +1,106 @@
+// Hostile case values are input errors naming the case file and the key, found when the case is loaded: never a
+// crash, an allocation the machine cannot hold, a run that fails (or passes) on a value that could not mean
+// anything, or an internal error naming nothing.
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "harness/io/input_error.h"
+#include "harness/model/config.h"
+#include "harness/runner/suite.h"
+#include "harness/train/case.h"
+
+namespace cpharness {
+namespace {
+
+using nlohmann::json;
+
+json good_case() {
+  return json::parse(R"({"id": "v", "model": {"preset": "tiny-31b"}, "data": {"seq_len": 24, "padding": 4, "seed": 1},
+                         "steps": 2, "cp": [2]})");
+}
+
+// `spoil` applied to a good case must be refused, naming `subject` (a prefix of the error's key is enough).
+void expect_refused(const std::string& what, const std::function<void(json&)>& spoil, const std::string& subject) {
+  SCOPED_TRACE(what);
+  json j = good_case();
+  spoil(j);
+  try {
+    train::case_from_json(j, "v.json");
+    ADD_FAILURE() << "accepted";
+  } catch (const io::InputError& e) {
+    EXPECT_EQ(e.file(), "v.json") << e.what();
+    EXPECT_EQ(e.subject().rfind(subject, 0), 0u) << e.what();
+  }
+}
+
+TEST(CaseValidation, ValuesThatCannotMeanAnythingAreRefusedNamingTheKey) {
+  ASSERT_NO_THROW(train::case_from_json(good_case(), "v.json"));
+  // Model: a zero or negative head count (a division by zero crashed the process), a config of nothing (a default
+  // 2.6 B-parameter model), an unknown RoPE key (a typo that silently changed the RoPE).
+  expect_refused("global kv heads 0", [](json& j) { j["model"]["overrides"] = {{"num_global_key_value_heads", 0}}; },
+                 "model.overrides.num_global_key_value_heads");
+  expect_refused("global kv heads -1", [](json& j) { j["model"]["overrides"] = {{"num_global_key_value_heads", -1}}; },
+                 "model.overrides.num_global_key_value_heads");
+  expect_refused("k_eq_v with 0 global heads", [](json& j) {
+    j["model"] = {{"preset", "tiny-e4b"}, {"overrides", {{"attention_k_eq_v", true}, {"num_global_key_value_heads", 0}}}};
+  }, "model.overrides.num_global_key_value_heads");
+  expect_refused("empty inline config", [](json& j) { j["model"] = {{"config", json::object()}}; }, "model.config.");
+  expect_refused("rope typo", [](json& j) {
+    j["model"]["overrides"] = {{"rope_parameters", {{"full_attention", {{"rope_typo", "default"}}}}}};
+  }, "model.overrides.rope_parameters.full_attention.rope_typo");
+  // Optimizer and tolerances: values AdamW refuses mid-run, or that make every update NaN, or every check fail.
+  for (const auto& [key, value] : std::vector<std::pair<std::string, double>>{
+           {"lr", -1}, {"lr", 1e38}, {"beta1", 2}, {"beta2", -0.1}, {"eps", -1}, {"eps", 0}, {"weight_decay", -1}})
+    expect_refused("optimizer." + key, [&](json& j) { j["optimizer"] = {{key, value}}; }, "optimizer." + key);
+  for (const char* key : {"bf16_k", "bf16_floor", "cp_growth", "fp32_relative", "fp32_oracle_k"})
+    expect_refused(key, [&](json& j) { j["tolerances"] = {{key, -1.0}}; }, std::string("tolerances.") + key);
+  // Identity and sizes: an empty id, no candidate, steps no parity case needs, a checkpoint named by "".
+  expect_refused("empty id", [](json& j) { j["id"] = ""; }, "id");
+  expect_refused("no cp", [](json& j) { j["cp"] = json::array(); }, "cp");
+  expect_refused("huge steps", [](json& j) { j["steps"] = int64_t(1) << 62; }, "steps");
+  expect_refused("empty checkpoint", [](json& j) { j["weights"] = {{"checkpoint", ""}}; }, "weights.checkpoint");
+  // Data: a vision run whose start + length overflows, and a batch with no target at all (nothing to train).
+  expect_refused("vision overflow", [](json& j) { j["data"]["vision_runs"] = {{int64_t(9223372036854775000), 1000}}; },
+                 "data.vision_runs[0]");
+  expect_refused("no target", [](json& j) { j["data"]["document_lengths"] = std::vector<int>(20, 1); }, "data");
+}
+
+TEST(CaseValidation, SeedsTakeTheWholeUnsignedRange) {
+  json j = good_case();
+  j["data"]["seed"] = uint64_t(18446744073709551615ull);
+  j["weights"] = {{"init_seed", uint64_t(9223372036854775808ull)}};
+  const auto c = train::case_from_json(j, "v.json");
+  EXPECT_EQ(c.data.seed, 18446744073709551615ull);
+  EXPECT_EQ(c.init_seed, 9223372036854775808ull);
+  j["data"]["seed"] = -1;
+  try {
+    train::case_from_json(j, "v.json");
+    ADD_FAILURE() << "accepted a negative seed";
+  } catch (const io::InputError& e) {
+    EXPECT_EQ(e.subject(), "data.seed");
+  }
+}
+
+// A case whose candidates are all the reference's size compares nothing; a model that cannot fit the host is
+// refused before it is built. Both are the runner's to say (they depend on --cp and the machine).
+TEST(CaseValidation, NothingToCompareAndAModelLargerThanTheHostAreRefusedBeforeAnyWork) {
+  auto c = train::case_from_json(good_case(), "v.json");
+  runner::SuiteOptions options;
+  EXPECT_FALSE(runner::unsupported_configuration(c, options)) << *runner::unsupported_configuration(c, options);
+  c.cp_sizes = {1};
+  ASSERT_TRUE(runner::unsupported_configuration(c, options));
+  EXPECT_NE(runner::unsupported_configuration(c, options)->find("nothing would be compared"), std::string::npos);
+  c.cp_sizes = {2};
+  c.reference_cp = 2;
+  EXPECT_TRUE(runner::unsupported_configuration(c, options));
+  c.reference_cp = 1;
+  c.model = model::preset_config("31b");  // 31 B parameters: far more than any CI host holds in fp32 with AdamW
+  ASSERT_TRUE(runner::unsupported_configuration(c, options));
+  EXPECT_NE(runner::unsupported_configuration(c, options)->find("host memory"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace cpharness
