@@ -42,6 +42,19 @@ const CLI::Validator kPositiveInteger(
     },
     "N");
 
+// A number of rows to show: a whole number >= 0 (a negative one used to be accepted).
+const CLI::Validator kCount(
+    [](std::string& value) -> std::string {
+      try {
+        size_t used = 0;
+        const long long v = std::stoll(value, &used);
+        if (used == value.size() && v >= 0) return "";
+      } catch (const std::exception&) {
+      }
+      return "expects a whole number >= 0, got '" + value + "'";
+    },
+    "N");
+
 // An output path: an empty one (an unset variable in a CI script) would silently write nothing.
 const CLI::Validator kPath(
     [](std::string& value) -> std::string { return value.empty() ? "expects a path, got an empty string" : ""; }, "PATH");
@@ -131,8 +144,9 @@ void add_compare(CLI::App& app, Verbs& v) {
   compare->add_option("a", v.compare.a, "dump, golden or directory")->required()->type_name("A");
   compare->add_option("b", v.compare.b, "the reference: dump, golden or directory")->required()->type_name("B");
   compare->add_option("--policy", v.compare.policy, "fp32 | exact | rel:X[,CATEGORY:X...]")->type_name("SPEC");
-  compare->add_option("--json", v.compare.json_path, "write the comparison as JSON")->type_name("F");
-  compare->add_option("--rows", v.compare.rows, "failing entries shown per pair (default 40)")->type_name("N");
+  compare->add_option("--json", v.compare.json_path, "write the comparison as JSON")->check(kPath)->type_name("F");
+  compare->add_option("--rows", v.compare.rows, "failing entries shown per pair (default 40)")
+      ->check(kCount)->type_name("N");
   compare->add_flag("--all", v.compare_all, "show every failing entry");
 }
 

@@ -397,6 +397,7 @@ int golden_verify_verb(const std::string& case_path, const std::string& golden_p
 }
 
 int compare_verb(const CompareArgs& a) {
+  if (!a.json_path.empty()) require_writable_file(a.json_path, "--json");  // before the comparison, not after it
   report::ComparePolicy policy;
   try {
     policy = report::ComparePolicy::parse(a.policy);
@@ -439,6 +440,8 @@ int bisect_verb(const std::string& case_path, const std::string& golden_path) {
   };
   try {
     const auto c = train::load_case(case_path);
+    if (!golden_path.empty() && !std::filesystem::is_regular_file(golden_path))  // before the case trains
+      return skip(golden_path + ": no such golden file");
     const auto options = plant_bug_from_env(runner::SuiteOptions{});
     if (auto why = runner::unsupported_configuration(c, options)) return skip(c.path + ": " + *why);
     const auto r = runner::run_suite({c}, options);

@@ -615,6 +615,23 @@ TEST_F(CliTest, OutputsThatWouldLoseOrDestroySomethingAreRefusedBeforeAnyWork) {
   EXPECT_NE(r.output.find("no such mutant"), std::string::npos) << r.output;
 }
 
+// compare and bisect find what they cannot do before the work: an unwritable --json, a negative --rows, a missing
+// golden (bisect: 125 at once, not after training the case).
+TEST_F(CliTest, CompareAndBisectRefuseWhatTheyCannotDoBeforeTheWork) {
+  const auto golden = (dir_ / "g.h5").string();
+  auto c = write("g.json", kGoodCase);
+  ASSERT_EQ(run_cli("golden record " + c + " -o " + golden).exit_code, 0);
+  auto r = run_cli("compare " + golden + " " + golden + " --json " + (dir_ / "missing-dir" / "c.json").string());
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(r.output.find("PASS"), std::string::npos) << "compared before refusing: " << r.output;
+  r = run_cli("compare " + golden + " " + golden + " --rows -1");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(run_cli("compare " + golden + " " + golden + " --rows 0").exit_code, 0);
+  r = run_cli("bisect " + c + " --golden " + (dir_ / "missing.h5").string());
+  EXPECT_EQ(r.exit_code, 125) << r.output;
+  EXPECT_EQ(r.output.find("step 0"), std::string::npos) << "trained before skipping: " << r.output;
+}
+
 // golden verify on a case that cannot be read: exit 2 and an error report with no case in it (as run's).
 TEST_F(CliTest, GoldenVerifyOfAnUnreadableCaseReportsNoCase) {
   auto bad = write("bad.json", "{\"id\": ");
