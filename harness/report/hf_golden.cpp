@@ -139,7 +139,10 @@ HfGolden load_hf_golden(const std::string& path) {
   // Token ids index the embedding and the loss's classes: out of range they are bad input, not a model failure.
   require_range(g, "input_ids", g.batch.input_ids, 0, g.config.vocab_size);
   require_range(g, "labels", g.batch.labels, 0, g.config.vocab_size, model::kIgnoreIndex);
-  require_range(g, "position_ids", g.batch.position_ids, 0, std::numeric_limits<int32_t>::max());
+  // Positions of real tokens index RoPE; a padding position is never attended (exporters write 1, 0 or -1 there).
+  const auto& pad = g.batch.meta.padding;
+  require_range(g, "position_ids", pad.defined() ? g.batch.position_ids.masked_fill(pad, 0) : g.batch.position_ids, 0,
+                std::numeric_limits<int32_t>::max());
   if (!(model::shift_labels(g.batch.labels) != model::kIgnoreIndex).any().item<bool>())
     throw InputError(path, "inputs/labels", "no token has a target (every shifted label is the ignore index): no loss to compare");
   const auto lshape = s0.logits.sizes().vec();
