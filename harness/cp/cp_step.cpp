@@ -111,7 +111,7 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
   result.plan = ShardPlan(batch.input_ids.size(1), n, step_options.sharding);
   auto full = token_batch_of(batch);
   full.labels_shifted = step_options.shift_labels_after_sharding;  // the mutant skips the full-sequence shift
-  const auto prepared = prepare_cp_batch(full, result.plan, model->config().pad_token_id);
+  const auto prepared = prepare_cp_batch(full, result.plan, model->config().pad_fill_id());
   auto shard = shard_batch(prepared, result.plan, rank);
   // Where each local token came from, sharded by the same path as the data (the shard.layout check reads it).
   result.token_index = result.plan.shard(at::arange(result.plan.padded_len(), at::kLong).unsqueeze(0), rank).squeeze(0);

@@ -212,7 +212,11 @@ void apply_hf_keys(ModelConfig& c, const json& j, const std::string& source, con
       {"vocab_size_per_layer_input", i64(c.vocab_size_per_layer_input)},
       {"num_kv_shared_layers", i64(c.num_kv_shared_layers)},
       {"use_double_wide_mlp", bln(c.use_double_wide_mlp)},
-      {"pad_token_id", i64(c.pad_token_id)},
+      {"pad_token_id",
+       [&](const std::string& k) {
+         if (j.at(k).is_null()) c.pad_token_id.reset();
+         else c.pad_token_id = read_field<int64_t>(j, k, source, prefix);
+       }},
       {"tie_word_embeddings", bln(c.tie_word_embeddings)},
       {"use_bidirectional_attention",
        [&](const std::string& k) {
@@ -271,7 +275,14 @@ void apply_hf_keys(ModelConfig& c, const json& j, const std::string& source, con
       c.layer_types.push_back(i % 6 == 5 ? LayerType::kFull : LayerType::kSliding);
     if (!c.layer_types.empty()) c.layer_types.back() = LayerType::kFull;
   }
-  if (per_layer_config) apply_per_layer_config(c, *per_layer_config, source, prefix + "per_layer_config");
+  if (per_layer_config) {
+    // That form leaves out what equals the base value (5.16 .. 5.25's save_pretrained): in an HF file, no
+    // global_head_dim means head_dim, and no num_global_key_value_heads means num_key_value_heads.
+    if (!strict && !j.contains("global_head_dim")) c.global_head_dim = c.head_dim;
+    if (!strict && !j.contains("num_global_key_value_heads") && c.attention_k_eq_v)
+      c.num_global_key_value_heads = c.num_key_value_heads;
+    apply_per_layer_config(c, *per_layer_config, source, prefix + "per_layer_config");
+  }
 }
 
 std::string layer_type_name(LayerType t) { return t == LayerType::kFull ? "full_attention" : "sliding_attention"; }
@@ -381,6 +392,10 @@ void ModelConfig::validate(const std::string& source, const std::string& key_pre
       throw InputError(source, key("num_kv_shared_layers"), fmt::format("shared layer {} ({}) has no earlier layer of its type", i, layer_type_name(layer_types[i])));
   if (hidden_size_per_layer_input < 0) throw InputError(source, key("hidden_size_per_layer_input"), "must be >= 0");
   if (hidden_size_per_layer_input > 0) positive(vocab_size_per_layer_input, "vocab_size_per_layer_input");
+  if (hidden_size_per_layer_input > 0 && vocab_size_per_layer_input < vocab_size)  // every token id indexes both tables
+    throw InputError(source, key("vocab_size_per_layer_input"),
+                     fmt::format("{} is smaller than vocab_size {}: token ids past it have no per-layer embedding",
+                                 vocab_size_per_layer_input, vocab_size));
   if (!use_bidirectional_attention.empty() && use_bidirectional_attention != "vision")
     throw InputError(source, key("use_bidirectional_attention"), "only null or \"vision\" is supported, got \"" + use_bidirectional_attention.substr(0, 64) + "\"");
   if (!tie_word_embeddings) throw InputError(source, key("tie_word_embeddings"), "Gemma4 ties the LM head; false is not supported");
@@ -399,7 +414,8 @@ void ModelConfig::validate(const std::string& source, const std::string& key_pre
   if (final_logit_softcapping && !(std::isfinite(*final_logit_softcapping) && *final_logit_softcapping > 0))
     throw InputError(source, key("final_logit_softcapping"),
                      fmt::format("must be null or finite and > 0, got {}", *final_logit_softcapping));
-  if (pad_token_id < 0 || pad_token_id >= vocab_size) throw InputError(source, key("pad_token_id"), "outside the vocabulary");
+  if (pad_token_id && (*pad_token_id < 0 || *pad_token_id >= vocab_size))
+    throw InputError(source, key("pad_token_id"), "outside the vocabulary");
   const int64_t params = parameter_count();
   if (params > kMaxParameters)
     throw InputError(source, key_prefix.empty() ? "config" : key_prefix.substr(0, key_prefix.size() - 1),
@@ -439,7 +455,7 @@ json ModelConfig::to_json() const {
       {"use_bidirectional_attention", use_bidirectional_attention.empty() ? json(nullptr) : json(use_bidirectional_attention)},
       {"hidden_activation", "gelu_pytorch_tanh"},
       {"attention_bias", false},
-      {"pad_token_id", pad_token_id},
+      {"pad_token_id", pad_token_id ? json(*pad_token_id) : json(nullptr)},
       {"tie_word_embeddings", tie_word_embeddings},
   };
   return j;

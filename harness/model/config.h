@@ -49,7 +49,9 @@ struct ModelConfig {
   int64_t num_kv_shared_layers = 0;
   bool use_double_wide_mlp = false;
   std::string use_bidirectional_attention;  // "", "vision" or "all"
-  int64_t pad_token_id = 0;
+  std::optional<int64_t> pad_token_id = 0;  // null in newer transformers' configs: no padding row in the embeddings
+  // The id padding positions carry in a CP batch (any id: they are never attended and never a target).
+  int64_t pad_fill_id() const { return pad_token_id.value_or(0); }
   bool tie_word_embeddings = true;
   KvShareSemantics kv_share_semantics = KvShareSemantics::kSharedKvStates;
 

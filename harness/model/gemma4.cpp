@@ -138,7 +138,7 @@ Gemma4ModelImpl::Gemma4ModelImpl(const ModelConfig& c) : config_(c) {
 
 torch::Tensor Gemma4ModelImpl::per_layer_token_inputs(const torch::Tensor& input_ids) {
   const int64_t P = config_.hidden_size_per_layer_input;
-  auto tok = scaled_embedding(embed_tokens_per_layer->weight, input_ids, config_.pad_token_id, std::sqrt(double(P)));
+  auto tok = scaled_embedding(embed_tokens_per_layer->weight, input_ids, config_.pad_token_id.value_or(-1), std::sqrt(double(P)));
   return tok.reshape({input_ids.size(0), input_ids.size(1), config_.num_hidden_layers, P});
 }
 
@@ -152,7 +152,7 @@ torch::Tensor Gemma4ModelImpl::project_per_layer_inputs(const torch::Tensor& h0,
 
 torch::Tensor Gemma4ModelImpl::forward(const ModelInputs& inputs, AttentionBackend& backend, const ForwardOptions& options) {
   const auto& c = config_;
-  auto h = scaled_embedding(embed_tokens->weight, inputs.input_ids, c.pad_token_id, std::sqrt(double(c.hidden_size)));
+  auto h = scaled_embedding(embed_tokens->weight, inputs.input_ids, c.pad_token_id.value_or(-1), std::sqrt(double(c.hidden_size)));
   torch::Tensor ple;
   if (c.has_per_layer_inputs()) {
     auto tok = inputs.per_layer_inputs.defined() ? inputs.per_layer_inputs : per_layer_token_inputs(inputs.input_ids);

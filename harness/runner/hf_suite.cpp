@@ -58,7 +58,7 @@ report::CheckResult trained(const report::HfRun& run) {
 // power.boundary_label at cp N: the C++ run with one shard-edge label dropped must fail hf.parity against the
 // golden, or hf.parity's tolerances could not see a CP boundary bug on this golden.
 report::CheckResult power(const report::HfGolden& g, int cp, bool holder) {
-  const auto target = cp::boundary_label_target(g.batch, cp, g.config.pad_token_id);
+  const auto target = cp::boundary_label_target(g.batch, cp, g.config.pad_fill_id());
   const std::string perturbation =
       target.rank < 0 ? std::string("dropping a boundary label")
                       : fmt::format("dropping the label of token {} (the first counted target of rank {}'s shard)",

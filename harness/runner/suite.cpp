@@ -185,7 +185,7 @@ LaneRun first_step(const LaneRun& run) {
 }
 
 report::CheckResult power_check(const train::Case& c, int n, const check::Tolerances& tol, const CaseRuns& runs) {
-  const auto target = cp::boundary_label_target(train::batch_for_step(c, 0), n, c.model.pad_token_id, check::case_sharding(c));
+  const auto target = cp::boundary_label_target(train::batch_for_step(c, 0), n, c.model.pad_fill_id(), check::case_sharding(c));
   const std::string perturbation =
       target.rank < 0 ? std::string("dropping a boundary label")
                       : fmt::format("dropping the label of token {} (the first counted target of rank {}'s shard)",

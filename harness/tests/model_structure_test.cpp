@@ -165,6 +165,35 @@ TEST(ModelStructure, BadConfigsNameTheField) {
   hf.erase("model_type");  // any JSON object (a case file, {}) is not a config.json of a default-sized model
   EXPECT_THROW(config_from_hf_json(hf, "config.json"), io::InputError);
   EXPECT_THROW(config_from_hf_json(nlohmann::json::object(), "config.json"), io::InputError);
+  auto small_per_layer_vocab = preset_config("tiny-e2b").to_json();
+  small_per_layer_vocab["vocab_size_per_layer_input"] = small_per_layer_vocab["vocab_size"].get<int64_t>() / 2;
+  EXPECT_THROW(config_from_hf_json(small_per_layer_vocab, "config.json"), io::InputError);
+}
+
+// What newer transformers' save_pretrained writes (seen from 5.16 to 5.25): pad_token_id null (no padding row), and
+// per_layer_config leaving out values equal to the base ones: no global_head_dim (= head_dim), no
+// num_global_key_value_heads under attention_k_eq_v (= num_key_value_heads). Each is read as transformers reads it.
+TEST(ModelStructure, NewerTransformersConfigsLeaveOutWhatEqualsTheBaseValue) {
+  auto j = preset_config("tiny-31b").to_json();
+  j["pad_token_id"] = nullptr;
+  j.erase("global_head_dim");
+  j.erase("num_global_key_value_heads");
+  j["head_dim"] = 8;
+  j["num_key_value_heads"] = 2;
+  j["per_layer_config"] = nlohmann::json::object();
+  ASSERT_TRUE(j.value("attention_k_eq_v", false));
+  const auto c = config_from_hf_json(j, "config.json");
+  EXPECT_FALSE(c.pad_token_id.has_value());
+  EXPECT_EQ(c.global_head_dim, 8);
+  ASSERT_TRUE(c.num_global_key_value_heads.has_value());
+  EXPECT_EQ(*c.num_global_key_value_heads, 2);
+  // A per-layer entry still says what it says.
+  j["per_layer_config"] = {{"full_attention", {{"head_dim", 16}, {"num_key_value_heads", 1}}}};
+  const auto d = config_from_hf_json(j, "config.json");
+  EXPECT_EQ(d.global_head_dim, 16);
+  EXPECT_EQ(*d.num_global_key_value_heads, 1);
+  // And the model runs without a padding row (HF's nn.Embedding(padding_idx=None)).
+  EXPECT_NO_THROW({ Gemma4Model m(c); });
 }
 
 }  // namespace
