@@ -564,9 +564,11 @@ TEST_F(CliTest, AFailedJobNeverLeavesAnotherRunsPassReportInItsPlace) {
   const auto report = dir_ / "shared-report.json";
   const std::string pass_text = R"({"status": "pass", "note": "written by another run"})";
   write("other-pass.json", pass_text);
-  const std::string cmd = "CPHARNESS_INJECT_FAULT=crash@1 " + std::string(CPHARNESS_BINARY) + " run " + c +
+  // Rank 1 dies at its second step (mpirun then kills rank 0 before it writes anything); the other run's report
+  // lands while the job is still starting.
+  const std::string cmd = "CPHARNESS_INJECT_FAULT=crash@1:1 " + std::string(CPHARNESS_BINARY) + " run " + c +
                           " --comm mpi --nproc 2 --timeout 20 --report " + report.string();
-  auto r = cpharness::testing::run_command("sh -c '" + cmd + " & pid=$!; sleep 0.5; cp " +
+  auto r = cpharness::testing::run_command("sh -c '" + cmd + " & pid=$!; sleep 0.3; cp " +
                                            (dir_ / "other-pass.json").string() + " " + report.string() +
                                            "; wait $pid; echo EXIT=$?'");
   EXPECT_NE(r.output.find("EXIT=2"), std::string::npos) << r.output;
