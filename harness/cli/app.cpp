@@ -29,31 +29,22 @@ const CLI::Validator kSeconds(
     },
     "SECONDS");
 
-// A count: a whole number >= 1 (kPositiveInteger accepts 2.5 and words its refusal of 0 as a range to 1e308).
-const CLI::Validator kPositiveInteger(
-    [](std::string& value) -> std::string {
-      try {
-        size_t used = 0;
-        const long long v = std::stoll(value, &used);
-        if (used == value.size() && v >= 1) return "";
-      } catch (const std::exception&) {
-      }
-      return "expects a whole number >= 1, got '" + value + "'";
-    },
-    "N");
-
-// A number of rows to show: a whole number >= 0 (a negative one used to be accepted).
-const CLI::Validator kCount(
-    [](std::string& value) -> std::string {
-      try {
-        size_t used = 0;
-        const long long v = std::stoll(value, &used);
-        if (used == value.size() && v >= 0) return "";
-      } catch (const std::exception&) {
-      }
-      return "expects a whole number >= 0, got '" + value + "'";
-    },
-    "N");
+// A whole number >= `least` (CLI::PositiveNumber accepts 2.5 and words its refusal of 0 as a range to 1e308).
+CLI::Validator whole_number_at_least(long long least) {
+  return CLI::Validator(
+      [least](std::string& value) -> std::string {
+        try {
+          size_t used = 0;
+          const long long v = std::stoll(value, &used);
+          if (used == value.size() && v >= least) return "";
+        } catch (const std::exception&) {
+        }
+        return "expects a whole number >= " + std::to_string(least) + ", got '" + value + "'";
+      },
+      "N");
+}
+const CLI::Validator kPositiveInteger = whole_number_at_least(1);  // counts: cp sizes, ranks
+const CLI::Validator kCount = whole_number_at_least(0);            // rows to show (a negative one used to be accepted)
 
 // An output path: an empty one (an unset variable in a CI script) would silently write nothing.
 const CLI::Validator kPath(

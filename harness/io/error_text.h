@@ -4,8 +4,10 @@
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 
+#include <cstdint>
 #include <exception>
 #include <string>
+#include <vector>
 
 namespace cpharness::io {
 
@@ -21,6 +23,13 @@ inline std::string one_line(const std::exception& e) {
   const auto eol = text.find('\n');
   if (eol != std::string::npos) text.resize(eol);
   return clip(text);
+}
+
+// A tensor shape as messages write it: "[2, 3]".
+inline std::string shape_text(const std::vector<std::int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
 }
 
 // A JSON value from an input file, for an error message: scalars as written (clipped), arrays and objects by kind

@@ -558,12 +558,6 @@ uint64_t declared_bytes(const std::vector<int64_t>& shape, size_t element) {
   return static_cast<uint64_t>(n);
 }
 
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
 }  // namespace
 
 std::vector<std::string> Hdf5Reader::list_datasets(const std::string& group) const {

@@ -63,12 +63,6 @@ bool dtype_from_name(const std::string& name, torch::ScalarType* out) {
   return false;
 }
 
-std::string shape_str(const std::vector<std::int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
 struct Entry {
   std::string name;
   torch::ScalarType dtype;
@@ -209,11 +203,11 @@ Entry read_entry(const std::string& name, const json& v, const std::string& path
   }
   std::uint64_t nbytes = 0;
   overflow |= __builtin_mul_overflow(numel, static_cast<std::uint64_t>(c10::elementSize(e.dtype)), &nbytes);
-  if (overflow) throw InputError(path, name, "shape " + shape_str(e.shape) + " overflows the byte size");
+  if (overflow) throw InputError(path, name, "shape " + shape_text(e.shape) + " overflows the byte size");
   if (e.end - e.begin != nbytes) {
     throw InputError(path, name, "data_offsets [" + std::to_string(e.begin) + ", " + std::to_string(e.end) +
                                      "] span " + std::to_string(e.end - e.begin) + " bytes but shape " +
-                                     shape_str(e.shape) + " of " + e.dtype_name + " needs " + std::to_string(nbytes));
+                                     shape_text(e.shape) + " of " + e.dtype_name + " needs " + std::to_string(nbytes));
   }
   if (e.end > buffer_len) {
     throw InputError(path, name, "data_offsets end " + std::to_string(e.end) + " is beyond the data buffer of " +

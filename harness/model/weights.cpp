@@ -5,6 +5,7 @@
 
 #include <set>
 
+#include "harness/io/error_text.h"
 #include "harness/io/input_error.h"
 #include "harness/io/safetensors.h"
 
@@ -27,7 +28,6 @@ bool is_non_text(const std::string& stripped) {
   return stripped == "lm_head.weight";  // tied to embed_tokens
 }
 
-std::string shape_str(const std::vector<int64_t>& s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
 
 }  // namespace
 
@@ -101,7 +101,7 @@ LoadSummary check_weights(const ModelConfig& c, const std::map<std::string, io::
     if (t != torch::kFloat32 && t != torch::kFloat16 && t != torch::kBFloat16 && t != torch::kFloat64)
       throw io::InputError(source, raw_name, fmt::format("dtype {}: a weight must be floating point (F32, F16, BF16 or F64)", c10::toString(t)));
     if (it->second != info.shape) {
-      mismatched.push_back(fmt::format("{} has shape {}, the model expects {}", raw_name, shape_str(info.shape), shape_str(it->second)));
+      mismatched.push_back(fmt::format("{} has shape {}, the model expects {}", raw_name, io::shape_text(info.shape), io::shape_text(it->second)));
       continue;
     }
     if (!seen.insert(name).second) throw io::InputError(source, raw_name, "tensor given twice (under two prefixes)");
