@@ -139,7 +139,7 @@ std::optional<std::string> CaseReport::skip_reason_text() const {
   return fmt::format("all {} checks were skipped", checks.size());
 }
 
-Tool this_tool() { return Tool{kToolName, kToolVersion, kGitSha}; }
+Tool this_tool() { return Tool{kToolName, kToolVersion, git_sha()}; }
 
 Status Report::status() const {
   if (error) return Status::Error;

@@ -81,7 +81,7 @@ double read_scalar(const io::Hdf5Reader& r, const std::string& name) {
 io::StringMap base_provenance(const std::string& kind) {
   return {{"tool", kToolName},
           {"tool_version", kToolVersion},
-          {"git_sha", kGitSha},
+          {"git_sha", git_sha()},
           {"torch_version", TORCH_VERSION},
           {"kind", kind}};
 }
