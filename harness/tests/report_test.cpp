@@ -347,6 +347,23 @@ TEST(ReportModel, StatusesAreDerivedErrorOverFailOverPass) {
   EXPECT_FALSE(this_tool().git_sha.empty());
 }
 
+// The sha a report names is the commit the binary was built from, even when the build tree was configured at an
+// older commit (a `cmake --build` after a checkout, as `git bisect run` does): it is stamped at every build.
+TEST(ReportModel, TheToolsGitShaIsTheCommitOfTheSourceTree) {
+  const std::string command = std::string("git -C '") + CPHARNESS_SOURCE_DIR + "' rev-parse --short=12 HEAD 2>/dev/null";
+  std::FILE* pipe = popen(command.c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  char line[64] = {};
+  const bool read = std::fgets(line, sizeof line, pipe) != nullptr;
+  const int status = pclose(pipe);
+  if (!read || status != 0) GTEST_SKIP() << "the source tree is not a git checkout";
+  std::string head(line);
+  while (!head.empty() && (head.back() == '\n' || head.back() == '\r')) head.pop_back();
+  const std::string sha = this_tool().git_sha;
+  EXPECT_EQ(sha.substr(0, head.size()), head) << "the build recorded another commit: rebuild after a checkout";
+  EXPECT_TRUE(sha.size() == head.size() || sha.substr(head.size()) == "-dirty") << sha;
+}
+
 // ---- report.json ------------------------------------------------------------------------------------------
 
 TEST(ReportJson, WrittenReportsValidateAgainstTheSchema) {
