@@ -279,7 +279,29 @@ std::optional<std::string> read_string_attr(const std::string& file, const std::
   return buf;
 }
 
-StringMap read_string_attrs(const std::string& file, const std::string& what, hid_t obj) {
+// What a non-string (or not single-valued) attribute holds, in words.
+std::string attribute_kind(const std::string& file, const std::string& what, hid_t obj, const std::string& key) {
+  Hid attr(H5Aopen(obj, key.c_str(), H5P_DEFAULT), H5Aclose);
+  if (!attr.valid()) h5_fail(file, what + "@" + key, "cannot open attribute");
+  Hid type(H5Aget_type(attr.get()), H5Tclose);
+  Hid space(H5Aget_space(attr.get()), H5Sclose);
+  if (!type.valid() || !space.valid()) h5_fail(file, what + "@" + key, "cannot inspect attribute");
+  std::string kind;
+  switch (H5Tget_class(type.get())) {
+    case H5T_INTEGER: kind = "integer"; break;
+    case H5T_FLOAT: kind = "float"; break;
+    case H5T_STRING: kind = "string"; break;
+    case H5T_ENUM: kind = "enum (e.g. a bool)"; break;
+    case H5T_COMPOUND: kind = "compound"; break;
+    case H5T_REFERENCE: kind = "reference"; break;
+    default: kind = "non-string"; break;
+  }
+  const hssize_t n = H5Sget_simple_extent_npoints(space.get());
+  if (n != 1) kind += " array of " + std::to_string(n) + " elements";
+  return kind;
+}
+
+std::vector<std::string> attribute_names(const std::string& file, const std::string& what, hid_t obj) {
   std::vector<std::string> names;
   hsize_t idx = 0;
   const herr_t r = H5Aiterate2(
@@ -290,8 +312,12 @@ StringMap read_string_attrs(const std::string& file, const std::string& what, hi
       },
       &names);
   if (r < 0) h5_fail(file, what, "cannot list attributes");
+  return names;
+}
+
+StringMap read_string_attrs(const std::string& file, const std::string& what, hid_t obj) {
   StringMap out;
-  for (const auto& n : names) {
+  for (const auto& n : attribute_names(file, what, obj)) {
     if (auto v = read_string_attr(file, what, obj, n)) out[n] = std::move(*v);
   }
   return out;
@@ -670,6 +696,20 @@ StringMap Hdf5Reader::attributes(const std::string& object) const {
   Hid obj(H5Oopen(impl_->file.get(), norm.empty() ? "/" : abs_path(norm).c_str(), H5P_DEFAULT), H5Oclose);
   if (!obj.valid()) h5_fail(path_, what, "cannot open object");
   return read_string_attrs(path_, what, obj.get());
+}
+
+StringMap Hdf5Reader::non_string_attributes(const std::string& object) const {
+  H5Guard guard;
+  const std::string norm = normalize(path_, object, true);
+  const std::string what = norm.empty() ? "/" : norm;
+  const Where w = locate(impl_->file.get(), norm);
+  if (w.kind == Kind::Missing || w.kind == Kind::Blocked) throw InputError(path_, what, "no such group or dataset");
+  Hid obj(H5Oopen(impl_->file.get(), norm.empty() ? "/" : abs_path(norm).c_str(), H5P_DEFAULT), H5Oclose);
+  if (!obj.valid()) h5_fail(path_, what, "cannot open object");
+  StringMap out;
+  for (const auto& n : attribute_names(path_, what, obj.get()))
+    if (!read_string_attr(path_, what, obj.get(), n)) out[n] = attribute_kind(path_, what, obj.get(), n);
+  return out;
 }
 
 // ===============================================================================================================

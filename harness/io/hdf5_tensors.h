@@ -12,7 +12,7 @@
 //     All round-trip bit-exactly (NaN payloads included). The dataset attribute "dtype" is reserved for this.
 //   - 0-d tensors are scalar dataspaces; empty tensors are datasets with a zero extent.
 //   - Attributes written here are scalar variable-length UTF-8 strings (what h5py writes for str); the reader also
-//     accepts fixed-length strings and skips attributes that are not strings.
+//     accepts fixed-length strings and skips attributes that are not strings (non_string_attributes names them).
 //   - Files are written atomically: PATH.tmp-* in the same directory, renamed over PATH on commit.
 //
 // Errors: every failure (missing file, not an HDF5 file, missing dataset/group, unsupported or unexpected dtype,
@@ -90,6 +90,9 @@ class Hdf5Reader {
   TensorMap read_all(const std::string& group = "/") const;
   // The string attributes of an object ("" or "/" = root); missing object is an InputError.
   StringMap attributes(const std::string& object = "/") const;
+  // The attributes attributes() skips (not a single string), each with what it holds ("integer", "float",
+  // "string array", ...): for readers whose attributes must all be strings, to name the offender.
+  StringMap non_string_attributes(const std::string& object = "/") const;
 
   const std::string& path() const { return path_; }
 

@@ -149,6 +149,10 @@ RunDump read_run_dump(const std::string& path) {
   } catch (const io::InputError&) {
     throw io::InputError(path, "/provenance", "missing group (string attributes tool, kind, ...)");
   }
+  // Provenance values are strings: a number stored by h5py (attrs["case_id"] = 7) would otherwise read as missing.
+  for (const auto& [key, kind] : r.non_string_attributes("provenance"))
+    throw io::InputError(path, "/provenance@" + key,
+                         "stored as " + kind + "; provenance attributes are strings (see golden/README.md)");
   check_kind(path, dump.provenance);
 
   try {

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <csignal>
 #include <filesystem>
+#include <iostream>
 #include <mutex>
 #include <thread>
 
@@ -32,6 +33,16 @@ double param_norm(model::Gemma4Model& m) {
 }
 
 // Times one training step and reads the device's peak memory during it (the device's queue drained first).
+// A step slower than this gets a line on stderr as it ends: at real sizes a lane runs for minutes, and its summary
+// lines come only when it finishes. Toy steps (milliseconds) stay quiet.
+constexpr double kSlowStepSeconds = 10.0;
+
+void report_slow_step(const train::Case& c, train::DtypeLane lane, int cp, int64_t step, const TrainingStep& s) {
+  if (s.seconds < kSlowStepSeconds) return;
+  std::cerr << fmt::format("[{}] cp{} {} step {} of {} took {:.1f}s (loss {:.6f})\n", c.id, cp, train::to_string(lane),
+                           step + 1, c.steps, s.seconds, s.loss);
+}
+
 class StepMeter {
  public:
   StepMeter(const torch::Device& device, bool owns_peak) : device_(device), owns_peak_(owns_peak) {
@@ -220,6 +231,7 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
     }
     train::optimizer_step(*optimizer, c.optimizer, rec.grad_norm);
     meter.finish(rec);
+    report_slow_step(c, lane, 1, step, rec);
     rec.param_norm = param_norm(m);
     run.steps.push_back(rec);
   }
@@ -268,6 +280,8 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
     auto result = trainer.step(batch, &fwd, record ? &h : nullptr, record && rec.rank == 0 ? &grads : nullptr);
     TrainingStep figures;
     meter.finish(figures);
+    figures.loss = result.loss;
+    if (rec.rank == 0) report_slow_step(c, lane, comm.size(), step, figures);
     rec.cache.push_back(trainer.ring().cache().take_counters());
     rec.steps.push_back({result.loss, result.grad_norm, param_norm(trainer.model()), result.counted_tokens,
                          figures.seconds, figures.peak_allocated, figures.peak_reserved});

@@ -9,6 +9,9 @@
 #include <fstream>
 #include <limits>
 #include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "harness/model/parameter_order.h"
 #include "harness/io/hdf5_tensors.h"
@@ -371,6 +374,45 @@ with h5py.File(sys.argv[1], "w") as f:
 }
 
 // ---------- compare ----------
+
+// Provenance values are strings (golden/README.md). A number h5py stored (attrs["case_id"] = 7) used to be skipped
+// and read as missing, which surfaced later as a confusing case id; it is refused naming the attribute and its type.
+TEST(GoldenDump, ANonStringProvenanceAttributeIsRefusedByName) {
+  TempDir dir;
+  RunDump d;
+  d.provenance = {{"kind", "golden"}, {"case_id", "c"}};
+  d.steps[0].loss = 1.0;
+  const std::string script = dir.file("set_attr.py");
+  {
+    std::ofstream out(script);
+    out << R"PY(
+import sys
+import h5py
+import numpy as np
+with h5py.File(sys.argv[1], "r+") as f:
+    f["provenance"].attrs[sys.argv[2]] = eval(sys.argv[3])
+)PY";
+  }
+  const std::vector<std::tuple<std::string, std::string, std::string>> cases = {
+      {"case_id", "7", "stored as integer"},
+      {"transformers_version", "5.5", "stored as float"},
+      {"case_id", "np.array(['a', 'b'], dtype=h5py.string_dtype())", "stored as string array of 2 elements"},
+  };
+  for (const auto& [key, value, why] : cases) {
+    const std::string path = dir.file("dump.h5");
+    write_run_dump(path, d);
+    const std::string log = dir.file("python.log");
+    const std::string cmd = "/usr/bin/python3 '" + script + "' '" + path + "' '" + key + "' \"" + value + "\" >'" + log + "' 2>&1";
+    ASSERT_EQ(std::system(cmd.c_str()), 0) << io::testing::read_bytes(log);
+    try {
+      (void)read_run_dump(path);
+      ADD_FAILURE() << key << " = " << value << " was accepted";
+    } catch (const io::InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("/provenance@" + key), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(why), std::string::npos) << e.what();
+    }
+  }
+}
 
 TEST(GoldenCompare, IdenticalDumpsPassWithZeroDifferences) {
   const RunDump a = make_dump(3);
