@@ -687,28 +687,38 @@ TensorMap Hdf5Reader::read_all(const std::string& group) const {
   return out;
 }
 
+namespace {
+
+// An object ("" or "/" = root, a group or a dataset) opened to read its attributes; `what` names it in errors.
+struct AttributedObject {
+  Hid obj;
+  std::string what;
+};
+
+AttributedObject open_attributed(const std::string& path, hid_t file, const std::string& object) {
+  const std::string norm = normalize(path, object, true);
+  AttributedObject o{Hid(), norm.empty() ? "/" : norm};
+  const Where w = locate(file, norm);
+  if (w.kind == Kind::Missing || w.kind == Kind::Blocked) throw InputError(path, o.what, "no such group or dataset");
+  o.obj = Hid(H5Oopen(file, norm.empty() ? "/" : abs_path(norm).c_str(), H5P_DEFAULT), H5Oclose);
+  if (!o.obj.valid()) h5_fail(path, o.what, "cannot open object");
+  return o;
+}
+
+}  // namespace
+
 StringMap Hdf5Reader::attributes(const std::string& object) const {
   H5Guard guard;
-  const std::string norm = normalize(path_, object, true);
-  const std::string what = norm.empty() ? "/" : norm;
-  const Where w = locate(impl_->file.get(), norm);
-  if (w.kind == Kind::Missing || w.kind == Kind::Blocked) throw InputError(path_, what, "no such group or dataset");
-  Hid obj(H5Oopen(impl_->file.get(), norm.empty() ? "/" : abs_path(norm).c_str(), H5P_DEFAULT), H5Oclose);
-  if (!obj.valid()) h5_fail(path_, what, "cannot open object");
-  return read_string_attrs(path_, what, obj.get());
+  const AttributedObject o = open_attributed(path_, impl_->file.get(), object);
+  return read_string_attrs(path_, o.what, o.obj.get());
 }
 
 StringMap Hdf5Reader::non_string_attributes(const std::string& object) const {
   H5Guard guard;
-  const std::string norm = normalize(path_, object, true);
-  const std::string what = norm.empty() ? "/" : norm;
-  const Where w = locate(impl_->file.get(), norm);
-  if (w.kind == Kind::Missing || w.kind == Kind::Blocked) throw InputError(path_, what, "no such group or dataset");
-  Hid obj(H5Oopen(impl_->file.get(), norm.empty() ? "/" : abs_path(norm).c_str(), H5P_DEFAULT), H5Oclose);
-  if (!obj.valid()) h5_fail(path_, what, "cannot open object");
+  const AttributedObject o = open_attributed(path_, impl_->file.get(), object);
   StringMap out;
-  for (const auto& n : attribute_names(path_, what, obj.get()))
-    if (!read_string_attr(path_, what, obj.get(), n)) out[n] = attribute_kind(path_, what, obj.get(), n);
+  for (const auto& n : attribute_names(path_, o.what, o.obj.get()))
+    if (!read_string_attr(path_, o.what, o.obj.get(), n)) out[n] = attribute_kind(path_, o.what, o.obj.get(), n);
   return out;
 }
 
