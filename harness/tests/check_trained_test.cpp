@@ -5,6 +5,8 @@
 
 #include <cmath>
 #include <limits>
+#include <map>
+#include <string>
 #include <optional>
 
 #include "harness/check/checks.h"
@@ -262,6 +264,42 @@ TEST(Bf16Bound, ScalesComeFromTheWholeGradientAndTheTensorsFamily) {
   EXPECT_EQ(ok["rel_abs_diff"], report::Status::Pass);                   // 0.4 % <= 2 x cp 1's vector error + 1e-3
   EXPECT_EQ(judged(0.08, 0.05, 1.004)["grad_tensors_worst_ratio_step0"], report::Status::Fail);  // the embedding's own scale
   EXPECT_EQ(judged(0.08, 0.012, 1.5)["rel_abs_diff"], report::Status::Fail);
+}
+
+// kvshare.loss_parity holds cp N's loss (with the share holder) to cp 1's; kvshare.bug_detected is its power: the
+// dead-K/V path (no holder) must move the loss beyond the same tolerance, or the parity pass proves nothing. Judged
+// against the lane's tolerance: fp32 1e-5, bf16 its floor.
+TEST(KvShare, TheDeadKvPathMustMoveTheLossBeyondTheToleranceTheParityUses) {
+  const train::Case c = tiny_case();
+  ASSERT_GT(c.model.num_kv_shared_layers, 0);
+  auto judged = [&](train::DtypeLane lane, double with_holder, double without) {
+    auto ref = run_of({{5.0, 1.0}}, 1), with = run_of({{5.0 * (1 + with_holder), 1.0}}), dead = run_of({{5.0 * (1 + without), 1.0}});
+    ref.lane = with.lane = dead.lane = lane;
+    std::map<std::string, CheckResult> out;
+    for (auto& r : check_kvshare(c, 2, Tolerances{}, ref, with, dead, true)) out.emplace(r.name, r);
+    EXPECT_EQ(out.size(), 2u);
+    return out;
+  };
+  const auto fp32 = train::DtypeLane::kFp32, bf16 = train::DtypeLane::kBf16;
+  auto ok = judged(fp32, 0.0, 1e-3);
+  EXPECT_EQ(ok.at("kvshare.loss_parity").status, report::Status::Pass);
+  EXPECT_EQ(ok.at("kvshare.bug_detected").status, report::Status::Pass);
+  EXPECT_EQ(judged(fp32, 2e-5, 1e-3).at("kvshare.loss_parity").status, report::Status::Fail);
+
+  // A bug the case cannot see fails, saying why and what would make the case sensitive.
+  const auto blind = judged(fp32, 0.0, 2e-6).at("kvshare.bug_detected");
+  EXPECT_EQ(blind.status, report::Status::Fail);
+  EXPECT_NEAR(blind.observed, 5.0, 1e-6);  // tolerance 1e-5 over a shift of 2e-6
+  EXPECT_NE(blind.message.find("cannot see that bug"), std::string::npos) << blind.message;
+  EXPECT_NE(blind.message.find("trained weights would"), std::string::npos) << blind.message;
+
+  // bf16: the floor (1e-3) is the tolerance, for the parity and its power alike.
+  EXPECT_EQ(judged(bf16, 5e-4, 5e-3).at("kvshare.loss_parity").status, report::Status::Pass);
+  EXPECT_EQ(judged(bf16, 2e-3, 5e-3).at("kvshare.loss_parity").status, report::Status::Fail);
+  EXPECT_EQ(judged(bf16, 0.0, 5e-3).at("kvshare.bug_detected").status, report::Status::Pass);
+  const auto bf16_blind = judged(bf16, 0.0, 5e-4).at("kvshare.bug_detected");
+  EXPECT_EQ(bf16_blind.status, report::Status::Fail);
+  EXPECT_NE(bf16_blind.message.find("the fp32 lane would"), std::string::npos) << bf16_blind.message;
 }
 
 }  // namespace
