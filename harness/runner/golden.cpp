@@ -22,7 +22,7 @@ std::string case_hash(const train::Case& c) {
   // runs the whole batch in one pass).
   auto content = c.raw;
   if (content.is_object()) {
-    for (const char* key : {"description", "tolerances", "checks", "cp", "activation_checkpointing"}) content.erase(key);
+    for (const char* key : {"description", "tolerances", "checks", "cp", "activation_checkpointing", "golden"}) content.erase(key);
     if (c.reference_cp <= 1)
       for (const char* key : {"block_size", "block_mask_cache", "ring", "sharding", "micro_batches"}) content.erase(key);
   }
@@ -32,8 +32,11 @@ std::string case_hash(const train::Case& c) {
 }
 
 report::RunDump reference_dump(const train::Case& c, const std::string& kind) {
-  const std::string lane = train::to_string(c.dtype);
-  const auto run = run_reference(c, c.dtype);
+  return reference_dump(c, run_reference(c, c.dtype), kind);
+}
+
+report::RunDump reference_dump(const train::Case& c, const LaneRun& run, const std::string& kind) {
+  const std::string lane = train::to_string(run.lane);
   report::RunDump d;
   d.provenance = report::base_provenance(kind);
   d.provenance["dtype"] = lane;
@@ -79,10 +82,10 @@ namespace {
 // rounding (2^-8 relative, or the case's bf16_floor if larger). A moved golden, or a fresh run whose bf16 path got
 // worse, is far from the oracle while the other is not, and fails; two CPUs rounding differently do not.
 void judge_bf16_against_oracle(const train::Case& c, const report::RunDump& golden, const report::RunDump& fresh,
-                               report::CompareResult& result) {
+                               const LaneRun* oracle_run, report::CompareResult& result) {
   auto oracle_case = c;
   oracle_case.dtype = train::DtypeLane::kFp32;
-  const auto oracle = reference_dump(oracle_case, "dump");
+  const auto oracle = oracle_run ? reference_dump(oracle_case, *oracle_run, "dump") : reference_dump(oracle_case, "dump");
   auto errors_against_oracle = [&](const report::RunDump& d) {
     std::map<std::string, double> out;
     for (auto& e : report::compare_dumps(d, oracle, report::ComparePolicy::relative(1e30)).entries) out[e.path] = e.rel_diff;
@@ -107,7 +110,8 @@ void judge_bf16_against_oracle(const train::Case& c, const report::RunDump& gold
 
 }  // namespace
 
-report::CheckResult verify_golden(const train::Case& c, const std::string& golden_path, report::CompareResult* out) {
+report::CheckResult verify_golden(const train::Case& c, const std::string& golden_path, report::CompareResult* out,
+                                  const LaneRun* reference, const LaneRun* oracle) {
   const auto golden = report::read_run_dump(golden_path);
   auto get = [&](const char* key) {
     auto it = golden.provenance.find(key);
@@ -122,9 +126,9 @@ report::CheckResult verify_golden(const train::Case& c, const std::string& golde
   const std::string lane = train::to_string(c.dtype);
   if (!get("dtype").empty() && get("dtype") != lane)
     throw io::InputError(golden_path, "provenance/dtype", fmt::format("golden lane {} but the case runs {}", get("dtype"), lane));
-  const auto fresh = reference_dump(c, "dump");
+  const auto fresh = reference ? reference_dump(c, *reference, "dump") : reference_dump(c, "dump");
   auto result = report::compare_dumps(fresh, golden, golden_policy(c.dtype));
-  if (c.dtype == train::DtypeLane::kBf16) judge_bf16_against_oracle(c, golden, fresh, result);
+  if (c.dtype == train::DtypeLane::kBf16) judge_bf16_against_oracle(c, golden, fresh, oracle, result);
   if (out) *out = result;
   const bool pass = result.passed;
   nlohmann::json details = report::to_json(result);

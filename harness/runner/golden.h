@@ -16,17 +16,21 @@ std::string case_hash(const train::Case& c);
 // The reference run of `c` as a dump: provenance, step-0 inputs, per-step loss / grad norm / param norm, step-0
 // logits and hidden states, and the step-0 gradients of the global tensors and of the first and last layers.
 report::RunDump reference_dump(const train::Case& c, const std::string& kind);
+// The same from a reference run already made (with its tensors recorded).
+report::RunDump reference_dump(const train::Case& c, const LaneRun& run, const std::string& kind);
 
 // The policy a golden of `lane` is verified with: fp32 relative 1e-5 (fp64: the same); bf16 compares structure
 // and inputs only, and verify_golden then judges every value against the fp32 oracle of the case (bf16 rounding
 // moves with the CPU's kernels: a fixed bound would fail on another machine or hide a real regression).
 report::ComparePolicy golden_policy(train::DtypeLane lane);
 
-// golden.match: a fresh reference run of `c` against `golden_path`. Errors in the golden (missing, corrupt, wrong
-// layout, another case or another version of the case) are io::InputError.
 // golden verify: one report case holding golden.match (or the input error that stopped it).
 report::Report run_golden_verify(const std::string& case_path, const std::string& golden_path);
 
-report::CheckResult verify_golden(const train::Case& c, const std::string& golden_path, report::CompareResult* result = nullptr);
+// golden.match: the reference run of `c` against `golden_path`. Errors in the golden (missing, corrupt, wrong
+// layout, another case or another version of the case) are io::InputError. `reference` (and, for a bf16 case, its
+// fp32 `oracle`), when given, are cp 1 runs of the case already made with their tensors recorded; else they are run.
+report::CheckResult verify_golden(const train::Case& c, const std::string& golden_path, report::CompareResult* result = nullptr,
+                                  const LaneRun* reference = nullptr, const LaneRun* oracle = nullptr);
 
 }  // namespace cpharness::runner

@@ -1,5 +1,7 @@
 #include "harness/runner/suite.h"
 
+#include "harness/runner/golden.h"
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -7,6 +9,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
 #include <iostream>
 
 #include "harness/cp/comm.h"
@@ -272,6 +275,19 @@ LaneRun reference_run(const train::Case& c, train::DtypeLane lane, const RunOpti
   return run_cp(k, lane, int(c.reference_cp), o);
 }
 
+// golden.match for a case that names its golden: cp N agreeing with cp 1 cannot see a bug both share (a mask rule, the
+// RoPE, a norm), a stored cp 1 reference can. The reference just made is compared when it is the cp 1 run with its
+// tensors; else the case's cp 1 reference is run again for it. Goldens are CPU runs (golden record): on CUDA the
+// check is skipped, not judged against another device's rounding.
+report::CheckResult golden_check(const train::Case& c, const RunOptions& run_options, const CaseRuns& runs) {
+  if (!run_options.device.is_cpu())
+    return report::CheckResult::skipped("golden.match", 1, "the golden is a CPU run (golden record) and this case trains on " +
+                                                               run_options.device.str() + "; verify it with `golden verify` on the CPU");
+  const bool reuse = c.reference_cp <= 1 && runs.reference && runs.reference->logits.defined();
+  const LaneRun* oracle = reuse && runs.oracle && runs.oracle->logits.defined() ? &*runs.oracle : nullptr;
+  return verify_golden(c, c.golden, nullptr, reuse ? &*runs.reference : nullptr, oracle);
+}
+
 // Phase A (rank 0): the cp 1 reference (and the fp32 oracle of a bf16 lane), mask and per-chunk attention checks.
 void run_reference_phase(const train::Case& c, const std::vector<int>& cps, const RunOptions& run_options,
                          const SuiteOptions& options, report::CaseReport& rep, CaseRuns& runs) {
@@ -288,6 +304,7 @@ void run_reference_phase(const train::Case& c, const std::vector<int>& cps, cons
     rep.page["oracle_trajectory"] = {{"dtype", "fp32"}, {"loss", report::series_json(t.loss)}, {"grad_norm", report::series_json(t.grad_norm)},
                                      {"param_norm", report::series_json(t.param_norm)}};
   }
+  if (!c.golden.empty() && wants_check(c, "golden.match")) rep.checks.push_back(golden_check(c, run_options, runs));
   for (int n : cps) {
     if (n < 1) throw io::InputError(c.path, "cp", fmt::format("cp sizes must be >= 1, got {}", n));
     if (n == 1 || n == ref_cp) continue;  // the reference itself
@@ -409,6 +426,8 @@ std::optional<std::string> unsupported_configuration(const train::Case& c, const
   for (int n : cp_sizes_of(c, options))  // --cp and the world size are checked here, the case's own on load
     if (auto why = train::cp_size_problem(n, c.data.seq_len)) return *why;
   if (skip_reason(c, options)) return std::nullopt;
+  if (!c.golden.empty() && wants_check(c, "golden.match") && !std::filesystem::is_regular_file(c.golden))
+    return fmt::format("golden: no such file: {} (record it with `cpharness golden record {} -o {}`)", c.golden, c.path, c.golden);
   // A case whose candidates are all the reference's own size compares nothing: a pass would be vacuous.
   const auto cps = cp_sizes_of(c, options);
   if (std::all_of(cps.begin(), cps.end(), [&](int n) { return n == c.reference_cp; }))

@@ -262,7 +262,7 @@ Case case_from_json(const json& j, const std::string& path) {
   reject_unknown(j, {"id", "description", "model", "weights", "data", "dtype", "steps", "optimizer", "cp", "requires", "checks",
                      "tolerances", "block_size", "block_mask_cache", "device", "loss_chunk_tokens", "reference_cp", "record_tensors",
                      "trained_exemptions", "ring", "sharding", "micro_batches", "activation_checkpointing",
-                     "reference_checkpointing"}, path, "");
+                     "reference_checkpointing", "golden"}, path, "");
   Case c;
   c.path = path;
   c.raw = j;
@@ -285,6 +285,11 @@ Case case_from_json(const json& j, const std::string& path) {
     if (auto why = cp_size_problem(c.cp_sizes[i], c.data.seq_len)) throw InputError(path, fmt::format("cp[{}]", i), *why);
   if (j.contains("requires")) read_requires(j, path, c);
   if (j.contains("checks")) read_checks(j, path, c);
+  if (j.contains("golden")) {  // beside the case file; it need not exist yet (golden record writes it)
+    const auto named = string_at(j, "golden", path, "golden");
+    if (named.empty()) throw InputError(path, "golden", "empty path (leave the key out for no golden)");
+    c.golden = io::resolve_beside(path, named);
+  }
   if (j.contains("tolerances")) read_tolerances(j, path, c);
   if (j.contains("block_size")) c.block_size = int_at(j, "block_size", path, "block_size", 1);
   if (j.contains("block_mask_cache")) c.block_mask_cache = bool_at(j, "block_mask_cache", path, "block_mask_cache");

@@ -39,6 +39,7 @@ struct Case {
   model::ModelConfig model;
   uint64_t init_seed = 0;
   std::string checkpoint;  // HF safetensors file/dir; empty: seeded init
+  std::string golden;      // a stored golden of this case (golden record) that `run` checks the cp 1 reference against
   BatchSpec data;
   DtypeLane dtype = DtypeLane::kFp32;
   int64_t steps = 3;

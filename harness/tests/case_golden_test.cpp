@@ -1,0 +1,134 @@
+// A case that names its golden ("golden": "file.h5", beside the case file): `run` adds golden.match for the cp 1
+// reference. cp N against cp 1 cannot see a bug both runs share (a mask rule, the RoPE, a norm); the stored
+// reference can. A golden that moved fails the case, naming the tensor; a golden of another case, or a missing
+// file, is bad input.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "harness/io/input_error.h"
+#include "harness/report/run_dump.h"
+#include "harness/runner/golden.h"
+#include "harness/runner/suite.h"
+#include "harness/tests/io_test_util.h"
+#include "harness/train/case.h"
+
+namespace cpharness::runner {
+namespace {
+
+using io::testing::TempDir;
+
+nlohmann::json case_json(const std::string& extra = "{}") {
+  auto j = nlohmann::json::parse(R"({"id": "g", "model": {"preset": "tiny-31b"},
+    "data": {"seq_len": 24, "document_lengths": [10, 9], "padding": 5, "seed": 4}, "steps": 2, "cp": [2]})");
+  j.merge_patch(nlohmann::json::parse(extra));
+  return j;
+}
+
+// Writes the case file into `dir` and returns its path.
+std::string write_case(const TempDir& dir, const nlohmann::json& j) {
+  const std::string path = dir.file("case.json");
+  std::ofstream(path) << j.dump(2);
+  return path;
+}
+
+// The case's golden as `golden record` writes it, with `edit` applied to the dump first.
+void record_golden(const std::string& case_path, const std::string& golden_path,
+                   const std::function<void(report::RunDump&)>& edit = {}) {
+  auto dump = reference_dump(train::load_case(case_path), report::kKindGolden);
+  if (edit) edit(dump);
+  report::write_run_dump(golden_path, dump);
+}
+
+std::vector<const report::CheckResult*> golden_checks(const report::CaseReport& r) {
+  std::vector<const report::CheckResult*> out;
+  for (auto& k : r.checks)
+    if (k.name == "golden.match") out.push_back(&k);
+  return out;
+}
+
+TEST(CaseGolden, ACaseThatNamesItsGoldenIsCheckedAgainstItByRun) {
+  TempDir dir;
+  const std::string case_path = write_case(dir, case_json(R"({"golden": "g.h5"})"));
+  record_golden(case_path, dir.file("g.h5"));
+  const auto r = run_case(train::load_case(case_path), SuiteOptions{});
+  ASSERT_FALSE(r.error) << *r.error;
+  const auto golden = golden_checks(r);
+  ASSERT_EQ(golden.size(), 1u);
+  EXPECT_EQ(golden[0]->status, report::Status::Pass) << golden[0]->message;
+  EXPECT_EQ(golden[0]->cp, 1);
+  EXPECT_EQ(r.status(), report::Status::Pass);
+
+  // Without the key there is no golden.match (nothing to compare with), and the case's hash ignores the key, so
+  // the same golden still names the case.
+  const auto plain = run_case(train::case_from_json(case_json(), case_path), SuiteOptions{});
+  EXPECT_TRUE(golden_checks(plain).empty());
+  EXPECT_EQ(case_hash(train::case_from_json(case_json(), case_path)), case_hash(train::load_case(case_path)));
+}
+
+// What a bug shared by cp 1 and cp N looks like from the golden's side: the stored reference differs from the run.
+// cp N still agrees with cp 1, so golden.match is the one check that fails, and it names the tensor.
+TEST(CaseGolden, AGoldenTheRunNoLongerMatchesFailsTheCaseNamingTheTensor) {
+  TempDir dir;
+  const std::string case_path = write_case(dir, case_json(R"({"golden": "g.h5"})"));
+  record_golden(case_path, dir.file("g.h5"), [](report::RunDump& d) { d.steps.at(1).loss *= 1.0 + 1e-4; });
+  const auto r = run_case(train::load_case(case_path), SuiteOptions{});
+  ASSERT_FALSE(r.error) << *r.error;
+  const auto golden = golden_checks(r);
+  ASSERT_EQ(golden.size(), 1u);
+  EXPECT_EQ(golden[0]->status, report::Status::Fail);
+  EXPECT_NE(golden[0]->message.find("steps/1/loss"), std::string::npos) << golden[0]->message;
+  EXPECT_EQ(r.status(), report::Status::Fail);
+  for (auto& k : r.checks)
+    if (k.name.rfind("train.", 0) == 0) EXPECT_EQ(k.status, report::Status::Pass) << k.name << ": " << k.message;
+
+  record_golden(case_path, dir.file("g.h5"), [](report::RunDump& d) { d.steps.at(0).logits.mul_(1.001); });
+  EXPECT_EQ(run_case(train::load_case(case_path), SuiteOptions{}).status(), report::Status::Fail);
+}
+
+// The bf16 lane judges the golden against the case's fp32 oracle (the suite's own oracle run is reused).
+TEST(CaseGolden, ABf16CaseMatchesItsGoldenAgainstTheOracle) {
+  TempDir dir;
+  const std::string case_path = write_case(dir, case_json(R"({"golden": "g.h5", "dtype": "bf16"})"));
+  record_golden(case_path, dir.file("g.h5"));
+  const auto r = run_case(train::load_case(case_path), SuiteOptions{});
+  ASSERT_FALSE(r.error) << *r.error;
+  const auto golden = golden_checks(r);
+  ASSERT_EQ(golden.size(), 1u);
+  EXPECT_EQ(golden[0]->status, report::Status::Pass) << golden[0]->message;
+  EXPECT_EQ(golden[0]->policy, report::Policy::Count);
+
+  // Every logit 50 % off: far beyond k x the run's own error against the oracle (bf16 logits here are ~3 % from
+  // fp32, so the lane cannot tell 5 % from rounding; a golden that moved by that much passes by design).
+  record_golden(case_path, dir.file("g.h5"), [](report::RunDump& d) { d.steps.at(0).logits.mul_(1.5); });
+  EXPECT_EQ(golden_checks(run_case(train::load_case(case_path), SuiteOptions{}))[0]->status, report::Status::Fail);
+}
+
+// A missing golden is refused before any case runs (run and bisect ask unsupported_configuration first); the case
+// still loads, so that `golden record` can write the golden it names.
+TEST(CaseGolden, AMissingOrForeignGoldenIsBadInput) {
+  TempDir dir;
+  const std::string case_path = write_case(dir, case_json(R"({"golden": "missing.h5"})"));
+  const auto why = unsupported_configuration(train::load_case(case_path), SuiteOptions{});
+  ASSERT_TRUE(why);
+  EXPECT_NE(why->find("golden: no such file: " + dir.file("missing.h5")), std::string::npos) << *why;
+  EXPECT_NE(why->find("golden record"), std::string::npos) << *why;
+  EXPECT_THROW((void)train::case_from_json(case_json(R"({"golden": ""})"), case_path), io::InputError);
+  EXPECT_THROW((void)train::case_from_json(case_json(R"({"golden": 3})"), case_path), io::InputError);
+
+  // A golden recorded from another version of the case (another data seed): the case errors, no verdict.
+  const std::string other_path = dir.file("other.json");
+  std::ofstream(other_path) << case_json(R"({"data": {"seed": 5}})").dump();
+  record_golden(other_path, dir.file("g.h5"));
+  write_case(dir, case_json(R"({"golden": "g.h5"})"));
+  const auto r = run_case(train::load_case(case_path), SuiteOptions{});
+  ASSERT_TRUE(r.error);
+  EXPECT_NE(r.error->find("another version of case 'g'"), std::string::npos) << *r.error;
+  EXPECT_TRUE(r.checks.empty());
+}
+
+}  // namespace
+}  // namespace cpharness::runner
