@@ -101,9 +101,14 @@ void judge_bf16_against_oracle(const train::Case& c, const report::RunDump& gold
     e.tolerance = report::Tolerance::relative(std::min(allowed_fresh, allowed_golden) + std::min(eg, ef));
     if (ef <= allowed_fresh && eg <= allowed_golden) continue;
     e.status = report::EntryStatus::kOutOfTolerance;
-    e.message = fmt::format("{}: error against the fp32 oracle: run {:.3g}, golden {:.3g}; {} is more than {} x the "
-                            "other's + {:.3g} (rel {:.3g} between them)",
-                            e.path, ef, eg, ef > allowed_fresh ? "the run's" : "the golden's", k, floor, e.rel_diff);
+    // The oracle is today's code in fp32: a golden far from it while today's bf16 run is close means today's
+    // numerics are not the golden's (a regression, or a change the golden was not refreshed for); the other way
+    // round, today's bf16 path lost precision.
+    e.message = fmt::format("{}: error against today's fp32 oracle: run {:.3g}, golden {:.3g}; {} is more than {} x the "
+                            "other's + {:.3g} (rel {:.3g} between them){}",
+                            e.path, ef, eg, ef > allowed_fresh ? "the run's" : "the golden's", k, floor, e.rel_diff,
+                            ef > allowed_fresh ? ": this build's bf16 path lost precision"
+                                               : ": this build computes something else than the build that recorded the golden");
   }
   report::recount(result);
 }
