@@ -360,7 +360,7 @@ TEST(ReportModel, TheToolsGitShaIsTheCommitOfTheSourceTree) {
   std::string head(line);
   while (!head.empty() && (head.back() == '\n' || head.back() == '\r')) head.pop_back();
   const std::string sha = this_tool().git_sha;
-  EXPECT_EQ(sha.substr(0, head.size()), head) << "the build recorded another commit: rebuild after a checkout";
+  EXPECT_EQ(sha.substr(0, head.size()), head) << "this binary was built at another commit: rebuild after a commit or checkout";
   EXPECT_TRUE(sha.size() == head.size() || sha.substr(head.size()) == "-dirty") << sha;
 }
 
