@@ -166,8 +166,8 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
   std::vector<CheckResult> out;
   for (int r = 0; r < n; ++r) {
     const auto& trace = cand.traces.at(size_t(r));
-    int64_t wrong_owner = 0, wrong_return = 0, wrong_hops = 0, over_held = 0, peak = 0, entries[2] = {0, 0};
-    nlohmann::json first, per_type = nlohmann::json::object();
+    int64_t wrong_owner = 0, wrong_return = 0, misrouted = 0, wrong_hops = 0, over_held = 0, peak = 0, entries[2] = {0, 0};
+    nlohmann::json first, first_misrouted, per_type = nlohmann::json::object();
     for (auto& e : trace) {
       ++entries[e.pass == "backward"];
       const int h = e.layer >= 0 && e.layer < layers ? steps[size_t(e.layer)] : n - 1;
@@ -182,6 +182,15 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
         if (first.is_null()) first = {{"layer", e.layer}, {"pass", e.pass}, {"owners", e.owners}};
       }
       if (e.pass == "backward" && e.grad_returns != returns(int64_t(e.owners.size()) - 1)) ++wrong_return;
+      // Every dK/dV sent home goes to the rank whose chunk it belongs to (a return to another rank is not lost,
+      // only misplaced: the counts above cannot see it).
+      for (size_t i = 0; i < e.returned_to.size(); ++i) {
+        const int owner = i < e.returned_owners.size() ? e.returned_owners[i] : -1;
+        if (owner == e.returned_to[i]) continue;
+        ++misrouted;
+        if (first_misrouted.is_null())
+          first_misrouted = {{"layer", e.layer}, {"dkdv_of_rank", owner}, {"sent_to_rank", e.returned_to[i]}};
+      }
       // Exchanges per pass against the layer's ring steps, per layer type.
       const bool hops_ok = e.ring_exchanges == ring_exchanges(e.pass, h) && int(e.owners.size()) == h + 1;
       wrong_hops += !hops_ok;
@@ -221,7 +230,7 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
     const int64_t got_ring = stats.ops(cp::CommOp::RingExchange), got_exchange = stats.ops(cp::CommOp::Exchange);
     const int64_t got_bytes = stats.bytes(cp::CommOp::Exchange);
     const double misses = double(std::abs(got_ring - expected_ring) + std::abs(got_exchange - expected_returns) +
-                                 (got_bytes != expected_bytes) + wrong_return +
+                                 (got_bytes != expected_bytes) + wrong_return + misrouted +
                                  std::abs(stats.ops(cp::CommOp::AllReduce) - (c.micro_batches + cand.gradient_all_reduces)));
     out.push_back(CheckResult::judge("ring.grad_return", n, r, "count_mismatches", misses, 0, Policy::Count,
                                      {{"ring_exchanges", got_ring}, {"expected_ring_exchanges", expected_ring},
@@ -229,7 +238,13 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
                                       {"grad_return_bytes", got_bytes}, {"expected_grad_return_bytes", expected_bytes},
                                       {"all_reduces", stats.ops(cp::CommOp::AllReduce)},
                                       {"expected_all_reduces", c.micro_batches + cand.gradient_all_reduces},
-                                      {"passes_without_full_return", wrong_return}}));
+                                      {"passes_without_full_return", wrong_return},
+                                      {"returns_to_another_rank", misrouted}, {"first_misrouted", first_misrouted}}));
+    if (misrouted > 0)
+      out.back().message += fmt::format("; {} dK/dV return(s) sent to a rank that does not own them (first: layer {}, "
+                                        "rank {}'s dK/dV sent to rank {})",
+                                        misrouted, first_misrouted["layer"].get<int64_t>(),
+                                        first_misrouted["dkdv_of_rank"].get<int>(), first_misrouted["sent_to_rank"].get<int>());
   }
   return out;
 }

@@ -295,7 +295,8 @@ RingGrads collect_backward(const RingContext& ctx, const LayerCall& call, const 
   }
   auto dk_home = dk[0].clone(), dv_home = dv[0].clone();
   for (int d = 1; d < held && ctx.hooks.returns_grads(); ++d) {
-    const int dst = ring_owner(r, d, n), src = ring_owner(r, -d, n);
+    const int dst = ctx.hooks.return_destination(r, d, n), src = ctx.hooks.return_source(r, d, n);
+    ctx.observer.grads_sent_home(chunks[size_t(d)].owner, dst);
     auto received = observed_exchange(ctx, {dk[d].contiguous(), dv[d].contiguous()}, true,
                                       [&](const auto& send) { return ctx.comm.exchange(send, dst, src); });
     ctx.hooks.add_returned(dk_home, received[0], k.scalar_type());
@@ -372,7 +373,8 @@ RingGrads stream_backward(const RingContext& ctx, const LayerCall& call, const T
   }
   Tensor dk_home = dk_own, dv_home = dv_own;
   if (steps > 0 && ctx.hooks.returns_grads()) {  // the last holder's accumulators go home in one exchange
-    const int dst = ring_owner(r, steps, n), src = ring_owner(r, -steps, n);
+    const int dst = ctx.hooks.return_destination(r, steps, n), src = ctx.hooks.return_source(r, steps, n);
+    ctx.observer.grads_sent_home(chunk.owner, dst);
     auto home = observed_exchange(ctx, {dk_acc.contiguous(), dv_acc.contiguous()}, true,
                                   [&](const auto& send) { return ctx.comm.exchange(send, dst, src); });
     dk_home = home[0], dv_home = home[1];
@@ -504,6 +506,11 @@ void RingAttention::chunk_backward(int64_t layer, int owner, const kernels::Chun
       it->dq = g.dq, it->dk = g.dk, it->dv = g.dv;
       return;
     }
+}
+
+void RingAttention::grads_sent_home(int owner, int destination) {
+  current_.returned_owners.push_back(owner);
+  current_.returned_to.push_back(destination);
 }
 
 void RingAttention::exchanged(int64_t bytes, bool grad_return, double wall_s, double cpu_s) {

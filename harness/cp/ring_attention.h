@@ -73,6 +73,9 @@ struct RingTraceEntry {
   std::vector<bool> computed;  // false: no allowed pair in that chunk, compute skipped
   int64_t ring_exchanges = 0;
   int64_t grad_returns = 0;  // exchanges that returned dK/dV to owners
+  // Per dK/dV return of the pass, in order: whose chunk the dK/dV belong to, and the rank they were sent to (the
+  // two are equal when the return reaches its owner).
+  std::vector<int> returned_owners, returned_to;
   int64_t bytes_sent = 0;
   int64_t peak_chunks = 0;   // most K/V chunks alive on the rank at once (own included, received and in flight)
   // Per exchange of the pass, in order: seconds since the pass began when it was posted and when its wait returned
@@ -91,6 +94,8 @@ class RingObserver {
   virtual void chunk_backward(int64_t layer, int owner, const kernels::ChunkAttentionGrads& grads) {}
   // One exchange of `bytes` (K/V around the ring, or dK/dV home), and the time this rank was blocked on it.
   virtual void exchanged(int64_t bytes, bool grad_return, double wall_s, double cpu_s) {}
+  // dK/dV of `owner`'s chunk sent home to rank `destination` (correct: the owner).
+  virtual void grads_sent_home(int owner, int destination) {}
   // When an exchange was posted and when its wait returned (steady clock), in exchange order.
   virtual void exchange_times(std::chrono::steady_clock::time_point posted, std::chrono::steady_clock::time_point waited) {}
   // K/V chunks alive on the rank now.
@@ -143,6 +148,7 @@ class RingAttention : public model::AttentionBackend, public RingObserver {
   void chunk_forward(int64_t layer, int owner, const kernels::AttentionPartial* partial) override;
   void chunk_backward(int64_t layer, int owner, const kernels::ChunkAttentionGrads& grads) override;
   void exchanged(int64_t bytes, bool grad_return, double wall_s, double cpu_s) override;
+  void grads_sent_home(int owner, int destination) override;
   void exchange_times(std::chrono::steady_clock::time_point posted, std::chrono::steady_clock::time_point waited) override;
   void chunks_held(int chunks) override;
   void pass_end() override;

@@ -53,7 +53,16 @@ struct InputDtypeGradAccumulation : RingHooks {
   }
 };
 
+struct GradReturnToWrongRank : RingHooks {
+  int return_destination(int rank, int distance, int n) const override { return ring_owner(rank, -distance, n); }
+  int return_source(int rank, int distance, int n) const override { return ring_owner(rank, distance, n); }
+};
+
 }  // namespace
+
+int RingHooks::return_destination(int rank, int distance, int n) const { return ring_owner(rank, distance, n); }
+
+int RingHooks::return_source(int rank, int distance, int n) const { return ring_owner(rank, -distance, n); }
 
 int RingHooks::owner_at_step(int rank, int step, int n) const { return ring_owner(rank, step, n); }
 
@@ -71,6 +80,7 @@ std::unique_ptr<RingHooks> make_ring_hooks(RingMutation mutation) {
     case RingMutation::kInputDtypeGradAccumulation: return std::make_unique<InputDtypeGradAccumulation>();
     case RingMutation::kStreamDropsChunkInFlight: return std::make_unique<StreamDropsChunkInFlight>();
     case RingMutation::kStreamCollectsEveryChunk: return std::make_unique<StreamCollectsEveryChunk>();
+    case RingMutation::kGradReturnToWrongRank: return std::make_unique<GradReturnToWrongRank>();
   }
   throw std::logic_error("make_ring_hooks: unknown mutation");
 }

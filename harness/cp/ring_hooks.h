@@ -23,6 +23,8 @@ enum class RingMutation {
                                 // rounding per ring step, an error that grows with cp
   kStreamDropsChunkInFlight,    // streaming ring: the chunk that arrives at the last step is never merged
   kStreamCollectsEveryChunk,    // "stream" mode that still collects every chunk before computing (correct numbers)
+  kGradReturnToWrongRank,       // foreign dK/dV sent to rank - d instead of their owner rank + d (received from the
+                                // mirror rank): nothing lost, everything misplaced (the same rank at cp 2)
 };
 
 class RingHooks {
@@ -40,6 +42,10 @@ class RingHooks {
   virtual bool merges_arrived_chunk(int step, int steps) const { return true; }
   // Whether foreign dK/dV are sent home (correct: always).
   virtual bool returns_grads() const { return true; }
+  // Where `rank` sends the dK/dV of the chunk it held `distance` ring steps after its own, and whom it receives its
+  // own chunk's share from (correct: that chunk's owner, rank + distance; and rank - distance).
+  virtual int return_destination(int rank, int distance, int n) const;
+  virtual int return_source(int rank, int distance, int n) const;
   // Whether a new batch after the first advances the block-mask cache generation (correct: always).
   virtual bool advances_generation() const { return true; }
   // The merged output before it leaves the ring; `v` is the rank's own V. Correct: unchanged (rows without an

@@ -26,7 +26,8 @@ json small_fields(const CpRankRecord& r) {
   for (auto& e : r.trace)
     j["trace"].push_back({{"layer", e.layer}, {"pass", e.pass}, {"owners", e.owners}, {"computed", e.computed},
                           {"ring_exchanges", e.ring_exchanges}, {"grad_returns", e.grad_returns}, {"bytes_sent", e.bytes_sent},
-                          {"peak_chunks", e.peak_chunks}, {"posted_s", e.posted_s}, {"waited_s", e.waited_s}});
+                          {"peak_chunks", e.peak_chunks}, {"posted_s", e.posted_s}, {"waited_s", e.waited_s},
+                          {"returned_owners", e.returned_owners}, {"returned_to", e.returned_to}});
   j["comm"] = {r.comm_step0.calls, r.comm_step0.tensors_sent, r.comm_step0.bytes_sent};
   j["gradient_all_reduces"] = r.gradient_all_reduces;
   j["token_index"] = r.token_index;
@@ -75,6 +76,8 @@ CpRankRecord decode_rank_record(const std::vector<char>& bytes) {
     t.computed = e.at("computed").get<std::vector<bool>>();
     t.ring_exchanges = e.at("ring_exchanges").get<int64_t>();
     t.grad_returns = e.at("grad_returns").get<int64_t>();
+    t.returned_owners = e.at("returned_owners").get<std::vector<int>>();
+    t.returned_to = e.at("returned_to").get<std::vector<int>>();
     t.bytes_sent = e.at("bytes_sent").get<int64_t>();
     t.peak_chunks = e.at("peak_chunks").get<int64_t>();
     t.posted_s = e.at("posted_s").get<std::vector<double>>();

@@ -18,6 +18,7 @@ SuiteOptions mutate(SuiteOptions o, const std::string& name) {
   if (name == "window_off_by_one_at_shard_edge") ring.mutation = cp::RingMutation::kWindowOffByOneAtEdge;
   else if (name == "ring_rotated_wrong_way") ring.mutation = cp::RingMutation::kReverseRotation;
   else if (name == "dkdv_never_returned") ring.mutation = cp::RingMutation::kDropGradReturn;
+  else if (name == "dkdv_returned_to_wrong_rank") ring.mutation = cp::RingMutation::kGradReturnToWrongRank;
   else if (name == "stale_block_mask_cache") ring.mutation = cp::RingMutation::kStaleGeneration;
   else if (name == "lse_merge_without_rescaling") ring.merge = kernels::LseMergeMode::kNoRescale;
   else if (name == "kv_shared_layers_without_holder") o.run.use_share_holder = false;
@@ -45,6 +46,7 @@ std::vector<Mutant> selftest_mutants() {
       {"window_off_by_one_at_shard_edge", "sliding window q - k <= W on foreign chunks", "mask.dense_slice"},
       {"ring_rotated_wrong_way", "chunks labelled as coming from rank + s", "ring.rotation_order"},
       {"dkdv_never_returned", "foreign dK/dV stay where they were computed", "ring.grad_return"},
+      {"dkdv_returned_to_wrong_rank", "foreign dK/dV sent to rank - d instead of their owner rank + d", "ring.grad_return"},
       {"stale_block_mask_cache", "cache generation never advances: a mask survives a new batch", "cache.generation_reset"},
       {"lse_merge_without_rescaling", "partial outputs summed without exp(lse_i - lse)", "attention.parity"},
       {"kv_shared_layers_without_holder", "cache-gated sharing without the holder: shared layers use dead K/V", "kvshare.loss_parity"},
