@@ -72,7 +72,7 @@ double read_scalar(const io::Hdf5Reader& r, const std::string& name) {
                              c10::toString(t.scalar_type()));
   if (t.numel() != 1 || t.dim() > 1)
     throw io::InputError(r.path(), "/" + name,
-                         fmt::format("must be a scalar (0-d), has shape [{}]", fmt::join(t.sizes(), ", ")));
+                         fmt::format("must be one value (0-d, or shape [1]), has shape [{}]", fmt::join(t.sizes(), ", ")));
   return t.to(torch::kDouble).reshape({}).item<double>();
 }
 

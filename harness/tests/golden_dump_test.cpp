@@ -257,7 +257,8 @@ TEST(GoldenDump, WrongLayoutFilesAreInputErrorsNamingThePath) {
   expect_error({{"steps/0/loss", loss}, {"step/1/loss", loss}}, good_attrs, {"/step/1/loss", "unknown dataset"});
   expect_error({{"steps/0/loss", loss}, {"inputs/batch/input_ids", torch::zeros({2})}}, good_attrs,
                {"/inputs/batch/input_ids", "unexpected nesting"});
-  expect_error({{"steps/0/loss", torch::ones({2}, torch::kFloat64)}}, good_attrs, {"/steps/0/loss", "scalar"});
+  expect_error({{"steps/0/loss", torch::ones({2}, torch::kFloat64)}}, good_attrs, {"/steps/0/loss", "one value", "shape [2]"});
+  expect_error({{"steps/0/loss", torch::ones({1, 1}, torch::kFloat64)}}, good_attrs, {"/steps/0/loss", "shape [1, 1]"});
   expect_error({{"steps/0/loss", torch::scalar_tensor(1, torch::kLong)}}, good_attrs,
                {"/steps/0/loss", "floating-point scalar"});
   expect_error({{"steps/0/loss", loss}, {"steps/0/param_norm", torch::scalar_tensor(1, torch::kBool)}}, good_attrs,

@@ -146,5 +146,25 @@ TEST(ModelTraining, Bf16LaneTrains) {
   EXPECT_LT(second.loss, first.loss);
 }
 
+// transformers softcaps the final logits in the model dtype (logits / cap, tanh, * cap, each rounded to bf16 in the
+// bf16 lane); an fp32 softcap is another model there (2.6e-3 relative on the logits), invisible to cp N against
+// cp 1 and within the bf16 golden's oracle-relative slack. Written out here from the final hidden state, bit for bit.
+TEST(ModelTraining, Bf16LogitsAreSoftcappedInTheModelDtypeAsTransformersDoes) {
+  auto m = make_model("tiny-e2b", torch::kBFloat16);
+  ASSERT_TRUE(m->config().final_logit_softcapping);
+  const double cap = *m->config().final_logit_softcapping;
+  auto b = structured_batch(m->config());
+  EagerAttention eager;
+  torch::NoGradGuard no_grad;
+  ForwardOptions hidden_only;
+  hidden_only.final_hidden = true;
+  const auto h = m->forward(inputs_of(b), eager, hidden_only);
+  const auto logits = m->forward(inputs_of(b), eager);
+  ASSERT_EQ(logits.scalar_type(), torch::kBFloat16);
+  const auto scaled = torch::linear(h, m->embed_tokens->weight) / cap;
+  ASSERT_EQ(scaled.scalar_type(), torch::kBFloat16);
+  EXPECT_TRUE(torch::equal(logits, torch::tanh(scaled) * cap));
+}
+
 }  // namespace
 }  // namespace cpharness::model
