@@ -244,36 +244,47 @@ void write_string_attr(const std::string& file, const std::string& what, hid_t o
   if (H5Awrite(attr.get(), type.get(), &p) < 0) h5_fail(file, what + "@" + key, "cannot write attribute");
 }
 
+// An attribute of `obj` opened with its type and dataspace.
+struct OpenAttribute {
+  Hid attr, type, space;
+};
+
+OpenAttribute open_attribute(const std::string& file, const std::string& what, hid_t obj, const std::string& key) {
+  OpenAttribute a;
+  a.attr = Hid(H5Aopen(obj, key.c_str(), H5P_DEFAULT), H5Aclose);
+  if (!a.attr.valid()) h5_fail(file, what + "@" + key, "cannot open attribute");
+  a.type = Hid(H5Aget_type(a.attr.get()), H5Tclose);
+  a.space = Hid(H5Aget_space(a.attr.get()), H5Sclose);
+  if (!a.type.valid() || !a.space.valid()) h5_fail(file, what + "@" + key, "cannot inspect attribute");
+  return a;
+}
+
 // Reads a scalar (or single-element) string attribute; nullopt if it is not a string.
 std::optional<std::string> read_string_attr(const std::string& file, const std::string& what, hid_t obj,
                                             const std::string& key) {
-  Hid attr(H5Aopen(obj, key.c_str(), H5P_DEFAULT), H5Aclose);
-  if (!attr.valid()) h5_fail(file, what + "@" + key, "cannot open attribute");
-  Hid type(H5Aget_type(attr.get()), H5Tclose);
-  Hid space(H5Aget_space(attr.get()), H5Sclose);
-  if (!type.valid() || !space.valid()) h5_fail(file, what + "@" + key, "cannot inspect attribute");
-  if (H5Tget_class(type.get()) != H5T_STRING) return std::nullopt;
-  if (H5Sget_simple_extent_npoints(space.get()) != 1) return std::nullopt;
-  const htri_t is_var = H5Tis_variable_str(type.get());
+  const OpenAttribute a = open_attribute(file, what, obj, key);
+  if (H5Tget_class(a.type.get()) != H5T_STRING) return std::nullopt;
+  if (H5Sget_simple_extent_npoints(a.space.get()) != 1) return std::nullopt;
+  const htri_t is_var = H5Tis_variable_str(a.type.get());
   if (is_var < 0) h5_fail(file, what + "@" + key, "cannot inspect attribute");
   if (is_var) {
     Hid mem(H5Tcopy(H5T_C_S1), H5Tclose);
     H5Tset_size(mem.get(), H5T_VARIABLE);
-    H5Tset_cset(mem.get(), H5Tget_cset(type.get()));
+    H5Tset_cset(mem.get(), H5Tget_cset(a.type.get()));
     char* p = nullptr;
-    if (H5Aread(attr.get(), mem.get(), &p) < 0) h5_fail(file, what + "@" + key, "cannot read attribute");
+    if (H5Aread(a.attr.get(), mem.get(), &p) < 0) h5_fail(file, what + "@" + key, "cannot read attribute");
     std::string s = p ? p : "";
     if (p) H5free_memory(p);
     return s;
   }
-  const size_t size = H5Tget_size(type.get());
+  const size_t size = H5Tget_size(a.type.get());
   std::string buf(size, '\0');
-  if (size > 0 && H5Aread(attr.get(), type.get(), buf.data()) < 0) {
+  if (size > 0 && H5Aread(a.attr.get(), a.type.get(), buf.data()) < 0) {
     h5_fail(file, what + "@" + key, "cannot read attribute");
   }
   const size_t nul = buf.find('\0');
   if (nul != std::string::npos) buf.resize(nul);
-  if (H5Tget_strpad(type.get()) == H5T_STR_SPACEPAD) {
+  if (H5Tget_strpad(a.type.get()) == H5T_STR_SPACEPAD) {
     while (!buf.empty() && buf.back() == ' ') buf.pop_back();
   }
   return buf;
@@ -281,13 +292,9 @@ std::optional<std::string> read_string_attr(const std::string& file, const std::
 
 // What a non-string (or not single-valued) attribute holds, in words.
 std::string attribute_kind(const std::string& file, const std::string& what, hid_t obj, const std::string& key) {
-  Hid attr(H5Aopen(obj, key.c_str(), H5P_DEFAULT), H5Aclose);
-  if (!attr.valid()) h5_fail(file, what + "@" + key, "cannot open attribute");
-  Hid type(H5Aget_type(attr.get()), H5Tclose);
-  Hid space(H5Aget_space(attr.get()), H5Sclose);
-  if (!type.valid() || !space.valid()) h5_fail(file, what + "@" + key, "cannot inspect attribute");
+  const OpenAttribute a = open_attribute(file, what, obj, key);
   std::string kind;
-  switch (H5Tget_class(type.get())) {
+  switch (H5Tget_class(a.type.get())) {
     case H5T_INTEGER: kind = "integer"; break;
     case H5T_FLOAT: kind = "float"; break;
     case H5T_STRING: kind = "string"; break;
@@ -296,7 +303,7 @@ std::string attribute_kind(const std::string& file, const std::string& what, hid
     case H5T_REFERENCE: kind = "reference"; break;
     default: kind = "non-string"; break;
   }
-  const hssize_t n = H5Sget_simple_extent_npoints(space.get());
+  const hssize_t n = H5Sget_simple_extent_npoints(a.space.get());
   if (n != 1) kind += " array of " + std::to_string(n) + " elements";
   return kind;
 }

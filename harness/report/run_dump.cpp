@@ -3,13 +3,13 @@
 #include <torch/version.h>
 
 #include <fmt/format.h>
-#include <fmt/ranges.h>
 
 #include "cpharness/version.h"
 
 #include <string_view>
 #include <vector>
 
+#include "harness/io/error_text.h"
 #include "harness/io/input_error.h"
 
 namespace cpharness::report {
@@ -72,7 +72,7 @@ double read_scalar(const io::Hdf5Reader& r, const std::string& name) {
                              c10::toString(t.scalar_type()));
   if (t.numel() != 1 || t.dim() > 1)
     throw io::InputError(r.path(), "/" + name,
-                         fmt::format("must be one value (0-d, or shape [1]), has shape [{}]", fmt::join(t.sizes(), ", ")));
+                         "must be one value (0-d, or shape [1]), has shape " + io::shape_text(t.sizes().vec()));
   return t.to(torch::kDouble).reshape({}).item<double>();
 }
 

@@ -6,6 +6,7 @@
 
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -50,17 +51,37 @@ std::vector<const report::CheckResult*> golden_checks(const report::CaseReport& 
   return out;
 }
 
+// The case run as `run` runs it, and its one golden.match (absent, with the failure recorded, when the case errored
+// or did not report exactly one).
+struct GoldenRun {
+  report::CaseReport report;
+  std::optional<report::CheckResult> golden;
+};
+
+GoldenRun run_with_golden(const std::string& case_path) {
+  GoldenRun g{run_case(train::load_case(case_path), SuiteOptions{}), std::nullopt};
+  if (g.report.error) {
+    ADD_FAILURE() << *g.report.error;
+    return g;
+  }
+  const auto found = golden_checks(g.report);
+  if (found.size() != 1) {
+    ADD_FAILURE() << found.size() << " golden.match results, expected 1";
+    return g;
+  }
+  g.golden = *found[0];
+  return g;
+}
+
 TEST(CaseGolden, ACaseThatNamesItsGoldenIsCheckedAgainstItByRun) {
   TempDir dir;
   const std::string case_path = write_case(dir, case_json(R"({"golden": "g.h5"})"));
   record_golden(case_path, dir.file("g.h5"));
-  const auto r = run_case(train::load_case(case_path), SuiteOptions{});
-  ASSERT_FALSE(r.error) << *r.error;
-  const auto golden = golden_checks(r);
-  ASSERT_EQ(golden.size(), 1u);
-  EXPECT_EQ(golden[0]->status, report::Status::Pass) << golden[0]->message;
-  EXPECT_EQ(golden[0]->cp, 1);
-  EXPECT_EQ(r.status(), report::Status::Pass);
+  const auto g = run_with_golden(case_path);
+  ASSERT_TRUE(g.golden);
+  EXPECT_EQ(g.golden->status, report::Status::Pass) << g.golden->message;
+  EXPECT_EQ(g.golden->cp, 1);
+  EXPECT_EQ(g.report.status(), report::Status::Pass);
 
   // Without the key there is no golden.match (nothing to compare with), and the case's hash ignores the key, so
   // the same golden still names the case.
@@ -75,14 +96,12 @@ TEST(CaseGolden, AGoldenTheRunNoLongerMatchesFailsTheCaseNamingTheTensor) {
   TempDir dir;
   const std::string case_path = write_case(dir, case_json(R"({"golden": "g.h5"})"));
   record_golden(case_path, dir.file("g.h5"), [](report::RunDump& d) { d.steps.at(1).loss *= 1.0 + 1e-4; });
-  const auto r = run_case(train::load_case(case_path), SuiteOptions{});
-  ASSERT_FALSE(r.error) << *r.error;
-  const auto golden = golden_checks(r);
-  ASSERT_EQ(golden.size(), 1u);
-  EXPECT_EQ(golden[0]->status, report::Status::Fail);
-  EXPECT_NE(golden[0]->message.find("steps/1/loss"), std::string::npos) << golden[0]->message;
-  EXPECT_EQ(r.status(), report::Status::Fail);
-  for (auto& k : r.checks)
+  const auto g = run_with_golden(case_path);
+  ASSERT_TRUE(g.golden);
+  EXPECT_EQ(g.golden->status, report::Status::Fail);
+  EXPECT_NE(g.golden->message.find("steps/1/loss"), std::string::npos) << g.golden->message;
+  EXPECT_EQ(g.report.status(), report::Status::Fail);
+  for (auto& k : g.report.checks)
     if (k.name.rfind("train.", 0) == 0) EXPECT_EQ(k.status, report::Status::Pass) << k.name << ": " << k.message;
 
   record_golden(case_path, dir.file("g.h5"), [](report::RunDump& d) { d.steps.at(0).logits.mul_(1.001); });
@@ -94,17 +113,17 @@ TEST(CaseGolden, ABf16CaseMatchesItsGoldenAgainstTheOracle) {
   TempDir dir;
   const std::string case_path = write_case(dir, case_json(R"({"golden": "g.h5", "dtype": "bf16"})"));
   record_golden(case_path, dir.file("g.h5"));
-  const auto r = run_case(train::load_case(case_path), SuiteOptions{});
-  ASSERT_FALSE(r.error) << *r.error;
-  const auto golden = golden_checks(r);
-  ASSERT_EQ(golden.size(), 1u);
-  EXPECT_EQ(golden[0]->status, report::Status::Pass) << golden[0]->message;
-  EXPECT_EQ(golden[0]->policy, report::Policy::Count);
+  const auto g = run_with_golden(case_path);
+  ASSERT_TRUE(g.golden);
+  EXPECT_EQ(g.golden->status, report::Status::Pass) << g.golden->message;
+  EXPECT_EQ(g.golden->policy, report::Policy::Count);
 
   // Every logit 50 % off: far beyond k x the run's own error against the oracle (bf16 logits here are ~3 % from
   // fp32, so the lane cannot tell 5 % from rounding; a golden that moved by that much passes by design).
   record_golden(case_path, dir.file("g.h5"), [](report::RunDump& d) { d.steps.at(0).logits.mul_(1.5); });
-  EXPECT_EQ(golden_checks(run_case(train::load_case(case_path), SuiteOptions{}))[0]->status, report::Status::Fail);
+  const auto moved = run_with_golden(case_path);
+  ASSERT_TRUE(moved.golden);
+  EXPECT_EQ(moved.golden->status, report::Status::Fail);
 }
 
 // A missing golden is refused before any case runs (run and bisect ask unsupported_configuration first); the case
