@@ -129,6 +129,9 @@ __host__ __device__ void tc_dq_cta(const BackwardArgs& a, Hw& hw, int64_t bx, in
       accumulate_times<NS, NO, kBf16>(hw, dq, s, Ks, RS, c0, lane);
     }
   }
+  // Q's and dO's copies when there was no tile: a thread never exits with a cp.async in flight (PTX leaves that
+  // undefined).
+  hw.copy_async_wait_all();
 
   CPH_UNROLL
   for (int i = 0; i < 2; ++i) {
@@ -237,6 +240,7 @@ __host__ __device__ void tc_dkdv_cta(const BackwardArgs& a, Hw& hw, int64_t bx, 
       }
     }
   }
+  hw.copy_async_wait_all();  // K's and V's copies when there was no tile (as in tc_dq_cta)
 
   CPH_UNROLL
   for (int i = 0; i < 2; ++i) {

@@ -137,6 +137,10 @@ struct EmulatedWarp {
   WorkCounters counted{};
   std::vector<std::pair<uint16_t*, const uint16_t*>> pending;  // this thread's copies in flight
 
+  // PTX leaves a thread that exits with a cp.async in flight undefined: every copy must be waited for.
+  ~EmulatedWarp() {
+    if (!pending.empty()) ADD_FAILURE() << "thread " << tid << " ended with " << pending.size() << " cp.async copies in flight";
+  }
   int thread() const { return tid; }
   void sync() { cta->cta_barrier(); }
   // cp.async as late as PTX allows: the 16 bytes land at this thread's wait, and the destination reads as NaN
