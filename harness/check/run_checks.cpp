@@ -184,12 +184,11 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
       if (e.pass == "backward" && e.grad_returns != returns(int64_t(e.owners.size()) - 1)) ++wrong_return;
       // Every dK/dV sent home goes to the rank whose chunk it belongs to (a return to another rank is not lost,
       // only misplaced: the counts above cannot see it).
-      for (size_t i = 0; i < e.returned_to.size(); ++i) {
-        const int owner = i < e.returned_owners.size() ? e.returned_owners[i] : -1;
-        if (owner == e.returned_to[i]) continue;
+      for (const auto& g : e.returned) {
+        if (g.owner == g.sent_to) continue;
         ++misrouted;
         if (first_misrouted.is_null())
-          first_misrouted = {{"layer", e.layer}, {"dkdv_of_rank", owner}, {"sent_to_rank", e.returned_to[i]}};
+          first_misrouted = {{"layer", e.layer}, {"dkdv_of_rank", g.owner}, {"sent_to_rank", g.sent_to}};
       }
       // Exchanges per pass against the layer's ring steps, per layer type.
       const bool hops_ok = e.ring_exchanges == ring_exchanges(e.pass, h) && int(e.owners.size()) == h + 1;

@@ -509,8 +509,7 @@ void RingAttention::chunk_backward(int64_t layer, int owner, const kernels::Chun
 }
 
 void RingAttention::grads_sent_home(int owner, int destination) {
-  current_.returned_owners.push_back(owner);
-  current_.returned_to.push_back(destination);
+  current_.returned.push_back({owner, destination});
 }
 
 void RingAttention::exchanged(int64_t bytes, bool grad_return, double wall_s, double cpu_s) {

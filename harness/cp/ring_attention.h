@@ -75,7 +75,10 @@ struct RingTraceEntry {
   int64_t grad_returns = 0;  // exchanges that returned dK/dV to owners
   // Per dK/dV return of the pass, in order: whose chunk the dK/dV belong to, and the rank they were sent to (the
   // two are equal when the return reaches its owner).
-  std::vector<int> returned_owners, returned_to;
+  struct GradReturn {
+    int owner = 0, sent_to = 0;
+  };
+  std::vector<GradReturn> returned;
   int64_t bytes_sent = 0;
   int64_t peak_chunks = 0;   // most K/V chunks alive on the rank at once (own included, received and in flight)
   // Per exchange of the pass, in order: seconds since the pass began when it was posted and when its wait returned

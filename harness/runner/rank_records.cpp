@@ -17,6 +17,13 @@ kernels::BlockMaskCacheCounters counters_of(const json& j) {
   return {j.at(0).get<int64_t>(), j.at(1).get<int64_t>(), j.at(2).get<int64_t>(), j.at(3).get<int64_t>(), j.at(4).get<int64_t>()};
 }
 
+// [owner, sent_to] per dK/dV return.
+json grad_returns_json(const std::vector<cp::RingTraceEntry::GradReturn>& returned) {
+  json j = json::array();
+  for (auto& g : returned) j.push_back({g.owner, g.sent_to});
+  return j;
+}
+
 json small_fields(const CpRankRecord& r) {
   json j;
   j["rank"] = r.rank;
@@ -27,7 +34,7 @@ json small_fields(const CpRankRecord& r) {
     j["trace"].push_back({{"layer", e.layer}, {"pass", e.pass}, {"owners", e.owners}, {"computed", e.computed},
                           {"ring_exchanges", e.ring_exchanges}, {"grad_returns", e.grad_returns}, {"bytes_sent", e.bytes_sent},
                           {"peak_chunks", e.peak_chunks}, {"posted_s", e.posted_s}, {"waited_s", e.waited_s},
-                          {"returned_owners", e.returned_owners}, {"returned_to", e.returned_to}});
+                          {"returned", grad_returns_json(e.returned)}});
   j["comm"] = {r.comm_step0.calls, r.comm_step0.tensors_sent, r.comm_step0.bytes_sent};
   j["gradient_all_reduces"] = r.gradient_all_reduces;
   j["token_index"] = r.token_index;
@@ -76,8 +83,7 @@ CpRankRecord decode_rank_record(const std::vector<char>& bytes) {
     t.computed = e.at("computed").get<std::vector<bool>>();
     t.ring_exchanges = e.at("ring_exchanges").get<int64_t>();
     t.grad_returns = e.at("grad_returns").get<int64_t>();
-    t.returned_owners = e.at("returned_owners").get<std::vector<int>>();
-    t.returned_to = e.at("returned_to").get<std::vector<int>>();
+    for (auto& g : e.at("returned")) t.returned.push_back({g.at(0).get<int>(), g.at(1).get<int>()});
     t.bytes_sent = e.at("bytes_sent").get<int64_t>();
     t.peak_chunks = e.at("peak_chunks").get<int64_t>();
     t.posted_s = e.at("posted_s").get<std::vector<double>>();
