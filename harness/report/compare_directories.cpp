@@ -51,7 +51,8 @@ DirectoryComparison compare_directories(const std::string& dir_a, const std::str
   for (auto& n : all) {
     const bool in_a = std::binary_search(na.begin(), na.end(), n), in_b = std::binary_search(nb.begin(), nb.end(), n);
     if (!in_a || !in_b) {
-      out.passed = false;
+      // A file on one side only is a missing entry at the scale of files: it fails unless the policy allows those.
+      out.passed = out.passed && !policy.missing_is_failure;
       out.doc[in_a ? "only_in_a" : "only_in_b"].push_back(n);
       summary.push_back(fmt::format("{:<28} only in {}", n, in_a ? dir_a : dir_b));
       continue;

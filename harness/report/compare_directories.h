@@ -1,6 +1,6 @@
 // Two directories of dumps or goldens compared pair by pair (two transformers versions' goldens:
 // golden/hf-5.5.2 against golden/hf-5.8.1): *.h5 files paired by name, each pair through compare_dumps, files
-// found on one side only listed (and failing).
+// found on one side only listed, and failing the comparison as a missing entry does (unless "missing:ok").
 #pragma once
 #include <string>
 #include <vector>
@@ -12,7 +12,7 @@
 namespace cpharness::report {
 
 struct DirectoryComparison {
-  bool passed = true;                 // every pair passed and nothing is unpaired
+  bool passed = true;                 // every pair passed and nothing is unpaired (or missing:ok)
   std::string text;                   // each pair's table (render_text), then the directory summary
   nlohmann::json doc;                 // a, b, pairs[], only_in_a[], only_in_b[], status
 };

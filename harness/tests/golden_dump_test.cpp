@@ -17,6 +17,7 @@
 #include "harness/io/hdf5_tensors.h"
 #include "harness/io/input_error.h"
 #include "harness/report/compare.h"
+#include "harness/report/compare_directories.h"
 #include "harness/report/run_dump.h"
 #include "harness/tests/io_test_util.h"
 
@@ -633,6 +634,29 @@ TEST(GoldenCompare, MissingAndMismatchedEntriesAreReportedNotCrashes) {
   EXPECT_TRUE(ok.passed);
   EXPECT_FALSE(ok.first_divergence.has_value());
   EXPECT_FALSE(compare_dumps(a, b).passed);
+}
+
+// Two directories pair their files by name; a file on one side only fails as a missing entry does, unless the
+// policy allows missing entries (two transformers versions' directories where one exported one more golden).
+TEST(GoldenCompare, DirectoriesPairFilesAndAFileOnOneSideIsAMissingEntry) {
+  TempDir a, b;
+  const RunDump d = make_dump(12);
+  write_run_dump(a.file("x.h5"), d);
+  write_run_dump(b.file("x.h5"), d);
+  const auto same = compare_directories(a.path().string(), b.path().string(), ComparePolicy::exact(), 4);
+  EXPECT_TRUE(same.passed) << same.text;
+  EXPECT_EQ(same.doc.at("pairs").size(), 1u);
+  write_run_dump(a.file("only-a.h5"), d);
+  const auto extra = compare_directories(a.path().string(), b.path().string(), ComparePolicy::exact(), 4);
+  EXPECT_FALSE(extra.passed);
+  EXPECT_EQ(extra.doc.at("only_in_a"), nlohmann::json::array({"only-a.h5"}));
+  EXPECT_NE(extra.text.find("only-a.h5"), std::string::npos);
+  EXPECT_TRUE(compare_directories(a.path().string(), b.path().string(), ComparePolicy::parse("exact,missing:ok"), 4).passed);
+  // missing:ok never hides a pair that differs.
+  RunDump moved = clone_dump(d);
+  moved.steps[0].loss *= 1.001;
+  write_run_dump(b.file("x.h5"), moved);
+  EXPECT_FALSE(compare_directories(a.path().string(), b.path().string(), ComparePolicy::parse("fp32,missing:ok"), 4).passed);
 }
 
 TEST(GoldenCompare, NonFiniteValuesFail) {
