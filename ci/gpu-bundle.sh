@@ -6,8 +6,8 @@
 #
 #   ci/gpu-bundle.sh [BUILD_DIR] [BUNDLE_DIR]     BUILD_DIR: a -DCPHARNESS_CUDA=ON build (default build/)
 #
-# What travels is one xz tarball, BUNDLE_DIR/bundle.tar.xz (about 9 MB: the working tree with the goldens is ~41 MB
-# of the 64 MiB that may travel); ci/gpu-check.sh unpacks it. It prints the tarball's size.
+# What travels is one xz tarball, BUNDLE_DIR/bundle.tar.xz (about 14 MB: the working tree with the goldens is
+# ~49 MiB of the 64 MiB that may travel); ci/gpu-check.sh unpacks it. It prints the tarball's size.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build="${1:-$root/build}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the default suite and writes its reports under reports/out/ (report.json, report.xml, report.html).
-# Builds first if needed. Exit code: cpharness's (0 pass, 1 a check failed, 2 error); 2 as well when the run
-# passed but its page could not be rendered.
+# Builds first if needed. Exit code: cpharness's (0 pass, 1 a check failed, 2 error, 3 no check ran); 2 as well
+# when the run passed but its page could not be rendered.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build="${CPHARNESS_BUILD_DIR:-$root/build}"

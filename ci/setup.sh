@@ -15,9 +15,10 @@ debian_packages=(g++ cmake make libhdf5-dev nlohmann-json3-dev libfmt-dev libgte
                  libopenmpi-dev openmpi-bin python3 python3-venv python3-h5py python3-jsonschema
                  python3-matplotlib chromium)
 # A lighter install than `pip install torch` (measured: 1.7 GB instead of ~5 GB, about a minute on this
-# network): the C++ build links libtorch_cpu and c10, which need only libcudart/libcupti, found in the CUDA
-# toolkit at /usr/local/cuda. `import torch` additionally needs the three runtime wheels below; the other
-# CUDA wheels (cuBLAS, cuDNN, NCCL, triton, ...) only matter on a GPU, where the machine's own PyTorch is used.
+# network): the wheel's libraries (libtorch_cpu, c10, and libtorch_cuda / c10_cuda in the GPU build) find the CUDA
+# runtime, cuBLAS, cuDNN and NCCL in the toolkit at /usr/local/cuda. `import torch` additionally needs the three
+# runtime wheels below; the other CUDA wheels (triton, ...) only matter on a GPU, where the machine's own PyTorch
+# is used.
 torch_python_deps=(filelock typing-extensions "setuptools<82" sympy networkx jinja2 fsspec numpy)
 torch_cuda_runtime=(nvidia-cusparselt-cu13==0.8.0 nvidia-nvshmem-cu13==3.4.5 nvidia-cufile==1.20.0.107)
 

@@ -3,6 +3,7 @@
 #include <cstdlib>
 
 #include "harness/cli/app.h"
+#include "harness/train/host_memory.h"
 
 int main(int argc, char** argv) {
   // Ranks run as threads of this process; one intra-op thread each keeps runs deterministic and avoids
@@ -12,5 +13,7 @@ int main(int argc, char** argv) {
   // cuBLAS is bitwise repeatable only with a fixed workspace (read when its first handle is made); a value the
   // user set is kept. Harmless on the CPU.
   setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", 0);
+  // Before any thread allocates: CPU runs' activation memory is counted per thread (memory.activations).
+  cpharness::train::enable_host_memory_metering();
   return cpharness::cli::run_cli(std::vector<std::string>(argv + 1, argv + argc));
 }

@@ -451,15 +451,18 @@ int bisect_verb(const std::string& case_path, const std::string& golden_path) {
     std::vector<report::CheckResult> judged = rep.checks;
     if (!golden_path.empty()) {
       report::CompareResult cmp;
-      judged.push_back(runner::verify_golden(c, golden_path, &cmp));
+      const auto reference = runner::run_reference(c, c.dtype);
+      judged.push_back(runner::verify_golden(c, golden_path, &cmp, &reference));
       std::cerr << report::render_text(cmp, "run", golden_path);
       if (judged.back().status == report::Status::Error) return skip(judged.back().message);
+      judged.push_back(runner::verify_golden_memory(c, golden_path, reference));
     }
     std::vector<const report::CheckResult*> failed;
     for (auto& k : judged)
       if (k.status == report::Status::Fail) failed.push_back(&k);
     if (failed.empty()) {
-      std::cerr << fmt::format("bisect: good ({} checks passed{})\n", judged.size(), golden_path.empty() ? "" : ", golden.match included");
+      std::cerr << fmt::format("bisect: good ({} checks passed{})\n", judged.size(),
+                               golden_path.empty() ? "" : ", golden.match and memory.activations included");
       return 0;
     }
     std::cerr << fmt::format("bisect: bad ({} of {} checks failed)\n", failed.size(), judged.size());

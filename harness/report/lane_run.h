@@ -22,6 +22,10 @@ struct TrainingStep {
   // the CPU). Ranks as threads on one GPU share the device, so the peak is theirs together.
   double seconds = 0;
   int64_t peak_allocated = -1, peak_reserved = -1;
+  // The cp 1 reference on the CPU: bytes its forward left alive for the backward (allocated on the lane's thread
+  // after the step began, still held when backward starts: the saved activations, the logits and the loss). -1
+  // where not measured (candidates, CUDA, metering off). train/host_memory.h says why it is deterministic.
+  int64_t activation_bytes = -1;
 };
 
 struct LaneRun {

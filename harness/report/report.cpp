@@ -41,13 +41,15 @@ std::string_view to_string(Policy p) {
     case Policy::Bf16OracleRelative: return "bf16_oracle_relative";
     case Policy::Fp32OracleRelative: return "fp32_oracle_relative";
     case Policy::Fp64Rerun: return "fp64_rerun";
+    case Policy::BytesRelative: return "bytes_relative";
     case Policy::Count: return "count";
   }
   return "exact";
 }
 
 std::optional<Policy> parse_policy(std::string_view s) {
-  for (Policy v : {Policy::Exact, Policy::Fp32Relative, Policy::Bf16OracleRelative, Policy::Fp32OracleRelative, Policy::Fp64Rerun, Policy::Count})
+  for (Policy v : {Policy::Exact, Policy::Fp32Relative, Policy::Bf16OracleRelative, Policy::Fp32OracleRelative, Policy::Fp64Rerun, Policy::Count,
+                   Policy::BytesRelative})
     if (s == to_string(v)) return v;
   return std::nullopt;
 }

@@ -33,7 +33,7 @@ std::optional<Status> parse_status(std::string_view s);
 //   fp64_rerun            fp32 final parameters that missed fp32_relative: cp N vs cp 1, both rerun in fp64, must be
 //                         <= threshold (fp32_relative)
 //   count                 observed count must equal threshold (the expected count)
-enum class Policy { Exact, Fp32Relative, Bf16OracleRelative, Fp32OracleRelative, Fp64Rerun, Count };
+enum class Policy { Exact, Fp32Relative, Bf16OracleRelative, Fp32OracleRelative, Fp64Rerun, Count, BytesRelative };
 std::string_view to_string(Policy p);
 std::optional<Policy> parse_policy(std::string_view s);
 

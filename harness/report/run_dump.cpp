@@ -76,6 +76,20 @@ double read_scalar(const io::Hdf5Reader& r, const std::string& name) {
   return t.to(torch::kDouble).reshape({}).item<double>();
 }
 
+// A count of bytes: one non-negative integer.
+std::int64_t read_byte_count(const io::Hdf5Reader& r, const std::string& name) {
+  torch::Tensor t = r.read(name);
+  if (t.scalar_type() != torch::kInt64 && t.scalar_type() != torch::kInt32)
+    throw io::InputError(r.path(), "/" + name,
+                         std::string("must be an integer scalar (int64), stored dtype is ") + c10::toString(t.scalar_type()));
+  if (t.numel() != 1 || t.dim() > 1)
+    throw io::InputError(r.path(), "/" + name,
+                         "must be one value (0-d, or shape [1]), has shape " + io::shape_text(t.sizes().vec()));
+  const auto v = t.to(torch::kInt64).reshape({}).item<int64_t>();
+  if (v < 0) throw io::InputError(r.path(), "/" + name, "a byte count must not be negative (" + std::to_string(v) + ")");
+  return v;
+}
+
 }  // namespace
 
 io::StringMap base_provenance(const std::string& kind) {
@@ -102,6 +116,8 @@ void write_run_dump(const std::string& path, const RunDump& dump) {
   for (const auto& [k, s] : dump.steps) {
     const std::string sp = fmt::format("/steps/{}", k);
     if (k < 0) throw io::InputError(path, sp, "step index must not be negative");
+    if (s.activation_bytes && *s.activation_bytes < 0)
+      throw io::InputError(path, sp + "/activation_bytes", "a byte count must not be negative");
     for (const auto& [i, t] : s.hidden) {
       if (i < 0) throw io::InputError(path, fmt::format("{}/hidden/{}", sp, i), "layer index must not be negative");
       check_tensor(path, fmt::format("{}/hidden/{}", sp, i), t);
@@ -123,6 +139,8 @@ void write_run_dump(const std::string& path, const RunDump& dump) {
     w.write(sp + "loss", scalar(s.loss));
     if (s.grad_norm) w.write(sp + "grad_norm", scalar(*s.grad_norm));
     if (s.param_norm) w.write(sp + "param_norm", scalar(*s.param_norm));
+    if (s.activation_bytes)
+      w.write(sp + "activation_bytes", torch::scalar_tensor(*s.activation_bytes, torch::TensorOptions().dtype(torch::kInt64)));
     if (s.logits.defined()) w.write(sp + "logits", s.logits);
     for (const auto& [i, t] : s.hidden) w.write(fmt::format("{}hidden/{}", sp, i), t);
     for (const auto& [name, t] : s.grads) w.write(sp + "grads/" + name, t);
@@ -183,6 +201,8 @@ RunDump read_run_dump(const std::string& path) {
         s.grad_norm = read_scalar(r, name);
       } else if (c.size() == 3 && what == "param_norm") {
         s.param_norm = read_scalar(r, name);
+      } else if (c.size() == 3 && what == "activation_bytes") {
+        s.activation_bytes = read_byte_count(r, name);
       } else if (c.size() == 3 && what == "logits") {
         s.logits = r.read(name);
       } else if (c.size() == 4 && what == "hidden") {
@@ -192,7 +212,7 @@ RunDump read_run_dump(const std::string& path) {
       } else if (c.size() == 4 && what == "grads") {
         s.grads.emplace(c[3], r.read(name));
       } else {
-        throw unknown("unknown entry in a step (expected loss, grad_norm, param_norm, logits, hidden/<i>, grads/<name>)");
+        throw unknown("unknown entry in a step (expected loss, grad_norm, param_norm, activation_bytes, logits, hidden/<i>, grads/<name>)");
       }
     } else {
       throw unknown("unknown dataset (expected under /inputs, /weights or /steps)");

@@ -9,6 +9,7 @@
 //   /inputs/<name>           the batch: input_ids, labels, position_ids, document_ids, padding, vision_group_ids
 //   /weights/<name>          optional initial weights, HF checkpoint names ("layers.0.self_attn.q_proj.weight")
 //   /steps/<k>/loss          float64 scalar (required for every step)
+//   /steps/<k>/activation_bytes  optional int64 scalar
 //   /steps/<k>/grad_norm     float64 scalar (optional)
 //   /steps/<k>/param_norm    float64 scalar (optional)
 //   /steps/<k>/logits        optional tensor
@@ -45,6 +46,9 @@ struct StepRecord {
   torch::Tensor logits;              // undefined when not recorded
   std::map<std::int64_t, torch::Tensor> hidden;  // 0 = embedding output, i + 1 = after layer i
   io::TensorMap grads;                           // parameter name -> gradient
+  // Bytes the forward left alive for the backward (report::TrainingStep::activation_bytes); judged by
+  // memory.activations, not by compare_dumps.
+  std::optional<std::int64_t> activation_bytes;
 };
 
 struct RunDump {

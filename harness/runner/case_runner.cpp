@@ -13,6 +13,7 @@
 #include "harness/cp/cp_step.h"
 #include "harness/runner/rank_records.h"
 #include "harness/train/device.h"
+#include "harness/train/host_memory.h"
 #include "harness/train/trainer.h"
 #include "harness/model/chunked_loss.h"
 #include "harness/model/init.h"
@@ -212,18 +213,22 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
     auto batch = train::to_device(train::batch_for_step(c, step), options.device);
     StepMeter meter(options.device, true);
     optimizer->zero_grad();
+    const int64_t live_before = options.device.is_cpu() ? train::host_bytes_live() : -1;
     model::KvShareHolder holder;
     model::ForwardOptions fo;
     if (options.use_share_holder) fo.holder = &holder;
-    if (c.reference_checkpointing) fo.checkpointing = model::ActivationCheckpointing::kKvHolder;
+    if (c.reference_checkpointing && !options.skip_reference_checkpointing)
+      fo.checkpointing = model::ActivationCheckpointing::kKvHolder;
     std::vector<torch::Tensor> hidden;
     if (step == 0 && options.record_tensors) fo.hidden_states = &hidden;
     torch::Tensor logits;
     auto loss = model::forward_loss(m, {batch.input_ids, batch.position_ids, batch.meta, {}}, eager, fo,
                                     model::shift_labels(batch.labels), c.loss_chunk_tokens, &logits);
     auto mean = loss.sum / double(std::max<int64_t>(loss.count, 1));
+    const int64_t activation_bytes = live_before >= 0 ? train::host_bytes_live() - live_before : -1;
     mean.backward();
     TrainingStep rec{mean.item<double>(), train::grad_norm(m->parameters()), 0, loss.count};
+    rec.activation_bytes = activation_bytes;
     if (step == 0 && options.record_tensors) {
       if (logits.defined()) run.logits = logits.to(torch::kCPU, torch::kFloat64);
       for (auto& h : hidden) run.hidden.push_back(h.detach().to(torch::kCPU, torch::kFloat64));

@@ -61,6 +61,7 @@ struct RunOptions {
   bool drop_boundary_label = false;  // the power check's perturbation (candidates only)
   bool zero_weights = false;         // selftest: every weight zero in every run (a dead model)
   bool zero_final_norm = false;      // selftest: final norm weight zero: logits 0 everywhere (output ignores input)
+  bool skip_reference_checkpointing = false;  // selftest: the reference ignores reference_checkpointing (same numbers)
 };
 
 // The case's model with its initial weights (seeded init or checkpoint) in `dtype`, on `device`. Weights are made

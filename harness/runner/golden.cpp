@@ -9,6 +9,7 @@
 
 #include <fmt/format.h>
 
+#include "harness/check/activation_memory.h"
 #include "harness/io/input_error.h"
 #include "harness/report/json_report.h"
 
@@ -54,6 +55,7 @@ report::RunDump reference_dump(const train::Case& c, const LaneRun& run, const s
     rec.loss = run.steps[s].loss;
     rec.grad_norm = run.steps[s].grad_norm;
     rec.param_norm = run.steps[s].param_norm;
+    if (run.steps[s].activation_bytes >= 0) rec.activation_bytes = run.steps[s].activation_bytes;
     if (s == 0) {
       // fp32 storage is exact for both lanes (the fp64 copies hold fp32 or bf16 values).
       rec.logits = run.logits.to(torch::kFloat32);
@@ -153,6 +155,11 @@ report::CheckResult verify_golden(const train::Case& c, const std::string& golde
   return check;
 }
 
+report::CheckResult verify_golden_memory(const train::Case& c, const std::string& golden_path, const LaneRun& reference) {
+  return check::check_activation_memory(reference, report::read_run_dump(golden_path), golden_path,
+                                        c.tolerances.activation_memory);
+}
+
 report::Report run_golden_verify(const std::string& case_path, const std::string& golden_path) {
   auto r = report::new_report("cpu", std::nullopt);
   report::CaseReport cr;
@@ -170,7 +177,9 @@ report::Report run_golden_verify(const std::string& case_path, const std::string
     cr.dtype = train::to_string(c.dtype);
     cr.cp_sizes = {1};
     report::CompareResult cmp;
-    cr.checks.push_back(verify_golden(c, golden_path, &cmp));
+    const LaneRun reference = run_reference(c, c.dtype);
+    cr.checks.push_back(verify_golden(c, golden_path, &cmp, &reference));
+    cr.checks.push_back(verify_golden_memory(c, golden_path, reference));
     std::cerr << report::render_text(cmp, "run", golden_path);
   } catch (const io::InputError& e) {
     cr.id = cr.id.empty() ? case_path : cr.id;

@@ -33,4 +33,8 @@ report::Report run_golden_verify(const std::string& case_path, const std::string
 report::CheckResult verify_golden(const train::Case& c, const std::string& golden_path, report::CompareResult* result = nullptr,
                                   const LaneRun* reference = nullptr, const LaneRun* oracle = nullptr);
 
+// memory.activations: the activation memory of `reference` (a cp 1 CPU run of `c`) against the golden's
+// (check/activation_memory.h). Golden errors as for verify_golden.
+report::CheckResult verify_golden_memory(const train::Case& c, const std::string& golden_path, const LaneRun& reference);
+
 }  // namespace cpharness::runner

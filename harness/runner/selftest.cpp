@@ -1,10 +1,14 @@
 #include "harness/runner/selftest.h"
 
 #include "harness/report/environment.h"
+#include "harness/runner/golden.h"
 
 #include <fmt/format.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <filesystem>
 #include <iostream>
 #include <map>
 
@@ -30,6 +34,7 @@ SuiteOptions mutate(SuiteOptions o, const std::string& name) {
   else if (name == "power_perturbation_not_applied") o.power_not_perturbed = true;
   else if (name == "dead_model_zero_weights") o.run.zero_weights = true;
   else if (name == "output_ignores_input") o.run.zero_final_norm = true;
+  else if (name == "activation_checkpointing_not_applied") o.run.skip_reference_checkpointing = true;
   else if (name == "hop_limit_one_too_many") ring.mutation = cp::RingMutation::kHopLimitOneTooMany;
   else if (name == "cp_gradients_averaged") o.run.step_mutation = StepMutation::kAverageGradients;
   else if (name == "returned_dkdv_accumulated_in_bf16") ring.mutation = cp::RingMutation::kInputDtypeGradAccumulation;
@@ -75,6 +80,9 @@ std::vector<Mutant> selftest_mutants() {
       {"dead_model_zero_weights", "every weight zero in every run: two dead models agree", "train.trained"},
       {"output_ignores_input", "final norm weight zero in every run: logits 0 at every position, loss ln(vocab)",
        "train.trained"},
+      // Upstream #3677: checkpointing silently skipped, +16 % memory and not one number moved.
+      {"activation_checkpointing_not_applied", "the reference's activation checkpointing silently not applied",
+       "memory.activations", {}, {}, "memory", "\"reference_checkpointing\": true and a golden"},
   };
 }
 
@@ -104,6 +112,8 @@ train::Case selftest_case(const std::string& variant) {
   } else if (variant == "micro_batches") {
     j["data"]["batch"] = 2;
     j["micro_batches"] = 2;
+  } else if (variant == "memory") {
+    j["reference_checkpointing"] = true;  // its golden (run_selftest records it) holds the checkpointed memory
   } else if (variant != "default") {
     throw std::invalid_argument("unknown selftest case variant '" + variant + "'");
   }
@@ -130,6 +140,19 @@ report::Report run_selftest(const SuiteOptions& base, const std::vector<std::str
     c.checks.push_back(m.target_check);
     for (auto n : m.cp)  // the baseline passes at every cp size a mutant runs at, so the failure is the mutant's
       if (std::find(c.cp_sizes.begin(), c.cp_sizes.end(), n) == c.cp_sizes.end()) c.cp_sizes.push_back(n);
+  }
+  // The memory variant judges the reference against a golden: one recorded here, by the unmutated code.
+  struct RemovedAtExit {
+    std::string path;
+    ~RemovedAtExit() {
+      std::error_code ec;
+      if (!path.empty()) std::filesystem::remove(path, ec);
+    }
+  } golden;
+  if (auto it = cases.find("memory"); it != cases.end()) {
+    golden.path = (std::filesystem::temp_directory_path() / fmt::format("cpharness-selftest-{}-golden.h5", ::getpid())).string();
+    report::write_run_dump(golden.path, reference_dump(it->second, report::kKindGolden));
+    it->second.golden = golden.path;
   }
   for (auto& [variant, c] : cases) {
     std::cerr << fmt::format("[selftest] baseline (no mutant, {} case)\n", variant);

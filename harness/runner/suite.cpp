@@ -19,6 +19,7 @@
 #include "harness/io/input_error.h"
 #include "harness/report/environment.h"
 #include "harness/report/json_report.h"
+#include "harness/train/check_names.h"
 
 namespace cpharness::runner {
 namespace {
@@ -27,7 +28,7 @@ using Clock = std::chrono::steady_clock;
 
 check::Tolerances tolerances_of(const train::Case& c) {
   return {c.tolerances.fp32_relative, c.tolerances.bf16_k, c.tolerances.bf16_floor, c.tolerances.cp_growth,
-          c.tolerances.fp32_oracle_k};
+          c.tolerances.fp32_oracle_k, c.tolerances.activation_memory};
 }
 
 void progress(const train::Case& c, const LaneRun& run) {
@@ -67,6 +68,8 @@ void append(std::vector<report::CheckResult>& out, const train::Case& c, std::ve
 }  // namespace
 
 bool wants_check(const train::Case& c, const std::string& check) {
+  // A check outside the catalogue could never be selected by name (case files are validated against it).
+  if (!train::is_check_name(check)) throw std::logic_error("check '" + check + "' is missing from train::kCheckNames");
   if (c.checks.empty()) return true;
   for (auto& want : c.checks)
     if (want == check || (!want.empty() && want.back() == '.' && check.rfind(want, 0) == 0)) return true;
@@ -288,6 +291,17 @@ report::CheckResult golden_check(const train::Case& c, const RunOptions& run_opt
   return verify_golden(c, c.golden, nullptr, reuse ? &*runs.reference : nullptr, oracle);
 }
 
+// memory.activations for a case that names its golden: the reference just made, when it is the cp 1 CPU run.
+report::CheckResult golden_memory_check(const train::Case& c, const RunOptions& run_options, const CaseRuns& runs) {
+  if (!run_options.device.is_cpu())
+    return report::CheckResult::skipped("memory.activations", 1, "activation memory is measured on the CPU (the golden is a "
+                                                                  "CPU run) and this case trains on " + run_options.device.str());
+  if (c.reference_cp > 1 || !runs.reference)
+    return report::CheckResult::skipped("memory.activations", 1, "the reference is a ring run (reference_cp > 1); the golden "
+                                                                  "holds the cp 1 reference's memory");
+  return verify_golden_memory(c, c.golden, *runs.reference);
+}
+
 // Phase A (rank 0): the cp 1 reference (and the fp32 oracle of a bf16 lane), mask and per-chunk attention checks.
 void run_reference_phase(const train::Case& c, const std::vector<int>& cps, const RunOptions& run_options,
                          const SuiteOptions& options, report::CaseReport& rep, CaseRuns& runs) {
@@ -305,6 +319,7 @@ void run_reference_phase(const train::Case& c, const std::vector<int>& cps, cons
                                      {"param_norm", report::series_json(t.param_norm)}};
   }
   if (!c.golden.empty() && wants_check(c, "golden.match")) rep.checks.push_back(golden_check(c, run_options, runs));
+  if (!c.golden.empty() && wants_check(c, "memory.activations")) rep.checks.push_back(golden_memory_check(c, run_options, runs));
   for (int n : cps) {
     if (n < 1) throw io::InputError(c.path, "cp", fmt::format("cp sizes must be >= 1, got {}", n));
     if (n == 1 || n == ref_cp) continue;  // the reference itself

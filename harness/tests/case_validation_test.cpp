@@ -55,7 +55,7 @@ TEST(CaseValidation, ValuesThatCannotMeanAnythingAreRefusedNamingTheKey) {
   for (const auto& [key, value] : std::vector<std::pair<std::string, double>>{
            {"lr", -1}, {"lr", 1e38}, {"beta1", 2}, {"beta2", -0.1}, {"eps", -1}, {"eps", 0}, {"weight_decay", -1}})
     expect_refused("optimizer." + key, [&](json& j) { j["optimizer"] = {{key, value}}; }, "optimizer." + key);
-  for (const char* key : {"bf16_k", "bf16_floor", "cp_growth", "fp32_relative", "fp32_oracle_k"})
+  for (const char* key : {"bf16_k", "bf16_floor", "cp_growth", "fp32_relative", "fp32_oracle_k", "activation_memory"})
     expect_refused(key, [&](json& j) { j["tolerances"] = {{key, -1.0}}; }, std::string("tolerances.") + key);
   // Identity and sizes: an empty id, no candidate, steps no parity case needs, a checkpoint named by "".
   expect_refused("empty id", [](json& j) { j["id"] = ""; }, "id");
@@ -66,6 +66,17 @@ TEST(CaseValidation, ValuesThatCannotMeanAnythingAreRefusedNamingTheKey) {
   expect_refused("vision overflow", [](json& j) { j["data"]["vision_runs"] = {{int64_t(9223372036854775000), 1000}}; },
                  "data.vision_runs[0]");
   expect_refused("no target", [](json& j) { j["data"]["document_lengths"] = std::vector<int>(20, 1); }, "data");
+}
+
+// A misspelt check selected nothing and the case passed with only train.trained judged.
+TEST(CaseValidation, ChecksAreCatalogueNamesOrPrefixesOfOne) {
+  for (const char* bad : {"train.loss_parit", "train", "cache.build", "bogus.", "mask.dense_slice.", ""})
+    expect_refused(std::string("checks ") + bad, [&](json& j) { j["checks"] = {"attention.parity", bad}; }, "checks[1]");
+  for (const char* good : {"train.loss_parity", "cache.", "golden.match", "power.boundary_label", "ring."}) {
+    json j = good_case();
+    j["checks"] = {good};
+    EXPECT_EQ(train::case_from_json(j, "v.json").checks, std::vector<std::string>{good});
+  }
 }
 
 TEST(CaseValidation, SeedsTakeTheWholeUnsignedRange) {

@@ -3,6 +3,7 @@
 #include "harness/model/gemma4.h"
 #include "harness/model/weights.h"
 
+#include "harness/train/check_names.h"
 #include "harness/train/device.h"
 
 #include <fmt/format.h>
@@ -221,30 +222,32 @@ void read_requires(const json& j, const std::string& path, Case& c) {
 
 void read_checks(const json& j, const std::string& path, Case& c) {
   if (!j["checks"].is_array()) throw InputError(path, "checks", "wrong type: expected an array of check names");
-  static const std::vector<std::string> known = {
-      "mask.", "ring.", "shard.", "attention.", "kvshare.", "cache.", "train.", "determinism.", "golden.", "hf.", "power."};
   for (size_t i = 0; i < j["checks"].size(); ++i) {
     const json& v = j["checks"][i];
     const std::string field = fmt::format("checks[{}]", i);
     if (!v.is_string()) throw InputError(path, field, "wrong type: expected a string");
     const auto name = v.get<std::string>();
-    bool ok = false;
-    for (auto& k : known) ok = ok || name.rfind(k, 0) == 0;
-    if (!ok) throw InputError(path, field, "unknown check '" + name + "'");
+    if (!is_check_selector(name))
+      throw InputError(path, field,
+                       "unknown check '" + name + "' (a catalogue name, e.g. 'train.loss_parity', or a prefix ending in '.', e.g. 'cache.')");
     c.checks.push_back(name);
   }
 }
 
 void read_tolerances(const json& j, const std::string& path, Case& c) {
   const json& t = object_at(j, "tolerances", path, "tolerances");
-  reject_unknown(t, {"fp32_relative", "bf16_k", "bf16_floor", "cp_growth", "fp32_oracle_k"}, path, "tolerances.");
+  reject_unknown(t, {"fp32_relative", "bf16_k", "bf16_floor", "cp_growth", "fp32_oracle_k", "activation_memory"}, path,
+                 "tolerances.");
   if (t.contains("fp32_oracle_k")) c.tolerances.fp32_oracle_k = number_at(t, "fp32_oracle_k", path, "tolerances.fp32_oracle_k");
   if (t.contains("fp32_relative")) c.tolerances.fp32_relative = number_at(t, "fp32_relative", path, "tolerances.fp32_relative");
   if (t.contains("bf16_k")) c.tolerances.bf16_k = number_at(t, "bf16_k", path, "tolerances.bf16_k");
   if (t.contains("bf16_floor")) c.tolerances.bf16_floor = number_at(t, "bf16_floor", path, "tolerances.bf16_floor");
   if (t.contains("cp_growth")) c.tolerances.cp_growth = number_at(t, "cp_growth", path, "tolerances.cp_growth");
+  if (t.contains("activation_memory"))
+    c.tolerances.activation_memory = number_at(t, "activation_memory", path, "tolerances.activation_memory");
   for (const auto& [field, v] : {std::pair{"fp32_oracle_k", c.tolerances.fp32_oracle_k}, {"fp32_relative", c.tolerances.fp32_relative},
-                                 {"bf16_k", c.tolerances.bf16_k}, {"bf16_floor", c.tolerances.bf16_floor}, {"cp_growth", c.tolerances.cp_growth}})
+                                 {"bf16_k", c.tolerances.bf16_k}, {"bf16_floor", c.tolerances.bf16_floor}, {"cp_growth", c.tolerances.cp_growth},
+                                 {"activation_memory", c.tolerances.activation_memory}})
     if (!(std::isfinite(v) && v >= 0))  // a negative tolerance fails every check; NaN passes none
       throw InputError(path, std::string("tolerances.") + field, fmt::format("must be finite and >= 0, got {}", v));
 }

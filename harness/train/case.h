@@ -25,6 +25,7 @@ struct CaseTolerances {
   double bf16_floor = 1e-3;
   double fp32_oracle_k = 2.0;
   double cp_growth = 0.0;  // thresholds x (1 + cp_growth * log2(cp))
+  double activation_memory = 0.01;  // memory.activations: relative change allowed against the golden
 };
 
 // The parts of train.trained a case may waive (Case::trained_exemptions); a non-finite run can never be waived.
