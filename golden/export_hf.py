@@ -145,19 +145,27 @@ def kv_share_mechanism(model: Gemma4ForCausalLM) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Masks: spec §3.4, the same rule as the harness (kernels/dense_mask.cpp)
+# Masks: spec §3.4, the rule of this transformers version (the harness's, kernels/dense_mask.cpp, from 5.13 on)
+
+def group_sees_past_window() -> bool:
+    """transformers 5.5 .. 5.12 OR'd a vision group after the sliding window (a group saw itself at any distance);
+    5.13 and later (create_masks_for_vision_model) OR it with causal, then AND the window, as the harness does."""
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return (major, minor) < (5, 13)
+
 
 def allowed_mask(inputs: dict, S: int, B: int, window: int | None, vision_bidirectional: bool) -> torch.Tensor:
     i = torch.arange(S).view(1, S, 1)
     j = torch.arange(S).view(1, 1, S)
-    allowed = j <= i
-    if window is not None:
-        allowed = allowed & (j > i - window)
-    allowed = allowed.expand(B, S, S)
+    order = (j <= i).expand(B, S, S)
+    in_window = (j > i - window).expand(B, S, S) if window is not None else torch.ones(B, S, S, dtype=torch.bool)
     vg = inputs.get("vision_group_ids")
     if vision_bidirectional and window is not None and vg is not None:
         gq, gk = vg.unsqueeze(2), vg.unsqueeze(1)
-        allowed = allowed | ((gq == gk) & (gq >= 0))
+        group = (gq == gk) & (gq >= 0)
+        allowed = ((order & in_window) | group) if group_sees_past_window() else (in_window & (order | group))
+    else:
+        allowed = order & in_window
     doc = inputs.get("document_ids")
     if doc is not None:
         dq, dk = doc.unsqueeze(2), doc.unsqueeze(1)
@@ -271,6 +279,11 @@ def write_golden(path, prov, inputs, weights, loss, logits, hidden, grads) -> No
     os.replace(tmp, path)
 
 
+def has_vision_groups(inputs):
+    groups = inputs.get("vision_group_ids")
+    return groups is not None and bool((np.asarray(groups) >= 0).any())
+
+
 def packed_without_padding(inputs: dict) -> bool:
     """More than one document in a row and no padding: transformers can pack such a batch by position ids alone."""
     pad = inputs.get("padding")
@@ -304,7 +317,11 @@ def export_one(input_path: str, out_dir: str, no_cache_variant: bool, save_pretr
     # (masking_utils: `attention_mask is None and past_key_values is None`); a cache-gated version shares K/V only
     # with a cache, so there the variant cannot be made.
     if packed_by_positions and packed_without_padding(inputs):
-        if cache_gated and shares:
+        if has_vision_groups(inputs):
+            # transformers would see no vision groups there (the variant passes no mask and no mm_token_type_ids),
+            # while the file's vision_group_ids tell the harness to apply them.
+            print(f"{case_id}: no -by-positions variant with vision groups (it passes transformers no mask)")
+        elif cache_gated and shares:
             print(f"{case_id}: no -by-positions variant on a cache-gated version (it needs use_cache=False)")
         else:
             variants.append((f"{case_id}-by-positions", False, False))
@@ -325,7 +342,8 @@ def export_one(input_path: str, out_dir: str, no_cache_variant: bool, save_pretr
             "hf_use_cache": "true" if use_cache else "false",
             "hf_attn_implementation": "eager",
             "hf_init": f"HF init distribution, per-parameter generator (seed {seed}, name); post-sublayer norms x0.03, q/k norms x hd^-1/4, embed_tokens x3",
-            "hf_mask": "explicit additive fp32 mask per layer type from document_ids, padding, vision_group_ids",
+            "hf_mask": "explicit additive fp32 mask per layer type from document_ids, padding, vision_group_ids"
+                       + (" (vision groups OR'd after the window, as this version does)" if group_sees_past_window() else ""),
         }
         file_inputs = inputs
         if not explicit_mask:

@@ -78,12 +78,15 @@ inline uint8_t band_class(const Band& band, int64_t qa, int64_t qb, int64_t ka, 
 
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
-// Class of the sub-rectangle where q run qr meets kv run kr: constant metadata, so it is all blocked, all
-// allowed (same vision group), or the band alone.
+// A vision group relaxes the causal edge only: inside one group every q - k up to the window's edge is allowed.
+inline Band group_band(const Band& band) { return {kNegInf, band.hi}; }
+
+// Class of the sub-rectangle where q run qr meets kv run kr: constant metadata, so it is all blocked, the band
+// alone, or (same vision group) the band without its causal edge.
 inline uint8_t run_pair_class(const Run& qr, const Run& kr, bool docs, bool vision, const Band& band, int64_t qa,
                               int64_t qb, int64_t ka, int64_t kb) {
   if (kr.pad || (docs && (qr.doc != kr.doc || qr.doc <= 0))) return kEmptyBlock;
-  if (vision && qr.group >= 0 && qr.group == kr.group) return kFullBlock;
+  if (vision && qr.group >= 0 && qr.group == kr.group) return band_class(group_band(band), qa, qb, ka, kb);
   return band_class(band, qa, qb, ka, kb);
 }
 
@@ -158,17 +161,18 @@ uint8_t straddling_tile_class(const RowGeometry& g, const Side& qs, const Side& 
 }
 
 // Classifies the tiles of q block i of batch row b into `lists`. Only kv blocks the band can reach are visited,
-// unless a vision group on the q side can see keys outside the band. Runs of tiles inside one kv run are
-// written in one go where they are all empty or all full.
+// and, where a vision group on the q side can see later keys of its group, every block after them. Runs of tiles
+// inside one kv run are written in one go where they are all empty or all full.
 void classify_q_block(const RowGeometry& g, const Side& qs, const Side& ks, int64_t b, int64_t i, TileLists& lists) {
   const int64_t q0 = i * g.q_block, q1 = std::min(g.q_range.length, q0 + g.q_block);  // local [q0, q1)
   const int64_t qa = g.q_range.start + q0, qb = g.q_range.start + q1 - 1;           // global, inclusive
   const auto [j_lo, j_hi] = kv_blocks_in_reach(g, qa, qb);
   const bool scan_all = g.vision && qs.has_vision[i];
   const int64_t q_single = qs.single[i];
-  const int64_t j_begin = scan_all ? 0 : j_lo, j_end = scan_all ? g.nkv - 1 : j_hi;
+  const int64_t j_begin = j_lo, j_end = scan_all ? g.nkv - 1 : j_hi;  // a group never sees past the window
   // Fast path state: the kv run of the previous single-run tile and what it does with this q run
-  // (kEmptyBlock / kFullBlock regardless of position, or kPartialBlock meaning "follow the band").
+  // (kEmptyBlock regardless of position, kPartialBlock meaning "follow the band", kFullBlock meaning "follow the
+  // group's band").
   int64_t cached_run = -1;
   uint8_t cached_kind = kPartialBlock;
   for (int64_t j = j_begin; j <= j_end; ++j) {
@@ -196,9 +200,8 @@ void classify_q_block(const RowGeometry& g, const Side& qs, const Side& ks, int6
       j = std::min(j_end, std::max(j, last));
       continue;
     }
-    const uint8_t cls = cached_kind == kFullBlock
-                            ? kFullBlock
-                            : band_class(g.band, qa, qb, g.kv_range.start + k0, g.kv_range.start + k1 - 1);
+    const uint8_t cls = band_class(cached_kind == kFullBlock ? group_band(g.band) : g.band, qa, qb, g.kv_range.start + k0,
+                                   g.kv_range.start + k1 - 1);
     if (cls == kFullBlock && !scan_all) {
       // Full here: so are the following whole tiles of this kv run up to where the band's lower edge
       // (q - k >= lo; q - k only shrinks as j grows) cuts in. Write them in one go.

@@ -1,6 +1,7 @@
 // The analytic block-mask builder: classifies each tile from run summaries instead of evaluating elements.
 // Each side is cut into runs of constant metadata (document, vision group, key padding); inside a tile, every
-// (q run x kv run) sub-rectangle is either all blocked, all allowed, or follows the causal/window band alone,
+// (q run x kv run) sub-rectangle is either all blocked, or follows the causal/window band (without its causal
+// edge inside one vision group),
 // whose classification over a rectangle is exact from the range of q - k. A tile costs O(1) in the common case
 // (one run per side) and only tiles that straddle a metadata boundary look at more than one sub-rectangle.
 // Must equal build_block_mask_brute_force() exactly.

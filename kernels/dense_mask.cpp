@@ -23,15 +23,20 @@ torch::Tensor dense_mask_at(const TokenMetadata& q_meta, const TokenMetadata& kv
   auto qi = q_index.to(torch::kInt64).view({1, -1, 1});
   auto ki = kv_index.to(qi.device(), torch::kInt64).view({1, 1, -1});
   auto on = [&](const torch::Tensor& t) { return t.to(qi.device()); };  // the mask is built where q_index lives
-  auto allowed = torch::ones({1, sq, skv}, torch::TensorOptions().dtype(torch::kBool).device(qi.device()));
-  if (geometry.causal) allowed = allowed & (ki <= qi);
+  auto all = torch::ones({1, sq, skv}, torch::TensorOptions().dtype(torch::kBool).device(qi.device()));
+  auto order = geometry.causal ? all & (ki <= qi) : all;
   // q - k < W, written as k > q - W so no [Sq, Skv] int64 difference is materialised.
-  if (geometry.window) allowed = allowed & (ki > (qi - *geometry.window));
-  allowed = allowed.expand({batch, sq, skv});
+  auto window = geometry.window ? all & (ki > (qi - *geometry.window)) : all;
+  torch::Tensor allowed;
   if (vision_term_active(q_meta, kv_meta, geometry)) {
+    // A vision group relaxes causality only, inside the window (transformers >= 5.13, create_masks_for_vision_model:
+    // the group is OR'd with causal, then AND'd with the window; gemma4-spec 3.4). 5.5 .. 5.12 OR'd the group after
+    // the window, letting a group see itself beyond it.
     auto gq = on(q_meta.vision_group_ids).unsqueeze(2);
     auto gk = on(kv_meta.vision_group_ids).unsqueeze(1);
-    allowed = allowed | ((gq == gk) & (gq >= 0));
+    allowed = window & (order | ((gq == gk) & (gq >= 0)));
+  } else {
+    allowed = (window & order).expand({batch, sq, skv});
   }
   if (q_meta.document_ids.defined() && kv_meta.document_ids.defined()) {
     auto dq = on(q_meta.document_ids).unsqueeze(2);

@@ -6,9 +6,10 @@ namespace cpharness::kernels {
 
 // Allowed(q, k) for every q in `q_range` and k in `kv_range` (global token indices), as a bool tensor
 // [B, Sq, Skv]. `q_meta` holds the metadata of exactly the q range, `kv_meta` of exactly the kv range.
-//   allowed = (k <= q [if causal] and q - k < W [if windowed])
-//             OR (same vision group >= 0 [if vision_bidirectional and windowed])
+//   allowed = (k <= q [if causal] OR same vision group >= 0 [if vision_bidirectional and windowed])
+//             AND q - k < W [if windowed]
 //             AND same document > 0 [if document ids exist]
+// (transformers >= 5.13; 5.5 .. 5.12 OR'd the group after the window, so a group saw itself beyond it.)
 //             AND key not padding
 // `batch` is the batch size (used when no metadata tensor is defined).
 torch::Tensor dense_mask(const TokenMetadata& q_meta, const TokenMetadata& kv_meta, TokenRange q_range,

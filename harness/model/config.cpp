@@ -17,6 +17,8 @@
 namespace cpharness::model {
 namespace {
 
+std::string layer_type_name(LayerType t) { return t == LayerType::kFull ? "full_attention" : "sliding_attention"; }
+
 using nlohmann::json;
 using io::InputError;
 
@@ -141,6 +143,7 @@ RopeConfig read_rope(const json& j, const std::string& source, const std::string
 void apply_per_layer_config(ModelConfig& c, const json& v, const std::string& source, const std::string& field) {
   if (!v.is_object()) throw InputError(source, field, "expected an object keyed by layer index or layer type");
   std::map<LayerType, std::map<std::string, int64_t>> seen;
+  const int64_t base_kv_heads = c.num_key_value_heads;
   for (auto& [key, entry] : v.items()) {
     const std::string where = field + "." + key;
     LayerType type;
@@ -176,6 +179,18 @@ void apply_per_layer_config(ModelConfig& c, const json& v, const std::string& so
       }
     }
   }
+  // transformers gives every layer its entry's num_key_value_heads, else the base value, whatever attention_k_eq_v
+  // says. This model has one count for sliding layers and another for full ones only under attention_k_eq_v, so a
+  // layout it cannot build is refused rather than built otherwise (a different model, silently).
+  for (int64_t i = 0; i < int64_t(c.layer_types.size()); ++i) {
+    auto it = seen[c.layer_types[size_t(i)]].find("num_key_value_heads");
+    const int64_t want = it != seen[c.layer_types[size_t(i)]].end() ? it->second : base_kv_heads;
+    if (c.layer_kv_heads(i) != want)
+      throw InputError(source, field,
+                       fmt::format("gives layer {} ({}) {} KV heads, which this model cannot build next to the other layers' "
+                                   "(a full layer's own KV head count needs attention_k_eq_v; sliding layers share one)",
+                                   i, layer_type_name(c.layer_types[size_t(i)]), want));
+  }
 }
 
 void apply_hf_keys(ModelConfig& c, const json& j, const std::string& source, const std::string& prefix, bool strict) {
@@ -183,6 +198,12 @@ void apply_hf_keys(ModelConfig& c, const json& j, const std::string& source, con
   using Setter = std::function<void(const std::string&)>;
   auto i64 = [&](int64_t& dst) { return Setter([&](const std::string& k) { dst = read_field<int64_t>(j, k, source, prefix); }); };
   auto dbl = [&](double& dst) { return Setter([&](const std::string& k) { dst = read_field<double>(j, k, source, prefix); }); };
+  auto off_only = [&](const char* name, const char* implemented) {
+    return Setter([&, name, implemented](const std::string& k) {
+      if (!j.at(k).is_null() && read_field<bool>(j, k, source, prefix))
+        throw InputError(source, prefix + k, fmt::format("{} true is not implemented; the model has {}", name, implemented));
+    });
+  };
   auto bln = [&](bool& dst) { return Setter([&](const std::string& k) { dst = read_field<bool>(j, k, source, prefix); }); };
   bool layer_types_given = false;
   const json* per_layer_config = nullptr;
@@ -242,6 +263,16 @@ void apply_hf_keys(ModelConfig& c, const json& j, const std::string& source, con
          if (v != "gemma4_text" && v != "gemma4")
            throw InputError(source, prefix + k, "\"" + v.substr(0, 64) + "\" is not a Gemma4 text model (gemma4_text)");
        }},
+      // Features of the math that are not implemented: accepted at the value that leaves them off (to_json writes
+      // attention_bias, so a recorded config reads back), refused otherwise, in config.json files too (ignored there,
+      // they would build another model than transformers does).
+      {"attention_bias", off_only("attention_bias", "q/k/v/o projections without bias")},
+      {"enable_moe_block", off_only("enable_moe_block", "the dense MLP (the 26B's MoE block is not implemented)")},
+      {"attention_dropout",
+       [&](const std::string& k) {
+         if (!j.at(k).is_null() && read_field<double>(j, k, source, prefix) != 0.0)
+           throw InputError(source, prefix + k, "attention dropout is not implemented (training steps must be deterministic): use 0");
+       }},
       {"hidden_activation",
        [&](const std::string& k) {
          const auto v = read_field<std::string>(j, k, source, prefix);
@@ -275,6 +306,9 @@ void apply_hf_keys(ModelConfig& c, const json& j, const std::string& source, con
       c.layer_types.push_back(i % 6 == 5 ? LayerType::kFull : LayerType::kSliding);
     if (!c.layer_types.empty()) c.layer_types.back() = LayerType::kFull;
   }
+  // transformers forces the last layer to full attention (with a warning) when a config.json says otherwise, and
+  // builds that model; a case file that says so is refused by validate() instead, naming the key.
+  if (!strict && !c.layer_types.empty()) c.layer_types.back() = LayerType::kFull;
   if (per_layer_config) {
     // That form leaves out what equals the base value (5.16 .. 5.25's save_pretrained): in an HF file, no
     // global_head_dim means head_dim, and no num_global_key_value_heads means num_key_value_heads.
@@ -284,8 +318,6 @@ void apply_hf_keys(ModelConfig& c, const json& j, const std::string& source, con
     apply_per_layer_config(c, *per_layer_config, source, prefix + "per_layer_config");
   }
 }
-
-std::string layer_type_name(LayerType t) { return t == LayerType::kFull ? "full_attention" : "sliding_attention"; }
 
 }  // namespace
 
@@ -385,8 +417,13 @@ void ModelConfig::validate(const std::string& source, const std::string& key_pre
       throw InputError(source, key("num_key_value_heads"), fmt::format("layer {}: {} heads not a multiple of {} KV heads", i, num_attention_heads, layer_kv_heads(i)));
   if (attention_k_eq_v && !num_global_key_value_heads)
     throw InputError(source, key("num_global_key_value_heads"), "required when attention_k_eq_v is true");
-  if (num_kv_shared_layers < 0 || num_kv_shared_layers > num_hidden_layers)
-    throw InputError(source, key("num_kv_shared_layers"), fmt::format("{} outside [0, {}]", num_kv_shared_layers, num_hidden_layers));
+  if (!layer_types.empty() && layer_types.back() != LayerType::kFull)
+    throw InputError(source, key("layer_types"),
+                     fmt::format("the last layer ({}) must be full_attention: transformers forces it so (a config.json saying "
+                                 "otherwise is read as transformers reads it)", num_hidden_layers - 1));
+  // Every layer shared: no layer computes the K/V they would reuse (transformers refuses such a config too).
+  if (num_kv_shared_layers < 0 || num_kv_shared_layers >= num_hidden_layers)
+    throw InputError(source, key("num_kv_shared_layers"), fmt::format("{} outside [0, {}]", num_kv_shared_layers, num_hidden_layers - 1));
   for (int64_t i = 0; i < num_hidden_layers; ++i)
     if (is_kv_shared(i) && kv_source_layer(i) < 0)
       throw InputError(source, key("num_kv_shared_layers"), fmt::format("shared layer {} ({}) has no earlier layer of its type", i, layer_type_name(layer_types[i])));
@@ -476,11 +513,20 @@ ModelConfig preset_config(const std::string& name) {
   throw InputError("preset", name, "unknown preset (known: " + known + ")");
 }
 
+// What transformers' Gemma4TextConfig gives a key a config leaves out (its class defaults, gemma4-spec [CFG]); they
+// differ from ModelConfig's own defaults (the presets' starting point) in two keys.
+static ModelConfig transformers_defaults() {
+  ModelConfig c;
+  c.final_logit_softcapping.reset();
+  c.hidden_size_per_layer_input = 256;
+  return c;
+}
+
 ModelConfig config_from_hf_json(const json& j, const std::string& source) {
   if (!j.is_object()) throw InputError(source, "config", "expected a JSON object");
   const bool nested = j.contains("text_config");
   if (nested && !j["text_config"].is_object()) throw InputError(source, "text_config", "expected an object");
-  ModelConfig c;
+  ModelConfig c = transformers_defaults();
   c.layer_types.clear();
   const json& text = nested ? j["text_config"] : j;
   // transformers' config.json always names its model type; a JSON object without one (a case file, a config of
@@ -557,6 +603,7 @@ ModelConfig config_from_case_json(const json& j, const std::string& source) {
       for (const char* k : {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                             "num_key_value_heads", "head_dim", "layer_types"})
         if (!j["config"].contains(k)) throw InputError(source, std::string("model.config.") + k, "missing required key");
+    c = transformers_defaults();
     c.layer_types.clear();
     apply_hf_keys(c, j["config"], source, "model.config.", /*strict=*/true);
     c.name = "inline";

@@ -11,7 +11,9 @@ torch::Tensor rope_inverse_frequencies(const RopeConfig& rope, int64_t head_dim)
   auto exponents = torch::arange(0, 2 * rotating, 2, torch::TensorOptions().dtype(torch::kInt64)).to(torch::kFloat32) / double(head_dim);
   auto inv_freq = 1.0 / torch::pow(rope.theta, exponents);
   if (rotating < half) inv_freq = torch::cat({inv_freq, torch::zeros({half - rotating}, f32)});
-  return inv_freq / rope.factor;
+  // Only the proportional type scales by `factor`; transformers' default type never reads it (a "factor" there is
+  // ignored with a warning).
+  return rope.rope_type == "proportional" ? inv_freq / rope.factor : inv_freq;
 }
 
 RopeTables rope_tables(const torch::Tensor& inv_freq, const torch::Tensor& position_ids, torch::ScalarType dtype) {

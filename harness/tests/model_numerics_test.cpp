@@ -43,6 +43,10 @@ TEST(ModelNumerics, DefaultRopeRotatesNonInterleavedPairs) {
   auto inv = rope_inverse_frequencies(rope, 4);  // [1, 1e-2]
   EXPECT_DOUBLE_EQ(inv[0].item<double>(), 1.0);
   EXPECT_NEAR(inv[1].item<double>(), 0.01, 1e-9);
+  // transformers' default type never reads "factor" (only the proportional type divides by it).
+  EXPECT_TRUE(torch::equal(rope_inverse_frequencies(RopeConfig{"default", 10000.0, 1.0, 2.0}, 4), inv));
+  EXPECT_TRUE(torch::equal(rope_inverse_frequencies(RopeConfig{"proportional", 10000.0, 1.0, 2.0}, 4),
+                           rope_inverse_frequencies(RopeConfig{"proportional", 10000.0, 1.0, 1.0}, 4) / 2.0));
   const double p = 5.0, a = 0.3, b = -1.2, c = 0.7, d = 2.0;
   auto x = torch::tensor({float(a), float(b), float(c), float(d)}).view({1, 1, 1, 4});
   auto tables = rope_tables(inv, torch::full({1, 1}, int64_t(p)), torch::kFloat32);

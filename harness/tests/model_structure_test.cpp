@@ -196,5 +196,51 @@ TEST(ModelStructure, NewerTransformersConfigsLeaveOutWhatEqualsTheBaseValue) {
   EXPECT_NO_THROW({ Gemma4Model m(c); });
 }
 
+// Configs on which the harness and transformers (5.25) built different models, found by exporting random
+// geometries: each is now read as transformers reads it, or refused naming the key where the harness cannot build it.
+TEST(ModelStructure, ConfigsAreReadAsTransformersReadsThemOrRefused) {
+  // A config.json whose last layer is sliding: transformers forces it to full (with a warning) and builds that.
+  auto last_sliding = preset_config("tiny-e2b").to_json();
+  last_sliding["layer_types"].back() = "sliding_attention";
+  EXPECT_TRUE(config_from_hf_json(last_sliding, "config.json").is_full(last_sliding["num_hidden_layers"].get<int64_t>() - 1));
+  // In a case file it is refused, naming the key.
+  try {
+    config_from_case_json({{"preset", "tiny-e2b"}, {"overrides", {{"layer_types", last_sliding["layer_types"]}}}}, "case.json");
+    ADD_FAILURE() << "a last sliding layer was accepted";
+  } catch (const io::InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("model.overrides.layer_types"), std::string::npos) << e.what();
+  }
+  // Keys a config.json leaves out take transformers' class defaults, not the presets' (no softcap, per-layer width 256).
+  auto missing = preset_config("tiny-e4b").to_json();
+  missing.erase("final_logit_softcapping");
+  missing.erase("hidden_size_per_layer_input");
+  const auto c = config_from_hf_json(missing, "config.json");
+  EXPECT_FALSE(c.final_logit_softcapping.has_value());
+  EXPECT_EQ(c.hidden_size_per_layer_input, 256);
+  // Every layer KV-shared: no layer computes the K/V (transformers refuses it).
+  auto all_shared = preset_config("tiny-e2b").to_json();
+  all_shared["num_kv_shared_layers"] = all_shared["num_hidden_layers"];
+  EXPECT_THROW(config_from_hf_json(all_shared, "config.json"), io::InputError);
+  // Features not implemented are refused in a config.json too (ignored, they built another model); their "off"
+  // values, which the harness writes itself, read back.
+  for (const char* key : {"attention_bias", "enable_moe_block"}) {
+    auto on = preset_config("tiny-e2b").to_json();
+    on[key] = true;
+    EXPECT_THROW(config_from_hf_json(on, "config.json"), io::InputError) << key;
+  }
+  auto dropout = preset_config("tiny-e2b").to_json();
+  dropout["attention_dropout"] = 0.1;
+  EXPECT_THROW(config_from_hf_json(dropout, "config.json"), io::InputError);
+  EXPECT_NO_THROW(config_from_case_json({{"config", preset_config("tiny-e2b").to_json()}}, "case.json"));
+  // per_layer_config giving sliding layers their own KV head count: transformers keeps the base count on full layers,
+  // which this model (one count for both without attention_k_eq_v) cannot build: refused, not built otherwise.
+  auto kv = preset_config("tiny-e4b").to_json();
+  ASSERT_FALSE(kv.value("attention_k_eq_v", false));
+  kv["per_layer_config"] = {{"sliding_attention", {{"num_key_value_heads", 1}}}};
+  if (kv["num_key_value_heads"].get<int64_t>() != 1) EXPECT_THROW(config_from_hf_json(kv, "config.json"), io::InputError);
+  kv["per_layer_config"] = {{"full_attention", {{"num_key_value_heads", kv["num_key_value_heads"].get<int64_t>() * 2}}}};
+  EXPECT_THROW(config_from_hf_json(kv, "config.json"), io::InputError);
+}
+
 }  // namespace
 }  // namespace cpharness::model

@@ -128,10 +128,9 @@ __host__ __device__ __forceinline__ TokenMeta kv_token_meta(const BlockMaskView&
 // The rule of kernels/dense_mask.cpp for one element, q / k global token indices.
 __host__ __device__ __forceinline__ bool element_allowed(const BlockMaskView& m, const MaskTerms& t, int64_t q, int64_t k,
                                                 int64_t q_doc, int64_t q_group, const TokenMeta& kv) {
-  bool a = true;
-  if (m.causal) a = k <= q;
+  bool a = !m.causal || k <= q;
+  if (t.vision) a = a || (q_group == kv.group && q_group >= 0);  // a group relaxes causality, inside the window
   if (m.has_window) a = a && (k > q - m.window);
-  if (t.vision) a = a || (q_group == kv.group && q_group >= 0);
   if (t.documents) a = a && q_doc == kv.doc && q_doc > 0;
   if (t.padding) a = a && !kv.pad;
   return a;

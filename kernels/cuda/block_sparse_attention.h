@@ -37,8 +37,9 @@ struct BlockList {
 };
 
 // The block mask (kernels/block_mask.h) and the rule partial tiles evaluate per element (kernels/dense_mask.h):
-//   allowed = (k <= q [causal] and q - k < window [has_window])
-//             OR (same vision group >= 0 [vision_bidirectional and has_window and both group arrays given])
+//   allowed = (k <= q [causal]
+//              OR same vision group >= 0 [vision_bidirectional and has_window and both group arrays given])
+//             AND q - k < window [has_window]
 //             AND same document > 0 [both document arrays given]
 //             AND key not padding [kv_padding given]
 // with q, k global token indices (q_start + row, kv_start + column).

@@ -428,11 +428,11 @@ bool oracle_allowed(const Inputs& in, int64_t mb, int64_t i, int64_t j) {
   const int64_t q = p.q_start + i, k = p.kv_start + j;
   bool ok = true;
   if (p.causal) ok = k <= q;
-  if (p.has_window) ok = ok && q - k < p.window;
   if (p.vision && p.has_window) {
     const int64_t gq = in.q_grp[mb * p.sq + i], gk = in.kv_grp[mb * p.skv + j];
     ok = ok || (gq >= 0 && gq == gk);
   }
+  if (p.has_window) ok = ok && q - k < p.window;
   if (p.documents) {
     const int64_t dq = in.q_doc[mb * p.sq + i], dk = in.kv_doc[mb * p.skv + j];
     ok = ok && dq == dk && dq > 0;
