@@ -1,11 +1,15 @@
 #include <torch/torch.h>
 
+#include <csignal>
 #include <cstdlib>
 
 #include "harness/cli/app.h"
 #include "harness/train/host_memory.h"
 
 int main(int argc, char** argv) {
+  // `cpharness run ... 2>&1 | head` must not die of SIGPIPE (no report, the old one kept): a write to a closed
+  // pipe fails with EPIPE instead, and progress output that cannot be shown is dropped (iostreams stay quiet).
+  ::signal(SIGPIPE, SIG_IGN);
   // Ranks run as threads of this process; one intra-op thread each keeps runs deterministic and avoids
   // oversubscribing the cores (CPHARNESS_INTRA_OP_THREADS overrides).
   const char* threads = std::getenv("CPHARNESS_INTRA_OP_THREADS");

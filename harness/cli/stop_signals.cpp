@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstring>
 
 #include "harness/io/atomic_file.h"
@@ -21,16 +22,32 @@ struct Prepared {
 };
 Prepared* g_prepared = nullptr;
 
-void write_all(int fd, const std::string& s) {
-  const char* p = s.data();
-  size_t left = s.size();
+// False on a short write (a full disk, a file size limit).
+bool write_all(int fd, const char* p, size_t left) {
   while (left > 0) {
     const ssize_t n = ::write(fd, p, left);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return;
+    if (n <= 0) return false;
     p += n;
     left -= size_t(n);
   }
+  return true;
+}
+bool write_all(int fd, const std::string& s) { return write_all(fd, s.data(), s.size()); }
+
+// The error report replaces the report at `f`; where it cannot be written in full, neither the partial file nor the
+// older report stays (unlinking needs no space): a missing report, never a truncated or another run's one.
+void replace_report(const StopReportFile& f, const std::string& temp, int index) {
+  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  bool ok = fd >= 0 && write_all(fd, f.contents[index]);
+  if (fd >= 0) ok = ::close(fd) == 0 && ok;
+  if (ok && ::rename(temp.c_str(), f.path.c_str()) == 0) return;
+  ::unlink(temp.c_str());
+  ::unlink(f.path.c_str());
+  static const char kCannot[] = "cpharness: could not write the error report; removed ";
+  write_all(2, kCannot, sizeof(kCannot) - 1);
+  write_all(2, f.path);
+  write_all(2, "\n", 1);
 }
 
 void on_stop_signal_in_verb(int sig) {
@@ -39,13 +56,7 @@ void on_stop_signal_in_verb(int sig) {
   const Prepared& p = *g_prepared;
   write_all(2, p.lines[i]);
   io::detail::remove_temp_files();
-  for (size_t f = 0; f < p.reports.size(); ++f) {
-    const int fd = ::open(p.temps[f].c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) continue;
-    write_all(fd, p.reports[f].contents[i]);
-    ::close(fd);
-    if (::rename(p.temps[f].c_str(), p.reports[f].path.c_str()) != 0) ::unlink(p.temps[f].c_str());
-  }
+  for (size_t f = 0; f < p.reports.size(); ++f) replace_report(p.reports[f], p.temps[f], i);
   for (const auto& s : p.stale) ::unlink(s.c_str());
   ::_exit(2);
 }
@@ -75,7 +86,12 @@ void end_on_stop_signals(const std::string& verb, std::vector<StopReportFile> re
   sa.sa_handler = on_stop_signal_in_verb;
   sigemptyset(&sa.sa_mask);
   for (int s : kSignals) sigaddset(&sa.sa_mask, s);  // one stop at a time
-  for (int s : kSignals) ::sigaction(s, &sa, nullptr);
+  for (int s : kSignals) {
+    // A signal ignored when the process started stays ignored (POSIX: nohup, a shell's background job).
+    struct sigaction current {};
+    if (::sigaction(s, nullptr, &current) == 0 && current.sa_handler == SIG_IGN) continue;
+    ::sigaction(s, &sa, nullptr);
+  }
   ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
 }
 

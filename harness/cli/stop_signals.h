@@ -2,7 +2,9 @@
 // line on stderr naming the signal, no temp file of its own left behind, and, for the verbs that write reports, the
 // error report ("run stopped: received SIGTERM") in place of every report file it was asked for, and no page that
 // belongs to another run. The handler only calls async-signal-safe functions (open, write, rename, unlink, _exit):
-// the reports are rendered before any work, once per signal.
+// the reports are rendered before any work, once per signal. An error report that cannot be written in full (a
+// full disk) is not renamed into place, and the report it would replace is removed: a missing report, never a
+// truncated one nor another run's. A signal ignored when the process started (nohup) stays ignored.
 //
 // The --nproc launcher has its own handling for the life of the job (it forwards the signal to every rank and
 // writes the report after reaping them); ranks started by a launcher keep the default (the launcher decides).

@@ -62,6 +62,7 @@ int run_child(std::vector<std::string> argv) {
   if (pid == 0) {
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (::getppid() != parent) ::_exit(127);
+    ::signal(SIGPIPE, SIG_DFL);  // ignored by this process only (main)
     ::execvp(args[0], args.data());
     ::_exit(127);
   }
@@ -89,22 +90,41 @@ bool render_html(const std::string& json_path, const std::string& html_path) {
   return status == 0;
 }
 
+// Removes each file (unlinking needs no free space); the paths that were there.
+std::vector<std::string> remove_files(const std::vector<std::string>& paths) {
+  std::vector<std::string> removed;
+  for (const auto& p : paths) {
+    std::error_code ec;
+    if (!p.empty() && std::filesystem::remove(p, ec)) removed.push_back(p);
+  }
+  return removed;
+}
+
 // Writes every requested report; false when the HTML page could not be rendered (the others are written).
+// The files in place always come from one run: the previous run's XML and page go before the new JSON is written
+// (each file is still replaced atomically), so a run killed between two writes leaves files missing, never an
+// older verdict beside a newer one; a page that cannot be rendered leaves no page.
 bool write_reports(const ReportOutputs& outputs, const report::Report& r) {
   const auto o = outputs.resolved();
   if (!o.out_dir.empty()) std::filesystem::create_directories(o.out_dir);
+  remove_files({o.junit_path, o.html_path});
   if (!o.report_path.empty()) report::write_report_json(o.report_path, r);
   if (!o.junit_path.empty()) report::write_junit_xml(o.junit_path, r);
   if (o.html_path.empty()) return true;
   // The page that --out adds is a convenience: when it cannot be rendered the run's verdict stands. A page asked
   // for by --html is an output like the others, and its failure is exit 2.
   const bool asked = !outputs.html_path.empty();
-  if (!o.report_path.empty()) return render_html(o.report_path, o.html_path) || !asked;
-  const auto tmp = (std::filesystem::temp_directory_path() / ("cpharness-" + std::to_string(::getpid()) + ".json")).string();
-  report::write_report_json(tmp, r);
-  const bool ok = render_html(tmp, o.html_path);
-  std::filesystem::remove(tmp);
-  return ok || !asked;
+  bool rendered = false;
+  if (!o.report_path.empty()) {
+    rendered = render_html(o.report_path, o.html_path);
+  } else {
+    const auto tmp = (std::filesystem::temp_directory_path() / ("cpharness-" + std::to_string(::getpid()) + ".json")).string();
+    report::write_report_json(tmp, r);
+    rendered = render_html(tmp, o.html_path);
+    std::filesystem::remove(tmp);
+  }
+  if (!rendered) remove_files({o.html_path});  // whatever a failed renderer left half-written
+  return rendered || !asked;
 }
 
 // An output that cannot be written is found before any work, naming the flag: a directory is created (as the
@@ -113,18 +133,22 @@ void require_writable_dir(const std::string& dir, const char* flag) {
   namespace fs = std::filesystem;
   std::error_code ec;
   fs::create_directories(dir, ec);
-  if (ec || !fs::is_directory(dir)) throw UsageError(fmt::format("{} {}: cannot create the directory ({})", flag, dir, ec ? ec.message() : "not a directory"));
+  if (ec || !fs::is_directory(dir, ec))
+    throw UsageError(fmt::format("{} {}: cannot create the directory ({})", flag, io::clip(dir), ec ? ec.message() : "not a directory"));
   if (::access(dir.c_str(), W_OK) != 0) throw UsageError(fmt::format("{} {}: the directory is not writable", flag, dir));
 }
 void require_writable_file(const std::string& path, const char* flag) {
   namespace fs = std::filesystem;
-  if (fs::is_directory(path)) throw UsageError(fmt::format("{} {}: is a directory", flag, path));
   std::error_code ec;
-  if (fs::exists(path, ec) && !fs::is_regular_file(path, ec))  // a FIFO or device is never replaced by a report
+  const auto status = fs::status(path, ec);
+  if (ec && ec != std::errc::no_such_file_or_directory)  // too long, a symlink loop, a path through a file
+    throw UsageError(fmt::format("{} {}: cannot be written ({})", flag, io::clip(path), ec.message()));
+  if (fs::is_directory(status)) throw UsageError(fmt::format("{} {}: is a directory", flag, path));
+  if (fs::exists(status) && !fs::is_regular_file(status))  // a FIFO or device is never replaced by a report
     throw UsageError(fmt::format("{} {}: exists and is not a regular file", flag, path));
   auto parent = fs::path(path).parent_path();
   if (parent.empty()) parent = ".";
-  if (!fs::is_directory(parent)) throw UsageError(fmt::format("{} {}: the directory {} does not exist", flag, path, parent.string()));
+  if (!fs::is_directory(parent, ec)) throw UsageError(fmt::format("{} {}: the directory {} does not exist", flag, path, parent.string()));
   if (::access(parent.c_str(), W_OK) != 0) throw UsageError(fmt::format("{} {}: the directory {} is not writable", flag, path, parent.string()));
 }
 
@@ -138,8 +162,11 @@ void check_outputs_writable(const ReportOutputs& outputs, const std::string& dum
   for (size_t i = 0; i < files.size(); ++i)
     for (size_t k = i + 1; k < files.size(); ++k) {
       if (files[i].first.empty() || files[k].first.empty()) continue;
-      std::error_code ec;
-      if (std::filesystem::weakly_canonical(files[i].first, ec) == std::filesystem::weakly_canonical(files[k].first, ec))
+      // Two paths that cannot be resolved (too long, a symlink loop) are not the same file: the checks below say why.
+      std::error_code ec_i, ec_k;
+      const auto a = std::filesystem::weakly_canonical(files[i].first, ec_i);
+      const auto b = std::filesystem::weakly_canonical(files[k].first, ec_k);
+      if (!ec_i && !ec_k && a == b)
         throw UsageError(fmt::format("{} and {} name the same file {}", files[i].second, files[k].second, files[i].first));
     }
   if (!outputs.out_dir.empty()) require_writable_dir(outputs.out_dir, "--out");
@@ -158,7 +185,13 @@ void write_error_report(const ReportOutputs& outputs, const std::string& comm, c
   try {
     write_reports(outputs, r);
   } catch (const std::exception& e) {
-    std::cerr << "cpharness: could not write the error report: " << e.what() << "\n";
+    // (A full disk.) No report at all rather than another run's beside this exit 2: unlinking needs no space.
+    const auto o = outputs.resolved();
+    const auto removed = remove_files({o.report_path, o.junit_path, o.html_path});
+    std::cerr << "cpharness: could not write the error report: " << io::one_line(e)
+              << (removed.empty() ? std::string() : fmt::format("; removed {} instead, so that no other run's report "
+                                                                "stands in its place", fmt::join(removed, ", ")))
+              << "\n";
   }
 }
 
@@ -179,6 +212,18 @@ void end_cleanly_on_stop(const std::string& verb, const ReportOutputs& outputs, 
   std::vector<std::string> stale;
   if (!o.html_path.empty()) stale.push_back(o.html_path);
   end_on_stop_signals(verb, std::move(files), std::move(stale));
+}
+
+// What a rank thread that hangs past --timeout leaves (run_local gives it up; cp/launcher.h): the error report
+// naming the rank, exit 2 (`code`: bisect's skip instead).
+void end_cleanly_on_hung_rank(const std::string& verb, const ReportOutputs& outputs, const std::string& comm, int code = 2) {
+  cp::on_hung_local_rank([=](int, const std::string& message) {
+    const std::string why = fmt::format("{} failed: {}", verb, io::clip(message, 1000));
+    std::cerr << "cpharness: " << why << " (exit " << code << ")" << std::endl;
+    if (code == 2) write_error_report(outputs, comm, why);
+    std::cerr.flush();
+    std::_Exit(code);
+  });
 }
 
 // Bad input found before any case ran: exit 2 with an error report.
@@ -236,14 +281,65 @@ runner::SuiteOptions plant_bug_from_env(runner::SuiteOptions o) {
   return planted;
 }
 
-std::optional<runner::Fault> fault_from_env() {
+std::string fault_spec() {
   const char* spec = std::getenv("CPHARNESS_INJECT_FAULT");
-  if (!spec || !*spec) return std::nullopt;
+  return spec ? spec : "";
+}
+
+std::optional<runner::Fault> fault_from_env() {
+  const auto spec = fault_spec();
+  if (spec.empty()) return std::nullopt;
   try {
     return runner::parse_fault(spec);
   } catch (const std::invalid_argument& e) {
     throw UsageError(std::string("CPHARNESS_INJECT_FAULT: ") + e.what());
   }
+}
+
+// Why the injected fault cannot do what it is for in this run: one that never fires lets the run pass (and proves
+// nothing), and one that takes the whole process down under --comm local (ranks are threads: a thread cannot crash
+// or freeze alone) ends it without a report. Checked against every case before any work.
+std::optional<std::string> fault_problem(const runner::Fault& f, const std::string& spec, const std::vector<train::Case>& cases,
+                                         const runner::SuiteOptions& o) {
+  using Kind = runner::Fault::Kind;
+  const bool local = o.world == nullptr;
+  const std::string kind = spec.substr(0, spec.find('@'));
+  if (local && f.kind == Kind::kCrash)
+    return "crash aborts the whole process under --comm local (the ranks are threads of one process: a thread "
+           "cannot crash alone, and nothing would be left to write the report); inject it under --comm mpi";
+  if (local && f.kind == Kind::kStop)
+    return "stop freezes the whole process under --comm local (the ranks are threads of one process); inject it "
+           "under --comm mpi";
+  if (local && f.at_exit) return "KIND@RANK:exit acts when a rank's process ends: it needs --comm mpi";
+  auto cp_sizes = [&](const train::Case& c) {  // the candidates' sizes, as run_suite reads them
+    if (o.world) return std::vector<int64_t>{o.world->size()};
+    return o.cp_sizes ? std::vector<int64_t>(o.cp_sizes->begin(), o.cp_sizes->end()) : c.cp_sizes;
+  };
+  int world = 0;
+  std::vector<int64_t> sizes;
+  for (const auto& c : cases)
+    for (int64_t n : cp_sizes(c)) {
+      world = std::max<int>(world, int(n));
+      if (std::find(sizes.begin(), sizes.end(), n) == sizes.end()) sizes.push_back(n);
+    }
+  if (f.rank >= world)
+    return fmt::format("rank {} is not a rank of this run (cp sizes {}: ranks 0 to {}), so the fault would never fire",
+                       f.rank, fmt::join(sizes, ", "), world - 1);
+  if (f.at_exit) return std::nullopt;
+  if (f.kind == Kind::kStop || f.kind == Kind::kThrow) {
+    if (f.rank != 0 || spec.find(':') != std::string::npos)
+      return fmt::format("{} acts on rank 0 before its cp 1 reference ({}@0) or when a rank's process ends ({}@RANK:exit, "
+                         "--comm mpi); {} would never fire", kind, kind, kind, spec);
+    return std::nullopt;
+  }
+  int64_t steps = 0;  // of the cases in which the rank exists
+  for (const auto& c : cases)
+    for (int64_t n : cp_sizes(c))
+      if (f.rank < n) steps = std::max(steps, c.steps);
+  if (f.step >= steps)
+    return fmt::format("step {} is not a step of this run (rank {} trains steps 0 to {}), so the fault would never fire",
+                       f.step, f.rank, steps - 1);
+  return std::nullopt;
 }
 
 // True when `path` holds a report with status error written at or after `since`.
@@ -271,6 +367,7 @@ int launch_mpi_job(const RunArgs& a) {
   // The whole job's deadline, besides every wait inside it being bounded by --timeout: the ranks' own timeouts
   // end a stuck job first; this catches what they cannot (a launcher stuck before the ranks run).
   mpirun.job_timeout = std::chrono::milliseconds(int64_t(std::max(60.0, a.job_timeout_s) * 1000));
+  mpirun.require_verdict = true;  // mpirun's own 0 or 1 is no verdict (/bin/true, a failed launch)
   const auto result = cp::relaunch_under_mpirun(a.nproc, cp::self_exe(), child, mpirun);
   if (result.stop_signal) {  // interrupted: whatever rank 0 managed to write is replaced by the error report
     write_error_report(a.outputs, a.comm, result.message.substr(std::string("cpharness: ").size()));
@@ -296,7 +393,10 @@ int run_verb(const RunArgs& a) {
   const auto env = cp::detect_launch_env();
   if (env.source == cp::LaunchEnv::Source::Mpirun) cp::end_with_parent(env.rank);
   if (!env.launched() || env.rank == 0) check_outputs_writable(a.outputs, a.dump_dir);  // rank 0 writes them
-  if (!env.launched()) end_cleanly_on_stop("run", a.outputs, a.comm);
+  if (!env.launched()) {
+    end_cleanly_on_stop("run", a.outputs, a.comm);
+    end_cleanly_on_hung_rank("run", a.outputs, a.comm);
+  }
   try {
     return run_verb_checked(a);
   } catch (const UsageError&) {
@@ -338,18 +438,29 @@ int run_verb_checked(const RunArgs& a) {
     options.world = world.get();
   }
   const bool root = !world || world->rank() == 0;
+  // Bad input: every rank sees the same files and refuses together; rank 0 writes the error report and, for an
+  // --nproc launcher, records the exit 2 as this job's verdict (no rank failed).
+  auto refuse = [&](const std::string& why) {
+    if (!root) return 2;
+    const int code = input_error_report(a.outputs, a.comm, why);
+    if (world) cp::record_job_verdict(code);
+    return code;
+  };
   std::vector<train::Case> cases;
   try {
-    cases = train::load_cases(a.cases);  // validate every case before running any (every rank sees the same files)
+    cases = train::load_cases(a.cases);  // validate every case before running any
   } catch (const io::InputError& e) {
-    return root ? input_error_report(a.outputs, a.comm, e.what()) : 2;
+    return refuse(e.what());
   }
   for (auto& c : cases)  // a configuration that cannot run is refused before any work
-    if (auto why = runner::unsupported_configuration(c, options))
-      return root ? input_error_report(a.outputs, a.comm, c.path + ": " + *why) : 2;
+    if (auto why = runner::unsupported_configuration(c, options)) return refuse(c.path + ": " + *why);
+  if (options.run.fault)
+    if (auto why = fault_problem(*options.run.fault, fault_spec(), cases, options))
+      return refuse("CPHARNESS_INJECT_FAULT=" + fault_spec() + ": " + *why);
   auto r = runner::run_suite(cases, options);
   const int code = root ? finish(a.outputs, r, a.allow_nothing_ran) : report::exit_code(r, a.allow_nothing_ran);
   if (!world) return code;
+  if (root) cp::record_job_verdict(code);  // for an --nproc launcher: this job's rank 0 reached it, reports written
   if (options.world_failed) {
     // Ending the job stops every rank at once: give rank 0 a moment to finish writing its error report first.
     if (!root) std::this_thread::sleep_for(std::chrono::seconds(3));
@@ -357,9 +468,17 @@ int run_verb_checked(const RunArgs& a) {
     const int culprit = options.failed_peer >= 0 ? options.failed_peer : world->rank();
     cp::fail_rank(world.get(), culprit, fmt::format("stopped or unresponsive (seen by rank {})", world->rank()));
   }
-  // One rank exiting non-zero ends the job: every rank leaves with rank 0's verdict.
+  // One rank exiting non-zero ends the job: every rank leaves with rank 0's verdict. A peer that does not take part
+  // (stopped, hung) is named as in any failed collective, and the report rank 0 wrote gives way to the error.
   auto verdict = torch::tensor({int64_t(code)}, torch::kInt64);
-  world->broadcast(verdict, 0);
+  try {
+    world->broadcast(verdict, 0);
+  } catch (const cp::CommError& e) {
+    std::string why = "the ranks could not agree on the verdict: " + io::one_line(e);
+    if (e.peer() >= 0 && e.peer() != world->rank()) why += " [culprit: rank " + std::to_string(e.peer()) + "]";
+    if (root) write_error_report(a.outputs, a.comm, why);
+    cp::fail_rank(world.get(), world->rank(), "CommError: " + why);
+  }
   const auto& fault = options.run.fault;
   if (fault && fault->at_exit && fault->rank == world->rank()) runner::inject_fault(*fault);
   return int(verdict.item<int64_t>());
@@ -373,6 +492,7 @@ int selftest_verb(const SelftestArgs& a) {
       throw UsageError(fmt::format("--only {}: no such mutant; known: {}", name.empty() ? "''" : name, fmt::join(known, ", ")));
   check_outputs_writable(a.outputs);
   end_cleanly_on_stop("selftest", a.outputs, "local");
+  end_cleanly_on_hung_rank("selftest", a.outputs, "local");
   runner::SuiteOptions options;
   options.timeout = millis(a.timeout_s);
   return finish(a.outputs, runner::run_selftest(options, a.only));
@@ -393,6 +513,7 @@ int golden_record_verb(const std::string& case_path, const std::string& out_path
 int golden_verify_verb(const std::string& case_path, const std::string& golden_path, const ReportOutputs& outputs) {
   check_outputs_writable(outputs);
   end_cleanly_on_stop("golden verify", outputs, "local");
+  end_cleanly_on_hung_rank("golden verify", outputs, "local");
   return finish(outputs, runner::run_golden_verify(case_path, golden_path));
 }
 
@@ -421,6 +542,7 @@ int compare_verb(const CompareArgs& a) {
 int hf_parity_verb(const runner::HfParityOptions& options, const ReportOutputs& outputs) {
   check_outputs_writable(outputs);
   end_cleanly_on_stop("hf-parity", outputs, "local");
+  end_cleanly_on_hung_rank("hf-parity", outputs, "local");
   try {
     runner::hf_golden_files(options.paths);  // a missing path is bad input, before any golden runs
   } catch (const io::InputError& e) {
@@ -438,6 +560,7 @@ int bisect_verb(const std::string& case_path, const std::string& golden_path) {
     std::cerr << "bisect: skip (the commit cannot be judged): " << why << "\n";
     return 125;
   };
+  end_cleanly_on_hung_rank("bisect", {}, "local", 125);  // a hung rank: the commit cannot be judged
   try {
     const auto c = train::load_case(case_path);
     if (!golden_path.empty() && !std::filesystem::is_regular_file(golden_path))  // before the case trains

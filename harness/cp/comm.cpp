@@ -9,6 +9,7 @@
 #include <sstream>
 #include <thread>
 
+#include "harness/cp/launcher.h"
 #include "harness/train/device.h"
 
 namespace cpharness::cp {
@@ -381,6 +382,10 @@ void run_local(int n, const std::function<void(Comm&)>& fn, std::chrono::millise
   std::vector<Comm*> comms;
   for (int r = 0; r < n; ++r) comms.push_back(&world.comm(r, timeout));
   std::mutex mu;
+  std::condition_variable ended_cv;
+  std::vector<bool> ended(static_cast<size_t>(n), false);
+  int running = n;
+  int last_ended = -1;
   int first_rank = -1;
   std::string first_what, first_op;
   int first_peer = -1;
@@ -410,10 +415,44 @@ void run_local(int n, const std::function<void(Comm&)>& fn, std::chrono::millise
       }
       world.abort(r, "unknown exception");
     }
+    std::lock_guard<std::mutex> lk(mu);
+    ended[static_cast<size_t>(r)] = true;
+    --running;
+    last_ended = r;
+    ended_cv.notify_all();
   };
   std::vector<std::thread> threads;
   threads.reserve(static_cast<size_t>(n));
   for (int r = 0; r < n; ++r) threads.emplace_back(body, r);
+  {
+    // Once a rank has ended (failed, or done), its peers either end too or wait on a Comm, which gives up within
+    // its timeout: a rank still running a timeout and a grace after the last rank ended is hung.
+    std::unique_lock<std::mutex> lk(mu);
+    ended_cv.wait(lk, [&] { return running < n; });
+    while (running > 0) {
+      const auto limit = timeout + std::chrono::milliseconds(5000);  // the grace: a rank's last work after a wait
+      const int before = running;
+      if (ended_cv.wait_for(lk, limit, [&] { return running < before; })) continue;
+      std::vector<int> hung;
+      for (int r = 0; r < n; ++r)
+        if (!ended[static_cast<size_t>(r)]) hung.push_back(r);
+      std::string others;
+      for (size_t i = 1; i < hung.size(); ++i) others += (i > 1 ? ", " : "") + std::to_string(hung[i]);
+      const std::string after = first_rank >= 0 ? "rank " + std::to_string(first_rank) + " failed: " + first_what
+                                                : "rank " + std::to_string(last_ended) + " ended";
+      const auto ms = limit.count();
+      std::string message = "rank " + std::to_string(hung.front()) + " failed or hung; evidence: it was still running " +
+                            std::to_string(ms) + " ms (the timeout and a grace) after " + after;
+      if (!others.empty()) message += "; ranks " + others + " were still running too";
+      for (auto& ch : message)
+        if (ch == '\n') ch = ' ';
+      message += " [culprit: rank " + std::to_string(hung.front()) + "]";
+      lk.unlock();
+      // A hung thread can be neither joined nor abandoned (it may touch what this frame and its caller free).
+      for (auto& t : threads) t.detach();
+      end_for_hung_local_rank(hung.front(), message);
+    }
+  }
   for (auto& t : threads) t.join();
   if (first_rank >= 0)
     throw CommError("rank " + std::to_string(first_rank) + " failed: " + first_what, first_op, first_rank, first_peer);

@@ -157,7 +157,9 @@ class LocalWorld {
 
 // Runs fn(comm) on n threads, one per rank, each with its own local Comm. If a rank throws, the world is aborted
 // (ranks waiting in the Comm stop at once with CommError) and, after every thread has ended, run_local throws
-// CommError "rank R failed: <what>" for the FIRST rank that failed (rank() = R; original op/peer kept).
+// CommError "rank R failed: <what>" for the FIRST rank that failed (rank() = R; original op/peer kept). A rank
+// still running `timeout` + 5 s after the last rank ended or failed is hung: the process ends
+// (end_for_hung_local_rank, launcher.h), since a thread can be neither joined nor abandoned.
 void run_local(int n, const std::function<void(Comm&)>& fn,
                std::chrono::milliseconds timeout = kDefaultCommTimeout);
 

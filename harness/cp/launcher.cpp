@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
+#include <mutex>
 #include <regex>
 #include <stdexcept>
 #include <thread>
@@ -144,6 +145,9 @@ int free_loopback_port() {
 
 namespace {
 
+// Where rank 0 of an --nproc job records its verdict (record_job_verdict); internal to the launcher and its ranks.
+constexpr const char* kVerdictFileVar = "CPHARNESS_VERDICT_FILE";
+
 // The environment of the job: this one, with mpirun allowed to run as root, no single-copy mechanism (it fails
 // in containers), and a rendezvous address (loopback and a free port unless MASTER_ADDR/PORT are given).
 std::vector<std::string> job_environment() {
@@ -152,7 +156,8 @@ std::vector<std::string> job_environment() {
     const std::string kv(*e);
     bool replaced = false;
     for (const char* k : {"OMPI_ALLOW_RUN_AS_ROOT=", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=",
-                          "OMPI_MCA_btl_vader_single_copy_mechanism=", "MASTER_ADDR=", "MASTER_PORT="})
+                          "OMPI_MCA_btl_vader_single_copy_mechanism=", "MASTER_ADDR=", "MASTER_PORT=",
+                          "CPHARNESS_VERDICT_FILE="})
       replaced = replaced || kv.rfind(k, 0) == 0;
     if (!replaced) env.push_back(kv);
   }
@@ -189,6 +194,7 @@ pid_t spawn_job(std::vector<std::string> cmd, std::vector<std::string> env, int&
     // its ranks (which also watch their parent: end_with_parent), instead of running on unowned.
     ::prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (::getppid() != launcher) ::_exit(127);  // it died before the line above
+    ::signal(SIGPIPE, SIG_DFL);  // this process ignores it (main); mpirun gets the default back
     ::dup2(pipefd[1], 2);
     ::close(pipefd[0]);
     ::close(pipefd[1]);
@@ -254,15 +260,22 @@ class StopSignals {
     struct sigaction sa {};
     sa.sa_handler = on_stop_signal;
     sigemptyset(&sa.sa_mask);
-    for (size_t i = 0; i < kSignals.size(); ++i) ::sigaction(kSignals[i], &sa, &old_[i]);
+    for (size_t i = 0; i < kSignals.size(); ++i) {
+      // A signal ignored when the process started stays ignored (POSIX: nohup, a shell's background job): the
+      // job inherits that, and it is not a stop.
+      if (::sigaction(kSignals[i], nullptr, &old_[i]) == 0 && old_[i].sa_handler == SIG_IGN) continue;
+      installed_[i] = ::sigaction(kSignals[i], &sa, nullptr) == 0;
+    }
   }
   ~StopSignals() {
-    for (size_t i = 0; i < kSignals.size(); ++i) ::sigaction(kSignals[i], &old_[i], nullptr);
+    for (size_t i = 0; i < kSignals.size(); ++i)
+      if (installed_[i]) ::sigaction(kSignals[i], &old_[i], nullptr);
   }
 
  private:
   static constexpr std::array<int, 3> kSignals{SIGTERM, SIGINT, SIGHUP};
   std::array<struct sigaction, 3> old_{};
+  std::array<bool, 3> installed_{};
 };
 
 int wait_for_job(pid_t pid, StderrRelay& relay, std::chrono::milliseconds job_timeout, bool& timed_out, int& stop_signal) {
@@ -305,9 +318,32 @@ int wait_for_job(pid_t pid, StderrRelay& relay, std::chrono::milliseconds job_ti
   return status;
 }
 
-// Exit 0 / 1 (the ranks agreed on the verdict) or 2 (a rank failed, hung or the job timed out), with the reason.
+// Where rank 0 records its verdict for this job (require_verdict): an empty file made before the launch, so no
+// other job's can be taken for it.
+std::string make_verdict_file() {
+  const char* dir = std::getenv("TMPDIR");
+  std::string path = std::string(dir && *dir ? dir : "/tmp") + "/cpharness-verdict-XXXXXX";
+  const int fd = ::mkstemp(path.data());
+  if (fd < 0) throw std::runtime_error("launcher: cannot create the verdict file " + path + ": " + std::strerror(errno));
+  ::close(fd);
+  return path;
+}
+
+// The exit code rank 0 recorded there, or -1 when it recorded none.
+int read_verdict_file(const std::string& path) {
+  char buf[16] = {};
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  const ssize_t n = ::read(fd, buf, sizeof(buf) - 1);
+  ::close(fd);
+  if (n < 2 || buf[n - 1] != '\n' || buf[0] < '0' || buf[0] > '9') return -1;
+  return std::atoi(buf);
+}
+
+// Exit 0 / 1 / 3 (the ranks agreed on the verdict) or 2 (a rank failed, hung, the launch failed or the job timed
+// out), with the reason. `verdict`: what rank 0 recorded (-1 none), when one is required.
 void judge_job(LaunchResult& res, const StderrScanner& scan, bool timed_out, std::chrono::milliseconds job_timeout,
-               int stop_signal) {
+               int stop_signal, bool require_verdict, int verdict, const std::string& mpirun) {
   const auto* culprit = scan.culprit();
   res.failed_rank = culprit ? culprit->rank : -1;
   if (stop_signal) {
@@ -319,6 +355,22 @@ void judge_job(LaunchResult& res, const StderrScanner& scan, bool timed_out, std
     res.exit_code = 2;
     res.message = "cpharness: run failed: the job exceeded its " + std::to_string(job_timeout.count()) +
                   " ms limit and was killed (exit 2)";
+  } else if (require_verdict && (res.mpirun_status == 0 || res.mpirun_status == 1 || res.mpirun_status == 3) &&
+             verdict != res.mpirun_status) {
+    // mpirun's status alone is no verdict: /bin/true, a launch that failed before any rank ran, mpirun stopped
+    // on its own all end 0 or 1.
+    res.exit_code = 2;
+    const std::string recorded = verdict < 0 ? std::string("rank 0 recorded no verdict")
+                                             : "rank 0 recorded exit " + std::to_string(verdict);
+    res.message = "cpharness: run failed: the launcher " + mpirun + " exited with status " +
+                  std::to_string(res.mpirun_status) + " but " + recorded +
+                  (culprit ? "; rank " + std::to_string(culprit->rank) + " failed or hung; evidence: " + culprit->line
+                           : std::string(" (the ranks did not run to the end: a failed launch, or mpirun stopped on its own)")) +
+                  " (exit 2)";
+  } else if (require_verdict && res.mpirun_status == 2 && verdict == 2 && !scan.rank_failure()) {
+    res.exit_code = 2;  // every rank refused the run (bad input): no rank failed, rank 0's error report says why
+    res.failed_rank = -1;
+    res.message = "cpharness: run refused: every rank ended with exit 2 (rank 0's error report says why)";
   } else if (res.mpirun_status == 0) {
     res.exit_code = 0;
   } else if ((res.mpirun_status == 1 || res.mpirun_status == 3) && !scan.hard_failure()) {
@@ -337,9 +389,13 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
                                    const MpirunOptions& opt) {
   const auto t0 = std::chrono::steady_clock::now();
   LaunchResult res;
-  StderrRelay relay{-1, {}, {}, {}};
+  StderrRelay relay{-1, StderrScanner(nproc), {}, {}};
   StopSignals forward;  // before the job starts, so no signal is missed
-  const pid_t pid = spawn_job(mpirun_command(nproc, exe, args, opt), job_environment(), relay.fd);
+  auto env = job_environment();
+  const std::string verdict_file = opt.require_verdict ? make_verdict_file() : std::string();
+  if (!verdict_file.empty()) env.push_back(std::string(kVerdictFileVar) + "=" + verdict_file);
+  const auto cmd = mpirun_command(nproc, exe, args, opt);
+  const pid_t pid = spawn_job(cmd, std::move(env), relay.fd);
   bool timed_out = false;
   int stop_signal = 0;
   const int status = wait_for_job(pid, relay, opt.job_timeout, timed_out, stop_signal);
@@ -350,10 +406,23 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
   res.stderr_tail = std::move(relay.tail);
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   res.mpirun_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  judge_job(res, relay.scan, timed_out, opt.job_timeout, stop_signal);
+  const int verdict = verdict_file.empty() ? -1 : read_verdict_file(verdict_file);
+  if (!verdict_file.empty()) ::unlink(verdict_file.c_str());
+  judge_job(res, relay.scan, timed_out, opt.job_timeout, stop_signal, opt.require_verdict, verdict, cmd.front());
   res.stop_signal = stop_signal;
   if (!res.message.empty()) std::cerr << res.message << std::endl;
   return res;
+}
+
+bool record_job_verdict(int exit_code) {
+  const char* path = std::getenv(kVerdictFileVar);
+  if (!path || !*path) return true;
+  const std::string text = std::to_string(exit_code) + "\n";
+  const int fd = ::open(path, O_WRONLY | O_TRUNC | O_CLOEXEC);
+  bool ok = fd >= 0 && ::write(fd, text.data(), text.size()) == ssize_t(text.size());
+  if (fd >= 0) ok = ::close(fd) == 0 && ok;
+  if (!ok) std::cerr << "cpharness: rank 0: cannot record the verdict in " << path << ": " << std::strerror(errno) << "\n";
+  return ok;
 }
 
 std::vector<uint8_t> store_rendezvous(const LaunchEnv& env, const std::string& key, const std::vector<uint8_t>& value,
@@ -414,6 +483,29 @@ void end_with_parent(int rank) {
     if (c == '\n') c = ' ';
   std::cerr << line << std::endl;
   if (comm) comm->terminate_job(2, what);
+  std::_Exit(2);
+}
+
+namespace {
+std::mutex g_hung_mu;
+std::function<void(int, const std::string&)> g_hung_handler;
+}  // namespace
+
+void on_hung_local_rank(std::function<void(int rank, const std::string& message)> handler) {
+  std::lock_guard<std::mutex> lk(g_hung_mu);
+  g_hung_handler = std::move(handler);
+}
+
+void end_for_hung_local_rank(int rank, const std::string& message) {
+  std::function<void(int, const std::string&)> handler;
+  {
+    std::lock_guard<std::mutex> lk(g_hung_mu);
+    handler = g_hung_handler;
+  }
+  if (handler) handler(rank, message);
+  else std::cerr << "cpharness: " << message << " (exit 2)" << std::endl;
+  std::cout.flush();
+  std::cerr.flush();
   std::_Exit(2);
 }
 

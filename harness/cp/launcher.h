@@ -58,6 +58,9 @@ struct MpirunOptions {
   std::string mpirun;                    // empty: $CPHARNESS_MPIRUN, else the mpiexec CMake found, else "mpirun"
   std::chrono::milliseconds job_timeout{0};  // > 0: kill the job (exit 2) if it runs longer
   std::vector<std::string> extra_args;   // put before the executable (e.g. {"-x", "OMP_NUM_THREADS=1"})
+  // The ranks' exit 0, 1 or 3 is a verdict only when rank 0 recorded it (record_job_verdict): an mpirun that ran
+  // nothing, failed to launch or was stopped alone is exit 2, whatever its own status.
+  bool require_verdict = false;
 };
 
 // The full argv of the relaunch: mpirun ... exe args...
@@ -81,6 +84,10 @@ struct LaunchResult {
 LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std::vector<std::string>& args,
                                    const MpirunOptions& opt = {});
 
+// Rank 0 of a job started by relaunch_under_mpirun with require_verdict: records the verdict it reached (after its
+// reports were written) for the launching process. Does nothing outside such a job; false when it could not.
+bool record_job_verdict(int exit_code);
+
 // This executable (/proc/self/exe).
 std::string self_exe();
 
@@ -94,6 +101,13 @@ void end_with_parent(int rank);
 
 // Runs body() and returns its exit code; any exception -> fail_rank(comm, rank, what) (exit 2 for the whole job).
 int guarded_rank_main(Comm* comm, int rank, const std::function<int()>& body);
+
+// A rank thread of run_local (ranks as threads) still running --timeout and a grace after a peer failed or ended
+// is given up: it can be neither joined nor abandoned (it may touch what the run frees), so the process ends.
+// `handler` (the CLI's: it writes the error report) gets the rank and a one-line message naming it; then, or
+// without a handler after the message on stderr, exit 2.
+void on_hung_local_rank(std::function<void(int rank, const std::string& message)> handler);
+[[noreturn]] void end_for_hung_local_rank(int rank, const std::string& message);
 
 // Rendezvous through c10d's TCPStore (libtorch_cpu): rank 0 publishes `value` under `key` at
 // env.master_addr:env.master_port (serving the store itself unless env.agent_store); every other rank waits for it,

@@ -66,6 +66,13 @@ std::string h5_error_reason() {
       },
       &descs);
   H5Eclear2(H5E_DEFAULT);
+  // Some descriptions carry the OS error over several lines (ENOSPC: "file write failed: ..., error message =
+  // 'No space left on device'\n..."): a reason is one line.
+  for (auto& d : descs) {
+    for (auto& c : d)
+      if (c == '\n' || c == '\r') c = ' ';
+    while (!d.empty() && d.back() == ' ') d.pop_back();
+  }
   if (descs.empty()) return "HDF5 error";
   if (descs.size() == 1 || descs.front() == descs.back()) return "HDF5: " + descs.front();
   return "HDF5: " + descs.front() + " (" + descs.back() + ")";

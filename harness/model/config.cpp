@@ -12,6 +12,7 @@
 #include <set>
 
 #include "harness/io/input_error.h"
+#include "harness/io/json_depth.h"
 #include "harness/io/paths.h"
 
 namespace cpharness::model {
@@ -551,6 +552,7 @@ ModelConfig load_hf_config_file(const std::string& path) {
   } catch (const json::parse_error& e) {
     throw InputError(path, "config", std::string("malformed JSON: ") + e.what());
   }
+  io::require_json_depth(j, path, "config");
   return config_from_hf_json(j, path);
 }
 

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "harness/io/json_depth.h"
 #include "harness/io/input_error.h"
 #include "harness/model/gemma4.h"
 #include "harness/train/batch.h"
@@ -74,6 +75,7 @@ HfGolden load_hf_golden(const std::string& path) {
   } catch (const nlohmann::json::parse_error& e) {
     throw InputError(path, "provenance/config", std::string("malformed JSON: ") + e.what());
   }
+  io::require_json_depth(cj, path, "provenance/config");
   g.config = model::config_from_hf_json(cj, path + ": provenance/config");
   g.mechanism = prov(g.dump, "kv_share_mechanism");
   if (g.mechanism == "cache-shared-layers") g.config.kv_share_semantics = model::KvShareSemantics::kCacheGated;

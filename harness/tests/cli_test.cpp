@@ -555,6 +555,8 @@ TEST_F(CliTest, ARankFrozenInMpiShutdownEndsTheJobAndThePassReportDoesNotSurvive
   EXPECT_NE(r.output.find("MPI shutdown"), std::string::npos) << r.output;
   const auto j = read_json(out / "report.json");
   EXPECT_EQ(j["status"], "error") << j.dump(2);
+  // The frozen rank is named, not rank 0, which waited for it in the shutdown and ended itself first.
+  EXPECT_NE(j["error"].get<std::string>().find("rank 1 failed or hung"), std::string::npos) << j.dump(2);
   EXPECT_EQ(processes_left(out.string(), std::chrono::seconds(10)), 0);
 }
 
@@ -576,6 +578,20 @@ TEST_F(CliTest, AFailedJobNeverLeavesAnotherRunsPassReportInItsPlace) {
   const auto j = read_json(report);
   EXPECT_EQ(j["status"], "error") << j.dump(2);
   EXPECT_FALSE(j.contains("note")) << j.dump(2);
+}
+
+// Bad input under --nproc: every rank refuses the run together and rank 0's error report says why; the launcher
+// blames no rank (mpirun's banner names the first rank to exit 2, which failed nothing).
+TEST_F(CliTest, BadInputUnderMpiIsRefusedByEveryRankBlamingNone) {
+  auto bad = write("bad.json", R"({"id": )");
+  const auto out = dir_ / "refused";
+  auto r = run_cli("run " + bad + " --comm mpi --nproc 2 --timeout 20 --out " + out.string());
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("run refused"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("failed or hung"), std::string::npos) << r.output;
+  const auto j = read_json(out / "report.json");
+  EXPECT_EQ(j["status"], "error");
+  EXPECT_NE(j["error"].get<std::string>().find("bad.json"), std::string::npos) << j.dump(2);
 }
 
 // The launching process killed outright (SIGKILL: no handler runs) takes mpirun and the ranks with it.
@@ -695,9 +711,11 @@ TEST_F(CliTest, ASignalStoppingALocalRunLeavesTheErrorReportNotAnOlderOne) {
     std::ofstream(out / "report.json") << R"({"status": "pass", "note": "an older run"})";
     std::ofstream(out / "report.xml") << "<testsuites/>";
     std::ofstream(out / "report.html") << "<html>an older run</html>";
-    // rank 1 hangs before step 0, so the run is still going when the signal comes.
-    const std::string cmd = "CPHARNESS_INJECT_FAULT=hang@1:0 " + std::string(CPHARNESS_BINARY) + " run " + c +
-                            " --cp 2 --timeout 120 --out " + out.string();
+    // rank 1 hangs before step 0, so the run is still going when the signal comes. A background job of a script
+    // starts with SIGINT ignored (POSIX), which cpharness keeps ignored: env gives it the default, as a foreground
+    // run at a terminal has it.
+    const std::string cmd = "CPHARNESS_INJECT_FAULT=hang@1:0 env --default-signal=INT " + std::string(CPHARNESS_BINARY) +
+                            " run " + c + " --cp 2 --timeout 120 --out " + out.string();
     auto r = cpharness::testing::run_command("sh -c '" + cmd + " & pid=$!; sleep 4; kill -" + sig +
                                              " $pid; wait $pid; echo EXIT=$?'");
     EXPECT_NE(r.output.find("EXIT=2"), std::string::npos) << r.output;

@@ -16,6 +16,7 @@
 #include <set>
 
 #include "harness/io/input_error.h"
+#include "harness/io/json_depth.h"
 #include "harness/io/paths.h"
 
 namespace cpharness::train {
@@ -389,6 +390,7 @@ Case load_case(const std::string& path) {
   } catch (const json::exception& e) {  // parse errors, and numbers out of range (1e400)
     throw InputError(path, "case", std::string("malformed JSON: ") + e.what());
   }
+  io::require_json_depth(j, path, "case");  // before anything copies it (a copy recurses once per level)
   return case_from_json(j, path);
 }
 

@@ -1,0 +1,236 @@
+// The cpharness binary when its surroundings fail: reports of two runs never mixed, a launcher that ran nothing,
+// a full disk, a hung rank thread, hostile nesting, signals ignored at startup, a closed stderr pipe, fault specs
+// that cannot fire, output paths that cannot be resolved. Exit code and report always agree.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "harness/tests/run_command.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+constexpr const char* kGoodCase = R"({"id": "t", "model": {"preset": "tiny-31b"},
+  "data": {"seq_len": 24, "padding": 4, "seed": 1}, "steps": 2})";
+
+class CliReliability : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("cpharness_rel_" + std::to_string(::getpid()) + "_" +
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string write(const fs::path& p, const std::string& text) {
+    const auto path = p.is_absolute() ? p : dir_ / p;
+    std::ofstream(path) << text;
+    return path.string();
+  }
+  // Another run's reports, all passing, where this run writes its own.
+  void plant_older_run(const fs::path& out) {
+    fs::create_directories(out);
+    write(out / "report.json", R"({"status": "pass", "note": "an older run"})");
+    write(out / "report.xml", "<testsuites name=\"an older run\"/>");
+    write(out / "report.html", "<html>an older run</html>");
+  }
+  // `env`: assignments put before the command. Killed after 2 minutes: what these tests guard against includes
+  // runs that never end, which must fail the test, not hang it.
+  cpharness::testing::CommandResult run_cli(const std::string& args, const std::string& env = "") {
+    return cpharness::testing::run_command(env + " timeout -s KILL 120 " + std::string(CPHARNESS_BINARY) + " " + args);
+  }
+  // bash -c SCRIPT, with $B the binary and the script's words single-quote-free; killed after 2 minutes.
+  cpharness::testing::CommandResult bash(const std::string& script) {
+    return cpharness::testing::run_command("B=" + std::string(CPHARNESS_BINARY) + " timeout -s KILL 120 bash -c '" +
+                                           script + "'");
+  }
+  fs::path dir_;
+};
+
+std::string read_text(const fs::path& p) {
+  std::ifstream in(p);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+nlohmann::json read_json(const fs::path& p) { return nlohmann::json::parse(read_text(p)); }
+
+// F1: json, xml and page of one --out are of one run: a page that cannot be rendered leaves no page, not the older
+// run's beside this run's verdict.
+TEST_F(CliReliability, APageThatCannotBeRenderedLeavesNoOlderPageBesideTheNewReports) {
+  const auto c = write("g.json", kGoodCase);
+  const auto out = dir_ / "out";
+  plant_older_run(out);
+  auto r = run_cli("run " + c + " --cp 2 --out " + out.string(), "CPHARNESS_PYTHON=/bin/false");
+  EXPECT_EQ(r.exit_code, 0) << r.output;  // the page --out adds is a convenience: the verdict stands
+  EXPECT_NE(r.output.find("report.html not written"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(out / "report.html")) << read_text(out / "report.html");
+  const auto j = read_json(out / "report.json");
+  EXPECT_EQ(j["status"], "pass");
+  EXPECT_FALSE(j.contains("note"));
+  const auto xml = read_text(out / "report.xml");
+  EXPECT_EQ(xml.find("an older run"), std::string::npos) << xml;
+  EXPECT_NE(xml.find("<testcase"), std::string::npos) << xml;
+}
+
+// F2: mpirun's own status is no verdict: one that runs nothing (exit 0 or 1) is exit 2 with an error report naming
+// the launcher, never the older run's pass nor a pass of nothing.
+TEST_F(CliReliability, AnMpirunThatRanNoRankIsExit2NotAVerdict) {
+  const auto c = write("g.json", kGoodCase);
+  for (const std::string mpirun : {"/bin/true", "/bin/false"}) {
+    SCOPED_TRACE(mpirun);
+    const auto out = dir_ / fs::path(mpirun).filename();
+    plant_older_run(out);
+    auto r = run_cli("run " + c + " --comm mpi --nproc 2 --timeout 20 --out " + out.string(), "CPHARNESS_MPIRUN=" + mpirun);
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    const auto j = read_json(out / "report.json");
+    EXPECT_EQ(j["status"], "error") << j.dump(2);
+    const auto error = j["error"].get<std::string>();
+    EXPECT_NE(error.find(mpirun), std::string::npos) << error;
+    EXPECT_NE(error.find("recorded no verdict"), std::string::npos) << error;
+    EXPECT_EQ(read_text(out / "report.xml").find("an older run"), std::string::npos);
+    EXPECT_FALSE(fs::exists(out / "report.html") && read_text(out / "report.html").find("an older run") != std::string::npos);
+  }
+}
+
+// F3: a stop signal when the error report cannot be written (a full disk; here a file size limit of 0) leaves no
+// report, neither a truncated one nor the older run's pass, and no temp file.
+TEST_F(CliReliability, AStopSignalOnAFullDiskLeavesNoTruncatedOrOlderReport) {
+  const auto c = write("g.json", kGoodCase);
+  const auto out = dir_ / "out";
+  plant_older_run(out);
+  // rank 1 hangs before step 0, so the run is still going when the signal comes.
+  auto r = bash("trap \"\" XFSZ; ulimit -f 0; CPHARNESS_INJECT_FAULT=hang@1:0 $B run " + c +
+                " --cp 2 --timeout 60 --out " + out.string() + " & pid=$!; sleep 4; kill -TERM $pid; wait $pid; echo EXIT=$?");
+  EXPECT_NE(r.output.find("EXIT=2"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("could not write the error report"), std::string::npos) << r.output;
+  for (const char* name : {"report.json", "report.xml", "report.html"}) EXPECT_FALSE(fs::exists(out / name)) << name;
+  for (const auto& e : fs::directory_iterator(out)) ADD_FAILURE() << "left behind: " << e.path();
+}
+
+// F4: an error report that cannot be written (a full disk) removes the older run's reports instead of leaving
+// their pass beside this run's exit 2, and says so.
+TEST_F(CliReliability, AnErrorReportThatCannotBeWrittenLeavesNoOlderReport) {
+  const auto bad = write("bad.json", R"({"id": "t", "model": )");
+  const auto out = dir_ / "out";
+  plant_older_run(out);
+  auto r = bash("trap \"\" XFSZ; ulimit -f 0; $B run " + bad + " --out " + out.string() + "; echo EXIT=$?");
+  EXPECT_NE(r.output.find("EXIT=2"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("could not write the error report"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("removed"), std::string::npos) << r.output;
+  for (const char* name : {"report.json", "report.xml", "report.html"}) EXPECT_FALSE(fs::exists(out / name)) << name;
+}
+
+// F6: under --comm local a rank thread that hangs past --timeout ends the run (it cannot be joined): exit 2 and an
+// error report naming the rank, within the timeout and a grace.
+TEST_F(CliReliability, AHungRankThreadEndsTheLocalRunNamingIt) {
+  const auto c = write("g.json", kGoodCase);
+  const auto out = dir_ / "out";
+  const auto start = Clock::now();
+  auto r = run_cli("run " + c + " --cp 2 --timeout 3 --out " + out.string(), "CPHARNESS_INJECT_FAULT=hang@1:1");
+  EXPECT_LT(Clock::now() - start, std::chrono::seconds(30)) << r.output;
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("rank 1 failed or hung"), std::string::npos) << r.output;
+  const auto j = read_json(out / "report.json");
+  EXPECT_EQ(j["status"], "error") << j.dump(2);
+  EXPECT_NE(j["error"].get<std::string>().find("rank 1 failed or hung"), std::string::npos) << j["error"];
+  EXPECT_NE(j["error"].get<std::string>().find("[culprit: rank 1]"), std::string::npos) << j["error"];
+}
+
+// F7: a case nested 100000 deep (anywhere in it) is an input error naming the file, not a stack overflow.
+TEST_F(CliReliability, ADeeplyNestedCaseIsAnInputErrorNotACrash) {
+  const int depth = 100000;
+  const std::string arrays = std::string(depth, '[') + "1" + std::string(depth, ']');
+  std::string objects;
+  for (int i = 0; i < depth; ++i) objects += "{\"a\":";
+  objects += "1" + std::string(depth, '}');
+  const auto model = write("deep-model.json", "{\"id\": \"x\", \"model\": " + arrays + "}");
+  const auto described = write("deep-description.json", R"({"id": "x", "model": {"preset": "tiny-31b"},
+      "data": {"seq_len": 24}, "description": )" + objects + "}");
+  for (const auto& path : {model, described}) {
+    SCOPED_TRACE(path);
+    const auto out = dir_ / "out";
+    for (const auto& r : {run_cli("list " + path), run_cli("run " + path + " --cp 2 --out " + out.string())}) {
+      EXPECT_EQ(r.exit_code, 2) << r.output.substr(0, 2000);
+      EXPECT_NE(r.output.find(path), std::string::npos) << r.output.substr(0, 2000);
+      EXPECT_NE(r.output.find("nested more than 64 levels deep"), std::string::npos) << r.output.substr(0, 2000);
+    }
+    EXPECT_EQ(read_json(out / "report.json")["status"], "error");
+  }
+}
+
+// F8a: a stop signal ignored when cpharness started (nohup, a shell's background job) stays ignored: the run goes
+// on to its own end (here: a hung rank, exit 2 naming it), not "stopped: received SIGHUP".
+TEST_F(CliReliability, ASignalIgnoredAtStartupStaysIgnored) {
+  const auto c = write("g.json", kGoodCase);
+  const auto out = dir_ / "out";
+  auto r = bash("trap \"\" HUP; CPHARNESS_INJECT_FAULT=hang@1:1 $B run " + c + " --cp 2 --timeout 2 --out " +
+                out.string() + " & pid=$!; sleep 1.5; kill -HUP $pid; wait $pid; echo EXIT=$?");
+  EXPECT_NE(r.output.find("EXIT=2"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("SIGHUP"), std::string::npos) << r.output;
+  const auto j = read_json(out / "report.json");
+  EXPECT_NE(j["error"].get<std::string>().find("rank 1 failed or hung"), std::string::npos) << j["error"];
+}
+
+// F8b: `cpharness run ... 2>&1 | head -1`: progress output into a closed pipe is dropped; the run does not die of
+// SIGPIPE, its verdict and report stand.
+TEST_F(CliReliability, AClosedOutputPipeDoesNotEndTheRun) {
+  const auto c = write("g.json", kGoodCase);
+  const auto out = dir_ / "out";
+  plant_older_run(out);
+  auto r = bash("$B run " + c + " --cp 2 --out " + out.string() + " 2>&1 | true; echo EXIT=${PIPESTATUS[0]}");
+  EXPECT_NE(r.output.find("EXIT=0"), std::string::npos) << r.output;
+  const auto j = read_json(out / "report.json");
+  EXPECT_EQ(j["status"], "pass");
+  EXPECT_FALSE(j.contains("note"));
+}
+
+// F11: a fault that could never fire (the run would pass and prove nothing), or that would take the whole process
+// down under --comm local (ranks are threads), is refused before any work: exit 2 naming CPHARNESS_INJECT_FAULT.
+TEST_F(CliReliability, FaultsThatCannotFireOrWouldEndTheProcessAreRefused) {
+  const auto c = write("g.json", kGoodCase);
+  const std::pair<const char*, const char*> refused[] = {
+      {"stop@1", "--comm mpi"},   {"throw@1", "never fire"},    {"throw@0:1", "never fire"}, {"hang@2", "not a rank"},
+      {"hang@1:2", "not a step"}, {"crash@1", "--comm mpi"},    {"stop@0", "--comm mpi"},    {"hang@1:exit", "--comm mpi"},
+  };
+  for (const auto& [spec, why] : refused) {
+    SCOPED_TRACE(spec);
+    const auto out = dir_ / "out";
+    const auto start = Clock::now();
+    auto r = run_cli("run " + c + " --cp 2 --out " + out.string(), std::string("CPHARNESS_INJECT_FAULT=") + spec);
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    EXPECT_LT(Clock::now() - start, std::chrono::seconds(20));
+    EXPECT_EQ(r.output.find("step 0"), std::string::npos) << "the run started: " << r.output;
+    const auto error = read_json(out / "report.json")["error"].get<std::string>();
+    EXPECT_NE(error.find(std::string("CPHARNESS_INJECT_FAULT=") + spec), std::string::npos) << error;
+    EXPECT_NE(error.find(why), std::string::npos) << error;
+  }
+}
+
+// F9: an output path that cannot be resolved (longer than PATH_MAX, a symlink loop) is refused with its own
+// reason, not as two outputs naming "the same file".
+TEST_F(CliReliability, OutputPathsThatCannotBeResolvedAreRefusedWithTheirReason) {
+  const auto c = write("g.json", kGoodCase);
+  fs::create_directory_symlink(dir_ / "loop", dir_ / "loop");
+  const std::pair<std::string, std::string> bad[] = {
+      {(dir_ / std::string(5000, 'x')).string(), "too long"},
+      {(dir_ / "loop" / "out").string(), "symbolic links"},
+  };
+  for (const auto& [path, reason] : bad) {
+    SCOPED_TRACE(reason);
+    auto r = run_cli("run " + c + " --cp 2 --out " + path);
+    EXPECT_EQ(r.exit_code, 2) << r.output.substr(0, 3000);
+    EXPECT_EQ(r.output.find("same file"), std::string::npos) << r.output.substr(0, 3000);
+    EXPECT_NE(r.output.find(reason), std::string::npos) << r.output.substr(0, 3000);
+    EXPECT_NE(r.output.find("--out"), std::string::npos) << r.output.substr(0, 3000);
+  }
+}
+
+}  // namespace
