@@ -201,6 +201,7 @@ model::Gemma4Model build_model(const train::Case& c, torch::ScalarType dtype, st
 
 LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOptions& options) {
   const auto start = Clock::now();
+  train::HostMemoryScope counted;  // this lane's allocations are counted (its activation bytes)
   LaneRun run;
   run.cp = 1;
   run.lane = lane;

@@ -115,15 +115,17 @@ void judge_bf16_against_oracle(const train::Case& c, const report::RunDump& gold
   report::recount(result);
 }
 
-}  // namespace
 
-report::CheckResult verify_golden(const train::Case& c, const std::string& golden_path, report::CompareResult* out,
-                                  const LaneRun* reference, const LaneRun* oracle) {
-  const auto golden = report::read_run_dump(golden_path);
-  auto get = [&](const char* key) {
-    auto it = golden.provenance.find(key);
-    return it == golden.provenance.end() ? std::string() : it->second;
-  };
+std::string provenance_of(const report::RunDump& d, const char* key) {
+  auto it = d.provenance.find(key);
+  return it == d.provenance.end() ? std::string() : it->second;
+}
+
+// The golden of `c` at `golden_path`: a golden of another case, another version of the case or another lane is an
+// input error, whichever check reads it.
+report::RunDump read_case_golden(const train::Case& c, const std::string& golden_path) {
+  auto golden = report::read_run_dump(golden_path);
+  auto get = [&](const char* key) { return provenance_of(golden, key); };
   if (get("case_id") != c.id)
     throw io::InputError(golden_path, "provenance/case_id", fmt::format("golden of case '{}', not '{}'", get("case_id"), c.id));
   if (!get("case_hash").empty() && get("case_hash") != case_hash(c))
@@ -133,6 +135,15 @@ report::CheckResult verify_golden(const train::Case& c, const std::string& golde
   const std::string lane = train::to_string(c.dtype);
   if (!get("dtype").empty() && get("dtype") != lane)
     throw io::InputError(golden_path, "provenance/dtype", fmt::format("golden lane {} but the case runs {}", get("dtype"), lane));
+  return golden;
+}
+
+}  // namespace
+
+report::CheckResult verify_golden(const train::Case& c, const std::string& golden_path, report::CompareResult* out,
+                                  const LaneRun* reference, const LaneRun* oracle) {
+  const auto golden = read_case_golden(c, golden_path);
+  auto get = [&](const char* key) { return provenance_of(golden, key); };
   const auto fresh = reference ? reference_dump(c, *reference, "dump") : reference_dump(c, "dump");
   auto result = report::compare_dumps(fresh, golden, golden_policy(c.dtype));
   if (c.dtype == train::DtypeLane::kBf16) judge_bf16_against_oracle(c, golden, fresh, oracle, result);
@@ -156,7 +167,7 @@ report::CheckResult verify_golden(const train::Case& c, const std::string& golde
 }
 
 report::CheckResult verify_golden_memory(const train::Case& c, const std::string& golden_path, const LaneRun& reference) {
-  return check::check_activation_memory(reference, report::read_run_dump(golden_path), golden_path,
+  return check::check_activation_memory(reference, read_case_golden(c, golden_path), golden_path,
                                         c.tolerances.activation_memory);
 }
 

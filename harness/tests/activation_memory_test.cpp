@@ -62,11 +62,14 @@ TEST(ActivationMemory, SkippedWhereTheTwoSidesDidNotMeasureTheSameThing) {
 TEST(ActivationMemory, TheMeterCountsTheAllocatingThreadsLiveBytesUntilFreedByAnyThread) {
   train::enable_host_memory_metering();
   ASSERT_TRUE(train::host_memory_metering_enabled());
+  EXPECT_EQ(train::host_bytes_live(), -1) << "counted outside a scope";
+  train::HostMemoryScope counted;
   const int64_t before = train::host_bytes_live();
   auto t = torch::empty({1000}, torch::kFloat64);  // 8000 bytes, this thread's
   EXPECT_EQ(train::host_bytes_live() - before, 8000);
   int64_t other_thread_delta = -1;
   std::thread([&] {
+    train::HostMemoryScope also_counted;
     const int64_t mine = train::host_bytes_live();
     auto u = torch::empty({10}, torch::kInt64);
     other_thread_delta = train::host_bytes_live() - mine;

@@ -30,13 +30,18 @@ std::mutex g_mutex;
 std::unordered_map<void*, Allocation>* g_allocations = new std::unordered_map<void*, Allocation>;  // never freed:
                                                                                                   // storages die late
 std::atomic<bool> g_enabled{false};
+thread_local int t_scopes = 0;  // HostMemoryScopes alive on this thread
+c10::DeleterFnPtr g_inner_raw_deleter = nullptr;  // the wrapped allocator's, for raw_deallocate of uncounted ones
 
 void metered_delete(void* data) {
   Allocation a;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     auto it = g_allocations->find(data);
-    if (it == g_allocations->end()) return;  // unreachable: only allocate() hands out this deleter
+    if (it == g_allocations->end()) {  // not counted (made outside a scope), handed back through raw_deallocate
+      if (g_inner_raw_deleter) g_inner_raw_deleter(data);
+      return;
+    }
     a = std::move(it->second);
     g_allocations->erase(it);
   }
@@ -52,7 +57,7 @@ class CountingAllocator final : public c10::Allocator {
 
   c10::DataPtr allocate(size_t n) override {
     c10::DataPtr p = inner_->allocate(n);
-    if (n == 0 || p.get() == nullptr || p.get() != p.get_context()) return p;  // nothing to count, or not simple
+    if (t_scopes == 0 || n == 0 || p.get() == nullptr || p.get() != p.get_context()) return p;  // not counted
     void* data = p.get();
     const auto device = p.device();
     const c10::DeleterFnPtr free = p.get_deleter();
@@ -78,13 +83,18 @@ void enable_host_memory_metering() {
   static std::once_flag once;
   std::call_once(once, [] {
     // Never freed: libtorch keeps using it until the process ends.
-    c10::SetCPUAllocator(new CountingAllocator(c10::GetCPUAllocator()), /*priority=*/100);
+    c10::Allocator* inner = c10::GetCPUAllocator();
+    g_inner_raw_deleter = inner->raw_deleter();
+    c10::SetCPUAllocator(new CountingAllocator(inner), /*priority=*/100);
     g_enabled = true;
   });
 }
 
 bool host_memory_metering_enabled() { return g_enabled; }
 
-int64_t host_bytes_live() { return g_enabled ? this_thread_bytes()->live.load() : -1; }
+HostMemoryScope::HostMemoryScope() { ++t_scopes; }
+HostMemoryScope::~HostMemoryScope() { --t_scopes; }
+
+int64_t host_bytes_live() { return g_enabled && t_scopes > 0 ? this_thread_bytes()->live.load() : -1; }
 
 }  // namespace cpharness::train
