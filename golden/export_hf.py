@@ -344,6 +344,8 @@ def export_one(input_path: str, out_dir: str, no_cache_variant: bool, save_pretr
             "hf_init": f"HF init distribution, per-parameter generator (seed {seed}, name); post-sublayer norms x0.03, q/k norms x hd^-1/4, embed_tokens x3",
             "hf_mask": "explicit additive fp32 mask per layer type from document_ids, padding, vision_group_ids"
                        + (" (vision groups OR'd after the window, as this version does)" if group_sees_past_window() else ""),
+            # The rule the harness reproduces (case key model.vision_mask): read by hf-parity.
+            "hf_vision_mask": "group_past_window" if group_sees_past_window() else "group_inside_window",
         }
         file_inputs = inputs
         if not explicit_mask:

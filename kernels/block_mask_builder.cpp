@@ -79,14 +79,17 @@ inline uint8_t band_class(const Band& band, int64_t qa, int64_t qb, int64_t ka, 
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
 // A vision group relaxes the causal edge only: inside one group every q - k up to the window's edge is allowed.
-inline Band group_band(const Band& band) { return {kNegInf, band.hi}; }
+// Under the 5.5 .. 5.12 rule (group_past_window) it relaxes the window too: every q - k.
+inline Band group_band(const Band& band, bool group_past_window) {
+  return group_past_window ? Band{kNegInf, kPosInf} : Band{kNegInf, band.hi};
+}
 
 // Class of the sub-rectangle where q run qr meets kv run kr: constant metadata, so it is all blocked, the band
-// alone, or (same vision group) the band without its causal edge.
-inline uint8_t run_pair_class(const Run& qr, const Run& kr, bool docs, bool vision, const Band& band, int64_t qa,
-                              int64_t qb, int64_t ka, int64_t kb) {
+// alone, or (same vision group) the group's band.
+inline uint8_t run_pair_class(const Run& qr, const Run& kr, bool docs, bool vision, bool group_past_window,
+                              const Band& band, int64_t qa, int64_t qb, int64_t ka, int64_t kb) {
   if (kr.pad || (docs && (qr.doc != kr.doc || qr.doc <= 0))) return kEmptyBlock;
-  if (vision && qr.group >= 0 && qr.group == kr.group) return band_class(group_band(band), qa, qb, ka, kb);
+  if (vision && qr.group >= 0 && qr.group == kr.group) return band_class(group_band(band, group_past_window), qa, qb, ka, kb);
   return band_class(band, qa, qb, ka, kb);
 }
 
@@ -123,6 +126,7 @@ struct RowGeometry {
   TokenRange q_range, kv_range;
   int64_t q_block, kv_block, nkv;
   bool docs, vision;
+  bool group_past_window;  // a group sees itself outside the window too (LayerGeometry::vision_group_past_window)
   Band band;
 };
 
@@ -150,8 +154,8 @@ uint8_t straddling_tile_class(const RowGeometry& g, const Side& qs, const Side& 
     const int64_t ra = g.q_range.start + std::max(qr.begin, q0), rb = g.q_range.start + std::min(qr.end, q1) - 1;
     for (int64_t t = ks.first_run[j]; t < int64_t(ks.runs.size()) && ks.runs[t].begin < k1; ++t) {
       const Run& kr = ks.runs[t];
-      const uint8_t c = run_pair_class(qr, kr, g.docs, g.vision, g.band, ra, rb, g.kv_range.start + std::max(kr.begin, k0),
-                                       g.kv_range.start + std::min(kr.end, k1) - 1);
+      const uint8_t c = run_pair_class(qr, kr, g.docs, g.vision, g.group_past_window, g.band, ra, rb,
+                                       g.kv_range.start + std::max(kr.begin, k0), g.kv_range.start + std::min(kr.end, k1) - 1);
       any |= c != kEmptyBlock;
       all &= c == kFullBlock;
       if (any && !all) break;
@@ -161,15 +165,16 @@ uint8_t straddling_tile_class(const RowGeometry& g, const Side& qs, const Side& 
 }
 
 // Classifies the tiles of q block i of batch row b into `lists`. Only kv blocks the band can reach are visited,
-// and, where a vision group on the q side can see later keys of its group, every block after them. Runs of tiles
-// inside one kv run are written in one go where they are all empty or all full.
+// and, where a vision group on the q side can see later keys of its group, every block after them (and, when
+// groups see past the window, every block before them too). Runs of tiles inside one kv run are written in one go
+// where they are all empty or all full.
 void classify_q_block(const RowGeometry& g, const Side& qs, const Side& ks, int64_t b, int64_t i, TileLists& lists) {
   const int64_t q0 = i * g.q_block, q1 = std::min(g.q_range.length, q0 + g.q_block);  // local [q0, q1)
   const int64_t qa = g.q_range.start + q0, qb = g.q_range.start + q1 - 1;           // global, inclusive
   const auto [j_lo, j_hi] = kv_blocks_in_reach(g, qa, qb);
   const bool scan_all = g.vision && qs.has_vision[i];
   const int64_t q_single = qs.single[i];
-  const int64_t j_begin = j_lo, j_end = scan_all ? g.nkv - 1 : j_hi;  // a group never sees past the window
+  const int64_t j_begin = scan_all && g.group_past_window ? 0 : j_lo, j_end = scan_all ? g.nkv - 1 : j_hi;
   // Fast path state: the kv run of the previous single-run tile and what it does with this q run
   // (kEmptyBlock regardless of position, kPartialBlock meaning "follow the band", kFullBlock meaning "follow the
   // group's band").
@@ -200,8 +205,8 @@ void classify_q_block(const RowGeometry& g, const Side& qs, const Side& ks, int6
       j = std::min(j_end, std::max(j, last));
       continue;
     }
-    const uint8_t cls = band_class(cached_kind == kFullBlock ? group_band(g.band) : g.band, qa, qb, g.kv_range.start + k0,
-                                   g.kv_range.start + k1 - 1);
+    const uint8_t cls = band_class(cached_kind == kFullBlock ? group_band(g.band, g.group_past_window) : g.band, qa, qb,
+                                   g.kv_range.start + k0, g.kv_range.start + k1 - 1);
     if (cls == kFullBlock && !scan_all) {
       // Full here: so are the following whole tiles of this kv run up to where the band's lower edge
       // (q - k >= lo; q - k only shrinks as j grows) cuts in. Write them in one go.
@@ -299,7 +304,7 @@ BlockMask build_block_mask(const TokenMetadata& q_meta, const TokenMetadata& kv_
   const auto q_groups = vision ? cpu_i64(q_meta.vision_group_ids) : torch::Tensor();
   const auto kv_groups = vision ? cpu_i64(kv_meta.vision_group_ids) : torch::Tensor();
   const auto kv_padding = cpu_bool(kv_meta.padding);
-  const RowGeometry g{q_range, kv_range, q_block, kv_block, nkv, docs, vision,
+  const RowGeometry g{q_range, kv_range, q_block, kv_block, nkv, docs, vision, geometry.vision_group_past_window,
                       Band{geometry.causal ? 0 : kNegInf, geometry.window ? *geometry.window - 1 : kPosInf}};
 
   // Tile classes, q block by q block, into CSR lists.

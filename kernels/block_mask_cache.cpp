@@ -10,6 +10,7 @@ BlockMaskKey BlockMaskKey::make(const LayerGeometry& geometry, TokenRange q_rang
   k.window = geometry.window;
   k.causal = geometry.causal;
   k.vision_bidirectional = geometry.vision_bidirectional;
+  k.vision_group_past_window = geometry.vision_group_past_window;
   k.q_start = q_range.start;
   k.kv_start = kv_range.start;
   k.q_length = q_range.length;
@@ -24,6 +25,7 @@ BlockMaskKey BlockMaskKey::make(const LayerGeometry& geometry, TokenRange q_rang
 
 bool BlockMaskKey::operator==(const BlockMaskKey& o) const {
   return window == o.window && causal == o.causal && vision_bidirectional == o.vision_bidirectional &&
+         vision_group_past_window == o.vision_group_past_window &&
          q_start == o.q_start && kv_start == o.kv_start && q_length == o.q_length && kv_length == o.kv_length &&
          q_block == o.q_block && kv_block == o.kv_block && batch == o.batch && device_type == o.device_type &&
          device_index == o.device_index;
@@ -33,7 +35,7 @@ size_t BlockMaskKeyHash::operator()(const BlockMaskKey& k) const {
   size_t h = 0;
   auto mix = [&](uint64_t v) { h ^= std::hash<uint64_t>()(v) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2); };
   mix(k.window ? uint64_t(*k.window) : ~uint64_t(0));
-  mix(uint64_t(k.causal) | uint64_t(k.vision_bidirectional) << 1);
+  mix(uint64_t(k.causal) | uint64_t(k.vision_bidirectional) << 1 | uint64_t(k.vision_group_past_window) << 2);
   for (int64_t v : {k.q_start, k.kv_start, k.q_length, k.kv_length, k.q_block, k.kv_block, k.batch,
                     int64_t(k.device_type), k.device_index})
     mix(uint64_t(v));

@@ -18,6 +18,7 @@ struct BlockMaskKey {
   std::optional<int64_t> window;
   bool causal = true;
   bool vision_bidirectional = false;
+  bool vision_group_past_window = false;
   int64_t q_start = 0, kv_start = 0, q_length = 0, kv_length = 0;
   int64_t q_block = 128, kv_block = 128;
   int64_t batch = 1;

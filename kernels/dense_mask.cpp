@@ -31,10 +31,11 @@ torch::Tensor dense_mask_at(const TokenMetadata& q_meta, const TokenMetadata& kv
   if (vision_term_active(q_meta, kv_meta, geometry)) {
     // A vision group relaxes causality only, inside the window (transformers >= 5.13, create_masks_for_vision_model:
     // the group is OR'd with causal, then AND'd with the window; gemma4-spec 3.4). 5.5 .. 5.12 OR'd the group after
-    // the window, letting a group see itself beyond it.
+    // the window, letting a group see itself beyond it (vision_group_past_window).
     auto gq = on(q_meta.vision_group_ids).unsqueeze(2);
     auto gk = on(kv_meta.vision_group_ids).unsqueeze(1);
-    allowed = window & (order | ((gq == gk) & (gq >= 0)));
+    auto group = (gq == gk) & (gq >= 0);
+    allowed = geometry.vision_group_past_window ? (window & order) | group : window & (order | group);
   } else {
     allowed = (window & order).expand({batch, sq, skv});
   }

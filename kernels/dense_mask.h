@@ -9,7 +9,8 @@ namespace cpharness::kernels {
 //   allowed = (k <= q [if causal] OR same vision group >= 0 [if vision_bidirectional and windowed])
 //             AND q - k < W [if windowed]
 //             AND same document > 0 [if document ids exist]
-// (transformers >= 5.13; 5.5 .. 5.12 OR'd the group after the window, so a group saw itself beyond it.)
+// (transformers >= 5.13; with vision_group_past_window, as 5.5 .. 5.12 built it, the group is OR'd after the window:
+//  (k <= q and q - k < W) OR same vision group >= 0.)
 //             AND key not padding
 // `batch` is the batch size (used when no metadata tensor is defined).
 torch::Tensor dense_mask(const TokenMetadata& q_meta, const TokenMetadata& kv_meta, TokenRange q_range,

@@ -25,9 +25,14 @@ struct LayerGeometry {
   bool causal = true;
   std::optional<int64_t> window;      // sliding window W: key allowed when q - k < W. nullopt: full layer.
   bool vision_bidirectional = false;  // same vision group sees itself both ways (sliding layers only).
+  // How a vision group meets the window. false: (causal OR same group) AND window, as transformers >= 5.13
+  // (create_masks_for_vision_model) and gemma4-spec 3.4. true: (causal AND window) OR same group, as 5.5 .. 5.12
+  // built it, a group seeing itself at any distance.
+  bool vision_group_past_window = false;
 
   bool operator==(const LayerGeometry& o) const {
-    return causal == o.causal && window == o.window && vision_bidirectional == o.vision_bidirectional;
+    return causal == o.causal && window == o.window && vision_bidirectional == o.vision_bidirectional &&
+           vision_group_past_window == o.vision_group_past_window;
   }
 };
 

@@ -19,7 +19,8 @@ namespace cpharness::check {
 std::string layer_type_name(const kernels::LayerGeometry& g) {
   if (!g.window) return "full";
   const std::string sliding = fmt::format("sliding (window {})", *g.window);
-  return g.vision_bidirectional ? sliding + ", vision bidirectional" : sliding;
+  if (!g.vision_bidirectional) return sliding;
+  return sliding + (g.vision_group_past_window ? ", vision bidirectional past the window" : ", vision bidirectional");
 }
 
 namespace {

@@ -566,6 +566,18 @@ KvShareSemantics kv_share_semantics_from_string(const std::string& s, const std:
   throw InputError(source, "kv_share_semantics", "expected \"shared-kv-states\" or \"cache-gated\", got \"" + s + "\"");
 }
 
+std::string vision_mask_name(bool group_past_window) {
+  return group_past_window ? "group_past_window" : "group_inside_window";
+}
+
+bool vision_group_past_window_from_string(const std::string& s, const std::string& source, const std::string& key) {
+  if (s == "group_inside_window") return false;
+  if (s == "group_past_window") return true;
+  throw InputError(source, key,
+                   "expected \"group_inside_window\" (transformers >= 5.13) or \"group_past_window\" (5.5 .. 5.12), got \"" +
+                       s.substr(0, 64) + "\"");
+}
+
 ModelConfig config_from_case_json(const json& j, const std::string& source) {
   if (!j.is_object()) throw InputError(source, "model", "expected an object");
   ModelConfig c;
@@ -574,7 +586,8 @@ ModelConfig config_from_case_json(const json& j, const std::string& source) {
     throw InputError(source, "model", "give exactly one of \"preset\", \"config\" or \"config_file\"");
   std::string prefix = "model.";  // where a bad value came from, for the validation's messages
   for (auto& [key, value] : j.items()) {
-    static const std::set<std::string> known = {"preset", "config", "config_file", "overrides", "kv_share_semantics"};
+    static const std::set<std::string> known = {"preset", "config", "config_file", "overrides", "kv_share_semantics",
+                                                "vision_mask"};
     if (!known.count(key)) throw InputError(source, "model." + key, "unknown key");
   }
   if (has_file) {
@@ -614,6 +627,15 @@ ModelConfig config_from_case_json(const json& j, const std::string& source) {
   if (j.contains("kv_share_semantics")) {
     if (!j["kv_share_semantics"].is_string()) throw InputError(source, "model.kv_share_semantics", "wrong type: expected a string");
     c.kv_share_semantics = kv_share_semantics_from_string(j["kv_share_semantics"].get<std::string>(), source);
+  }
+  if (j.contains("vision_mask")) {
+    if (!j["vision_mask"].is_string()) throw InputError(source, "model.vision_mask", "wrong type: expected a string");
+    c.vision_group_past_window =
+        vision_group_past_window_from_string(j["vision_mask"].get<std::string>(), source, "model.vision_mask");
+    // A rule for groups no layer has would select nothing and say otherwise.
+    if (c.use_bidirectional_attention != "vision")
+      throw InputError(source, "model.vision_mask",
+                       "only meaningful with use_bidirectional_attention \"vision\" (this model has no vision groups)");
   }
   c.validate(source, prefix);
   return c;

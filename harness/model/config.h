@@ -54,6 +54,9 @@ struct ModelConfig {
   int64_t pad_fill_id() const { return pad_token_id.value_or(0); }
   bool tie_word_embeddings = true;
   KvShareSemantics kv_share_semantics = KvShareSemantics::kSharedKvStates;
+  // Which rule a vision group's sliding mask follows (kernels::LayerGeometry::vision_group_past_window): false, as
+  // transformers >= 5.13 and gemma4-spec 3.4; true, as 5.5 .. 5.12 built it (the group OR'd after the window).
+  bool vision_group_past_window = false;
 
   // Derived per-layer values (gemma4-spec §1).
   bool is_full(int64_t layer) const { return layer_types.at(layer) == LayerType::kFull; }
@@ -97,5 +100,10 @@ ModelConfig config_from_case_json(const nlohmann::json& j, const std::string& so
 
 std::string to_string(KvShareSemantics s);
 KvShareSemantics kv_share_semantics_from_string(const std::string& s, const std::string& source);
+
+// The case key model.vision_mask and the hf-export provenance hf_vision_mask: "group_inside_window" (transformers
+// >= 5.13, the default) or "group_past_window" (5.5 .. 5.12), as ModelConfig::vision_group_past_window.
+std::string vision_mask_name(bool group_past_window);
+bool vision_group_past_window_from_string(const std::string& s, const std::string& source, const std::string& key);
 
 }  // namespace cpharness::model

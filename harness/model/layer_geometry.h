@@ -7,7 +7,9 @@
 namespace cpharness::model {
 
 inline kernels::LayerGeometry layer_geometry(const ModelConfig& c, int64_t layer) {
-  return {true, c.layer_window(layer), c.layer_vision_bidirectional(layer)};
+  kernels::LayerGeometry g{true, c.layer_window(layer), c.layer_vision_bidirectional(layer)};
+  g.vision_group_past_window = g.vision_bidirectional && c.vision_group_past_window;
+  return g;
 }
 
 }  // namespace cpharness::model

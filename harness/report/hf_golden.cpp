@@ -8,6 +8,7 @@
 #include "harness/model/gemma4.h"
 #include "harness/train/batch.h"
 
+#include <cstdio>
 #include <limits>
 #include <optional>
 
@@ -49,6 +50,16 @@ void require_range(const HfGolden& g, const std::string& name, const torch::Tens
                                hi, also ? fmt::format(" (and is not {})", *also) : ""));
 }
 
+// Which vision-group rule the export's masks followed: its provenance hf_vision_mask, else (exports that predate
+// the attribute) the rule of its transformers version, 5.5 .. 5.12 OR'ing a group after the window.
+bool export_groups_past_window(const HfGolden& g) {
+  const auto stated = prov(g.dump, "hf_vision_mask");
+  if (!stated.empty()) return model::vision_group_past_window_from_string(stated, g.path, "provenance/hf_vision_mask");
+  int major = 0, minor = 0;
+  if (std::sscanf(g.transformers_version.c_str(), "%d.%d", &major, &minor) != 2) return false;
+  return major == 5 && minor < 13;
+}
+
 }  // namespace
 
 bool HfGolden::hf_shared_kv() const {
@@ -86,6 +97,7 @@ HfGolden load_hf_golden(const std::string& path) {
                      fmt::format("'{}': expected cache-shared-layers, shared-kv-states-by-index or shared-kv-states-by-type",
                                  g.mechanism));
   g.transformers_version = prov(g.dump, "transformers_version");
+  if (g.config.use_bidirectional_attention == "vision") g.config.vision_group_past_window = export_groups_past_window(g);
   const auto use_cache = prov(g.dump, "hf_use_cache");
   if (!use_cache.empty() && use_cache != "true" && use_cache != "false")
     throw InputError(path, "provenance/hf_use_cache", fmt::format("'{}': expected true or false", use_cache));

@@ -9,6 +9,7 @@
 
 #include "harness/io/input_error.h"
 #include "harness/model/config.h"
+#include "harness/model/layer_geometry.h"
 #include "harness/runner/suite.h"
 #include "harness/train/case.h"
 
@@ -66,6 +67,27 @@ TEST(CaseValidation, ValuesThatCannotMeanAnythingAreRefusedNamingTheKey) {
   expect_refused("vision overflow", [](json& j) { j["data"]["vision_runs"] = {{int64_t(9223372036854775000), 1000}}; },
                  "data.vision_runs[0]");
   expect_refused("no target", [](json& j) { j["data"]["document_lengths"] = std::vector<int>(20, 1); }, "data");
+}
+
+// model.vision_mask picks the sliding rule of vision groups (transformers 5.5 .. 5.12 or 5.13+) for every sliding
+// layer of a vision model; a misspelt rule, or one for a model without vision groups, is refused.
+TEST(CaseValidation, VisionMaskPicksTheGroupRuleOfVisionModelsOnly) {
+  json j = good_case();
+  EXPECT_FALSE(train::case_from_json(j, "v.json").model.vision_group_past_window);
+  j["model"]["vision_mask"] = "group_past_window";
+  const auto c = train::case_from_json(j, "v.json").model;
+  EXPECT_TRUE(c.vision_group_past_window);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const auto g = model::layer_geometry(c, l);
+    EXPECT_EQ(g.vision_group_past_window, !c.is_full(l)) << "layer " << l;  // full layers stay causal
+  }
+  j["model"]["vision_mask"] = "group_inside_window";
+  EXPECT_FALSE(train::case_from_json(j, "v.json").model.vision_group_past_window);
+  expect_refused("misspelt rule", [](json& j) { j["model"]["vision_mask"] = "past_window"; }, "model.vision_mask");
+  expect_refused("not a string", [](json& j) { j["model"]["vision_mask"] = true; }, "model.vision_mask");
+  expect_refused("no vision groups", [](json& j) {
+    j["model"] = {{"preset", "tiny-e4b"}, {"vision_mask", "group_past_window"}};
+  }, "model.vision_mask");
 }
 
 // A misspelt check selected nothing and the case passed with only train.trained judged.

@@ -89,6 +89,7 @@ void expect_version_matches(const std::string& version) {
 
 TEST(HfParity, Transformers_5_5_0) { expect_version_matches("5.5.0"); }
 TEST(HfParity, Transformers_5_5_2) { expect_version_matches("5.5.2"); }
+TEST(HfParity, Transformers_5_6_2) { expect_version_matches("5.6.2"); }
 TEST(HfParity, Transformers_5_8_1) { expect_version_matches("5.8.1"); }
 TEST(HfParity, Transformers_5_24_0) { expect_version_matches("5.24.0"); }
 
@@ -208,6 +209,47 @@ TEST(HfParity, ConfigReadsPerLayerConfigKeyedByLayerIndex) {
   } catch (const io::InputError& e) {
     EXPECT_NE(e.subject().find("per_layer_config"), std::string::npos) << e.what();
   }
+}
+
+// Vision groups longer than the sliding window (cases/hf/tiny-31b-hf-long-vision.json): transformers 5.6.2 OR'd a
+// group after the window, 5.24.0 ORs it with causal and then ANDs the window. Each export passes under the rule its
+// provenance names (the Transformers_* tests run them at cp 1, 2 and 4); under the other rule it fails, so these
+// goldens tell the rules apart. Without the attribute the version decides; a value naming no rule is refused.
+TEST(HfParity, LongVisionGroupsFailUnderTheOtherVersionsRule) {
+  for (const std::string version : {"5.6.2", "5.24.0"}) {
+    SCOPED_TRACE(version);
+    const auto path = (kGoldenDir / ("hf-" + version) / "tiny-31b-hf-long-vision.h5").string();
+    auto g = runner::load_hf_golden(path);
+    const bool past = version == "5.6.2";
+    ASSERT_EQ(g.config.vision_group_past_window, past);
+    g.config.vision_group_past_window = !past;
+    for (int cp : {1, 2}) {
+      bool failed = false;
+      for (auto& c : check::check_hf_parity(g, runner::run_on_hf_golden(g, cp, g.hf_shared_kv())))
+        failed |= c.status == report::Status::Fail;
+      EXPECT_TRUE(failed) << "cp " << cp << ": the other rule passed, so this golden cannot tell the rules apart";
+    }
+  }
+  const auto tmp = fs::temp_directory_path() / fmt::format("cpharness_hf_vision_mask_{}.h5", ::getpid());
+  auto dump = runner::load_hf_golden((kGoldenDir / "hf-5.6.2" / "tiny-31b-hf-long-vision.h5").string()).dump;
+  dump.provenance.erase("hf_vision_mask");
+  report::write_run_dump(tmp.string(), dump);
+  EXPECT_TRUE(runner::load_hf_golden(tmp.string()).config.vision_group_past_window);  // 5.6 < 5.13
+  dump.provenance["transformers_version"] = "5.13.0";
+  report::write_run_dump(tmp.string(), dump);
+  EXPECT_FALSE(runner::load_hf_golden(tmp.string()).config.vision_group_past_window);
+  dump.provenance["hf_vision_mask"] = "group_past_window";  // the attribute wins over the version
+  report::write_run_dump(tmp.string(), dump);
+  EXPECT_TRUE(runner::load_hf_golden(tmp.string()).config.vision_group_past_window);
+  dump.provenance["hf_vision_mask"] = "sometimes";
+  report::write_run_dump(tmp.string(), dump);
+  try {
+    runner::load_hf_golden(tmp.string());
+    ADD_FAILURE() << "expected an InputError";
+  } catch (const io::InputError& e) {
+    EXPECT_EQ(e.subject(), "provenance/hf_vision_mask");
+  }
+  fs::remove(tmp);
 }
 
 // Bad input: a golden that is not an HF export, or has no mechanism, is an InputError naming the field.

@@ -128,9 +128,10 @@ __host__ __device__ __forceinline__ TokenMeta kv_token_meta(const BlockMaskView&
 // The rule of kernels/dense_mask.cpp for one element, q / k global token indices.
 __host__ __device__ __forceinline__ bool element_allowed(const BlockMaskView& m, const MaskTerms& t, int64_t q, int64_t k,
                                                 int64_t q_doc, int64_t q_group, const TokenMeta& kv) {
-  bool a = !m.causal || k <= q;
-  if (t.vision) a = a || (q_group == kv.group && q_group >= 0);  // a group relaxes causality, inside the window
-  if (m.has_window) a = a && (k > q - m.window);
+  const bool order = !m.causal || k <= q, window = !m.has_window || k > q - m.window;
+  const bool group = t.vision && q_group == kv.group && q_group >= 0;
+  // A group relaxes causality inside the window; under the 5.5 .. 5.12 rule it relaxes the window as well.
+  bool a = m.vision_group_past_window ? (order && window) || group : (order || group) && window;
   if (t.documents) a = a && q_doc == kv.doc && q_doc > 0;
   if (t.padding) a = a && !kv.pad;
   return a;

@@ -26,6 +26,7 @@ BlockMaskView block_mask_view(const BlockMask& m, List&& list, Meta&& meta) {
   v.has_window = m.geometry.window.has_value();
   v.window = m.geometry.window.value_or(0);
   v.vision_bidirectional = m.geometry.vision_bidirectional;
+  v.vision_group_past_window = m.geometry.vision_group_past_window;
   v.q_document_ids = static_cast<const int64_t*>(meta(m.q_meta.document_ids, torch::kInt64));
   v.kv_document_ids = static_cast<const int64_t*>(meta(m.kv_meta.document_ids, torch::kInt64));
   v.kv_padding = static_cast<const uint8_t*>(meta(m.kv_meta.padding, torch::kUInt8));

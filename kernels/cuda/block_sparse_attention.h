@@ -40,6 +40,7 @@ struct BlockList {
 //   allowed = (k <= q [causal]
 //              OR same vision group >= 0 [vision_bidirectional and has_window and both group arrays given])
 //             AND q - k < window [has_window]
+//             (with vision_group_past_window, as transformers 5.5 .. 5.12: (k <= q AND q - k < window) OR same group)
 //             AND same document > 0 [both document arrays given]
 //             AND key not padding [kv_padding given]
 // with q, k global token indices (q_start + row, kv_start + column).
@@ -54,6 +55,7 @@ struct BlockMaskView {
   bool has_window = false;
   int64_t window = 0;
   bool vision_bidirectional = false;
+  bool vision_group_past_window = false;
   // Per-token metadata of exactly the q / kv range, [batch, q_len] / [batch, kv_len], contiguous; null = absent.
   const int64_t* q_document_ids = nullptr;  // 1-based, 0 = pad
   const int64_t* kv_document_ids = nullptr;

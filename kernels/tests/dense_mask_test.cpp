@@ -78,6 +78,26 @@ TEST(DenseMask, VisionGroupsSeeEachOtherOnlyOnWindowedLayersAndWithinDocuments) 
   EXPECT_TRUE(docs[0][1][2].item<bool>());
 }
 
+// The 5.5 .. 5.12 rule (vision_group_past_window): (causal AND window) OR same group, so a group sees itself at any
+// distance, while text keeps the window and full layers stay causal.
+TEST(DenseMask, VisionGroupsPastTheWindowFollowTheOlderRule) {
+  TokenMetadata meta;
+  meta.vision_group_ids = ids({-1, 0, 0, 0, 0, -1});
+  LayerGeometry older{true, 2, true};
+  older.vision_group_past_window = true;
+  auto sliding = dense_mask(meta, older, 1, 6);
+  EXPECT_TRUE(sliding[0][4][1].item<bool>());   // 3 back, same image: past the window under this rule
+  EXPECT_TRUE(sliding[0][1][4].item<bool>());   // ahead, same image
+  EXPECT_FALSE(sliding[0][5][2].item<bool>());  // text 3 back: the window holds
+  EXPECT_TRUE(sliding[0][5][4].item<bool>());
+  EXPECT_FALSE(sliding[0][0][1].item<bool>());  // text never sees ahead
+  LayerGeometry older_full{true, std::nullopt, true};
+  older_full.vision_group_past_window = true;
+  EXPECT_FALSE(dense_mask(meta, older_full, 1, 6)[0][1][3].item<bool>());  // full layers stay causal
+  meta.document_ids = ids({1, 1, 1, 2, 2, 2});
+  EXPECT_FALSE(dense_mask(meta, older, 1, 6)[0][4][1].item<bool>());  // never across documents
+}
+
 TEST(DenseMask, AtArbitraryIndicesMatchesTheRangeForm) {
   auto c = testing::random_mask_config(7);
   auto full = dense_mask(c.meta, c.geometry, c.batch, c.seq_len);

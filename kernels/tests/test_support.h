@@ -31,7 +31,8 @@ struct MaskConfig {
     std::string s = "B=" + std::to_string(batch) + " S=" + std::to_string(seq_len) +
                     " causal=" + std::to_string(geometry.causal) +
                     " W=" + (geometry.window ? std::to_string(*geometry.window) : std::string("none")) +
-                    " vision=" + std::to_string(geometry.vision_bidirectional) + " q=[" + std::to_string(q_range.start) +
+                    " vision=" + std::to_string(geometry.vision_bidirectional) +
+                    (geometry.vision_group_past_window ? " (groups past the window)" : "") + " q=[" + std::to_string(q_range.start) +
                     ",+" + std::to_string(q_range.length) + ") kv=[" + std::to_string(kv_range.start) + ",+" +
                     std::to_string(kv_range.length) + ") blocks=" + std::to_string(q_block) + "x" +
                     std::to_string(kv_block) + " docs=" + std::to_string(meta.document_ids.defined()) +
@@ -136,6 +137,7 @@ inline MaskConfig random_mask_config(uint64_t seed, int64_t max_len = 320) {
   }
   c.q_block = random_block(rng);
   c.kv_block = coin(rng, 0.5) ? c.q_block : random_block(rng);
+  c.geometry.vision_group_past_window = coin(rng, 0.5);  // drawn last: the earlier draws stay as they were
   return c;
 }
 

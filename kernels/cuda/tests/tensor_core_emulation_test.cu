@@ -382,13 +382,14 @@ struct Problem {
   int32_t q_block = 32, kv_block = 32, mask_batch = 1;
   int64_t q_start = 0, kv_start = 0, window = 0;
   bool causal = true, has_window = false, vision = false, documents = false, padding = false, bf16 = true;
+  bool vision_past_window = false;  // the 5.5 .. 5.12 rule: a group OR'd after the window
   bool out_fp32 = true;
   std::string describe() const {
     return "B" + std::to_string(batch) + " Hq" + std::to_string(q_heads) + " Hkv" + std::to_string(kv_heads) + " D" +
            std::to_string(head_dim) + " Sq" + std::to_string(sq) + " Skv" + std::to_string(skv) + " blocks " +
            std::to_string(q_block) + "x" + std::to_string(kv_block) + " starts " + std::to_string(q_start) + "/" +
            std::to_string(kv_start) + (causal ? " causal" : "") + (has_window ? " window " + std::to_string(window) : "") +
-           (vision ? " vision" : "") + (documents ? " documents" : "") + (padding ? " padding" : "") +
+           (vision ? (vision_past_window ? " vision past window" : " vision") : "") + (documents ? " documents" : "") + (padding ? " padding" : "") +
            (bf16 ? " bf16" : " fp16") + (out_fp32 ? " out fp32" : " out 16-bit");
   }
 };
@@ -428,11 +429,15 @@ bool oracle_allowed(const Inputs& in, int64_t mb, int64_t i, int64_t j) {
   const int64_t q = p.q_start + i, k = p.kv_start + j;
   bool ok = true;
   if (p.causal) ok = k <= q;
-  if (p.vision && p.has_window) {
-    const int64_t gq = in.q_grp[mb * p.sq + i], gk = in.kv_grp[mb * p.skv + j];
-    ok = ok || (gq >= 0 && gq == gk);
+  const bool same_group = p.vision && p.has_window && in.q_grp[mb * p.sq + i] >= 0 &&
+                          in.q_grp[mb * p.sq + i] == in.kv_grp[mb * p.skv + j];
+  if (p.vision_past_window) {
+    if (p.has_window) ok = ok && q - k < p.window;
+    ok = ok || same_group;
+  } else {
+    ok = ok || same_group;
+    if (p.has_window) ok = ok && q - k < p.window;
   }
-  if (p.has_window) ok = ok && q - k < p.window;
   if (p.documents) {
     const int64_t dq = in.q_doc[mb * p.sq + i], dk = in.kv_doc[mb * p.skv + j];
     ok = ok && dq == dk && dq > 0;
@@ -612,6 +617,7 @@ void check_problem(const Problem& p, uint64_t seed) {
   m.partial_q = {partial_q_num.data(), partial_q_idx.data(), int32_t(nq)};
   m.full_q = {full_q_num.data(), full_q_idx.data(), int32_t(nq)};
   m.causal = p.causal, m.has_window = p.has_window, m.window = p.window, m.vision_bidirectional = p.vision;
+  m.vision_group_past_window = p.vision_past_window;
   if (p.documents) m.q_document_ids = in.q_doc.data(), m.kv_document_ids = in.kv_doc.data();
   if (p.vision) m.q_vision_group_ids = in.q_grp.data(), m.kv_vision_group_ids = in.kv_grp.data();
   if (p.padding) m.kv_padding = in.kv_pad.data();
@@ -704,6 +710,7 @@ Problem random_problem(std::mt19937_64& rng) {
   p.mask_batch = (p.documents || p.vision || p.padding || rng() % 2) ? int32_t(p.batch) : 1;
   p.bf16 = rng() % 3 != 0;
   p.out_fp32 = rng() % 2 == 0;
+  p.vision_past_window = p.vision && rng() % 2 == 0;  // drawn last: the earlier draws stay as they were
   return p;
 }
 
@@ -735,6 +742,7 @@ TEST(TensorCoreEmulation, EveryCompiledHeadDimWithEveryMaskTerm) {
       p.has_window = variant != 1;
       p.window = 24;
       p.vision = variant == 0;
+      p.vision_past_window = p.vision && d >= 256;  // both group rules reach the tensor cores
       p.documents = true;
       p.padding = variant != 2;
       p.mask_batch = 2;
