@@ -32,9 +32,23 @@ std::recursive_mutex& h5_mutex() {
   return m;
 }
 
+// HDF5 1.10 keeps a file whose close failed (a full disk: its metadata could not be flushed) half destroyed in the
+// library, and touching it again, as its shutdown at exit does (H5close -> H5F__close_cb), is a segfault after the
+// run has already reported its error. So the library's shutdown is switched off before its first use (the C++
+// library, which would call H5close from a static destructor, is not linked): every file of ours is closed
+// explicitly, and what a failed close leaves is the OS's to reclaim at exit.
+void no_library_shutdown_at_exit() {
+  static const bool once = [] {
+    H5dont_atexit();
+    return true;
+  }();
+  (void)once;
+}
+
 class H5Guard {
  public:
   H5Guard() : lock_(h5_mutex()) {
+    no_library_shutdown_at_exit();
     H5Eget_auto2(H5E_DEFAULT, &old_func_, &old_data_);
     H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
     H5Eclear2(H5E_DEFAULT);
@@ -357,6 +371,17 @@ struct Hdf5Writer::Impl {
   std::string tmp;
   Hid file;
   bool committed = false;
+
+  // Closes and removes a temp file nothing will be read from. It is emptied first: a full disk is often full of
+  // this very file, and HDF5 needs room for the metadata it writes on close; a close that fails anyway is not
+  // retried (a second H5Fclose of that file crashes, see no_library_shutdown_at_exit).
+  void abandon() {
+    if (file.valid() && ::truncate(tmp.c_str(), 0) != 0) {
+      // best effort: the close below may still succeed
+    }
+    file.close();
+    detail::remove_quietly(tmp);
+  }
 };
 
 Hdf5Writer::Hdf5Writer(std::string path) : path_(std::move(path)), impl_(std::make_unique<Impl>()) {
@@ -371,8 +396,7 @@ Hdf5Writer::Hdf5Writer(std::string path) : path_(std::move(path)), impl_(std::ma
 Hdf5Writer::~Hdf5Writer() {
   if (!impl_ || impl_->committed) return;
   H5Guard guard;
-  impl_->file.reset();
-  detail::remove_quietly(impl_->tmp);
+  impl_->abandon();
 }
 
 namespace {
@@ -453,7 +477,7 @@ void Hdf5Writer::commit() {
   if (impl_->committed) throw InputError(path_, "", "writer already committed");
   if (H5Fflush(impl_->file.get(), H5F_SCOPE_GLOBAL) < 0 || impl_->file.close() < 0) {
     const std::string reason = h5_error_reason();
-    detail::remove_quietly(impl_->tmp);
+    impl_->abandon();         // after a failed flush: closed here; after a failed close: removed only
     impl_->committed = true;  // nothing left to clean up
     throw InputError(path_, "", "cannot finish writing " + impl_->tmp + ": " + reason);
   }
