@@ -250,6 +250,14 @@ TEST_F(CliTest, Bf16GoldenVerifyIsOracleRelativeAndCatchesAMovedGradient) {
   EXPECT_EQ(bad.exit_code, 1) << bad.output;
   EXPECT_NE(bad.output.find("error against today's fp32 oracle: run"), std::string::npos) << bad.output;
   EXPECT_NE(bad.output.find("computes something else than the build that recorded the golden"), std::string::npos) << bad.output;
+  // A step-1 loss moved by 2.5 %: bf16's own loss error here is ~1e-3, so the bound (k x that + one bf16 rounding,
+  // 2^-8) is under 1 %, and this fails. A floor of 2^-4 (6 %) would have passed it.
+  dump = cpharness::report::read_run_dump(golden);
+  dump.steps.at(1).loss *= 1.025;
+  cpharness::report::write_run_dump(moved, dump);
+  bad = run_cli("golden verify " + c + " " + moved);
+  EXPECT_EQ(bad.exit_code, 1) << bad.output;
+  EXPECT_NE(bad.output.find("steps/1/loss"), std::string::npos) << bad.output;
 }
 
 // `git bisect run` reads 0 as good, 1 as bad and 125 as "cannot test this commit".
