@@ -4,6 +4,7 @@
 // file, is bad input.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <fstream>
 #include <functional>
 #include <optional>
@@ -124,6 +125,37 @@ TEST(CaseGolden, ABf16CaseMatchesItsGoldenAgainstTheOracle) {
   const auto moved = run_with_golden(case_path);
   ASSERT_TRUE(moved.golden);
   EXPECT_EQ(moved.golden->status, report::Status::Fail);
+}
+
+// The bf16 floor of golden.match, from its definition (golden.cpp, judge_bf16_against_oracle): an entry passes while
+// neither the golden nor the run is more than bf16_k x the other's error against the fp32 oracle + max(bf16_floor,
+// 2^-8). With the defaults (k 2, bf16_floor 1e-3) the floor is 2^-8 = 0.39 %: a golden loss 0.3 % beyond 2 x the
+// run's own error passes, 0.5 % or 3 % beyond fails. Guards the floor itself: at 2^-4 (6.25 %) a golden loss that
+// moved by 3 % past the lane's error passed.
+TEST(CaseGolden, ABf16GoldenMayExceedKTimesTheRunsErrorByOneBf16RoundingAndNoMore) {
+  TempDir dir;
+  const std::string case_path = write_case(dir, case_json(R"({"golden": "g.h5", "dtype": "bf16"})"));
+  const auto c = train::load_case(case_path);
+  ASSERT_EQ(c.tolerances.bf16_k, 2.0);
+  ASSERT_LT(c.tolerances.bf16_floor, 1.0 / 256);
+  auto oracle_case = c;
+  oracle_case.dtype = train::DtypeLane::kFp32;
+  const auto run = run_reference(c, train::DtypeLane::kBf16), oracle = run_reference(oracle_case, train::DtypeLane::kFp32);
+  const double truth = oracle.steps.at(1).loss;
+  const double run_error = std::abs(run.steps.at(1).loss - truth) / std::abs(truth);
+  // The golden's step-1 loss `beyond` past 2 x the run's error from the oracle; every other entry is the run's own.
+  auto verdict = [&](double beyond) {
+    auto golden = reference_dump(c, run, report::kKindGolden);
+    golden.steps.at(1).loss = truth * (1 + 2 * run_error + beyond);
+    report::write_run_dump(dir.file("g.h5"), golden);
+    return verify_golden(c, dir.file("g.h5"), nullptr, &run, &oracle);
+  };
+  EXPECT_EQ(verdict(0.0).status, report::Status::Pass) << verdict(0.0).message;
+  EXPECT_EQ(verdict(0.003).status, report::Status::Pass) << verdict(0.003).message;  // 0.3 % < 2^-8
+  const auto just_past = verdict(0.005);                                               // 0.5 % > 2^-8
+  EXPECT_EQ(just_past.status, report::Status::Fail);
+  EXPECT_NE(just_past.message.find("steps/1/loss"), std::string::npos) << just_past.message;
+  EXPECT_EQ(verdict(0.03).status, report::Status::Fail);
 }
 
 // A missing golden is refused before any case runs (run and bisect ask unsupported_configuration first); the case

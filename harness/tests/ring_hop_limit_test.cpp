@@ -1,7 +1,11 @@
 // The sliding-window hop limit (case key ring.hop_limit): sliding layers without vision groups fetch only the chunks
 // their window reaches. The chunks it skips have no allowed pair, so the run is bitwise the one without the limit,
-// with fewer exchanges; every check passes with it on, and ring.hop_limit counts the exchanges per layer type.
+// with fewer exchanges; every check passes with it on, and ring.hop_limit counts the exchanges per layer type. The
+// ring checks read the trace of every rank.
 #include <gtest/gtest.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "harness/check/checks.h"
 #include "harness/runner/case_runner.h"
@@ -61,6 +65,29 @@ TEST(RingHopLimit, EveryCheckPassesWithTheLimit) {
   ASSERT_FALSE(rep.error) << *rep.error;
   testing::expect_no_failed_check(rep);
   EXPECT_EQ(testing::results_of(rep, "ring.hop_limit").size(), 4u + 8u);  // one per rank
+}
+
+// The ring checks judge every rank, the last one too: a cp 4 run passes ring.rotation_order on all four ranks, and
+// one pass of the last rank whose chunks came in the wrong order fails it there and only there. Guards against a
+// loop over the ranks that stops one short (the last rank's trace never read).
+TEST(RingChecks, EveryRankIsJudgedTheLastOneToo) {
+  const auto c = make_case(false);
+  RunOptions o;
+  o.ring.q_block = o.ring.kv_block = 4;
+  auto run = run_cp(c, train::DtypeLane::kFp32, 4, o);
+  auto rotation_order = [&](const LaneRun& r) {
+    std::vector<report::Status> out;
+    for (auto& k : check::check_ring(c, r))
+      if (k.name == "ring.rotation_order") out.push_back(k.status);
+    return out;
+  };
+  const auto pass = report::Status::Pass, fail = report::Status::Fail;
+  EXPECT_EQ(rotation_order(run), (std::vector<report::Status>{pass, pass, pass, pass}));
+  auto& last = run.traces.at(3);
+  ASSERT_FALSE(last.empty());
+  ASSERT_GT(last[0].owners.size(), 1u);
+  std::reverse(last[0].owners.begin(), last[0].owners.end());
+  EXPECT_EQ(rotation_order(run), (std::vector<report::Status>{pass, pass, pass, fail}));
 }
 
 }  // namespace
