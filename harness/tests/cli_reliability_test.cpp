@@ -2,7 +2,6 @@
 // a full disk, a hung rank thread, hostile nesting, signals ignored at startup, a closed stderr pipe, fault specs
 // that cannot fire, output paths that cannot be resolved. Exit code and report always agree.
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
@@ -12,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "harness/tests/io_test_util.h"
 #include "harness/tests/run_command.h"
 
 namespace {
@@ -24,12 +24,6 @@ constexpr const char* kGoodCase = R"({"id": "t", "model": {"preset": "tiny-31b"}
 
 class CliReliability : public ::testing::Test {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() / ("cpharness_rel_" + std::to_string(::getpid()) + "_" +
-                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
   std::string write(const fs::path& p, const std::string& text) {
     const auto path = p.is_absolute() ? p : dir_ / p;
     std::ofstream(path) << text;
@@ -52,7 +46,8 @@ class CliReliability : public ::testing::Test {
     return cpharness::testing::run_command("B=" + std::string(CPHARNESS_BINARY) + " timeout -s KILL 120 bash -c '" +
                                            script + "'");
   }
-  fs::path dir_;
+  cpharness::io::testing::TempDir tmp_;  // removed with the fixture, made writable first if a test locked it
+  const fs::path dir_ = tmp_.path();
 };
 
 std::string read_text(const fs::path& p) {
