@@ -12,7 +12,7 @@
 #include <set>
 
 #include "harness/io/input_error.h"
-#include "harness/io/json_depth.h"
+#include "harness/io/json_input.h"
 #include "harness/io/paths.h"
 
 namespace cpharness::model {
@@ -546,14 +546,7 @@ ModelConfig load_hf_config_file(const std::string& path) {
     throw InputError(path, "config", "is not a regular file");
   std::ifstream in(path);
   if (!in) throw InputError(path, "config", "cannot open file");
-  json j;
-  try {
-    j = json::parse(in);
-  } catch (const json::parse_error& e) {
-    throw InputError(path, "config", std::string("malformed JSON: ") + e.what());
-  }
-  io::require_json_depth(j, path, "config");
-  return config_from_hf_json(j, path);
+  return config_from_hf_json(io::parse_input_json(in, path, "config"), path);
 }
 
 std::string to_string(KvShareSemantics s) {

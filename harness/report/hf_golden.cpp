@@ -3,7 +3,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
-#include "harness/io/json_depth.h"
+#include "harness/io/json_input.h"
 #include "harness/io/input_error.h"
 #include "harness/model/gemma4.h"
 #include "harness/train/batch.h"
@@ -80,13 +80,7 @@ HfGolden load_hf_golden(const std::string& path) {
     throw InputError(path, "provenance/kind", fmt::format("'{}', not an export from transformers (hf-export)", kind));
   const auto config_text = prov(g.dump, "config");
   if (config_text.empty()) throw InputError(path, "provenance/config", "missing: the model configuration (JSON)");
-  nlohmann::json cj;
-  try {
-    cj = nlohmann::json::parse(config_text);
-  } catch (const nlohmann::json::parse_error& e) {
-    throw InputError(path, "provenance/config", std::string("malformed JSON: ") + e.what());
-  }
-  io::require_json_depth(cj, path, "provenance/config");
+  const auto cj = io::parse_input_json(config_text, path, "provenance/config", "provenance/config: ");
   g.config = model::config_from_hf_json(cj, path + ": provenance/config");
   g.mechanism = prov(g.dump, "kv_share_mechanism");
   if (g.mechanism == "cache-shared-layers") g.config.kv_share_semantics = model::KvShareSemantics::kCacheGated;

@@ -13,6 +13,7 @@
 #include <fmt/format.h>
 
 #include "harness/io/input_error.h"
+#include "harness/io/json_input.h"
 
 namespace cpharness::report {
 
@@ -550,15 +551,7 @@ void write_report_json(const std::string& path, const Report& r) {
 Report read_report_json(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw io::InputError(path, "", std::string("cannot open: ") + std::strerror(errno));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  json j;
-  try {
-    j = json::parse(ss.str());
-  } catch (const json::parse_error& e) {
-    throw io::InputError(path, "", std::string("malformed JSON: ") + e.what());
-  }
-  return from_json(j, path);
+  return from_json(io::parse_input_json(in, path, ""), path);
 }
 
 nlohmann::json series_json(const std::vector<double>& values) {

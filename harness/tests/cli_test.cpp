@@ -166,6 +166,23 @@ TEST_F(CliTest, ABadConfigFileIsExit2NamingTheKeyAndTheFile) {
   EXPECT_NE(r.output.find("malformed JSON"), std::string::npos) << r.output;
 }
 
+// nlohmann keeps the last of two equal keys silently: a case or config.json that says two things is refused,
+// naming the key's path, before any work.
+TEST_F(CliTest, AKeyGivenTwiceIsExit2NamingItsPath) {
+  auto c = write("twice.json", R"({"id": "t", "steps": 1, "model": {"preset": "tiny-e2b"}, "data": {"seq_len": 8}, "steps": 3})");
+  auto r = run_cli("run " + c + " --out " + (dir_ / "out").string());
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("twice.json: steps: given twice"), std::string::npos) << r.output;
+  std::ifstream in(dir_ / "out" / "report.json");
+  ASSERT_TRUE(in) << "the error report is written";
+  EXPECT_EQ(nlohmann::json::parse(in)["status"], "error");
+  write("config-twice.json", R"({"model_type": "gemma4", "text_config": {"model_type": "gemma4_text", "sliding_window": 4, "sliding_window": 8}})");
+  auto d = write("d.json", R"({"id": "x", "model": {"config_file": "config-twice.json"}, "data": {"seq_len": 8}})");
+  r = run_cli("run " + d);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("text_config.sliding_window: given twice"), std::string::npos) << r.output;
+}
+
 TEST_F(CliTest, UsageErrorsAreExit2) {
   EXPECT_EQ(run_cli("").exit_code, 2);
   EXPECT_EQ(run_cli("frobnicate").exit_code, 2);

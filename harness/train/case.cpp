@@ -16,7 +16,7 @@
 #include <set>
 
 #include "harness/io/input_error.h"
-#include "harness/io/json_depth.h"
+#include "harness/io/json_input.h"
 #include "harness/io/paths.h"
 
 namespace cpharness::train {
@@ -384,14 +384,7 @@ Case load_case(const std::string& path) {
     throw InputError(path, "case", "is not a regular file");
   std::ifstream in(path);
   if (!in) throw InputError(path, "case", "cannot open file");
-  json j;
-  try {
-    j = json::parse(in);
-  } catch (const json::exception& e) {  // parse errors, and numbers out of range (1e400)
-    throw InputError(path, "case", std::string("malformed JSON: ") + e.what());
-  }
-  io::require_json_depth(j, path, "case");  // before anything copies it (a copy recurses once per level)
-  return case_from_json(j, path);
+  return case_from_json(io::parse_input_json(in, path, "case"), path);
 }
 
 std::vector<Case> load_cases(const std::vector<std::string>& paths) {
