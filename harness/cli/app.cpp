@@ -3,6 +3,7 @@
 #include "harness/train/device.h"
 
 #include <CLI/CLI.hpp>
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <cmath>
@@ -168,12 +169,21 @@ void add_list(CLI::App& app, Verbs& v) {
   list->add_option("cases", v.list_cases, "case files or directories (default cases/default)")->type_name("CASE");
 }
 
+// A cp size listed twice would run that candidate twice and count its checks twice.
+template <class Int>
+void require_distinct_cp_sizes(const std::vector<Int>& sizes) {
+  for (size_t i = 0; i < sizes.size(); ++i)
+    for (size_t k = 0; k < i; ++k)
+      if (sizes[k] == sizes[i]) throw UsageError(fmt::format("--cp lists {} twice", sizes[i]));
+}
+
 // The chosen verb's call, after a successful parse.
 int call_verb(CLI::App& app, Verbs& v, const std::vector<std::string>& args) {
   auto* chosen = app.get_subcommands().at(0);
   const std::string verb = chosen->get_name();
   if (verb == "run") {
     if (v.run.nproc && v.run.comm != "mpi") throw UsageError("--nproc launches processes: it needs --comm mpi");
+    require_distinct_cp_sizes(v.run.cp);
     v.run.argv.assign(args.begin() + 1, args.end());
     return run_verb(v.run);
   }
@@ -188,6 +198,7 @@ int call_verb(CLI::App& app, Verbs& v, const std::vector<std::string>& args) {
   }
   if (verb == "hf-parity") {
     if (v.holder || v.no_holder) v.hf.holder = v.holder;
+    require_distinct_cp_sizes(v.hf.cp_sizes);
     return hf_parity_verb(v.hf, v.hf_outputs);
   }
   if (verb == "bisect") return bisect_verb(v.bisect_case, v.bisect_golden);

@@ -61,6 +61,7 @@ TEST(CaseValidation, ValuesThatCannotMeanAnythingAreRefusedNamingTheKey) {
   // Identity and sizes: an empty id, no candidate, steps no parity case needs, a checkpoint named by "".
   expect_refused("empty id", [](json& j) { j["id"] = ""; }, "id");
   expect_refused("no cp", [](json& j) { j["cp"] = json::array(); }, "cp");
+  expect_refused("a cp size twice", [](json& j) { j["cp"] = {2, 3, 2}; }, "cp[2]");  // ran and counted twice
   expect_refused("huge steps", [](json& j) { j["steps"] = int64_t(1) << 62; }, "steps");
   expect_refused("empty checkpoint", [](json& j) { j["weights"] = {{"checkpoint", ""}}; }, "weights.checkpoint");
   // Data: a vision run whose start + length overflows, and a batch with no target at all (nothing to train).
@@ -94,6 +95,7 @@ TEST(CaseValidation, VisionMaskPicksTheGroupRuleOfVisionModelsOnly) {
 TEST(CaseValidation, ChecksAreCatalogueNamesOrPrefixesOfOne) {
   for (const char* bad : {"train.loss_parit", "train", "cache.build", "bogus.", "mask.dense_slice.", ""})
     expect_refused(std::string("checks ") + bad, [&](json& j) { j["checks"] = {"attention.parity", bad}; }, "checks[1]");
+  expect_refused("no check", [](json& j) { j["checks"] = json::array(); }, "checks");  // read as every check
   for (const char* good : {"train.loss_parity", "cache.", "golden.match", "power.boundary_label", "ring."}) {
     json j = good_case();
     j["checks"] = {good};

@@ -632,7 +632,7 @@ TEST_F(CliTest, KillingTheLauncherOutrightLeavesNoRankRunning) {
 #endif
 
 // Outputs that would lose or destroy something are usage errors before any work: two outputs on one path, an empty
-// path (an unset variable), a FIFO or device in place of a report; and so are --cp 0, and a selftest mutant that
+// path (an unset variable), a FIFO or device in place of a report; and so are --cp 0 or a size listed twice, and a selftest mutant that
 // does not exist (it used to run nothing and exit 3).
 TEST_F(CliTest, OutputsThatWouldLoseOrDestroySomethingAreRefusedBeforeAnyWork) {
   auto c = write("g.json", kGoodCase);
@@ -654,6 +654,13 @@ TEST_F(CliTest, OutputsThatWouldLoseOrDestroySomethingAreRefusedBeforeAnyWork) {
   r = run_cli("run " + c + " --cp 0");
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("whole number >= 1"), std::string::npos) << r.output;
+  r = run_cli("run " + c + " --cp 2,3,2 --out " + (dir_ / "twice").string());  // ran and counted twice
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("--cp lists 2 twice"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(dir_ / "twice" / "report.json"));
+  r = run_cli("hf-parity " + (dir_ / "none").string() + " --cp 1,1");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("--cp lists 1 twice"), std::string::npos) << r.output;
   r = run_cli("selftest --only no-such-mutant");
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("no such mutant"), std::string::npos) << r.output;

@@ -223,6 +223,7 @@ void read_requires(const json& j, const std::string& path, Case& c) {
 
 void read_checks(const json& j, const std::string& path, Case& c) {
   if (!j["checks"].is_array()) throw InputError(path, "checks", "wrong type: expected an array of check names");
+  if (j["checks"].empty()) throw InputError(path, "checks", "empty: it would select no check (leave the key out for every check)");
   for (size_t i = 0; i < j["checks"].size(); ++i) {
     const json& v = j["checks"][i];
     const std::string field = fmt::format("checks[{}]", i);
@@ -285,8 +286,12 @@ Case case_from_json(const json& j, const std::string& path) {
   if (j.contains("optimizer")) read_optimizer(j, path, c);
   if (j.contains("cp")) c.cp_sizes = ints_at(j, "cp", path, "cp", 1);
   if (c.cp_sizes.empty()) throw InputError(path, "cp", "empty: a case needs at least one candidate cp size");
-  for (size_t i = 0; i < c.cp_sizes.size(); ++i)
+  for (size_t i = 0; i < c.cp_sizes.size(); ++i) {
     if (auto why = cp_size_problem(c.cp_sizes[i], c.data.seq_len)) throw InputError(path, fmt::format("cp[{}]", i), *why);
+    for (size_t k = 0; k < i; ++k)  // the candidate would run twice and its checks count twice
+      if (c.cp_sizes[k] == c.cp_sizes[i])
+        throw InputError(path, fmt::format("cp[{}]", i), fmt::format("{} is listed twice (cp[{}])", c.cp_sizes[i], k));
+  }
   if (j.contains("requires")) read_requires(j, path, c);
   if (j.contains("checks")) read_checks(j, path, c);
   if (j.contains("golden")) {  // beside the case file; it need not exist yet (golden record writes it)
