@@ -72,7 +72,36 @@ def read_inputs(path: str):
     for need in ("input_ids", "labels", "position_ids"):
         if need not in inputs:
             fail(path, f"inputs/{need}", "missing")
+    if "vision_group_ids" in inputs:
+        problem = vision_groups_problem(inputs["vision_group_ids"])
+        if problem:
+            fail(path, "inputs/vision_group_ids", problem)
     return prov, inputs
+
+
+def vision_groups_problem(groups: torch.Tensor):
+    """Why these group ids are not the groups transformers derives from which tokens are vision tokens
+    (get_block_sequence_ids_for_mask: a group starts at each vision token after a text token), or None. The masks
+    below take the ids as given, so ids transformers would not derive would make a golden of masks no version
+    computes (the harness refuses them too: train::vision_groups_problem)."""
+    g = torch.as_tensor(groups).to(torch.int64)
+    if g.dim() != 2:
+        return f"expected [batch, seq_len], got {g.dim()} dimensions"
+    if bool((g < -1).any()):
+        return "ids below -1 (text is -1, groups are >= 0)"
+    is_vision = g >= 0
+    touching = is_vision[:, 1:] & is_vision[:, :-1] & (g[:, 1:] != g[:, :-1])
+    if bool(touching.any()):
+        b, t = (int(x) for x in touching.nonzero()[0])
+        return (f"row {b} token {t + 1}: groups {int(g[b, t])} and {int(g[b, t + 1])} touch, and transformers, which "
+                f"derives groups from contiguous vision tokens, would see one group")
+    starts = is_vision.clone()
+    starts[:, 1:] &= ~is_vision[:, :-1]
+    for b in range(g.size(0)):
+        if len(set(g[b][is_vision[b]].tolist())) != int(starts[b].sum()):
+            return (f"row {b}: a group resumes after text, and transformers, which derives groups from contiguous "
+                    f"vision tokens, would see two groups")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -109,7 +109,11 @@ HfGolden load_hf_golden(const std::string& path) {
   g.batch.position_ids = need_input(g, "position_ids", torch::kInt64);
   if (g.dump.inputs.count("document_ids")) g.batch.meta.document_ids = need_input(g, "document_ids", torch::kInt64);
   if (g.dump.inputs.count("padding")) g.batch.meta.padding = need_input(g, "padding", torch::kBool);
-  if (g.dump.inputs.count("vision_group_ids")) g.batch.meta.vision_group_ids = need_input(g, "vision_group_ids", torch::kInt64);
+  if (g.dump.inputs.count("vision_group_ids")) {
+    g.batch.meta.vision_group_ids = need_input(g, "vision_group_ids", torch::kInt64);
+    if (auto why = train::vision_groups_problem(g.batch.meta.vision_group_ids))
+      throw InputError(path, "inputs/vision_group_ids", *why + ": these are not transformers' masks");
+  }
   const auto shape = g.batch.input_ids.sizes().vec();
   if (g.batch.position_ids.sizes().vec() != shape) throw InputError(path, "inputs/position_ids", "shape differs from input_ids");
   if (!g.batch.meta.document_ids.defined() && shape.size() == 2 && shape[1] > 0) {

@@ -68,6 +68,14 @@ TEST(CaseValidation, ValuesThatCannotMeanAnythingAreRefusedNamingTheKey) {
   expect_refused("vision overflow", [](json& j) { j["data"]["vision_runs"] = {{int64_t(9223372036854775000), 1000}}; },
                  "data.vision_runs[0]");
   expect_refused("no target", [](json& j) { j["data"]["document_lengths"] = std::vector<int>(20, 1); }, "data");
+  // Vision runs that touch or overlap: one group to transformers (it derives groups from contiguous vision tokens).
+  expect_refused("touching vision runs", [](json& j) { j["data"]["vision_runs"] = {{9, 3}, {2, 4}, {6, 3}}; },
+                 "data.vision_runs[2]");
+  expect_refused("overlapping vision runs", [](json& j) { j["data"]["vision_runs"] = {{2, 5}, {4, 2}}; },
+                 "data.vision_runs[1]");
+  json apart = good_case();
+  apart["data"]["vision_runs"] = {{10, 3}, {2, 4}, {7, 2}};  // in any order, one text token apart
+  EXPECT_EQ(train::case_from_json(apart, "v.json").data.vision_runs.size(), 3u);
 }
 
 // model.vision_mask picks the sliding rule of vision groups (transformers 5.5 .. 5.12 or 5.13+) for every sliding

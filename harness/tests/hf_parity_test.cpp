@@ -278,7 +278,7 @@ TEST(HfParity, NonHfGoldenIsAnInputErrorNamingTheField) {
 }
 
 // Hostile inputs in an export: token data stored as floats, ids outside the vocabulary, labels outside it (other
-// than the ignore index), no target at all, a NaN weight. Each is an InputError naming the dataset, and in a
+// than the ignore index), no target at all, a NaN weight, vision groups transformers would not derive. Each is an InputError naming the dataset, and in a
 // directory run the golden errors on its own: the others still pass and the report is written.
 TEST(HfParity, HostileInputsInAnExportAreInputErrorsNamingTheDataset) {
   const auto dir = fs::temp_directory_path() / ("cpharness_hf_hostile_" + std::to_string(::getpid()));
@@ -297,6 +297,10 @@ TEST(HfParity, HostileInputsInAnExportAreInputErrorsNamingTheDataset) {
       {"no-target", "inputs/labels", [](auto& d) { d.inputs["labels"].fill_(model::kIgnoreIndex); }},
       {"empty-batch", "inputs/input_ids", [](auto& d) { d.inputs["input_ids"] = d.inputs["input_ids"].slice(0, 0, 0); }},
       {"nan-weight", "norm.weight", [](auto& d) { d.weights["norm.weight"].view(-1)[1] = NAN; }},
+      // Vision groups [6, 14) and [25, 29): transformers derives groups from contiguous vision tokens, so a group
+      // touching another is one group to it, and a group split by text two.
+      {"touching-groups", "inputs/vision_group_ids", [](auto& d) { d.inputs["vision_group_ids"].select(0, 1)[5] = 7; }},
+      {"split-group", "inputs/vision_group_ids", [](auto& d) { d.inputs["vision_group_ids"].select(0, 0)[16] = 0; }},
   };
   for (const auto& b : bad) {
     SCOPED_TRACE(b.name);
@@ -447,6 +451,42 @@ TEST(HfPacking, RestartsUnderAMaskOrACacheAreRefusedNamingTheField) {
   fs::remove(tmp);
   EXPECT_FALSE(g.document_ids_from_positions);
   EXPECT_FALSE(g.batch.meta.document_ids.defined());
+}
+
+// ---------- vision groups as transformers derives them ----------
+
+// train::vision_groups_problem against the oracle: transformers' groups (get_block_sequence_ids_for_mask, a group
+// starts at each vision token after a text token), compared with the given ids pair by pair. Ids drawn from a
+// small alphabet make touching groups, groups split by text, and valid layouts all common.
+TEST(HfVisionGroups, IdsAreRefusedExactlyWhenTransformersWouldGroupTheTokensOtherwise_2000Draws) {
+  std::mt19937 rng(17);
+  auto uniform = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  int refused = 0;
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int64_t B = uniform(1, 2), S = uniform(1, 12);
+    auto ids = torch::empty({B, S}, torch::kInt64);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < S; ++t) ids[b][t] = uniform(0, 2) == 0 ? -1 : (uniform(0, 3) == 0 ? uniform(0, 3) : (t > 0 ? ids[b][t - 1].item<int64_t>() : 0));
+    bool transformers_agrees = true;
+    for (int64_t b = 0; b < B; ++b) {
+      std::vector<int64_t> derived(size_t(S), -1);
+      for (int64_t t = 0, group = -1; t < S; ++t)
+        if (ids[b][t].item<int64_t>() >= 0) derived[size_t(t)] = (t > 0 && ids[b][t - 1].item<int64_t>() >= 0) ? group : ++group;
+      for (int64_t t = 0; t < S; ++t)
+        for (int64_t u = 0; u < S; ++u)
+          if (derived[size_t(t)] >= 0 && derived[size_t(u)] >= 0 &&
+              (derived[size_t(t)] == derived[size_t(u)]) != (ids[b][t].item<int64_t>() == ids[b][u].item<int64_t>()))
+            transformers_agrees = false;
+    }
+    SCOPED_TRACE(fmt::format("trial {}: ids {}", trial, fmt::join(ids.flatten().data_ptr<int64_t>(),
+                                                                 ids.flatten().data_ptr<int64_t>() + ids.numel(), " ")));
+    const auto problem = train::vision_groups_problem(ids);
+    EXPECT_EQ(!problem.has_value(), transformers_agrees) << problem.value_or("accepted");
+    refused += problem.has_value();
+  }
+  EXPECT_GT(refused, 400);  // both outcomes are common, so both directions are exercised
+  EXPECT_LT(refused, 1600);
+  EXPECT_TRUE(train::vision_groups_problem(torch::tensor({int64_t(-2), int64_t(0)}).view({1, 2})).has_value());
 }
 
 }  // namespace

@@ -3,6 +3,8 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <fmt/format.h>
 
+#include <set>
+
 #include "harness/io/input_error.h"
 
 namespace cpharness::train {
@@ -64,6 +66,27 @@ torch::Tensor document_ids_from_positions(const torch::Tensor& position_ids) {
   const auto pos = position_ids.to(torch::kInt64);
   const auto previous = torch::cat({pos.narrow(1, 0, 1) - 1, pos.narrow(1, 0, pos.size(1) - 1)}, 1);
   return (pos - previous != 1).to(torch::kInt64).cumsum(1) + 1;
+}
+
+std::optional<std::string> vision_groups_problem(const torch::Tensor& vision_group_ids) {
+  const auto ids = vision_group_ids.to(torch::kCPU, torch::kInt64).contiguous();
+  if (ids.dim() != 2) return fmt::format("expected [batch, seq_len], got {} dimensions", ids.dim());
+  const auto a = ids.accessor<int64_t, 2>();
+  for (int64_t b = 0; b < ids.size(0); ++b) {
+    std::set<int64_t> closed;  // groups whose run has ended in this row
+    for (int64_t t = 0; t < ids.size(1); ++t) {
+      const int64_t here = a[b][t], before = t > 0 ? a[b][t - 1] : -1;
+      if (here < -1) return fmt::format("row {} token {}: {} is neither a group (>= 0) nor text (-1)", b, t, here);
+      if (before >= 0 && here >= 0 && here != before)
+        return fmt::format("row {} token {}: groups {} and {} touch, and transformers, which derives groups from "
+                           "contiguous vision tokens, would see one group", b, t, before, here);
+      if (before >= 0 && here != before) closed.insert(before);
+      if (here >= 0 && here != before && closed.count(here))
+        return fmt::format("row {} token {}: group {} resumes after text, and transformers, which derives groups "
+                           "from contiguous vision tokens, would see two groups", b, t, here);
+    }
+  }
+  return std::nullopt;
 }
 
 }  // namespace cpharness::train

@@ -4,6 +4,8 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "kernels/mask_spec.h"
@@ -39,5 +41,11 @@ Batch make_batch(const BatchSpec& spec);
 // starts wherever a position is not its predecessor's + 1 (transformers' find_packed_sequence_indices: the
 // cumulative sum of diff(position_ids) != 1, the first token's predecessor taken as its position - 1).
 torch::Tensor document_ids_from_positions(const torch::Tensor& position_ids);
+
+// Why vision group ids [B, S] (-1 = text) are not the groups transformers would see, or nullopt. Transformers
+// does not take group ids: it derives them from which tokens are vision tokens (get_block_sequence_ids_for_mask:
+// a group starts at each vision token after a text token), so two groups that touch are one group to it, and a
+// group split by text is two. Such ids describe masks no transformers version computes.
+std::optional<std::string> vision_groups_problem(const torch::Tensor& vision_group_ids);
 
 }  // namespace cpharness::train

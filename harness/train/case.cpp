@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -146,6 +147,21 @@ void read_data(const json& j, const std::string& path, Case& c) {
         throw InputError(path, field, fmt::format("[{}, {}]: start must be in [0, seq_len {}] and length in [1, seq_len]",
                                                   r[0].get<int64_t>(), r[1].get<int64_t>(), c.data.seq_len));
       c.data.vision_runs.push_back({r[0].get<int64_t>(), r[1].get<int64_t>()});
+    }
+    // Transformers derives groups from contiguous vision tokens (train::vision_groups_problem): runs that touch or
+    // overlap would be one group there, so the harness would judge masks no version computes.
+    std::vector<size_t> by_start(c.data.vision_runs.size());
+    std::iota(by_start.begin(), by_start.end(), size_t(0));
+    const auto& runs = c.data.vision_runs;
+    std::stable_sort(by_start.begin(), by_start.end(), [&](size_t x, size_t y) { return runs[x].start < runs[y].start; });
+    for (size_t n = 1; n < by_start.size(); ++n) {
+      const auto &a = runs[by_start[n - 1]], &b = runs[by_start[n]];
+      if (a.start + a.length >= b.start)
+        throw InputError(path, fmt::format("data.vision_runs[{}]", by_start[n]),
+                         fmt::format("[{}, {}] {} data.vision_runs[{}] [{}, {}]: transformers derives vision groups from "
+                                     "contiguous vision tokens, so they would be one group (write them as one run)",
+                                     b.start, b.length, a.start + a.length > b.start ? "overlaps" : "touches",
+                                     by_start[n - 1], a.start, a.length));
     }
   }
   // Limits checked before the batch is made (it is allocated here): far above any CP recipe (the longest is 64k
