@@ -259,6 +259,10 @@ def run(model, config, inputs, use_cache: bool, explicit_mask: bool = True):
             position_ids=inputs["position_ids"],
             labels=inputs["labels"],
             use_cache=use_cache,
+            # Numerically nothing (hidden states come from the hooks above); it keeps 5.24's KV-shared slicing
+            # (_maybe_slice_kv_shared_inputs, a no-op at logits_to_keep=0) from indexing per_layer_inputs that a
+            # model without per-layer inputs does not have (TypeError; 5.25 guards it).
+            output_hidden_states=True,
         )
         out.loss.backward()
     finally:
