@@ -152,9 +152,21 @@ void require_writable_file(const std::string& path, const char* flag) {
   if (::access(parent.c_str(), W_OK) != 0) throw UsageError(fmt::format("{} {}: the directory {} is not writable", flag, path, parent.string()));
 }
 
+// An output on one of the command's inputs would destroy it (a case file replaced by its own report, a golden by
+// a comparison's JSON).
+void require_not_an_input(const std::string& output, const char* flag, const std::vector<std::string>& inputs) {
+  for (auto& input : inputs) {
+    std::error_code ec;
+    if (!output.empty() && std::filesystem::equivalent(output, input, ec) && !ec)
+      throw UsageError(fmt::format("{} {}: is an input of this command ({}), which it would overwrite", flag,
+                                   io::clip(output), io::clip(input)));
+  }
+}
+
 }  // namespace
 
-void check_outputs_writable(const ReportOutputs& outputs, const std::string& dump_dir) {
+void check_outputs_writable(const ReportOutputs& outputs, const std::string& dump_dir,
+                            const std::vector<std::string>& inputs) {
   // Two outputs on one path: the second would overwrite the first (report.json lost under the XML).
   const auto o = outputs.resolved();
   const std::vector<std::pair<std::string, const char*>> files = {
@@ -169,6 +181,7 @@ void check_outputs_writable(const ReportOutputs& outputs, const std::string& dum
       if (!ec_i && !ec_k && a == b)
         throw UsageError(fmt::format("{} and {} name the same file {}", files[i].second, files[k].second, files[i].first));
     }
+  for (auto& [path, flag] : files) require_not_an_input(path, flag, inputs);
   if (!outputs.out_dir.empty()) require_writable_dir(outputs.out_dir, "--out");
   if (!outputs.report_path.empty()) require_writable_file(outputs.report_path, "--report");
   if (!outputs.junit_path.empty()) require_writable_file(outputs.junit_path, "--junit");
@@ -392,7 +405,7 @@ int run_verb_checked(const RunArgs& a);
 int run_verb(const RunArgs& a) {
   const auto env = cp::detect_launch_env();
   if (env.source == cp::LaunchEnv::Source::Mpirun) cp::end_with_parent(env.rank);
-  if (!env.launched() || env.rank == 0) check_outputs_writable(a.outputs, a.dump_dir);  // rank 0 writes them
+  if (!env.launched() || env.rank == 0) check_outputs_writable(a.outputs, a.dump_dir, a.cases);  // rank 0 writes them
   if (!env.launched()) {
     end_cleanly_on_stop("run", a.outputs, a.comm);
     end_cleanly_on_hung_rank("run", a.outputs, a.comm);
@@ -499,6 +512,7 @@ int selftest_verb(const SelftestArgs& a) {
 }
 
 int golden_record_verb(const std::string& case_path, const std::string& out_path, bool force) {
+  require_not_an_input(out_path, "-o", {case_path});  // --force or not
   if (std::filesystem::exists(out_path) && !force)
     throw io::InputError(out_path, "golden", "exists; refreshing a golden is explicit: pass --force");
   const auto c = train::load_case(case_path);
@@ -511,14 +525,17 @@ int golden_record_verb(const std::string& case_path, const std::string& out_path
 }
 
 int golden_verify_verb(const std::string& case_path, const std::string& golden_path, const ReportOutputs& outputs) {
-  check_outputs_writable(outputs);
+  check_outputs_writable(outputs, "", {case_path, golden_path});
   end_cleanly_on_stop("golden verify", outputs, "local");
   end_cleanly_on_hung_rank("golden verify", outputs, "local");
   return finish(outputs, runner::run_golden_verify(case_path, golden_path));
 }
 
 int compare_verb(const CompareArgs& a) {
-  if (!a.json_path.empty()) require_writable_file(a.json_path, "--json");  // before the comparison, not after it
+  if (!a.json_path.empty()) {  // before the comparison, not after it
+    require_not_an_input(a.json_path, "--json", {a.a, a.b});
+    require_writable_file(a.json_path, "--json");
+  }
   report::ComparePolicy policy;
   try {
     policy = report::ComparePolicy::parse(a.policy);
@@ -540,7 +557,7 @@ int compare_verb(const CompareArgs& a) {
 }
 
 int hf_parity_verb(const runner::HfParityOptions& options, const ReportOutputs& outputs) {
-  check_outputs_writable(outputs);
+  check_outputs_writable(outputs, "", options.paths);
   end_cleanly_on_stop("hf-parity", outputs, "local");
   end_cleanly_on_hung_rank("hf-parity", outputs, "local");
   try {
@@ -599,6 +616,7 @@ int bisect_verb(const std::string& case_path, const std::string& golden_path) {
 
 int render_verb(const std::string& report_path, const std::string& html_path) {
   if (!std::filesystem::is_regular_file(report_path)) throw io::InputError(report_path, "", "no such report file");
+  require_not_an_input(html_path, "-o", {report_path});
   return render_html(report_path, html_path) ? 0 : 2;
 }
 

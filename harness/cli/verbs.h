@@ -17,7 +17,9 @@ struct ReportOutputs {
 };
 
 // Usage error (naming the flag) when an output cannot be written: checked before any work.
-void check_outputs_writable(const ReportOutputs& outputs, const std::string& dump_dir = "");
+// Also refuses an output that names one of `inputs` (the command's case, golden or export files).
+void check_outputs_writable(const ReportOutputs& outputs, const std::string& dump_dir = "",
+                            const std::vector<std::string>& inputs = {});
 
 struct RunArgs {
   std::vector<std::string> cases;

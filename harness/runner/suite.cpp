@@ -67,13 +67,26 @@ void append(std::vector<report::CheckResult>& out, const train::Case& c, std::ve
 
 }  // namespace
 
+bool selects(const std::string& want, std::string_view check) {
+  return want == check || (!want.empty() && want.back() == '.' && check.substr(0, want.size()) == want);
+}
+
 bool wants_check(const train::Case& c, const std::string& check) {
   // A check outside the catalogue could never be selected by name (case files are validated against it).
   if (!train::is_check_name(check)) throw std::logic_error("check '" + check + "' is missing from train::kCheckNames");
   if (c.checks.empty()) return true;
   for (auto& want : c.checks)
-    if (want == check || (!want.empty() && want.back() == '.' && check.rfind(want, 0) == 0)) return true;
+    if (selects(want, check)) return true;
   return false;
+}
+
+// Why `run` can never put `check` in this case's report (neither judged nor skipped with a reason), or nullopt.
+std::optional<std::string> never_in_report(const train::Case& c, std::string_view check) {
+  if (check.substr(0, 8) == "kvshare." && c.model.num_kv_shared_layers == 0) return "the model has no KV-shared layers";
+  if ((check == "golden.match" || check == "memory.activations") && c.golden.empty())
+    return "the case names no golden (key golden; `golden verify CASE F.h5` judges a file)";
+  if (check == "hf.parity") return "hf.parity judges goldens exported from transformers, with `cpharness hf-parity`";
+  return std::nullopt;
 }
 
 bool agree_with_root(cp::Comm& world, bool ok, std::chrono::milliseconds wait) {
@@ -441,6 +454,19 @@ std::optional<std::string> unsupported_configuration(const train::Case& c, const
   for (int n : cp_sizes_of(c, options))  // --cp and the world size are checked here, the case's own on load
     if (auto why = train::cp_size_problem(n, c.data.seq_len)) return *why;
   if (skip_reason(c, options)) return std::nullopt;
+  // A selection the case can never produce: it would pass judged on nothing it asked for (train.trained is judged
+  // whatever a case selects), and bisect would call every commit good.
+  for (size_t i = 0; i < c.checks.size(); ++i) {
+    std::optional<std::string> why;
+    bool produced = false;
+    for (auto name : train::kCheckNames) {
+      if (!selects(c.checks[i], name)) continue;
+      const auto never = never_in_report(c, name);
+      if (!never) produced = true;
+      else if (!why) why = never;
+    }
+    if (!produced) return fmt::format("checks[{}] '{}' selects no check this case can run: {}", i, c.checks[i], why.value_or("?"));
+  }
   if (!c.golden.empty() && wants_check(c, "golden.match") && !std::filesystem::is_regular_file(c.golden))
     return fmt::format("golden: no such file: {} (record it with `cpharness golden record {} -o {}`)", c.golden, c.path, c.golden);
   // A case whose candidates are all the reference's own size compares nothing: a pass would be vacuous.

@@ -145,5 +145,30 @@ TEST(CaseValidation, NothingToCompareAndAModelLargerThanTheHostAreRefusedBeforeA
   EXPECT_NE(runner::unsupported_configuration(c, options)->find("host memory"), std::string::npos);
 }
 
+// Checks a case selects that run can never produce: the case passed on train.trained alone (exit 0, bisect "good").
+TEST(CaseValidation, ASelectionThatCanProduceNoCheckIsRefusedBeforeAnyWork) {
+  runner::SuiteOptions options;
+  auto refused = [&](json spoil, const std::string& reason) {
+    json j = good_case();  // tiny-31b: no KV-shared layers, no golden
+    j.update(spoil);
+    const auto c = train::case_from_json(j, "v.json");
+    const auto why = runner::unsupported_configuration(c, options);
+    ASSERT_TRUE(why) << spoil.dump();
+    EXPECT_NE(why->find(reason), std::string::npos) << *why;
+  };
+  refused({{"checks", {"attention.parity", "kvshare."}}}, "checks[1] 'kvshare.' selects no check this case can run: the model has no KV-shared layers");
+  refused({{"checks", {"kvshare.loss_parity"}}}, "checks[0]");
+  refused({{"checks", {"golden.match"}}}, "names no golden");
+  refused({{"checks", {"memory.activations"}}}, "names no golden");
+  refused({{"checks", {"hf.parity"}}}, "hf-parity");
+  // A prefix is enough when one of its checks can run, and a model with KV sharing runs kvshare.
+  for (const json& fine : {json{{"checks", {"train.", "cache."}}}, json{{"checks", {"kvshare."}}, {"model", {{"preset", "tiny-e4b"}}}}}) {
+    json j = good_case();
+    j.update(fine);
+    const auto c = train::case_from_json(j, "v.json");
+    EXPECT_FALSE(runner::unsupported_configuration(c, options)) << fine.dump();
+  }
+}
+
 }  // namespace
 }  // namespace cpharness

@@ -632,7 +632,7 @@ TEST_F(CliTest, KillingTheLauncherOutrightLeavesNoRankRunning) {
 #endif
 
 // Outputs that would lose or destroy something are usage errors before any work: two outputs on one path, an empty
-// path (an unset variable), a FIFO or device in place of a report; and so are --cp 0 or a size listed twice, and a selftest mutant that
+// path (an unset variable), a FIFO or device in place of a report, an output on an input; and so are --cp 0 or a size listed twice, and a selftest mutant that
 // does not exist (it used to run nothing and exit 3).
 TEST_F(CliTest, OutputsThatWouldLoseOrDestroySomethingAreRefusedBeforeAnyWork) {
   auto c = write("g.json", kGoodCase);
@@ -664,6 +664,29 @@ TEST_F(CliTest, OutputsThatWouldLoseOrDestroySomethingAreRefusedBeforeAnyWork) {
   r = run_cli("selftest --only no-such-mutant");
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("no such mutant"), std::string::npos) << r.output;
+  // An output on an input would destroy it: the case under its own report, a golden under compare's JSON.
+  const auto case_text = [&] { std::ifstream in(c); return std::string(std::istreambuf_iterator<char>(in), {}); };
+  const auto before = case_text();
+  for (const std::string flag : {"--report", "--junit", "--html"}) {
+    r = run_cli("run " + c + " " + flag + " " + c);
+    EXPECT_EQ(r.exit_code, 2) << flag << r.output;
+    EXPECT_NE(r.output.find("is an input of this command"), std::string::npos) << flag << r.output;
+  }
+  r = run_cli("golden record " + c + " -o " + c + " --force");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(case_text(), before);
+  const auto golden = (dir_ / "in.h5").string();
+  ASSERT_EQ(run_cli("golden record " + c + " -o " + golden).exit_code, 0);
+  r = run_cli("compare " + golden + " " + golden + " --json " + golden);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(run_cli("compare " + golden + " " + golden).exit_code, 0) << "the golden survived";
+  EXPECT_EQ(case_text(), before);
+  const auto report = (dir_ / "rendered" / "report.json").string();
+  ASSERT_EQ(run_cli("run " + c + " --out " + (dir_ / "rendered").string()).exit_code, 0);
+  r = run_cli("render " + report + " -o " + report);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  std::ifstream in(report);
+  EXPECT_EQ(nlohmann::json::parse(in)["status"], "pass") << "the report survived";
 }
 
 // compare and bisect find what they cannot do before the work: an unwritable --json, a negative --rows, a missing
