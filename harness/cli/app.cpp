@@ -4,6 +4,7 @@
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <cmath>
@@ -17,16 +18,17 @@
 namespace cpharness::cli {
 namespace {
 
-// Seconds: a finite number > 0 (nan, inf, 0 and negatives are usage errors).
+// Seconds: a number > 0 and at most a year (nan, inf, 0, negatives and 1e10, which overflowed the milliseconds
+// every wait counts in and timed out at once blaming a rank, are usage errors).
 const CLI::Validator kSeconds(
     [](std::string& value) -> std::string {
       try {
         size_t used = 0;
         const double v = std::stod(value, &used);
-        if (used == value.size() && std::isfinite(v) && v > 0) return "";
+        if (used == value.size() && std::isfinite(v) && v > 0 && v <= 366.0 * 86400) return "";
       } catch (const std::exception&) {
       }
-      return "expects a finite number of seconds > 0, got '" + value + "'";
+      return "expects a number of seconds > 0 and at most a year (31622400), got '" + value + "'";
     },
     "SECONDS");
 
@@ -184,6 +186,10 @@ int call_verb(CLI::App& app, Verbs& v, const std::vector<std::string>& args) {
   if (verb == "run") {
     if (v.run.nproc && v.run.comm != "mpi") throw UsageError("--nproc launches processes: it needs --comm mpi");
     require_distinct_cp_sizes(v.run.cp);
+    // One process per rank: the world size is the cp size, so another --cp would be ignored without a word.
+    if (v.run.comm == "mpi" && v.run.nproc && !v.run.cp.empty() && (v.run.cp.size() != 1 || v.run.cp[0] != v.run.nproc))
+      throw UsageError(fmt::format("--cp {} with --comm mpi --nproc {}: one process per rank runs cp {} (the world size); "
+                                   "leave --cp out or give --cp {}", fmt::join(v.run.cp, ","), v.run.nproc, v.run.nproc, v.run.nproc));
     v.run.argv.assign(args.begin() + 1, args.end());
     return run_verb(v.run);
   }

@@ -1,6 +1,8 @@
 #include <torch/torch.h>
 
+#include <cerrno>
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
 
 #include "harness/cli/app.h"
@@ -12,8 +14,21 @@ int main(int argc, char** argv) {
   ::signal(SIGPIPE, SIG_IGN);
   // Ranks run as threads of this process; one intra-op thread each keeps runs deterministic and avoids
   // oversubscribing the cores (CPHARNESS_INTRA_OP_THREADS overrides).
+  // A value that is not a whole number from 1 to 1024 is a usage error: 0, -1 and words read as 1, and 99999
+  // threads took longer to start than any run.
   const char* threads = std::getenv("CPHARNESS_INTRA_OP_THREADS");
-  torch::set_num_threads(threads ? std::max(1, std::atoi(threads)) : 1);
+  int thread_count = 1;
+  if (threads) {
+    char* end = nullptr;
+    errno = 0;
+    const long v = std::strtol(threads, &end, 10);
+    if (errno != 0 || end == threads || *end != '\0' || v < 1 || v > 1024) {
+      std::fprintf(stderr, "cpharness: CPHARNESS_INTRA_OP_THREADS=%.40s: expected a whole number from 1 to 1024\n", threads);
+      return 2;
+    }
+    thread_count = int(v);
+  }
+  torch::set_num_threads(thread_count);
   // cuBLAS is bitwise repeatable only with a fixed workspace (read when its first handle is made); a value the
   // user set is kept. Harmless on the CPU.
   setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", 0);

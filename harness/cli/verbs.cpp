@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -64,6 +65,8 @@ int run_child(std::vector<std::string> argv) {
     if (::getppid() != parent) ::_exit(127);
     ::signal(SIGPIPE, SIG_DFL);  // ignored by this process only (main)
     ::execvp(args[0], args.data());
+    const std::string why = std::string("cpharness: cannot run ") + args[0] + ": " + std::strerror(errno) + "\n";
+    (void)!::write(2, why.data(), why.size());
     ::_exit(127);
   }
   int status = 0;
@@ -85,9 +88,21 @@ bool render_html(const std::string& json_path, const std::string& html_path) {
   // Debian's interpreter (its matplotlib) where there is one; CPHARNESS_PYTHON names another (a GPU image's venv).
   const char* py_env = std::getenv("CPHARNESS_PYTHON");
   const std::string python = py_env && *py_env ? py_env : std::filesystem::exists("/usr/bin/python3") ? "/usr/bin/python3" : "python3";
+  const auto started = std::filesystem::file_time_type::clock::now();
   const int status = run_child({python, script, json_path, "-o", html_path});
-  if (status != 0) std::cerr << "cpharness: " << html_path << " not written (the renderer's reason is above)\n";
-  return status == 0;
+  if (status != 0) {
+    std::cerr << "cpharness: " << html_path << " not written (the renderer's reason is above)\n";
+    return false;
+  }
+  // A renderer that ends well without writing the page (a wrong CPHARNESS_PYTHON) has not rendered it.
+  std::error_code ec;
+  const auto written = std::filesystem::last_write_time(html_path, ec);
+  if (ec || written < started - std::chrono::seconds(2)) {
+    std::cerr << "cpharness: " << html_path << " not written: the renderer (" << python << " " << script
+              << ") exited 0 without writing it\n";
+    return false;
+  }
+  return true;
 }
 
 // Removes each file (unlinking needs no free space); the paths that were there.
@@ -503,6 +518,9 @@ int selftest_verb(const SelftestArgs& a) {
   for (auto& name : a.only)  // an unknown name would run nothing and exit 3, looking like a skipped suite
     if (std::find(known.begin(), known.end(), name) == known.end())
       throw UsageError(fmt::format("--only {}: no such mutant; known: {}", name.empty() ? "''" : name, fmt::join(known, ", ")));
+  for (size_t i = 0; i < a.only.size(); ++i)  // it would run twice, under one case id
+    if (std::find(a.only.begin(), a.only.begin() + long(i), a.only[i]) != a.only.begin() + long(i))
+      throw UsageError(fmt::format("--only {} is given twice", a.only[i]));
   check_outputs_writable(a.outputs);
   end_cleanly_on_stop("selftest", a.outputs, "local");
   end_cleanly_on_hung_rank("selftest", a.outputs, "local");

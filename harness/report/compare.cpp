@@ -234,12 +234,15 @@ ComparePolicy ComparePolicy::parse(const std::string& spec) {
   } else {
     throw std::invalid_argument("policy \"" + spec + "\": base must be fp32, exact or rel:X, got \"" + base + "\"");
   }
+  std::set<std::string> given;
   for (std::size_t i = 1; i < parts.size(); ++i) {
     const std::string& o = parts[i];
     const std::size_t colon = o.find(':');
     if (colon == std::string::npos)
       throw std::invalid_argument("policy \"" + spec + "\": override \"" + o + "\" is not CATEGORY:VALUE");
     const std::string cat = o.substr(0, colon), val = o.substr(colon + 1);
+    if (!given.insert(cat).second)  // one of the two values would be dropped without a word
+      throw std::invalid_argument("policy \"" + spec + "\": " + cat + " is given twice");
     if (cat == "missing") {
       if (val != "ok" && val != "fail")
         throw std::invalid_argument("policy \"" + spec + "\": missing must be ok or fail, got \"" + val + "\"");
@@ -368,8 +371,9 @@ void recount(CompareResult& r) {
     }
     if (!r.first_divergence && is_divergence(e.status)) r.first_divergence = i;
   }
+  // Nothing in common compares nothing: never a pass, whatever missing:ok allows.
   r.passed = c.out_of_tolerance == 0 && c.nonfinite == 0 && c.shape_mismatch == 0 &&
-             (!r.policy.missing_is_failure || c.missing == 0);
+             (!r.policy.missing_is_failure || c.missing == 0) && c.passed > 0;
 }
 
 namespace {

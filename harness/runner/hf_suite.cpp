@@ -35,6 +35,13 @@ std::vector<std::string> hf_golden_files(const std::vector<std::string>& paths) 
       throw io::InputError(p, "", "no such file or directory");
     }
   }
+  // One golden named twice (a file and its directory, two links) would be judged and counted twice.
+  for (size_t i = 0; i < files.size(); ++i)
+    for (size_t k = 0; k < i; ++k) {
+      std::error_code ec;
+      if (std::filesystem::equivalent(files[i], files[k], ec) && !ec)
+        throw io::InputError(files[i], "", "given twice (also as " + files[k] + ")");
+    }
   return files;
 }
 

@@ -183,6 +183,43 @@ TEST_F(CliTest, AKeyGivenTwiceIsExit2NamingItsPath) {
   EXPECT_NE(r.output.find("text_config.sliding_window: given twice"), std::string::npos) << r.output;
 }
 
+// Settings that said two things, or meant nothing, and were resolved silently: each is exit 2 naming it.
+TEST_F(CliTest, SettingsThatWereResolvedSilentlyAreExit2) {
+  auto c = write("g.json", kGoodCase);
+  for (const char* threads : {"abc", "0", "-1", "99999", "1e3"}) {
+    auto r = run_cli("list " + c, std::string("CPHARNESS_INTRA_OP_THREADS=") + threads);
+    EXPECT_EQ(r.exit_code, 2) << threads << r.output;
+    EXPECT_NE(r.output.find("CPHARNESS_INTRA_OP_THREADS"), std::string::npos) << r.output;
+  }
+  EXPECT_EQ(run_cli("list " + c, "CPHARNESS_INTRA_OP_THREADS=2").exit_code, 0);
+  for (const char* flag : {"--timeout 1e10", "--timeout 1e300", "--job-timeout 1e300"}) {  // overflowed to "timed out"
+    auto r = run_cli("run " + c + " " + flag);
+    EXPECT_EQ(r.exit_code, 2) << flag << r.output;
+    EXPECT_NE(r.output.find("at most a year"), std::string::npos) << r.output;
+  }
+  auto r = run_cli("run " + c + " --comm mpi --nproc 3 --cp 2");  // ran cp 3 without a word
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("--cp 2 with --comm mpi --nproc 3"), std::string::npos) << r.output;
+  auto both = write("both.json", R"({"id": "t", "model": {"preset": "tiny-31b"}, "data": {"seq_len": 24},
+    "weights": {"init_seed": 5, "checkpoint": "ckpt"}})");
+  r = run_cli("run " + both);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("weights: give init_seed or checkpoint, not both"), std::string::npos) << r.output;
+  r = run_cli("selftest --only ring_rotated_wrong_way --only ring_rotated_wrong_way");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("given twice"), std::string::npos) << r.output;
+  // compare: a category given twice; no entry in common is never a pass, even with missing:ok.
+  const auto golden = (dir_ / "a.h5").string();
+  ASSERT_EQ(run_cli("golden record " + c + " -o " + golden).exit_code, 0);
+  r = run_cli("compare " + golden + " " + golden + " --policy fp32,grads:1e-4,grads:1e-3");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("grads is given twice"), std::string::npos) << r.output;
+  // A renderer that exits 0 without writing the page has not written it.
+  r = run_cli("run " + c + " --html " + (dir_ / "p.html").string(), "CPHARNESS_PYTHON=/bin/true");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("exited 0 without writing it"), std::string::npos) << r.output;
+}
+
 TEST_F(CliTest, UsageErrorsAreExit2) {
   EXPECT_EQ(run_cli("").exit_code, 2);
   EXPECT_EQ(run_cli("frobnicate").exit_code, 2);

@@ -634,6 +634,16 @@ TEST(GoldenCompare, MissingAndMismatchedEntriesAreReportedNotCrashes) {
   EXPECT_TRUE(ok.passed);
   EXPECT_FALSE(ok.first_divergence.has_value());
   EXPECT_FALSE(compare_dumps(a, b).passed);
+
+  // Nothing in common compares nothing: not a pass, whatever missing:ok allows.
+  RunDump disjoint;
+  disjoint.steps[7].loss = 1.0;
+  const CompareResult none = compare_dumps(disjoint, b, ComparePolicy::parse("fp32,missing:ok"));
+  EXPECT_EQ(none.counts.passed, 0u);
+  EXPECT_FALSE(none.passed);
+  // A category given twice would drop one of its values without a word.
+  EXPECT_THROW(ComparePolicy::parse("fp32,grads:1e-4,grads:1e-3"), std::invalid_argument);
+  EXPECT_THROW(ComparePolicy::parse("fp32,missing:ok,missing:fail"), std::invalid_argument);
 }
 
 // Two directories pair their files by name; a file on one side only fails as a missing entry does, unless the

@@ -118,6 +118,8 @@ namespace {
 void read_weights(const json& j, const std::string& path, Case& c) {
   const json& w = object_at(j, "weights", path, "weights");
   reject_unknown(w, {"init_seed", "checkpoint"}, path, "weights.");
+  if (w.contains("init_seed") && w.contains("checkpoint"))  // the seed would be ignored: two sources, one used
+    throw InputError(path, "weights", "give init_seed or checkpoint, not both (a checkpoint's weights ignore the seed)");
   if (w.contains("init_seed")) c.init_seed = seed_at(w, "init_seed", path, "weights.init_seed");
   if (w.contains("checkpoint")) {
     const auto named = string_at(w, "checkpoint", path, "weights.checkpoint");
