@@ -205,6 +205,10 @@ TEST_F(CliTest, SettingsThatWereResolvedSilentlyAreExit2) {
   r = run_cli("run " + both);
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("weights: give init_seed or checkpoint, not both"), std::string::npos) << r.output;
+  const auto hf = std::string(CPHARNESS_SOURCE_DIR) + "/golden/hf-5.24.0";
+  r = run_cli("hf-parity " + hf + " " + hf + "/tiny-31b-hf.h5 --cp 1");  // a file and its own directory
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("given twice"), std::string::npos) << r.output;
   r = run_cli("selftest --only ring_rotated_wrong_way --only ring_rotated_wrong_way");
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("given twice"), std::string::npos) << r.output;
