@@ -255,6 +255,11 @@ class Figures:
         return f'<figure class="fig" id="{fid}" data-figure="{esc(kind)}">{text}{cap}</figure>'
 
 
+# The top of a log axis: a threshold may be anything up to 1e308 (a case may allow it), which matplotlib's log
+# locator cannot place; values above are drawn at the cap.
+LOG_CAP = 1e30
+
+
 def _log_floor(values):
     pos = [v for v in values if v is not None and math.isfinite(v) and v > 0]
     return (min(pos) / 10.0) if pos else 1e-12
@@ -267,7 +272,7 @@ def _plot_log(ax, xs, ys, floor, **kw):
         if y is None:
             continue
         fin_x.append(x)
-        fin_y.append(floor if (math.isfinite(y) and y <= 0) else (y if math.isfinite(y) else float("nan")))
+        fin_y.append(floor if (math.isfinite(y) and y <= 0) else (min(y, LOG_CAP) if math.isfinite(y) else float("nan")))
     line = ax.plot(fin_x, fin_y, **kw)[0] if fin_x else None
     for x, y in zip(xs, ys):
         if y is not None and not math.isfinite(y):
@@ -463,7 +468,7 @@ def render_trajectories(case, figs):
             for s in bad:
                 y = obs[steps.index(s)]
                 if y is not None and math.isfinite(y) and y > 0:
-                    ax.plot([s], [y], marker="o", ms=9, mfc="none", mec=FAIL_RED, mew=1.6, ls="none")
+                    ax.plot([s], [min(y, LOG_CAP)], marker="o", ms=9, mfc="none", mec=FAIL_RED, mew=1.6, ls="none")
         _log_axis(ax, figs)
         ax.set_title(f"{label}: relative error vs cp {ref} (log)")
         ax.set_xlabel("optimizer step")
@@ -526,12 +531,12 @@ def render_divergence(case, figs):
             many = len(xs) > 80  # a line alone: hundreds of markers would only blur (and bloat the SVG)
             _plot_log(ax, xs, rel, floor, color="#1f77b4", marker=None if many else "o", ms=2.5, lw=0.9 if many else 1.0,
                       label="relative L2 error")
-            ax.step(xs, [t if t is not None and math.isfinite(t) else float("nan") for t in thr], where="mid",
+            ax.step(xs, [min(t, LOG_CAP) if t is not None and math.isfinite(t) else float("nan") for t in thr], where="mid",
                     color="#555555", ls="--", lw=1.0, label="threshold")
             over = [i for i in xs if rel[i] is not None and thr[i] is not None and
                     (not math.isfinite(rel[i]) or rel[i] > thr[i])]
             if over:
-                ax.plot([xs[i] for i in over], [rel[i] if math.isfinite(rel[i]) else floor for i in over],
+                ax.plot([xs[i] for i in over], [min(rel[i], LOG_CAP) if math.isfinite(rel[i]) else floor for i in over],
                         ls="none", marker="o", ms=4.5, color=FAIL_RED, label="over threshold")
                 if first is None:
                     first = (key, names[over[0]], rel[over[0]])
@@ -540,7 +545,7 @@ def render_divergence(case, figs):
                             ha="right" if over[0] > len(xs) / 2 else "left", va="bottom", fontsize=7.5, color=FAIL_RED,
                             bbox={"fc": "white", "ec": "none", "alpha": 0.85, "pad": 1.5})
             _log_axis(ax, figs)
-            top = max([v for v in rel + thr if v is not None and math.isfinite(v)] + [floor])
+            top = min(max([v for v in rel + thr if v is not None and math.isfinite(v)] + [floor]), LOG_CAP)
             ax.set_ylim(top=top * 4)
             pos, labels = _group_ticks(names, 16 if key == "hidden" else 32)
             ax.set_xticks(pos)

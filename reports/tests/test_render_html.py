@@ -291,6 +291,20 @@ class RenderTest(unittest.TestCase):
         self.assertTrue(all(has for _, _, has in page.figures))
         self.assertIn('<td class="n">nan</td>', text)
 
+    def test_thresholds_up_to_the_largest_double_are_drawn(self):
+        # A case may allow any finite tolerance; 1e308 overflowed the log axis (OverflowError, no page).
+        doc = fixtures.default_suite_report(failing=False)
+        case = doc["cases"][2]
+        for entry in case["divergence_profile"]["4"]["hidden"]:
+            entry["threshold"] = 1e308
+        for c in case["checks"]:
+            if c["name"] == "train.loss_parity" and c["cp"] == 4:
+                c.update(threshold=1e308)
+        fixtures.finalize(doc)
+        with tempfile.TemporaryDirectory() as t:
+            text = render_to(t, "huge", doc)
+        self.assertTrue(all(has for _, _, has in Page(text).figures))
+
     def test_report_from_ci_harness_if_present(self):
         path = os.environ.get("CPHARNESS_REPORT_JSON") or os.path.join(REPORTS, "out", "report.json")
         if not os.path.exists(path):
