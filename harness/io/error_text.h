@@ -11,9 +11,22 @@
 
 namespace cpharness::io {
 
+// `text` as one line (control characters such as a newline in a file name written as \n, \x01), cut after `max`
+// characters.
 inline std::string clip(const std::string& text, size_t max = 300) {
-  if (text.size() <= max) return text;
-  return text.substr(0, max) + "... (" + std::to_string(text.size() - max) + " more characters)";
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  size_t used = 0;
+  for (; used < text.size() && out.size() < max; ++used) {
+    const unsigned char ch = static_cast<unsigned char>(text[used]);
+    if (ch == '\n') out += "\\n";
+    else if (ch == '\r') out += "\\r";
+    else if (ch == '\t') out += "\\t";
+    else if (ch < 0x20 || ch == 0x7f) out += std::string("\\x") + hex[ch >> 4] + hex[ch & 15];
+    else out += char(ch);
+  }
+  if (used < text.size()) out += "... (" + std::to_string(text.size() - used) + " more characters)";
+  return out;
 }
 
 // The exception's message: libtorch's without its backtrace, the first line only, clipped.

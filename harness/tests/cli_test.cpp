@@ -968,6 +968,11 @@ TEST_F(CliTest, EchoedValuesAreCutToAFewHundredCharacters) {
   EXPECT_LT(r.output.size(), 4000u) << r.output.substr(0, 500);
   EXPECT_NE(r.output.find("more characters"), std::string::npos) << r.output.substr(0, 500);
   EXPECT_LT(std::filesystem::file_size(out), 8000u);
+  // A newline in a file name is written as \n: the error stays one line.
+  auto broken = write("two\nlines.json", "{");
+  r = run_cli("run '" + broken + "'");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("two\\nlines.json: case: malformed JSON"), std::string::npos) << r.output;
 }
 
 TEST_F(CliTest, FileNamesBuiltFromCaseIdsStayInTheirDirectory) {
