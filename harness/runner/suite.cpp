@@ -65,11 +65,11 @@ void append(std::vector<report::CheckResult>& out, const train::Case& c, std::ve
     if (wants_check(c, r.name)) out.push_back(std::move(r));
 }
 
-}  // namespace
-
 bool selects(const std::string& want, std::string_view check) {
   return want == check || (!want.empty() && want.back() == '.' && check.substr(0, want.size()) == want);
 }
+
+}  // namespace
 
 bool wants_check(const train::Case& c, const std::string& check) {
   // A check outside the catalogue could never be selected by name (case files are validated against it).
@@ -80,6 +80,8 @@ bool wants_check(const train::Case& c, const std::string& check) {
   return false;
 }
 
+namespace {
+
 // Why `run` can never put `check` in this case's report (neither judged nor skipped with a reason), or nullopt.
 std::optional<std::string> never_in_report(const train::Case& c, std::string_view check) {
   if (check.substr(0, 8) == "kvshare." && c.model.num_kv_shared_layers == 0) return "the model has no KV-shared layers";
@@ -88,6 +90,8 @@ std::optional<std::string> never_in_report(const train::Case& c, std::string_vie
   if (check == "hf.parity") return "hf.parity judges goldens exported from transformers, with `cpharness hf-parity`";
   return std::nullopt;
 }
+
+}  // namespace
 
 bool agree_with_root(cp::Comm& world, bool ok, std::chrono::milliseconds wait) {
   const auto saved = world.timeout();
