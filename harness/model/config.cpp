@@ -620,6 +620,10 @@ ModelConfig config_from_case_json(const json& j, const std::string& source) {
   if (j.contains("kv_share_semantics")) {
     if (!j["kv_share_semantics"].is_string()) throw InputError(source, "model.kv_share_semantics", "wrong type: expected a string");
     c.kv_share_semantics = kv_share_semantics_from_string(j["kv_share_semantics"].get<std::string>(), source);
+    // As for vision_mask: semantics of sharing no layer does would select nothing and say otherwise.
+    if (c.num_kv_shared_layers == 0)
+      throw InputError(source, "model.kv_share_semantics",
+                       "only meaningful with KV-shared layers (this model's num_kv_shared_layers is 0)");
   }
   if (j.contains("vision_mask")) {
     if (!j["vision_mask"].is_string()) throw InputError(source, "model.vision_mask", "wrong type: expected a string");

@@ -142,6 +142,8 @@ TEST(ModelStructure, BadConfigsNameTheField) {
   expect_error({{"preset", "tiny-e2b"}, {"overrides", {{"hidden_size", "64"}}}}, "model.overrides.hidden_size");
   expect_error({{"preset", "tiny-e2b"}, {"colour", 1}}, "model.colour");
   expect_error({{"preset", "tiny-e2b"}, {"kv_share_semantics", "sometimes"}}, "kv_share_semantics");
+  // Sharing semantics for a model that shares nothing would select nothing (as vision_mask without vision groups).
+  expect_error({{"preset", "tiny-31b"}, {"kv_share_semantics", "cache-gated"}}, "only meaningful with KV-shared layers");
   expect_error({{"preset", "tiny-e2b"}, {"overrides", {{"num_key_value_heads", 3}}}}, "num_key_value_heads");
   // Values that would make every run NaN, or another model's math, are refused naming the key.
   const nlohmann::json rope_zero = {{"sliding_attention", {{"rope_type", "default"}, {"rope_theta", 0.0}}}};
