@@ -171,12 +171,12 @@ void add_list(CLI::App& app, Verbs& v) {
   list->add_option("cases", v.list_cases, "case files or directories (default cases/default)")->type_name("CASE");
 }
 
-// A cp size listed twice would run that candidate twice and count its checks twice.
-template <class Int>
-void require_distinct_cp_sizes(const std::vector<Int>& sizes) {
-  for (size_t i = 0; i < sizes.size(); ++i)
+// A value listed twice (a cp size, a selftest mutant) would be run twice and its checks counted twice.
+template <class T>
+void require_listed_once(const std::vector<T>& values, const char* flag) {
+  for (size_t i = 0; i < values.size(); ++i)
     for (size_t k = 0; k < i; ++k)
-      if (sizes[k] == sizes[i]) throw UsageError(fmt::format("--cp lists {} twice", sizes[i]));
+      if (values[k] == values[i]) throw UsageError(fmt::format("{} lists {} twice", flag, values[i]));
 }
 
 // The chosen verb's call, after a successful parse.
@@ -185,7 +185,7 @@ int call_verb(CLI::App& app, Verbs& v, const std::vector<std::string>& args) {
   const std::string verb = chosen->get_name();
   if (verb == "run") {
     if (v.run.nproc && v.run.comm != "mpi") throw UsageError("--nproc launches processes: it needs --comm mpi");
-    require_distinct_cp_sizes(v.run.cp);
+    require_listed_once(v.run.cp, "--cp");
     // One process per rank: the world size is the cp size, so another --cp would be ignored without a word.
     if (v.run.comm == "mpi" && v.run.nproc && !v.run.cp.empty() && (v.run.cp.size() != 1 || v.run.cp[0] != v.run.nproc))
       throw UsageError(fmt::format("--cp {} with --comm mpi --nproc {}: one process per rank runs cp {} (the world size); "
@@ -193,7 +193,10 @@ int call_verb(CLI::App& app, Verbs& v, const std::vector<std::string>& args) {
     v.run.argv.assign(args.begin() + 1, args.end());
     return run_verb(v.run);
   }
-  if (verb == "selftest") return selftest_verb(v.selftest);
+  if (verb == "selftest") {
+    require_listed_once(v.selftest.only, "--only");
+    return selftest_verb(v.selftest);
+  }
   if (verb == "golden") {
     if (chosen->got_subcommand("record")) return golden_record_verb(v.golden_case, v.golden_out, v.force);
     return golden_verify_verb(v.golden_case, v.golden_file, v.verify_outputs);
@@ -204,7 +207,7 @@ int call_verb(CLI::App& app, Verbs& v, const std::vector<std::string>& args) {
   }
   if (verb == "hf-parity") {
     if (v.holder || v.no_holder) v.hf.holder = v.holder;
-    require_distinct_cp_sizes(v.hf.cp_sizes);
+    require_listed_once(v.hf.cp_sizes, "--cp");
     return hf_parity_verb(v.hf, v.hf_outputs);
   }
   if (verb == "bisect") return bisect_verb(v.bisect_case, v.bisect_golden);

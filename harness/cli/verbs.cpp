@@ -518,9 +518,6 @@ int selftest_verb(const SelftestArgs& a) {
   for (auto& name : a.only)  // an unknown name would run nothing and exit 3, looking like a skipped suite
     if (std::find(known.begin(), known.end(), name) == known.end())
       throw UsageError(fmt::format("--only {}: no such mutant; known: {}", name.empty() ? "''" : name, fmt::join(known, ", ")));
-  for (size_t i = 0; i < a.only.size(); ++i)  // it would run twice, under one case id
-    if (std::find(a.only.begin(), a.only.begin() + long(i), a.only[i]) != a.only.begin() + long(i))
-      throw UsageError(fmt::format("--only {} is given twice", a.only[i]));
   check_outputs_writable(a.outputs);
   end_cleanly_on_stop("selftest", a.outputs, "local");
   end_cleanly_on_hung_rank("selftest", a.outputs, "local");

@@ -65,10 +65,6 @@ void append(std::vector<report::CheckResult>& out, const train::Case& c, std::ve
     if (wants_check(c, r.name)) out.push_back(std::move(r));
 }
 
-bool selects(const std::string& want, std::string_view check) {
-  return want == check || (!want.empty() && want.back() == '.' && check.substr(0, want.size()) == want);
-}
-
 }  // namespace
 
 bool wants_check(const train::Case& c, const std::string& check) {
@@ -76,7 +72,7 @@ bool wants_check(const train::Case& c, const std::string& check) {
   if (!train::is_check_name(check)) throw std::logic_error("check '" + check + "' is missing from train::kCheckNames");
   if (c.checks.empty()) return true;
   for (auto& want : c.checks)
-    if (selects(want, check)) return true;
+    if (train::selector_matches(want, check)) return true;
   return false;
 }
 
@@ -464,7 +460,7 @@ std::optional<std::string> unsupported_configuration(const train::Case& c, const
     std::optional<std::string> why;
     bool produced = false;
     for (auto name : train::kCheckNames) {
-      if (!selects(c.checks[i], name)) continue;
+      if (!train::selector_matches(c.checks[i], name)) continue;
       const auto never = never_in_report(c, name);
       if (!never) produced = true;
       else if (!why) why = never;

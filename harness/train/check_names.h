@@ -22,11 +22,15 @@ inline bool is_check_name(std::string_view name) {
   return false;
 }
 
+// Whether a case's `checks` entry picks `check`: its full name, or a prefix of it ending in '.' ("cache.").
+inline bool selector_matches(std::string_view selector, std::string_view check) {
+  return selector == check || (!selector.empty() && selector.back() == '.' && check.substr(0, selector.size()) == selector);
+}
+
 // A name of the catalogue, or a prefix ending in '.' of at least one.
 inline bool is_check_selector(std::string_view s) {
-  if (s.empty() || s.back() != '.') return is_check_name(s);
   for (auto n : kCheckNames)
-    if (n.substr(0, s.size()) == s) return true;
+    if (selector_matches(s, n)) return true;
   return false;
 }
 
