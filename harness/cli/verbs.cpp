@@ -223,6 +223,27 @@ void write_error_report(const ReportOutputs& outputs, const std::string& comm, c
   }
 }
 
+// The verdict's stand-in, written before any work: an error report saying that the command has not finished,
+// which the verdict (or an error report) replaces when it ends. A process killed outright (SIGKILL from an
+// out-of-memory killer or a job's time limit: no handler runs) or crashed (SIGSEGV, SIGABRT) leaves this report, never
+// an older run's pass in its place; the older run's page goes, and no page is rendered for the stand-in.
+constexpr const char* kUnfinished = " did not finish: it started at ";
+
+void stand_in_until_finished(const std::string& verb, const ReportOutputs& outputs, const std::string& comm) {
+  auto o = outputs.resolved();
+  remove_files({o.html_path});
+  o.html_path.clear();
+  o.out_dir.clear();  // (created by check_outputs_writable)
+  write_error_report(o, comm, fmt::format("{}{}{} (pid {}) and ended before writing its verdict: it was killed "
+                                          "(SIGKILL: an out-of-memory killer, a job's time limit) or it crashed",
+                                          verb, kUnfinished, report::utc_timestamp_now(), ::getpid()));
+}
+
+bool is_stand_in(const nlohmann::json& report) {
+  const auto error = report.find("error");
+  return error != report.end() && error->is_string() && error->get<std::string>().find(kUnfinished) != std::string::npos;
+}
+
 // What a stop signal leaves from here on (stop_signals.h): the error report in every report file asked for
 // (rendered now, the handler cannot), no page of another run.
 void end_cleanly_on_stop(const std::string& verb, const ReportOutputs& outputs, const std::string& comm) {
@@ -370,14 +391,17 @@ std::optional<std::string> fault_problem(const runner::Fault& f, const std::stri
   return std::nullopt;
 }
 
-// True when `path` holds a report with status error written at or after `since`.
+// True when `path` holds a report with status error written at or after `since` (not rank 0's stand-in: the
+// launcher's reason replaces that).
 bool is_error_report_written_since(const std::string& path, std::filesystem::file_time_type since) {
   std::error_code ec;
   const auto when = std::filesystem::last_write_time(path, ec);
   if (ec || when < since) return false;
   std::ifstream in(path);
   const auto doc = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-  return doc.is_object() && doc.value("status", std::string()) == "error";
+  if (!doc.is_object()) return false;
+  const auto status = doc.find("status");
+  return status != doc.end() && *status == "error" && !is_stand_in(doc);
 }
 
 // --comm mpi outside a launcher: run this command again under mpirun with N ranks. When the job dies without
@@ -420,14 +444,19 @@ int run_verb_checked(const RunArgs& a);
 int run_verb(const RunArgs& a) {
   const auto env = cp::detect_launch_env();
   if (env.source == cp::LaunchEnv::Source::Mpirun) cp::end_with_parent(env.rank);
-  if (!env.launched() || env.rank == 0) check_outputs_writable(a.outputs, a.dump_dir, a.cases);  // rank 0 writes them
+  const bool writes_reports = !env.launched() || env.rank == 0;  // rank 0 of a rank job writes them
+  if (writes_reports) check_outputs_writable(a.outputs, a.dump_dir, a.cases);
   if (!env.launched()) {
     end_cleanly_on_stop("run", a.outputs, a.comm);
     end_cleanly_on_hung_rank("run", a.outputs, a.comm);
   }
+  // Under torchrun or srun nothing of cpharness outlives a killed rank 0: its stand-in is the report that stays.
+  if (writes_reports) stand_in_until_finished("run", a.outputs, a.comm);
   try {
     return run_verb_checked(a);
-  } catch (const UsageError&) {
+  } catch (const UsageError& e) {
+    // (Found once the stand-in is in place: --comm nccl outside a launcher, --comm mpi without --nproc.)
+    if (writes_reports) write_error_report(a.outputs, a.comm, std::string("usage error: ") + e.what());
     throw;
   } catch (const std::exception& e) {
     // Whatever went wrong, the report asked for says so (one line, no backtrace) and the exit code is 2. In a rank
@@ -521,6 +550,7 @@ int selftest_verb(const SelftestArgs& a) {
   check_outputs_writable(a.outputs);
   end_cleanly_on_stop("selftest", a.outputs, "local");
   end_cleanly_on_hung_rank("selftest", a.outputs, "local");
+  stand_in_until_finished("selftest", a.outputs, "local");
   runner::SuiteOptions options;
   options.timeout = millis(a.timeout_s);
   return finish(a.outputs, runner::run_selftest(options, a.only));
@@ -543,6 +573,7 @@ int golden_verify_verb(const std::string& case_path, const std::string& golden_p
   check_outputs_writable(outputs, "", {case_path, golden_path});
   end_cleanly_on_stop("golden verify", outputs, "local");
   end_cleanly_on_hung_rank("golden verify", outputs, "local");
+  stand_in_until_finished("golden verify", outputs, "local");
   return finish(outputs, runner::run_golden_verify(case_path, golden_path));
 }
 
@@ -575,6 +606,7 @@ int hf_parity_verb(const runner::HfParityOptions& options, const ReportOutputs& 
   check_outputs_writable(outputs, "", options.paths);
   end_cleanly_on_stop("hf-parity", outputs, "local");
   end_cleanly_on_hung_rank("hf-parity", outputs, "local");
+  stand_in_until_finished("hf-parity", outputs, "local");
   try {
     runner::hf_golden_files(options.paths);  // a missing path is bad input, before any golden runs
   } catch (const io::InputError& e) {

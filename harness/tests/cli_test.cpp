@@ -669,6 +669,9 @@ TEST_F(CliTest, KillingTheLauncherOutrightLeavesNoRankRunning) {
   auto r = cpharness::testing::run_command("sh -c '" + cmd + " & pid=$!; sleep 6; kill -KILL $pid; wait $pid; echo EXIT=$?'");
   EXPECT_NE(r.output.find("EXIT=137"), std::string::npos) << r.output;
   EXPECT_EQ(processes_left(report.string(), std::chrono::seconds(10)), 0);
+  const auto j = read_json(report);  // what stays: the stand-in written before any work
+  EXPECT_EQ(j["status"], "error") << j.dump(2);
+  EXPECT_NE(j["error"].get<std::string>().find("run did not finish"), std::string::npos) << j.dump(2);
 }
 #endif
 
@@ -828,6 +831,42 @@ TEST_F(CliTest, ASignalStoppingALocalRunLeavesTheErrorReportNotAnOlderOne) {
   }
 }
 
+// A process killed outright (SIGKILL from an out-of-memory killer or a job's time limit) runs no handler, and one
+// that crashes (SIGSEGV, SIGABRT) none of cpharness's: the report files then hold the stand-in written before any
+// work, an error saying the run did not finish, never an older run's pass; the older page is gone.
+TEST_F(CliTest, AProcessKilledOutrightOrCrashedLeavesTheUnfinishedErrorNotAnOlderPass) {
+  auto c = write("g.json", kGoodCase);
+  for (const std::string sig : {"KILL", "SEGV", "ABRT"}) {
+    SCOPED_TRACE(sig);
+    const auto out = dir_ / ("killed-" + sig);
+    fs::create_directories(out);
+    std::ofstream(out / "report.json") << R"({"status": "pass", "note": "an older run"})";
+    std::ofstream(out / "report.xml") << "<testsuites/>";
+    std::ofstream(out / "report.html") << "<html>an older run</html>";
+    // rank 1 hangs before step 0: the run is under way when the signal comes (once the stand-in is in place).
+    const std::string cmd = "CPHARNESS_INJECT_FAULT=hang@1:0 " + std::string(CPHARNESS_BINARY) + " run " + c +
+                            " --cp 2 --timeout 120 --out " + out.string();
+    const std::string wait_for_stand_in = "for i in $(seq 600); do grep -q \"did not finish\" " +
+                                          (out / "report.json").string() + " && break; sleep 0.1; done";
+    auto r = cpharness::testing::run_command("sh -c '" + cmd + " & pid=$!; " + wait_for_stand_in + "; sleep 1; kill -" +
+                                             sig + " $pid; wait $pid; echo EXIT=$?'");
+    EXPECT_EQ(r.output.find("EXIT=0"), std::string::npos) << r.output;
+    const auto j = read_json(out / "report.json");
+    EXPECT_EQ(j["status"], "error") << j.dump(2);
+    EXPECT_FALSE(j.contains("note")) << j.dump(2);
+    EXPECT_NE(j["error"].get<std::string>().find("run did not finish"), std::string::npos) << j.dump(2);
+    std::ifstream xml(out / "report.xml");
+    const std::string xml_text((std::istreambuf_iterator<char>(xml)), std::istreambuf_iterator<char>());
+    EXPECT_NE(xml_text.find("did not finish"), std::string::npos) << xml_text;
+    EXPECT_FALSE(fs::exists(out / "report.html"));
+  }
+  // A run that ends replaces the stand-in with its verdict.
+  const auto out = dir_ / "finished";
+  auto r = run_cli("run " + c + " --cp 2 --out " + out.string());
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(read_json(out / "report.json")["status"], "pass");
+}
+
 }  // namespace
 
 // ---- Devices: --device, the case key "device", --comm nccl outside a launcher (this machine has no GPU) ----
@@ -891,11 +930,17 @@ TEST_F(CliTest, CpuRunsReportTheirStepTimesAndNoDeviceMemory) {
   EXPECT_TRUE(back.cases.at(0).page.contains("divergence_profile"));
 }
 
+// Found once the run's stand-in report is in place: the report says the usage error, not "did not finish".
 TEST_F(CliTest, NcclOutsideALauncherIsAUsageError) {
   auto c = write("good.json", kGoodCase);
-  auto r = run_cli("run " + c + " --comm nccl", "env -u RANK -u WORLD_SIZE -u OMPI_COMM_WORLD_RANK -u SLURM_PROCID");
+  const auto out = dir_ / "nccl-outside.json";
+  auto r = run_cli("run " + c + " --comm nccl --report " + out.string(),
+                   "env -u RANK -u WORLD_SIZE -u OMPI_COMM_WORLD_RANK -u SLURM_PROCID");
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("torchrun"), std::string::npos) << r.output;
+  const auto j = read_json(out);
+  EXPECT_EQ(j["status"], "error");
+  EXPECT_NE(j["error"].get<std::string>().find("usage error: --comm nccl"), std::string::npos) << j["error"];
 }
 
 TEST_F(CliTest, NcclWithoutAGpuEndsWithAnErrorReport) {
