@@ -72,7 +72,8 @@ std::vector<CheckResult> check_cache(const train::Case& c, const report::LaneRun
 // on failure the first diverging layer and tensor is named, and both tensors are dumped under `dump_dir`.
 // `oracle` (cp 1 fp32) is required for the bf16 lane. `fp64`, for the fp32 lane where some tensor missed
 // fp32_relative against cp 1: step-0 gradients are judged against its reference (the fp64 oracle, policy
-// fp32_oracle_relative) and final parameters between its two runs (policy fp64_rerun); see judge_final_params.
+// fp32_oracle_relative); final parameters that missed, and the per-step figures from step 1 on, between its two
+// runs (policy fp64_rerun); see judge_final_params.
 struct Fp64Rerun {
   const report::LaneRun* reference = nullptr;  // cp 1 (or reference_cp) in fp64, same weights and batches
   const report::LaneRun* candidate = nullptr;  // cp N in fp64 (only needed for the final parameters)
@@ -85,6 +86,9 @@ std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& 
 // reference's: when not, the runner makes the fp64 runs of Fp64Rerun.
 bool final_params_within_fp32(const Tolerances& tol, const report::LaneRun& reference, const report::LaneRun& candidate);
 bool step0_grads_within_fp32(const Tolerances& tol, const report::LaneRun& reference, const report::LaneRun& candidate);
+// Whether the loss, grad norm and param norm of every step after the first are within fp32_relative: when not, the
+// runner makes both fp64 reruns, and those steps are judged between them (as the final parameters are).
+bool later_steps_within_fp32(const Tolerances& tol, const report::LaneRun& reference, const report::LaneRun& candidate);
 
 // train.param_parity on the final parameters, tensor by tensor: observed is the worst error / allowed.
 //   bf16 lane (`bf16_oracle`, cp 1 fp32): error vs that oracle <= bf16_k x cp 1's error + bf16_floor;

@@ -535,8 +535,13 @@ ModelConfig config_from_hf_json(const json& j, const std::string& source) {
   if (!text.contains("model_type") && !j.contains("model_type"))
     throw InputError(source, "model_type", "missing: not a transformers config.json (expected \"gemma4_text\")");
   apply_hf_keys(c, text, source, nested ? "text_config." : "", /*strict=*/false);
+  // A multimodal config's own tie_word_embeddings decides the head of the whole model in transformers: false there
+  // unties it whatever text_config says.
+  if (nested && j.contains("tie_word_embeddings") && !j["tie_word_embeddings"].is_null() &&
+      !read_field<bool>(j, "tie_word_embeddings", source, ""))
+    throw InputError(source, "tie_word_embeddings", "Gemma4 ties the LM head; false is not supported");
   c.name = "hf";
-  c.validate(source);
+  c.validate(source, nested ? "text_config." : "");
   return c;
 }
 

@@ -25,8 +25,13 @@ bool is_non_text(const std::string& stripped) {
   for (const char* p : {"vision_tower.", "audio_tower.", "embed_vision.", "embed_audio.", "multi_modal_projector.",
                         "vision_", "audio_"})
     if (starts_with(stripped, p)) return true;
-  return stripped == "lm_head.weight";  // tied to embed_tokens
+  return false;
 }
+
+// Gemma4 ties the LM head to the embeddings; a checkpoint may still carry the head (Google's converter writes the
+// same array). Its shape is checked with the header, its values on load: a head that differs is another model, which
+// transformers would run untied.
+constexpr const char* kTiedHead = "lm_head.weight";
 
 
 }  // namespace
@@ -92,6 +97,14 @@ LoadSummary check_weights(const ModelConfig& c, const std::map<std::string, io::
   for (auto& [raw_name, info] : tensors) {
     const std::string name = strip_text_prefix(raw_name);
     if (is_non_text(name)) { summary.skipped_non_text.push_back(raw_name); continue; }
+    if (name == kTiedHead) {
+      const std::vector<int64_t> embed_shape = {c.vocab_size, c.hidden_size};
+      if (info.shape != embed_shape)
+        mismatched.push_back(fmt::format("{} has shape {}, the tied embeddings {}", raw_name, io::shape_text(info.shape),
+                                         io::shape_text(embed_shape)));
+      summary.skipped_redundant.push_back(raw_name);
+      continue;
+    }
     if (redundant.count(name)) { summary.skipped_redundant.push_back(raw_name); continue; }
     auto it = targets.find(name);
     if (it == targets.end()) { unknown.push_back(raw_name); continue; }
@@ -130,6 +143,21 @@ LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::
   const LoadSummary summary = check_weights(model->config(), infos, source);
   auto targets = model_tensors(model);
   torch::NoGradGuard no_grad;
+  const torch::Tensor* head = nullptr;
+  const torch::Tensor* embed = nullptr;
+  std::string head_name;
+  for (auto& [raw_name, tensor] : tensors) {
+    const auto name = strip_text_prefix(raw_name);
+    if (name == kTiedHead) head = &tensor, head_name = raw_name;
+    if (name == "embed_tokens.weight") embed = &tensor;
+  }
+  if (head && embed && !torch::equal(head->to(torch::kFloat64), embed->to(torch::kFloat64))) {
+    const double diff = (head->to(torch::kFloat64) - embed->to(torch::kFloat64)).norm().item<double>() /
+                        std::max(embed->to(torch::kFloat64).norm().item<double>(), 1e-300);
+    throw io::InputError(source, head_name, fmt::format("differs from embed_tokens.weight (relative L2 {:.3g}): Gemma4 "
+                                                        "ties the LM head to the embeddings (transformers would run "
+                                                        "this head untied)", diff));
+  }
   for (auto& [raw_name, tensor] : tensors) {
     auto it = targets.find(strip_text_prefix(raw_name));
     if (it == targets.end() || it->second.sizes() != tensor.sizes()) continue;  // skipped above (non-text, redundant)

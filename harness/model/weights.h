@@ -25,8 +25,8 @@ std::vector<TensorSpec> tensor_specs(const ModelConfig& config);
 
 struct LoadSummary {
   int64_t loaded = 0;
-  std::vector<std::string> skipped_redundant;   // shared layers' k/v tensors the model does not own
-  std::vector<std::string> skipped_non_text;    // vision/audio towers, lm_head (tied)
+  std::vector<std::string> skipped_redundant;   // shared layers' k/v tensors the model does not own; lm_head (tied, equal)
+  std::vector<std::string> skipped_non_text;    // vision/audio towers
   std::vector<std::string> kept_init;           // cache-gated shared layers' own K/V, absent (kept as initialised)
 };
 

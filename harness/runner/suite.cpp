@@ -408,14 +408,16 @@ void judge_phase(const train::Case& c, const RunOptions& run_options, const Suit
                                 !check::final_params_within_fp32(tol, ref, candidate);
       const bool grads_noisy = wants_check(c, "train.grad_norm_parity") && !ref.grads.empty() && !candidate.grads.empty() &&
                                !check::step0_grads_within_fp32(tol, ref, candidate);
+      // From step 1 on, the runs train weights the updates moved apart: their loss, grad norm and param norm too.
+      const bool later_steps_noisy = !check::later_steps_within_fp32(tol, ref, candidate);
       auto rerun_options = run_options;
       rerun_options.fault.reset();
       rerun_options.record_tensors = true;
-      if ((params_noisy || grads_noisy) && !fp64_reference)
+      if ((params_noisy || grads_noisy || later_steps_noisy) && !fp64_reference)
         fp64_reference = reference_run(c, train::DtypeLane::kFp64, rerun_options);
-      if (params_noisy || grads_noisy) fp64.reference = &*fp64_reference;
+      if (params_noisy || grads_noisy || later_steps_noisy) fp64.reference = &*fp64_reference;
       // The cp N rerun runs ranks as threads in this process whatever the backend (the judge is one process).
-      if (params_noisy) {
+      if (params_noisy || later_steps_noisy) {
         fp64_candidate = run_cp(c, train::DtypeLane::kFp64, n, rerun_options);
         fp64.candidate = &*fp64_candidate;
       }

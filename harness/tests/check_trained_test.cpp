@@ -164,6 +164,45 @@ TEST(StepZeroGradients, TheFp32LaneJudgesNoisyGradientsAgainstAnFp64Oracle) {
   EXPECT_EQ(grads_result(with_grad(2, 1e-3, 14), &fp64).status, report::Status::Fail);
 }
 
+// From step 1 on, the fp32 runs train weights that AdamW's noise moved apart (what makes the final parameters a
+// matter for fp64 reruns): a checkpoint's step-1 grad norm was 1.5e-5 off at cp 2 on a correct run. Where the reruns
+// were made, steps >= 1 are judged between them (policy fp64_rerun, the fp32 figures kept); step 0 (same weights)
+// stays in fp32; a bug that is in the reruns fails, at any step.
+TEST(LaterSteps, TheFp32LaneJudgesStepsAfterTheFirstOnTheFp64Reruns) {
+  const Tolerances tol;
+  const auto c = tiny_case();
+  auto steps = [](double loss1, double grad_norm1, double grad_norm0 = 0.5, int cp = 2) {
+    report::LaneRun r = run_of({{4.8, grad_norm0}, {loss1, grad_norm1}, {4.7, 0.45}}, cp);
+    return r;
+  };
+  const auto cp1 = steps(4.75, 0.4, 0.5, 1), cp2 = steps(4.75, 0.4 * (1 + 1.5e-5));
+  EXPECT_FALSE(later_steps_within_fp32(tol, cp1, cp2));
+  EXPECT_TRUE(later_steps_within_fp32(tol, cp1, steps(4.75, 0.4 * (1 + 1e-6))));
+  auto step_result = [&](const report::LaneRun& cand, const Fp64Rerun* fp64, int step) {
+    for (auto& r : check_training(c, tol, cp1, cand, nullptr, "", fp64))
+      if (r.name == "train.grad_norm_parity" && r.step == step) return r;
+    return CheckResult{};
+  };
+  EXPECT_EQ(step_result(cp2, nullptr, 1).status, report::Status::Fail);
+  const auto ref64 = steps(4.75, 0.41, 0.5, 1), cand64 = steps(4.75, 0.41 * (1 + 1e-12));
+  const Fp64Rerun rerun{&ref64, &cand64};
+  const auto judged = step_result(cp2, &rerun, 1);
+  EXPECT_EQ(judged.status, report::Status::Pass) << judged.message;
+  EXPECT_EQ(judged.policy, report::Policy::Fp64Rerun);
+  EXPECT_NEAR(judged.details.at("fp32_rel_error").get<double>(), 1.5e-5, 1e-7);
+  EXPECT_EQ(step_result(cp2, &rerun, 0).policy, report::Policy::Fp32Relative);  // step 0: the same weights
+  EXPECT_EQ(step_result(steps(4.75, 0.4, 0.5 * (1 + 2e-5)), &rerun, 0).status, report::Status::Fail);
+  const auto bug64 = steps(4.75, 0.41 * (1 + 1e-4));
+  const Fp64Rerun buggy{&ref64, &bug64};
+  EXPECT_EQ(step_result(cp2, &buggy, 1).status, report::Status::Fail);
+  const auto loss_bug64 = steps(4.75 * (1 + 1e-4), 0.41);
+  const Fp64Rerun loss_buggy{&ref64, &loss_bug64};
+  bool loss_failed = false;
+  for (auto& r : check_training(c, tol, cp1, cp2, nullptr, "", &loss_buggy))
+    loss_failed |= r.name == "train.loss_parity" && r.step == 1 && r.status == report::Status::Fail;
+  EXPECT_TRUE(loss_failed);
+}
+
 train::Case tiny_case() {
   return train::case_from_json(nlohmann::json::parse(R"({"id": "t", "model": {"preset": "tiny-e2b"}, "data": {"seq_len": 8}})"),
                                "t.json");

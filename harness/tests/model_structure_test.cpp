@@ -127,6 +127,28 @@ TEST(ModelStructure, HfConfigJsonReadsTextConfigAndRoundTrips) {
   EXPECT_EQ(tensor_specs(back).size(), tensor_specs(c).size());
 }
 
+// A multimodal config.json's own tie_word_embeddings unties the whole model's head in transformers, whatever
+// text_config says: false there is refused as it is in text_config, each named by its path.
+TEST(ModelStructure, AnUntiedHeadIsRefusedAtEitherLevelOfAMultimodalConfig) {
+  auto text = preset_config("tiny-e4b").to_json();
+  auto key_of = [](const nlohmann::json& j) {
+    try {
+      config_from_hf_json(j, "config.json");
+    } catch (const io::InputError& e) {
+      return e.subject();
+    }
+    return std::string("(accepted)");
+  };
+  nlohmann::json top = {{"model_type", "gemma4"}, {"text_config", text}, {"tie_word_embeddings", false}};
+  EXPECT_EQ(key_of(top), "tie_word_embeddings");
+  top["tie_word_embeddings"] = true;
+  EXPECT_EQ(key_of(top), "(accepted)");
+  top["text_config"]["tie_word_embeddings"] = false;
+  EXPECT_EQ(key_of(top), "text_config.tie_word_embeddings");
+  text["tie_word_embeddings"] = false;
+  EXPECT_EQ(key_of(text), "tie_word_embeddings");
+}
+
 TEST(ModelStructure, BadConfigsNameTheField) {
   auto expect_error = [](const nlohmann::json& j, const std::string& needle) {
     try {

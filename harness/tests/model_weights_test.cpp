@@ -150,6 +150,34 @@ TEST_F(ModelWeights, MissingAndMisshapenTensorsAreNamed) {
   EXPECT_THROW(load_checkpoint(target, path("unknown.safetensors")), io::InputError);
 }
 
+// Gemma4 ties the head: a checkpoint's lm_head.weight is accepted only as the embeddings' own values (as Google's
+// converter writes it). Another head (transformers would run it untied) or another shape is an input error naming it.
+TEST_F(ModelWeights, AnLmHeadOtherThanTheEmbeddingsIsRefusedNamingIt) {
+  auto source = make_model("tiny-e4b", torch::kFloat32, 5);
+  auto target = make_model("tiny-e4b");
+  auto tensors = with_prefix(source, "model.language_model.", torch::kBFloat16);
+  tensors["lm_head.weight"] = tensors.at("model.language_model.embed_tokens.weight").clone();
+  io::write_safetensors(path("tied.safetensors"), tensors);
+  EXPECT_NO_THROW(load_checkpoint(target, path("tied.safetensors")));
+  auto expect_refused = [&](const torch::Tensor& head, const std::string& file, const std::string& why) {
+    tensors["lm_head.weight"] = head;
+    io::write_safetensors(path(file), tensors);
+    try {
+      load_checkpoint(target, path(file));
+      FAIL() << file;
+    } catch (const io::InputError& e) {
+      EXPECT_EQ(e.subject().rfind("lm_head.weight", 0), 0u) << e.what();
+      EXPECT_NE(std::string(e.what()).find(why), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(file), std::string::npos) << e.what();
+    }
+  };
+  const auto embed = tensors.at("model.language_model.embed_tokens.weight");
+  auto one_value = embed.clone();
+  one_value.view(-1)[17] += 1;
+  expect_refused(one_value, "other-head.safetensors", "differs from embed_tokens.weight");
+  expect_refused(embed.narrow(0, 0, 7).clone(), "short-head.safetensors", "has shape");
+}
+
 // A NaN or Inf weight, and a weight that is not floating point (an integer, bool or fp8 tensor would be cast
 // silently), are bad input naming the tensor, not something for the checks to blame on CP.
 TEST_F(ModelWeights, NonFiniteAndNonFloatingWeightsAreInputErrorsNamingTheTensor) {
