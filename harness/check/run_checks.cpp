@@ -323,8 +323,44 @@ bool step0_grads_within_fp32(const Tolerances& tol, const report::LaneRun& ref, 
   return tensors_within_fp32(tol, cand.cp, ref.grads, cand.grads);
 }
 
-bool later_steps_within_fp32(const Tolerances& tol, const report::LaneRun& ref, const report::LaneRun& cand) {
-  for (size_t s = 1; s < std::min(ref.steps.size(), cand.steps.size()); ++s)
+namespace {
+
+// cp 1's own error against `truth`, as a scale: per family of tensors (the same tensor in every layer), the largest.
+// One tensor's error is one draw, and a noisy one (a norm weight's gradient sums with cancellation over every token
+// and head): on the save_pretrained checkpoints in bf16, cp 1 was 2 % off in one q_norm gradient while cp 2 was
+// 13 %, and both were within the 13-16 % cp 1 showed for q_norm in other layers.
+std::map<std::string, double> family_errors(const std::map<std::string, torch::Tensor>& cp1,
+                                            const std::map<std::string, torch::Tensor>& truth) {
+  std::map<std::string, double> family_error;
+  for (auto& [name, g] : truth) {
+    double& f = family_error[tensor_family(name)];
+    f = std::max(f, cp1.count(name) ? rel(cp1.at(name), g) : INFINITY);
+  }
+  return family_error;
+}
+
+}  // namespace
+
+bool step0_grads_within_oracle(const Tolerances& tol, const report::LaneRun& ref, const report::LaneRun& cand,
+                               const report::LaneRun& oracle) {
+  const auto family_error = family_errors(ref.grads, oracle.grads);
+  for (auto& [name, g] : oracle.grads) {
+    auto it = cand.grads.find(name);
+    if (it == cand.grads.end() || !(rel(it->second, g) <= tol.fp32_oracle(family_error.at(tensor_family(name)), cand.cp)))
+      return false;
+  }
+  return true;
+}
+
+bool step0_logits_within_fp32(const train::Case& c, const Tolerances& tol, const report::LaneRun& ref,
+                              const report::LaneRun& cand) {
+  if (!ref.logits.defined() || !cand.logits.defined()) return true;
+  const auto valid = valid_tokens(c);
+  return rel(cand.logits * valid, ref.logits * valid) <= tol.fp32(cand.cp);
+}
+
+bool steps_within_fp32(const Tolerances& tol, const report::LaneRun& ref, const report::LaneRun& cand, size_t from_step) {
+  for (size_t s = from_step; s < std::min(ref.steps.size(), cand.steps.size()); ++s)
     for (auto value : {&report::TrainingStep::loss, &report::TrainingStep::grad_norm, &report::TrainingStep::param_norm})
       if (!(rel_scalar(cand.steps[s].*value, ref.steps[s].*value) <= tol.fp32(cand.cp))) return false;
   return true;
@@ -398,8 +434,10 @@ std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& 
   // from step 1 on, every run trains weights that the earlier updates already moved apart by that noise, so the
   // step's loss, grad norm and param norm are judged between the same reruns (fp32 values kept in the details).
   const bool rerun = !bf16 && fp64 && fp64->reference && fp64->candidate;
+  const report::LaneRun* oracle64 = !bf16 && fp64 && fp64->reference ? fp64->reference : nullptr;
   for (size_t s = 0; s < std::min(cand.steps.size(), base.steps.size()); ++s) {
     const bool on_rerun = rerun && s >= 1 && s < fp64->reference->steps.size() && s < fp64->candidate->steps.size();
+    // (Steps from 1 on go to the reruns when they were made; a figure that passes in fp32 is judged there anyway.)
     auto judge = [&](const char* name, double report::TrainingStep::*value) {
       const double c_val = cand.steps[s].*value, r_val = ref.steps[s].*value, b_val = base.steps[s].*value;
       if (on_rerun) {
@@ -416,6 +454,19 @@ std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& 
         return;
       }
       const double observed = rel_scalar(c_val, b_val);
+      if (!bf16 && !(observed <= tol.fp32(n)) && oracle64 && s < oracle64->steps.size()) {
+        // fp32, missed against cp 1, an fp64 oracle run: against it, k x cp 1's own error + fp32_relative (on a
+        // 35-layer checkpoint both cp 1 and transformers' fp32 step-0 grad norm were 0.87 % from fp64).
+        const double o_val = oracle64->steps[s].*value;
+        auto res = CheckResult::judge(name, n, std::nullopt, "rel_abs_diff_vs_fp64_oracle", rel_scalar(c_val, o_val),
+                                      tol.fp32_oracle(rel_scalar(r_val, o_val), n), Policy::Fp32OracleRelative,
+                                      {{"candidate", c_val}, {"oracle", o_val}, {"cp1_same_lane", r_val},
+                                       {"fp32_rel_error_vs_cp1", observed}});
+        res.step = int(s);
+        if (res.status != report::Status::Pass) failing.push_back(name);
+        out.push_back(res);
+        return;
+      }
       double& cp1_error = cp1_error_so_far[name];
       if (bf16) cp1_error = std::max(cp1_error, rel_scalar(r_val, b_val));
       const double allowed = bound(cp1_error);
@@ -446,6 +497,14 @@ std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& 
     const double allowed = bound(bf16 ? rel(ref.logits * valid, base.logits * valid) : 0.0);
     auto res = CheckResult::judge("train.loss_parity", n, std::nullopt, "logits_rel_l2_step0", e, allowed, policy,
                                   {{"what", "step-0 logits on real tokens, global order"}});
+    if (!bf16 && !(e <= allowed) && oracle64 && oracle64->logits.defined()) {
+      // fp32, missed against cp 1: against the fp64 oracle, k x cp 1's own error + fp32_relative.
+      const auto& o = oracle64->logits;
+      res = CheckResult::judge("train.loss_parity", n, std::nullopt, "logits_rel_l2_step0_vs_fp64_oracle",
+                               rel(cand.logits * valid, o * valid), tol.fp32_oracle(rel(ref.logits * valid, o * valid), n),
+                               Policy::Fp32OracleRelative,
+                               {{"what", "step-0 logits on real tokens, global order"}, {"fp32_rel_error_vs_cp1", e}});
+    }
     if (res.status != report::Status::Pass) failing.push_back("train.loss_parity");
     out.push_back(res);
   }
@@ -459,30 +518,40 @@ std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& 
     // every token and head with cancellation: its fp32 summation-order noise alone reaches 1e-5 on real weights).
     const report::LaneRun* g64 = !bf16 && fp64 && fp64->reference && !fp64->reference->grads.empty() ? fp64->reference : nullptr;
     const report::LaneRun& gbase = g64 ? *g64 : base;
-    // cp 1's own error, as a scale: per family of tensors (the same tensor in every layer), the largest. One
-    // tensor's error is one draw, and a noisy one (a norm weight's gradient sums with cancellation over every token
-    // and head): on the save_pretrained checkpoints in bf16, cp 1 was 2 % off in one q_norm gradient while cp 2 was
-    // 13 %, and both were within the 13-16 % cp 1 showed for q_norm in other layers.
-    std::map<std::string, double> family_error;
-    if (bf16 || g64)
-      for (auto& [name, g] : gbase.grads) {
-        double& f = family_error[tensor_family(name)];
-        f = std::max(f, ref.grads.count(name) ? rel(ref.grads.at(name), g) : INFINITY);
-      }
+    const auto family_error = bf16 || g64 ? family_errors(ref.grads, gbase.grads) : std::map<std::string, double>{};
+    // Where a tensor misses even that bound and the cp N fp64 rerun was made: the CP arithmetic is judged between
+    // the fp64 reruns at fp32_relative (a CP bug is there as in fp32; fp64 rounding cannot reach 1e-5), and the fp32
+    // error may be fp32_rerun_headroom x its bound. CP adds rounding stages cp 1 lacks (the ring's merges, the
+    // all-reduce over N ranks): on a 35-layer E2B-like checkpoint cp 3 was 3.7 x cp 1's largest v_proj error.
+    const report::LaneRun* c64 = g64 && fp64->candidate && !fp64->candidate->grads.empty() ? fp64->candidate : nullptr;
+    int on_rerun = 0;
+    double worst_fp32_ratio_on_rerun = 0;
     for (auto& [name, g] : gbase.grads) {
       auto it = cand.grads.find(name);
       const double e = it == cand.grads.end() ? INFINITY : rel(it->second, g);
       const double cp1 = bf16 || g64 ? family_error.at(tensor_family(name)) : 0.0;
       const double allowed = g64 ? tol.fp32_oracle(cp1, n) : bound(cp1);
-      const double ratio = std::isnan(e) ? INFINITY : e / allowed;
+      double ratio = std::isnan(e) ? INFINITY : e / allowed;
+      if (c64 && ratio > 1.0 && std::isfinite(ratio)) {
+        auto r64 = c64->grads.find(name);
+        const double e64 = r64 == c64->grads.end() ? INFINITY : rel(r64->second, g);
+        ratio = std::max(std::isnan(e64) ? INFINITY : e64 / tol.fp32(n), ratio / tol.fp32_rerun_headroom);
+        worst_fp32_ratio_on_rerun = std::max(worst_fp32_ratio_on_rerun, e / allowed);
+        ++on_rerun;
+      }
       if (worst_grad.empty() || ratio > worst) worst = ratio, worst_grad = name, worst_error = e, worst_allowed = allowed;
     }
     nlohmann::json gdetails = {{"worst_tensor", worst_grad}, {"worst_rel_error", worst_error}, {"worst_allowed", worst_allowed},
                                {"tensors", gbase.grads.size()},
                                {"what", "step-0 gradients, relative L2 per tensor / allowed, the worst tensor"}};
     if (g64) gdetails["oracle"] = "fp64 run of the reference (cp 1) from the same weights and batch";
+    if (on_rerun) {
+      gdetails["tensors_judged_on_fp64_rerun"] = on_rerun;
+      gdetails["fp32_worst_ratio_of_those"] = worst_fp32_ratio_on_rerun;
+      gdetails["fp32_rerun_headroom"] = tol.fp32_rerun_headroom;
+    }
     auto res = CheckResult::judge("train.grad_norm_parity", n, std::nullopt, "grad_tensors_worst_ratio_step0", worst, 1.0,
-                                  g64 ? Policy::Fp32OracleRelative : policy, gdetails);
+                                  on_rerun ? Policy::Fp64Rerun : g64 ? Policy::Fp32OracleRelative : policy, gdetails);
     if (res.status != report::Status::Pass) {
       res.message += fmt::format(" (worst tensor {}: rel {:.3g} > allowed {:.3g})", worst_grad, worst_error, worst_allowed);
       failing.push_back("train.grad_norm_parity");

@@ -27,8 +27,14 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 check::Tolerances tolerances_of(const train::Case& c) {
-  return {c.tolerances.fp32_relative, c.tolerances.bf16_k, c.tolerances.bf16_floor, c.tolerances.cp_growth,
-          c.tolerances.fp32_oracle_k, c.tolerances.activation_memory};
+  check::Tolerances t;  // (by name: a field added to either struct cannot shift the others)
+  t.fp32_relative = c.tolerances.fp32_relative;
+  t.bf16_k = c.tolerances.bf16_k;
+  t.bf16_floor = c.tolerances.bf16_floor;
+  t.cp_growth = c.tolerances.cp_growth;
+  t.fp32_oracle_k = c.tolerances.fp32_oracle_k;
+  t.activation_memory = c.tolerances.activation_memory;
+  return t;
 }
 
 void progress(const train::Case& c, const LaneRun& run) {
@@ -409,15 +415,18 @@ void judge_phase(const train::Case& c, const RunOptions& run_options, const Suit
       const bool grads_noisy = wants_check(c, "train.grad_norm_parity") && !ref.grads.empty() && !candidate.grads.empty() &&
                                !check::step0_grads_within_fp32(tol, ref, candidate);
       // From step 1 on, the runs train weights the updates moved apart: their loss, grad norm and param norm too.
-      const bool later_steps_noisy = !check::later_steps_within_fp32(tol, ref, candidate);
+      const bool later_steps_noisy = !check::steps_within_fp32(tol, ref, candidate, 1);
+      const bool step0_noisy = !check::steps_within_fp32(tol, ref, candidate, 0) ||
+                               !check::step0_logits_within_fp32(c, tol, ref, candidate);
+      const bool any_noisy = params_noisy || grads_noisy || later_steps_noisy || step0_noisy;
       auto rerun_options = run_options;
       rerun_options.fault.reset();
       rerun_options.record_tensors = true;
-      if ((params_noisy || grads_noisy || later_steps_noisy) && !fp64_reference)
-        fp64_reference = reference_run(c, train::DtypeLane::kFp64, rerun_options);
-      if (params_noisy || grads_noisy || later_steps_noisy) fp64.reference = &*fp64_reference;
+      if (any_noisy && !fp64_reference) fp64_reference = reference_run(c, train::DtypeLane::kFp64, rerun_options);
+      if (any_noisy) fp64.reference = &*fp64_reference;
+      const bool grads_beyond_oracle = grads_noisy && !check::step0_grads_within_oracle(tol, ref, candidate, *fp64_reference);
       // The cp N rerun runs ranks as threads in this process whatever the backend (the judge is one process).
-      if (params_noisy || later_steps_noisy) {
+      if (params_noisy || later_steps_noisy || grads_beyond_oracle) {
         fp64_candidate = run_cp(c, train::DtypeLane::kFp64, n, rerun_options);
         fp64.candidate = &*fp64_candidate;
       }

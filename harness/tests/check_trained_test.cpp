@@ -162,6 +162,25 @@ TEST(StepZeroGradients, TheFp32LaneJudgesNoisyGradientsAgainstAnFp64Oracle) {
   EXPECT_EQ(judged.policy, report::Policy::Fp32OracleRelative);
   EXPECT_NEAR(judged.details.at("worst_allowed").get<double>(), 2 * 6e-6 + 1e-5, 1e-7);
   EXPECT_EQ(grads_result(with_grad(2, 1e-3, 14), &fp64).status, report::Status::Fail);
+
+  // cp N 3.7 x beyond cp 1's error (CP's own rounding stages; a 35-layer checkpoint at cp 3): past the oracle
+  // bound. With the cp N fp64 rerun, the CP arithmetic is judged there (1e-12 from the oracle: pass) and the fp32
+  // error may be fp32_rerun_headroom x its bound; a bug in the rerun, or an fp32 error past the headroom, fails.
+  const auto cp3 = with_grad(3, 6e-6 * 3.7, 15);
+  EXPECT_FALSE(step0_grads_within_oracle(tol, cp1, cp3, oracle));
+  EXPECT_TRUE(step0_grads_within_oracle(tol, cp1, cp2, oracle));
+  EXPECT_EQ(grads_result(cp3, &fp64).status, report::Status::Fail);
+  const auto cand64 = with_grad(3, 1e-12, 16), bug64 = with_grad(3, 1e-4, 17);
+  const Fp64Rerun rerun{&oracle, &cand64};
+  const auto on_rerun = grads_result(cp3, &rerun);
+  EXPECT_EQ(on_rerun.status, report::Status::Pass) << on_rerun.message;
+  EXPECT_EQ(on_rerun.policy, report::Policy::Fp64Rerun);
+  EXPECT_EQ(on_rerun.details.at("tensors_judged_on_fp64_rerun").get<int>(), 1);
+  EXPECT_GT(on_rerun.details.at("fp32_worst_ratio_of_those").get<double>(), 1.0);
+  const Fp64Rerun buggy{&oracle, &bug64};
+  EXPECT_EQ(grads_result(cp3, &buggy).status, report::Status::Fail);
+  EXPECT_EQ(grads_result(with_grad(3, 1e-3, 18), &rerun).status, report::Status::Fail);  // 45 x its bound in fp32
+  EXPECT_EQ(grads_result(cp2, &rerun).policy, report::Policy::Fp32OracleRelative);  // within the bound: not rerun
 }
 
 // From step 1 on, the fp32 runs train weights that AdamW's noise moved apart (what makes the final parameters a
@@ -176,8 +195,9 @@ TEST(LaterSteps, TheFp32LaneJudgesStepsAfterTheFirstOnTheFp64Reruns) {
     return r;
   };
   const auto cp1 = steps(4.75, 0.4, 0.5, 1), cp2 = steps(4.75, 0.4 * (1 + 1.5e-5));
-  EXPECT_FALSE(later_steps_within_fp32(tol, cp1, cp2));
-  EXPECT_TRUE(later_steps_within_fp32(tol, cp1, steps(4.75, 0.4 * (1 + 1e-6))));
+  EXPECT_FALSE(steps_within_fp32(tol, cp1, cp2, 1));
+  EXPECT_TRUE(steps_within_fp32(tol, cp1, cp2, 0) == false);
+  EXPECT_TRUE(steps_within_fp32(tol, cp1, steps(4.75, 0.4 * (1 + 1e-6)), 1));
   auto step_result = [&](const report::LaneRun& cand, const Fp64Rerun* fp64, int step) {
     for (auto& r : check_training(c, tol, cp1, cand, nullptr, "", fp64))
       if (r.name == "train.grad_norm_parity" && r.step == step) return r;
@@ -201,6 +221,22 @@ TEST(LaterSteps, TheFp32LaneJudgesStepsAfterTheFirstOnTheFp64Reruns) {
   for (auto& r : check_training(c, tol, cp1, cp2, nullptr, "", &loss_buggy))
     loss_failed |= r.name == "train.loss_parity" && r.step == 1 && r.status == report::Status::Fail;
   EXPECT_TRUE(loss_failed);
+
+  // Step 0 on an ill-conditioned checkpoint (35 layers): cp 1's fp32 grad norm 0.87 % from the fp64 oracle, cp 3's
+  // 0.8 % the other way (1.7 % from cp 1). Against the oracle: k x cp 1's error + fp32_relative; 5 % fails.
+  const auto truth0 = steps(4.75, 0.41, 951.43, 1), cp1_0 = steps(4.75, 0.41, 951.43 * (1 - 0.0087), 1);
+  const Fp64Rerun oracle_only{&truth0, nullptr};
+  auto step0 = [&](double grad_norm0) {
+    for (auto& r : check_training(c, tol, cp1_0, steps(4.75, 0.41, grad_norm0, 3), nullptr, "", &oracle_only))
+      if (r.name == "train.grad_norm_parity" && r.step == 0) return r;
+    return CheckResult{};
+  };
+  EXPECT_FALSE(steps_within_fp32(tol, cp1_0, steps(4.75, 0.41, 951.43 * 1.008, 3), 0));
+  const auto noisy = step0(951.43 * 1.008);
+  EXPECT_EQ(noisy.status, report::Status::Pass) << noisy.message;
+  EXPECT_EQ(noisy.policy, report::Policy::Fp32OracleRelative);
+  EXPECT_EQ(step0(951.43 * 1.05).status, report::Status::Fail);
+  EXPECT_EQ(step0(951.43 * (1 - 0.0087) * (1 + 1e-6)).policy, report::Policy::Fp32Relative);  // within 1e-5 of cp 1
 }
 
 train::Case tiny_case() {
