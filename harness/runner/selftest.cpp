@@ -120,6 +120,19 @@ train::Case selftest_case(const std::string& variant) {
   return train::case_from_json(j, "<selftest case>");
 }
 
+std::map<std::string, train::Case> selftest_baselines(const std::vector<Mutant>& mutants) {
+  std::map<std::string, train::Case> cases;
+  for (auto& m : mutants) {
+    auto [it, fresh] = cases.try_emplace(m.variant, selftest_case(m.variant));
+    auto& c = it->second;
+    if (fresh) c.checks.clear();
+    c.checks.push_back(m.target_check);
+    for (auto n : m.cp)  // the baseline passes at every cp size a mutant runs at, so the failure is the mutant's
+      if (std::find(c.cp_sizes.begin(), c.cp_sizes.end(), n) == c.cp_sizes.end()) c.cp_sizes.push_back(n);
+  }
+  return cases;
+}
+
 report::Report run_selftest(const SuiteOptions& base, const std::vector<std::string>& only) {
   auto rep = report::new_report("cpu", base.comm);
   const auto start = std::chrono::steady_clock::now();
@@ -131,16 +144,7 @@ report::Report run_selftest(const SuiteOptions& base, const std::vector<std::str
         if (m.name == o) keep.push_back(m);
     mutants = keep;
   }
-  // One baseline per layout the selected mutants run on: the unmutated code passes every targeted check there.
-  std::map<std::string, train::Case> cases;
-  for (auto& m : mutants) {
-    auto [it, fresh] = cases.try_emplace(m.variant, selftest_case(m.variant));
-    auto& c = it->second;
-    if (fresh) c.checks.clear();
-    c.checks.push_back(m.target_check);
-    for (auto n : m.cp)  // the baseline passes at every cp size a mutant runs at, so the failure is the mutant's
-      if (std::find(c.cp_sizes.begin(), c.cp_sizes.end(), n) == c.cp_sizes.end()) c.cp_sizes.push_back(n);
-  }
+  auto cases = selftest_baselines(mutants);
   // The memory variant judges the reference against a golden: one recorded here, by the unmutated code.
   struct RemovedAtExit {
     std::string path;

@@ -1,6 +1,7 @@
 // Every check can fail: runs each check against a known-bad mutant of the code it guards and proves the check
 // fails and names the bug; the same checks pass on the unmutated code first, so the failure is the mutant's.
 #pragma once
+#include <map>
 #include <string>
 #include <vector>
 
@@ -30,6 +31,10 @@ SuiteOptions mutate(SuiteOptions options, const std::string& name);
 // The selftest case: "default" (contiguous shards, the hop limit), "zigzag" (zigzag shards, which the hop limit
 // cannot go with), "stream" (the streaming ring) or "micro_batches" (two rows in two micro-batches).
 train::Case selftest_case(const std::string& variant = "default");
+
+// One baseline case per layout the mutants run on, by variant: it selects every check they target and runs at every
+// cp size they run at, so that the unmutated code is seen to pass where each mutant is seen to fail.
+std::map<std::string, train::Case> selftest_baselines(const std::vector<Mutant>& mutants);
 
 // One report case per mutant plus a baseline; status pass only when every mutant was caught.
 report::Report run_selftest(const SuiteOptions& base, const std::vector<std::string>& only = {});

@@ -109,6 +109,23 @@ TEST(CaseGolden, AGoldenTheRunNoLongerMatchesFailsTheCaseNamingTheTensor) {
   EXPECT_EQ(run_case(train::load_case(case_path), SuiteOptions{}).status(), report::Status::Fail);
 }
 
+// A tensor the run records and the golden lacks is no match: golden.match counts it and fails, naming it.
+TEST(CaseGolden, AGoldenLackingATensorTheRunRecordsFails) {
+  TempDir dir;
+  const std::string case_path = write_case(dir, case_json(R"({"golden": "g.h5"})"));
+  std::string dropped;
+  record_golden(case_path, dir.file("g.h5"), [&](report::RunDump& d) {
+    auto& grads = d.steps.at(0).grads;
+    dropped = std::prev(grads.end())->first;
+    grads.erase(std::prev(grads.end()));
+  });
+  const auto g = run_with_golden(case_path);
+  ASSERT_TRUE(g.golden);
+  EXPECT_EQ(g.golden->status, report::Status::Fail) << g.golden->message;
+  EXPECT_GE(g.golden->observed, 1.0);
+  EXPECT_NE(g.golden->message.find(dropped), std::string::npos) << g.golden->message;
+}
+
 // The bf16 lane judges the golden against the case's fp32 oracle (the suite's own oracle run is reused).
 TEST(CaseGolden, ABf16CaseMatchesItsGoldenAgainstTheOracle) {
   TempDir dir;

@@ -74,6 +74,30 @@ TEST(MicroBatches, TheStepTokenCountNormalisesMicroBatchesOfUnequalCounts) {
   }
 }
 
+// The micro-batches of a step are its batch cut along the rows, in order: with two rows each, put back together they
+// are the batch of the same case without micro-batches.
+TEST(MicroBatches, TheMicroBatchesOfAStepPutTogetherAreItsBatch) {
+  auto j = nlohmann::json::parse(R"({"id": "mb", "model": {"preset": "tiny-31b"},
+    "data": {"batch": 6, "seq_len": 24, "document_lengths": [10, 9], "padding": 5, "seed": 4}, "steps": 2})");
+  const auto whole = train::case_from_json(j, "mb.json");
+  j["micro_batches"] = 3;
+  const auto split = train::case_from_json(j, "mb.json");
+  for (int64_t step : {0, 1}) {
+    const auto full = train::micro_batches_for_step(whole, step);
+    const auto parts = train::micro_batches_for_step(split, step);
+    ASSERT_EQ(full.size(), 1u);
+    ASSERT_EQ(parts.size(), 3u);
+    std::vector<torch::Tensor> ids, labels, positions;
+    for (auto& p : parts) {
+      EXPECT_EQ(p.input_ids.size(0), 2);
+      ids.push_back(p.input_ids), labels.push_back(p.labels), positions.push_back(p.position_ids);
+    }
+    EXPECT_TRUE(torch::equal(torch::cat(ids, 0), full[0].input_ids)) << step;
+    EXPECT_TRUE(torch::equal(torch::cat(labels, 0), full[0].labels)) << step;
+    EXPECT_TRUE(torch::equal(torch::cat(positions, 0), full[0].position_ids)) << step;
+  }
+}
+
 TEST(MicroBatches, TheCaseKeyMustSplitTheRowsEvenly) {
   auto j = nlohmann::json::parse(R"({"id": "mb", "model": {"preset": "tiny-e2b"}, "data": {"batch": 4, "seq_len": 32}})");
   j["micro_batches"] = 2;

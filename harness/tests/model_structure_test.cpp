@@ -149,6 +149,19 @@ TEST(ModelStructure, AnUntiedHeadIsRefusedAtEitherLevelOfAMultimodalConfig) {
   EXPECT_EQ(key_of(text), "tie_word_embeddings");
 }
 
+// A config.json without layer_types gets transformers' default pattern: every sixth layer full (5, 11, ...), and
+// the last layer full.
+TEST(ModelStructure, AConfigWithoutLayerTypesGetsTransformersDefaultPattern) {
+  auto j = preset_config("tiny-31b").to_json();
+  j.erase("layer_types");
+  j["num_hidden_layers"] = 14;
+  const auto c = config_from_hf_json(j, "config.json");
+  std::vector<int64_t> full;
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i)
+    if (c.layer_types.at(size_t(i)) == LayerType::kFull) full.push_back(i);
+  EXPECT_EQ(full, (std::vector<int64_t>{5, 11, 13}));
+}
+
 TEST(ModelStructure, BadConfigsNameTheField) {
   auto expect_error = [](const nlohmann::json& j, const std::string& needle) {
     try {

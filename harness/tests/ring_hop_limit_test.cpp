@@ -90,5 +90,76 @@ TEST(RingChecks, EveryRankIsJudgedTheLastOneToo) {
   EXPECT_EQ(rotation_order(run), (std::vector<report::Status>{pass, pass, pass, fail}));
 }
 
+// One cp 4 run of the hop-limited case, shared by the tests below that plant one wrong record each.
+const LaneRun& hop_limited_cp4() {
+  static const LaneRun run = [] {
+    RunOptions o;
+    o.ring.q_block = o.ring.kv_block = 4;
+    o.ring.hop_limit = true;  // (as the runner sets it from the case)
+    return run_cp(make_case(true), train::DtypeLane::kFp32, 4, o);
+  }();
+  return run;
+}
+
+std::vector<report::Status> statuses(const std::vector<report::CheckResult>& results, const std::string& name) {
+  std::vector<report::Status> out;
+  for (auto& k : results)
+    if (k.name == name) out.push_back(k.status);
+  return out;
+}
+
+const std::vector<report::Status> kAllPass(4, report::Status::Pass);
+const std::vector<report::Status> kRank2Fails = {report::Status::Pass, report::Status::Pass, report::Status::Fail,
+                                                 report::Status::Pass};
+
+// A hop-limited pass holds fewer chunks than ranks, so a wrong owner at its last ring step is no duplicate: the
+// owner of every step is compared, the last one too.
+TEST(RingChecks, TheOwnerOfTheLastRingStepIsJudged) {
+  const auto c = make_case(true);
+  auto run = hop_limited_cp4();
+  EXPECT_EQ(statuses(check::check_ring(c, run), "ring.rotation_order"), kAllPass);
+  auto& trace = run.traces.at(2);
+  auto pass = std::find_if(trace.begin(), trace.end(), [](auto& e) { return e.owners.size() == 2; });
+  ASSERT_NE(pass, trace.end()) << "no hop-limited pass";
+  pass->owners.back() = 3;  // rank 2's second chunk is rank 1's; rank 3's is another rank's, held once
+  EXPECT_EQ(statuses(check::check_ring(c, run), "ring.rotation_order"), kRank2Fails);
+}
+
+// Collect mode holds the layer's h + 1 chunks at most: one more (a chunk kept twice) fails ring.chunks_held.
+TEST(RingChecks, ACollectPassHoldingOneChunkMoreThanItsStepsFails) {
+  const auto c = make_case(true);
+  auto run = hop_limited_cp4();
+  EXPECT_EQ(statuses(check::check_ring(c, run), "ring.chunks_held"), kAllPass);
+  auto& e = run.traces.at(2).at(0);
+  e.peak_chunks = int64_t(e.owners.size()) + 1;
+  EXPECT_EQ(statuses(check::check_ring(c, run), "ring.chunks_held"), kRank2Fails);
+}
+
+// The run with the cache off must build at every lookup: a cache that ignores being switched off fails
+// cache.build_count, as a cached run that builds too often does.
+TEST(RingChecks, AnUncachedRunThatStillCachesFailsTheBuildCount) {
+  const auto c = make_case(true);
+  const auto& run = hop_limited_cp4();
+  const auto on = check::expected_cache_counts(c, 4, true), off = check::expected_cache_counts(c, 4, false);
+  ASSERT_LT(on.builds, off.builds);
+  auto uncached = run;
+  uncached.cache.resize(1);
+  for (auto& k : uncached.cache[0]) k.lookups = off.lookups, k.builds = off.builds, k.hits = 0;
+  EXPECT_EQ(statuses(check::check_cache(c, run, &uncached), "cache.build_count"), kAllPass);
+  uncached.cache[0][2].builds = on.builds;
+  uncached.cache[0][2].hits = on.lookups - on.builds;
+  EXPECT_EQ(statuses(check::check_cache(c, run, &uncached), "cache.build_count"), kRank2Fails);
+}
+
+// A rank that holds one token fewer than its share fails shard.layout even though every token it holds is right
+// (the dropped token is held by no rank).
+TEST(RingChecks, ARankMissingATokenOfItsShardFailsTheLayout) {
+  const auto c = make_case(true);
+  auto run = hop_limited_cp4();
+  EXPECT_EQ(statuses(check::check_shard_layout(c, run), "shard.layout"), kAllPass);
+  run.token_index.at(2).pop_back();
+  EXPECT_EQ(statuses(check::check_shard_layout(c, run), "shard.layout"), kRank2Fails);
+}
+
 }  // namespace
 }  // namespace cpharness::runner
