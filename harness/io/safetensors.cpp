@@ -305,9 +305,10 @@ std::map<std::string, std::vector<std::string>> read_weight_map(const std::strin
     const std::string shard_path = (dir / shard).string();
     std::error_code ec;
     if (!fs::is_regular_file(shard_path, ec)) {
+      const bool exists = fs::exists(fs::symlink_status(shard_path, ec));  // (a FIFO, a directory, a dangling link)
       throw InputError(index_path, names.front(),
                        "shard file \"" + shard_path + "\" (holding " + std::to_string(names.size()) +
-                           " tensors of weight_map) does not exist");
+                           " tensors of weight_map) " + (exists ? "is not a regular file" : "does not exist"));
     }
     out[shard_path] = names;
   }

@@ -1,6 +1,8 @@
 // Tests of harness/io/safetensors: round trips, the reference byte layout, sharded checkpoints, corrupt files.
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
+
 #include <nlohmann/json.hpp>
 
 #include "harness/io/safetensors.h"
@@ -228,6 +230,10 @@ TEST(IoSafetensors, CheckpointMissingShardNamesIndexTensorAndShard) {
   EXPECT_TRUE(throws_input_error([&] { read_safetensors_checkpoint(s.index); },
                                  {s.index, "model.layers.1.mlp.down_proj.weight", "model-00002-of-00002.safetensors",
                                   "does not exist"}));
+  // A shard that is there but no file (a FIFO would block a reader; a directory) says so.
+  ASSERT_EQ(::mkfifo(dir.file("model-00002-of-00002.safetensors").c_str(), 0644), 0);
+  EXPECT_TRUE(throws_input_error([&] { read_safetensors_checkpoint(s.index); },
+                                 {s.index, "model-00002-of-00002.safetensors", "is not a regular file"}));
 }
 
 TEST(IoSafetensors, CheckpointTensorAbsentFromItsShard) {
