@@ -799,17 +799,22 @@ TEST_F(CliTest, ABadCheckpointIsRefusedBeforeAnyCaseRuns) {
   }
 }
 
+// `out` holding an older run's passing report, XML and page (what a stopped or killed run must not leave standing).
+fs::path with_an_older_runs_reports(const fs::path& out) {
+  fs::create_directories(out);
+  std::ofstream(out / "report.json") << R"({"status": "pass", "note": "an older run"})";
+  std::ofstream(out / "report.xml") << "<testsuites/>";
+  std::ofstream(out / "report.html") << "<html>an older run</html>";
+  return out;
+}
+
 // A local run stopped by SIGTERM or SIGINT (CI cancelling the job, Ctrl-C): exit 2, the error report naming the
 // signal in place of the reports (an older run's included), no page of the older run, no temp file.
 TEST_F(CliTest, ASignalStoppingALocalRunLeavesTheErrorReportNotAnOlderOne) {
   auto c = write("g.json", kGoodCase);
   for (const std::string sig : {"TERM", "INT"}) {
     SCOPED_TRACE(sig);
-    const auto out = dir_ / ("out-" + sig);
-    fs::create_directories(out);
-    std::ofstream(out / "report.json") << R"({"status": "pass", "note": "an older run"})";
-    std::ofstream(out / "report.xml") << "<testsuites/>";
-    std::ofstream(out / "report.html") << "<html>an older run</html>";
+    const auto out = with_an_older_runs_reports(dir_ / ("out-" + sig));
     // rank 1 hangs before step 0, so the run is still going when the signal comes. A background job of a script
     // starts with SIGINT ignored (POSIX), which cpharness keeps ignored: env gives it the default, as a foreground
     // run at a terminal has it.
@@ -838,11 +843,7 @@ TEST_F(CliTest, AProcessKilledOutrightOrCrashedLeavesTheUnfinishedErrorNotAnOlde
   auto c = write("g.json", kGoodCase);
   for (const std::string sig : {"KILL", "SEGV", "ABRT"}) {
     SCOPED_TRACE(sig);
-    const auto out = dir_ / ("killed-" + sig);
-    fs::create_directories(out);
-    std::ofstream(out / "report.json") << R"({"status": "pass", "note": "an older run"})";
-    std::ofstream(out / "report.xml") << "<testsuites/>";
-    std::ofstream(out / "report.html") << "<html>an older run</html>";
+    const auto out = with_an_older_runs_reports(dir_ / ("killed-" + sig));
     // rank 1 hangs before step 0: the run is under way when the signal comes (once the stand-in is in place).
     const std::string cmd = "CPHARNESS_INJECT_FAULT=hang@1:0 " + std::string(CPHARNESS_BINARY) + " run " + c +
                             " --cp 2 --timeout 120 --out " + out.string();
