@@ -375,8 +375,8 @@ CheckResult judge_final_params(const Tolerances& tol, const report::LaneRun& ref
   // rounding into a whole update, on weights the harness did not condition (measured on the HF checkpoints: cp N
   // vs cp 1 up to 3e-5, while cp 1 itself is 2e-6 to 1e-4 from the fp64 truth, so no bound on fp32 parameters
   // survives, not even one relative to cp 1's own error). In fp64 the rounding is 1e-16 and the amplification
-  // cannot reach 1e-5, while any CP bug of the update path is there as in fp32; the fp32 gradients that feed the
-  // updates are judged in fp32 by train.grad_norm_parity (per step and per tensor at step 0).
+  // cannot reach 1e-5, while any CP bug of the update path is there as in fp32; the step-0 gradients that feed the
+  // first update are judged by train.grad_norm_parity, in fp32 or against the fp64 oracle.
   // (The reruns may have been made for the per-step figures alone: parameters within fp32_relative stay judged so.)
   const bool rerun = fp64 && fp64->reference && fp64->candidate && !final_params_within_fp32(tol, ref, cand);
   const report::LaneRun& base = bf16_oracle ? *bf16_oracle : rerun ? *fp64->reference : ref;
@@ -430,9 +430,10 @@ std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& 
   // cp N 5e-3, both inside the lane's error on the save_pretrained checkpoints) does not set the bound.
   if (bf16 && !ref.grads.empty() && !base.grads.empty())
     cp1_error_so_far["train.grad_norm_parity"] = vector_error(ref.grads, base.grads);
-  // fp32, where the final parameters were judged between fp64 reruns (AdamW made them noisy: judge_final_params):
-  // from step 1 on, every run trains weights that the earlier updates already moved apart by that noise, so the
-  // step's loss, grad norm and param norm are judged between the same reruns (fp32 values kept in the details).
+  // fp32, where the fp64 reruns of cp 1 and cp N were made (some fp32 figure missed: AdamW makes the parameters
+  // noisy, judge_final_params): from step 1 on, every run trains weights that the earlier updates already moved
+  // apart by that noise, so the step's loss, grad norm and param norm are judged between the reruns (fp32 values
+  // kept in the details).
   const bool rerun = !bf16 && fp64 && fp64->reference && fp64->candidate;
   const report::LaneRun* oracle64 = !bf16 && fp64 && fp64->reference ? fp64->reference : nullptr;
   for (size_t s = 0; s < std::min(cand.steps.size(), base.steps.size()); ++s) {
@@ -446,8 +447,9 @@ std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& 
                                       Policy::Fp64Rerun,
                                       {{"candidate", c64}, {"reference", r64}, {"fp32_candidate", c_val},
                                        {"fp32_reference", r_val}, {"fp32_rel_error", rel_scalar(c_val, r_val)},
-                                       {"why", "the final parameters were judged between fp64 reruns: from step 1 on "
-                                               "the fp32 runs train weights AdamW's noise already moved apart"}});
+                                       {"why", "some fp32 figure missed fp32_relative and cp 1 and cp N were rerun "
+                                               "in fp64: from step 1 on the fp32 runs train weights AdamW's noise "
+                                               "already moved apart"}});
         res.step = int(s);
         if (res.status != report::Status::Pass) failing.push_back(name);
         out.push_back(res);
