@@ -1,5 +1,6 @@
 #include "harness/check/hf_parity.h"
 
+#include "harness/check/tolerance.h"
 #include "kernels/relative_error.h"
 
 #include <fmt/format.h>
@@ -94,6 +95,54 @@ std::vector<CheckResult> check_hf_parity(const report::HfGolden& g, const report
   else if (!rels.empty()) grads.message += fmt::format(" (worst: {})", rels.front().second);
   out.push_back(grads);
   return out;
+}
+
+CheckResult judge_hf_grads_through_cp1(const report::HfGolden& g, const report::HfRun& run,
+                                       const report::HfRun& run_fp64, const HfCp1Runs& cp1, const HfParityTolerance& tol) {
+  const Tolerances lane;
+  const auto& ref_grads = g.dump.steps.at(0).grads;
+  double cp1_worst = 0, worst = 0;
+  std::string cp1_worst_name, worst_name;
+  std::map<std::string, double> family;  // cp 1's own fp32 error against its fp64 run, the largest per family
+  auto at = [](const std::map<std::string, torch::Tensor>& m, const std::string& name) -> const torch::Tensor* {
+    auto it = m.find(name);
+    return it == m.end() ? nullptr : &it->second;
+  };
+  for (auto& [name, ref] : ref_grads) {
+    const auto *a = at(cp1.fp32->grads, name), *a64 = at(cp1.fp64->grads, name);
+    const double e = a && a->sizes() == ref.sizes() ? rel_l2(*a, ref.to(torch::kFloat32)) : INFINITY;
+    if (!(e <= cp1_worst)) cp1_worst = e, cp1_worst_name = name;
+    double& f = family[tensor_family(name)];
+    f = std::max(f, a && a64 ? rel_l2(a->to(torch::kFloat64), *a64) : INFINITY);
+  }
+  for (auto& [name, ref] : ref_grads) {
+    const auto *c = at(run.grads, name), *c64 = at(run_fp64.grads, name), *a64 = at(cp1.fp64->grads, name);
+    double ratio = INFINITY;
+    if (c && c64 && a64) {
+      const double cp_fp64 = rel_l2(*c64, *a64) / lane.fp32(run.cp);
+      const double cp_fp32 = rel_l2(c->to(torch::kFloat64), *a64) /
+                             (lane.fp32_rerun_headroom * lane.fp32_oracle(family.at(tensor_family(name)), run.cp));
+      ratio = std::max(cp_fp64, cp_fp32);
+    }
+    if (std::isnan(ratio)) ratio = INFINITY;
+    if (worst_name.empty() || ratio > worst) worst = ratio, worst_name = name;
+  }
+  for (auto& [name, t] : run.grads)
+    if (!ref_grads.count(name)) worst = INFINITY, worst_name = name;
+  const double observed = std::max(worst, cp1_worst / tol.grads);
+  auto d = base_details(g, run);
+  d["cp1_max_rel_l2_grad_vs_golden"] = cp1_worst;
+  d["cp1_worst_tensor"] = cp1_worst_name;
+  d["cp_worst_ratio"] = worst;
+  d["cp_worst_tensor"] = worst_name;
+  d["why"] = fmt::format("cp {} missed {} against the golden: the C++ model is judged at cp 1 against the golden, CP "
+                         "between fp64 runs of cp 1 and cp {} from the golden's weights and batch, as the fp32 lane "
+                         "judges it", run.cp, tol.grads, run.cp);
+  auto res = CheckResult::judge("hf.parity", run.cp, std::nullopt, "max_grad_ratio_through_cp1", observed, 1.0,
+                                Policy::Fp64Rerun, d);
+  res.message += fmt::format(" (cp 1 against the golden: {:.3g}, worst {}; CP: ratio {:.3g}, worst {})", cp1_worst,
+                             cp1_worst_name, worst, worst_name);
+  return res;
 }
 
 CheckResult check_hf_kvshare_loss_parity(const report::HfGolden& g, const report::HfRun& correct, double tol) {

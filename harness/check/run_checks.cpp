@@ -19,6 +19,14 @@
 #include "kernels/relative_error.h"
 
 namespace cpharness::check {
+
+// (All norm weights as one family was tried: too loose, tiny-e4b-bf16 then no longer saw the power check's dropped
+// label.)
+std::string tensor_family(const std::string& name) {
+  static const std::regex layer_index{R"(^layers\.\d+\.)"};
+  return std::regex_replace(name, layer_index, "layers.*.");
+}
+
 namespace {
 
 using report::Policy;
@@ -26,13 +34,6 @@ using torch::Tensor;
 
 double rel(const Tensor& a, const Tensor& b) { return kernels::relative_error(a, b); }
 double rel_scalar(double a, double b) { return kernels::relative_error(a, b); }
-
-// The family of a parameter, whose members' errors share one scale: the same tensor in every layer. (All norm
-// weights as one family was tried: too loose, tiny-e4b-bf16 then no longer saw the power check's dropped label.)
-std::string tensor_family(const std::string& name) {
-  static const std::regex layer_index{R"(^layers\.\d+\.)"};
-  return std::regex_replace(name, layer_index, "layers.*.");
-}
 
 // The relative error of every tensor of `a` against `b` taken as one vector (what a gradient norm's error is at
 // most); a tensor `a` lacks makes it infinite.

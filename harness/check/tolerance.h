@@ -3,8 +3,13 @@
 #pragma once
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 namespace cpharness::check {
+
+// The family of a parameter, whose members' errors share one scale: the same tensor in every layer
+// ("layers.3.mlp.up_proj.weight" -> "layers.*.mlp.up_proj.weight").
+std::string tensor_family(const std::string& name);
 
 struct Tolerances {
   double fp32_relative = 1e-5;  // loss |d| <= t |loss|; tensors ||d|| / ||ref|| <= t

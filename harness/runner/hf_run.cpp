@@ -15,12 +15,12 @@
 namespace cpharness::runner {
 namespace {
 
-model::Gemma4Model load_model(const HfGolden& g, model::KvShareSemantics semantics) {
+model::Gemma4Model load_model(const HfGolden& g, model::KvShareSemantics semantics, torch::ScalarType dtype) {
   auto config = g.config;
   config.kv_share_semantics = semantics;
   model::Gemma4Model m(config);
   model::load_weights(m, g.dump.weights, g.path);
-  m->to(torch::kFloat32);
+  m->to(dtype);
   return m;
 }
 
@@ -31,13 +31,13 @@ HfRun run_on_hf_golden(const HfGolden& g, int cp, bool holder) {
 }
 
 HfRun run_on_hf_golden(const HfGolden& g, int cp, bool holder, model::KvShareSemantics semantics,
-                       bool drop_boundary_label) {
+                       bool drop_boundary_label, torch::ScalarType dtype) {
   const auto start = std::chrono::steady_clock::now();
   HfRun out;
   out.cp = cp;
   out.holder = holder;
   if (cp == 1) {
-    auto m = load_model(g, semantics);
+    auto m = load_model(g, semantics, dtype);
     model::EagerAttention eager;
     model::KvShareHolder h;
     model::ForwardOptions o;
@@ -47,13 +47,13 @@ HfRun run_on_hf_golden(const HfGolden& g, int cp, bool holder, model::KvShareSem
     auto mean = loss.sum / double(loss.count);
     mean.backward();
     out.loss = mean.item<double>();
-    out.logits = logits.detach().to(torch::kFloat32);
-    out.grads = model::gradient_copies(m, torch::kFloat32);
+    out.logits = logits.detach().to(dtype);
+    out.grads = model::gradient_copies(m, dtype);
   } else {
     std::vector<torch::Tensor> logits(cp);
     cp::ShardPlan plan;
     cp::run_local(cp, [&](cp::Comm& comm) {
-      auto m = load_model(g, semantics);
+      auto m = load_model(g, semantics, dtype);
       cp::RingAttention ring(comm, cp::RingOptions{});
       cp::CpStepOptions options;
       options.use_share_holder = holder;
@@ -62,11 +62,11 @@ HfRun run_on_hf_golden(const HfGolden& g, int cp, bool holder, model::KvShareSem
       logits[comm.rank()] = r.local_logits;
       if (comm.rank() == 0) {
         out.loss = r.loss;
-        out.grads = model::gradient_copies(m, torch::kFloat32);
+        out.grads = model::gradient_copies(m, dtype);
         plan = r.plan;
       }
     });
-    out.logits = plan.unshard(logits).to(torch::kFloat32);
+    out.logits = plan.unshard(logits).to(dtype);
   }
   out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return out;

@@ -15,7 +15,9 @@ using report::load_hf_golden;
 // `semantics` overrides the golden's (e.g. to run the correct, sharing reference against a buggy export).
 HfRun run_on_hf_golden(const HfGolden& golden, int cp, bool holder);
 // `drop_boundary_label` (cp > 1): the power check's perturbation, the label of cp::boundary_label_target() dropped.
+// `dtype` kFloat64: the run in fp64 from the same weights (hf.parity's fp64 runs, check/hf_parity.h); logits and
+// gradients are then fp64.
 HfRun run_on_hf_golden(const HfGolden& golden, int cp, bool holder, model::KvShareSemantics semantics,
-                       bool drop_boundary_label = false);
+                       bool drop_boundary_label = false, torch::ScalarType dtype = torch::kFloat32);
 
 }  // namespace cpharness::runner
