@@ -209,7 +209,12 @@ LaneRun first_step(const LaneRun& run) {
   return r;
 }
 
-report::CheckResult power_check(const train::Case& c, int n, const check::Tolerances& tol, const CaseRuns& runs) {
+// `fp64_oracle`: the reference's fp64 run where the fp32 lane made one (some figure missed fp32_relative). The
+// perturbed run is then judged as the candidate was, against that oracle where fp32 misses; and a result counts as
+// seeing the perturbation only where the unperturbed candidate passed it (on weights fp32 cannot hold to 1e-5, a
+// result the candidate fails too is noise, not sight: the perturbation would be "seen" without being made).
+report::CheckResult power_check(const train::Case& c, int n, const check::Tolerances& tol, const CaseRuns& runs,
+                                const LaneRun* fp64_oracle = nullptr) {
   const auto target = cp::boundary_label_target(train::batch_for_step(c, 0), n, c.model.pad_fill_id(), check::case_sharding(c));
   const std::string perturbation =
       target.rank < 0 ? std::string("dropping a boundary label")
@@ -226,9 +231,22 @@ report::CheckResult power_check(const train::Case& c, int n, const check::Tolera
   one_step.steps = 1;
   const auto ref = first_step(*runs.reference);
   const auto oracle = runs.oracle ? std::optional<LaneRun>(first_step(*runs.oracle)) : std::nullopt;
+  const auto oracle64 = fp64_oracle ? std::optional<LaneRun>(first_step(*fp64_oracle)) : std::nullopt;
+  const check::Fp64Rerun fp64{oracle64 ? &*oracle64 : nullptr, nullptr};
+  auto judged = [&](const LaneRun& run) {
+    return check::check_training(one_step, tol, ref, run, oracle ? &*oracle : nullptr, "", &fp64);
+  };
+  std::vector<report::CheckResult> unperturbed;
+  if (oracle64)
+    if (auto cand = runs.candidates.find(n); cand != runs.candidates.end()) unperturbed = judged(first_step(cand->second));
+  auto candidate_failed = [&](const report::CheckResult& r) {
+    for (auto& u : unperturbed)
+      if (u.name == r.name && u.metric == r.metric && u.step == r.step) return u.status != report::Status::Pass;
+    return false;
+  };
   std::vector<report::CheckResult> seen;
-  for (auto& r : check::check_training(one_step, tol, ref, p->second, oracle ? &*oracle : nullptr, ""))
-    if (wants_check(c, r.name)) seen.push_back(r);
+  for (auto& r : judged(p->second))
+    if (wants_check(c, r.name) && !(r.status != report::Status::Pass && candidate_failed(r))) seen.push_back(r);
   auto res = check::check_power(n, perturbation, seen, true);
   if (auto s = runs.perturbed_seconds.find(n); s != runs.perturbed_seconds.end()) res.details["perturbed_run_seconds"] = s->second;
   return res;
@@ -435,7 +453,7 @@ void judge_phase(const train::Case& c, const RunOptions& run_options, const Suit
                                                 options.dump_dir, &fp64));
     auto profile = check::divergence_profile(c, tol, *runs.reference, candidate, runs.oracle ? &*runs.oracle : nullptr);
     if (!profile.is_null()) rep.page["divergence_profile"][std::to_string(n)] = std::move(profile);
-    rep.checks.push_back(power_check(c, n, tol, runs));  // whatever the case selects
+    rep.checks.push_back(power_check(c, n, tol, runs, fp64.reference));  // whatever the case selects
     if (wants_check(c, "kvshare.loss_parity") || wants_check(c, "kvshare.bug_detected"))
       append(rep.checks, c, kvshare_checks(c, n, tol, *runs.reference, run_options));
     record_ring_and_cache(rep, n, candidate, run_options.ring.mode);
