@@ -86,19 +86,24 @@ std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& 
 // reference's: when not, the runner makes the fp64 runs of Fp64Rerun.
 bool final_params_within_fp32(const Tolerances& tol, const report::LaneRun& reference, const report::LaneRun& candidate);
 bool step0_grads_within_fp32(const Tolerances& tol, const report::LaneRun& reference, const report::LaneRun& candidate);
-// Whether the loss, grad norm and param norm of every step from `from_step` on are within fp32_relative. When a
-// step misses, the runner makes the fp64 oracle (step 0 is judged against it: k x cp 1's own error +
-// fp32_relative); when a step after the first misses, the cp N rerun too, and those steps are judged between the
-// reruns (as the final parameters are).
 // Whether every step-0 gradient of an fp32 candidate is within the oracle-relative bound (k x cp 1's own error
 // against the fp64 oracle + fp32_relative): when not, the runner makes the cp N fp64 rerun too.
 bool step0_grads_within_oracle(const Tolerances& tol, const report::LaneRun& reference, const report::LaneRun& candidate,
                                const report::LaneRun& oracle);
+// Whether the loss, grad norm and param norm of every step from `from_step` on are within fp32_relative. When a
+// step misses, the runner makes the fp64 oracle (step 0 is judged against it: k x cp 1's own error +
+// fp32_relative); when a step after the first misses, the cp N rerun too, and those steps are judged between the
+// reruns (as the final parameters are).
 bool steps_within_fp32(const Tolerances& tol, const report::LaneRun& reference, const report::LaneRun& candidate,
                        size_t from_step);
 // Whether the step-0 logits are: when not (nor the steps' figures), they are judged against the fp64 oracle.
 bool step0_logits_within_fp32(const train::Case& c, const Tolerances& tol, const report::LaneRun& reference,
                               const report::LaneRun& candidate);
+
+// cp 1's own error against `truth`, as a scale: per family of tensors (tensor_family), the largest; a tensor `cp1`
+// lacks makes its family's infinite.
+std::map<std::string, double> family_errors(const std::map<std::string, torch::Tensor>& cp1,
+                                            const std::map<std::string, torch::Tensor>& truth);
 
 // train.param_parity on the final parameters, tensor by tensor: observed is the worst error / allowed.
 //   bf16 lane (`bf16_oracle`, cp 1 fp32): error vs that oracle <= bf16_k x cp 1's error + bf16_floor;

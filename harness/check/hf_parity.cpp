@@ -1,5 +1,6 @@
 #include "harness/check/hf_parity.h"
 
+#include "harness/check/checks.h"
 #include "harness/check/tolerance.h"
 #include "kernels/relative_error.h"
 
@@ -103,17 +104,15 @@ CheckResult judge_hf_grads_through_cp1(const report::HfGolden& g, const report::
   const auto& ref_grads = g.dump.steps.at(0).grads;
   double cp1_worst = 0, worst = 0;
   std::string cp1_worst_name, worst_name;
-  std::map<std::string, double> family;  // cp 1's own fp32 error against its fp64 run, the largest per family
+  const auto family = family_errors(cp1.fp32->grads, cp1.fp64->grads);  // cp 1's own fp32 error, per family
   auto at = [](const std::map<std::string, torch::Tensor>& m, const std::string& name) -> const torch::Tensor* {
     auto it = m.find(name);
     return it == m.end() ? nullptr : &it->second;
   };
   for (auto& [name, ref] : ref_grads) {
-    const auto *a = at(cp1.fp32->grads, name), *a64 = at(cp1.fp64->grads, name);
+    const auto* a = at(cp1.fp32->grads, name);
     const double e = a && a->sizes() == ref.sizes() ? rel_l2(*a, ref.to(torch::kFloat32)) : INFINITY;
     if (!(e <= cp1_worst)) cp1_worst = e, cp1_worst_name = name;
-    double& f = family[tensor_family(name)];
-    f = std::max(f, a && a64 ? rel_l2(a->to(torch::kFloat64), *a64) : INFINITY);
   }
   for (auto& [name, ref] : ref_grads) {
     const auto *c = at(run.grads, name), *c64 = at(run_fp64.grads, name), *a64 = at(cp1.fp64->grads, name);

@@ -324,9 +324,6 @@ bool step0_grads_within_fp32(const Tolerances& tol, const report::LaneRun& ref, 
   return tensors_within_fp32(tol, cand.cp, ref.grads, cand.grads);
 }
 
-namespace {
-
-// cp 1's own error against `truth`, as a scale: per family of tensors (the same tensor in every layer), the largest.
 // One tensor's error is one draw, and a noisy one (a norm weight's gradient sums with cancellation over every token
 // and head): on the save_pretrained checkpoints in bf16, cp 1 was 2 % off in one q_norm gradient while cp 2 was
 // 13 %, and both were within the 13-16 % cp 1 showed for q_norm in other layers.
@@ -339,8 +336,6 @@ std::map<std::string, double> family_errors(const std::map<std::string, torch::T
   }
   return family_error;
 }
-
-}  // namespace
 
 bool step0_grads_within_oracle(const Tolerances& tol, const report::LaneRun& ref, const report::LaneRun& cand,
                                const report::LaneRun& oracle) {
@@ -440,42 +435,36 @@ std::vector<CheckResult> check_training(const train::Case& c, const Tolerances& 
   for (size_t s = 0; s < std::min(cand.steps.size(), base.steps.size()); ++s) {
     const bool on_rerun = rerun && s >= 1 && s < fp64->reference->steps.size() && s < fp64->candidate->steps.size();
     // (Steps from 1 on go to the reruns when they were made; a figure that passes in fp32 is judged there anyway.)
-    auto judge = [&](const char* name, double report::TrainingStep::*value) {
+    auto judged = [&](const char* name, double report::TrainingStep::*value) {
       const double c_val = cand.steps[s].*value, r_val = ref.steps[s].*value, b_val = base.steps[s].*value;
       if (on_rerun) {
         const double c64 = fp64->candidate->steps[s].*value, r64 = fp64->reference->steps[s].*value;
-        auto res = CheckResult::judge(name, n, std::nullopt, "rel_abs_diff", rel_scalar(c64, r64), tol.fp32(n),
-                                      Policy::Fp64Rerun,
-                                      {{"candidate", c64}, {"reference", r64}, {"fp32_candidate", c_val},
-                                       {"fp32_reference", r_val}, {"fp32_rel_error", rel_scalar(c_val, r_val)},
-                                       {"why", "some fp32 figure missed fp32_relative and cp 1 and cp N were rerun "
-                                               "in fp64: from step 1 on the fp32 runs train weights AdamW's noise "
-                                               "already moved apart"}});
-        res.step = int(s);
-        if (res.status != report::Status::Pass) failing.push_back(name);
-        out.push_back(res);
-        return;
+        return CheckResult::judge(name, n, std::nullopt, "rel_abs_diff", rel_scalar(c64, r64), tol.fp32(n),
+                                  Policy::Fp64Rerun,
+                                  {{"candidate", c64}, {"reference", r64}, {"fp32_candidate", c_val},
+                                   {"fp32_reference", r_val}, {"fp32_rel_error", rel_scalar(c_val, r_val)},
+                                   {"why", "some fp32 figure missed fp32_relative and cp 1 and cp N were rerun "
+                                           "in fp64: from step 1 on the fp32 runs train weights AdamW's noise "
+                                           "already moved apart"}});
       }
       const double observed = rel_scalar(c_val, b_val);
       if (!bf16 && !(observed <= tol.fp32(n)) && oracle64 && s < oracle64->steps.size()) {
         // fp32, missed against cp 1, an fp64 oracle run: against it, k x cp 1's own error + fp32_relative (on a
         // 35-layer checkpoint both cp 1 and transformers' fp32 step-0 grad norm were 0.87 % from fp64).
         const double o_val = oracle64->steps[s].*value;
-        auto res = CheckResult::judge(name, n, std::nullopt, "rel_abs_diff_vs_fp64_oracle", rel_scalar(c_val, o_val),
-                                      tol.fp32_oracle(rel_scalar(r_val, o_val), n), Policy::Fp32OracleRelative,
-                                      {{"candidate", c_val}, {"oracle", o_val}, {"cp1_same_lane", r_val},
-                                       {"fp32_rel_error_vs_cp1", observed}});
-        res.step = int(s);
-        if (res.status != report::Status::Pass) failing.push_back(name);
-        out.push_back(res);
-        return;
+        return CheckResult::judge(name, n, std::nullopt, "rel_abs_diff_vs_fp64_oracle", rel_scalar(c_val, o_val),
+                                  tol.fp32_oracle(rel_scalar(r_val, o_val), n), Policy::Fp32OracleRelative,
+                                  {{"candidate", c_val}, {"oracle", o_val}, {"cp1_same_lane", r_val},
+                                   {"fp32_rel_error_vs_cp1", observed}});
       }
       double& cp1_error = cp1_error_so_far[name];
       if (bf16) cp1_error = std::max(cp1_error, rel_scalar(r_val, b_val));
-      const double allowed = bound(cp1_error);
-      auto res = CheckResult::judge(name, n, std::nullopt, "rel_abs_diff", observed, allowed, policy,
-                                    {{"candidate", c_val}, {"reference", b_val}, {"cp1_same_lane", r_val},
-                                     {"cp1_error_so_far", bf16 ? nlohmann::json(cp1_error) : nlohmann::json(nullptr)}});
+      return CheckResult::judge(name, n, std::nullopt, "rel_abs_diff", observed, bound(cp1_error), policy,
+                                {{"candidate", c_val}, {"reference", b_val}, {"cp1_same_lane", r_val},
+                                 {"cp1_error_so_far", bf16 ? nlohmann::json(cp1_error) : nlohmann::json(nullptr)}});
+    };
+    auto judge = [&](const char* name, double report::TrainingStep::*value) {
+      auto res = judged(name, value);
       res.step = int(s);
       if (res.status != report::Status::Pass) failing.push_back(name);
       out.push_back(res);

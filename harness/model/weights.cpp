@@ -33,7 +33,6 @@ bool is_non_text(const std::string& stripped) {
 // transformers would run untied.
 constexpr const char* kTiedHead = "lm_head.weight";
 
-
 }  // namespace
 
 std::vector<TensorSpec> tensor_specs(const ModelConfig& c) {
@@ -151,9 +150,14 @@ LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::
     if (name == kTiedHead) head = &tensor, head_name = raw_name;
     if (name == "embed_tokens.weight") embed = &tensor;
   }
-  if (head && embed && !torch::equal(head->to(torch::kFloat64), embed->to(torch::kFloat64))) {
-    const double diff = (head->to(torch::kFloat64) - embed->to(torch::kFloat64)).norm().item<double>() /
-                        std::max(embed->to(torch::kFloat64).norm().item<double>(), 1e-300);
+  // (In their own dtype when they share one: a real vocabulary's head is gigabytes in fp64.)
+  const bool same_head = !head || !embed ||
+                         (head->scalar_type() == embed->scalar_type()
+                              ? torch::equal(*head, *embed)
+                              : torch::equal(head->to(torch::kFloat64), embed->to(torch::kFloat64)));
+  if (!same_head) {
+    const auto e64 = embed->to(torch::kFloat64);
+    const double diff = (head->to(torch::kFloat64) - e64).norm().item<double>() / std::max(e64.norm().item<double>(), 1e-300);
     throw io::InputError(source, head_name, fmt::format("differs from embed_tokens.weight (relative L2 {:.3g}): Gemma4 "
                                                         "ties the LM head to the embeddings (transformers would run "
                                                         "this head untied)", diff));
