@@ -588,6 +588,12 @@ int compare_verb(const CompareArgs& a) {
   } catch (const std::invalid_argument& e) {
     throw UsageError(std::string("--policy: ") + e.what());
   }
+  // An older comparison's JSON goes before the work: a compare that fails on bad input, or is killed, must not leave
+  // it to be read as this one's.
+  if (!a.json_path.empty()) {
+    std::error_code ec;
+    std::filesystem::remove(a.json_path, ec);
+  }
   namespace fs = std::filesystem;
   if (fs::is_directory(a.a) || fs::is_directory(a.b)) {
     if (!fs::is_directory(a.a) || !fs::is_directory(a.b)) throw UsageError("compare: give two files or two directories");
@@ -619,7 +625,7 @@ int hf_parity_verb(const runner::HfParityOptions& options, const ReportOutputs& 
 // local backend) plus golden.match when a golden is given. 0 good (every check passed), 1 bad (a check failed), 125
 // skip (the commit cannot be judged: bad input, a run that could not be made, a case skipped here, an errored
 // check), so that a CP regression (which a cp 1 comparison cannot see) is found like any other.
-int bisect_verb(const std::string& case_path, const std::string& golden_path) {
+int bisect_verb_judged(const std::string& case_path, const std::string& golden_path) {
   auto skip = [](const std::string& why) {
     std::cerr << "bisect: skip (the commit cannot be judged): " << why << "\n";
     return 125;
@@ -658,6 +664,50 @@ int bisect_verb(const std::string& case_path, const std::string& golden_path) {
     return 1;
   } catch (const std::exception& e) {
     return skip(io::one_line(e));
+  }
+}
+
+// `git bisect run` aborts the whole bisection on an exit code above 127, which is what a crash of the commit's own
+// code gives (139 for SIGSEGV). So the commit is judged in a child process: a crash (SIGSEGV, SIGABRT, SIGBUS,
+// SIGFPE, SIGILL) is a bad commit (1); SIGKILL (an out-of-memory killer, a job's limit: not the code's own doing, as
+// far as can be told) cannot be judged (125); any other signal (SIGTERM, SIGINT to the child alone) ends this process
+// the same way, so that the bisection stops as it was asked to. The child dies with this process.
+int bisect_verb(const std::string& case_path, const std::string& golden_path) {
+  std::cout.flush();
+  std::cerr.flush();
+  const pid_t parent = ::getpid();
+  const pid_t pid = ::fork();
+  if (pid < 0) return bisect_verb_judged(case_path, golden_path);  // no child to be had: judged here
+  if (pid == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(125);
+    const int code = bisect_verb_judged(case_path, golden_path);
+    std::cout.flush();
+    std::cerr.flush();
+    ::_exit(code);
+  }
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  const int sig = WTERMSIG(status);
+  switch (sig) {
+    case SIGSEGV:
+    case SIGABRT:
+    case SIGBUS:
+    case SIGFPE:
+    case SIGILL:
+      std::cerr << fmt::format("bisect: bad (the run crashed: {})\n", ::strsignal(sig));
+      return 1;
+    case SIGKILL:
+      std::cerr << "bisect: skip (the commit cannot be judged): the run was killed (SIGKILL: out of memory, or a limit)\n";
+      return 125;
+    default:
+      std::cerr << fmt::format("bisect: stopped ({})\n", ::strsignal(sig));
+      std::cerr.flush();
+      ::signal(sig, SIG_DFL);
+      ::raise(sig);
+      return 128 + sig;
   }
 }
 

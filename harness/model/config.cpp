@@ -140,8 +140,10 @@ RopeConfig read_rope(const json& j, const std::string& source, const std::string
 // per_layer_config: {LAYER: {"head_dim": N, "num_key_value_heads": N}} where LAYER is a layer index (decimal,
 // zero-padded or not) or a layer type. The harness's model is homogeneous per layer type, so every entry of one
 // type must agree; full layers map to global_head_dim / num_global_key_value_heads, sliding ones to head_dim /
-// num_key_value_heads.
-void apply_per_layer_config(ModelConfig& c, const json& v, const std::string& source, const std::string& field) {
+// num_key_value_heads. Any other key must repeat the whole config's value (`top`): the form lists only what differs
+// per layer, and a layer's own intermediate_size or sliding_window would be another model than this one builds.
+void apply_per_layer_config(ModelConfig& c, const json& v, const json& top, const std::string& source,
+                            const std::string& field) {
   if (!v.is_object()) throw InputError(source, field, "expected an object keyed by layer index or layer type");
   std::map<LayerType, std::map<std::string, int64_t>> seen;
   const int64_t base_kv_heads = c.num_key_value_heads;
@@ -164,7 +166,13 @@ void apply_per_layer_config(ModelConfig& c, const json& v, const std::string& so
     }
     if (!entry.is_object()) throw InputError(source, where, "expected an object");
     for (auto& [name, value] : entry.items()) {
-      if (name != "head_dim" && name != "num_key_value_heads") continue;  // others do not change the math here
+      if (name != "head_dim" && name != "num_key_value_heads") {
+        if (top.contains(name) && top.at(name) == value) continue;
+        throw InputError(source, where + "." + name,
+                         fmt::format("a per-layer {} other than the whole config's is not supported (only head_dim and "
+                                     "num_key_value_heads may differ per layer type here)",
+                                     name.substr(0, 64)));
+      }
       const int64_t n = read_field<int64_t>(entry, name, source, where + ".");
       auto [it, inserted] = seen[type].emplace(name, n);
       if (!inserted && it->second != n)
@@ -316,7 +324,7 @@ void apply_hf_keys(ModelConfig& c, const json& j, const std::string& source, con
     if (!strict && !j.contains("global_head_dim")) c.global_head_dim = c.head_dim;
     if (!strict && !j.contains("num_global_key_value_heads") && c.attention_k_eq_v)
       c.num_global_key_value_heads = c.num_key_value_heads;
-    apply_per_layer_config(c, *per_layer_config, source, prefix + "per_layer_config");
+    apply_per_layer_config(c, *per_layer_config, j, source, prefix + "per_layer_config");
   }
 }
 

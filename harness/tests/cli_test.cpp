@@ -12,6 +12,8 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <tuple>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -754,6 +756,42 @@ TEST_F(CliTest, CompareAndBisectRefuseWhatTheyCannotDoBeforeTheWork) {
   r = run_cli("bisect " + c + " --golden " + (dir_ / "missing.h5").string());
   EXPECT_EQ(r.exit_code, 125) << r.output;
   EXPECT_EQ(r.output.find("step 0"), std::string::npos) << "trained before skipping: " << r.output;
+}
+
+// An older comparison's --json never stays to be read as this one's: a compare that fails on bad input (or is
+// killed) leaves none.
+TEST_F(CliTest, ACompareThatFailsLeavesNoOlderJson) {
+  const auto golden = (dir_ / "g.h5").string();
+  auto c = write("g.json", kGoodCase);
+  ASSERT_EQ(run_cli("golden record " + c + " -o " + golden).exit_code, 0);
+  const auto json = dir_ / "diff.json";
+  ASSERT_EQ(run_cli("compare " + golden + " " + golden + " --json " + json.string()).exit_code, 0);
+  ASSERT_TRUE(fs::exists(json));
+  const auto truncated = dir_ / "truncated.h5";
+  fs::copy_file(golden, truncated);
+  fs::resize_file(truncated, fs::file_size(truncated) / 2);
+  auto r = run_cli("compare " + golden + " " + truncated.string() + " --json " + json.string());
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_FALSE(fs::exists(json)) << "the older comparison's JSON stayed";
+}
+
+// `git bisect run` aborts the bisection on an exit code above 127: a commit whose run crashes is bad (1), one killed
+// outright (an out-of-memory killer) cannot be judged (125). The judging runs in a child of the bisect process.
+TEST_F(CliTest, BisectCallsACrashBadAndAKillASkipNeverAnAbort) {
+  // Long enough (hundreds of steps) that the child is still judging when the signal reaches it.
+  auto c = write("slow.json", R"({"id": "slow", "model": {"preset": "tiny-31b"}, "data": {"seq_len": 96, "seed": 1}, "steps": 400})");
+  for (const auto& [sig, code, says] : std::vector<std::tuple<std::string, int, std::string>>{
+           {"SEGV", 1, "bisect: bad (the run crashed"}, {"ABRT", 1, "bisect: bad (the run crashed"},
+           {"KILL", 125, "bisect: skip"}}) {
+    SCOPED_TRACE(sig);
+    const std::string cmd = std::string(CPHARNESS_BINARY) + " bisect " + c;
+    const std::string child = "$(pgrep -P $pid | head -1)";
+    auto r = cpharness::testing::run_command("sh -c '" + cmd + " & pid=$!; for i in $(seq 300); do [ -n \"" + child +
+                                             "\" ] && break; sleep 0.1; done; sleep 1; kill -" + sig + " " + child +
+                                             "; wait $pid; echo EXIT=$?' 2>&1");
+    EXPECT_NE(r.output.find("EXIT=" + std::to_string(code)), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find(says), std::string::npos) << r.output;
+  }
 }
 
 // golden verify on a case that cannot be read: exit 2 and an error report with no case in it (as run's).

@@ -2,6 +2,8 @@
 #include <gtest/gtest.h>
 
 #include <map>
+#include <utility>
+#include <vector>
 
 #include "harness/io/input_error.h"
 #include "harness/model/config.h"
@@ -274,9 +276,27 @@ TEST(ModelStructure, ConfigsAreReadAsTransformersReadsThemOrRefused) {
   auto kv = preset_config("tiny-e4b").to_json();
   ASSERT_FALSE(kv.value("attention_k_eq_v", false));
   kv["per_layer_config"] = {{"sliding_attention", {{"num_key_value_heads", 1}}}};
-  if (kv["num_key_value_heads"].get<int64_t>() != 1) EXPECT_THROW(config_from_hf_json(kv, "config.json"), io::InputError);
+  if (kv["num_key_value_heads"].get<int64_t>() != 1) {
+    EXPECT_THROW(config_from_hf_json(kv, "config.json"), io::InputError);
+  }
   kv["per_layer_config"] = {{"full_attention", {{"num_key_value_heads", kv["num_key_value_heads"].get<int64_t>() * 2}}}};
   EXPECT_THROW(config_from_hf_json(kv, "config.json"), io::InputError);
+  // Any other per-layer key that differs from the whole config's (a layer's own MLP width or window) is another model
+  // than this one builds: refused naming the entry, not ignored. Repeating the whole config's value is harmless.
+  auto other = preset_config("tiny-e2b").to_json();
+  const int64_t width = other["intermediate_size"].get<int64_t>();
+  other["per_layer_config"] = {{"1", {{"intermediate_size", width}}}};
+  EXPECT_NO_THROW(config_from_hf_json(other, "config.json"));
+  for (const auto& [key, value] : std::vector<std::pair<std::string, nlohmann::json>>{
+           {"intermediate_size", width * 2}, {"sliding_window", other["sliding_window"].get<int64_t>() + 1}, {"made_up", 1}}) {
+    other["per_layer_config"] = {{"1", {{key, value}}}};
+    try {
+      config_from_hf_json(other, "config.json");
+      ADD_FAILURE() << "a per-layer " << key << " was ignored";
+    } catch (const io::InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("per_layer_config.1." + key), std::string::npos) << e.what();
+    }
+  }
 }
 
 }  // namespace
