@@ -6,7 +6,7 @@
 #
 #   ci/gpu-travel.sh size       what would travel now, with the bundle (MiB), against the limit
 #   ci/gpu-travel.sh park       move golden/hf-*/ to ../cpharness-parked/ (then: size, the device call, restore)
-#   ci/gpu-travel.sh restore    move them back (git status is clean again)
+#   ci/gpu-travel.sh restore    move them back (git status is clean again; restore before committing anything)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 parked="$root/../cpharness-parked"
@@ -26,10 +26,14 @@ case "${1:-size}" in
   park)
     mkdir -p "$parked"
     for d in golden/hf-*/; do [ -d "$d" ] && mv "$d" "$parked/"; done
+    # Also out of the index (staged as removed, nothing committed): whether the device tool skips a tracked file
+    # that is missing or refuses it, the parked files are then neither tracked nor present.
+    git rm -r -q --cached --ignore-unmatch -- 'golden/hf-*' >/dev/null
     echo "gpu-travel: parked $(ls "$parked" | tr '\n' ' ')in $parked; ci/gpu-travel.sh restore brings them back" ;;
   restore)
     [ -d "$parked" ] || { echo "gpu-travel: nothing parked" >&2; exit 0; }
     for d in "$parked"/hf-*/; do [ -d "$d" ] && mv "$d" golden/; done
+    git reset -q -- golden >/dev/null
     rmdir "$parked" 2>/dev/null || true
     git status --short golden | head -5 ;;
   *) echo "usage: ci/gpu-travel.sh size|park|restore" >&2; exit 2 ;;
