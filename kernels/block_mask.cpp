@@ -72,13 +72,15 @@ BlockMask build_block_mask_brute_force(const TokenMetadata& q_meta, const TokenM
   BlockMask m = block_mask_frame(q_meta, kv_meta, q_range, kv_range, geometry, batch, q_block, kv_block);
   const int64_t nq = m.num_q_blocks(), nkv = m.num_kv_blocks();
   auto dense = dense_mask(q_meta, kv_meta, q_range, kv_range, geometry, batch).narrow(0, 0, m.batch).cpu();
-  // Pad to whole tiles: with false for "any", with true for "all".
-  auto any_p = torch::zeros({m.batch, nq * q_block, nkv * kv_block}, torch::kBool);
-  auto all_p = torch::ones({m.batch, nq * q_block, nkv * kv_block}, torch::kBool);
+  // Pad to whole tiles: with false for "any", with true for "all". One tile that holds the whole range is as long
+  // as the range (a block size past the sequence would otherwise allocate block x block).
+  const int64_t qt = nq == 1 ? q_range.length : q_block, kt = nkv == 1 ? kv_range.length : kv_block;
+  auto any_p = torch::zeros({m.batch, nq * qt, nkv * kt}, torch::kBool);
+  auto all_p = torch::ones({m.batch, nq * qt, nkv * kt}, torch::kBool);
   any_p.narrow(1, 0, q_range.length).narrow(2, 0, kv_range.length).copy_(dense);
   all_p.narrow(1, 0, q_range.length).narrow(2, 0, kv_range.length).copy_(dense);
-  auto any = any_p.view({m.batch, nq, q_block, nkv, kv_block}).any(4).any(2);
-  auto all = all_p.view({m.batch, nq, q_block, nkv, kv_block}).all(4).all(2);
+  auto any = any_p.view({m.batch, nq, qt, nkv, kt}).any(4).any(2);
+  auto all = all_p.view({m.batch, nq, qt, nkv, kt}).all(4).all(2);
   auto classes = torch::where(all, int64_t(kFullBlock), torch::where(any, int64_t(kPartialBlock), int64_t(kEmptyBlock)))
                      .to(torch::kUInt8);
   fill_block_lists(m, classes);

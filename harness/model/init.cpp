@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include "harness/model/generator_seed.h"
+
 namespace cpharness::model {
 namespace {
 
@@ -18,7 +20,7 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 }
 
 torch::Tensor draw(const std::string& name, const torch::Tensor& like, uint64_t seed) {
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed ^ fnv1a(name));
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(generator_seed(seed) ^ fnv1a(name));
   auto normal = torch::randn(like.sizes(), gen, torch::TensorOptions().dtype(torch::kFloat64));
   const bool is_norm = name.find("norm") != std::string::npos;
   // Attention has scale 1.0: q_norm and k_norm weights around d^(-1/4) keep the scores O(1) at init, so the

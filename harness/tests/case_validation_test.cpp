@@ -12,6 +12,7 @@
 #include "harness/model/layer_geometry.h"
 #include "harness/runner/suite.h"
 #include "harness/train/case.h"
+#include "model_fixtures.h"
 
 namespace cpharness {
 namespace {
@@ -60,13 +61,34 @@ TEST(CaseValidation, ValuesThatCannotMeanAnythingAreRefusedNamingTheKey) {
     expect_refused(key, [&](json& j) { j["tolerances"] = {{key, -1.0}}; }, std::string("tolerances.") + key);
   // Identity and sizes: an empty id, no candidate, steps no parity case needs, a checkpoint named by "".
   expect_refused("empty id", [](json& j) { j["id"] = ""; }, "id");
+  expect_refused("100 KB id", [](json& j) { j["id"] = std::string(100000, 'x'); }, "id");
   expect_refused("no cp", [](json& j) { j["cp"] = json::array(); }, "cp");
   expect_refused("a cp size twice", [](json& j) { j["cp"] = {2, 3, 2}; }, "cp[2]");  // ran and counted twice
   expect_refused("huge steps", [](json& j) { j["steps"] = int64_t(1) << 62; }, "steps");
+  // A block longer than any sequence (2^40 was an internal error after cp 1 had run), and integers past 2^63,
+  // which arrive unsigned and wrapped to negative values ("must be positive, got -9223372036854775808").
+  expect_refused("huge block", [](json& j) { j["block_size"] = int64_t(1) << 40; }, "block_size");
+  expect_refused("2^63 width", [](json& j) { j["model"]["overrides"] = {{"hidden_size", uint64_t(1) << 63}}; },
+                 "model.overrides.hidden_size");
+  expect_refused("2^63 steps", [](json& j) { j["steps"] = uint64_t(1) << 63; }, "steps");
+  expect_refused("2^63 vision start", [](json& j) { j["data"]["vision_runs"] = {{uint64_t(1) << 63, 1}}; },
+                 "data.vision_runs[0]");
+  for (const auto& [key, value] : std::vector<std::pair<std::string, json>>{
+           {"model.overrides.hidden_size", {{"model", {{"preset", "tiny-31b"}, {"overrides", {{"hidden_size", uint64_t(1) << 63}}}}}}},
+           {"steps", {{"steps", uint64_t(1) << 63}}}}) {
+    json j = good_case();
+    j.update(value);
+    try {
+      train::case_from_json(j, "v.json");
+    } catch (const io::InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("9223372036854775808"), std::string::npos) << key << ": " << e.what();
+    }
+  }
   expect_refused("empty checkpoint", [](json& j) { j["weights"] = {{"checkpoint", ""}}; }, "weights.checkpoint");
   // Data: a vision run whose start + length overflows, and a batch with no target at all (nothing to train).
   expect_refused("vision overflow", [](json& j) { j["data"]["vision_runs"] = {{int64_t(9223372036854775000), 1000}}; },
                  "data.vision_runs[0]");
+  expect_refused("no documents", [](json& j) { j["data"]["document_lengths"] = json::array(); }, "data.document_lengths");
   expect_refused("no target", [](json& j) { j["data"]["document_lengths"] = std::vector<int>(20, 1); }, "data");
   // Vision runs that touch or overlap: one group to transformers (it derives groups from contiguous vision tokens).
   expect_refused("touching vision runs", [](json& j) { j["data"]["vision_runs"] = {{9, 3}, {2, 4}, {6, 3}}; },
@@ -124,6 +146,15 @@ TEST(CaseValidation, SeedsTakeTheWholeUnsignedRange) {
     ADD_FAILURE() << "accepted a negative seed";
   } catch (const io::InputError& e) {
     EXPECT_EQ(e.subject(), "data.seed");
+  }
+  // libtorch's generator keeps the low 32 bits of a seed: 2^32 and 2^63 drew seed 0's batch and weights.
+  const auto config = model::preset_config("tiny-31b");
+  const auto batch0 = testing::structured_batch(config, 48, 0);
+  const auto weights0 = testing::make_model(config, torch::kFloat32, 0)->embed_tokens->weight;
+  for (const uint64_t high : {uint64_t(1) << 32, uint64_t(1) << 63}) {
+    SCOPED_TRACE(high);
+    EXPECT_FALSE(torch::equal(testing::structured_batch(config, 48, high).input_ids, batch0.input_ids));
+    EXPECT_FALSE(torch::equal(testing::make_model(config, torch::kFloat32, high)->embed_tokens->weight, weights0));
   }
 }
 

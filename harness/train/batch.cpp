@@ -6,6 +6,7 @@
 #include <set>
 
 #include "harness/io/input_error.h"
+#include "harness/model/generator_seed.h"
 
 namespace cpharness::train {
 
@@ -24,7 +25,7 @@ Batch make_batch(const BatchSpec& spec) {
   if (total != valid)
     throw io::InputError("batch", "document_lengths", fmt::format("sum to {}, but seq_len - padding = {}", total, valid));
 
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(spec.seed);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(model::generator_seed(spec.seed));
   auto i64 = torch::TensorOptions().dtype(torch::kInt64);
   // Token ids avoid the pad id 0 on real tokens.
   auto ids = torch::randint(1, spec.vocab_size, {B, S}, gen, i64);

@@ -38,6 +38,8 @@ const json& object_at(const json& j, const std::string& key, const std::string& 
 
 int64_t int_value(const json& v, const std::string& path, const std::string& field, int64_t min_value) {
   if (!v.is_number_integer()) throw InputError(path, field, fmt::format("wrong type: expected an integer, got {}", v.type_name()));
+  if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max()))
+    throw InputError(path, field, fmt::format("{} is out of range (at most 2^63 - 1)", v.get<uint64_t>()));
   const int64_t x = v.get<int64_t>();
   if (x < min_value) throw InputError(path, field, fmt::format("must be >= {}, got {}", min_value, x));
   return x;
@@ -136,7 +138,11 @@ void read_data(const json& j, const std::string& path, Case& c) {
   if (d.contains("batch")) c.data.batch = int_at(d, "batch", path, "data.batch", 1);
   if (d.contains("padding")) c.data.padding = int_at(d, "padding", path, "data.padding", 0);
   if (d.contains("seed")) c.data.seed = seed_at(d, "seed", path, "data.seed");
-  if (d.contains("document_lengths")) c.data.document_lengths = ints_at(d, "document_lengths", path, "data.document_lengths", 1);
+  if (d.contains("document_lengths")) {
+    c.data.document_lengths = ints_at(d, "document_lengths", path, "data.document_lengths", 1);
+    if (c.data.document_lengths.empty())  // says nothing; one document is said by leaving the key out
+      throw InputError(path, "data.document_lengths", "empty: list the lengths (summing to seq_len - padding), or leave the key out for one document");
+  }
   if (d.contains("vision_runs")) {
     if (!d["vision_runs"].is_array()) throw InputError(path, "data.vision_runs", "wrong type: expected an array of [start, length]");
     for (size_t i = 0; i < d["vision_runs"].size(); ++i) {
@@ -144,11 +150,12 @@ void read_data(const json& j, const std::string& path, Case& c) {
       const std::string field = fmt::format("data.vision_runs[{}]", i);
       if (!r.is_array() || r.size() != 2 || !r[0].is_number_integer() || !r[1].is_number_integer())
         throw InputError(path, field, "expected [start, length]");
-      if (r[0].get<int64_t>() < 0 || r[1].get<int64_t>() < 1 || r[0].get<int64_t>() > c.data.seq_len ||
-          r[1].get<int64_t>() > c.data.seq_len)  // (so start + length cannot overflow)
+      const int64_t start = int_value(r[0], path, field + "[0]", std::numeric_limits<int64_t>::min());
+      const int64_t length = int_value(r[1], path, field + "[1]", std::numeric_limits<int64_t>::min());
+      if (start < 0 || length < 1 || start > c.data.seq_len || length > c.data.seq_len)  // (so start + length cannot overflow)
         throw InputError(path, field, fmt::format("[{}, {}]: start must be in [0, seq_len {}] and length in [1, seq_len]",
-                                                  r[0].get<int64_t>(), r[1].get<int64_t>(), c.data.seq_len));
-      c.data.vision_runs.push_back({r[0].get<int64_t>(), r[1].get<int64_t>()});
+                                                  start, length, c.data.seq_len));
+      c.data.vision_runs.push_back({start, length});
     }
     // Transformers derives groups from contiguous vision tokens (train::vision_groups_problem): runs that touch or
     // overlap would be one group there, so the harness would judge masks no version computes.
@@ -293,6 +300,8 @@ Case case_from_json(const json& j, const std::string& path) {
     if (!j.contains(required)) throw InputError(path, required, "missing required key");
   c.id = string_at(j, "id", path, "id");
   if (c.id.empty()) throw InputError(path, "id", "must not be empty");
+  if (c.id.size() > 200)  // it heads every progress line and names files: 100 KB of id was 500 KB of output
+    throw InputError(path, "id", fmt::format("{} characters; at most 200", c.id.size()));
   if (j.contains("description")) c.description = string_at(j, "description", path, "description");
   c.model = model::config_from_case_json(j.at("model"), path);
   if (j.contains("weights")) read_weights(j, path, c);
@@ -318,7 +327,11 @@ Case case_from_json(const json& j, const std::string& path) {
     c.golden = io::resolve_beside(path, named);
   }
   if (j.contains("tolerances")) read_tolerances(j, path, c);
-  if (j.contains("block_size")) c.block_size = int_at(j, "block_size", path, "block_size", 1);
+  if (j.contains("block_size")) {
+    c.block_size = int_at(j, "block_size", path, "block_size", 1);
+    if (c.block_size > kMaxSeqLen)  // a block longer than any sequence is a typo, not a block mask
+      throw InputError(path, "block_size", fmt::format("{} is more than this harness allows ({})", c.block_size, kMaxSeqLen));
+  }
   if (j.contains("block_mask_cache")) c.block_mask_cache = bool_at(j, "block_mask_cache", path, "block_mask_cache");
   if (j.contains("record_tensors")) c.record_tensors = bool_at(j, "record_tensors", path, "record_tensors");
   if (j.contains("ring")) {

@@ -93,6 +93,22 @@ TEST(BlockMask, EmptyRangesGiveEmptyLists) {
       m, build_block_mask_brute_force(TokenMetadata{}, TokenMetadata{}, {0, 0}, {0, 8}, LayerGeometry{}, 1, 4, 4)));
 }
 
+// A block longer than the range is one tile of the whole range: both builders give what a block of exactly the
+// range's length gives, without allocating block x block (2^40 overflowed the brute force's tile padding).
+TEST(BlockMask, ABlockLongerThanTheRangeIsOneTileOfIt) {
+  const int64_t huge = int64_t(1) << 40;
+  const LayerGeometry window{true, 3, false};
+  auto exact = block_classes(build_block_mask(TokenMetadata{}, TokenMetadata{}, {0, 10}, {0, 7}, window, 1, 10, 7));
+  for (const bool brute_force : {false, true}) {
+    SCOPED_TRACE(brute_force ? "brute force" : "analytic");
+    auto m = brute_force ? build_block_mask_brute_force(TokenMetadata{}, TokenMetadata{}, {0, 10}, {0, 7}, window, 1, huge, huge)
+                         : build_block_mask(TokenMetadata{}, TokenMetadata{}, {0, 10}, {0, 7}, window, 1, huge, huge);
+    EXPECT_EQ(m.num_q_blocks(), 1);
+    EXPECT_EQ(m.q_block_len(0), 10);
+    EXPECT_TRUE(torch::equal(block_classes(m), exact));
+  }
+}
+
 // Property: the analytic builder equals the brute-force builder exactly, lists and transposes, and the
 // brute-force classes are the per-tile reduce of the dense mask.
 TEST(BlockMask, AnalyticEqualsBruteForce_1500Seeds) {
