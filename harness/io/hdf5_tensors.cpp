@@ -13,6 +13,7 @@
 
 #include "harness/io/atomic_file.h"
 #include "harness/io/error_text.h"
+#include "harness/io/hdf5_probe.h"
 #include "harness/io/input_error.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "HDF5 tensor IO assumes a little-endian host");
@@ -27,10 +28,12 @@ constexpr const char* kDtypeAttr = "dtype";
 // ---------------------------------------------------------------------------------------------------------------
 // Library state: one lock for every HDF5 call of this module, and HDF5's auto error printing off while we hold it.
 
-std::recursive_mutex& h5_mutex() {
-  static std::recursive_mutex m;
+std::recursive_mutex*& h5_mutex_slot() {
+  static std::recursive_mutex* m = new std::recursive_mutex;  // never destroyed: a child replaces it (below)
   return m;
 }
+
+std::recursive_mutex& h5_mutex() { return *h5_mutex_slot(); }
 
 // HDF5 1.10 keeps a file whose close failed (a full disk: its metadata could not be flushed) half destroyed in the
 // library, and touching it again, as its shutdown at exit does (H5close -> H5F__close_cb), is a segfault after the
@@ -630,6 +633,15 @@ std::vector<std::string> Hdf5Reader::list_datasets(const std::string& group) con
   const std::string what = norm.empty() ? "/" : norm;
   const Where w = locate(impl_->file.get(), norm);
   if (w.kind == Kind::Missing || w.kind == Kind::Blocked) throw InputError(path_, what, "no such group");
+  if (!norm.empty()) {  // the group itself a link (h5py's f["steps"] = h5py.SoftLink(...)): said as the walk says it
+    H5L_info_t link{};
+    if (H5Lget_info(impl_->file.get(), abs_path(norm).c_str(), &link, H5P_DEFAULT) >= 0 && link.type != H5L_TYPE_HARD)
+      throw InputError(path_, what,
+                       link.type == H5L_TYPE_SOFT ? "is a soft link; a tensor file holds only groups and datasets"
+                                                  : "is an external or user-defined link; a tensor file holds only "
+                                                    "groups and datasets");
+    H5Eclear2(H5E_DEFAULT);
+  }
   if (w.kind != Kind::Group) throw InputError(path_, what, "is not a group");
   Hid g(H5Gopen2(impl_->file.get(), norm.empty() ? "/" : abs_path(norm).c_str(), H5P_DEFAULT), H5Gclose);
   if (!g.valid()) h5_fail(path_, what, "cannot open group");
@@ -772,7 +784,18 @@ void write_hdf5(const std::string& path, const TensorMap& tensors, const Attribu
   w.commit();
 }
 
-TensorMap read_hdf5(const std::string& path, const std::string& group) { return Hdf5Reader(path).read_all(group); }
+TensorMap read_hdf5(const std::string& path, const std::string& group) {
+  read_in_a_child_first(path, [&] { (void)Hdf5Reader(path).read_all(group); });
+  return Hdf5Reader(path).read_all(group);
+}
+
+namespace detail {
+
+std::unique_lock<std::recursive_mutex> hold_hdf5_lock() { return std::unique_lock<std::recursive_mutex>(h5_mutex()); }
+
+void renew_hdf5_lock_in_child() { h5_mutex_slot() = new std::recursive_mutex; }
+
+}  // namespace detail
 
 torch::Tensor read_hdf5_dataset(const std::string& path, const std::string& name,
                                 std::optional<torch::ScalarType> expected) {

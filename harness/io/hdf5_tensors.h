@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -33,6 +34,14 @@
 #include "harness/io/input_error.h"  // every error of this API is an InputError
 
 namespace cpharness::io {
+
+namespace detail {
+// The lock every HDF5 call of this module holds (read_in_a_child_first forks with it held, so that no other thread
+// is inside the library at that moment).
+std::unique_lock<std::recursive_mutex> hold_hdf5_lock();
+// In a forked child, whose copy of the lock is held by a thread the child does not have: a fresh lock.
+void renew_hdf5_lock_in_child();
+}  // namespace detail
 
 using TensorMap = std::map<std::string, torch::Tensor>;
 using StringMap = std::map<std::string, std::string>;

@@ -106,7 +106,8 @@ ojson case_json(const CaseReport& c) {
   }
   o["ring"] = std::move(ring);
   if (c.reference_cp) o["reference_cp"] = *c.reference_cp;
-  for (auto it = c.page.begin(); it != c.page.end(); ++it) o[it.key()] = ojson::parse(it.value().dump());
+  for (auto it = c.page.begin(); it != c.page.end(); ++it)
+    o[it.key()] = ojson::parse(it.value().dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
   if (!c.performance.empty()) {
     ojson perf = ojson::object();
     for (const auto& [cp, p] : c.performance) {
@@ -543,9 +544,7 @@ Report from_json(const json& j, const std::string& source) {
 }
 
 void write_report_json(const std::string& path, const Report& r) {
-  std::string text = to_json(r).dump(2);
-  text += '\n';
-  write_file_atomically(path, text);
+  write_file_atomically(path, json_text(to_json(r)));
 }
 
 Report read_report_json(const std::string& path) {

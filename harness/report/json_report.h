@@ -28,6 +28,14 @@ Report from_json(const nlohmann::json& j, const std::string& source = "<report j
 // Throws io::InputError naming `path` when it cannot be written (e.g. its directory does not exist).
 void write_report_json(const std::string& path, const Report& r);
 
+// The text of a JSON document written for people and tools (2-space indented, trailing newline). Strings read from
+// inputs (a golden's provenance, an error naming a tensor) may hold bytes that are not UTF-8: they are written as
+// U+FFFD, where a plain dump threw and the report was lost.
+template <class Json>
+std::string json_text(const Json& j) {
+  return j.dump(2, ' ', false, Json::error_handler_t::replace) + "\n";
+}
+
 // Reads and parses `path`; throws io::InputError for a missing file, malformed JSON or a bad report.
 Report read_report_json(const std::string& path);
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "harness/io/error_text.h"
+#include "harness/io/hdf5_probe.h"
 #include "harness/io/input_error.h"
 
 namespace cpharness::report {
@@ -74,6 +75,28 @@ double read_scalar(const io::Hdf5Reader& r, const std::string& name) {
     throw io::InputError(r.path(), "/" + name,
                          "must be one value (0-d, or shape [1]), has shape " + io::shape_text(t.sizes().vec()));
   return t.to(torch::kDouble).reshape({}).item<double>();
+}
+
+// Logits, hidden states, gradients and weights are floating point: an integer or bool one (h5py writes any dtype)
+// is no run's output, and a uint64 one was an internal error ("where_cpu" not implemented for 'UInt64').
+torch::Tensor read_floating(const io::Hdf5Reader& r, const std::string& name) {
+  torch::Tensor t = r.read(name);
+  if (!at::isFloatingType(t.scalar_type()))
+    throw io::InputError(r.path(), "/" + name,
+                         std::string("must be floating point (float32, float64, bfloat16 or float16), stored dtype is ") +
+                             c10::toString(t.scalar_type()));
+  return t;
+}
+
+// Inputs are compared exactly, whatever they hold (another stack may store an attention mask as floats); only the
+// wide unsigned types, which libtorch cannot compare, are refused here (the HF golden reader asks more of its own).
+torch::Tensor read_input(const io::Hdf5Reader& r, const std::string& name) {
+  torch::Tensor t = r.read(name);
+  const auto type = t.scalar_type();
+  if (type == torch::kUInt16 || type == torch::kUInt32 || type == torch::kUInt64)
+    throw io::InputError(r.path(), "/" + name,
+                         std::string("stored as ") + c10::toString(type) + ", which cannot be compared: store int64");
+  return t;
 }
 
 // A count of bytes: one non-negative integer.
@@ -148,15 +171,21 @@ void write_run_dump(const std::string& path, const RunDump& dump) {
   w.commit();
 }
 
-RunDump read_run_dump(const std::string& path) {
+namespace {
+
+RunDump read_run_dump_here(const std::string& path) {
   io::Hdf5Reader r(path);
   RunDump dump;
 
   const io::StringMap root = r.attributes("/");
   auto lv = root.find("layout_version");
-  if (lv == root.end())
+  if (lv == root.end()) {
+    const auto other = r.non_string_attributes("/");  // there, but not a string: say so, not "missing"
+    if (auto it = other.find("layout_version"); it != other.end())
+      throw io::InputError(path, "/@layout_version", "stored as " + it->second + "; it is a string (see golden/README.md)");
     throw io::InputError(path, "/@layout_version",
                          "missing root attribute; not a cpharness run dump (see golden/README.md)");
+  }
   if (lv->second != kRunDumpLayoutVersion)
     throw io::InputError(path, "/@layout_version",
                          "unsupported layout version \"" + lv->second + "\" (this build reads \"" +
@@ -175,8 +204,11 @@ RunDump read_run_dump(const std::string& path) {
 
   try {
     (void)r.list_datasets("steps");
-  } catch (const io::InputError&) {
-    throw io::InputError(path, "/steps", "missing group (a run dump records at least one step)");
+  } catch (const io::InputError& e) {
+    // Only a /steps that is not there is "missing"; a soft link in it, or one in its place, says what it is.
+    if (e.subject() == "steps" && e.reason() == "no such group")
+      throw io::InputError(path, "/steps", "missing group (a run dump records at least one step)");
+    throw;
   }
 
   std::map<std::int64_t, bool> has_loss;
@@ -186,7 +218,8 @@ RunDump read_run_dump(const std::string& path) {
     auto unknown = [&](const std::string& why) { return io::InputError(path, where, why + " (see golden/README.md)"); };
     if (c[0] == "inputs" || c[0] == "weights") {
       if (c.size() != 2) throw unknown("unexpected nesting: /" + c[0] + " holds datasets directly");
-      (c[0] == "inputs" ? dump.inputs : dump.weights).emplace(c[1], r.read(name));
+      if (c[0] == "inputs") dump.inputs.emplace(c[1], read_input(r, name));
+      else dump.weights.emplace(c[1], read_floating(r, name));
     } else if (c[0] == "steps") {
       if (c.size() < 3) throw unknown("unexpected dataset directly under /steps");
       auto k = parse_index(c[1]);
@@ -204,13 +237,13 @@ RunDump read_run_dump(const std::string& path) {
       } else if (c.size() == 3 && what == "activation_bytes") {
         s.activation_bytes = read_byte_count(r, name);
       } else if (c.size() == 3 && what == "logits") {
-        s.logits = r.read(name);
+        s.logits = read_floating(r, name);
       } else if (c.size() == 4 && what == "hidden") {
         auto i = parse_index(c[3]);
         if (!i) throw io::InputError(path, where, "hidden-state name is not a decimal layer index");
-        s.hidden.emplace(*i, r.read(name));
+        s.hidden.emplace(*i, read_floating(r, name));
       } else if (c.size() == 4 && what == "grads") {
-        s.grads.emplace(c[3], r.read(name));
+        s.grads.emplace(c[3], read_floating(r, name));
       } else {
         throw unknown("unknown entry in a step (expected loss, grad_norm, param_norm, activation_bytes, logits, hidden/<i>, grads/<name>)");
       }
@@ -222,6 +255,13 @@ RunDump read_run_dump(const std::string& path) {
   for (const auto& [k, ok] : has_loss)
     if (!ok) throw io::InputError(path, fmt::format("/steps/{}/loss", k), "missing: every step records its loss");
   return dump;
+}
+
+}  // namespace
+
+RunDump read_run_dump(const std::string& path) {
+  io::read_in_a_child_first(path, [&] { (void)read_run_dump_here(path); });  // a damaged file: not in this process
+  return read_run_dump_here(path);
 }
 
 }  // namespace cpharness::report
