@@ -231,6 +231,9 @@ int run_cli(const std::vector<std::string>& args) {
   add_render(app, v);
   add_list(app, v);
   const bool bisecting = !args.empty() && args[0] == "bisect";
+  // The verbs that write reports (run, selftest, golden verify, hf-parity).
+  const bool writes_reports = !args.empty() && (args[0] == "run" || args[0] == "selftest" || args[0] == "hf-parity" ||
+                                                (args[0] == "golden" && args.size() > 1 && args[1] == "verify"));
   try {
     std::vector<std::string> reversed(args.rbegin(), args.rend());  // CLI11 parses a vector from the back
     app.parse(reversed);
@@ -239,6 +242,7 @@ int run_cli(const std::vector<std::string>& args) {
   } catch (const CLI::CallForAllHelp& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
+    if (writes_reports) withdraw_older_reports(args, std::string("usage error: ") + e.what());
     std::cerr << "cpharness: " << e.what() << "\n";
     auto* verb = app.get_subcommands().empty() ? &app : app.get_subcommands().front();
     std::cerr << verb->help();
@@ -247,13 +251,18 @@ int run_cli(const std::vector<std::string>& args) {
   try {
     return call_verb(app, v, args);
   } catch (const UsageError& e) {
+    if (!replace_stand_in(std::string("usage error: ") + e.what()) && writes_reports)
+      withdraw_older_reports(args, std::string("usage error: ") + e.what());
     std::cerr << "cpharness: " << e.what() << "\n" << app.get_subcommands().front()->help();
     return bisecting ? 125 : 2;
   } catch (const io::InputError& e) {
+    replace_stand_in(e.what());
     std::cerr << "cpharness: error: " << e.what() << "\n";
     return 2;
   } catch (const std::exception& e) {
-    std::cerr << "cpharness: internal error: " << io::one_line(e) << "\n";
+    const std::string why = exception_text(e);
+    replace_stand_in(why);
+    std::cerr << "cpharness: " << (why.rfind("internal error", 0) == 0 ? "" : "error: ") << why << "\n";
     return 2;
   }
 }

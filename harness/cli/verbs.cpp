@@ -4,6 +4,7 @@
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -119,7 +120,19 @@ std::vector<std::string> remove_files(const std::vector<std::string>& paths) {
 // The files in place always come from one run: the previous run's XML and page go before the new JSON is written
 // (each file is still replaced atomically), so a run killed between two writes leaves files missing, never an
 // older verdict beside a newer one; a page that cannot be rendered leaves no page.
+// The stand-in this process wrote (stand_in_until_finished), until a verdict or an error report replaces it.
+struct StandIn {
+  ReportOutputs outputs;
+  std::string comm;
+  bool standing = false;
+};
+StandIn& stand_in() {
+  static StandIn s;
+  return s;
+}
+
 bool write_reports(const ReportOutputs& outputs, const report::Report& r) {
+  stand_in().standing = false;  // (replaced now, or removed if this write fails)
   const auto o = outputs.resolved();
   if (!o.out_dir.empty()) std::filesystem::create_directories(o.out_dir);
   remove_files({o.junit_path, o.html_path});
@@ -165,6 +178,14 @@ void require_writable_file(const std::string& path, const char* flag) {
   if (parent.empty()) parent = ".";
   if (!fs::is_directory(parent, ec)) throw UsageError(fmt::format("{} {}: the directory {} does not exist", flag, path, parent.string()));
   if (::access(parent.c_str(), W_OK) != 0) throw UsageError(fmt::format("{} {}: the directory {} is not writable", flag, path, parent.string()));
+  // Reports are written atomically: a temporary file beside the path, renamed over it. So the directory must take
+  // a new file, which access() cannot tell for root or a read-only mount (/proc, a read-only bind): one is made.
+  const std::string probe = (parent / fmt::format(".cpharness-write-test-{}", ::getpid())).string();
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0)
+    throw UsageError(fmt::format("{} {}: no file can be made in {} ({})", flag, path, parent.string(), std::strerror(errno)));
+  ::close(fd);
+  ::unlink(probe.c_str());
 }
 
 // An output on one of the command's inputs would destroy it (a case file replaced by its own report, a golden by
@@ -237,6 +258,7 @@ void stand_in_until_finished(const std::string& verb, const ReportOutputs& outpu
   write_error_report(o, comm, fmt::format("{}{}{} (pid {}) and ended before writing its verdict: it was killed "
                                           "(SIGKILL: an out-of-memory killer, a job's time limit) or it crashed",
                                           verb, kUnfinished, report::utc_timestamp_now(), ::getpid()));
+  stand_in() = {o, comm, true};
 }
 
 bool is_stand_in(const nlohmann::json& report) {
@@ -252,7 +274,7 @@ void end_cleanly_on_stop(const std::string& verb, const ReportOutputs& outputs, 
   for (int i = 0; i < 3; ++i) {
     auto r = report::new_report("cpu", comm);
     r.error = fmt::format("{} stopped: received {} before it finished", verb, stop_signal_name(i));
-    json.contents[i] = report::to_json(r).dump(2) + "\n";
+    json.contents[i] = report::json_text(report::to_json(r));
     xml.contents[i] = report::to_junit_xml(r);
   }
   std::vector<StopReportFile> files;
@@ -462,7 +484,7 @@ int run_verb(const RunArgs& a) {
     // Whatever went wrong, the report asked for says so (one line, no backtrace) and the exit code is 2. In a rank
     // job only rank 0 writes it (another rank's would overwrite the real cause), and the rank ends the job at once
     // instead of leaving its peers to time out in the verdict's broadcast and MPI's shutdown.
-    const std::string why = "internal error: " + io::one_line(e);
+    const std::string why = exception_text(e);
     if (!env.launched()) return input_error_report(a.outputs, a.comm, why);
     if (env.rank == 0) input_error_report(a.outputs, a.comm, why);
     cp::fail_rank(nullptr, env.rank, why);
@@ -599,12 +621,12 @@ int compare_verb(const CompareArgs& a) {
     if (!fs::is_directory(a.a) || !fs::is_directory(a.b)) throw UsageError("compare: give two files or two directories");
     const auto result = report::compare_directories(a.a, a.b, policy, a.rows);
     std::cout << result.text;
-    if (!a.json_path.empty()) report::write_file_atomically(a.json_path, result.doc.dump(2) + "\n");
+    if (!a.json_path.empty()) report::write_file_atomically(a.json_path, report::json_text(result.doc));
     return result.passed ? 0 : 1;
   }
   const auto result = report::compare_dumps(report::read_run_dump(a.a), report::read_run_dump(a.b), policy);
   std::cout << report::render_text(result, a.a, a.b, a.rows);
-  if (!a.json_path.empty()) report::write_file_atomically(a.json_path, report::to_json(result).dump(2) + "\n");
+  if (!a.json_path.empty()) report::write_file_atomically(a.json_path, report::json_text(report::to_json(result)));
   return result.passed ? 0 : 1;
 }
 
@@ -665,6 +687,60 @@ int bisect_verb_judged(const std::string& case_path, const std::string& golden_p
   } catch (const std::exception& e) {
     return skip(io::one_line(e));
   }
+}
+
+namespace {
+
+// The first `limit` bytes of `path` when it is a regular file, else nothing.
+std::optional<std::string> head_of(const std::string& path, size_t limit) {
+  std::error_code ec;
+  if (path.empty() || !std::filesystem::is_regular_file(path, ec)) return std::nullopt;
+  std::ifstream in(path, std::ios::binary);
+  std::string text(limit, '\0');
+  in.read(text.data(), std::streamsize(limit));
+  text.resize(size_t(in.gcount()));
+  return text;
+}
+
+}  // namespace
+
+void withdraw_older_reports(const std::vector<std::string>& args, const std::string& why) {
+  ReportOutputs asked;
+  for (size_t i = 0; i < args.size(); ++i) {
+    for (auto [flag, field] : std::vector<std::pair<std::string, std::string*>>{
+             {"--report", &asked.report_path}, {"--junit", &asked.junit_path}, {"--html", &asked.html_path},
+             {"--out", &asked.out_dir}}) {
+      if (args[i] == flag && i + 1 < args.size()) *field = args[i + 1];
+      else if (args[i].rfind(flag + "=", 0) == 0) *field = args[i].substr(flag.size() + 1);
+    }
+  }
+  const auto o = asked.resolved();
+  // Only a file that is a report of ours is touched: the path may name anything (the usage error may be that it
+  // names the case file).
+  ReportOutputs older;
+  if (auto text = head_of(o.report_path, size_t(64) << 20)) {
+    const auto doc = nlohmann::json::parse(*text, nullptr, false);
+    if (doc.is_object() && doc.contains("schema_version") && doc.contains("tool") && doc.contains("status"))
+      older.report_path = o.report_path;
+  }
+  if (auto text = head_of(o.junit_path, 4096); text && text->find("<testsuites name=\"cpharness\"") != std::string::npos)
+    older.junit_path = o.junit_path;
+  if (auto text = head_of(o.html_path, 65536); text && text->find("cpharness report") != std::string::npos)
+    remove_files({o.html_path});
+  if (!older.report_path.empty() || !older.junit_path.empty()) write_error_report(older, "local", why);
+}
+
+bool replace_stand_in(const std::string& why) {
+  if (!stand_in().standing) return false;
+  write_error_report(stand_in().outputs, stand_in().comm, why);
+  return true;
+}
+
+std::string exception_text(const std::exception& e) {
+  // A path the OS refused (a symlink loop, a permission) is the input's fault, named with its path.
+  if (const auto* fs_error = dynamic_cast<const std::filesystem::filesystem_error*>(&e))
+    return fmt::format("{}: {}", fs_error->path1().string(), fs_error->code().message());
+  return "internal error: " + io::one_line(e);
 }
 
 // `git bisect run` aborts the whole bisection on an exit code above 127, which is what a crash of the commit's own

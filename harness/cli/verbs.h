@@ -3,6 +3,7 @@
 // 1 bad, 125 skip). The work itself lives in the runner and report layers.
 #pragma once
 #include <optional>
+#include <exception>
 #include <string>
 #include <vector>
 
@@ -59,5 +60,18 @@ int bisect_verb(const std::string& case_path, const std::string& golden_path);
 int list_verb(const std::vector<std::string>& cases);
 // render REPORT.json -o REPORT.html: the HTML page of a report made earlier or elsewhere.
 int render_verb(const std::string& report_path, const std::string& html_path);
+
+// The error report in place of the stand-in a verb wrote before its work (if it is still standing): run_cli's last
+// word on an error that ends the verb, whatever it is. False when no stand-in was standing.
+bool replace_stand_in(const std::string& why);
+
+// A usage error found before a verb wrote anything (an unknown flag, --cp 0): an older run's report at the paths
+// the command line names (--report, --junit, --html, --out) must not stay to be read as this one's. Each that is a
+// cpharness report is replaced by the usage error's report (the page removed); any other file is left alone.
+void withdraw_older_reports(const std::vector<std::string>& args, const std::string& why);
+
+// One line for an error that ended a verb: "PATH: reason" for a path the OS refused (a symlink loop), else
+// "internal error: ...".
+std::string exception_text(const std::exception& e);
 
 }  // namespace cpharness::cli

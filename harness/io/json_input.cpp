@@ -1,5 +1,7 @@
 #include "harness/io/json_input.h"
 
+#include <ios>
+
 #include <set>
 #include <vector>
 
@@ -70,7 +72,12 @@ json parse_strictly(Source&& source, const std::string& file, const std::string&
   try {
     j = json::parse(std::forward<Source>(source), std::ref(watch));
   } catch (const json::exception& e) {  // parse errors, and numbers out of range (1e400)
-    throw InputError(file, what, std::string("malformed JSON: ") + e.what());
+    // Without the library's "[json.exception.parse_error.101] " tag: what is wrong, and where, is what follows it.
+    std::string why = e.what();
+    if (why.rfind("[json.exception.", 0) == 0 && why.find("] ") != std::string::npos) why = why.substr(why.find("] ") + 2);
+    throw InputError(file, what, "malformed JSON: " + why);
+  } catch (const std::ios_base::failure& e) {  // a read error under the stream (EIO: /proc/self/mem, a failing disk)
+    throw InputError(file, what, std::string("cannot read: ") + e.code().message());
   }
   require_json_depth(j, file, what);  // before anything copies it (a copy recurses once per level)
   if (!watch.duplicate().empty())

@@ -140,6 +140,15 @@ report::RunDump read_case_golden(const train::Case& c, const std::string& golden
 
 }  // namespace
 
+std::optional<std::string> case_golden_problem(const train::Case& c, const std::string& golden_path) {
+  try {
+    (void)read_case_golden(c, golden_path);
+    return std::nullopt;
+  } catch (const io::InputError& e) {
+    return std::string(e.what());
+  }
+}
+
 report::CheckResult verify_golden(const train::Case& c, const std::string& golden_path, report::CompareResult* out,
                                   const LaneRun* reference, const LaneRun* oracle) {
   const auto golden = read_case_golden(c, golden_path);

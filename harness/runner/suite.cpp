@@ -496,8 +496,16 @@ std::optional<std::string> unsupported_configuration(const train::Case& c, const
     }
     if (!produced) return fmt::format("checks[{}] '{}' selects no check this case can run: {}", i, c.checks[i], why.value_or("?"));
   }
-  if (!c.golden.empty() && wants_check(c, "golden.match") && !std::filesystem::is_regular_file(c.golden))
-    return fmt::format("golden: no such file: {} (record it with `cpharness golden record {} -o {}`)", c.golden, c.path, c.golden);
+  if (!c.golden.empty() && (wants_check(c, "golden.match") || wants_check(c, "memory.activations"))) {
+    std::error_code ec;
+    const auto status = std::filesystem::status(c.golden, ec);
+    if (ec && ec != std::errc::no_such_file_or_directory) return fmt::format("golden: {}: {}", c.golden, ec.message());
+    if (!std::filesystem::exists(status))
+      return fmt::format("golden: no such file: {} (record it with `cpharness golden record {} -o {}`)", c.golden, c.path, c.golden);
+    if (!std::filesystem::is_regular_file(status)) return fmt::format("golden: {} is not a regular file", c.golden);
+    // Another case's golden, another version of this case, a damaged file: said now, not after the reference ran.
+    if (auto why = case_golden_problem(c, c.golden)) return "golden: " + *why;
+  }
   // A case whose candidates are all the reference's own size compares nothing: a pass would be vacuous.
   const auto cps = cp_sizes_of(c, options);
   if (std::all_of(cps.begin(), cps.end(), [&](int n) { return n == c.reference_cp; }))

@@ -5,10 +5,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "harness/io/input_error.h"
@@ -187,15 +189,29 @@ TEST(CaseGolden, AMissingOrForeignGoldenIsBadInput) {
   EXPECT_THROW((void)train::case_from_json(case_json(R"({"golden": ""})"), case_path), io::InputError);
   EXPECT_THROW((void)train::case_from_json(case_json(R"({"golden": 3})"), case_path), io::InputError);
 
-  // A golden recorded from another version of the case (another data seed): the case errors, no verdict.
+  // A golden recorded from another version of the case (another data seed): refused before any work (the run used
+  // to train the reference to find out), and the case errors with no verdict.
   const std::string other_path = dir.file("other.json");
   std::ofstream(other_path) << case_json(R"({"data": {"seed": 5}})").dump();
   record_golden(other_path, dir.file("g.h5"));
   write_case(dir, case_json(R"({"golden": "g.h5"})"));
+  const auto before = unsupported_configuration(train::load_case(case_path), SuiteOptions{});
+  ASSERT_TRUE(before);
+  EXPECT_NE(before->find("another version of case 'g'"), std::string::npos) << *before;
   const auto r = run_case(train::load_case(case_path), SuiteOptions{});
   ASSERT_TRUE(r.error);
   EXPECT_NE(r.error->find("another version of case 'g'"), std::string::npos) << *r.error;
   EXPECT_TRUE(r.checks.empty());
+  // A directory, or a path that loops, is named for what it is (both were "no such file").
+  std::filesystem::create_directories(dir.file("a-dir.h5"));
+  std::filesystem::create_symlink(dir.file("loop.h5"), dir.file("loop.h5"));
+  for (const auto& [golden, says] : std::vector<std::pair<std::string, std::string>>{
+           {"a-dir.h5", "is not a regular file"}, {"loop.h5", "symbolic links"}}) {
+    write_case(dir, case_json(nlohmann::json{{"golden", golden}}.dump()));
+    const auto why_not = unsupported_configuration(train::load_case(case_path), SuiteOptions{});
+    ASSERT_TRUE(why_not) << golden;
+    EXPECT_NE(why_not->find(says), std::string::npos) << *why_not;
+  }
 }
 
 }  // namespace

@@ -775,6 +775,33 @@ TEST_F(CliTest, ACompareThatFailsLeavesNoOlderJson) {
   EXPECT_FALSE(fs::exists(json)) << "the older comparison's JSON stayed";
 }
 
+// A usage error found before any work (an unknown flag, --cp 0) left an older run's pass at --out / --report to be
+// read as this command's: it is replaced by the usage error's report and the page goes. A file there that is no
+// report of ours (here: the case itself, named as the report) is never touched.
+TEST_F(CliTest, AUsageErrorLeavesNoOlderRunsReport) {
+  auto c = write("g.json", kGoodCase);
+  const auto out = dir_ / "out";
+  ASSERT_EQ(run_cli("run " + c + " --cp 2 --out " + out.string()).exit_code, 0);
+  for (const std::string bad : {"--cp 0", "--no-such-flag", "--timeout -1"}) {
+    SCOPED_TRACE(bad);
+    ASSERT_EQ(run_cli("run " + c + " --cp 2 --out " + out.string()).exit_code, 0);
+    ASSERT_EQ(read_json(out / "report.json")["status"], "pass");
+    auto r = run_cli("run " + c + " " + bad + " --out " + out.string());
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    const auto j = read_json(out / "report.json");
+    EXPECT_EQ(j["status"], "error") << j.dump(2);
+    EXPECT_NE(j["error"].get<std::string>().find("usage error"), std::string::npos) << j.dump(2);
+    EXPECT_FALSE(fs::exists(out / "report.html"));
+  }
+  auto text_of = [](const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  };
+  const std::string case_text = text_of(c);
+  EXPECT_EQ(run_cli("run " + c + " --cp 0 --report " + c).exit_code, 2);
+  EXPECT_EQ(text_of(c), case_text) << "the case named as the report was touched";
+}
+
 // `git bisect run` aborts the bisection on an exit code above 127: a commit whose run crashes is bad (1), one killed
 // outright (an out-of-memory killer) cannot be judged (125). The judging runs in a child of the bisect process.
 TEST_F(CliTest, BisectCallsACrashBadAndAKillASkipNeverAnAbort) {
@@ -1085,7 +1112,9 @@ TEST_F(CliTest, UnwritableOutputsAreFoundBeforeTheRun) {
   auto c = write("good.json", kGoodCase);
   auto file = write("plain-file", "x");
   for (const std::string& flag : {"--out " + file + "/sub", "--report " + (dir_ / "missing" / "r.json").string(),
-                                  "--junit " + (dir_ / "missing" / "r.xml").string(), "--dump-dir " + file + "/d"}) {
+                                  "--junit " + (dir_ / "missing" / "r.xml").string(), "--dump-dir " + file + "/d",
+                                  // a directory that takes no new file (to root too): the run used to end unreported
+                                  std::string("--report /proc/version"), std::string("--junit /proc/r.xml")}) {
     const auto start = std::chrono::steady_clock::now();
     auto r = run_cli("run " + c + " --cp 2 " + flag);
     EXPECT_EQ(r.exit_code, 2) << flag << "\n" << r.output;
