@@ -503,7 +503,10 @@ struct Hdf5Reader::Impl {
 Hdf5Reader::Hdf5Reader(std::string path) : path_(std::move(path)), impl_(std::make_unique<Impl>()) {
   H5Guard guard;
   std::error_code ec;
-  if (!fs::exists(path_, ec)) throw InputError(path_, "", "no such file");
+  if (!fs::exists(path_, ec)) {
+    if (ec && ec != std::errc::no_such_file_or_directory) throw InputError(path_, "", ec.message());  // a symlink loop
+    throw InputError(path_, "", "no such file");
+  }
   if (fs::is_directory(path_, ec)) throw InputError(path_, "", "is a directory, expected an HDF5 file");
   if (!fs::is_regular_file(path_, ec))  // a FIFO or device would block the read, or never end
     throw InputError(path_, "", "is not a regular file, expected an HDF5 file");

@@ -72,10 +72,7 @@ json parse_strictly(Source&& source, const std::string& file, const std::string&
   try {
     j = json::parse(std::forward<Source>(source), std::ref(watch));
   } catch (const json::exception& e) {  // parse errors, and numbers out of range (1e400)
-    // Without the library's "[json.exception.parse_error.101] " tag: what is wrong, and where, is what follows it.
-    std::string why = e.what();
-    if (why.rfind("[json.exception.", 0) == 0 && why.find("] ") != std::string::npos) why = why.substr(why.find("] ") + 2);
-    throw InputError(file, what, "malformed JSON: " + why);
+    throw InputError(file, what, "malformed JSON: " + json_error_text(e));
   } catch (const std::ios_base::failure& e) {  // a read error under the stream (EIO: /proc/self/mem, a failing disk)
     throw InputError(file, what, std::string("cannot read: ") + e.code().message());
   }
@@ -87,6 +84,12 @@ json parse_strictly(Source&& source, const std::string& file, const std::string&
 }
 
 }  // namespace
+
+std::string json_error_text(const std::exception& e) {
+  std::string why = e.what();
+  if (why.rfind("[json.exception.", 0) == 0 && why.find("] ") != std::string::npos) why = why.substr(why.find("] ") + 2);
+  return why;
+}
 
 json parse_input_json(std::istream& in, const std::string& file, const std::string& what, const std::string& key_prefix) {
   return parse_strictly(in, file, what, key_prefix);

@@ -6,6 +6,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <exception>
 #include <istream>
 #include <string>
 
@@ -17,5 +18,8 @@ nlohmann::json parse_input_json(std::istream& in, const std::string& file, const
                                 const std::string& key_prefix = "");
 nlohmann::json parse_input_json(const std::string& text, const std::string& file, const std::string& what,
                                 const std::string& key_prefix = "");
+
+// A JSON library error without the library's "[json.exception.parse_error.101] " tag: what is wrong, and where.
+std::string json_error_text(const std::exception& e);
 
 }  // namespace cpharness::io

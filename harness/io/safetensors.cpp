@@ -19,6 +19,7 @@
 
 #include "harness/io/atomic_file.h"
 #include "harness/io/input_error.h"
+#include "harness/io/json_input.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "safetensors IO assumes a little-endian host");
 
@@ -82,6 +83,7 @@ struct Header {
 std::uint64_t file_size_or_throw(const std::string& path) {
   std::error_code ec;
   const auto status = fs::status(path, ec);
+  if (ec && ec != std::errc::no_such_file_or_directory) throw InputError(path, "", ec.message());  // a symlink loop
   if (ec || !fs::exists(status)) throw InputError(path, "", "no such file");
   if (fs::is_directory(status)) throw InputError(path, "", "is a directory, expected a .safetensors file");
   if (!fs::is_regular_file(status)) throw InputError(path, "", "is not a regular file, expected a .safetensors file");
@@ -151,7 +153,7 @@ json parse_header_json(const std::string& text, const std::string& path) {
       return true;
     });
   } catch (const json::exception& e) {
-    throw InputError(path, "header", std::string("malformed JSON header: ") + e.what());
+    throw InputError(path, "header", "malformed JSON header: " + json_error_text(e));
   }
   if (!duplicate.empty()) throw InputError(path, duplicate, "name appears twice in the header");
   if (!doc.is_object()) throw InputError(path, "header", "JSON header is not an object");

@@ -183,6 +183,37 @@ TEST(StepZeroGradients, TheFp32LaneJudgesNoisyGradientsAgainstAnFp64Oracle) {
   EXPECT_EQ(grads_result(cp2, &rerun).policy, report::Policy::Fp32OracleRelative);  // within the bound: not rerun
 }
 
+// Step-0 logits that miss fp32_relative against cp 1 are judged against the fp64 oracle at k x cp 1's own error +
+// fp32_relative: cp 1's error, never the candidate's (with the candidate's own, an escalated result could not fail).
+TEST(StepZeroLogits, TheOracleBoundIsSetByCp1sOwnError) {
+  const Tolerances tol;
+  const auto c = tiny_case();
+  const auto truth = torch::randn({c.data.batch, c.data.seq_len, c.model.vocab_size}, torch::kFloat64);
+  auto with_logits = [&](int cp, double rel_err, int seed) {
+    auto r = run_of({{4.8, 0.3}}, cp);
+    torch::manual_seed(seed);
+    const auto noise = torch::randn_like(truth);
+    r.logits = truth + noise * (rel_err * truth.norm() / noise.norm());
+    return r;
+  };
+  auto logits_result = [&](const report::LaneRun& cp1, const report::LaneRun& cand, const Fp64Rerun* fp64) {
+    for (auto& r : check_training(c, tol, cp1, cand, nullptr, "", fp64))
+      if (r.metric.rfind("logits_rel_l2_step0", 0) == 0) return r;
+    return CheckResult{};
+  };
+  const auto cp1 = with_logits(1, 1e-5, 21), oracle = with_logits(1, 0.0, 22);
+  const Fp64Rerun fp64{&oracle, nullptr};
+  const auto near = logits_result(cp1, with_logits(2, 1.5e-5, 23), &fp64);  // misses 1e-5 against cp 1, not the bound
+  EXPECT_EQ(near.metric, "logits_rel_l2_step0_vs_fp64_oracle");
+  EXPECT_EQ(near.status, report::Status::Pass) << near.message;
+  const double bound = (tol.fp32_oracle_k * 1e-5 + tol.fp32_relative) * tol.scale(2);  // cp 1's 1e-5, at cp 2
+  EXPECT_NEAR(near.threshold, bound, 1e-9);
+  const auto far = logits_result(cp1, with_logits(2, 1e-3, 24), &fp64);  // 33 x the bound
+  EXPECT_EQ(far.metric, "logits_rel_l2_step0_vs_fp64_oracle");
+  EXPECT_EQ(far.status, report::Status::Fail) << far.message;
+  EXPECT_NEAR(far.threshold, bound, 1e-9);
+}
+
 // From step 1 on, the fp32 runs train weights that AdamW's noise moved apart (what makes the final parameters a
 // matter for fp64 reruns): a checkpoint's step-1 grad norm was 1.5e-5 off at cp 2 on a correct run. Where the reruns
 // were made, steps >= 1 are judged between them (policy fp64_rerun, the fp32 figures kept); step 0 (same weights)

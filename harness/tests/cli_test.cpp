@@ -435,6 +435,42 @@ TEST_F(CliTest, RealCheckpointsPassTheFp32LaneAtCp2To4) {
   EXPECT_GE(against_oracle, 1);
 }
 
+// On weights fp32 cannot hold (the 35-layer checkpoint), where results are judged against the fp64 oracle, the gate
+// still goes red: a planted bug that drops the power check's perturbation fails it at every cp (its perturbed run is
+// judged as the candidate was, on the oracle: without it, noise alone "saw" the perturbation and the plant passed);
+// with a tighter fp32_oracle_k (0.5, read by its own name) the correct run fails, and the plant still fails power
+// at every cp (a perturbed result counts only where the unperturbed candidate passed it).
+TEST_F(CliTest, OnAnIllConditionedCheckpointTheOracleJudgementsCanStillFail) {
+  const std::string ckpt = std::string(CPHARNESS_SOURCE_DIR) + "/golden/checkpoints/e2b35-multimodal-5.25.0";
+  auto j = read_json(fs::path(CPHARNESS_SOURCE_DIR) / "cases/checkpoints/e2b35-multimodal-checkpoint.json");
+  j["model"]["config_file"] = ckpt + "/config.json";
+  j["weights"]["checkpoint"] = ckpt;
+  auto power_cps = [](const nlohmann::json& report, const std::string& status) {
+    std::set<int> cps;
+    for (auto& c : report["cases"][0]["checks"])
+      if (c["name"] == "power.boundary_label" && c["status"] == status) cps.insert(c["cp"].get<int>());
+    return cps;
+  };
+  for (const double k : {-1.0, 0.5}) {  // -1: the case's own tolerances
+    SCOPED_TRACE(k);
+    if (k > 0) j["tolerances"] = {{"fp32_oracle_k", k}};
+    const auto c = write(k > 0 ? "tight.json" : "plain.json", j.dump());
+    const std::string name = k > 0 ? "tight" : "plain";
+    auto r = run_cli("run " + c + " --report " + (dir_ / (name + "-planted.json")).string(),
+                     "CPHARNESS_PLANT_BUG=power_perturbation_not_applied");
+    EXPECT_EQ(r.exit_code, 1) << r.output;
+    EXPECT_EQ(power_cps(read_json(dir_ / (name + "-planted.json")), "fail"), (std::set<int>{2, 3, 4}));
+    if (k < 0) continue;
+    r = run_cli("run " + c + " --report " + (dir_ / (name + "-correct.json")).string());
+    EXPECT_EQ(r.exit_code, 1) << r.output;
+    int failed_on_oracle = 0;
+    const auto correct = read_json(dir_ / (name + "-correct.json"));
+    for (auto& check : correct["cases"][0]["checks"])
+      if (check["status"] == "fail" && check["policy"] == "fp32_oracle_relative") ++failed_on_oracle;
+    EXPECT_GE(failed_on_oracle, 1);
+  }
+}
+
 // A run whose loss or gradients are not finite fails, whatever checks the case selects: AdamW at lr 1e30 (valid
 // input; the first update takes every weight to ~1e30 and the next forward overflows), with only count checks.
 // What would make a run non-finite from its inputs alone (a NaN weight in a real checkpoint, rms_norm_eps -1e30)
