@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <functional>
 #include <random>
+#include <set>
 
 #include "harness/check/checks.h"
 #include "harness/check/hf_parity.h"
@@ -184,6 +185,27 @@ TEST(HfParity, EveryGoldenSeesADroppedBoundaryLabel) {
     }
   }
   EXPECT_EQ(judged, 8);  // four goldens (the long-vision one too) at cp 2 and 4
+}
+
+// Only a cp N gradient result is judged through cp 1: logits that miss the golden fail at every cp, whatever the
+// gradients say (a golden whose logits are 1e-4 off transformers', the gradients exact).
+TEST(HfParity, OffLogitsFailAtEveryCpAndAreNeverJudgedThroughCp1) {
+  const fs::path dir = fs::temp_directory_path() / ("cpharness_hf_logits_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  auto dump = report::read_run_dump((kGoldenDir / "hf-5.24.0" / "tiny-31b-hf.h5").string());
+  dump.steps.at(0).logits = dump.steps.at(0).logits * (1 + 1e-4);
+  const auto path = (dir / "off-logits.h5").string();
+  report::write_run_dump(path, dump);
+  runner::HfParityOptions options;
+  options.paths = {path};
+  options.cp_sizes = {1, 2};
+  const auto r = runner::run_hf_parity(options);
+  ASSERT_EQ(r.cases.size(), 1u);
+  std::set<int> failed;
+  for (const auto& c : r.cases[0].checks)
+    if (c.metric == "rel_l2_logits" && c.status == report::Status::Fail) failed.insert(c.cp);
+  EXPECT_EQ(failed, (std::set<int>{1, 2}));
+  fs::remove_all(dir);
 }
 
 // The same golden run with the wrong holder choice must fail: hf.parity can see the semantics.
