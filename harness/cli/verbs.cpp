@@ -116,10 +116,6 @@ std::vector<std::string> remove_files(const std::vector<std::string>& paths) {
   return removed;
 }
 
-// Writes every requested report; false when the HTML page could not be rendered (the others are written).
-// The files in place always come from one run: the previous run's XML and page go before the new JSON is written
-// (each file is still replaced atomically), so a run killed between two writes leaves files missing, never an
-// older verdict beside a newer one; a page that cannot be rendered leaves no page.
 // The stand-in this process wrote (stand_in_until_finished), until a verdict or an error report replaces it.
 struct StandIn {
   ReportOutputs outputs;
@@ -131,6 +127,10 @@ StandIn& stand_in() {
   return s;
 }
 
+// Writes every requested report; false when the HTML page could not be rendered (the others are written).
+// The files in place always come from one run: the previous run's XML and page go before the new JSON is written
+// (each file is still replaced atomically), so a run killed between two writes leaves files missing, never an
+// older verdict beside a newer one; a page that cannot be rendered leaves no page.
 bool write_reports(const ReportOutputs& outputs, const report::Report& r) {
   stand_in().standing = false;  // (replaced now, or removed if this write fails)
   const auto o = outputs.resolved();
@@ -647,6 +647,8 @@ int hf_parity_verb(const runner::HfParityOptions& options, const ReportOutputs& 
 // local backend) plus golden.match when a golden is given. 0 good (every check passed), 1 bad (a check failed), 125
 // skip (the commit cannot be judged: bad input, a run that could not be made, a case skipped here, an errored
 // check), so that a CP regression (which a cp 1 comparison cannot see) is found like any other.
+namespace {
+
 int bisect_verb_judged(const std::string& case_path, const std::string& golden_path) {
   auto skip = [](const std::string& why) {
     std::cerr << "bisect: skip (the commit cannot be judged): " << why << "\n";
@@ -688,8 +690,6 @@ int bisect_verb_judged(const std::string& case_path, const std::string& golden_p
     return skip(io::one_line(e));
   }
 }
-
-namespace {
 
 // The first `limit` bytes of `path` when it is a regular file, else nothing.
 std::optional<std::string> head_of(const std::string& path, size_t limit) {
