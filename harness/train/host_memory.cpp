@@ -1,6 +1,7 @@
 #include "harness/train/host_memory.h"
 
 #include <c10/core/CPUAllocator.h>
+#include <pthread.h>
 
 #include <atomic>
 #include <memory>
@@ -86,6 +87,9 @@ void enable_host_memory_metering() {
     c10::Allocator* inner = c10::GetCPUAllocator();
     g_inner_raw_deleter = inner->raw_deleter();
     c10::SetCPUAllocator(new CountingAllocator(inner), /*priority=*/100);
+    // A forked child (the HDF5 reads' probe) frees tensors through metered_delete: the map's lock must not be
+    // copied held by a thread the child does not have. Taken around every fork, released on both sides.
+    ::pthread_atfork([] { g_mutex.lock(); }, [] { g_mutex.unlock(); }, [] { g_mutex.unlock(); });
     g_enabled = true;
   });
 }
