@@ -140,6 +140,12 @@ nlohmann::json divergence_profile(const train::Case& c, const Tolerances& tol, c
 CheckResult check_power(int cp, const std::string& perturbation, const std::vector<CheckResult>& seen, bool applicable,
                         const std::string& why = "");
 
+// The results of a perturbed run that can count as seeing its perturbation (check_power's `seen`): a failure whose
+// twin (same check, metric and step) the unperturbed run fails too is noise the run shows without the perturbation
+// (weights fp32 cannot hold to the bound), not sight of it.
+std::vector<CheckResult> beyond_unperturbed(const std::vector<CheckResult>& perturbed,
+                                            const std::vector<CheckResult>& unperturbed);
+
 // determinism.repeat_bitwise: two runs are bit-identical (losses, grad norms, final parameters).
 CheckResult check_determinism(const train::Case& c, int cp, const report::LaneRun& first, const report::LaneRun& second);
 

@@ -688,6 +688,20 @@ nlohmann::json divergence_profile(const train::Case& c, const Tolerances& tol, c
   return {{"step", 0}, {"policy", bf16 ? "bf16_oracle_relative" : "fp32_relative"}, {"hidden", hidden}, {"grads", grads}};
 }
 
+std::vector<CheckResult> beyond_unperturbed(const std::vector<CheckResult>& perturbed,
+                                            const std::vector<CheckResult>& unperturbed) {
+  std::vector<CheckResult> out;
+  for (auto& r : perturbed) {
+    const bool noise = r.status != report::Status::Pass &&
+                       std::any_of(unperturbed.begin(), unperturbed.end(), [&](const CheckResult& u) {
+                         return u.name == r.name && u.metric == r.metric && u.step == r.step &&
+                                u.status != report::Status::Pass;
+                       });
+    if (!noise) out.push_back(r);
+  }
+  return out;
+}
+
 CheckResult check_power(int cp, const std::string& perturbation, const std::vector<CheckResult>& seen, bool applicable,
                         const std::string& why) {
   if (!applicable) {

@@ -1,6 +1,7 @@
 #include "harness/io/json_input.h"
 
 #include <ios>
+#include <limits>
 
 #include <set>
 #include <vector>
@@ -84,6 +85,12 @@ json parse_strictly(Source&& source, const std::string& file, const std::string&
 }
 
 }  // namespace
+
+int64_t json_int64(const json& v, const std::string& file, const std::string& field) {
+  if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max()))
+    throw InputError(file, field, std::to_string(v.get<uint64_t>()) + " is out of range (at most 2^63 - 1)");
+  return v.get<int64_t>();
+}
 
 std::string json_error_text(const std::exception& e) {
   std::string why = e.what();

@@ -6,6 +6,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cstdint>
 #include <exception>
 #include <istream>
 #include <string>
@@ -18,6 +19,10 @@ nlohmann::json parse_input_json(std::istream& in, const std::string& file, const
                                 const std::string& key_prefix = "");
 nlohmann::json parse_input_json(const std::string& text, const std::string& file, const std::string& what,
                                 const std::string& key_prefix = "");
+
+// A JSON integer `v` as int64: past 2^63 one arrives unsigned and would wrap to a negative value; it is an
+// InputError(file, field, "... is out of range") instead.
+int64_t json_int64(const nlohmann::json& v, const std::string& file, const std::string& field);
 
 // A JSON library error without the library's "[json.exception.parse_error.101] " tag: what is wrong, and where.
 std::string json_error_text(const std::exception& e);

@@ -115,10 +115,8 @@ T read_field(const json& j, const std::string& key, const std::string& source, c
   else if constexpr (std::is_floating_point_v<T>) ok = v.is_number();
   else if constexpr (std::is_same_v<T, std::string>) ok = v.is_string();
   if (!ok) throw InputError(source, prefix + key, fmt::format("wrong type: {}", v.type_name()));
-  if constexpr (std::is_same_v<T, int64_t>)  // past 2^63 a JSON integer arrives unsigned, and would wrap
-    if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max()))
-      throw InputError(source, prefix + key, fmt::format("{} is out of range (at most 2^63 - 1)", v.get<uint64_t>()));
-  return v.get<T>();
+  if constexpr (std::is_same_v<T, int64_t>) return io::json_int64(v, source, prefix + key);
+  else return v.get<T>();
 }
 
 // `strict` (case files): an unknown key is an error (a typo there silently changed the RoPE); HF files carry keys

@@ -173,10 +173,8 @@ void write_run_dump(const std::string& path, const RunDump& dump) {
 
 namespace {
 
-RunDump read_run_dump_here(const std::string& path) {
-  io::Hdf5Reader r(path);
-  RunDump dump;
-
+// The root's layout version and the provenance, checked: what a dump is, before any of its tensors.
+io::StringMap read_provenance(const io::Hdf5Reader& r, const std::string& path) {
   const io::StringMap root = r.attributes("/");
   auto lv = root.find("layout_version");
   if (lv == root.end()) {
@@ -191,8 +189,9 @@ RunDump read_run_dump_here(const std::string& path) {
                          "unsupported layout version \"" + lv->second + "\" (this build reads \"" +
                              kRunDumpLayoutVersion + "\")");
 
+  io::StringMap provenance;
   try {
-    dump.provenance = r.attributes("provenance");
+    provenance = r.attributes("provenance");
   } catch (const io::InputError&) {
     throw io::InputError(path, "/provenance", "missing group (string attributes tool, kind, ...)");
   }
@@ -200,7 +199,14 @@ RunDump read_run_dump_here(const std::string& path) {
   for (const auto& [key, kind] : r.non_string_attributes("provenance"))
     throw io::InputError(path, "/provenance@" + key,
                          "stored as " + kind + "; provenance attributes are strings (see golden/README.md)");
-  check_kind(path, dump.provenance);
+  check_kind(path, provenance);
+  return provenance;
+}
+
+RunDump read_run_dump_here(const std::string& path) {
+  io::Hdf5Reader r(path);
+  RunDump dump;
+  dump.provenance = read_provenance(r, path);
 
   try {
     (void)r.list_datasets("steps");
@@ -262,6 +268,12 @@ RunDump read_run_dump_here(const std::string& path) {
 RunDump read_run_dump(const std::string& path) {
   io::read_in_a_child_first(path, [&] { (void)read_run_dump_here(path); });  // a damaged file: not in this process
   return read_run_dump_here(path);
+}
+
+io::StringMap read_run_dump_provenance(const std::string& path) {
+  const auto read = [&] { return read_provenance(io::Hdf5Reader(path), path); };
+  io::read_in_a_child_first(path, [&] { (void)read(); });  // (a damaged global heap crashed the attribute reads)
+  return read();
 }
 
 }  // namespace cpharness::report

@@ -75,4 +75,8 @@ void write_run_dump(const std::string& path, const RunDump& dump);
 // an unknown dataset anywhere in the file.
 RunDump read_run_dump(const std::string& path);
 
+// The provenance of the dump at `path`, checked as read_run_dump checks it (layout version, string values, kind),
+// without reading a tensor: what a golden is, asked before any work.
+io::StringMap read_run_dump_provenance(const std::string& path);
+
 }  // namespace cpharness::report

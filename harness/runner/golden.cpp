@@ -116,16 +116,16 @@ void judge_bf16_against_oracle(const train::Case& c, const report::RunDump& gold
 }
 
 
-std::string provenance_of(const report::RunDump& d, const char* key) {
-  auto it = d.provenance.find(key);
-  return it == d.provenance.end() ? std::string() : it->second;
+std::string provenance_of(const io::StringMap& provenance, const char* key) {
+  auto it = provenance.find(key);
+  return it == provenance.end() ? std::string() : it->second;
 }
 
-// The golden of `c` at `golden_path`: a golden of another case, another version of the case or another lane is an
-// input error, whichever check reads it.
-report::RunDump read_case_golden(const train::Case& c, const std::string& golden_path) {
-  auto golden = report::read_run_dump(golden_path);
-  auto get = [&](const char* key) { return provenance_of(golden, key); };
+std::string provenance_of(const report::RunDump& d, const char* key) { return provenance_of(d.provenance, key); }
+
+// A golden of another case, another version of the case or another lane is an input error, whichever check reads it.
+void require_golden_of_case(const train::Case& c, const std::string& golden_path, const io::StringMap& provenance) {
+  auto get = [&](const char* key) { return provenance_of(provenance, key); };
   if (get("case_id") != c.id)
     throw io::InputError(golden_path, "provenance/case_id", fmt::format("golden of case '{}', not '{}'", get("case_id"), c.id));
   if (!get("case_hash").empty() && get("case_hash") != case_hash(c))
@@ -135,6 +135,12 @@ report::RunDump read_case_golden(const train::Case& c, const std::string& golden
   const std::string lane = train::to_string(c.dtype);
   if (!get("dtype").empty() && get("dtype") != lane)
     throw io::InputError(golden_path, "provenance/dtype", fmt::format("golden lane {} but the case runs {}", get("dtype"), lane));
+}
+
+// The golden of `c` at `golden_path`, read whole.
+report::RunDump read_case_golden(const train::Case& c, const std::string& golden_path) {
+  auto golden = report::read_run_dump(golden_path);
+  require_golden_of_case(c, golden_path, golden.provenance);
   return golden;
 }
 
@@ -142,7 +148,7 @@ report::RunDump read_case_golden(const train::Case& c, const std::string& golden
 
 std::optional<std::string> case_golden_problem(const train::Case& c, const std::string& golden_path) {
   try {
-    (void)read_case_golden(c, golden_path);
+    require_golden_of_case(c, golden_path, report::read_run_dump_provenance(golden_path));
     return std::nullopt;
   } catch (const io::InputError& e) {
     return std::string(e.what());

@@ -31,8 +31,9 @@ report::Report run_golden_verify(const std::string& case_path, const std::string
 // golden.match: the reference run of `c` against `golden_path`. Errors in the golden (missing, corrupt, wrong
 // layout, another case or another version of the case) are io::InputError. `reference` (and, for a bf16 case, its
 // fp32 `oracle`), when given, are cp 1 runs of the case already made with their tensors recorded; else they are run.
-// Why the golden at `golden_path` cannot be the golden of `c` (unreadable or damaged, another case, another version
-// of the case, another lane), or nothing: asked before any work, so that a run does not train to find out.
+// Why the golden at `golden_path` cannot be the golden of `c` (not a run dump, a damaged header, another case,
+// another version of the case, another lane), or nothing: asked before any work, so that a run does not train to
+// find out. Only the provenance is read (a tensor damaged further in is found when the golden is compared).
 std::optional<std::string> case_golden_problem(const train::Case& c, const std::string& golden_path);
 
 report::CheckResult verify_golden(const train::Case& c, const std::string& golden_path, report::CompareResult* result = nullptr,

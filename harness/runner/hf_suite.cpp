@@ -78,15 +78,8 @@ report::CheckResult power(const report::HfGolden& g, int cp, bool holder,
   if (cp == 1) return check::check_power(cp, perturbation, {}, false, "cp 1 has no shard boundary");
   if (target.rank < 0) return check::check_power(cp, perturbation, {}, false, "no rank but 0 holds a counted target");
   const auto perturbed = run_on_hf_golden(g, cp, holder, g.config.kv_share_semantics, true);
-  std::vector<report::CheckResult> seen;
-  for (auto& r : check::check_hf_parity(g, perturbed)) {
-    const bool noise = r.status != report::Status::Pass &&
-                       std::any_of(unperturbed.begin(), unperturbed.end(), [&](const report::CheckResult& u) {
-                         return u.metric == r.metric && u.status != report::Status::Pass;
-                       });
-    if (!noise) seen.push_back(r);
-  }
-  return check::check_power(cp, perturbation, seen, true);
+  return check::check_power(cp, perturbation, check::beyond_unperturbed(check::check_hf_parity(g, perturbed), unperturbed),
+                            true);
 }
 
 // One golden: hf.parity at every cp size, and kvshare.bug_detected for a dead-K/V export.

@@ -239,14 +239,9 @@ report::CheckResult power_check(const train::Case& c, int n, const check::Tolera
   std::vector<report::CheckResult> unperturbed;
   if (oracle64)
     if (auto cand = runs.candidates.find(n); cand != runs.candidates.end()) unperturbed = judged(first_step(cand->second));
-  auto candidate_failed = [&](const report::CheckResult& r) {
-    for (auto& u : unperturbed)
-      if (u.name == r.name && u.metric == r.metric && u.step == r.step) return u.status != report::Status::Pass;
-    return false;
-  };
   std::vector<report::CheckResult> seen;
-  for (auto& r : judged(p->second))
-    if (wants_check(c, r.name) && !(r.status != report::Status::Pass && candidate_failed(r))) seen.push_back(r);
+  for (auto& r : check::beyond_unperturbed(judged(p->second), unperturbed))
+    if (wants_check(c, r.name)) seen.push_back(r);
   auto res = check::check_power(n, perturbation, seen, true);
   if (auto s = runs.perturbed_seconds.find(n); s != runs.perturbed_seconds.end()) res.details["perturbed_run_seconds"] = s->second;
   return res;

@@ -378,6 +378,17 @@ with h5py.File(sys.argv[1], "w") as f:
   EXPECT_TRUE(r.provenance_diffs.empty());
 }
 
+// Runs one Python statement on the HDF5 file at `path` opened with h5py as `f` (numpy as `np`): what another stack,
+// or a hand, can leave in a dump.
+::testing::AssertionResult spoil_with_h5py(const TempDir& dir, const std::string& path, const std::string& statement) {
+  const std::string script = dir.file("spoil.py"), log = dir.file("python.log");
+  std::ofstream(script) << "import sys\nimport h5py\nimport numpy as np\n"
+                           "with h5py.File(sys.argv[1], 'r+') as f:\n    exec(sys.argv[2])\n";
+  const std::string cmd = "/usr/bin/python3 '" + script + "' '" + path + "' \"" + statement + "\" >'" + log + "' 2>&1";
+  if (std::system(cmd.c_str()) == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << statement << ": " << io::testing::read_bytes(log);
+}
+
 // ---------- compare ----------
 
 // Provenance values are strings (golden/README.md). A number h5py stored (attrs["case_id"] = 7) used to be skipped
@@ -387,17 +398,6 @@ TEST(GoldenDump, ANonStringProvenanceAttributeIsRefusedByName) {
   RunDump d;
   d.provenance = {{"kind", "golden"}, {"case_id", "c"}};
   d.steps[0].loss = 1.0;
-  const std::string script = dir.file("set_attr.py");
-  {
-    std::ofstream out(script);
-    out << R"PY(
-import sys
-import h5py
-import numpy as np
-with h5py.File(sys.argv[1], "r+") as f:
-    f["provenance"].attrs[sys.argv[2]] = eval(sys.argv[3])
-)PY";
-  }
   const std::vector<std::tuple<std::string, std::string, std::string>> cases = {
       {"case_id", "7", "stored as integer"},
       {"transformers_version", "5.5", "stored as float"},
@@ -406,9 +406,7 @@ with h5py.File(sys.argv[1], "r+") as f:
   for (const auto& [key, value, why] : cases) {
     const std::string path = dir.file("dump.h5");
     write_run_dump(path, d);
-    const std::string log = dir.file("python.log");
-    const std::string cmd = "/usr/bin/python3 '" + script + "' '" + path + "' '" + key + "' \"" + value + "\" >'" + log + "' 2>&1";
-    ASSERT_EQ(std::system(cmd.c_str()), 0) << io::testing::read_bytes(log);
+    ASSERT_TRUE(spoil_with_h5py(dir, path, "f['provenance'].attrs['" + key + "'] = " + value));
     try {
       (void)read_run_dump(path);
       ADD_FAILURE() << key << " = " << value << " was accepted";
@@ -441,17 +439,6 @@ TEST(GoldenDump, ALinkOrANumberIsNamedForWhatItIsNotCalledMissing) {
   d.provenance = {{"kind", "golden"}, {"case_id", "c"}};
   d.steps[0].loss = 1.0;
   d.steps[0].grad_norm = 2.0;
-  const std::string script = dir.file("spoil.py");
-  {
-    std::ofstream out(script);
-    out << R"PY(
-import sys
-import h5py
-import numpy as np
-with h5py.File(sys.argv[1], "r+") as f:
-    exec(sys.argv[2])
-)PY";
-  }
   const std::vector<std::tuple<std::string, std::string, std::string>> cases = {
       {"del f['steps/0/loss']; f['steps/0/loss'] = h5py.SoftLink('/steps/0/grad_norm')", "steps/0/loss", "is a soft link"},
       {"f['steps']['7'] = h5py.SoftLink('/steps/0')", "steps/7", "is a soft link"},
@@ -461,9 +448,7 @@ with h5py.File(sys.argv[1], "r+") as f:
     SCOPED_TRACE(spoil);
     const std::string path = dir.file("dump.h5");
     write_run_dump(path, d);
-    const std::string log = dir.file("python.log");
-    const std::string cmd = "/usr/bin/python3 '" + script + "' '" + path + "' \"" + spoil + "\" >'" + log + "' 2>&1";
-    ASSERT_EQ(std::system(cmd.c_str()), 0) << io::testing::read_bytes(log);
+    ASSERT_TRUE(spoil_with_h5py(dir, path, spoil));
     try {
       (void)read_run_dump(path);
       ADD_FAILURE() << "accepted";

@@ -38,9 +38,7 @@ const json& object_at(const json& j, const std::string& key, const std::string& 
 
 int64_t int_value(const json& v, const std::string& path, const std::string& field, int64_t min_value) {
   if (!v.is_number_integer()) throw InputError(path, field, fmt::format("wrong type: expected an integer, got {}", v.type_name()));
-  if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max()))
-    throw InputError(path, field, fmt::format("{} is out of range (at most 2^63 - 1)", v.get<uint64_t>()));
-  const int64_t x = v.get<int64_t>();
+  const int64_t x = io::json_int64(v, path, field);
   if (x < min_value) throw InputError(path, field, fmt::format("must be >= {}, got {}", min_value, x));
   return x;
 }
