@@ -26,8 +26,8 @@ case "${1:-size}" in
   park)
     mkdir -p "$parked"
     for d in golden/hf-*/; do [ -d "$d" ] && mv "$d" "$parked/"; done
-    # Also out of the index (staged as removed, nothing committed): whether the device tool skips a tracked file
-    # that is missing or refuses it, the parked files are then neither tracked nor present.
+    # Also out of the index (staged as removed, nothing committed): whether the transfer to the GPU machine skips a
+    # tracked file that is missing or refuses it, the parked files are then neither tracked nor present.
     git rm -r -q --cached --ignore-unmatch -- 'golden/hf-*' >/dev/null
     echo "gpu-travel: parked $(ls "$parked" | tr '\n' ' ')in $parked; ci/gpu-travel.sh restore brings them back" ;;
   restore)

@@ -90,7 +90,7 @@ def validate(report):
             _need(check, "status", str, cpath)
             _need(check, "cp", int, cpath)
         for key in ("trajectories", "block_mask_cache", "ring", "divergence_profile", "block_masks",
-                    "block_mask_cache_expected", "oracle_trajectory"):
+                    "block_mask_cache_expected", "oracle_trajectory", "weights"):
             if key in case and not isinstance(case[key], dict):
                 raise InputError(f"{path}.{key}: expected an object, got {type(case[key]).__name__}")
 
@@ -862,6 +862,21 @@ def render_performance(case, figs):
     return head + "\n".join(rows) + cap + "</div>"
 
 
+def render_weights(case):
+    """Where a checkpoint case's weights came from; the weights that kept their seeded init are named."""
+    w = case.get("weights")
+    if not isinstance(w, dict):
+        return ""
+    kept = w.get("kept_init") if isinstance(w.get("kept_init"), list) else []
+    text = (f'weights: <code>{esc(w.get("checkpoint"))}</code>, {esc(w.get("loaded"))} tensors loaded, '
+            f'{esc(w.get("skipped_redundant"))} redundant and {esc(w.get("skipped_non_text"))} non-text tensors '
+            f'skipped')
+    if kept:
+        text += (f'; <strong>{len(kept)} not in the checkpoint, kept their seeded initialisation</strong>: '
+                 + ", ".join(f"<code>{esc(k)}</code>" for k in kept))
+    return f'<p class="meta" data-weights="{len(kept)}">{text}</p>'
+
+
 def render_case(case, figs):
     cid = slug(case["id"])
     out = [f'<section class="case" id="case-{esc(cid)}" data-case="{esc(case["id"])}" '
@@ -875,6 +890,7 @@ def render_case(case, figs):
         out.append(f'<p class="desc">{esc(case["description"])}</p>')
     if case.get("error"):
         out.append(f'<p class="runerror">error: {esc(case["error"])}</p>')
+    out.append(render_weights(case))
     if case.get("status") == "skipped":
         out.append(f'<p class="absent">skipped: {esc(case.get("skip_reason") or "")}</p>')
     for fn in (render_trajectories, render_divergence, render_block_masks, render_ring, render_cache,

@@ -39,6 +39,10 @@ nlohmann::json block_mask_grids(const train::Case& c, int cp, const cp::RingOpti
 constexpr double kBf16RoundingsAllowed = 1.05;  // a correct ring measured <= 1.00001 (fp32 sums)
 std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, const cp::RingOptions& ring);
 
+// attention.parity's padded_rows_max_abs on one rank: the largest |value| of the output and of dQ over the query
+// rows `padding` marks ([B, L] bool; out and dq are [B, H, L, D]). Both must be exactly zero there.
+double padded_rows_max_abs(const torch::Tensor& out, const torch::Tensor& dq, const torch::Tensor& padding);
+
 // The case's shard layout ("sharding": contiguous or zigzag) and ring mode ("ring": {"mode": collect or stream}).
 cp::Sharding case_sharding(const train::Case& c);
 cp::RingMode case_ring_mode(const train::Case& c);

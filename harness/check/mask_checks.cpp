@@ -158,6 +158,13 @@ nlohmann::json block_mask_grids(const train::Case& c, int cp, const cp::RingOpti
   return grids;
 }
 
+double padded_rows_max_abs(const Tensor& out, const Tensor& dq, const Tensor& padding) {
+  if (!padding.defined()) return 0.0;  // no padding anywhere
+  const auto pad_rows = padding.to(torch::kBool).unsqueeze(1).unsqueeze(-1);  // [B, 1, L, 1]
+  auto worst = [&](const Tensor& t) { return torch::where(pad_rows, t, torch::zeros_like(t)).abs().max().item<double>(); };
+  return std::max(worst(out), worst(dq));
+}
+
 std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, const cp::RingOptions& ring_options) {
   const auto batch = train::batch_for_step(c, 0);
   const cp::ShardPlan plan(c.data.seq_len, cp, case_sharding(c));
@@ -217,8 +224,7 @@ std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, co
                         same_pattern ? rel(torch::where(finite, rec.lse, torch::zeros_like(rec.lse)), torch::where(finite, lse, torch::zeros_like(lse))) : INFINITY});
       }
       // Padded query rows: exactly zero output and gradient.
-      auto pad_rows = shard_meta(meta, plan, r).padding.unsqueeze(1).unsqueeze(-1);  // [B, 1, L, 1]
-      const double padded = std::max((out.detach() * pad_rows).abs().max().item<double>(), (lq.grad() * pad_rows).abs().max().item<double>());
+      const double padded = padded_rows_max_abs(out.detach(), lq.grad(), shard_meta(meta, plan, r).padding);
       // bf16 inputs (as the bf16 lane runs): every returned tensor is rounded to bf16 once, as it must be, so its
       // error against the exact result is that of one rounding; a ring that sums dK/dV, outputs or LSE merges in
       // the input dtype rounds once per ring step, and its error grows with cp (sqrt(cp) x at cp 3 and up). The

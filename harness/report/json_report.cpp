@@ -395,7 +395,7 @@ CaseReport read_case(const json& j, const std::string& path, const std::string& 
     return tr;
   });
   if (o.has("reference_cp")) c.reference_cp = int(o.integer("reference_cp", 1));
-  for (const char* key : {"oracle_trajectory", "divergence_profile", "block_masks", "block_mask_cache_expected"})
+  for (const char* key : {"oracle_trajectory", "divergence_profile", "block_masks", "block_mask_cache_expected", "weights"})
     if (o.has(key)) c.page[key] = o.at(key);  // the page's data: the schema describes it, the page reads it
   if (o.has("performance"))
     c.performance = read_per_cp<Performance>(o, "performance", [&](const json& v, const std::string& where) {

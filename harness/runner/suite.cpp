@@ -334,9 +334,24 @@ report::CheckResult golden_memory_check(const train::Case& c, const RunOptions& 
   return verify_golden_memory(c, c.golden, *runs.reference);
 }
 
+// Where a checkpoint case's weights came from, for the report: a weight that kept its seeded initialisation (a
+// cache-gated model's shared layers' own K/V, which transformers >= 5.5.2 does not save) is named, never silent.
+nlohmann::json checkpoint_contents_json(const train::Case& c) {
+  const auto& s = c.checkpoint_contents;
+  return {{"checkpoint", c.checkpoint}, {"loaded", s.loaded}, {"kept_init", s.kept_init},
+          {"skipped_redundant", s.skipped_redundant.size()}, {"skipped_non_text", s.skipped_non_text.size()}};
+}
+
 // Phase A (rank 0): the cp 1 reference (and the fp32 oracle of a bf16 lane), mask and per-chunk attention checks.
 void run_reference_phase(const train::Case& c, const std::vector<int>& cps, const RunOptions& run_options,
                          const SuiteOptions& options, report::CaseReport& rep, CaseRuns& runs) {
+  if (!c.checkpoint.empty()) {
+    rep.page["weights"] = checkpoint_contents_json(c);
+    if (!c.checkpoint_contents.kept_init.empty())
+      std::cerr << fmt::format("[{}] {} weights are not in the checkpoint and keep their seeded initialisation (as "
+                               "transformers leaves missing keys): {}\n", c.id, c.checkpoint_contents.kept_init.size(),
+                               fmt::join(c.checkpoint_contents.kept_init, ", "));
+  }
   runs.reference = reference_run(c, c.dtype, run_options);
   progress(c, *runs.reference);
   const int ref_cp = int(c.reference_cp);

@@ -2,7 +2,10 @@
 // on the ranks that hold them. A check that looked at another rank's padding (rank 0's, which holds none) passed
 // a ring that leaves the last rank's padded rows non-zero; the selftest mutant was still caught there, by the
 // relative error, so only this test sees which metric fails where.
+#include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
+
+#include <cmath>
 
 #include "harness/check/checks.h"
 #include "harness/train/case.h"
@@ -34,6 +37,33 @@ TEST(AttentionParityCheck, PaddedRowsAreJudgedOnTheRanksThatHoldThem) {
   ASSERT_EQ(statuses.size(), 2u);
   EXPECT_EQ(statuses[0], report::Status::Pass);  // rank 0 holds no padding
   EXPECT_EQ(statuses[1], report::Status::Fail);
+}
+
+// The metric itself, on random tensors: it sees a non-zero value of the output or of dQ in any padded row, and
+// nothing outside them (a NaN there is the relative error's to catch). The ring test above only exercises the
+// output: no known-bad ring leaves padded dQ non-zero with a zero output.
+TEST(AttentionParityCheck, PaddedRowsMetricSeesOutputAndDqOfPaddedRowsOnly) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
+  for (int trial = 0; trial < 50; ++trial) {
+    SCOPED_TRACE(trial);
+    const int64_t B = 1 + trial % 3, H = 1 + trial % 4, L = 2 + trial % 9, D = 1 + trial % 5;
+    auto padding = torch::rand({B, L}, gen) < 0.4;
+    padding.index_put_({trial % B, trial % L}, true);  // at least one padded row
+    const auto keep = (~padding).unsqueeze(1).unsqueeze(-1);
+    auto out = torch::randn({B, H, L, D}, gen, torch::kFloat64) * keep, dq = torch::randn({B, H, L, D}, gen, torch::kFloat64) * keep;
+    out.index_put_({torch::indexing::Slice(), torch::indexing::Slice(), torch::indexing::Slice(), 0},
+                   torch::where(keep.squeeze(-1), std::nan(""), 0.0).expand({B, H, L}));  // NaN only in real rows
+    EXPECT_EQ(padded_rows_max_abs(out, dq, padding), 0.0);
+    // One padded element of one tensor made non-zero: the metric is exactly its magnitude.
+    const auto rows = padding.nonzero();
+    const auto pick = rows[trial % rows.size(0)];
+    const int64_t b = pick[0].item<int64_t>(), l = pick[1].item<int64_t>(), h = trial % H, d = trial % D;
+    const double value = -(1 + trial) * 1e-7;
+    auto& spoiled = trial % 2 ? dq : out;
+    spoiled.index_put_({b, h, l, d}, value);
+    EXPECT_EQ(padded_rows_max_abs(out, dq, padding), -value) << (trial % 2 ? "dq" : "out");
+  }
+  EXPECT_EQ(padded_rows_max_abs(torch::ones({1, 1, 2, 1}), torch::ones({1, 1, 2, 1}), torch::Tensor()), 0.0);
 }
 
 }  // namespace

@@ -49,6 +49,19 @@ class CliTest : public ::testing::Test {
   fs::path dir_;
 };
 
+// Validates `out`/report.json against the committed schema (Debian's python3-jsonschema) and parses
+// `out`/report.xml with a real XML parser.
+void expect_valid_outputs(const fs::path& out) {
+  const std::string schema = std::string(CPHARNESS_SOURCE_DIR) + "/reports/schema/report.schema.json";
+  const std::string validate =
+      "/usr/bin/python3 -c \"import json,sys,jsonschema; s=json.load(open(sys.argv[1])); "
+      "jsonschema.Draft202012Validator(s).validate(json.load(open(sys.argv[2]))); "
+      "import xml.etree.ElementTree as E; E.parse(sys.argv[3])\" " +
+      schema + " " + (out / "report.json").string() + " " + (out / "report.xml").string();
+  const auto validated = cpharness::testing::run_command(validate);
+  EXPECT_EQ(validated.exit_code, 0) << validated.output;
+}
+
 constexpr const char* kGoodCase = R"({"id": "t", "model": {"preset": "tiny-31b"},
   "data": {"seq_len": 24, "padding": 4, "seed": 1}, "steps": 2})";
 
@@ -61,16 +74,7 @@ TEST_F(CliTest, RunPrintsPerStepLossAndWritesOutput) {
   EXPECT_NE(r.output.find("[t] cp2 fp32 step 1: loss"), std::string::npos) << r.output;
   EXPECT_TRUE(fs::exists(out / "report.json"));
   EXPECT_TRUE(fs::exists(out / "report.xml"));
-  // The produced report validates against the committed schema (Debian's python3-jsonschema), and the JUnit
-  // file parses with a real XML parser.
-  const std::string schema = std::string(CPHARNESS_SOURCE_DIR) + "/reports/schema/report.schema.json";
-  const std::string validate =
-      "/usr/bin/python3 -c \"import json,sys,jsonschema; s=json.load(open(sys.argv[1])); "
-      "jsonschema.Draft202012Validator(s).validate(json.load(open(sys.argv[2]))); "
-      "import xml.etree.ElementTree as E; E.parse(sys.argv[3])\" " +
-      schema + " " + (out / "report.json").string() + " " + (out / "report.xml").string();
-  const auto validated = cpharness::testing::run_command(validate);
-  EXPECT_EQ(validated.exit_code, 0) << validated.output;
+  expect_valid_outputs(out);
 }
 
 // --out writes the HTML page beside report.json; `render` makes it again from the JSON; a missing report is exit 2.
@@ -430,9 +434,56 @@ TEST_F(CliTest, RealCheckpointsPassTheFp32LaneAtCp2To4) {
     }
     EXPECT_EQ(cps, (std::set<int>{2, 3, 4})) << k["id"];
     EXPECT_EQ(seen, (std::set<int>{2, 3, 4})) << k["id"];
+    // Every weight came from the checkpoint; the multimodal one's towers were skipped, not loaded.
+    ASSERT_TRUE(k.contains("weights")) << k["id"];
+    EXPECT_GT(k["weights"]["loaded"].get<int>(), 0) << k["id"];
+    EXPECT_TRUE(k["weights"]["kept_init"].empty()) << k["id"];
+    if (k["id"] == "e2b35-multimodal-checkpoint") EXPECT_GT(k["weights"]["skipped_non_text"].get<int>(), 0);
   }
   EXPECT_GE(reruns, 1);
   EXPECT_GE(against_oracle, 1);
+}
+
+// A checkpoint of transformers >= 5.5.2 run as the cache-gated model (5.5.0's semantics): its KV-shared layers own
+// K/V weights the checkpoint does not hold, which keep their seeded initialisation, as transformers leaves missing
+// keys. The report, stderr and the page name every one of them; a checkpoint case that lacks none says so too.
+TEST_F(CliTest, WeightsThatKeepTheirInitAreNamedInTheReport) {
+  const fs::path ckpt = fs::path(CPHARNESS_SOURCE_DIR) / "golden/hf-5.24.0/tiny-e2b-hf-checkpoint";
+  const auto config = read_json(ckpt / "config.json");
+  const auto text = config.contains("text_config") ? config["text_config"] : config;
+  const int shared = text["num_kv_shared_layers"].get<int>();
+  ASSERT_GT(shared, 0);
+  for (const std::string semantics : {"cache-gated", "shared-kv-states"}) {
+    SCOPED_TRACE(semantics);
+    const auto c = write(semantics + ".json", R"({"id": "kept", "model": {"config_file": ")" + (ckpt / "config.json").string() +
+                                                  R"(", "kv_share_semantics": ")" + semantics + R"("}, "weights": {"checkpoint": ")" +
+                                                  ckpt.string() + R"("}, "data": {"seq_len": 16, "seed": 1}, "steps": 1,
+                                                  "cp": [2], "checks": ["train.loss_parity"]})");
+    const auto out = dir_ / semantics;
+    auto r = run_cli("run " + c + " --out " + out.string());
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    expect_valid_outputs(out);
+    const auto w = read_json(out / "report.json")["cases"][0]["weights"];
+    EXPECT_EQ(w["checkpoint"], ckpt.string());
+    EXPECT_GT(w["loaded"].get<int>(), 0);
+    std::ifstream page_file(out / "report.html");
+    const std::string page((std::istreambuf_iterator<char>(page_file)), std::istreambuf_iterator<char>());
+    if (semantics == "shared-kv-states") {
+      EXPECT_TRUE(w["kept_init"].empty());
+      EXPECT_EQ(r.output.find("keep their seeded initialisation"), std::string::npos) << r.output;
+      EXPECT_NE(page.find("data-weights=\"0\""), std::string::npos);
+      continue;
+    }
+    ASSERT_EQ(w["kept_init"].size(), size_t(3 * shared)) << w.dump();  // k_proj, v_proj, k_norm of each shared layer
+    for (auto& name : w["kept_init"]) {
+      const auto n = name.get<std::string>();
+      EXPECT_TRUE(n.find("k_proj") != std::string::npos || n.find("v_proj") != std::string::npos ||
+                  n.find("k_norm") != std::string::npos) << n;
+      EXPECT_NE(r.output.find(n), std::string::npos) << "stderr names " << n;
+      EXPECT_NE(page.find(n), std::string::npos) << "the page names " << n;
+    }
+    EXPECT_NE(page.find("data-weights=\"" + std::to_string(3 * shared) + "\""), std::string::npos);
+  }
 }
 
 // On weights fp32 cannot hold (the 35-layer checkpoint), where results are judged against the fp64 oracle, the gate

@@ -208,6 +208,39 @@ TEST(HfParity, OffLogitsFailAtEveryCpAndAreNeverJudgedThroughCp1) {
   fs::remove_all(dir);
 }
 
+// power.boundary_label counts only what the perturbation adds: on a golden the C++ model misses everywhere (loss,
+// logits and every gradient 1e-3 off), the perturbed run fails every hf.parity metric too, but so does the
+// unperturbed one, so nothing saw the perturbation and the check fails as insensitive (counting those failures
+// would call it seen on a golden that cannot see anything).
+TEST(HfParity, APerturbationIsSeenOnlyBeyondWhatTheUnperturbedRunMissed) {
+  const fs::path dir = fs::temp_directory_path() / ("cpharness_hf_power_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  auto dump = report::read_run_dump((kGoldenDir / "hf-5.24.0" / "tiny-31b-hf.h5").string());
+  auto& step = dump.steps.at(0);
+  step.loss *= 1 + 1e-3;
+  step.logits = step.logits * (1 + 1e-3);
+  for (auto& [name, grad] : step.grads) grad = grad * (1 + 1e-3);
+  const auto path = (dir / "off-everywhere.h5").string();
+  report::write_run_dump(path, dump);
+  runner::HfParityOptions options;
+  options.paths = {path};
+  options.cp_sizes = {2};
+  const auto r = runner::run_hf_parity(options);
+  fs::remove_all(dir);
+  ASSERT_EQ(r.cases.size(), 1u);
+  int power = 0;
+  std::set<std::string> failed;
+  for (const auto& c : r.cases[0].checks) {
+    if (c.name == "hf.parity" && c.status == report::Status::Fail) failed.insert(c.metric);
+    if (c.name != "power.boundary_label") continue;
+    ++power;
+    EXPECT_EQ(c.status, report::Status::Fail) << c.message;
+    EXPECT_TRUE(c.details["seen_by"].empty()) << c.details.dump();
+  }
+  EXPECT_EQ(power, 1);
+  EXPECT_TRUE(failed.count("rel_loss") && failed.count("rel_l2_logits")) << fmt::format("{}", fmt::join(failed, ", "));
+}
+
 // The same golden run with the wrong holder choice must fail: hf.parity can see the semantics.
 TEST(HfParity, CachedExportFailsWithoutTheHolder) {
   const auto g = runner::load_hf_golden((kGoldenDir / "hf-5.5.0" / "tiny-e4b-hf.h5").string());

@@ -402,7 +402,7 @@ Case case_from_json(const json& j, const std::string& path) {
   // of the others), and a config that lies about the geometry never gets a model built for it.
   if (!c.checkpoint.empty()) {
     try {
-      model::check_checkpoint(c.model, c.checkpoint);
+      c.checkpoint_contents = model::check_checkpoint(c.model, c.checkpoint);
     } catch (const InputError& e) {
       throw InputError(path, "weights.checkpoint", e.what());
     }

@@ -10,6 +10,7 @@
 
 #include "harness/model/config.h"
 #include "harness/model/layer_checkpoint.h"
+#include "harness/model/weights.h"
 #include "harness/train/batch.h"
 #include "harness/train/trainer.h"
 
@@ -40,6 +41,10 @@ struct Case {
   model::ModelConfig model;
   uint64_t init_seed = 0;
   std::string checkpoint;  // HF safetensors file/dir; empty: seeded init
+  // What the checkpoint's headers gave the model (set when the case is loaded): how many tensors it loads, which it
+  // skips, and which keep their seeded initialisation (a cache-gated model's shared layers' own K/V). The report
+  // carries it, so a weight that did not come from the checkpoint is never silent.
+  model::LoadSummary checkpoint_contents;
   std::string golden;      // a stored golden of this case (golden record) that `run` checks the cp 1 reference against
   BatchSpec data;
   DtypeLane dtype = DtypeLane::kFp32;
