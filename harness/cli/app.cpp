@@ -89,7 +89,7 @@ void add_run(CLI::App& app, Verbs& v) {
   run->add_option("--dump-dir", v.run.dump_dir, "first-divergence tensors land here")->type_name("DIR");
   run->add_flag("--allow-nothing-ran", v.run.allow_nothing_ran,
                 "exit 0 when every case is skipped (default: exit 3, status skipped: no check ran is not a pass)");
-  run->add_option("--timeout", v.run.timeout_s, "seconds any rank may wait for another (default 120)")->check(kSeconds);
+  run->add_option("--timeout", v.run.timeout_s, "seconds any rank may wait for another: for its message, or for a sign of life while rank 0 works alone (default 120)")->check(kSeconds);
   run->add_option("--job-timeout", v.run.job_timeout_s,
                   "with --nproc: seconds the whole rank job may run before it is killed (exit 2; default 21600)")
       ->check(kSeconds);

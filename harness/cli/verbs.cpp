@@ -32,6 +32,7 @@
 #include "harness/report/run_dump.h"
 #include "harness/runner/golden.h"
 #include "harness/runner/selftest.h"
+#include "harness/runner/root_wait.h"
 #include "harness/runner/suite.h"
 #include "harness/train/case.h"
 
@@ -549,9 +550,10 @@ int run_verb_checked(const RunArgs& a) {
   }
   // One rank exiting non-zero ends the job: every rank leaves with rank 0's verdict. A peer that does not take part
   // (stopped, hung) is named as in any failed collective, and the report rank 0 wrote gives way to the error.
-  auto verdict = torch::tensor({int64_t(code)}, torch::kInt64);
+  // The others wait for it on rank 0's signs of life: its judgement of the last case may outlast --timeout.
+  int64_t verdict = code;
   try {
-    world->broadcast(verdict, 0);
+    verdict = runner::wait_for_root(*world, code, options.root_wait);
   } catch (const cp::CommError& e) {
     std::string why = "the ranks could not agree on the verdict: " + io::one_line(e);
     if (e.peer() >= 0 && e.peer() != world->rank()) why += " [culprit: rank " + std::to_string(e.peer()) + "]";
@@ -560,7 +562,7 @@ int run_verb_checked(const RunArgs& a) {
   }
   const auto& fault = options.run.fault;
   if (fault && fault->at_exit && fault->rank == world->rank()) runner::inject_fault(*fault);
-  return int(verdict.item<int64_t>());
+  return int(verdict);
 }
 
 int selftest_verb(const SelftestArgs& a) {

@@ -131,6 +131,7 @@ class NcclComm final : public Comm {
   }
 
   void do_all_reduce(at::Tensor& t, Clock::time_point deadline) override {
+    cuda_check(cudaSetDevice(device_), "cudaSetDevice");  // rank 0's heartbeat may come from another thread
     check_device(t, CommOp::AllReduce, -1);
     nccl_enqueue(ncclAllReduce(t.data_ptr(), t.data_ptr(), static_cast<size_t>(t.numel()), nccl_dtype(t.scalar_type()),
                                ncclSum, comm_, stream_),
@@ -139,6 +140,7 @@ class NcclComm final : public Comm {
   }
 
   void do_broadcast(at::Tensor& t, int root, Clock::time_point deadline) override {
+    cuda_check(cudaSetDevice(device_), "cudaSetDevice");  // rank 0's heartbeat may come from another thread
     check_device(t, CommOp::Broadcast, root);
     nccl_enqueue(ncclBroadcast(t.data_ptr(), t.data_ptr(), bytes_of(t), ncclUint8, root, comm_, stream_),
                  "ncclBroadcast", root, "broadcast");
@@ -146,6 +148,7 @@ class NcclComm final : public Comm {
   }
 
   void do_barrier(Clock::time_point deadline) override {
+    cuda_check(cudaSetDevice(device_), "cudaSetDevice");  // rank 0's heartbeat may come from another thread
     if (!scratch_) cuda_check(cudaMalloc(&scratch_, sizeof(float)), "cudaMalloc");
     nccl_enqueue(ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_), "ncclAllReduce", -1,
                  "barrier");

@@ -240,6 +240,7 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
     report_slow_step(c, lane, 1, step, rec);
     rec.param_norm = param_norm(m);
     run.steps.push_back(rec);
+    if (options.root_alive) options.root_alive();
   }
   if (options.record_tensors) run.final_params = model::parameter_copies(m, torch::kFloat64);
   optimizer.reset();
@@ -288,6 +289,7 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
     meter.finish(figures);
     figures.loss = result.loss;
     if (rec.rank == 0) report_slow_step(c, lane, comm.size(), step, figures);
+    if (rec.rank == 0 && options.root_alive) options.root_alive();
     rec.cache.push_back(trainer.ring().cache().take_counters());
     rec.steps.push_back({result.loss, result.grad_norm, param_norm(trainer.model()), result.counted_tokens,
                          figures.seconds, figures.peak_allocated, figures.peak_reserved});

@@ -62,6 +62,9 @@ struct RunOptions {
   bool zero_weights = false;         // selftest: every weight zero in every run (a dead model)
   bool zero_final_norm = false;      // selftest: final norm weight zero: logits 0 everywhere (output ignores input)
   bool skip_reference_checkpointing = false;  // selftest: the reference ignores reference_checkpointing (same numbers)
+  // Called after every training step of a run rank 0 makes alone while the other ranks of a process backend wait
+  // for it (root_wait.h: each call may tell them it is still working); rank 0's thread only. Unset elsewhere.
+  std::function<void()> root_alive;
 };
 
 // The case's model with its initial weights (seeded init or checkpoint) in `dtype`, on `device`. Weights are made

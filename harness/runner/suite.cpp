@@ -1,6 +1,7 @@
 #include "harness/runner/suite.h"
 
 #include "harness/runner/golden.h"
+#include "harness/runner/root_wait.h"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -94,20 +95,6 @@ std::optional<std::string> never_in_report(const train::Case& c, std::string_vie
 }
 
 }  // namespace
-
-bool agree_with_root(cp::Comm& world, bool ok, std::chrono::milliseconds wait) {
-  const auto saved = world.timeout();
-  world.set_timeout(wait);
-  auto flag = torch::tensor({int64_t(ok ? 1 : 0)}, torch::kInt64);
-  try {
-    world.broadcast(flag, 0);
-  } catch (...) {
-    world.set_timeout(saved);
-    throw;
-  }
-  world.set_timeout(saved);
-  return flag.item<int64_t>() != 0;
-}
 
 namespace {
 
@@ -378,6 +365,7 @@ void run_reference_phase(const train::Case& c, const std::vector<int>& cps, cons
         {"lookups", expected.lookups}, {"builds", expected.builds}, {"hits", expected.lookups - expected.builds},
         {"resets", c.micro_batches}, {"builds_uncached", check::expected_cache_counts(c, n, false).builds}};
     if (wants_check(c, "attention.parity")) append(rep.checks, c, check::check_attention_parity(c, n, run_options.ring));
+    if (run_options.root_alive) run_options.root_alive();
   }
 }
 
@@ -557,28 +545,51 @@ report::CaseReport run_case(const train::Case& c, const SuiteOptions& options) {
     return rep;
   }
   const auto run_options = run_options_of(c, options);
+  // Rank 0's solo work (phases A and C) tells the waiting ranks it is still working, step by step.
+  std::optional<RootHeartbeat> heartbeat;
+  auto solo_options = run_options;
+  if (options.world && root) {
+    heartbeat.emplace(*options.world, options.root_wait);
+    solo_options.root_alive = [&heartbeat] { heartbeat->beat(); };
+  }
+  // A beat that could not reach a rank: that rank stopped waiting (died, hung), and no later collective can work.
+  auto beat_failed = [&] {
+    if (!heartbeat || heartbeat->failed_peer() < 0) return false;
+    options.failed_peer = heartbeat->failed_peer();
+    options.world_failed = true;
+    return true;
+  };
   CaseRuns runs;
   const auto& fault = options.run.fault;  // rank 0 stops, or throws, during its cp 1 work (fault injection)
   const bool reference_fault = fault && fault->rank == 0 && !fault->at_exit &&
                                (fault->kind == Fault::Kind::kStop || fault->kind == Fault::Kind::kThrow);
   if (root) guarded(rep, [&] {
     if (reference_fault) inject_fault(*fault);
-    run_reference_phase(c, cps, run_options, options, rep, runs);
+    run_reference_phase(c, cps, solo_options, options, rep, runs);
   });
-  // Under a process backend rank 0 first tells the others whether the case goes on, within --timeout.
+  // Under a process backend rank 0 then tells the others whether the case goes on; they wait for it on its signs of
+  // life, each within --timeout (root_wait.h).
   bool go = !rep.error;
-  if (options.world) {
+  if (options.world && !beat_failed()) {
     try {
-      go = agree_with_root(*options.world, go, options.root_wait);
+      go = wait_for_root(*options.world, go ? 1 : 0, options.root_wait) != 0;
     } catch (const cp::CommError& e) {
-      rep.error = "rank 0 did not finish its cp 1 work within --timeout (stopped, hung or dead): " + io::one_line(e);
-      options.failed_peer = 0;
+      if (root) {
+        if (!rep.error) rep.error = "communication failed: " + io::one_line(e);
+        options.failed_peer = e.peer();
+      } else {
+        rep.error = "rank 0 sent no sign of its cp 1 work for --timeout (stopped, hung or dead): " + io::one_line(e);
+        options.failed_peer = 0;
+      }
       options.world_failed = true;
       go = false;
     }
+  } else if (options.world) {
+    go = false;
   }
   if (go) run_candidate_phase(c, cps, run_options, options, rep, runs);
-  if (root && !rep.error) guarded(rep, [&] { judge_phase(c, run_options, options, rep, runs); });
+  if (root && !rep.error) guarded(rep, [&] { judge_phase(c, solo_options, options, rep, runs); });
+  beat_failed();
   if (rep.error) {  // an error report carries no partial verdicts, nor the page's data of a half-run case
     rep.checks.clear();
     rep.page = nlohmann::json::object();

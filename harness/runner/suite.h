@@ -30,15 +30,11 @@ struct SuiteOptions {
   // A process backend's world (mpi): the cp size is its size; rank 0 runs references and checks, every rank
   // its part of the candidates. Null: the local backend, ranks as threads of this process.
   cp::Comm* world = nullptr;
-  // How long ranks wait for rank 0's cp 1 work (run sets it to --timeout: every wait is bounded by it).
+  // How long ranks wait for a sign of life from rank 0 while it works alone (root_wait.h; run sets it to --timeout).
   std::chrono::milliseconds root_wait{std::chrono::minutes(30)};
   mutable bool world_failed = false;         // set when a candidate failed under `world`: no further case can run
   mutable int failed_peer = -1;              // the rank a failed communication was waiting for (-1 unknown)
 };
-
-// Collective over `world`: rank 0's `ok` reaches every rank (waiting up to `wait`, longer than the comm timeout,
-// since rank 0 may be busy with the cp 1 reference).
-bool agree_with_root(cp::Comm& world, bool ok, std::chrono::milliseconds wait);
 
 // True when `check` is requested by the case (exact name or a prefix ending in '.').
 bool wants_check(const train::Case& c, const std::string& check);

@@ -640,6 +640,22 @@ TEST_F(CliTest, ARankFrozenDuringTheReferenceEndsTheJobWithinTheTimeout) {
   EXPECT_EQ(processes_left(report.string(), std::chrono::seconds(5)), 0);
 }
 
+// Rank 0's solo work lasting several times --timeout (its cp 1 reference here; at real sizes it lasts minutes to
+// hours) is not a hang: the other ranks wait for it on its signs of life, each within --timeout, and the case passes.
+// (Before, they waited --timeout for the whole reference and blamed a healthy rank 0: "stopped or unresponsive".)
+TEST_F(CliTest, RankZerosSoloWorkMayOutlastTheTimeoutWhileItShowsSignsOfLife) {
+  auto c = write("long-reference.json", R"({"id": "long-reference", "model": {"preset": "tiny-e4b"},
+    "data": {"seq_len": 256, "batch": 2, "seed": 1}, "steps": 10, "cp": [2], "checks": ["train.loss_parity"]})");
+  const auto report = dir_ / "long-reference.json.report";
+  auto r = run_cli("run " + c + " --comm mpi --nproc 2 --timeout 3 --report " + report.string());
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto j = read_json(report);
+  EXPECT_EQ(j["status"], "pass");
+  double reference_seconds = 0;
+  for (auto& s : j["cases"][0]["performance"]["1"]["step_seconds"]) reference_seconds += s.get<double>();
+  EXPECT_GT(reference_seconds, 2 * 3.0) << "the reference must outlast the timeout for this test to mean anything";
+}
+
 // Every case skipped under --nproc (a CUDA case on a machine without one): the ranks agree that nothing ran, and the
 // launcher passes their exit 3 on instead of calling it a failed rank.
 TEST_F(CliTest, NothingRanUnderMpiIsExit3NotAFailedRank) {
