@@ -199,6 +199,11 @@ model::Gemma4Model build_model(const train::Case& c, torch::ScalarType dtype, st
   return m;
 }
 
+void prepare_initial_weights(const train::Case& c) {
+  model::Gemma4Model m(c.model);
+  initial_weights().copy_into(m, c.init_seed, c.checkpoint);
+}
+
 LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOptions& options) {
   const auto start = Clock::now();
   train::HostMemoryScope counted;  // this lane's allocations are counted (its activation bytes)

@@ -74,6 +74,11 @@ model::Gemma4Model build_model(const train::Case& c, torch::ScalarType dtype,
                                const torch::Device& device = torch::kCPU, bool zero_weights = false,
                                bool zero_final_norm = false);
 
+// Draws the case's initial weights into this process's cache now (the next build_model copies them): under a
+// process backend the other ranks do it while rank 0 trains the reference, instead of at their first ring exchange
+// with rank 0 waiting there (at real size a draw takes minutes).
+void prepare_initial_weights(const train::Case& c);
+
 LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOptions& options = {});
 
 // This rank's part of a cp N run over `comm` (any backend).

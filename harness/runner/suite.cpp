@@ -563,6 +563,7 @@ report::CaseReport run_case(const train::Case& c, const SuiteOptions& options) {
   const auto& fault = options.run.fault;  // rank 0 stops, or throws, during its cp 1 work (fault injection)
   const bool reference_fault = fault && fault->rank == 0 && !fault->at_exit &&
                                (fault->kind == Fault::Kind::kStop || fault->kind == Fault::Kind::kThrow);
+  if (!root) guarded(rep, [&] { prepare_initial_weights(c); });  // while rank 0 trains the reference
   if (root) guarded(rep, [&] {
     if (reference_fault) inject_fault(*fault);
     run_reference_phase(c, cps, solo_options, options, rep, runs);
