@@ -116,8 +116,12 @@ def _reject_constant(name):
 # ---- small helpers ----------------------------------------------------------------------------------------------
 
 
+# C0/C1 controls (tab and newline aside), DEL and noncharacters are parse errors in HTML: shown as U+FFFD.
+_UNSHOWABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffe\uffff]")
+
+
 def esc(x):
-    return html.escape("" if x is None else str(x), quote=True)
+    return html.escape(_UNSHOWABLE.sub("\ufffd", "" if x is None else str(x)), quote=True)
 
 
 def num(v):

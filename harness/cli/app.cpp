@@ -25,10 +25,11 @@ const CLI::Validator kSeconds(
       try {
         size_t used = 0;
         const double v = std::stod(value, &used);
-        if (used == value.size() && std::isfinite(v) && v > 0 && v <= 366.0 * 86400) return "";
+        // From a millisecond (waits are counted in them: less would be 0 and time out at once, blaming a rank).
+        if (used == value.size() && std::isfinite(v) && v >= 0.001 && v <= 366.0 * 86400) return "";
       } catch (const std::exception&) {
       }
-      return "expects a number of seconds > 0 and at most a year (31622400), got '" + value + "'";
+      return "expects a number of seconds from 0.001 to a year (31622400), got '" + value + "'";
     },
     "SECONDS");
 
@@ -217,6 +218,22 @@ int call_verb(CLI::App& app, Verbs& v, const std::vector<std::string>& args) {
 
 }  // namespace
 
+namespace {
+
+// The verbs that write reports (run, selftest, golden verify, hf-parity).
+bool verb_writes_reports(const std::vector<std::string>& args) {
+  return !args.empty() && (args[0] == "run" || args[0] == "selftest" || args[0] == "hf-parity" ||
+                           (args[0] == "golden" && args.size() > 1 && args[1] == "verify"));
+}
+
+}  // namespace
+
+int refuse_before_parsing(const std::vector<std::string>& args, const std::string& why) {
+  if (verb_writes_reports(args)) withdraw_older_reports(args, "usage error: " + why);
+  std::cerr << "cpharness: " << why << "\n";
+  return !args.empty() && args[0] == "bisect" ? 125 : 2;
+}
+
 int run_cli(const std::vector<std::string>& args) {
   CLI::App app{"cpharness: numerical parity of context-parallel Gemma4 training (cp N against cp 1 and goldens)",
                "cpharness"};
@@ -231,9 +248,7 @@ int run_cli(const std::vector<std::string>& args) {
   add_render(app, v);
   add_list(app, v);
   const bool bisecting = !args.empty() && args[0] == "bisect";
-  // The verbs that write reports (run, selftest, golden verify, hf-parity).
-  const bool writes_reports = !args.empty() && (args[0] == "run" || args[0] == "selftest" || args[0] == "hf-parity" ||
-                                                (args[0] == "golden" && args.size() > 1 && args[1] == "verify"));
+  const bool writes_reports = verb_writes_reports(args);
   try {
     std::vector<std::string> reversed(args.rbegin(), args.rend());  // CLI11 parses a vector from the back
     app.parse(reversed);

@@ -9,4 +9,8 @@ namespace cpharness::cli {
 // io::InputError exits 2 naming the file, field and reason.
 int run_cli(const std::vector<std::string>& args);
 
+// A usage error found before the arguments are parsed (an environment variable main() reads): says `why`, withdraws
+// an older run's reports where this command would write its own, and returns the exit code (2; bisect: 125).
+int refuse_before_parsing(const std::vector<std::string>& args, const std::string& why);
+
 }  // namespace cpharness::cli

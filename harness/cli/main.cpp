@@ -4,6 +4,8 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
+#include <vector>
 
 #include "harness/cli/app.h"
 #include "harness/train/host_memory.h"
@@ -16,6 +18,7 @@ int main(int argc, char** argv) {
   // oversubscribing the cores (CPHARNESS_INTRA_OP_THREADS overrides).
   // A value that is not a whole number from 1 to 1024 is a usage error: 0, -1 and words read as 1, and 99999
   // threads took longer to start than any run.
+  const std::vector<std::string> args(argv + 1, argv + argc);
   const char* threads = std::getenv("CPHARNESS_INTRA_OP_THREADS");
   int thread_count = 1;
   if (threads) {
@@ -23,8 +26,9 @@ int main(int argc, char** argv) {
     errno = 0;
     const long v = std::strtol(threads, &end, 10);
     if (errno != 0 || end == threads || *end != '\0' || v < 1 || v > 1024) {
-      std::fprintf(stderr, "cpharness: CPHARNESS_INTRA_OP_THREADS=%.40s: expected a whole number from 1 to 1024\n", threads);
-      return 2;
+      // A usage error like any other: an older run's reports where this one writes are withdrawn.
+      return cpharness::cli::refuse_before_parsing(
+          args, "CPHARNESS_INTRA_OP_THREADS=" + std::string(threads).substr(0, 40) + ": expected a whole number from 1 to 1024");
     }
     thread_count = int(v);
   }
@@ -34,5 +38,5 @@ int main(int argc, char** argv) {
   setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", 0);
   // Before any thread allocates: CPU runs' activation memory is counted per thread (memory.activations).
   cpharness::train::enable_host_memory_metering();
-  return cpharness::cli::run_cli(std::vector<std::string>(argv + 1, argv + argc));
+  return cpharness::cli::run_cli(args);
 }

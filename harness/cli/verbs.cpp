@@ -52,8 +52,9 @@ namespace {
 
 // Runs argv (searched on PATH) and returns its exit status (127: it could not start, 128 + N: killed by signal N).
 // The child dies with this process (PR_SET_PDEATHSIG), so a run that is killed leaves no renderer behind writing
-// a page after it.
-int run_child(std::vector<std::string> argv) {
+// a page after it. One still running after `limit` (a wedged interpreter, a font-cache lock) is killed with its
+// process group: 124, as timeout(1) says.
+int run_child(std::vector<std::string> argv, std::chrono::seconds limit) {
   std::vector<char*> args;
   for (auto& s : argv) args.push_back(s.data());
   args.push_back(nullptr);
@@ -65,16 +66,47 @@ int run_child(std::vector<std::string> argv) {
   if (pid == 0) {
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (::getppid() != parent) ::_exit(127);
+    ::setpgid(0, 0);             // its own group, so that a kill at the limit takes whatever it started too
     ::signal(SIGPIPE, SIG_DFL);  // ignored by this process only (main)
     ::execvp(args[0], args.data());
     const std::string why = std::string("cpharness: cannot run ") + args[0] + ": " + std::strerror(errno) + "\n";
     (void)!::write(2, why.data(), why.size());
     ::_exit(127);
   }
+  const auto deadline = std::chrono::steady_clock::now() + limit;
   int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  for (;;) {
+    const pid_t r = ::waitpid(pid, &status, WNOHANG);
+    if (r == pid) break;
+    if (r < 0 && errno != EINTR) return 127;
+    if (std::chrono::steady_clock::now() > deadline) {
+      ::kill(-pid, SIGKILL);
+      ::kill(pid, SIGKILL);
+      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+      }
+      std::cerr << "cpharness: " << argv[0] << " did not finish within " << limit.count() << " s; it was killed\n";
+      return 124;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+// How long the page may take: a large report renders in well under a minute.
+constexpr std::chrono::seconds kRendererLimit{300};
+
+// kRendererLimit, or CPHARNESS_RENDER_TIMEOUT seconds (1 to 86400) where set: a test stands in a renderer that hangs.
+std::chrono::seconds renderer_limit() {
+  const char* env = std::getenv("CPHARNESS_RENDER_TIMEOUT");
+  if (!env || !*env) return kRendererLimit;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  if (*end != '\0' || v < 1 || v > 86400) {
+    std::cerr << "cpharness: CPHARNESS_RENDER_TIMEOUT=" << std::string(env).substr(0, 40)
+              << " is not a whole number of seconds from 1 to 86400; using " << kRendererLimit.count() << "\n";
+    return kRendererLimit;
+  }
+  return std::chrono::seconds(v);
 }
 
 // The HTML page of report.json at `json_path` (reports/render_html.py under Debian's /usr/bin/python3 with its matplotlib; CPHARNESS_RENDERER
@@ -91,7 +123,7 @@ bool render_html(const std::string& json_path, const std::string& html_path) {
   const char* py_env = std::getenv("CPHARNESS_PYTHON");
   const std::string python = py_env && *py_env ? py_env : std::filesystem::exists("/usr/bin/python3") ? "/usr/bin/python3" : "python3";
   const auto started = std::filesystem::file_time_type::clock::now();
-  const int status = run_child({python, script, json_path, "-o", html_path});
+  const int status = run_child({python, script, json_path, "-o", html_path}, renderer_limit());
   if (status != 0) {
     std::cerr << "cpharness: " << html_path << " not written (the renderer's reason is above)\n";
     return false;
@@ -129,14 +161,14 @@ StandIn& stand_in() {
 }
 
 // Writes every requested report; false when the HTML page could not be rendered (the others are written).
-// The files in place always come from one run: the previous run's XML and page go before the new JSON is written
-// (each file is still replaced atomically), so a run killed between two writes leaves files missing, never an
-// older verdict beside a newer one; a page that cannot be rendered leaves no page.
+// The files in place always come from one run: the previous run's JSON, XML and page go before the new JSON is
+// written (each file is still replaced atomically), so a run killed between two writes leaves files missing, never
+// an older verdict, alone or beside a newer one; a page that cannot be rendered leaves no page.
 bool write_reports(const ReportOutputs& outputs, const report::Report& r) {
   stand_in().standing = false;  // (replaced now, or removed if this write fails)
   const auto o = outputs.resolved();
   if (!o.out_dir.empty()) std::filesystem::create_directories(o.out_dir);
-  remove_files({o.junit_path, o.html_path});
+  remove_files({o.report_path, o.junit_path, o.html_path});
   if (!o.report_path.empty()) report::write_report_json(o.report_path, r);
   if (!o.junit_path.empty()) report::write_junit_xml(o.junit_path, r);
   if (o.html_path.empty()) return true;
@@ -232,12 +264,22 @@ namespace {
 void write_error_report(const ReportOutputs& outputs, const std::string& comm, const std::string& message) {
   auto r = report::new_report("cpu", comm);
   r.error = message;
+  const auto o = outputs.resolved();
+  std::vector<std::string> older;  // (write_reports removes them before it writes)
+  for (const auto& p : {o.report_path, o.junit_path, o.html_path}) {
+    std::error_code ec;
+    if (!p.empty() && std::filesystem::exists(p, ec)) older.push_back(p);
+  }
   try {
     write_reports(outputs, r);
   } catch (const std::exception& e) {
     // (A full disk.) No report at all rather than another run's beside this exit 2: unlinking needs no space.
-    const auto o = outputs.resolved();
-    const auto removed = remove_files({o.report_path, o.junit_path, o.html_path});
+    remove_files({o.report_path, o.junit_path, o.html_path});
+    std::vector<std::string> removed;
+    for (const auto& p : older) {
+      std::error_code ec;
+      if (!std::filesystem::exists(p, ec)) removed.push_back(p);
+    }
     std::cerr << "cpharness: could not write the error report: " << io::one_line(e)
               << (removed.empty() ? std::string() : fmt::format("; removed {} instead, so that no other run's report "
                                                                 "stands in its place", fmt::join(removed, ", ")))
@@ -431,6 +473,11 @@ bool is_error_report_written_since(const std::string& path, std::filesystem::fil
 // rank 0 having written its report (a rank crashed and mpirun stopped the rest), write the error report here.
 int launch_mpi_job(const RunArgs& a) {
   if (a.nproc < 1) throw UsageError("--comm mpi needs --nproc N (or a launch under mpirun/srun)");
+  // Before a process starts: N ranks that no case can be split over would each start, load and refuse (a huge N
+  // grows mpirun itself without bound).
+  for (const auto& c : train::load_cases(a.cases))
+    if (auto why = train::cp_size_problem(a.nproc, c.data.seq_len))
+      throw UsageError(fmt::format("--nproc {}: case {} ({}): {}", a.nproc, c.id, c.path, *why));
   std::vector<std::string> child = {"run"};
   for (size_t i = 0; i < a.argv.size(); ++i) {
     if (a.argv[i] == "--nproc") ++i;
@@ -443,6 +490,8 @@ int launch_mpi_job(const RunArgs& a) {
   // end a stuck job first; this catches what they cannot (a launcher stuck before the ranks run).
   mpirun.job_timeout = std::chrono::milliseconds(int64_t(std::max(60.0, a.job_timeout_s) * 1000));
   mpirun.require_verdict = true;  // mpirun's own 0 or 1 is no verdict (/bin/true, a failed launch)
+  // After rank 0's verdict only the ranks' agreement and MPI's shutdown are left, each bounded by --timeout.
+  mpirun.after_verdict = std::chrono::milliseconds(int64_t(2 * a.timeout_s * 1000)) + std::chrono::seconds(10);
   const auto result = cp::relaunch_under_mpirun(a.nproc, cp::self_exe(), child, mpirun);
   if (result.stop_signal) {  // interrupted: whatever rank 0 managed to write is replaced by the error report
     write_error_report(a.outputs, a.comm, result.message.substr(std::string("cpharness: ").size()));
@@ -465,7 +514,17 @@ int launch_mpi_job(const RunArgs& a) {
 int run_verb_checked(const RunArgs& a);
 
 int run_verb(const RunArgs& a) {
-  const auto env = cp::detect_launch_env();
+  // A local run is no rank of a launched job whatever RANK, SLURM_PROCID or MASTER_PORT say (a torchrun worker, an
+  // srun step, a CI environment): it writes its reports, with their stand-in and stop handling. For mpi and nccl a
+  // malformed launcher variable is a usage error, found before any work (older reports withdrawn).
+  cp::LaunchEnv env;
+  if (a.comm != "local") {
+    try {
+      env = cp::detect_launch_env();
+    } catch (const std::runtime_error& e) {
+      throw UsageError(std::string("--comm ") + a.comm + ": " + e.what());
+    }
+  }
   if (env.source == cp::LaunchEnv::Source::Mpirun) cp::end_with_parent(env.rank);
   const bool writes_reports = !env.launched() || env.rank == 0;  // rank 0 of a rank job writes them
   if (writes_reports) check_outputs_writable(a.outputs, a.dump_dir, a.cases);
@@ -513,7 +572,9 @@ int run_verb_checked(const RunArgs& a) {
     try {
       world = cp::make_nccl_comm(env, options.timeout);
     } catch (const cp::CommError& e) {  // no GPU, NCCL not built, rendezvous failed: an error report, exit 2
-      return env.rank == 0 ? input_error_report(a.outputs, a.comm, std::string("nccl: ") + e.what()) : 2;
+      if (env.rank == 0) return input_error_report(a.outputs, a.comm, std::string("nccl: ") + e.what());
+      std::cerr << fmt::format("cpharness: rank {}: nccl: {}\n", env.rank, io::one_line(e));  // rank 0 writes the report
+      return 2;
     }
     options.world = world.get();
   }
@@ -553,7 +614,8 @@ int run_verb_checked(const RunArgs& a) {
   // The others wait for it on rank 0's signs of life: its judgement of the last case may outlast --timeout.
   int64_t verdict = code;
   try {
-    verdict = runner::wait_for_root(*world, code, options.root_wait);
+    // (Rank 0 wrote its reports first, rendering the page included, which has its own limit.)
+    verdict = runner::wait_for_root(*world, code, options.root_wait + renderer_limit() + std::chrono::seconds(30));
   } catch (const cp::CommError& e) {
     std::string why = "the ranks could not agree on the verdict: " + io::one_line(e);
     if (e.peer() >= 0 && e.peer() != world->rank()) why += " [culprit: rank " + std::to_string(e.peer()) + "]";
@@ -588,7 +650,15 @@ int golden_record_verb(const std::string& case_path, const std::string& out_path
   if (!c.requires_features.empty())
     throw io::InputError(case_path, "requires", "cannot record a golden here: requires " + c.requires_features.front());
   end_on_stop_signals("golden record", {}, {});  // (its temp file removed, the old golden untouched)
-  report::write_run_dump(out_path, runner::reference_dump(c, report::kKindGolden));
+  // Without --force the golden is never overwritten, also not one another command recorded there meanwhile.
+  try {
+    report::write_run_dump(out_path, runner::reference_dump(c, report::kKindGolden), force);
+  } catch (const io::InputError&) {
+    if (!force && std::filesystem::exists(out_path))
+      throw io::InputError(out_path, "golden", "was recorded by another command while this one ran; it is not replaced "
+                                               "(refreshing a golden is explicit: pass --force)");
+    throw;
+  }
   std::cerr << fmt::format("recorded {} ({}, {} steps) -> {}\n", c.id, train::to_string(c.dtype), c.steps, out_path);
   return 0;
 }

@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -18,6 +19,7 @@
 #include <cstring>
 #include <iostream>
 #include <mutex>
+#include <optional>
 #include <regex>
 #include <stdexcept>
 #include <thread>
@@ -278,9 +280,18 @@ class StopSignals {
   std::array<bool, 3> installed_{};
 };
 
-int wait_for_job(pid_t pid, StderrRelay& relay, std::chrono::milliseconds job_timeout, bool& timed_out, int& stop_signal) {
+// Whether rank 0 has written its verdict into `path` (a non-empty file).
+bool verdict_recorded(const std::string& path) {
+  struct stat st {};
+  return !path.empty() && ::stat(path.c_str(), &st) == 0 && st.st_size > 0;
+}
+
+int wait_for_job(pid_t pid, StderrRelay& relay, std::chrono::milliseconds job_timeout, bool& timed_out, int& stop_signal,
+                 const std::string& verdict_file, std::chrono::milliseconds after_verdict, bool& lingered) {
   using Clock = std::chrono::steady_clock;
   const auto t0 = Clock::now();
+  std::optional<Clock::time_point> verdict_seen;
+  lingered = false;
   int status = 0;
   bool exited = false, eof = false;
   timed_out = false;
@@ -303,7 +314,9 @@ int wait_for_job(pid_t pid, StderrRelay& relay, std::chrono::milliseconds job_ti
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
     if (::waitpid(pid, &status, WNOHANG) == pid) exited = true;
-    if (!exited && job_timeout.count() > 0 && Clock::now() - t0 > job_timeout) {
+    if (!verdict_seen && after_verdict.count() > 0 && verdict_recorded(verdict_file)) verdict_seen = Clock::now();
+    if (!exited && !timed_out && verdict_seen && Clock::now() - *verdict_seen > after_verdict) lingered = true;
+    if (!exited && ((job_timeout.count() > 0 && Clock::now() - t0 > job_timeout) || lingered)) {
       if (!timed_out) {
         timed_out = true;
         ::kill(-pid, SIGTERM);
@@ -398,7 +411,9 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
   const pid_t pid = spawn_job(cmd, std::move(env), relay.fd);
   bool timed_out = false;
   int stop_signal = 0;
-  const int status = wait_for_job(pid, relay, opt.job_timeout, timed_out, stop_signal);
+  bool lingered = false;
+  const int status = wait_for_job(pid, relay, opt.job_timeout, timed_out, stop_signal, verdict_file, opt.after_verdict,
+                                  lingered);
   // mpirun is gone; a rank it could not end (one frozen by SIGSTOP keeps a pending SIGTERM) may still be in its
   // process group: nothing of the job outlives the launcher.
   ::kill(-pid, SIGKILL);
@@ -409,6 +424,12 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
   const int verdict = verdict_file.empty() ? -1 : read_verdict_file(verdict_file);
   if (!verdict_file.empty()) ::unlink(verdict_file.c_str());
   judge_job(res, relay.scan, timed_out, opt.job_timeout, stop_signal, opt.require_verdict, verdict, cmd.front());
+  if (lingered && !stop_signal) {
+    res.exit_code = 2;
+    res.message = "cpharness: run failed: " + cmd.front() + " did not end within " +
+                  std::to_string(opt.after_verdict.count()) + " ms of rank 0 recording its verdict (stopped or " +
+                  "wedged in the job's shutdown) and was killed (exit 2)";
+  }
   res.stop_signal = stop_signal;
   if (!res.message.empty()) std::cerr << res.message << std::endl;
   return res;

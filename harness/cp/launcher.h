@@ -61,6 +61,10 @@ struct MpirunOptions {
   // The ranks' exit 0, 1 or 3 is a verdict only when rank 0 recorded it (record_job_verdict): an mpirun that ran
   // nothing, failed to launch or was stopped alone is exit 2, whatever its own status.
   bool require_verdict = false;
+  // > 0 (with require_verdict): once rank 0 has recorded its verdict, the job must end within this (what is left is
+  // the final agreement and MPI's shutdown, each bounded by --timeout in the ranks); a job still there after it (an
+  // mpirun stopped or wedged) is killed, exit 2, rather than held until job_timeout.
+  std::chrono::milliseconds after_verdict{0};
 };
 
 // The full argv of the relaunch: mpirun ... exe args...

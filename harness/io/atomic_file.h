@@ -56,8 +56,22 @@ inline std::string temp_path_for(const std::string& path) {
   return tmp;
 }
 
-// Renames tmp over path; on failure removes tmp and throws InputError naming path.
-inline void commit_temp_file(const std::string& tmp, const std::string& path) {
+// Renames tmp over path; on failure removes tmp and throws InputError naming path. `replace` false: path must not
+// exist when tmp takes its place (a hard link, which fails if it does, then tmp removed): a file another process
+// made there meanwhile is never overwritten.
+inline void commit_temp_file(const std::string& tmp, const std::string& path, bool replace = true) {
+  if (!replace) {
+    const int linked = ::link(tmp.c_str(), path.c_str());
+    const int err = errno;
+    std::error_code ignored;
+    std::filesystem::remove(tmp, ignored);
+    untrack_temp_file(tmp);
+    if (linked != 0)
+      throw InputError(path, "", err == EEXIST ? std::string("appeared while this was written (another process made "
+                                                             "it); it is not replaced")
+                                               : "cannot move temp file " + tmp + " into place: " + std::strerror(err));
+    return;
+  }
   std::error_code ec;
   // Only a regular file is replaced: renaming over a FIFO or a device node (/dev/full) would destroy it.
   const auto existing = std::filesystem::status(path, ec);

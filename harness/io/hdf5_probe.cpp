@@ -34,7 +34,12 @@ void read_in_a_child_first(const std::string& path, const std::function<void()>&
       detail::renew_hdf5_lock_in_child();  // the copy is held by a thread the child does not have
       ::prctl(PR_SET_PDEATHSIG, SIGKILL);
       if (::getppid() != parent) ::_exit(0);
-      for (int s : {SIGTERM, SIGINT, SIGHUP}) ::signal(s, SIG_DFL);  // the parent's handlers write its reports
+      // The parent's handlers write its reports: the child takes the default action instead, except for a signal
+      // the process ignores (nohup, a background job), which it keeps ignoring, or a sound file would be "damaged".
+      for (int s : {SIGTERM, SIGINT, SIGHUP}) {
+        struct sigaction now {};
+        if (::sigaction(s, nullptr, &now) == 0 && now.sa_handler != SIG_IGN) ::signal(s, SIG_DFL);
+      }
       at::set_num_threads(1);  // the parent's thread pool is not in the child: ops run on this thread
       try {
         read();

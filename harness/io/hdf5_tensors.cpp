@@ -387,7 +387,8 @@ struct Hdf5Writer::Impl {
   }
 };
 
-Hdf5Writer::Hdf5Writer(std::string path) : path_(std::move(path)), impl_(std::make_unique<Impl>()) {
+Hdf5Writer::Hdf5Writer(std::string path, bool replace_existing)
+    : path_(std::move(path)), replace_existing_(replace_existing), impl_(std::make_unique<Impl>()) {
   H5Guard guard;
   if (path_.empty()) throw InputError("<empty path>", "", "output path is empty");
   impl_->tmp = detail::temp_path_for(path_);
@@ -490,7 +491,7 @@ void Hdf5Writer::commit() {
     ::close(fd);
   }
   impl_->committed = true;
-  detail::commit_temp_file(impl_->tmp, path_);
+  detail::commit_temp_file(impl_->tmp, path_, replace_existing_);
 }
 
 // ===============================================================================================================

@@ -57,7 +57,8 @@ struct DatasetInfo {
 // temp file. Not copyable.
 class Hdf5Writer {
  public:
-  explicit Hdf5Writer(std::string path);
+  // `replace_existing` false: the commit refuses to overwrite a file at `path` (one made while this was written).
+  explicit Hdf5Writer(std::string path, bool replace_existing = true);
   ~Hdf5Writer();
   Hdf5Writer(const Hdf5Writer&) = delete;
   Hdf5Writer& operator=(const Hdf5Writer&) = delete;
@@ -76,6 +77,7 @@ class Hdf5Writer {
  private:
   struct Impl;
   std::string path_;
+  bool replace_existing_ = true;
   std::unique_ptr<Impl> impl_;
 };
 

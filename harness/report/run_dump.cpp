@@ -123,7 +123,7 @@ io::StringMap base_provenance(const std::string& kind) {
           {"kind", kind}};
 }
 
-void write_run_dump(const std::string& path, const RunDump& dump) {
+void write_run_dump(const std::string& path, const RunDump& dump, bool replace_existing) {
   check_kind(path, dump.provenance);
   if (dump.steps.empty()) throw io::InputError(path, "/steps", "a run dump needs at least one step");
 
@@ -151,7 +151,7 @@ void write_run_dump(const std::string& path, const RunDump& dump) {
     }
   }
 
-  io::Hdf5Writer w(path);
+  io::Hdf5Writer w(path, replace_existing);
   w.set_attribute("/", "layout_version", kRunDumpLayoutVersion);
   for (const auto& [key, value] : dump.provenance) w.set_attribute("provenance", key, value);
   for (const auto& [name, t] : dump.inputs) w.write("inputs/" + name, t);

@@ -67,7 +67,9 @@ io::StringMap base_provenance(const std::string& kind);
 // Writes DUMP to PATH atomically (temp file + rename). Throws io::InputError (naming the path and the offending
 // entry) for a dump that cannot be represented: no steps, a negative step or layer index, an empty name or one
 // containing '/', an undefined tensor, a kind that is not one of the three.
-void write_run_dump(const std::string& path, const RunDump& dump);
+// `replace_existing` false: a file at PATH when the dump is committed (one another process made meanwhile) is an
+// InputError, not overwritten.
+void write_run_dump(const std::string& path, const RunDump& dump, bool replace_existing = true);
 
 // Reads a run dump. Every layout violation is an io::InputError naming the file and the offending HDF5 path:
 // missing or unsupported layout_version, missing /provenance or provenance kind, missing or empty /steps,

@@ -62,6 +62,14 @@ TEST(CaseValidation, ValuesThatCannotMeanAnythingAreRefusedNamingTheKey) {
   // Identity and sizes: an empty id, no candidate, steps no parity case needs, a checkpoint named by "".
   expect_refused("empty id", [](json& j) { j["id"] = ""; }, "id");
   expect_refused("100 KB id", [](json& j) { j["id"] = std::string(100000, 'x'); }, "id");
+  // Ids are printed on terminals and drawn on the page as they are: no control, escape or bidi characters.
+  for (const std::string bad : {std::string("a\x1b[2Jb"), std::string("nul\0", 4), std::string("bell\a"), std::string("del\x7f"),
+                                std::string("c1\xc2\x9b"), std::string("rlo\xe2\x80\xae"), std::string("lri\xe2\x81\xa7"),
+                                std::string("rlm\xe2\x80\x8f")})
+    expect_refused("id with a control character", [&](json& j) { j["id"] = bad; }, "id");
+  json unicode = good_case();
+  unicode["id"] = "e4b-\xc3\xa9t\xc3\xa9-\xe2\x80\x94";  // accents and an em dash are fine
+  EXPECT_NO_THROW(train::case_from_json(unicode, "v.json"));
   expect_refused("no cp", [](json& j) { j["cp"] = json::array(); }, "cp");
   expect_refused("a cp size twice", [](json& j) { j["cp"] = {2, 3, 2}; }, "cp[2]");  // ran and counted twice
   expect_refused("huge steps", [](json& j) { j["steps"] = int64_t(1) << 62; }, "steps");

@@ -229,3 +229,133 @@ TEST_F(CliReliability, OutputPathsThatCannotBeResolvedAreRefusedWithTheirReason)
 }
 
 }  // namespace
+
+namespace {
+
+const std::string kSource = CPHARNESS_SOURCE_DIR;
+
+// A launcher's variables in the environment of a local run (a torchrun worker, an srun step, a CI job that exports
+// MASTER_PORT) are not this run's business: it runs, writes its reports and passes. For --comm nccl, where they
+// matter, a malformed one is a usage error naming it (not an "internal error"), and an older run's pass is withdrawn.
+TEST_F(CliReliability, LauncherVariablesAreIgnoredByALocalRunAndNamedWhenTheyMatter) {
+  const auto c = write("g.json", kGoodCase);
+  const std::string hostile = "RANK=abc WORLD_SIZE=2 SLURM_PROCID=5 SLURM_NTASKS=2 MASTER_PORT=http";
+  auto out = dir_ / "local";
+  plant_older_run(out);
+  auto r = run_cli("run " + c + " --cp 2 --out " + out.string(), hostile);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(read_json(out / "report.json")["status"], "pass");
+  EXPECT_FALSE(read_json(out / "report.json").contains("note")) << "this run's report, not the older one";
+  out = dir_ / "nccl";
+  plant_older_run(out);
+  const auto older = out / "report.json";
+  write(older, read_text(dir_ / "local" / "report.json"));  // a real cpharness pass, which must not survive
+  r = run_cli("run " + c + " --comm nccl --device cuda --out " + out.string(), "RANK=abc WORLD_SIZE=2");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("RANK"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("internal error"), std::string::npos) << r.output;
+  EXPECT_EQ(read_json(older)["status"], "error");
+}
+
+// A bad CPHARNESS_INTRA_OP_THREADS, read before the arguments, is a usage error like the others: an older run's
+// report where this run would write is withdrawn.
+TEST_F(CliReliability, ABadThreadCountWithdrawsTheOlderReport) {
+  const auto c = write("g.json", kGoodCase);
+  const auto out = dir_ / "out";
+  ASSERT_EQ(run_cli("run " + c + " --cp 2 --out " + out.string()).exit_code, 0);
+  ASSERT_EQ(read_json(out / "report.json")["status"], "pass");
+  auto r = run_cli("run " + c + " --cp 2 --out " + out.string(), "CPHARNESS_INTRA_OP_THREADS=0");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("CPHARNESS_INTRA_OP_THREADS"), std::string::npos) << r.output;
+  EXPECT_EQ(read_json(out / "report.json")["status"], "error");
+  EXPECT_FALSE(fs::exists(out / "report.html"));
+}
+
+// Started with SIGHUP and SIGINT ignored (nohup, a background job), cpharness ignores them, and so does the child
+// that reads a golden first: a hang-up to the process group while it reads must not call a sound golden "damaged".
+TEST_F(CliReliability, SignalsTheProcessIgnoresDoNotMakeASoundGoldenDamaged) {
+  const auto report = dir_ / "verify.json";
+  const auto script = write("hup.py", R"(import json, os, signal, subprocess, sys, time
+p = subprocess.Popen([sys.argv[1], 'golden', 'verify', sys.argv[2] + '/cases/default/tiny-e4b-zigzag.json',
+                      sys.argv[2] + '/golden/tiny-e4b-zigzag.h5', '--report', sys.argv[3]], stderr=subprocess.DEVNULL,
+                     preexec_fn=lambda: (signal.signal(signal.SIGHUP, signal.SIG_IGN),
+                                         signal.signal(signal.SIGINT, signal.SIG_IGN), os.setpgid(0, 0)))
+sent = 0
+while p.poll() is None:
+    try:
+        os.killpg(p.pid, signal.SIGHUP if sent % 2 else signal.SIGINT)
+        sent += 1
+    except ProcessLookupError:
+        break
+    time.sleep(0.005)
+print('exit', p.returncode, 'signals', sent)
+)");
+  auto r = cpharness::testing::run_command("timeout -s KILL 120 /usr/bin/python3 " + script + " " +
+                                           std::string(CPHARNESS_BINARY) + " " + kSource + " " + report.string());
+  EXPECT_NE(r.output.find("exit 0"), std::string::npos) << r.output;
+  const auto j = read_json(report);
+  EXPECT_EQ(j["status"], "pass") << j.dump(2).substr(0, 2000);
+}
+
+// A renderer that never returns (a wedged interpreter, a font-cache lock) cannot hold the run: past its limit it is
+// killed with what it started, the page is reported missing, and the verdict stands.
+TEST_F(CliReliability, ARendererThatNeverReturnsIsKilledAtItsLimit) {
+  const auto c = write("g.json", kGoodCase);
+  const auto sleeper = write("sleepy-python.sh", "#!/bin/sh\nsleep 1000 &\nsleep 1000\n");
+  fs::permissions(sleeper, fs::perms::owner_all);
+  const auto out = dir_ / "out";
+  const auto start = Clock::now();
+  auto r = run_cli("run " + c + " --cp 2 --out " + out.string(),
+                   "CPHARNESS_PYTHON=" + sleeper + " CPHARNESS_RENDER_TIMEOUT=2");
+  EXPECT_LT(Clock::now() - start, std::chrono::seconds(90)) << r.output;
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("did not finish within 2 s"), std::string::npos) << r.output;
+  EXPECT_EQ(read_json(out / "report.json")["status"], "pass");
+  EXPECT_FALSE(fs::exists(out / "report.html"));
+  // Nothing the renderer started is left: no process still runs the stand-in interpreter.
+  auto left = cpharness::testing::run_command("pgrep -f '^/bin/sh " + sleeper + "' | wc -l");
+  EXPECT_EQ(std::stoi(left.output), 0) << left.output;
+}
+
+// An mpirun that stays after rank 0 recorded its verdict (stopped, wedged in shutdown; here a wrapper that sleeps
+// once the job is done) is killed within 2 x --timeout + 10 s of the verdict, exit 2 with an error report, instead
+// of holding the run until --job-timeout (6 h by default).
+TEST_F(CliReliability, AnMpirunThatOutstaysTheVerdictIsKilled) {
+  const auto c = write("g.json", kGoodCase);
+  const auto wrapper = write("lingering-mpirun.sh", "#!/bin/sh\nmpiexec \"$@\"\nsleep 1000\n");
+  fs::permissions(wrapper, fs::perms::owner_all);
+  const auto out = dir_ / "out";
+  const auto start = Clock::now();
+  auto r = run_cli("run " + c + " --comm mpi --nproc 2 --timeout 5 --out " + out.string(), "CPHARNESS_MPIRUN=" + wrapper);
+  EXPECT_LT(Clock::now() - start, std::chrono::seconds(100)) << r.output;
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("of rank 0 recording its verdict"), std::string::npos) << r.output;
+  EXPECT_EQ(read_json(out / "report.json")["status"], "error");
+}
+
+// --nproc is checked against the cases before any process starts: more ranks than a case has tokens (or than the
+// harness allows) would each start and refuse, and a huge count grew mpirun itself without bound.
+TEST_F(CliReliability, AnNprocNoCaseCanBeSplitOverIsRefusedBeforeLaunch) {
+  const auto c = write("g.json", kGoodCase);
+  for (const std::string n : {"25", "1000000000"}) {
+    SCOPED_TRACE(n);
+    const auto start = Clock::now();
+    auto r = run_cli("run " + c + " --comm mpi --nproc " + n + " --report " + (dir_ / "r.json").string(),
+                     "CPHARNESS_MPIRUN=/bin/false");
+    EXPECT_LT(Clock::now() - start, std::chrono::seconds(20)) << r.output;
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    EXPECT_NE(r.output.find("--nproc " + n), std::string::npos) << r.output;
+    EXPECT_EQ(r.output.find("launcher"), std::string::npos) << "no mpirun was started: " << r.output;
+  }
+}
+
+// A timeout below a millisecond would be 0 ms, timing out at once and blaming a healthy rank: a usage error.
+TEST_F(CliReliability, ATimeoutBelowAMillisecondIsAUsageError) {
+  const auto c = write("g.json", kGoodCase);
+  auto r = run_cli("run " + c + " --cp 2 --timeout 0.0001");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("0.001"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("timed out"), std::string::npos) << r.output;
+}
+
+}  // namespace

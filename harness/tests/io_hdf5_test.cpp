@@ -155,6 +155,27 @@ TEST(IoHdf5, AtomicWriteReplacesAndAbandonedWriterLeavesNothing) {
   EXPECT_EQ(list_hdf5_datasets(path), std::vector<std::string>{"new"});
 }
 
+// A writer that must not replace (golden record without --force) refuses a file that appeared at PATH while it
+// wrote, leaves it as it is and leaves no temp file; with PATH still free it commits as usual.
+TEST(IoHdf5, ANoReplaceCommitNeverOverwrites) {
+  TempDir dir;
+  const std::string path = dir.file("golden.h5");
+  {
+    Hdf5Writer w(path, /*replace_existing=*/false);
+    w.write("mine", torch::zeros({2}));
+    write_hdf5(path, {{"theirs", torch::ones({2})}});  // another command recorded it meanwhile
+    EXPECT_TRUE(throws_input_error([&] { w.commit(); }, {path, "not replaced"}));
+  }
+  EXPECT_EQ(list_hdf5_datasets(path), std::vector<std::string>{"theirs"});
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"golden.h5"});
+  const std::string fresh = dir.file("fresh.h5");
+  Hdf5Writer w(fresh, false);
+  w.write("mine", torch::zeros({2}));
+  w.commit();
+  EXPECT_EQ(list_hdf5_datasets(fresh), std::vector<std::string>{"mine"});
+  EXPECT_EQ(dir.entries(), (std::vector<std::string>{"fresh.h5", "golden.h5"}));
+}
+
 // What a stop signal's handler removes (io::detail::remove_temp_files): the temp file of a write in progress, and
 // never a file already committed or a temp file already gone.
 TEST(IoHdf5, AWriteInProgressIsTrackedForAStopSignalAndCommittedFilesAreNot) {

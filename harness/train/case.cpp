@@ -300,6 +300,21 @@ Case case_from_json(const json& j, const std::string& path) {
   if (c.id.empty()) throw InputError(path, "id", "must not be empty");
   if (c.id.size() > 200)  // it heads every progress line and names files: 100 KB of id was 500 KB of output
     throw InputError(path, "id", fmt::format("{} characters; at most 200", c.id.size()));
+  // It is printed on terminals and drawn on the page as it is: control characters there (escape sequences, NUL, DEL)
+  // or Unicode's bidi overrides would rewrite what a reader sees.
+  for (size_t i = 0; i < c.id.size(); ++i) {
+    const auto b = static_cast<unsigned char>(c.id[i]);
+    const bool bidi = b == 0xE2 && i + 2 < c.id.size() && static_cast<unsigned char>(c.id[i + 1]) == 0x80 &&
+                      ((static_cast<unsigned char>(c.id[i + 2]) >= 0xAA && static_cast<unsigned char>(c.id[i + 2]) <= 0xAE) ||
+                       (static_cast<unsigned char>(c.id[i + 2]) >= 0x8E && static_cast<unsigned char>(c.id[i + 2]) <= 0x8F));
+    const bool isolate = b == 0xE2 && i + 2 < c.id.size() && static_cast<unsigned char>(c.id[i + 1]) == 0x81 &&
+                         static_cast<unsigned char>(c.id[i + 2]) >= 0xA6 && static_cast<unsigned char>(c.id[i + 2]) <= 0xA9;
+    const bool c1 = b == 0xC2 && i + 1 < c.id.size() && static_cast<unsigned char>(c.id[i + 1]) >= 0x80 &&
+                    static_cast<unsigned char>(c.id[i + 1]) <= 0x9F;
+    if (b < 0x20 || b == 0x7F || c1 || bidi || isolate)
+      throw InputError(path, "id", fmt::format("holds a control character at byte {} (an id is printed and drawn as it "
+                                               "is: no control, escape or bidi characters)", i));
+  }
   if (j.contains("description")) c.description = string_at(j, "description", path, "description");
   c.model = model::config_from_case_json(j.at("model"), path);
   if (j.contains("weights")) read_weights(j, path, c);
