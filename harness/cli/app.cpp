@@ -29,7 +29,7 @@ const CLI::Validator kSeconds(
         if (used == value.size() && std::isfinite(v) && v >= 0.001 && v <= 366.0 * 86400) return "";
       } catch (const std::exception&) {
       }
-      return "expects a number of seconds from 0.001 to a year (31622400), got '" + value + "'";
+      return "expects a number of seconds of at least 0.001 and at most a year (31622400), got '" + value + "'";
     },
     "SECONDS");
 

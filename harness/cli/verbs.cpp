@@ -475,7 +475,12 @@ int launch_mpi_job(const RunArgs& a) {
   if (a.nproc < 1) throw UsageError("--comm mpi needs --nproc N (or a launch under mpirun/srun)");
   // Before a process starts: N ranks that no case can be split over would each start, load and refuse (a huge N
   // grows mpirun itself without bound).
-  for (const auto& c : train::load_cases(a.cases))
+  std::vector<train::Case> cases;
+  try {
+    cases = train::load_cases(a.cases);
+  } catch (const io::InputError&) {  // bad input: the ranks refuse it together, as under any launcher
+  }
+  for (const auto& c : cases)
     if (auto why = train::cp_size_problem(a.nproc, c.data.seq_len))
       throw UsageError(fmt::format("--nproc {}: case {} ({}): {}", a.nproc, c.id, c.path, *why));
   std::vector<std::string> child = {"run"};
