@@ -8,7 +8,6 @@
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -280,11 +279,7 @@ class StopSignals {
   std::array<bool, 3> installed_{};
 };
 
-// Whether rank 0 has written its verdict into `path` (a non-empty file).
-bool verdict_recorded(const std::string& path) {
-  struct stat st {};
-  return !path.empty() && ::stat(path.c_str(), &st) == 0 && st.st_size > 0;
-}
+int read_verdict_file(const std::string& path);  // below: the verdict rank 0 recorded, -1 none (yet)
 
 int wait_for_job(pid_t pid, StderrRelay& relay, std::chrono::milliseconds job_timeout, bool& timed_out, int& stop_signal,
                  const std::string& verdict_file, std::chrono::milliseconds after_verdict, bool& lingered) {
@@ -314,7 +309,8 @@ int wait_for_job(pid_t pid, StderrRelay& relay, std::chrono::milliseconds job_ti
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
     if (::waitpid(pid, &status, WNOHANG) == pid) exited = true;
-    if (!verdict_seen && after_verdict.count() > 0 && verdict_recorded(verdict_file)) verdict_seen = Clock::now();
+    if (!verdict_seen && after_verdict.count() > 0 && !verdict_file.empty() && read_verdict_file(verdict_file) >= 0)
+      verdict_seen = Clock::now();
     if (!exited && !timed_out && verdict_seen && Clock::now() - *verdict_seen > after_verdict) lingered = true;
     if (!exited && ((job_timeout.count() > 0 && Clock::now() - t0 > job_timeout) || lingered)) {
       if (!timed_out) {

@@ -29,6 +29,12 @@ class CliReliability : public ::testing::Test {
     std::ofstream(path) << text;
     return path.string();
   }
+  // An executable shell script in the test's directory (a stand-in interpreter or launcher).
+  std::string write_script(const fs::path& p, const std::string& text) {
+    const auto path = write(p, text);
+    fs::permissions(path, fs::perms::owner_all);
+    return path;
+  }
   // Another run's reports, all passing, where this run writes its own.
   void plant_older_run(const fs::path& out) {
     fs::create_directories(out);
@@ -301,8 +307,7 @@ print('exit', p.returncode, 'signals', sent)
 // killed with what it started, the page is reported missing, and the verdict stands.
 TEST_F(CliReliability, ARendererThatNeverReturnsIsKilledAtItsLimit) {
   const auto c = write("g.json", kGoodCase);
-  const auto sleeper = write("sleepy-python.sh", "#!/bin/sh\nsleep 1000 &\nsleep 1000\n");
-  fs::permissions(sleeper, fs::perms::owner_all);
+  const auto sleeper = write_script("sleepy-python.sh", "#!/bin/sh\nsleep 1000 &\nsleep 1000\n");
   const auto out = dir_ / "out";
   const auto start = Clock::now();
   auto r = run_cli("run " + c + " --cp 2 --out " + out.string(),
@@ -322,8 +327,7 @@ TEST_F(CliReliability, ARendererThatNeverReturnsIsKilledAtItsLimit) {
 // of holding the run until --job-timeout (6 h by default).
 TEST_F(CliReliability, AnMpirunThatOutstaysTheVerdictIsKilled) {
   const auto c = write("g.json", kGoodCase);
-  const auto wrapper = write("lingering-mpirun.sh", "#!/bin/sh\nmpiexec \"$@\"\nsleep 1000\n");
-  fs::permissions(wrapper, fs::perms::owner_all);
+  const auto wrapper = write_script("lingering-mpirun.sh", "#!/bin/sh\nmpiexec \"$@\"\nsleep 1000\n");
   const auto out = dir_ / "out";
   const auto start = Clock::now();
   auto r = run_cli("run " + c + " --comm mpi --nproc 2 --timeout 5 --out " + out.string(), "CPHARNESS_MPIRUN=" + wrapper);
