@@ -60,8 +60,15 @@ std::vector<CheckResult> check_shard_layout(const train::Case& c, const report::
 std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun& candidate);
 
 // The ring steps after its own chunk that `layer` of `c` takes at cp `n`: cp - 1, or under the case's hop limit
-// (ring.hop_limit) min(cp - 1, ceil(W / S_loc)) on sliding layers without vision groups.
+// (ring.hop_limit) min(cp - 1, ceil(W / S_loc)) on sliding layers without vision groups (upstream #2984). Written
+// from that rule here, not taken from the runtime's cp::ring_steps, so that a wrong formula there is seen.
 int expected_ring_steps(const train::Case& c, int64_t layer, int n);
+
+// The ring steps `layer` must take at cp `n` for no allowed (query, key) pair to be skipped, from the mask rule
+// alone (causal, and q - k < W on sliding layers; any pair on vision-bidirectional layers, whose groups reach past
+// both): the farthest ring distance at which some rank's real queries may see a real key of the chunk held there.
+// Upstream's formula is never below it, and above it by one when W - 1 is a multiple of S_loc.
+int needed_ring_steps(const train::Case& c, int64_t layer, int n);
 
 // The name the report and the page give a layer geometry ("full", "sliding (window 32)", "sliding (window 32),
 // vision bidirectional").

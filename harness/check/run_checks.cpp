@@ -106,9 +106,28 @@ cp::Sharding case_sharding(const train::Case& c) {
 }
 
 int expected_ring_steps(const train::Case& c, int64_t layer, int n) {
-  cp::RingOptions o;
-  o.hop_limit = c.ring_hop_limit;
-  return cp::ring_steps(o, model::layer_geometry(c.model, layer), n, cp::ShardPlan(c.data.seq_len, n).local_len());
+  const auto window = c.model.layer_window(layer);
+  if (!c.ring_hop_limit || !window || c.model.layer_vision_bidirectional(layer)) return n - 1;
+  const int64_t local = cp::ShardPlan(c.data.seq_len, n).local_len();
+  return int(std::min<int64_t>(n - 1, (*window + local - 1) / local));
+}
+
+int needed_ring_steps(const train::Case& c, int64_t layer, int n) {
+  const auto window = c.model.layer_window(layer);
+  if (c.model.layer_vision_bidirectional(layer) || case_sharding(c) != cp::Sharding::kContiguous) return n - 1;
+  const int64_t L = cp::ShardPlan(c.data.seq_len, n).local_len(), S = c.data.seq_len;
+  int needed = 0;
+  for (int r = 0; r < n; ++r) {
+    const int64_t q0 = r * L, q1 = std::min((r + 1) * L, S) - 1;  // rank r's real queries [q0, q1]
+    for (int d = 1; d < n; ++d) {
+      const int owner = ((r - d) % n + n) % n;  // the chunk held d ring steps after the own one
+      const int64_t k0 = owner * L, k1 = std::min((owner + 1) * L, S) - 1;
+      if (q1 < q0 || k1 < k0 || k0 > q1) continue;  // no real tokens, or every key after every query
+      const int64_t closest = std::max<int64_t>(0, q0 - k1);  // the smallest q - k over pairs with k <= q
+      if (!window || closest < *window) needed = std::max(needed, d);
+    }
+  }
+  return needed;
 }
 
 std::vector<CheckResult> check_shard_layout(const train::Case& c, const report::LaneRun& cand) {
@@ -156,7 +175,11 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
   const int n = cand.cp;
   const int64_t layers = c.model.num_hidden_layers;
   std::vector<int> steps(size_t(layers), 0);  // ring steps after the own chunk, per layer (cp - 1, or the hop limit)
-  for (int64_t l = 0; l < layers; ++l) steps[size_t(l)] = expected_ring_steps(c, l, n);
+  std::vector<int> needed(size_t(layers), 0);  // the fewest that skip no allowed pair
+  for (int64_t l = 0; l < layers; ++l) {
+    steps[size_t(l)] = expected_ring_steps(c, l, n);
+    needed[size_t(l)] = needed_ring_steps(c, l, n);
+  }
   const bool stream = case_ring_mode(c) == cp::RingMode::kStream;
   // What a pass of a layer with h ring steps shows: exchanges around the ring, dK/dV returns home, chunks held.
   auto ring_exchanges = [&](const std::string& pass, int64_t h) { return pass == "backward" && stream ? 2 * h : h; };
@@ -191,11 +214,14 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
         if (first_misrouted.is_null())
           first_misrouted = {{"layer", e.layer}, {"dkdv_of_rank", g.owner}, {"sent_to_rank", g.sent_to}};
       }
-      // Exchanges per pass against the layer's ring steps, per layer type.
-      const bool hops_ok = e.ring_exchanges == ring_exchanges(e.pass, h) && int(e.owners.size()) == h + 1;
+      // Exchanges per pass against the layer's ring steps, per layer type; never fewer chunks than the mask needs.
+      const int need = e.layer >= 0 && e.layer < layers ? needed[size_t(e.layer)] : n - 1;
+      const bool hops_ok = e.ring_exchanges == ring_exchanges(e.pass, h) && int(e.owners.size()) == h + 1 &&
+                           int(e.owners.size()) >= need + 1;
       wrong_hops += !hops_ok;
       auto& t = per_type[layer_type_name(model::layer_geometry(c.model, e.layer))];
       t["expected_exchanges_per_pass"] = h;
+      t["needed_ring_steps"] = need;
       t["wrong_passes"] = t.value("wrong_passes", 0) + (hops_ok ? 0 : 1);
     }
     const int64_t passes = layers * c.micro_batches;  // per layer and micro-batch: one backward, one or two forwards
@@ -207,7 +233,9 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
                                      {{"hop_limit", c.ring_hop_limit}, {"per_layer_type", per_type},
                                       {"what", "ring exchanges per pass and layer type: cp - 1, or with the hop limit "
                                                "min(cp - 1, ceil(W / S_loc)) on sliding layers without vision groups "
-                                               "(stream mode backward: twice that, the accumulators travel too)"}}));
+                                               "(stream mode backward: twice that, the accumulators travel too), and "
+                                               "never fewer ring steps than needed_ring_steps, the farthest ring "
+                                               "distance with an allowed (query, key) pair"}}));
     out.push_back(CheckResult::judge("ring.chunks_held", n, r, "passes_over_bound", double(over_held), 0, Policy::Count,
                                      {{"mode", c.ring_mode}, {"peak_chunks", peak},
                                       {"what", "K/V chunks alive on the rank at once, per pass: collect mode all h + 1 "

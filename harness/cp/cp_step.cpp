@@ -207,6 +207,8 @@ train::StepResult CpTrainer::step(const std::vector<train::Batch>& micro_batches
   for (size_t m = 0; m < micro_batches.size(); ++m) {
     auto options = step_options_;
     options.step_counted_tokens = step_tokens;
+    if (step_options_.micro_batch_mean_of_means)  // the mutant: right only when every micro-batch counts alike
+      options.step_counted_tokens = counted_targets(micro_batches[m]) * int64_t(micro_batches.size());
     options.reduce_gradients = m + 1 == micro_batches.size();
     options.drop_boundary_label = step_options_.drop_boundary_label && m == 0;  // one perturbed token per step
     options.hidden_states = hidden_states ? &hidden[m] : nullptr;

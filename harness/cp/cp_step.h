@@ -38,6 +38,8 @@ struct CpStepOptions {
   bool swap_zigzag_halves = false;            // KNOWN-BAD, selftest only: the batch's two sub-chunks per rank are
                                               // laid in the wrong order while the ring masks by the layout
   bool zero_grad_per_micro_batch = false;     // KNOWN-BAD, selftest only: gradients cleared before every micro-batch
+  bool micro_batch_mean_of_means = false;     // KNOWN-BAD, selftest only: each micro-batch normalised by its own
+                                              // counted tokens (x micro-batches) instead of the step's
   std::vector<torch::Tensor>* hidden_states = nullptr;  // receives this rank's residual stream per layer
   int64_t loss_chunk_tokens = 0;  // > 0: chunked LM head + cross entropy; local_logits stays undefined
   // The power check's perturbation (never in a real run): the label of boundary_label_target() is dropped.

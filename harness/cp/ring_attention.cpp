@@ -158,7 +158,7 @@ std::vector<SegmentPair> masks_for(const RingContext& ctx, const LayerCall& call
     int64_t kv_local = 0;
     for (auto& ks : shard_segments(ctx.sharding, chunk.owner, n, ctx.local_len)) {
       auto mask = ctx.cache.lookup(ctx.generation, q_meta.slice(q_local, qs.length), chunk.meta.slice(kv_local, ks.length),
-                                   qs, ks, geometry, q.size(0), ctx.options.q_block, ctx.options.kv_block, q.device());
+                                   qs, ks, geometry, ctx.hooks.mask_rows(q.size(0)), ctx.options.q_block, ctx.options.kv_block, q.device());
       const bool work = kernels::computed_score_elements(*mask) > 0;
       pairs.push_back({qs, ks, q_local, kv_local, std::move(mask), work});
       kv_local += ks.length;

@@ -58,6 +58,10 @@ struct GradReturnToWrongRank : RingHooks {
   int return_source(int rank, int distance, int n) const override { return ring_owner(rank, distance, n); }
 };
 
+struct MasksFromRowZero : RingHooks {
+  int64_t mask_rows(int64_t) const override { return 1; }
+};
+
 }  // namespace
 
 int RingHooks::return_destination(int rank, int distance, int n) const { return ring_owner(rank, distance, n); }
@@ -81,6 +85,7 @@ std::unique_ptr<RingHooks> make_ring_hooks(RingMutation mutation) {
     case RingMutation::kStreamDropsChunkInFlight: return std::make_unique<StreamDropsChunkInFlight>();
     case RingMutation::kStreamCollectsEveryChunk: return std::make_unique<StreamCollectsEveryChunk>();
     case RingMutation::kGradReturnToWrongRank: return std::make_unique<GradReturnToWrongRank>();
+    case RingMutation::kMasksFromRowZero: return std::make_unique<MasksFromRowZero>();
   }
   throw std::logic_error("make_ring_hooks: unknown mutation");
 }

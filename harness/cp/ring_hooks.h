@@ -25,6 +25,8 @@ enum class RingMutation {
   kStreamCollectsEveryChunk,    // "stream" mode that still collects every chunk before computing (correct numbers)
   kGradReturnToWrongRank,       // foreign dK/dV sent to rank - d instead of their owner rank + d (received from the
                                 // mirror rank): nothing lost, everything misplaced (the same rank at cp 2)
+  kMasksFromRowZero,            // block masks built for one row and broadcast (flex's B=None): row 0's documents,
+                                // padding and vision groups mask every row
 };
 
 class RingHooks {
@@ -36,6 +38,8 @@ class RingHooks {
   virtual kernels::LayerGeometry chunk_geometry(int rank, int owner, const kernels::LayerGeometry& geometry) const;
   // Ring steps a layer takes, given the correct number (correct: unchanged).
   virtual int ring_steps(int correct, int n) const { return correct; }
+  // The rows a block mask is built for, given the batch's (correct: unchanged; one is broadcast over the batch).
+  virtual int64_t mask_rows(int64_t rows) const { return rows; }
   // Whether a ring in stream mode streams (correct: always; else it runs the collect algorithm).
   virtual bool streams() const { return true; }
   // Whether the streaming forward merges the chunk that arrived for ring step `step` of `steps` (correct: always).

@@ -271,7 +271,9 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
   step_options.sharding = options.sharding;
   step_options.activation_checkpointing = c.activation_checkpointing;
   step_options.zero_grad_per_micro_batch = options.step_mutation == StepMutation::kZeroGradPerMicroBatch;
+  step_options.micro_batch_mean_of_means = options.step_mutation == StepMutation::kMeanOfMicroBatchMeans;
   step_options.loss_chunk_tokens = c.loss_chunk_tokens;
+  if (c.gradient_bucket_elements > 0) step_options.gradient_bucket_elements = c.gradient_bucket_elements;
   step_options.drop_boundary_label = options.drop_boundary_label;
   rec.gradient_all_reduces = cp::gradient_all_reduce_calls(m->parameters(), step_options.gradient_bucket_elements);
   cp::CpTrainer trainer(comm, m, c.optimizer, options.ring, step_options);

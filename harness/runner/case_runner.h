@@ -30,6 +30,7 @@ enum class StepMutation {
   kShiftLabelsAfterSharding,  // each rank shifts its own shard: the token at a shard edge loses its target
   kAverageGradients,          // gradients averaged over the ranks instead of summed (the loss is already global)
   kZeroGradPerMicroBatch,     // gradients cleared before every micro-batch: only the last one reaches the update
+  kMeanOfMicroBatchMeans,     // each micro-batch divided by its own counted tokens: a mean of micro-batch means
   kSwapZigzagHalves,          // zigzag: each rank's two sub-chunks laid in the wrong order (the ring masks by the layout)
 };
 

@@ -23,7 +23,9 @@ std::string case_hash(const train::Case& c) {
   // runs the whole batch in one pass).
   auto content = c.raw;
   if (content.is_object()) {
-    for (const char* key : {"description", "tolerances", "checks", "cp", "activation_checkpointing", "golden"}) content.erase(key);
+    for (const char* key : {"description", "tolerances", "checks", "cp", "activation_checkpointing", "golden",
+                            "gradient_bucket_elements"})  // buckets are bit-identical to one flat all-reduce
+      content.erase(key);
     if (c.reference_cp <= 1)
       for (const char* key : {"block_size", "block_mask_cache", "ring", "sharding", "micro_batches"}) content.erase(key);
   }
@@ -58,7 +60,8 @@ report::RunDump reference_dump(const train::Case& c, const LaneRun& run, const s
     if (run.steps[s].activation_bytes >= 0) rec.activation_bytes = run.steps[s].activation_bytes;
     if (s == 0) {
       // fp32 storage is exact for both lanes (the fp64 copies hold fp32 or bf16 values).
-      rec.logits = run.logits.to(torch::kFloat32);
+      // (none under the chunked loss, which never forms them, or without record_tensors)
+      if (run.logits.defined()) rec.logits = run.logits.to(torch::kFloat32);
       for (size_t i = 0; i < run.hidden.size(); ++i) rec.hidden[int64_t(i)] = run.hidden[i].to(torch::kFloat32);
       for (auto& [name, g] : run.grads)
         if (name.rfind("layers.", 0) != 0 || name.rfind("layers.0.", 0) == 0 || name.rfind(last_layer, 0) == 0)

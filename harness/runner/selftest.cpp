@@ -42,6 +42,8 @@ SuiteOptions mutate(SuiteOptions o, const std::string& name) {
   else if (name == "micro_batch_gradients_cleared") o.run.step_mutation = StepMutation::kZeroGradPerMicroBatch;
   else if (name == "stream_merge_drops_chunk_in_flight") ring.mutation = cp::RingMutation::kStreamDropsChunkInFlight;
   else if (name == "stream_collects_every_chunk") ring.mutation = cp::RingMutation::kStreamCollectsEveryChunk;
+  else if (name == "micro_batch_mean_of_means") o.run.step_mutation = StepMutation::kMeanOfMicroBatchMeans;
+  else if (name == "block_masks_from_row_zero") ring.mutation = cp::RingMutation::kMasksFromRowZero;
   else throw std::invalid_argument("unknown mutant '" + name + "'");
   return o;
 }
@@ -71,6 +73,10 @@ std::vector<Mutant> selftest_mutants() {
        {}, {}, "stream", "\"ring\": {\"mode\": \"stream\"}"},
       {"micro_batch_gradients_cleared", "gradients cleared before every micro-batch: only the last reaches the update",
        "train.grad_norm_parity", {}, {}, "micro_batches", "\"micro_batches\" > 1"},
+      {"micro_batch_mean_of_means", "each micro-batch's loss divided by its own counted tokens: a mean of micro-batch means",
+       "train.loss_parity", {}, {}, "micro_batches", "\"micro_batches\" > 1 and rows that count different tokens (data.rows)"},
+      {"block_masks_from_row_zero", "block masks built for row 0 and broadcast over the batch (flex's B=None)",
+       "attention.parity", {}, {}, "rows", "\"data.batch\" > 1 with rows that differ (data.rows)"},
       {"padded_rows_not_zeroed", "empty query rows take V of local index 0", "attention.parity"},
       {"cache_rebuilds_every_lookup", "block-mask cache off: every lookup builds", "cache.build_count"},
       {"block_mask_partial_tiles_as_full", "analytic builder calls partial tiles full", "mask.block_classification"},
@@ -109,9 +115,11 @@ train::Case selftest_case(const std::string& variant) {
     j.erase("ring");  // the hop limit needs contiguous shards
   } else if (variant == "stream") {
     j["ring"]["mode"] = "stream";
-  } else if (variant == "micro_batches") {
+  } else if (variant == "micro_batches" || variant == "rows") {
+    // Row 1 packs other documents behind other padding: 35 and 31 tokens, 33 and 28 of them with targets.
     j["data"]["batch"] = 2;
-    j["micro_batches"] = 2;
+    j["data"]["rows"] = {nlohmann::json::object(), {{"document_lengths", {6, 12, 13}}, {"padding", 9}}};
+    if (variant == "micro_batches") j["micro_batches"] = 2;
   } else if (variant == "memory") {
     j["reference_checkpointing"] = true;  // its golden (run_selftest records it) holds the checkpointed memory
   } else if (variant != "default") {

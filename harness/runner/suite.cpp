@@ -272,7 +272,8 @@ RunOptions run_options_of(const train::Case& c, const SuiteOptions& options) {
   o.timeout = options.timeout;
   o.device = rank_device(device_of(c, options), options);
   o.record_tensors = o.record_tensors && c.record_tensors;
-  o.ring.q_block = o.ring.kv_block = c.block_size;
+  o.ring.q_block = c.q_block;
+  o.ring.kv_block = c.kv_block;
   if (!c.block_mask_cache) o.ring.cache_enabled = false;
   o.ring.hop_limit = c.ring_hop_limit;
   o.sharding = check::case_sharding(c);

@@ -29,7 +29,8 @@ std::vector<report::Status> padded_rows_status(const std::vector<report::CheckRe
 TEST(AttentionParityCheck, PaddedRowsAreJudgedOnTheRanksThatHoldThem) {
   const auto c = padded_case();
   cp::RingOptions ring;
-  ring.q_block = ring.kv_block = c.block_size;
+  ring.q_block = c.q_block;
+  ring.kv_block = c.kv_block;
   for (const auto& r : check_attention_parity(c, 2, ring)) EXPECT_EQ(r.status, report::Status::Pass) << r.metric << ": " << r.message;
 
   ring.mutation = cp::RingMutation::kPaddedRowsNotZeroed;  // the 6 padded tokens all lie on rank 1

@@ -93,6 +93,20 @@ TEST(CaseGolden, ACaseThatNamesItsGoldenIsCheckedAgainstItByRun) {
   EXPECT_EQ(case_hash(train::case_from_json(case_json(), case_path)), case_hash(train::load_case(case_path)));
 }
 
+// Under the chunked loss no [S, V] logits exist: the golden holds everything else, and run matches it.
+TEST(CaseGolden, AChunkedLossCaseIsRecordedWithoutLogitsAndMatched) {
+  TempDir dir;
+  const std::string case_path = write_case(dir, case_json(R"({"golden": "g.h5", "loss_chunk_tokens": 7})"));
+  record_golden(case_path, dir.file("g.h5"));
+  const auto stored = report::read_run_dump(dir.file("g.h5"));
+  ASSERT_EQ(stored.steps.size(), 2u);
+  EXPECT_FALSE(stored.steps.at(0).logits.defined());
+  EXPECT_FALSE(stored.steps.at(0).grads.empty());
+  const auto g = run_with_golden(case_path);
+  ASSERT_TRUE(g.golden);
+  EXPECT_EQ(g.golden->status, report::Status::Pass) << g.golden->message;
+}
+
 // What a bug shared by cp 1 and cp N looks like from the golden's side: the stored reference differs from the run.
 // cp N still agrees with cp 1, so golden.match is the one check that fails, and it names the tensor.
 TEST(CaseGolden, AGoldenTheRunNoLongerMatchesFailsTheCaseNamingTheTensor) {

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <functional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -207,6 +208,124 @@ TEST(CaseValidation, ASelectionThatCanProduceNoCheckIsRefusedBeforeAnyWork) {
     const auto c = train::case_from_json(j, "v.json");
     EXPECT_FALSE(runner::unsupported_configuration(c, options)) << fine.dump();
   }
+}
+
+// data.rows: one layout per row, keys left out taken from the shared layout; every mistake names the row and key.
+TEST(CaseValidation, RowLayoutsAreOnePerRowAndNamedInEveryError) {
+  auto with_rows = [](json rows) {
+    return [rows](json& j) {
+      j["data"]["batch"] = 2;
+      j["data"]["document_lengths"] = {10, 10};
+      j["data"]["rows"] = rows;
+    };
+  };
+  json ok = good_case();
+  with_rows(json::array({json::object(), {{"document_lengths", {5, 10, 7}}, {"padding", 2}}}))(ok);
+  ASSERT_NO_THROW(train::case_from_json(ok, "v.json"));
+  expect_refused("one layout for two rows", with_rows(json::array({json::object()})), "data.rows");
+  expect_refused("not an array", with_rows(json::object()), "data.rows");
+  expect_refused("a row that is not an object", with_rows(json::array({json::object(), 3})), "data.rows[1]");
+  expect_refused("unknown row key", with_rows(json::array({json::object(), {{"paddding", 2}}})), "data.rows[1].paddding");
+  expect_refused("row padding longer than a row", with_rows(json::array({json::object(), {{"padding", 25}}})),
+                 "data.rows[1].padding");
+  // The shared documents sum to 20, not to 24 - 2.
+  expect_refused("row documents that miss the row", with_rows(json::array({json::object(), {{"padding", 2}}})),
+                 "data.rows[1].document_lengths");
+  expect_refused("row vision runs that touch",
+                 with_rows(json::array({json::object(), {{"vision_runs", {{2, 3}, {5, 2}}}}})), "data.rows[1].vision_runs[1]");
+  expect_refused("row vision run in the padding",
+                 with_rows(json::array({json::object(), {{"vision_runs", {{18, 4}}}}})), "data.rows[1].vision_runs");
+}
+
+// A row layout that repeats the shared one changes nothing; one that differs changes its row only, and that row is
+// exactly what make_batch writes from the layout alone (documents, positions, targets, padding, vision groups).
+TEST(BatchRows, EachRowIsLaidOutFromItsOwnLayout) {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 60; ++trial) {
+    SCOPED_TRACE(trial);
+    const int64_t B = 1 + int64_t(rng() % 4), S = 8 + int64_t(rng() % 40);
+    train::BatchSpec shared;
+    shared.batch = B;
+    shared.seq_len = S;
+    shared.seed = rng();
+    shared.padding = int64_t(rng() % 5);
+    shared.document_lengths = {S - shared.padding};
+    auto plain = train::make_batch(shared);
+    auto same = shared;
+    same.rows.assign(size_t(B), train::row_layout(shared, 0));
+    auto again = train::make_batch(same);
+    EXPECT_TRUE(torch::equal(plain.input_ids, again.input_ids) && torch::equal(plain.labels, again.labels) &&
+                torch::equal(plain.position_ids, again.position_ids) && torch::equal(plain.meta.padding, again.meta.padding));
+    auto spec = shared;
+    for (int64_t b = 0; b < B; ++b) {
+      train::RowLayout row;
+      row.padding = int64_t(rng() % size_t(S / 2));
+      for (int64_t left = S - row.padding; left > 0;) {
+        const int64_t d = std::min<int64_t>(left, 1 + int64_t(rng() % 9));
+        row.document_lengths.push_back(d);
+        left -= d;
+      }
+      if (rng() % 2) row.vision_runs.push_back({0, 1 + int64_t(rng() % size_t(S - row.padding))});
+      spec.rows.push_back(row);
+    }
+    const auto batch = train::make_batch(spec);
+    EXPECT_TRUE(torch::equal(batch.input_ids.ne(0) | batch.meta.padding, torch::ones_like(batch.meta.padding)));
+    for (int64_t b = 0; b < B; ++b) {
+      const auto& row = spec.rows[size_t(b)];
+      int64_t t = 0, doc = 0;
+      for (auto d : row.document_lengths) {
+        ++doc;
+        for (int64_t i = 0; i < d; ++i, ++t) {
+          ASSERT_EQ(batch.meta.document_ids[b][t].item<int64_t>(), doc) << b << " " << t;
+          ASSERT_EQ(batch.position_ids[b][t].item<int64_t>(), i) << b << " " << t;
+          ASSERT_EQ(batch.labels[b][t].item<int64_t>() == -100, i == 0) << b << " " << t;
+          ASSERT_FALSE(batch.meta.padding[b][t].item<bool>());
+        }
+      }
+      for (; t < S; ++t) {
+        ASSERT_TRUE(batch.meta.padding[b][t].item<bool>()) << b << " " << t;
+        ASSERT_EQ(batch.labels[b][t].item<int64_t>(), -100);
+        ASSERT_EQ(batch.input_ids[b][t].item<int64_t>(), 0);
+      }
+      for (int64_t i = 0; i < S; ++i) {
+        const bool in_run = !row.vision_runs.empty() && i < row.vision_runs[0].length;
+        const int64_t group = batch.meta.vision_group_ids.defined() ? batch.meta.vision_group_ids[b][i].item<int64_t>() : -1;
+        ASSERT_EQ(group, in_run ? 0 : -1) << b << " " << i;
+      }
+    }
+  }
+}
+
+// Each step rotates every row's documents by the step, as it rotates the shared layout's.
+TEST(BatchRows, EveryRowsDocumentsRotateWithTheStep) {
+  json j = good_case();
+  j["data"]["batch"] = 2;
+  j["data"]["rows"] = json::array({json::object(), {{"document_lengths", {5, 10, 7}}, {"padding", 2}}});
+  const auto c = train::case_from_json(j, "v.json");
+  const auto step1 = train::batch_for_step(c, 1);
+  // Row 1 at step 1: documents [10, 7, 5]; row 0 (one document) unchanged.
+  EXPECT_EQ(step1.meta.document_ids[1][9].item<int64_t>(), 1);
+  EXPECT_EQ(step1.meta.document_ids[1][10].item<int64_t>(), 2);
+  EXPECT_EQ(step1.meta.document_ids[1][17].item<int64_t>(), 3);
+  EXPECT_EQ(step1.meta.document_ids[1][21].item<int64_t>(), 3);
+  EXPECT_TRUE(step1.meta.padding[1][22].item<bool>());
+  EXPECT_EQ(step1.meta.document_ids[0][19].item<int64_t>(), 1);
+}
+
+// block_size: one size, or {"q": n, "kv": m}; and the gradient bucket.
+TEST(CaseValidation, BlockSizesMayDifferForQueriesAndKeys) {
+  json j = good_case();
+  j["block_size"] = {{"q", 8}, {"kv", 4}};
+  j["gradient_bucket_elements"] = 1000;
+  const auto c = train::case_from_json(j, "v.json");
+  EXPECT_EQ(c.q_block, 8);
+  EXPECT_EQ(c.kv_block, 4);
+  EXPECT_EQ(c.gradient_bucket_elements, 1000);
+  expect_refused("kv missing", [](json& k) { k["block_size"] = {{"q", 8}}; }, "block_size.kv");
+  expect_refused("unknown block key", [](json& k) { k["block_size"] = {{"q", 8}, {"kv", 8}, {"k", 8}}; }, "block_size.k");
+  expect_refused("zero q block", [](json& k) { k["block_size"] = {{"q", 0}, {"kv", 8}}; }, "block_size.q");
+  expect_refused("a string", [](json& k) { k["block_size"] = "8"; }, "block_size");
+  expect_refused("bucket 0", [](json& k) { k["gradient_bucket_elements"] = 0; }, "gradient_bucket_elements");
 }
 
 }  // namespace

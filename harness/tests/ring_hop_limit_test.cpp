@@ -5,9 +5,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <random>
 #include <vector>
 
 #include "harness/check/checks.h"
+#include "harness/cp/shard_plan.h"
 #include "harness/runner/case_runner.h"
 #include "harness/runner/suite.h"
 #include "harness/tests/case_report_expectations.h"
@@ -36,6 +38,48 @@ TEST(RingHopLimit, StepsFollowTheWindowOnSlidingLayersOnly) {
     EXPECT_EQ(check::expected_ring_steps(make_case(false), l, 8), 7) << l;
   }
   EXPECT_GT(sliding, 0);
+}
+
+// needed_ring_steps against every (query, key) pair of the mask rule, over random geometries; upstream's count
+// (expected_ring_steps) never falls short of it and wastes only the one hop of W - 1 = k x S_loc. Where S_loc
+// divides W the two agree, so a runtime that takes one hop more there (ceil written as (W + S_loc) / S_loc) is seen.
+TEST(RingHopLimit, TheHopCountIsTheFarthestRingDistanceWithAnAllowedPair) {
+  std::mt19937 rng(11);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int64_t W = 1 + int64_t(rng() % 40), S = 4 + int64_t(rng() % 90);
+    const int n = 2 + int(rng() % 7);
+    if (n > S) continue;
+    auto j = nlohmann::json::parse(R"({"id": "hops", "model": {"preset": "tiny-e2b"}, "ring": {"hop_limit": true}})");
+    j["model"]["overrides"] = {{"sliding_window", W}};
+    j["data"] = {{"seq_len", S}};
+    j["cp"] = {n};
+    const auto c = train::case_from_json(j, "hops.json");
+    const int64_t L = cp::ShardPlan(S, n).local_len();
+    // The farthest ring distance d with some q of rank r, k of rank r - d (mod n), k <= q and q - k < window.
+    auto brute = [&](int64_t window) {
+      int farthest = 0;
+      for (int64_t q = 0; q < S; ++q)
+        for (int64_t k = std::max<int64_t>(0, q - window + 1); k <= q; ++k)
+          farthest = std::max(farthest, int(((q / L - k / L) % n + n) % n));
+      return farthest;
+    };
+    const int sliding = brute(W), full = brute(S);
+    SCOPED_TRACE(::testing::Message() << "W " << W << " S " << S << " cp " << n << " S_loc " << L);
+    for (int64_t l = 0; l < c.model.num_hidden_layers; ++l) {
+      if (!c.model.layer_window(l)) {
+        EXPECT_EQ(check::needed_ring_steps(c, l, n), full);
+        EXPECT_EQ(check::expected_ring_steps(c, l, n), n - 1);
+        continue;
+      }
+      const int needed = check::needed_ring_steps(c, l, n), upstream = check::expected_ring_steps(c, l, n);
+      ASSERT_EQ(needed, sliding);
+      EXPECT_GE(upstream, needed);
+      if (S > (n - 1) * L) {  // every rank holds a real token (else upstream also fetches chunks of padding only)
+        EXPECT_EQ(upstream - needed, (W - 1) % L == 0 && (W - 1) / L + 1 <= n - 1 ? 1 : 0);
+        if (W % L == 0) EXPECT_EQ(upstream, needed);
+      }
+    }
+  }
 }
 
 TEST(RingHopLimit, TheRunIsBitwiseTheOneWithoutTheLimitWithFewerExchanges) {

@@ -37,7 +37,8 @@ TEST(StreamRing, WholeRunsAreBitwiseTheCollectModes) {
     SCOPED_TRACE(v.variant + " " + train::to_string(v.lane) + " cp " + std::to_string(v.cp));
     const auto c = selftest_case(v.variant);
     RunOptions collect;
-    collect.ring.q_block = collect.ring.kv_block = c.block_size;
+    collect.ring.q_block = c.q_block;
+    collect.ring.kv_block = c.kv_block;
     collect.ring.hop_limit = c.ring_hop_limit;
     collect.sharding = c.sharding == "zigzag" ? cp::Sharding::kZigzag : cp::Sharding::kContiguous;
     auto stream = collect;

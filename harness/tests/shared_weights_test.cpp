@@ -106,7 +106,8 @@ TEST(SharedWeights, RanksSharingOneCopyTrainExactlyAsRanksWithModelsOfTheirOwn) 
     SCOPED_TRACE(preset + " " + mode);
     const auto c = training_case(preset, mode);
     runner::RunOptions o;
-    o.ring.q_block = o.ring.kv_block = c.block_size;
+    o.ring.q_block = c.q_block;
+    o.ring.kv_block = c.kv_block;
     o.ring.mode = mode == "stream" ? cp::RingMode::kStream : cp::RingMode::kCollect;
     const auto shared = runner::run_cp(c, train::DtypeLane::kFp32, n, o);
     std::vector<report::CpRankRecord> ranks(static_cast<size_t>(n));

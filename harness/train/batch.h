@@ -17,12 +17,22 @@ struct VisionRun {
   int64_t length = 0;
 };
 
+// Where one row's documents, padding and vision runs lie.
+struct RowLayout {
+  std::vector<int64_t> document_lengths;  // packed documents from position 0; empty: one document
+  int64_t padding = 0;                    // padding tokens at the end of the row
+  std::vector<VisionRun> vision_runs;     // each run is one vision group (ids 0, 1, ... in order)
+};
+
 struct BatchSpec {
   int64_t batch = 1;
   int64_t seq_len = 64;
-  std::vector<int64_t> document_lengths;  // packed documents from position 0; empty: one document
-  int64_t padding = 0;                    // padding tokens at the end of each row
-  std::vector<VisionRun> vision_runs;     // each run is one vision group (ids 0, 1, ... in order)
+  std::vector<int64_t> document_lengths;  // every row's layout (unless `rows` gives one per row)
+  int64_t padding = 0;
+  std::vector<VisionRun> vision_runs;
+  // One layout per row, replacing the one above: rows that differ are what shows a mask or loss normalisation
+  // built from row 0 for every row, or micro-batches weighted by their own token counts. Empty: every row alike.
+  std::vector<RowLayout> rows;
   int64_t vocab_size = 512;
   uint64_t seed = 0;
 };
@@ -36,6 +46,9 @@ struct Batch {
 
 // Throws io::InputError (source "batch") when the spec is inconsistent.
 Batch make_batch(const BatchSpec& spec);
+
+// Row b's layout (the shared one unless spec.rows gives one per row).
+RowLayout row_layout(const BatchSpec& spec, int64_t b);
 
 // Document ids [B, S] (1-based) of rows packed the way transformers packs them, by position ids alone: a document
 // starts wherever a position is not its predecessor's + 1 (transformers' find_packed_sequence_indices: the

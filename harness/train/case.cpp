@@ -92,10 +92,12 @@ torch::ScalarType lane_dtype(DtypeLane lane) {
 Batch batch_for_step(const Case& c, int64_t step) {
   BatchSpec spec = c.data;
   spec.seed = c.data.seed + uint64_t(step);
-  if (spec.document_lengths.size() > 1) {
-    const auto k = size_t(step) % spec.document_lengths.size();
-    std::rotate(spec.document_lengths.begin(), spec.document_lengths.begin() + k, spec.document_lengths.end());
-  }
+  auto rotate = [step](std::vector<int64_t>& docs) {
+    if (docs.size() < 2) return;
+    std::rotate(docs.begin(), docs.begin() + ptrdiff_t(size_t(step) % docs.size()), docs.end());
+  };
+  rotate(spec.document_lengths);
+  for (auto& row : spec.rows) rotate(row.document_lengths);
   return make_batch(spec);
 }
 
@@ -128,49 +130,64 @@ void read_weights(const json& j, const std::string& path, Case& c) {
   }
 }
 
-void read_data(const json& j, const std::string& path, Case& c) {
-  const json& d = object_at(j, "data", path, "data");
-  reject_unknown(d, {"batch", "seq_len", "document_lengths", "padding", "vision_runs", "seed"}, path, "data.");
-  if (!d.contains("seq_len")) throw InputError(path, "data.seq_len", "missing required key");
-  c.data.seq_len = int_at(d, "seq_len", path, "data.seq_len", 2);
-  if (d.contains("batch")) c.data.batch = int_at(d, "batch", path, "data.batch", 1);
-  if (d.contains("padding")) c.data.padding = int_at(d, "padding", path, "data.padding", 0);
-  if (d.contains("seed")) c.data.seed = seed_at(d, "seed", path, "data.seed");
+// A row layout's keys (data.document_lengths / padding / vision_runs, or those of data.rows[b]); keys left out keep
+// `layout`'s values. `prefix` names the object in errors ("data." or "data.rows[1].").
+void read_layout(const json& d, const std::string& path, const std::string& prefix, int64_t seq_len, RowLayout& layout) {
+  if (d.contains("padding")) {
+    layout.padding = int_at(d, "padding", path, prefix + "padding", 0);
+    if (layout.padding > seq_len)
+      throw InputError(path, prefix + "padding", fmt::format("{} is longer than seq_len {}", layout.padding, seq_len));
+  }
   if (d.contains("document_lengths")) {
-    c.data.document_lengths = ints_at(d, "document_lengths", path, "data.document_lengths", 1);
-    if (c.data.document_lengths.empty())  // says nothing; one document is said by leaving the key out
-      throw InputError(path, "data.document_lengths", "empty: list the lengths (summing to seq_len - padding), or leave the key out for one document");
+    layout.document_lengths = ints_at(d, "document_lengths", path, prefix + "document_lengths", 1);
+    if (layout.document_lengths.empty())  // says nothing; one document is said by leaving the key out
+      throw InputError(path, prefix + "document_lengths", "empty: list the lengths (summing to seq_len - padding), or leave the key out for one document");
+    for (size_t i = 0; i < layout.document_lengths.size(); ++i)
+      if (layout.document_lengths[i] > seq_len)  // so that their sum cannot overflow
+        throw InputError(path, fmt::format("{}document_lengths[{}]", prefix, i),
+                         fmt::format("{} is longer than seq_len {}", layout.document_lengths[i], seq_len));
   }
   if (d.contains("vision_runs")) {
-    if (!d["vision_runs"].is_array()) throw InputError(path, "data.vision_runs", "wrong type: expected an array of [start, length]");
+    const std::string key = prefix + "vision_runs";
+    if (!d["vision_runs"].is_array()) throw InputError(path, key, "wrong type: expected an array of [start, length]");
+    layout.vision_runs.clear();
     for (size_t i = 0; i < d["vision_runs"].size(); ++i) {
       const json& r = d["vision_runs"][i];
-      const std::string field = fmt::format("data.vision_runs[{}]", i);
+      const std::string field = fmt::format("{}[{}]", key, i);
       if (!r.is_array() || r.size() != 2 || !r[0].is_number_integer() || !r[1].is_number_integer())
         throw InputError(path, field, "expected [start, length]");
       const int64_t start = int_value(r[0], path, field + "[0]", std::numeric_limits<int64_t>::min());
       const int64_t length = int_value(r[1], path, field + "[1]", std::numeric_limits<int64_t>::min());
-      if (start < 0 || length < 1 || start > c.data.seq_len || length > c.data.seq_len)  // (so start + length cannot overflow)
+      if (start < 0 || length < 1 || start > seq_len || length > seq_len)  // (so start + length cannot overflow)
         throw InputError(path, field, fmt::format("[{}, {}]: start must be in [0, seq_len {}] and length in [1, seq_len]",
-                                                  start, length, c.data.seq_len));
-      c.data.vision_runs.push_back({start, length});
+                                                  start, length, seq_len));
+      layout.vision_runs.push_back({start, length});
     }
     // Transformers derives groups from contiguous vision tokens (train::vision_groups_problem): runs that touch or
     // overlap would be one group there, so the harness would judge masks no version computes.
-    std::vector<size_t> by_start(c.data.vision_runs.size());
+    std::vector<size_t> by_start(layout.vision_runs.size());
     std::iota(by_start.begin(), by_start.end(), size_t(0));
-    const auto& runs = c.data.vision_runs;
+    const auto& runs = layout.vision_runs;
     std::stable_sort(by_start.begin(), by_start.end(), [&](size_t x, size_t y) { return runs[x].start < runs[y].start; });
     for (size_t n = 1; n < by_start.size(); ++n) {
       const auto &a = runs[by_start[n - 1]], &b = runs[by_start[n]];
       if (a.start + a.length >= b.start)
-        throw InputError(path, fmt::format("data.vision_runs[{}]", by_start[n]),
-                         fmt::format("[{}, {}] {} data.vision_runs[{}] [{}, {}]: transformers derives vision groups from "
+        throw InputError(path, fmt::format("{}[{}]", key, by_start[n]),
+                         fmt::format("[{}, {}] {} {}[{}] [{}, {}]: transformers derives vision groups from "
                                      "contiguous vision tokens, so they would be one group (write them as one run)",
-                                     b.start, b.length, a.start + a.length > b.start ? "overlaps" : "touches",
+                                     b.start, b.length, a.start + a.length > b.start ? "overlaps" : "touches", key,
                                      by_start[n - 1], a.start, a.length));
     }
   }
+}
+
+void read_data(const json& j, const std::string& path, Case& c) {
+  const json& d = object_at(j, "data", path, "data");
+  reject_unknown(d, {"batch", "seq_len", "document_lengths", "padding", "vision_runs", "rows", "seed"}, path, "data.");
+  if (!d.contains("seq_len")) throw InputError(path, "data.seq_len", "missing required key");
+  c.data.seq_len = int_at(d, "seq_len", path, "data.seq_len", 2);
+  if (d.contains("batch")) c.data.batch = int_at(d, "batch", path, "data.batch", 1);
+  if (d.contains("seed")) c.data.seed = seed_at(d, "seed", path, "data.seed");
   // Limits checked before the batch is made (it is allocated here): far above any CP recipe (the longest is 64k
   // tokens), so only a size no machine can hold is refused.
   if (c.data.seq_len > kMaxSeqLen)
@@ -180,18 +197,34 @@ void read_data(const json& j, const std::string& path, Case& c) {
   if (c.data.batch * c.data.seq_len > kMaxTokens)
     throw InputError(path, "data", fmt::format("batch x seq_len = {} tokens is more than this harness allows ({})",
                                                c.data.batch * c.data.seq_len, kMaxTokens));
-  if (c.data.padding > c.data.seq_len)
-    throw InputError(path, "data.padding", fmt::format("{} is longer than seq_len {}", c.data.padding, c.data.seq_len));
-  for (size_t i = 0; i < c.data.document_lengths.size(); ++i)
-    if (c.data.document_lengths[i] > c.data.seq_len)  // so that their sum cannot overflow
-      throw InputError(path, fmt::format("data.document_lengths[{}]", i),
-                       fmt::format("{} is longer than seq_len {}", c.data.document_lengths[i], c.data.seq_len));
+  RowLayout shared;
+  read_layout(d, path, "data.", c.data.seq_len, shared);
+  c.data.document_lengths = shared.document_lengths;
+  c.data.padding = shared.padding;
+  c.data.vision_runs = shared.vision_runs;
+  if (d.contains("rows")) {
+    // One object per row; each key it leaves out is the shared layout's.
+    const json& rows = d["rows"];
+    if (!rows.is_array()) throw InputError(path, "data.rows", "wrong type: expected an array of row layouts, one per row");
+    if (int64_t(rows.size()) != c.data.batch)
+      throw InputError(path, "data.rows", fmt::format("{} row layouts for data.batch {} rows: give one per row",
+                                                      rows.size(), c.data.batch));
+    for (size_t b = 0; b < rows.size(); ++b) {
+      const std::string prefix = fmt::format("data.rows[{}].", b);
+      if (!rows[b].is_object())
+        throw InputError(path, fmt::format("data.rows[{}]", b), "wrong type: expected an object with document_lengths, padding, vision_runs");
+      reject_unknown(rows[b], {"document_lengths", "padding", "vision_runs"}, path, prefix);
+      RowLayout row = shared;
+      read_layout(rows[b], path, prefix, c.data.seq_len, row);
+      c.data.rows.push_back(std::move(row));
+    }
+  }
   c.data.vocab_size = c.model.vocab_size;
   Batch batch;
   try {
     batch = make_batch(c.data);  // validates lengths, padding and runs against each other
-  } catch (const InputError& e) {
-    throw InputError(path, "data", e.what());
+  } catch (const InputError& e) {  // e names the layout's own key ("rows[1].document_lengths")
+    throw InputError(path, "data." + e.subject(), e.reason());
   }
   // Every step's batch has the same documents and padding (only their order and tokens change): without a single
   // target there is no loss to train, and every check would judge zeros.
@@ -288,7 +321,7 @@ std::optional<std::string> cp_size_problem(int64_t cp, int64_t seq_len) {
 Case case_from_json(const json& j, const std::string& path) {
   if (!j.is_object()) throw InputError(path, "case", "expected a JSON object");
   reject_unknown(j, {"id", "description", "model", "weights", "data", "dtype", "steps", "optimizer", "cp", "requires", "checks",
-                     "tolerances", "block_size", "block_mask_cache", "device", "loss_chunk_tokens", "reference_cp", "record_tensors",
+                     "tolerances", "block_size", "gradient_bucket_elements", "block_mask_cache", "device", "loss_chunk_tokens", "reference_cp", "record_tensors",
                      "trained_exemptions", "ring", "sharding", "micro_batches", "activation_checkpointing",
                      "reference_checkpointing", "golden"}, path, "");
   Case c;
@@ -341,10 +374,29 @@ Case case_from_json(const json& j, const std::string& path) {
   }
   if (j.contains("tolerances")) read_tolerances(j, path, c);
   if (j.contains("block_size")) {
-    c.block_size = int_at(j, "block_size", path, "block_size", 1);
-    if (c.block_size > kMaxSeqLen)  // a block longer than any sequence is a typo, not a block mask
-      throw InputError(path, "block_size", fmt::format("{} is more than this harness allows ({})", c.block_size, kMaxSeqLen));
+    // One size for both, or {"q": n, "kv": m}: unequal blocks are how production masks often run (a q block of 128
+    // against kv blocks of 64), and code that mixes the two up is right whenever they are equal.
+    auto block_at = [&](const json& o, const char* key, const std::string& field) {
+      const int64_t b = int_at(o, key, path, field, 1);
+      if (b > kMaxSeqLen)  // a block longer than any sequence is a typo, not a block mask
+        throw InputError(path, field, fmt::format("{} is more than this harness allows ({})", b, kMaxSeqLen));
+      return b;
+    };
+    if (j["block_size"].is_object()) {
+      const json& b = j["block_size"];
+      reject_unknown(b, {"q", "kv"}, path, "block_size.");
+      for (const char* key : {"q", "kv"})
+        if (!b.contains(key)) throw InputError(path, std::string("block_size.") + key, "missing required key");
+      c.q_block = block_at(b, "q", "block_size.q");
+      c.kv_block = block_at(b, "kv", "block_size.kv");
+    } else {
+      if (!j["block_size"].is_number_integer())
+        throw InputError(path, "block_size", "wrong type: expected a positive integer or {\"q\": n, \"kv\": m}");
+      c.q_block = c.kv_block = block_at(j, "block_size", "block_size");
+    }
   }
+  if (j.contains("gradient_bucket_elements"))
+    c.gradient_bucket_elements = int_at(j, "gradient_bucket_elements", path, "gradient_bucket_elements", 1);
   if (j.contains("block_mask_cache")) c.block_mask_cache = bool_at(j, "block_mask_cache", path, "block_mask_cache");
   if (j.contains("record_tensors")) c.record_tensors = bool_at(j, "record_tensors", path, "record_tensors");
   if (j.contains("ring")) {

@@ -54,7 +54,9 @@ struct Case {
   std::vector<std::string> requires_features;  // e.g. "cuda"
   std::vector<std::string> checks;             // catalogue names or prefixes ("cache."); empty: all
   CaseTolerances tolerances;
-  int64_t block_size = 128;                    // block-mask q and kv block size
+  int64_t q_block = 128;                       // block-mask query block ("block_size": n, or {"q": n, "kv": m})
+  int64_t kv_block = 128;                      // block-mask key/value block
+  int64_t gradient_bucket_elements = 0;        // the gradient all-reduce's bucket; 0: the runtime's (64 MiB)
   bool block_mask_cache = true;                // run the candidate with the block-mask cache on
   bool ring_hop_limit = false;                 // "ring": {"hop_limit": true}: sliding layers fetch only what W reaches
   std::string ring_mode = "collect";           // "ring": {"mode": "stream"}: exchanges posted ahead, dK/dV travelling
