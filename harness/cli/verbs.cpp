@@ -561,8 +561,23 @@ int run_verb_checked(const RunArgs& a) {
   options.run.fault = fault_from_env();
   std::unique_ptr<cp::Comm> world;
   if (a.comm == "mpi") {
-    if (!cp::detect_launch_env().launched()) return launch_mpi_job(a);
+    const auto env = cp::detect_launch_env();
+    if (!env.launched()) return launch_mpi_job(a);
+    // Under a launcher (an sbatch step, a torchrun worker, mpirun) the world is the launcher's: an --nproc that
+    // differs would be dropped silently, and the run would judge a cp size nobody asked for.
+    const std::string vars = env.source == cp::LaunchEnv::Source::Slurm      ? "SLURM_PROCID/SLURM_NTASKS"
+                             : env.source == cp::LaunchEnv::Source::Torchrun ? "RANK/WORLD_SIZE"
+                                                                             : "OMPI_COMM_WORLD_RANK/SIZE or PMI_RANK/SIZE";
+    if (a.nproc && a.nproc != env.world_size)
+      throw UsageError(fmt::format("--nproc {}: this process already runs under a launcher ({}, world size {} by {}), "
+                                   "whose ranks --nproc cannot change: leave --nproc out under a launcher, or start "
+                                   "cpharness outside one", a.nproc, cp::launch_source_name(env.source), env.world_size, vars));
     world = cp::make_mpi_comm(options.timeout);
+    if (world->size() != env.world_size)
+      throw std::runtime_error(fmt::format("MPI started {} rank(s) but the launcher's variables ({}: {}) say {}: this "
+                                           "MPI library does not see the launcher's job (for srun, an MPI without its "
+                                           "PMI support)", world->size(), cp::launch_source_name(env.source), vars,
+                                           env.world_size));
     options.world = world.get();
   } else if (a.comm == "nccl") {
     // One process per GPU, started by torchrun, srun or mpirun (RANK/WORLD_SIZE/LOCAL_RANK or their equivalents);
@@ -817,6 +832,7 @@ std::string exception_text(const std::exception& e) {
   // A path the OS refused (a symlink loop, a permission) is the input's fault, named with its path.
   if (const auto* fs_error = dynamic_cast<const std::filesystem::filesystem_error*>(&e))
     return fmt::format("{}: {}", fs_error->path1().string(), fs_error->code().message());
+  if (dynamic_cast<const io::InputError*>(&e)) return io::one_line(e);  // names its file, field and reason
   return "internal error: " + io::one_line(e);
 }
 

@@ -1,5 +1,6 @@
 #include "harness/cp/launcher.h"
 #include "harness/cp/stderr_scanner.h"
+#include "harness/io/input_error.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -16,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <mutex>
 #include <optional>
@@ -327,13 +329,31 @@ int wait_for_job(pid_t pid, StderrRelay& relay, std::chrono::milliseconds job_ti
   return status;
 }
 
+// Whether execvp would find `name`: a path that is an executable file, or a name found so on PATH.
+bool executable_found(const std::string& name) {
+  auto runnable = [](const std::string& p) { return ::access(p.c_str(), X_OK) == 0 && !std::filesystem::is_directory(p); };
+  if (name.empty()) return false;
+  if (name.find('/') != std::string::npos) return runnable(name);
+  const char* path = std::getenv("PATH");
+  std::string dirs = path && *path ? path : "/usr/local/bin:/usr/bin:/bin";
+  for (size_t start = 0;;) {
+    const size_t end = dirs.find(':', start);
+    const std::string dir = dirs.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    if (runnable((dir.empty() ? "." : dir) + "/" + name)) return true;
+    if (end == std::string::npos) return false;
+    start = end + 1;
+  }
+}
+
 // Where rank 0 records its verdict for this job (require_verdict): an empty file made before the launch, so no
 // other job's can be taken for it.
 std::string make_verdict_file() {
   const char* dir = std::getenv("TMPDIR");
   std::string path = std::string(dir && *dir ? dir : "/tmp") + "/cpharness-verdict-XXXXXX";
   const int fd = ::mkstemp(path.data());
-  if (fd < 0) throw std::runtime_error("launcher: cannot create the verdict file " + path + ": " + std::strerror(errno));
+  if (fd < 0)
+    throw io::InputError("environment", dir && *dir ? "TMPDIR" : "/tmp",
+                         "cannot create the job's verdict file " + path + ": " + std::strerror(errno));
   ::close(fd);
   return path;
 }
@@ -404,6 +424,13 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
   const std::string verdict_file = opt.require_verdict ? make_verdict_file() : std::string();
   if (!verdict_file.empty()) env.push_back(std::string(kVerdictFileVar) + "=" + verdict_file);
   const auto cmd = mpirun_command(nproc, exe, args, opt);
+  if (!executable_found(cmd.front())) {  // else the job "fails" with mpirun's 127 and names nothing
+    const char* from_env = std::getenv("CPHARNESS_MPIRUN");
+    const bool named_by_env = opt.mpirun.empty() && from_env && *from_env;
+    throw io::InputError("environment", named_by_env ? "CPHARNESS_MPIRUN" : "mpirun",
+                         "'" + cmd.front() + "' is not an executable file" +
+                             (cmd.front().find('/') == std::string::npos ? " on PATH" : ""));
+  }
   const pid_t pid = spawn_job(cmd, std::move(env), relay.fd);
   bool timed_out = false;
   int stop_signal = 0;

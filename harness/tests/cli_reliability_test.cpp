@@ -362,4 +362,44 @@ TEST_F(CliReliability, ATimeoutBelowAMillisecondIsAUsageError) {
   EXPECT_EQ(r.output.find("timed out"), std::string::npos) << r.output;
 }
 
+// Inside an sbatch step or a torchrun worker the world is the launcher's: an --nproc that differs from it was
+// dropped silently (and the case blamed for having no candidate cp size); it is a usage error naming both.
+TEST_F(CliReliability, AnNprocUnderALauncherThatSaysOtherwiseIsAUsageError) {
+  const auto c = write("g.json", kGoodCase);
+  for (const std::string env : {"SLURM_PROCID=0 SLURM_NTASKS=1", "RANK=0 WORLD_SIZE=1 MASTER_PORT=29511"}) {
+    SCOPED_TRACE(env);
+    const auto out = dir_ / "out";
+    plant_older_run(out);
+    auto r = run_cli("run " + c + " --comm mpi --nproc 2 --timeout 20 --out " + out.string(), env);
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    EXPECT_NE(r.output.find("--nproc 2"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("world size 1"), std::string::npos) << r.output;
+    EXPECT_EQ(read_json(out / "report.json")["status"], "error");
+  }
+}
+
+// An mpirun that cannot be started, or a TMPDIR the launcher cannot write its verdict file in, is bad input
+// naming the variable and the path (it was "a rank failed (mpirun status 127)" and an "internal error"), before
+// any process starts; the older report is withdrawn.
+TEST_F(CliReliability, AnMpirunOrTmpdirThatCannotBeUsedIsNamedBeforeLaunch) {
+  const auto c = write("g.json", kGoodCase);
+  struct Env {
+    std::string env, variable, path;
+  };
+  for (const auto& e : {Env{"CPHARNESS_MPIRUN=/nonexistent/mpirun", "CPHARNESS_MPIRUN", "/nonexistent/mpirun"},
+                        Env{"CPHARNESS_MPIRUN=" + dir_.string(), "CPHARNESS_MPIRUN", dir_.string()},
+                        Env{"TMPDIR=/nonexistent/tmp", "TMPDIR", "/nonexistent/tmp"}}) {
+    SCOPED_TRACE(e.env);
+    const auto out = dir_ / "out";
+    plant_older_run(out);
+    auto r = run_cli("run " + c + " --comm mpi --nproc 2 --timeout 20 --out " + out.string(), e.env);
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    EXPECT_NE(r.output.find(e.variable), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find(e.path), std::string::npos) << r.output;
+    EXPECT_EQ(r.output.find("internal error"), std::string::npos) << r.output;
+    EXPECT_EQ(r.output.find("a rank failed"), std::string::npos) << r.output;
+    EXPECT_EQ(read_json(out / "report.json")["status"], "error");
+  }
+}
+
 }  // namespace
