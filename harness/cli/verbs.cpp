@@ -567,7 +567,7 @@ int run_verb_checked(const RunArgs& a) {
     // differs would be dropped silently, and the run would judge a cp size nobody asked for.
     const std::string vars = env.source == cp::LaunchEnv::Source::Slurm      ? "SLURM_PROCID/SLURM_NTASKS"
                              : env.source == cp::LaunchEnv::Source::Torchrun ? "RANK/WORLD_SIZE"
-                                                                             : "OMPI_COMM_WORLD_RANK/SIZE or PMI_RANK/SIZE";
+                                                                             : "OMPI_COMM_WORLD_RANK/SIZE";
     if (a.nproc && a.nproc != env.world_size)
       throw UsageError(fmt::format("--nproc {}: this process already runs under a launcher ({}, world size {} by {}), "
                                    "whose ranks --nproc cannot change: leave --nproc out under a launcher, or start "

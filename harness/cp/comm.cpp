@@ -2,6 +2,7 @@
 // (threads) backend with run_local.
 #include "harness/cp/comm.h"
 
+#include <algorithm>
 #include <condition_variable>
 #include <deque>
 #include <map>
@@ -262,6 +263,25 @@ struct LocalWorld::State {
 
 namespace {
 
+// Waits on `cv` until `ready()` or `deadline`, not counting time the whole process spent stopped (SIGSTOP, Ctrl-Z,
+// a paused container): the peers were stopped too, so that time blames none of them. It waits in short slices; a
+// slice that ends far later than asked means nothing ran meanwhile, and the deadline moves by the overrun.
+template <class Ready>
+bool wait_not_counting_stops(std::condition_variable& cv, std::unique_lock<std::mutex>& lk,
+                             std::chrono::steady_clock::time_point deadline, Ready ready) {
+  constexpr auto kSlice = std::chrono::milliseconds(250);
+  constexpr auto kStopped = std::chrono::seconds(1);  // far beyond scheduling jitter
+  while (!ready()) {
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= deadline) return false;
+    const auto until = std::min(deadline, now + kSlice);
+    cv.wait_until(lk, until, ready);
+    const auto overrun = std::chrono::steady_clock::now() - until;
+    if (overrun > kStopped) deadline += overrun;
+  }
+  return true;
+}
+
 class LocalComm final : public Comm {
  public:
   LocalComm(std::shared_ptr<LocalWorld::State> st, int rank, std::chrono::milliseconds timeout)
@@ -299,7 +319,7 @@ class LocalComm final : public Comm {
     {
       std::unique_lock<std::mutex> lk(st_->mu);
       auto& box = st_->boxes[{src, rank_}];
-      const bool ready = st_->cv.wait_until(lk, deadline, [&] { return st_->aborted || !box.empty(); });
+      const bool ready = wait_not_counting_stops(st_->cv, lk, deadline, [&] { return st_->aborted || !box.empty(); });
       throw_if_aborted(op, src);
       if (!ready) {
         const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(timeout()).count();

@@ -1,6 +1,10 @@
 // The local comm backend, run_local, the launcher's environment parsing and command line, and the nccl guard.
 #include <gtest/gtest.h>
 
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 #include <map>
@@ -125,6 +129,32 @@ TEST(CpLocalCommTimeout, SilentRankMakesAllRanksFailNamingIt) {
   EXPECT_NE(errors[2].find("timed out after 200 ms"), std::string::npos) << errors[2];
   EXPECT_EQ(peers[2], silent);
   for (const auto& [r, s] : elapsed_s) EXPECT_LT(s, 1.5) << "rank " << r;
+}
+
+// The whole process stopped (SIGSTOP, Ctrl-Z, a paused container) for longer than the timeout stopped every rank
+// alike: after SIGCONT no rank is blamed for the time nobody ran. Here the process stops itself for 3 s while rank
+// 0 waits for rank 1 with a 1.5 s timeout; a child process sends SIGCONT.
+TEST(CpLocalCommTimeout, TimeTheWholeProcessSpentStoppedBlamesNoRank) {
+  const auto t0 = Clock::now();
+  ASSERT_NO_THROW(run_local(
+      2,
+      [&](Comm& c) {
+        if (c.rank() == 1) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(100));
+          const pid_t parent = ::getpid(), child = ::fork();
+          ASSERT_GE(child, 0);
+          if (child == 0) {
+            ::sleep(3);
+            ::kill(parent, SIGCONT);
+            ::_exit(0);
+          }
+          ::raise(SIGSTOP);
+          ::waitpid(child, nullptr, 0);
+        }
+        c.ring_exchange({at::ones({3}, at::kFloat)});
+      },
+      std::chrono::milliseconds(1500)));
+  EXPECT_GE(std::chrono::duration<double>(Clock::now() - t0).count(), 3.0);  // it was stopped
 }
 
 TEST(CpLocalCommTimeout, ExceptionOnOneRankStopsTheOthersAtOnce) {
