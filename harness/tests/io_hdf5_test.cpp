@@ -1,6 +1,13 @@
 // Tests of harness/io/hdf5_tensors: dtype round trips, groups, attributes, atomic writes, errors.
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <limits>
 #include <thread>
 
@@ -174,6 +181,38 @@ TEST(IoHdf5, ANoReplaceCommitNeverOverwrites) {
   w.commit();
   EXPECT_EQ(list_hdf5_datasets(fresh), std::vector<std::string>{"mine"});
   EXPECT_EQ(dir.entries(), (std::vector<std::string>{"fresh.h5", "golden.h5"}));
+}
+
+// A temp file a killed writer left (SIGKILL mid-write) is swept by the next write of the same file, when it is this
+// host's, its process is gone and it is older than a minute; another host's (a shared file system), a running
+// process's, a fresh one and another file's temps stay.
+TEST(IoHdf5, TempFilesOfAKilledWriterAreSweptByTheNextWrite) {
+  TempDir dir;
+  const std::string path = dir.file("golden.h5");
+  const pid_t gone = ::fork();
+  ASSERT_GE(gone, 0);
+  if (gone == 0) ::_exit(0);
+  ::waitpid(gone, nullptr, 0);
+  const std::string host = cpharness::io::detail::temp_host(), dead = std::to_string(gone);
+  auto leave = [&](const std::string& name, bool old) {
+    std::ofstream(dir.file(name)) << "partial";
+    if (old)
+      std::filesystem::last_write_time(dir.file(name),
+                                       std::filesystem::file_time_type::clock::now() - std::chrono::minutes(5));
+  };
+  leave("golden.h5.tmp-" + host + "-" + dead + "-0-17", true);        // swept
+  leave("golden.h5.tmp-" + host + "-1-0-17", true);                   // pid 1 runs
+  leave("golden.h5.tmp-" + host + "-" + dead + "-1-17", false);       // fresh
+  leave("golden.h5.tmp-otherhost-" + dead + "-0-17", true);           // another host's
+  leave("other.h5.tmp-" + host + "-" + dead + "-0-17", true);         // another file's
+  write_hdf5(path, {{"a", torch::ones({2})}});
+  std::vector<std::string> stay = {"golden.h5", "golden.h5.tmp-" + host + "-" + dead + "-1-17",
+                                   "golden.h5.tmp-" + host + "-1-0-17", "golden.h5.tmp-otherhost-" + dead + "-0-17",
+                                   "other.h5.tmp-" + host + "-" + dead + "-0-17"};
+  auto left = dir.entries();
+  std::sort(stay.begin(), stay.end());
+  std::sort(left.begin(), left.end());
+  EXPECT_EQ(left, stay);
 }
 
 // What a stop signal's handler removes (io::detail::remove_temp_files): the temp file of a write in progress, and
