@@ -32,8 +32,8 @@ report::Report run_golden_verify(const std::string& case_path, const std::string
 // layout, another case or another version of the case) are io::InputError. `reference` (and, for a bf16 case, its
 // fp32 `oracle`), when given, are cp 1 runs of the case already made with their tensors recorded; else they are run.
 // Why the golden at `golden_path` cannot be the golden of `c` (not a run dump, a damaged header, another case,
-// another version of the case, another lane), or nothing: asked before any work, so that a run does not train to
-// find out. Only the provenance is read (a tensor damaged further in is found when the golden is compared).
+// another version of the case, another lane, a tensor damaged further in), or nothing: asked before any work, so
+// that a run does not train to find out. The whole file is read once per version of it (path, size, mtime).
 std::optional<std::string> case_golden_problem(const train::Case& c, const std::string& golden_path);
 
 report::CheckResult verify_golden(const train::Case& c, const std::string& golden_path, report::CompareResult* result = nullptr,

@@ -3,6 +3,7 @@
 // reference can. A golden that moved fails the case, naming the tensor; a golden of another case, or a missing
 // file, is bad input.
 #include <gtest/gtest.h>
+#include <hdf5.h>
 
 #include <cmath>
 #include <filesystem>
@@ -226,6 +227,33 @@ TEST(CaseGolden, AMissingOrForeignGoldenIsBadInput) {
     ASSERT_TRUE(why_not) << golden;
     EXPECT_NE(why_not->find(says), std::string::npos) << *why_not;
   }
+}
+
+// A golden whose header and provenance are sound but whose content is not (here a dataset the layout does not
+// allow, as a writer's typo or a damaged object would leave) is refused before any work, naming the object; the
+// run used to train the whole reference first and find it at the comparison.
+TEST(CaseGolden, AGoldenDamagedPastItsHeaderIsRefusedBeforeAnyWork) {
+  TempDir dir;
+  const std::string case_path = write_case(dir, case_json(R"({"golden": "g.h5"})"));
+  record_golden(case_path, dir.file("g.h5"));
+  ASSERT_FALSE(unsupported_configuration(train::load_case(case_path), SuiteOptions{}));
+  {
+    const hid_t file = H5Fopen(dir.file("g.h5").c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(file, 0);
+    const hid_t space = H5Screate(H5S_SCALAR);
+    const hid_t set = H5Dcreate2(file, "/steps/1/lozz", H5T_NATIVE_DOUBLE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    ASSERT_GE(set, 0);
+    H5Dclose(set);
+    H5Sclose(space);
+    H5Fclose(file);
+  }
+  ASSERT_NO_THROW(report::read_run_dump_provenance(dir.file("g.h5")));  // the header still reads
+  const auto why = unsupported_configuration(train::load_case(case_path), SuiteOptions{});
+  ASSERT_TRUE(why);
+  EXPECT_NE(why->find("/steps/1/lozz"), std::string::npos) << *why;
+  const auto r = run_case(train::load_case(case_path), SuiteOptions{});
+  ASSERT_TRUE(r.error);
+  EXPECT_TRUE(r.checks.empty());
 }
 
 }  // namespace
