@@ -233,17 +233,16 @@ train::StepResult CpTrainer::step(const std::vector<train::Batch>& micro_batches
 train::StepResult CpTrainer::finish_step(double loss, int64_t counted_tokens, std::map<std::string, torch::Tensor>* gradients) {
   train::StepResult result{loss, train::grad_norm(model_->parameters()), counted_tokens};
   if (gradients) *gradients = model::gradient_copies(model_, torch::kFloat64);  // before clipping, as cp 1 records them
-  if (!step_options_.shared_weights) {
-    train::optimizer_step(*optimizer_, optimizer_options_, result.grad_norm);
-    return result;
-  }
-  // Every rank holds the same summed gradients; one update of the one copy of the weights is the update of all.
-  if (comm_.rank() == 0) {
+  // One update, written once for both layouts (a line that differs between them would be tested by one backend
+  // only): with weights of its own every rank applies it; with one shared copy (ranks as threads), whose summed
+  // gradients every rank holds alike, rank 0 applies it for all.
+  const bool shared = step_options_.shared_weights;
+  if (!shared || comm_.rank() == 0) {
     train::optimizer_step(*optimizer_, optimizer_options_, result.grad_norm);
     const auto parameters = model_->parameters();
-    if (!parameters.empty()) train::synchronize(parameters.front().device());  // finished before the others read
+    if (shared && !parameters.empty()) train::synchronize(parameters.front().device());  // done before others read
   }
-  comm_.barrier();
+  if (shared) comm_.barrier();
   return result;
 }
 
