@@ -137,7 +137,7 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
   kernels::TokenMetadata meta{shard.document_ids, shard.padding_mask, shard.vision_group_ids};
   torch::Tensor logits;
   auto loss = model::forward_loss(model, {shard.input_ids, shard.position_ids, meta, {}}, ring, options, shard.labels,
-                                  step_options.loss_chunk_tokens, &logits);  // labels were shifted on the full sequence
+                                  step_options.chunked_loss_ignored ? 0 : step_options.loss_chunk_tokens, &logits);  // labels were shifted on the full sequence
 
   auto stats = torch::tensor({loss.sum.item<double>(), double(loss.count)}, torch::kFloat64);
   {

@@ -273,6 +273,7 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
   step_options.zero_grad_per_micro_batch = options.step_mutation == StepMutation::kZeroGradPerMicroBatch;
   step_options.micro_batch_mean_of_means = options.step_mutation == StepMutation::kMeanOfMicroBatchMeans;
   step_options.loss_chunk_tokens = c.loss_chunk_tokens;
+  step_options.chunked_loss_ignored = options.step_mutation == StepMutation::kChunkedLossIgnored;
   if (c.gradient_bucket_elements > 0) step_options.gradient_bucket_elements = c.gradient_bucket_elements;
   step_options.drop_boundary_label = options.drop_boundary_label;
   rec.gradient_all_reduces = cp::gradient_all_reduce_calls(m->parameters(), step_options.gradient_bucket_elements);
@@ -300,6 +301,11 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
     rec.cache.push_back(trainer.ring().cache().take_counters());
     rec.steps.push_back({result.loss, result.grad_norm, param_norm(trainer.model()), result.counted_tokens,
                          figures.seconds, figures.peak_allocated, figures.peak_reserved});
+    // Under the chunked loss no rank may form [B, S_loc, V] logits: the numbers would agree (chunking moves only the
+    // summation order), while the memory the option exists to save at a 262k vocabulary would be spent unseen.
+    if (c.loss_chunk_tokens > 0 && fwd.local_logits.defined())
+      throw std::logic_error(fmt::format("loss_chunk_tokens {}: rank {} formed its [batch, S_loc, vocab] logits at step {}: "
+                                         "the chunked loss was not applied", c.loss_chunk_tokens, rec.rank, step));
     if (step == 0) {
       rec.trace = trainer.ring().trace();
       rec.comm_step0 = comm.stats();

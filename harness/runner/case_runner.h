@@ -31,6 +31,7 @@ enum class StepMutation {
   kAverageGradients,          // gradients averaged over the ranks instead of summed (the loss is already global)
   kZeroGradPerMicroBatch,     // gradients cleared before every micro-batch: only the last one reaches the update
   kMeanOfMicroBatchMeans,     // each micro-batch divided by its own counted tokens: a mean of micro-batch means
+  kChunkedLossIgnored,        // the candidates form whole logits although loss_chunk_tokens is set (same numbers)
   kSwapZigzagHalves,          // zigzag: each rank's two sub-chunks laid in the wrong order (the ring masks by the layout)
 };
 

@@ -16,6 +16,7 @@
 
 #include "harness/io/input_error.h"
 #include "harness/report/run_dump.h"
+#include "harness/runner/case_runner.h"
 #include "harness/runner/golden.h"
 #include "harness/runner/suite.h"
 #include "harness/tests/io_test_util.h"
@@ -106,6 +107,21 @@ TEST(CaseGolden, AChunkedLossCaseIsRecordedWithoutLogitsAndMatched) {
   const auto g = run_with_golden(case_path);
   ASSERT_TRUE(g.golden);
   EXPECT_EQ(g.golden->status, report::Status::Pass) << g.golden->message;
+}
+
+// A CP step that forms whole logits although the case asks for the chunked loss gives the same numbers (only the
+// summation order moves), so no parity check can see it: the run refuses it instead of spending the memory unseen.
+TEST(CaseGolden, CandidatesThatFormWholeLogitsUnderTheChunkedLossAreAnError) {
+  auto c = train::case_from_json(case_json(R"({"loss_chunk_tokens": 7})"), "g.json");
+  RunOptions options;
+  EXPECT_NO_THROW(run_cp(c, train::DtypeLane::kFp32, 2, options));
+  options.step_mutation = StepMutation::kChunkedLossIgnored;
+  try {
+    run_cp(c, train::DtypeLane::kFp32, 2, options);
+    ADD_FAILURE() << "accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("the chunked loss was not applied"), std::string::npos) << e.what();
+  }
 }
 
 // What a bug shared by cp 1 and cp N looks like from the golden's side: the stored reference differs from the run.
