@@ -176,9 +176,13 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
   const int64_t layers = c.model.num_hidden_layers;
   std::vector<int> steps(size_t(layers), 0);  // ring steps after the own chunk, per layer (cp - 1, or the hop limit)
   std::vector<int> needed(size_t(layers), 0);  // the fewest that skip no allowed pair
+  std::map<std::pair<int64_t, bool>, int> needed_of_geometry;  // O(cp^2) each: once per layer geometry
   for (int64_t l = 0; l < layers; ++l) {
     steps[size_t(l)] = expected_ring_steps(c, l, n);
-    needed[size_t(l)] = needed_ring_steps(c, l, n);
+    const std::pair<int64_t, bool> geometry{c.model.layer_window(l).value_or(-1), c.model.layer_vision_bidirectional(l)};
+    const auto known = needed_of_geometry.find(geometry);
+    needed[size_t(l)] = known != needed_of_geometry.end() ? known->second
+                                                          : (needed_of_geometry[geometry] = needed_ring_steps(c, l, n));
   }
   const bool stream = case_ring_mode(c) == cp::RingMode::kStream;
   // What a pass of a layer with h ring steps shows: exchanges around the ring, dK/dV returns home, chunks held.
