@@ -168,12 +168,13 @@ std::optional<std::string> case_golden_problem(const train::Case& c, const std::
       std::lock_guard<std::mutex> lk(mu);
       known = !ec && whole_and_sound.count(version);
     }
-    if (!known) {
-      report::read_run_dump(golden_path);  // throws io::InputError naming the object that is damaged
-      std::lock_guard<std::mutex> lk(mu);
-      if (!ec) whole_and_sound.insert(version);
+    if (known) {
+      require_golden_of_case(c, golden_path, report::read_run_dump_provenance(golden_path));
+      return std::nullopt;
     }
-    require_golden_of_case(c, golden_path, report::read_run_dump_provenance(golden_path));
+    read_case_golden(c, golden_path);  // throws io::InputError naming a damaged object, or another case's golden
+    std::lock_guard<std::mutex> lk(mu);
+    if (!ec) whole_and_sound.insert(version);
     return std::nullopt;
   } catch (const io::InputError& e) {
     return std::string(e.what());
