@@ -497,6 +497,10 @@ int launch_mpi_job(const RunArgs& a) {
   mpirun.require_verdict = true;  // mpirun's own 0 or 1 is no verdict (/bin/true, a failed launch)
   // After rank 0's verdict only the ranks' agreement and MPI's shutdown are left, each bounded by --timeout.
   mpirun.after_verdict = std::chrono::milliseconds(int64_t(2 * a.timeout_s * 1000)) + std::chrono::seconds(10);
+  // Before it, rank 0 beats once its world is up: a job silent as long (mpirun stopped or wedged before the ranks
+  // run, the whole job frozen) is ended too. Starting N processes and MPI_Init take seconds; the floor allows a
+  // loaded machine.
+  mpirun.silence_limit = std::max(std::chrono::milliseconds(30000), mpirun.after_verdict);
   const auto result = cp::relaunch_under_mpirun(a.nproc, cp::self_exe(), child, mpirun);
   if (result.stop_signal) {  // interrupted: whatever rank 0 managed to write is replaced by the error report
     write_error_report(a.outputs, a.comm, result.message.substr(std::string("cpharness: ").size()));
@@ -579,6 +583,7 @@ int run_verb_checked(const RunArgs& a) {
                                            "PMI support)", world->size(), cp::launch_source_name(env.source), vars,
                                            env.world_size));
     options.world = world.get();
+    if (world->rank() == 0) cp::start_job_heartbeat();  // for an --nproc launcher: the job is alive
   } else if (a.comm == "nccl") {
     // One process per GPU, started by torchrun, srun or mpirun (RANK/WORLD_SIZE/LOCAL_RANK or their equivalents);
     // rendezvous on MASTER_ADDR/MASTER_PORT; every rank trains on its local rank's GPU.

@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -240,8 +241,6 @@ struct StderrRelay {
   }
 };
 
-// Waits for the job, relaying its stderr; past `job_timeout` (if set) SIGTERM to its group, SIGKILL 2 s later.
-// Returns the wait status; `timed_out` says whether the deadline was hit.
 const char* sigabbrev(int sig) {
   switch (sig) {
     case SIGTERM: return "SIGTERM";
@@ -283,23 +282,40 @@ class StopSignals {
 
 int read_verdict_file(const std::string& path);  // below: the verdict rank 0 recorded, -1 none (yet)
 
-int wait_for_job(pid_t pid, StderrRelay& relay, std::chrono::milliseconds job_timeout, bool& timed_out, int& stop_signal,
-                 const std::string& verdict_file, std::chrono::milliseconds after_verdict, bool& lingered) {
+// The job's heartbeat: the verdict file's mtime, which rank 0 moves every 250 ms (start_job_heartbeat).
+std::optional<timespec> heartbeat_of(const std::string& verdict_file) {
+  struct stat st {};
+  if (verdict_file.empty() || ::stat(verdict_file.c_str(), &st) != 0) return std::nullopt;
+  return st.st_mtim;
+}
+
+// What the launcher watches while the job runs (in) and why it ended it (out).
+struct JobWatch {
+  std::chrono::milliseconds job_timeout{0}, after_verdict{0}, silence_limit{0};
+  std::string verdict_file;
+  bool killed = false;     // ended by this launcher for one of: job_timeout passed, or
+  bool lingered = false;   // still there after_verdict past rank 0's verdict
+  bool silent = false;     // no heartbeat for silence_limit before any verdict
+  int stop_signal = 0;     // a stop signal this launcher received and passed on
+};
+
+// Waits for the job, relaying its stderr; when a limit of `w` is passed: SIGTERM to its group, SIGKILL 2 s later.
+// Returns the wait status.
+int wait_for_job(pid_t pid, StderrRelay& relay, JobWatch& w) {
   using Clock = std::chrono::steady_clock;
   const auto t0 = Clock::now();
   std::optional<Clock::time_point> verdict_seen;
-  lingered = false;
+  auto last_beat = heartbeat_of(w.verdict_file);
+  auto quiet_since = t0, last_turn = t0;
   int status = 0;
   bool exited = false, eof = false;
-  timed_out = false;
-  stop_signal = 0;
   Clock::time_point kill_at{};
   while (!exited) {
-    if (g_stop_signal && !stop_signal) {  // forward it to mpirun and every rank (their own process group)
-      stop_signal = g_stop_signal;
-      ::kill(-pid, stop_signal);
+    if (g_stop_signal && !w.stop_signal) {  // forward it to mpirun and every rank (their own process group)
+      w.stop_signal = g_stop_signal;
+      ::kill(-pid, w.stop_signal);
       kill_at = Clock::now() + std::chrono::seconds(3);
-    } else if (stop_signal && Clock::now() > kill_at) {
+    } else if (w.stop_signal && Clock::now() > kill_at) {
       ::kill(-pid, SIGKILL);
       kill_at = Clock::now() + std::chrono::seconds(1);
     }
@@ -311,12 +327,25 @@ int wait_for_job(pid_t pid, StderrRelay& relay, std::chrono::milliseconds job_ti
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
     if (::waitpid(pid, &status, WNOHANG) == pid) exited = true;
-    if (!verdict_seen && after_verdict.count() > 0 && !verdict_file.empty() && read_verdict_file(verdict_file) >= 0)
-      verdict_seen = Clock::now();
-    if (!exited && !timed_out && verdict_seen && Clock::now() - *verdict_seen > after_verdict) lingered = true;
-    if (!exited && ((job_timeout.count() > 0 && Clock::now() - t0 > job_timeout) || lingered)) {
-      if (!timed_out) {
-        timed_out = true;
+    const auto now = Clock::now();
+    // A turn of this loop takes ~50 ms: a longer gap is time this launcher was stopped (Ctrl-Z, a paused
+    // container), in which the job was stopped too or unobserved; it is not the job's silence.
+    if (now - last_turn > std::chrono::seconds(1)) quiet_since += now - last_turn;
+    last_turn = now;
+    if (const auto beat = heartbeat_of(w.verdict_file);
+        beat && (!last_beat || beat->tv_sec != last_beat->tv_sec || beat->tv_nsec != last_beat->tv_nsec)) {
+      last_beat = beat;
+      quiet_since = now;
+    }
+    if (!verdict_seen && !w.verdict_file.empty() && read_verdict_file(w.verdict_file) >= 0) verdict_seen = now;
+    if (!exited && !w.killed) {
+      if (w.after_verdict.count() > 0 && verdict_seen && now - *verdict_seen > w.after_verdict) w.lingered = true;
+      if (w.silence_limit.count() > 0 && !verdict_seen && now - quiet_since > w.silence_limit) w.silent = true;
+    }
+    const bool over_time = w.job_timeout.count() > 0 && now - t0 > w.job_timeout;
+    if (!exited && (over_time || w.lingered || w.silent)) {
+      if (!w.killed) {
+        w.killed = true;
         ::kill(-pid, SIGTERM);
         kill_at = Clock::now() + std::chrono::seconds(2);
       } else if (Clock::now() > kill_at) {
@@ -432,11 +461,12 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
                              (cmd.front().find('/') == std::string::npos ? " on PATH" : ""));
   }
   const pid_t pid = spawn_job(cmd, std::move(env), relay.fd);
-  bool timed_out = false;
-  int stop_signal = 0;
-  bool lingered = false;
-  const int status = wait_for_job(pid, relay, opt.job_timeout, timed_out, stop_signal, verdict_file, opt.after_verdict,
-                                  lingered);
+  JobWatch watch;
+  watch.job_timeout = opt.job_timeout;
+  watch.after_verdict = opt.after_verdict;
+  watch.silence_limit = opt.silence_limit;
+  watch.verdict_file = verdict_file;
+  const int status = wait_for_job(pid, relay, watch);
   // mpirun is gone; a rank it could not end (one frozen by SIGSTOP keeps a pending SIGTERM) may still be in its
   // process group: nothing of the job outlives the launcher.
   ::kill(-pid, SIGKILL);
@@ -446,16 +476,35 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
   res.mpirun_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   const int verdict = verdict_file.empty() ? -1 : read_verdict_file(verdict_file);
   if (!verdict_file.empty()) ::unlink(verdict_file.c_str());
-  judge_job(res, relay.scan, timed_out, opt.job_timeout, stop_signal, opt.require_verdict, verdict, cmd.front());
-  if (lingered && !stop_signal) {
+  const bool timed_out = watch.killed && !watch.lingered && !watch.silent;  // job_timeout
+  judge_job(res, relay.scan, timed_out, opt.job_timeout, watch.stop_signal, opt.require_verdict, verdict, cmd.front());
+  if (watch.lingered && !watch.stop_signal) {
     res.exit_code = 2;
     res.message = "cpharness: run failed: " + cmd.front() + " did not end within " +
                   std::to_string(opt.after_verdict.count()) + " ms of rank 0 recording its verdict (stopped or " +
                   "wedged in the job's shutdown) and was killed (exit 2)";
   }
-  res.stop_signal = stop_signal;
+  if (watch.silent && !watch.stop_signal) {
+    res.exit_code = 2;
+    res.failed_rank = -1;
+    res.message = "cpharness: run failed: no sign of life from rank 0 for " +
+                  std::to_string(opt.silence_limit.count()) + " ms and no verdict: " + cmd.front() +
+                  " stopped or wedged before the ranks ran, or the whole job frozen; it was killed (exit 2)";
+  }
+  res.stop_signal = watch.stop_signal;
   if (!res.message.empty()) std::cerr << res.message << std::endl;
   return res;
+}
+
+void start_job_heartbeat() {
+  const char* path = std::getenv(kVerdictFileVar);
+  if (!path || !*path) return;
+  std::thread([file = std::string(path)] {
+    for (;;) {  // until the process ends; a file gone (the launcher ended) makes each touch a harmless failure
+      ::utimensat(AT_FDCWD, file.c_str(), nullptr, 0);
+      std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    }
+  }).detach();
 }
 
 bool record_job_verdict(int exit_code) {

@@ -65,6 +65,11 @@ struct MpirunOptions {
   // the final agreement and MPI's shutdown, each bounded by --timeout in the ranks); a job still there after it (an
   // mpirun stopped or wedged) is killed, exit 2, rather than held until job_timeout.
   std::chrono::milliseconds after_verdict{0};
+  // > 0 (with require_verdict): rank 0 beats from the moment its world is up (start_job_heartbeat); the job must
+  // give its first beat within this of its start and never go this long without one before the verdict (time this
+  // launcher itself was stopped not counted). A job silent that long (mpirun stopped or wedged before any rank ran,
+  // the whole job frozen) is killed, exit 2, rather than held until job_timeout.
+  std::chrono::milliseconds silence_limit{0};
 };
 
 // The full argv of the relaunch: mpirun ... exe args...
@@ -91,6 +96,10 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
 // Rank 0 of a job started by relaunch_under_mpirun with require_verdict: records the verdict it reached (after its
 // reports were written) for the launching process. Does nothing outside such a job; false when it could not.
 bool record_job_verdict(int exit_code);
+
+// Rank 0 of such a job, once its world is up: a thread touches the verdict file every 250 ms for the rest of the
+// process (its mtime is the job's heartbeat, MpirunOptions::silence_limit). Does nothing outside such a job.
+void start_job_heartbeat();
 
 // This executable (/proc/self/exe).
 std::string self_exe();

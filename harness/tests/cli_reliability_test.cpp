@@ -337,6 +337,24 @@ TEST_F(CliReliability, AnMpirunThatOutstaysTheVerdictIsKilled) {
   EXPECT_EQ(read_json(out / "report.json")["status"], "error");
 }
 
+// An mpirun that never starts the ranks and stays (stopped or wedged at launch; here a wrapper that sleeps) is
+// killed once no rank 0 has beaten for max(30 s, 2 x --timeout + 10 s), exit 2 with an error report naming why,
+// instead of holding the run until --job-timeout (6 h by default).
+TEST_F(CliReliability, AnMpirunThatNeverStartsTheRanksIsKilledWhenSilent) {
+  const auto c = write("g.json", kGoodCase);
+  const auto wrapper = write_script("wedged-mpirun.sh", "#!/bin/sh\nsleep 1000\n");
+  const auto out = dir_ / "out";
+  plant_older_run(out);
+  const auto start = Clock::now();
+  auto r = run_cli("run " + c + " --comm mpi --nproc 2 --timeout 5 --out " + out.string(), "CPHARNESS_MPIRUN=" + wrapper);
+  EXPECT_LT(Clock::now() - start, std::chrono::seconds(100)) << r.output;
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("no sign of life from rank 0 for 30000 ms"), std::string::npos) << r.output;
+  const auto j = read_json(out / "report.json");
+  EXPECT_EQ(j["status"], "error") << j.dump(2);
+  EXPECT_NE(j["error"].get<std::string>().find("no sign of life"), std::string::npos) << j.dump(2);
+}
+
 // --nproc is checked against the cases before any process starts: more ranks than a case has tokens (or than the
 // harness allows) would each start and refuse, and a huge count grew mpirun itself without bound.
 TEST_F(CliReliability, AnNprocNoCaseCanBeSplitOverIsRefusedBeforeLaunch) {

@@ -7,6 +7,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -14,6 +16,7 @@
 #include "harness/cp/comm.h"
 #include "harness/cp/launcher.h"
 #include "harness/tests/cp_comm_conformance.h"
+#include "harness/tests/io_test_util.h"
 
 namespace cpharness::cp {
 namespace {
@@ -321,6 +324,38 @@ TEST(CpLauncher, TcpStoreRendezvousTimesOutWithCommError) {
     EXPECT_NE(std::string(err.what()).find("0 of 1 ranks"), std::string::npos) << err.what();
   }
   EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 3.0);
+}
+
+// The launcher's watch on a job before any verdict: a stand-in mpirun that starts nothing and stays (stopped or
+// wedged before the ranks run) is killed once silent for silence_limit, exit 2 naming why, instead of being held
+// until job_timeout; one whose rank 0 beats (here the stand-in touches the verdict file as start_job_heartbeat
+// does) runs past that limit to its verdict.
+TEST(CpLauncher, AJobSilentBeforeAnyVerdictIsKilledAndABeatingOneIsNot) {
+  io::testing::TempDir dir;
+  auto script = [&](const std::string& name, const std::string& body) {
+    const auto path = (dir.path() / name).string();
+    std::ofstream(path) << "#!/bin/sh\n" << body;
+    std::filesystem::permissions(path, std::filesystem::perms::owner_all);
+    return path;
+  };
+  MpirunOptions o;
+  o.require_verdict = true;
+  o.silence_limit = std::chrono::milliseconds(1500);
+  o.job_timeout = std::chrono::seconds(60);
+
+  o.mpirun = script("silent-mpirun.sh", "sleep 60\n");
+  const auto silent = relaunch_under_mpirun(2, "/bin/true", {}, o);
+  EXPECT_EQ(silent.exit_code, 2) << silent.message;
+  EXPECT_NE(silent.message.find("no sign of life from rank 0 for 1500 ms"), std::string::npos) << silent.message;
+  EXPECT_EQ(silent.failed_rank, -1);
+  EXPECT_LT(silent.seconds, 10.0);
+
+  o.mpirun = script("beating-mpirun.sh",
+                    "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do touch \"$CPHARNESS_VERDICT_FILE\"; sleep 0.3; done\n"
+                    "printf '0\\n' > \"$CPHARNESS_VERDICT_FILE\"\n");
+  const auto beating = relaunch_under_mpirun(2, "/bin/true", {}, o);
+  EXPECT_EQ(beating.exit_code, 0) << beating.message;
+  EXPECT_GT(beating.seconds, 3.0);  // well past the silence limit
 }
 
 // ---- nccl ---------------------------------------------------------------------------------------------------
