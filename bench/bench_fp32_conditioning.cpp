@@ -98,9 +98,9 @@ int main(int argc, char** argv) {
     train::BatchSpec spec;
     spec.batch = 2;
     spec.seq_len = 45;
-    spec.padding = 4;
-    spec.document_lengths = {18, 23};
-    if (c.use_bidirectional_attention == "vision") spec.vision_runs = {{9, 15}, {30, 4}};
+    spec.layout.padding = 4;
+    spec.layout.document_lengths = {18, 23};
+    if (c.use_bidirectional_attention == "vision") spec.layout.vision_runs = {{9, 15}, {30, 4}};
     spec.vocab_size = c.vocab_size;
     spec.seed = 21;
     auto b = train::make_batch(spec);

@@ -248,8 +248,8 @@ TEST(BatchRows, EachRowIsLaidOutFromItsOwnLayout) {
     shared.batch = B;
     shared.seq_len = S;
     shared.seed = rng();
-    shared.padding = int64_t(rng() % 5);
-    shared.document_lengths = {S - shared.padding};
+    shared.layout.padding = int64_t(rng() % 5);
+    shared.layout.document_lengths = {S - shared.layout.padding};
     auto plain = train::make_batch(shared);
     auto same = shared;
     same.rows.assign(size_t(B), train::row_layout(shared, 0));

@@ -74,9 +74,9 @@ void expect_parity(const std::string& preset, int cp, torch::ScalarType dtype) {
   train::BatchSpec spec;
   spec.batch = 2;
   spec.seq_len = 45;  // not divisible by 2 or 4; windows (32) cross shard edges
-  spec.padding = 4;
-  spec.document_lengths = {18, 23};
-  if (c.use_bidirectional_attention == "vision") spec.vision_runs = {{9, 15}, {30, 4}};
+  spec.layout.padding = 4;
+  spec.layout.document_lengths = {18, 23};
+  if (c.use_bidirectional_attention == "vision") spec.layout.vision_runs = {{9, 15}, {30, 4}};
   spec.vocab_size = c.vocab_size;
   spec.seed = 21;
   auto b = train::make_batch(spec);
@@ -120,7 +120,7 @@ TEST(CpModelParity, TrainingStepsMatchCp1) {
   auto c = model::preset_config("tiny-31b");
   train::BatchSpec spec;
   spec.seq_len = 37;
-  spec.padding = 3;
+  spec.layout.padding = 3;
   spec.vocab_size = c.vocab_size;
   auto b = train::make_batch(spec);
   train::Trainer ref(make_model(c), {});

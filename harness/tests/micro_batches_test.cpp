@@ -18,8 +18,8 @@ namespace {
 train::Batch rows_of(const model::ModelConfig& c, int64_t padding, uint64_t seed) {
   train::BatchSpec spec;
   spec.seq_len = 40;
-  spec.padding = padding;
-  spec.document_lengths = {20, 20 - padding};
+  spec.layout.padding = padding;
+  spec.layout.document_lengths = {20, 20 - padding};
   spec.vocab_size = c.vocab_size;
   spec.seed = seed;
   return train::make_batch(spec);

@@ -26,9 +26,9 @@ inline train::Batch structured_batch(const model::ModelConfig& c, int64_t seq_le
   train::BatchSpec spec;
   spec.batch = 2;
   spec.seq_len = seq_len;
-  spec.padding = 5;
-  spec.document_lengths = {seq_len / 2, seq_len - 5 - seq_len / 2};
-  spec.vision_runs = {{3, 6}};
+  spec.layout.padding = 5;
+  spec.layout.document_lengths = {seq_len / 2, seq_len - 5 - seq_len / 2};
+  spec.layout.vision_runs = {{3, 6}};
   spec.vocab_size = c.vocab_size;
   spec.seed = seed;
   return train::make_batch(spec);

@@ -11,7 +11,7 @@
 namespace cpharness::train {
 
 RowLayout row_layout(const BatchSpec& spec, int64_t b) {
-  if (spec.rows.empty()) return {spec.document_lengths, spec.padding, spec.vision_runs};
+  if (spec.rows.empty()) return spec.layout;
   return spec.rows.at(size_t(b));
 }
 

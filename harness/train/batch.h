@@ -27,9 +27,7 @@ struct RowLayout {
 struct BatchSpec {
   int64_t batch = 1;
   int64_t seq_len = 64;
-  std::vector<int64_t> document_lengths;  // every row's layout (unless `rows` gives one per row)
-  int64_t padding = 0;
-  std::vector<VisionRun> vision_runs;
+  RowLayout layout;  // every row's (unless `rows` gives one per row)
   // One layout per row, replacing the one above: rows that differ are what shows a mask or loss normalisation
   // built from row 0 for every row, or micro-batches weighted by their own token counts. Empty: every row alike.
   std::vector<RowLayout> rows;

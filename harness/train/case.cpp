@@ -96,7 +96,7 @@ Batch batch_for_step(const Case& c, int64_t step) {
     if (docs.size() < 2) return;
     std::rotate(docs.begin(), docs.begin() + ptrdiff_t(size_t(step) % docs.size()), docs.end());
   };
-  rotate(spec.document_lengths);
+  rotate(spec.layout.document_lengths);
   for (auto& row : spec.rows) rotate(row.document_lengths);
   return make_batch(spec);
 }
@@ -197,11 +197,7 @@ void read_data(const json& j, const std::string& path, Case& c) {
   if (c.data.batch * c.data.seq_len > kMaxTokens)
     throw InputError(path, "data", fmt::format("batch x seq_len = {} tokens is more than this harness allows ({})",
                                                c.data.batch * c.data.seq_len, kMaxTokens));
-  RowLayout shared;
-  read_layout(d, path, "data.", c.data.seq_len, shared);
-  c.data.document_lengths = shared.document_lengths;
-  c.data.padding = shared.padding;
-  c.data.vision_runs = shared.vision_runs;
+  read_layout(d, path, "data.", c.data.seq_len, c.data.layout);
   if (d.contains("rows")) {
     // One object per row; each key it leaves out is the shared layout's.
     const json& rows = d["rows"];
@@ -214,7 +210,7 @@ void read_data(const json& j, const std::string& path, Case& c) {
       if (!rows[b].is_object())
         throw InputError(path, fmt::format("data.rows[{}]", b), "wrong type: expected an object with document_lengths, padding, vision_runs");
       reject_unknown(rows[b], {"document_lengths", "padding", "vision_runs"}, path, prefix);
-      RowLayout row = shared;
+      RowLayout row = c.data.layout;
       read_layout(rows[b], path, prefix, c.data.seq_len, row);
       c.data.rows.push_back(std::move(row));
     }
