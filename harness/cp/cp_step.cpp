@@ -1,5 +1,7 @@
 #include "harness/cp/cp_step.h"
 
+#include <fmt/format.h>
+
 #include <array>
 
 #include "harness/model/chunked_loss.h"
@@ -72,13 +74,14 @@ TokenBatch token_batch_of(const train::Batch& batch) {
 
 // The perturbed token in a batch already prepared for `plan` (labels shifted on the full sequence).
 BoundaryLabel boundary_label_in(const TokenBatch& prepared, const ShardPlan& plan) {
-  for (int r = 1; r < plan.cp(); ++r) {
-    const auto labels = shard_batch(prepared, plan, r).labels.select(0, 0).cpu();
-    const auto counted = (labels != model::kIgnoreIndex).nonzero();
-    if (counted.numel() == 0) continue;
-    const int64_t i = counted[0][0].item<int64_t>();
-    return {r, i, plan.global_index(r, i)};
-  }
+  for (int64_t b = 0; b < prepared.labels.size(0); ++b)  // row 0 first; a later row where row 0 has none there
+    for (int r = 1; r < plan.cp(); ++r) {
+      const auto labels = shard_batch(prepared, plan, r).labels.select(0, b).cpu();
+      const auto counted = (labels != model::kIgnoreIndex).nonzero();
+      if (counted.numel() == 0) continue;
+      const int64_t i = counted[0][0].item<int64_t>();
+      return {r, b, i, plan.global_index(r, i)};
+    }
   return {};
 }
 
@@ -104,6 +107,12 @@ BoundaryLabel boundary_label_target(const train::Batch& batch, int cp, int64_t p
   return boundary_label_in(prepare_cp_batch(token_batch_of(batch), plan, pad_token_id), plan);
 }
 
+std::string boundary_label_text(const BoundaryLabel& target) {
+  if (target.rank < 0) return "dropping a boundary label";
+  return fmt::format("dropping the label of token {}{} (the first counted target of rank {}'s shard)",
+                     target.global_index, target.row > 0 ? fmt::format(" of row {}", target.row) : "", target.rank);
+}
+
 CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingAttention& ring, const train::Batch& batch,
                                     uint64_t generation, const CpStepOptions& step_options) {
   const int n = comm.size(), rank = comm.rank();
@@ -124,7 +133,7 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
     const auto target = boundary_label_in(prepared, result.plan);
     if (target.rank == rank) {
       shard.labels = shard.labels.clone();
-      shard.labels.index_put_({0, target.local_index}, model::kIgnoreIndex);
+      shard.labels.index_put_({target.row, target.local_index}, model::kIgnoreIndex);
     }
   }
 

@@ -63,14 +63,19 @@ struct CpStepOptions {
 };
 
 // The token the power check perturbs: the first counted target (label != -100 after the full-sequence shift) of
-// the first rank > 0 that holds one, i.e. a token at or near a shard edge. rank -1 when no rank > 0 has one.
+// the first rank > 0 that holds one, i.e. a token at or near a shard edge; in row 0, else in the first row that
+// has one there. rank -1 when no rank > 0 has one in any row.
 struct BoundaryLabel {
   int rank = -1;
-  int64_t local_index = -1;   // in that rank's shard (batch row 0)
+  int64_t row = 0;            // batch row
+  int64_t local_index = -1;   // in that rank's shard of the row
   int64_t global_index = -1;  // in the sequence
 };
 BoundaryLabel boundary_label_target(const train::Batch& batch, int cp, int64_t pad_token_id,
                                     Sharding sharding = Sharding::kContiguous);
+// What dropping it is, for reports: "dropping the label of token 17 (the first counted target of rank 1's shard)",
+// with the row when it is not row 0.
+std::string boundary_label_text(const BoundaryLabel& target);
 
 // Forward and backward on this rank's shard; afterwards every parameter's .grad() holds the global gradient
 // (all-reduced).

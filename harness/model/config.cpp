@@ -296,8 +296,23 @@ void apply_hf_keys(ModelConfig& c, const json& j, const std::string& source, con
          for (auto& [type, r] : v.items()) {
            if (type == "sliding_attention") c.rope_sliding = read_rope(r, source, prefix + k + "." + type, strict);
            else if (type == "full_attention") c.rope_full = read_rope(r, source, prefix + k + "." + type, strict);
-           else if (strict) throw InputError(source, prefix + k + "." + type, "unknown layer type");
+           // In HF files too: one RoPE for every layer type (the flat form of other models) is no Gemma4 config;
+           // transformers fails on it (KeyError 'full_attention'), and read as the defaults it would run another model.
+           else if (strict || !r.is_object())
+             throw InputError(source, prefix + k + "." + type,
+                              strict ? "unknown layer type"
+                                     : "not a layer type: Gemma4 gives rope_parameters per layer type "
+                                       "({\"sliding_attention\": {...}, \"full_attention\": {...}})");
          }
+       }},
+      // The pre-5.0 name of rope_parameters: transformers turns it into one flat RoPE for every layer type, which
+      // its Gemma4 cannot build (KeyError 'full_attention'); run as the defaults it would be another model.
+      {"rope_scaling",
+       [&](const std::string& k) {
+         if (!j.at(k).is_null())
+           throw InputError(source, prefix + k,
+                            "not read by Gemma4, whose RoPE is rope_parameters per layer type: transformers cannot "
+                            "build this config either");
        }},
       // Newest transformers (seen in 5.24.0's save_pretrained output) folds global_head_dim and
       // num_global_key_value_heads into per_layer_config, keyed by layer index ("04": {"head_dim": 512}); a

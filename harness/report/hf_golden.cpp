@@ -3,14 +3,17 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "harness/io/error_text.h"
 #include "harness/io/json_input.h"
 #include "harness/io/input_error.h"
 #include "harness/model/gemma4.h"
+#include "harness/model/weights.h"
 #include "harness/train/batch.h"
 
 #include <cstdio>
 #include <limits>
 #include <optional>
+#include <regex>
 
 namespace cpharness::report {
 namespace {
@@ -51,13 +54,50 @@ void require_range(const HfGolden& g, const std::string& name, const torch::Tens
 }
 
 // Which vision-group rule the export's masks followed: its provenance hf_vision_mask, else (exports that predate
-// the attribute) the rule of its transformers version, 5.5 .. 5.12 OR'ing a group after the window.
+// the attribute) the rule of its transformers version, 5.5 .. 5.12 OR'ing a group after the window. A version that
+// does not read as MAJOR.MINOR[.PATCH][suffix] ("5.6.2", "5.13.0.dev0", "5.25.0rc1") decides nothing: guessing a
+// rule would run another mask than the export's.
 bool export_groups_past_window(const HfGolden& g) {
   const auto stated = prov(g.dump, "hf_vision_mask");
   if (!stated.empty()) return model::vision_group_past_window_from_string(stated, g.path, "provenance/hf_vision_mask");
-  int major = 0, minor = 0;
-  if (std::sscanf(g.transformers_version.c_str(), "%d.%d", &major, &minor) != 2) return false;
+  static const std::regex version(R"(^(\d{1,4})\.(\d{1,4})(\.\d{1,6})?([.+-]?[A-Za-z0-9.+-]*)?$)");
+  std::smatch m;
+  if (!std::regex_match(g.transformers_version, m, version))
+    throw InputError(g.path, "provenance/transformers_version",
+                     fmt::format("'{}' is not a transformers version (MAJOR.MINOR[.PATCH]), and with vision groups and no "
+                                 "provenance/hf_vision_mask the version decides which vision-group rule the export's "
+                                 "masks followed (5.5 .. 5.12 or 5.13 on): give the version, or hf_vision_mask "
+                                 "(group_past_window or group_in_window)",
+                                 io::clip(g.transformers_version, 64)));
+  const int major = std::stoi(m[1].str()), minor = std::stoi(m[2].str());
   return major == 5 && minor < 13;
+}
+
+// The config keys an export must give: those that decide the model's numerics. transformers writes every one of them
+// (config.to_dict(), to_json_string(), save_pretrained, and export_hf.py's copy of the harness's own config), and
+// a class default filled in for one left out may not be the exporting version's: a file without one is not read
+// as some model it may not be. global_head_dim and num_global_key_value_heads may instead be per_layer_config's
+// (5.16 on folds them into it).
+void require_numerics_keys(const nlohmann::json& text, const std::string& path, const std::string& prefix) {
+  static const char* const kRequired[] = {
+      "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+      "num_key_value_heads", "head_dim", "layer_types", "sliding_window", "rope_parameters", "rms_norm_eps",
+      "final_logit_softcapping", "hidden_size_per_layer_input", "num_kv_shared_layers", "use_double_wide_mlp",
+      "attention_k_eq_v", "use_bidirectional_attention"};
+  auto missing = [&](const std::string& key) {
+    return InputError(path, "provenance/config." + prefix + key,
+                      "missing: an export's config gives every key that decides the model (transformers writes them "
+                      "all; a default filled in here may not be the exporting version's): write config.to_dict()");
+  };
+  for (const char* key : kRequired)
+    if (!text.contains(key)) throw missing(key);
+  const bool per_layer = text.contains("per_layer_config");
+  if (!per_layer && !text.contains("global_head_dim")) throw missing("global_head_dim");
+  const bool k_eq_v = text["attention_k_eq_v"].is_boolean() && text["attention_k_eq_v"].get<bool>();
+  if (!per_layer && k_eq_v && !text.contains("num_global_key_value_heads")) throw missing("num_global_key_value_heads");
+  const auto& ple = text["hidden_size_per_layer_input"];
+  if (ple.is_number() && ple.get<double>() > 0 && !text.contains("vocab_size_per_layer_input"))
+    throw missing("vocab_size_per_layer_input");
 }
 
 }  // namespace
@@ -81,6 +121,10 @@ HfGolden load_hf_golden(const std::string& path) {
   const auto config_text = prov(g.dump, "config");
   if (config_text.empty()) throw InputError(path, "provenance/config", "missing: the model configuration (JSON)");
   const auto cj = io::parse_input_json(config_text, path, "provenance/config", "provenance/config: ");
+  if (cj.is_object()) {
+    const bool nested = cj.contains("text_config") && cj["text_config"].is_object();
+    require_numerics_keys(nested ? cj["text_config"] : cj, path, nested ? "text_config." : "");
+  }
   g.config = model::config_from_hf_json(cj, path + ": provenance/config");
   g.mechanism = prov(g.dump, "kv_share_mechanism");
   if (g.mechanism == "cache-shared-layers") g.config.kv_share_semantics = model::KvShareSemantics::kCacheGated;
@@ -99,6 +143,21 @@ HfGolden load_hf_golden(const std::string& path) {
   if (prov(g.dump, "dtype") != "fp32")
     throw InputError(path, "provenance/dtype", fmt::format("'{}': hf.parity judges fp32 exports", prov(g.dump, "dtype")));
   if (g.dump.weights.empty()) throw InputError(path, "weights", "missing: hf.parity loads the model from the golden");
+  {
+    // Every weight of the model comes from the export. The one absence a checkpoint may have (a cache-gated
+    // version's shared layers' own K/V, which newer versions do not save) is no absence here: the exporting
+    // version built them and its export holds them, and its no-cache run computes with them.
+    std::map<std::string, io::TensorInfo> infos;
+    for (auto& [name, t] : g.dump.weights) infos[name] = io::TensorInfo{t.scalar_type(), t.sizes().vec()};
+    const auto loaded = model::check_weights(g.config, infos, path);
+    if (!loaded.kept_init.empty())
+      throw InputError(path, "weights/" + loaded.kept_init.front(),
+                       fmt::format("missing ({} of the shared layers' own K/V weights are): transformers {} builds "
+                                   "them (cache-gated KV sharing), so its export holds them, and without the cache "
+                                   "its shared layers compute with them",
+                                   loaded.kept_init.size(), g.transformers_version.empty() ? "(version not given)"
+                                                                                           : io::clip(g.transformers_version, 64)));
+  }
   if (!g.dump.steps.count(0)) throw InputError(path, "steps/0", "missing");
   const auto& s0 = g.dump.steps.at(0);
   if (!s0.logits.defined()) throw InputError(path, "steps/0/logits", "missing");

@@ -71,12 +71,9 @@ report::CheckResult trained(const report::HfRun& run) {
 report::CheckResult power(const report::HfGolden& g, int cp, bool holder,
                           const std::vector<report::CheckResult>& unperturbed) {
   const auto target = cp::boundary_label_target(g.batch, cp, g.config.pad_fill_id());
-  const std::string perturbation =
-      target.rank < 0 ? std::string("dropping a boundary label")
-                      : fmt::format("dropping the label of token {} (the first counted target of rank {}'s shard)",
-                                    target.global_index, target.rank);
+  const std::string perturbation = cp::boundary_label_text(target);
   if (cp == 1) return check::check_power(cp, perturbation, {}, false, "cp 1 has no shard boundary");
-  if (target.rank < 0) return check::check_power(cp, perturbation, {}, false, "no rank but 0 holds a counted target");
+  if (target.rank < 0) return check::check_power(cp, perturbation, {}, false, "no rank but 0 holds a counted target in any row");
   const auto perturbed = run_on_hf_golden(g, cp, holder, g.config.kv_share_semantics, true);
   return check::check_power(cp, perturbation, check::beyond_unperturbed(check::check_hf_parity(g, perturbed), unperturbed),
                             true);

@@ -202,16 +202,15 @@ LaneRun first_step(const LaneRun& run) {
 // result the candidate fails too is noise, not sight: the perturbation would be "seen" without being made).
 report::CheckResult power_check(const train::Case& c, int n, const check::Tolerances& tol, const CaseRuns& runs,
                                 const LaneRun* fp64_oracle = nullptr) {
-  const auto target = cp::boundary_label_target(train::batch_for_step(c, 0), n, c.model.pad_fill_id(), check::case_sharding(c));
-  const std::string perturbation =
-      target.rank < 0 ? std::string("dropping a boundary label")
-                      : fmt::format("dropping the label of token {} (the first counted target of rank {}'s shard)",
-                                    target.global_index, target.rank);
+  // The perturbed run drops it in its first micro-batch (cp_step.cpp), whose rows are the ones searched.
+  const auto target = cp::boundary_label_target(train::micro_batches_for_step(c, 0).front(), n, c.model.pad_fill_id(),
+                                                check::case_sharding(c));
+  const std::string perturbation = cp::boundary_label_text(target);
   if (!power_applicable(c))
     return check::check_power(n, perturbation, {}, false,
                               "the case selects no check that compares training runs (train.loss_parity, "
                               "train.grad_norm_parity, train.param_parity); count checks cannot see a numerical bug");
-  if (target.rank < 0) return check::check_power(n, perturbation, {}, false, "no rank but 0 holds a counted target");
+  if (target.rank < 0) return check::check_power(n, perturbation, {}, false, "no rank but 0 holds a counted target in any row");
   const auto p = runs.perturbed.find(n);
   if (p == runs.perturbed.end()) return report::CheckResult::errored("power.boundary_label", n, std::nullopt, "the perturbed run is missing");
   auto one_step = c;

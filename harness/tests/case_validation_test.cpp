@@ -106,7 +106,7 @@ TEST(CaseValidation, ValuesThatCannotMeanAnythingAreRefusedNamingTheKey) {
                  "data.vision_runs[1]");
   json apart = good_case();
   apart["data"]["vision_runs"] = {{10, 3}, {2, 4}, {7, 2}};  // in any order, one text token apart
-  EXPECT_EQ(train::case_from_json(apart, "v.json").data.vision_runs.size(), 3u);
+  EXPECT_EQ(train::case_from_json(apart, "v.json").data.layout.vision_runs.size(), 3u);
 }
 
 // model.vision_mask picks the sliding rule of vision groups (transformers 5.5 .. 5.12 or 5.13+) for every sliding

@@ -4,6 +4,7 @@
 // without the holder and fails kvshare.loss_parity against the sharing reference; the save_pretrained
 // checkpoints load through the C++ loader and reproduce the exported logits.
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 #include <unistd.h>
 
 #include <fmt/format.h>
@@ -430,6 +431,74 @@ TEST(HfParity, HostileInputsInAnExportAreInputErrorsNamingTheDataset) {
     if (c.id.find("good") != std::string::npos) EXPECT_EQ(c.status(), report::Status::Pass) << c.id;
     else EXPECT_EQ(c.status(), report::Status::Error) << c.id;
   }
+  fs::remove_all(dir);
+}
+
+// An export must say which model it is: a config that leaves out a key that decides the numerics (a class default
+// filled in may not be the exporting version's), RoPE given in a form Gemma4 does not read (rope_scaling, one flat
+// rope_parameters for every layer type: transformers itself fails on both), a version that does not parse where it
+// decides the vision-group rule, and a cache-gated export without the shared layers' own K/V weights (its no-cache
+// run computes with them) are each an InputError naming the field, never a run of some other model.
+TEST(HfParity, AnExportThatDoesNotSayWhichModelItIsIsAnInputErrorNamingTheField) {
+  const auto dir = fs::temp_directory_path() / ("cpharness_hf_which_model_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  struct Bad {
+    std::string name, golden, subject;
+    std::function<void(report::RunDump&)> spoil;
+  };
+  auto config_edit = [](std::function<void(nlohmann::json&)> edit) {
+    return [edit](report::RunDump& d) {
+      auto j = nlohmann::json::parse(d.provenance.at("config"));
+      edit(j);
+      d.provenance["config"] = j.dump();
+    };
+  };
+  const std::string vision = "hf-5.24.0/tiny-31b-hf.h5", cached = "hf-5.5.0/tiny-e4b-hf.h5";
+  std::vector<Bad> bad;
+  for (const char* key : {"final_logit_softcapping", "sliding_window", "num_kv_shared_layers", "layer_types",
+                          "hidden_size_per_layer_input", "rope_parameters", "use_bidirectional_attention"})
+    bad.push_back({std::string("no-") + key, vision, std::string("provenance/config.") + key,
+                   config_edit([key](nlohmann::json& j) { j.erase(key); })});
+  bad.push_back({"rope-scaling", vision, "rope_scaling", config_edit([](nlohmann::json& j) {
+                   j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 8.0}};
+                 })});
+  bad.push_back({"flat-rope", vision, "rope_parameters.rope_", config_edit([](nlohmann::json& j) {
+                   j["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 10000.0}};
+                 })});
+  for (const char* version : {"v5.6.2", "garbage", ""})
+    bad.push_back({std::string("version-") + version, vision, "provenance/transformers_version", [version](report::RunDump& d) {
+                     d.provenance.erase("hf_vision_mask");
+                     d.provenance["transformers_version"] = version;
+                   }});
+  const auto gated = runner::load_hf_golden((kGoldenDir / cached).string());
+  std::string shared_k;
+  for (int64_t layer = 0; layer < gated.config.num_hidden_layers && shared_k.empty(); ++layer)
+    if (gated.config.is_kv_shared(layer)) shared_k = fmt::format("layers.{}.self_attn.k_proj.weight", layer);
+  ASSERT_FALSE(shared_k.empty());
+  ASSERT_TRUE(gated.dump.weights.count(shared_k)) << shared_k;
+  bad.push_back({"no-shared-kv-weight", cached, "weights/" + shared_k, [shared_k](report::RunDump& d) { d.weights.erase(shared_k); }});
+
+  for (const auto& b : bad) {
+    SCOPED_TRACE(b.name);
+    auto dump = report::read_run_dump((kGoldenDir / b.golden).string());
+    b.spoil(dump);
+    const auto path = (dir / (b.name + ".h5")).string();
+    report::write_run_dump(path, dump);
+    try {
+      (void)runner::load_hf_golden(path);
+      FAIL() << "expected an InputError";
+    } catch (const io::InputError& e) {
+      EXPECT_NE(e.subject().find(b.subject), std::string::npos) << e.what();
+    }
+  }
+  // What the rules leave alone: a version with a suffix, a null rope_scaling, an unknown key transformers ignores.
+  auto fine = report::read_run_dump((kGoldenDir / vision).string());
+  fine.provenance.erase("hf_vision_mask");
+  fine.provenance["transformers_version"] = "5.13.0.dev0";
+  config_edit([](nlohmann::json& j) { j["rope_scaling"] = nullptr; j["some_future_key"] = 3; })(fine);
+  const auto fine_path = (dir / "fine.h5").string();
+  report::write_run_dump(fine_path, fine);
+  EXPECT_NO_THROW((void)runner::load_hf_golden(fine_path));
   fs::remove_all(dir);
 }
 

@@ -85,34 +85,49 @@ TEST(PowerCheck, CountChecksAloneMakeItNotApplicable) {
 }
 
 // The perturbed token against a brute-force oracle: labels shifted on the whole sequence, cut into contiguous
-// shards of the plan's length; the first counted target of the first rank > 0 that has one.
+// shards of the plan's length; the first counted target of the first rank > 0 that has one, in row 0, else in the
+// first later row with one there (rows laid out apart: row 0 may be padding past its first shard).
 TEST(PowerCheck, TheBoundaryLabelIsTheFirstCountedTargetOfTheFirstRankAfterZero) {
   std::mt19937_64 rng(11);
-  for (int trial = 0; trial < 60; ++trial) {
-    const int64_t S = 4 + int64_t(rng() % 60);
+  int later_rows = 0, none = 0;
+  for (int trial = 0; trial < 120; ++trial) {
+    const int64_t S = 4 + int64_t(rng() % 60), B = 1 + int64_t(rng() % 3);
     const int cp = 2 + int(rng() % std::min<int64_t>(6, S - 1));
-    nlohmann::json j = {{"id", "b"}, {"model", {{"preset", "tiny-e2b"}}}, {"data", {{"seq_len", S}, {"seed", trial}}}};
-    const int64_t pad = int64_t(rng() % (S / 2 + 1));
-    j["data"]["padding"] = pad;
-    if (rng() % 2 && S - pad >= 2) j["data"]["document_lengths"] = {(S - pad) / 2, S - pad - (S - pad) / 2};
+    nlohmann::json j = {{"id", "b"}, {"model", {{"preset", "tiny-e2b"}}},
+                        {"data", {{"seq_len", S}, {"batch", B}, {"seed", trial}}}};
+    nlohmann::json rows = nlohmann::json::array();
+    for (int64_t b = 0; b < B; ++b) {
+      // Up to all but two tokens padding, so that rows whose real tokens end in shard 0 are common.
+      const int64_t pad = int64_t(rng() % size_t(S - 1));
+      nlohmann::json row = {{"padding", pad}};
+      if (rng() % 2 && S - pad >= 4) row["document_lengths"] = {(S - pad) / 2, S - pad - (S - pad) / 2};
+      rows.push_back(row);
+    }
+    j["data"]["rows"] = rows;
     const auto c = train::case_from_json(j, "b.json");
     const auto batch = train::batch_for_step(c, 0);
     const auto got = cp::boundary_label_target(batch, cp, 0);
     const cp::ShardPlan plan(S, cp);
-    auto shifted = model::shift_labels(batch.labels).select(0, 0);
+    const auto shifted = model::shift_labels(batch.labels);
     cp::BoundaryLabel want;
-    for (int r = 1; r < cp && want.rank < 0; ++r)
-      for (int64_t i = 0; i < plan.local_len(); ++i) {
-        const int64_t g = r * plan.local_len() + i;
-        if (g < S && shifted[g].item<int64_t>() != model::kIgnoreIndex) {
-          want = {r, i, g};
-          break;
+    for (int64_t b = 0; b < B && want.rank < 0; ++b)
+      for (int r = 1; r < cp && want.rank < 0; ++r)
+        for (int64_t i = 0; i < plan.local_len(); ++i) {
+          const int64_t g = r * plan.local_len() + i;
+          if (g < S && shifted[b][g].item<int64_t>() != model::kIgnoreIndex) {
+            want = {r, b, i, g};
+            break;
+          }
         }
-      }
+    later_rows += want.row > 0;
+    none += want.rank < 0;
     EXPECT_EQ(got.rank, want.rank) << "trial " << trial;
+    EXPECT_EQ(got.row, want.row) << "trial " << trial;
     EXPECT_EQ(got.local_index, want.local_index) << "trial " << trial;
     EXPECT_EQ(got.global_index, want.global_index) << "trial " << trial;
   }
+  EXPECT_GT(later_rows, 5);  // the oracle's cases include targets past row 0, and batches with none at all
+  EXPECT_GT(none, 0);
 }
 
 TEST(TrainedCheck, TwoDeadModelsAgreeingFailEveryRun) {
