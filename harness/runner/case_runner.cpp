@@ -215,6 +215,10 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
                        options.zero_final_norm);
   auto optimizer = train::make_adamw(m->parameters(), c.optimizer);
   model::EagerAttention eager;
+  // The weights before the first update, so that train.param_parity can judge cp N's parameters by the update this
+  // run made (the initial weights, the same in every run, would hide a wrong update under their own size).
+  std::map<std::string, torch::Tensor> initial;
+  if (options.record_tensors) initial = model::parameter_copies(m, torch::kFloat64);
   for (int64_t step = 0; step < c.steps; ++step) {
     auto batch = train::to_device(train::batch_for_step(c, step), options.device);
     StepMeter meter(options.device, true);
@@ -247,7 +251,10 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
     run.steps.push_back(rec);
     if (options.root_alive) options.root_alive();
   }
-  if (options.record_tensors) run.final_params = model::parameter_copies(m, torch::kFloat64);
+  if (options.record_tensors) {
+    run.final_params = model::parameter_copies(m, torch::kFloat64);
+    for (auto& [name, p] : run.final_params) run.update_norms[name] = (p - initial.at(name)).norm().item<double>();
+  }
   optimizer.reset();
   m = nullptr;
   train::release_cached_memory(options.device);
@@ -277,7 +284,9 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
   if (c.gradient_bucket_elements > 0) step_options.gradient_bucket_elements = c.gradient_bucket_elements;
   step_options.drop_boundary_label = options.drop_boundary_label;
   rec.gradient_all_reduces = cp::gradient_all_reduce_calls(m->parameters(), step_options.gradient_bucket_elements);
-  cp::CpTrainer trainer(comm, m, c.optimizer, options.ring, step_options);
+  auto optimizer_options = c.optimizer;
+  if (options.step_mutation == StepMutation::kCandidatesWithoutWeightDecay) optimizer_options.weight_decay = 0;
+  cp::CpTrainer trainer(comm, m, optimizer_options, options.ring, step_options);
   for (int64_t step = 0; step < c.steps; ++step) {
     if (options.fault && (options.fault->kind == Fault::Kind::kCrash || options.fault->kind == Fault::Kind::kHang) &&
         options.fault->rank == rec.rank && !options.fault->at_exit && options.fault->step == step)

@@ -33,6 +33,7 @@ enum class StepMutation {
   kMeanOfMicroBatchMeans,     // each micro-batch divided by its own counted tokens: a mean of micro-batch means
   kChunkedLossIgnored,        // the candidates form whole logits although loss_chunk_tokens is set (same numbers)
   kSwapZigzagHalves,          // zigzag: each rank's two sub-chunks laid in the wrong order (the ring masks by the layout)
+  kCandidatesWithoutWeightDecay,  // the cp N runs' AdamW without weight decay (3e-6 of the weights after 3 steps)
 };
 
 // A fault injected into one rank of a cp N run (CPHARNESS_INJECT_FAULT=crash@1 or hang@0:2), to prove that a rank

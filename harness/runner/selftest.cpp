@@ -44,6 +44,7 @@ SuiteOptions mutate(SuiteOptions o, const std::string& name) {
   else if (name == "stream_collects_every_chunk") ring.mutation = cp::RingMutation::kStreamCollectsEveryChunk;
   else if (name == "micro_batch_mean_of_means") o.run.step_mutation = StepMutation::kMeanOfMicroBatchMeans;
   else if (name == "block_masks_from_row_zero") ring.mutation = cp::RingMutation::kMasksFromRowZero;
+  else if (name == "candidate_adamw_without_weight_decay") o.run.step_mutation = StepMutation::kCandidatesWithoutWeightDecay;
   else throw std::invalid_argument("unknown mutant '" + name + "'");
   return o;
 }
@@ -59,6 +60,10 @@ std::vector<Mutant> selftest_mutants() {
       {"kv_shared_layers_without_holder", "cache-gated sharing without the holder: shared layers use dead K/V", "kvshare.loss_parity"},
       {"labels_shifted_after_sharding", "each rank shifts its own shard; shard-edge targets are lost", "train.loss_parity"},
       {"cp_gradients_averaged", "gradients averaged over the ranks instead of summed", "train.grad_norm_parity"},
+      // Weight decay moves a weight by lr x wd of itself a step (1e-6 here), a hundredth of what AdamW's step moves
+      // it: judged against the weights it hides under fp32_relative, against the update it is plain.
+      {"candidate_adamw_without_weight_decay", "the cp N runs' AdamW drops weight decay (the reference keeps 0.01)",
+       "train.param_parity", {"train.loss_parity"}, {}, "default", "\"optimizer\": {\"weight_decay\"} > 0 (the default 0.01)"},
       // cp 8: a sum in the input dtype adds a rounding per ring step that carries a nonzero share; at cp 2 it is
       // the final rounding itself, and with a small window few chunks carry one.
       {"returned_dkdv_accumulated_in_bf16", "returned dK/dV summed in the input dtype (bf16) instead of fp32",
@@ -134,7 +139,11 @@ std::map<std::string, train::Case> selftest_baselines(const std::vector<Mutant>&
     auto [it, fresh] = cases.try_emplace(m.variant, selftest_case(m.variant));
     auto& c = it->second;
     if (fresh) c.checks.clear();
-    c.checks.push_back(m.target_check);
+    auto select = [&c](const std::string& check) {
+      if (std::find(c.checks.begin(), c.checks.end(), check) == c.checks.end()) c.checks.push_back(check);
+    };
+    select(m.target_check);
+    for (const auto& check : m.with_checks) select(check);  // as the mutant's run has them (what judges the target)
     for (auto n : m.cp)  // the baseline passes at every cp size a mutant runs at, so the failure is the mutant's
       if (std::find(c.cp_sizes.begin(), c.cp_sizes.end(), n) == c.cp_sizes.end()) c.cp_sizes.push_back(n);
   }

@@ -3,6 +3,8 @@
 // lane's per-step bound.
 #include <gtest/gtest.h>
 
+#include <random>
+
 #include <cmath>
 #include <limits>
 #include <map>
@@ -131,6 +133,59 @@ TEST(FinalParams, TheFp32LaneJudgesNoisyParametersOnAnFp64RerunOfBothRuns) {
   close.cp = 2;
   close.final_params["w"] = cp1.final_params.at("w") * (1 + 1e-7);
   EXPECT_TRUE(final_params_within_fp32(tol, cp1, close));
+}
+
+// Both runs start from the same weights, so cp N's final parameters differ from cp 1's only by their updates, which
+// AdamW makes ~lr (1e-4) of the weights: a wrong update (weight decay dropped on one side) is 1e-7 of the weights
+// and passes fp32_relative measured against them. Judged against the size of cp 1's update (update_norms), a
+// difference of 1e-3 of the update fails and one of 1e-7 passes, over random shapes and scales; a tensor with no
+// update (no token reached it) is judged at 1e-8 of the whole update, not against zero; and a reference without
+// update norms (reference_cp > 1) falls back to the weights.
+TEST(FinalParams, AreJudgedByTheUpdateTheReferenceMadeNotByTheWeights) {
+  const Tolerances tol;
+  std::mt19937_64 rng(5);
+  for (int trial = 0; trial < 20; ++trial) {
+    SCOPED_TRACE(trial);
+    torch::manual_seed(trial);
+    report::LaneRun cp1 = run_of({{4.8, 0.3}}, 1);
+    auto candidate = [&](double update_share) {
+      report::LaneRun r = run_of({{4.8, 0.3}}, 2);
+      for (auto& [name, p] : cp1.final_params) {
+        const auto d = torch::randn_like(p);
+        const double u = cp1.update_norms.at(name);
+        r.final_params[name] = p + d * ((u > 0 ? u : 1e-30) * update_share / d.norm().item<double>());
+      }
+      return r;
+    };
+    for (const char* name : {"a", "b", "frozen"}) {
+      const auto shape = std::vector<int64_t>{1 + int64_t(rng() % 40), 1 + int64_t(rng() % 40)};
+      const auto initial = torch::randn(shape, torch::kFloat64) * (0.01 + double(rng() % 100) / 10.0);
+      const bool frozen = std::string(name) == "frozen";
+      const auto update = frozen ? torch::zeros_like(initial) : torch::randn_like(initial) * (1e-4 * initial.norm() / initial.numel());
+      cp1.final_params[name] = initial + update;
+      cp1.update_norms[name] = update.norm().item<double>();
+    }
+    const auto wrong = candidate(1e-3), right = candidate(1e-7);
+    const auto judged_wrong = judge_final_params(tol, cp1, wrong, nullptr, nullptr);
+    EXPECT_EQ(judged_wrong.status, report::Status::Fail) << judged_wrong.message;
+    EXPECT_FALSE(final_params_within_fp32(tol, cp1, wrong));
+    const auto judged_right = judge_final_params(tol, cp1, right, nullptr, nullptr);
+    EXPECT_EQ(judged_right.status, report::Status::Pass) << judged_right.message;
+    EXPECT_TRUE(final_params_within_fp32(tol, cp1, right));
+    // The frozen tensor: rounding noise far below 1e-8 of the whole update passes; a millionth of it fails.
+    double whole = 0;
+    for (auto& [name, u] : cp1.update_norms) whole += u * u;
+    whole = std::sqrt(whole);
+    auto noisy = right;
+    noisy.final_params["frozen"] = cp1.final_params.at("frozen") + 1e-16 * whole / std::sqrt(double(cp1.final_params.at("frozen").numel()));
+    EXPECT_EQ(judge_final_params(tol, cp1, noisy, nullptr, nullptr).status, report::Status::Pass);
+    noisy.final_params["frozen"] = cp1.final_params.at("frozen") + 1e-6 * whole / std::sqrt(double(cp1.final_params.at("frozen").numel()));
+    EXPECT_EQ(judge_final_params(tol, cp1, noisy, nullptr, nullptr).status, report::Status::Fail);
+    // Without the reference's update norms the weights are the scale, and the wrong update hides under them.
+    auto no_norms = cp1;
+    no_norms.update_norms.clear();
+    EXPECT_EQ(judge_final_params(tol, no_norms, wrong, nullptr, nullptr).status, report::Status::Pass);
+  }
 }
 
 // Step-0 gradients of an ill-conditioned tensor: cp 1 is 6e-6 and cp N 1.1e-5 from the fp64 truth (1.25e-5 apart:
