@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <optional>
 #include <set>
 
 #include "harness/io/error_text.h"
@@ -83,13 +84,24 @@ LoadSummary check_weights(const ModelConfig& c, const std::map<std::string, io::
                           const std::string& source) {
   std::map<std::string, std::vector<int64_t>> targets;
   for (auto& spec : tensor_specs(c)) targets[spec.name] = spec.shape;
-  // Names a shared layer may carry in checkpoints but never uses (Google's originals keep them).
-  std::set<std::string> redundant;
+  // Names a shared layer may carry in checkpoints but never uses (Google's originals keep them). They are still
+  // checked as weights (dtype, and shape where a cache-gated model would load them): kvshare's checks build that
+  // model from the same checkpoint, and a bad one found only there would come after every run had trained.
+  std::map<std::string, std::optional<std::vector<int64_t>>> redundant;
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     if (!c.is_kv_shared(i) || c.owns_kv_weights(i)) continue;
-    for (const char* n : {"k_proj.weight", "v_proj.weight", "k_norm.weight"})
-      redundant.insert(fmt::format("layers.{}.self_attn.{}", i, n));
+    const int64_t hd = c.layer_head_dim(i), rows = c.layer_kv_heads(i) * hd;
+    const std::string l = fmt::format("layers.{}.self_attn.", i);
+    redundant[l + "k_proj.weight"] = std::vector<int64_t>{rows, c.hidden_size};
+    redundant[l + "v_proj.weight"] = c.has_v_proj(i) ? std::optional(std::vector<int64_t>{rows, c.hidden_size}) : std::nullopt;
+    redundant[l + "k_norm.weight"] = std::vector<int64_t>{hd};
   }
+  auto require_float = [&](const std::string& raw_name, torch::ScalarType t) {
+    // Weights are converted to the model's dtype; only floating-point values mean the same thing after that (an
+    // integer, bool or fp8 tensor is quantized or not a weight at all).
+    if (t != torch::kFloat32 && t != torch::kFloat16 && t != torch::kBFloat16 && t != torch::kFloat64)
+      throw io::InputError(source, raw_name, fmt::format("dtype {}: a weight must be floating point (F32, F16, BF16 or F64)", c10::toString(t)));
+  };
   LoadSummary summary;
   std::vector<std::string> unknown, mismatched;
   std::set<std::string> seen;
@@ -104,14 +116,17 @@ LoadSummary check_weights(const ModelConfig& c, const std::map<std::string, io::
       summary.skipped_redundant.push_back(raw_name);
       continue;
     }
-    if (redundant.count(name)) { summary.skipped_redundant.push_back(raw_name); continue; }
+    if (auto r = redundant.find(name); r != redundant.end()) {
+      require_float(raw_name, info.dtype);
+      if (r->second && *r->second != info.shape)
+        mismatched.push_back(fmt::format("{} has shape {}, its layer's own K/V would be {}", raw_name,
+                                         io::shape_text(info.shape), io::shape_text(*r->second)));
+      summary.skipped_redundant.push_back(raw_name);
+      continue;
+    }
     auto it = targets.find(name);
     if (it == targets.end()) { unknown.push_back(raw_name); continue; }
-    // Weights are converted to the model's dtype; only floating-point values mean the same thing after that (an
-    // integer, bool or fp8 tensor is quantized or not a weight at all).
-    const auto t = info.dtype;
-    if (t != torch::kFloat32 && t != torch::kFloat16 && t != torch::kBFloat16 && t != torch::kFloat64)
-      throw io::InputError(source, raw_name, fmt::format("dtype {}: a weight must be floating point (F32, F16, BF16 or F64)", c10::toString(t)));
+    require_float(raw_name, info.dtype);
     if (it->second != info.shape) {
       mismatched.push_back(fmt::format("{} has shape {}, the model expects {}", raw_name, io::shape_text(info.shape), io::shape_text(it->second)));
       continue;
@@ -142,6 +157,20 @@ LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::
   const LoadSummary summary = check_weights(model->config(), infos, source);
   auto targets = model_tensors(model);
   torch::NoGradGuard no_grad;
+  // A NaN or Inf weight is bad input, not a CP bug: every run would "fail" on it, naming the wrong culprit. Checked
+  // on every tensor the model or a check may read (the loaded ones, the tied head, a shared layer's unused K/V),
+  // before the head is compared with the embeddings (a NaN there is the NaN, not a difference).
+  const std::set<std::string> kept_aside(summary.skipped_redundant.begin(), summary.skipped_redundant.end());
+  for (auto& [raw_name, tensor] : tensors) {
+    auto it = targets.find(strip_text_prefix(raw_name));
+    const bool loaded = it != targets.end() && it->second.sizes() == tensor.sizes();
+    if (!loaded && !kept_aside.count(raw_name)) continue;
+    const auto finite = torch::isfinite(tensor);
+    if (!finite.all().item<bool>()) {
+      const int64_t at = (~finite).flatten().nonzero()[0].item<int64_t>();
+      throw io::InputError(source, raw_name, fmt::format("holds NaN or Inf (first at flat index {} of {})", at, tensor.numel()));
+    }
+  }
   const torch::Tensor* head = nullptr;
   const torch::Tensor* embed = nullptr;
   std::string head_name;
@@ -165,12 +194,6 @@ LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::
   for (auto& [raw_name, tensor] : tensors) {
     auto it = targets.find(strip_text_prefix(raw_name));
     if (it == targets.end() || it->second.sizes() != tensor.sizes()) continue;  // skipped above (non-text, redundant)
-    // A NaN or Inf weight is bad input, not a CP bug: every run would "fail" on it, naming the wrong culprit.
-    const auto finite = torch::isfinite(tensor);
-    if (!finite.all().item<bool>()) {
-      const int64_t at = (~finite).flatten().nonzero()[0].item<int64_t>();
-      throw io::InputError(source, raw_name, fmt::format("holds NaN or Inf (first at flat index {} of {})", at, tensor.numel()));
-    }
     it->second.copy_(tensor.to(it->second.scalar_type()));
   }
   return summary;

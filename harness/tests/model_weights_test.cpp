@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 
 #include "harness/io/input_error.h"
 #include "harness/io/safetensors.h"
@@ -99,6 +100,60 @@ TEST_F(ModelWeights, RedundantSharedLayerKvTensorsAreSkipped) {
     FAIL() << "missing q_proj not reported";
   } catch (const io::InputError& e) {
     EXPECT_NE(std::string(e.what()).find("layers.15.self_attn.q_proj.weight"), std::string::npos) << e.what();
+  }
+}
+
+// The shared layers' unused K/V of a Google-style checkpoint are still weights: kvshare's checks build a
+// cache-gated model that loads them. A non-float one or one of the wrong shape is refused by the header check (before
+// any model is built or any run trains), a NaN one when the model loads, each naming the tensor; a NaN in the
+// embeddings of a tied pair is named as the NaN, not as a head that "differs".
+TEST_F(ModelWeights, AbsentSharedLayerKvTensorsAreCheckedAsWeightsBeforeAnyRun) {
+  auto gated_cfg = preset_config("tiny-e2b");
+  gated_cfg.kv_share_semantics = KvShareSemantics::kCacheGated;
+  auto gated = make_model(gated_cfg, torch::kFloat32, 5);
+  const auto good = with_prefix(gated, "model.language_model.", torch::kFloat32);
+  const std::string name = "model.language_model.layers.20.self_attn.k_proj.weight";
+  struct Bad {
+    std::string what;
+    std::function<void(io::TensorMap&)> spoil;
+    bool at_header;
+  };
+  const std::vector<Bad> bad = {
+      {"dtype", [&](io::TensorMap& t) { t[name] = t[name].to(torch::kInt8); }, true},
+      {"shape", [&](io::TensorMap& t) { t[name] = torch::zeros({7, 3}); }, true},
+      {"NaN", [&](io::TensorMap& t) { t[name] = t[name].clone(); t[name].view(-1)[4] = NAN; }, false},
+  };
+  for (const auto& b : bad) {
+    SCOPED_TRACE(b.what);
+    auto tensors = good;
+    b.spoil(tensors);
+    const auto file = path(b.what + ".safetensors");
+    io::write_safetensors(file, tensors);
+    auto expect_named = [&](const std::function<void()>& f) {
+      try {
+        f();
+        FAIL() << "not refused";
+      } catch (const io::InputError& e) {
+        EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
+        EXPECT_NE(std::string(e.what()).find(b.what), std::string::npos) << e.what();
+      }
+    };
+    if (b.at_header) expect_named([&] { check_checkpoint(preset_config("tiny-e2b"), file); });
+    auto shared = make_model("tiny-e2b", torch::kFloat32, 99);
+    expect_named([&] { load_checkpoint(shared, file); });
+  }
+  auto tied_source = make_model("tiny-e4b", torch::kFloat32, 5);
+  auto tied = with_prefix(tied_source, "model.", torch::kFloat32);
+  tied["model.embed_tokens.weight"].view(-1)[3] = NAN;
+  tied["lm_head.weight"] = tied["model.embed_tokens.weight"];
+  io::write_safetensors(path("nan-tied.safetensors"), tied);
+  auto target = make_model("tiny-e4b", torch::kFloat32, 99);
+  try {
+    load_checkpoint(target, path("nan-tied.safetensors"));
+    FAIL() << "not refused";
+  } catch (const io::InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("NaN"), std::string::npos) << e.what();
+    EXPECT_EQ(std::string(e.what()).find("differs"), std::string::npos) << e.what();
   }
 }
 
