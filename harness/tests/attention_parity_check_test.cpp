@@ -40,6 +40,28 @@ TEST(AttentionParityCheck, PaddedRowsAreJudgedOnTheRanksThatHoldThem) {
   EXPECT_EQ(statuses[1], report::Status::Fail);
 }
 
+// attention.parity judges the backward too: rings whose forward is exact but whose dK/dV go astray (never sent home,
+// or sent to the mirror rank) fail its fp64 metric on dK or dV, on some rank, at cp 3. (A check that compared only
+// out and LSE passed both; the selftest's mutants for them are caught by ring.grad_return, not here.)
+TEST(AttentionParityCheck, ABackwardThatMisplacesDkDvFailsOnDkOrDv) {
+  const auto c = padded_case();
+  for (auto mutation : {cp::RingMutation::kDropGradReturn, cp::RingMutation::kGradReturnToWrongRank}) {
+    SCOPED_TRACE(int(mutation));
+    cp::RingOptions ring;
+    ring.q_block = c.q_block;
+    ring.kv_block = c.kv_block;
+    ring.mutation = mutation;
+    int failed_on_grads = 0;
+    for (const auto& r : check_attention_parity(c, 3, ring)) {
+      if (r.metric != "rel_l2_fp64" || r.status == report::Status::Pass) continue;
+      const auto tensor = r.details.at("worst").at("tensor").get<std::string>();
+      EXPECT_TRUE(tensor == "dk" || tensor == "dv") << tensor << ": " << r.message;
+      ++failed_on_grads;
+    }
+    EXPECT_GT(failed_on_grads, 0);
+  }
+}
+
 // The metric itself, on random tensors: it sees a non-zero value of the output or of dQ in any padded row, and
 // nothing outside them (a NaN there is the relative error's to catch). The ring test above only exercises the
 // output: no known-bad ring leaves padded dQ non-zero with a zero output.
