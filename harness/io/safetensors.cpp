@@ -299,7 +299,14 @@ std::map<std::string, std::vector<std::string>> read_weight_map(const std::strin
     if (!it.value().is_string()) {
       throw InputError(index_path, it.key(), "weight_map value must be a shard file name, got " + describe_json(it.value()));
     }
-    by_shard[it.value().get<std::string>()].push_back(it.key());
+    // A shard is a file beside the index (transformers writes "model-00001-of-00002.safetensors"): a path elsewhere
+    // ("/etc/passwd", "../x") would read a file that is no part of the checkpoint.
+    const auto shard = it.value().get<std::string>();
+    if (shard.empty() || shard == "." || shard == ".." || shard.find('/') != std::string::npos ||
+        shard.find('\0') != std::string::npos)
+      throw InputError(index_path, it.key(),
+                       "weight_map value \"" + clip(shard, 100) + "\" is not a file name beside the index (no directories)");
+    by_shard[shard].push_back(it.key());
   }
   const fs::path dir = fs::path(index_path).parent_path();
   std::map<std::string, std::vector<std::string>> out;

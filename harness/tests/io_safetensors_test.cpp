@@ -247,6 +247,24 @@ TEST(IoSafetensors, CheckpointTensorAbsentFromItsShard) {
                                   "absent"}));
 }
 
+// A shard is a file beside its index: a weight_map value that is a path ("/etc/passwd", "../elsewhere.safetensors",
+// "sub/x") would read a file that is no part of the checkpoint, and is refused naming the index and the tensor, even
+// when that file exists and is a valid safetensors file.
+TEST(IoSafetensors, AShardOutsideTheIndexsDirectoryIsRefused) {
+  TempDir dir;
+  const Sharded s = make_sharded(dir);
+  std::filesystem::create_directories(dir.path() / "sub");
+  write_safetensors(dir.file("sub/x.safetensors"), {{"model.norm.weight", testing::random_tensor(torch::kFloat32, {4}, 4)}});
+  for (const std::string value : {"/etc/passwd", "../model-00002-of-00002.safetensors", "sub/x.safetensors", "..", ""}) {
+    SCOPED_TRACE(value);
+    auto idx = nlohmann::json::parse(read_bytes(s.index));
+    idx["weight_map"]["model.norm.weight"] = value;
+    std::ofstream(s.index, std::ios::trunc) << idx.dump();
+    EXPECT_TRUE(throws_input_error([&] { read_safetensors_checkpoint(s.index); },
+                                   {s.index, "model.norm.weight", "not a file name beside the index"}));
+  }
+}
+
 // The index is as strict as a single file: a name listed twice in weight_map (JSON keeps one silently), and a shard
 // holding a tensor weight_map does not list for it, are errors naming the index and the tensor.
 TEST(IoSafetensors, AnIndexListingANameTwiceOrAShardHoldingAnUnlistedTensorIsRefused) {
