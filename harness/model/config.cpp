@@ -6,6 +6,8 @@
 
 #include <cmath>
 #include <filesystem>
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -574,7 +576,7 @@ ModelConfig load_hf_config_file(const std::string& path) {
   if (std::filesystem::exists(path, ec) && !std::filesystem::is_regular_file(path, ec))
     throw InputError(path, "config", "is not a regular file");
   std::ifstream in(path);
-  if (!in) throw InputError(path, "config", "cannot open file");
+  if (!in) throw InputError(path, "config", std::string("cannot open file: ") + std::strerror(errno));  // why: gone, a link loop
   return config_from_hf_json(io::parse_input_json(in, path, "config"), path);
 }
 

@@ -13,6 +13,8 @@
 #include <limits>
 #include <numeric>
 #include <filesystem>
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <set>
 
@@ -480,7 +482,7 @@ Case load_case(const std::string& path) {
   if (std::filesystem::exists(status) && !std::filesystem::is_regular_file(status))
     throw InputError(path, "case", "is not a regular file");
   std::ifstream in(path);
-  if (!in) throw InputError(path, "case", "cannot open file");
+  if (!in) throw InputError(path, "case", std::string("cannot open file: ") + std::strerror(errno));
   return case_from_json(io::parse_input_json(in, path, "case"), path);
 }
 
