@@ -346,10 +346,6 @@ bool tensors_within_fp32(const Tolerances& tol, int cp, const std::map<std::stri
   return true;
 }
 
-}  // namespace
-
-namespace {
-
 // A tensor's update smaller than this share of the whole update moves nothing (a parameter no token reached: its
 // update is weight decay alone, or none) and is judged at that share: relative to a zero update, rounding is all.
 constexpr double kNegligibleUpdateShare = 1e-8;
