@@ -351,15 +351,25 @@ struct CheckpointFile {
   std::string path;
   bool is_index = false;
 };
+// Whether `p` is there. One that cannot be examined (a symbolic link loop, no permission) is an error saying why,
+// naming it, rather than "missing".
+bool present(const fs::path& p, const std::string& path) {
+  std::error_code ec;
+  const auto status = fs::status(p, ec);
+  if (ec && ec != std::errc::no_such_file_or_directory)
+    throw InputError(path, p.string() == path ? "" : p.filename().string(), "cannot be examined: " + ec.message());
+  return fs::exists(status);
+}
+
 CheckpointFile checkpoint_file(const std::string& path) {
   std::error_code ec;
   const fs::path p(path);
-  if (!fs::exists(p, ec)) throw InputError(path, "", "no such file or directory");
+  if (!present(p, path)) throw InputError(path, "", "no such file or directory");
   if (fs::is_directory(p, ec)) {
     const fs::path single = p / "model.safetensors";
     const fs::path index = p / "model.safetensors.index.json";
-    if (fs::exists(single, ec)) return {single.string(), false};
-    if (fs::exists(index, ec)) return {index.string(), true};
+    if (present(single, path)) return {single.string(), false};
+    if (present(index, path)) return {index.string(), true};
     throw InputError(path, "", "directory holds neither model.safetensors nor model.safetensors.index.json");
   }
   return {path, p.extension() == ".json"};

@@ -265,6 +265,19 @@ TEST(IoSafetensors, AShardOutsideTheIndexsDirectoryIsRefused) {
   }
 }
 
+// A checkpoint path, or the model.safetensors in its directory, that is a symbolic link loop is an error saying so,
+// not "no such file" or "holds neither model.safetensors nor ...".
+TEST(IoSafetensors, ALinkLoopIsCalledALoopNotMissing) {
+  TempDir dir;
+  std::filesystem::create_directories(dir.path() / "ckpt");
+  std::filesystem::create_symlink("model.safetensors", dir.path() / "ckpt" / "model.safetensors");
+  std::filesystem::create_symlink("loop", dir.path() / "loop");
+  for (const auto& path : {(dir.path() / "ckpt").string(), (dir.path() / "loop").string()}) {
+    SCOPED_TRACE(path);
+    EXPECT_TRUE(throws_input_error([&] { read_safetensors_checkpoint(path); }, {path, "symbolic links"}));
+  }
+}
+
 // The index is as strict as a single file: a name listed twice in weight_map (JSON keeps one silently), and a shard
 // holding a tensor weight_map does not list for it, are errors naming the index and the tensor.
 TEST(IoSafetensors, AnIndexListingANameTwiceOrAShardHoldingAnUnlistedTensorIsRefused) {
