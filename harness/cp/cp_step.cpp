@@ -74,10 +74,11 @@ TokenBatch token_batch_of(const train::Batch& batch) {
 
 // The perturbed token in a batch already prepared for `plan` (labels shifted on the full sequence).
 BoundaryLabel boundary_label_in(const TokenBatch& prepared, const ShardPlan& plan) {
+  std::vector<at::Tensor> labels_of(size_t(plan.cp()));  // [B, S_loc] per rank > 0, sharded once
+  for (int r = 1; r < plan.cp(); ++r) labels_of[size_t(r)] = shard_batch(prepared, plan, r).labels.cpu();
   for (int64_t b = 0; b < prepared.labels.size(0); ++b)  // row 0 first; a later row where row 0 has none there
     for (int r = 1; r < plan.cp(); ++r) {
-      const auto labels = shard_batch(prepared, plan, r).labels.select(0, b).cpu();
-      const auto counted = (labels != model::kIgnoreIndex).nonzero();
+      const auto counted = (labels_of[size_t(r)].select(0, b) != model::kIgnoreIndex).nonzero();
       if (counted.numel() == 0) continue;
       const int64_t i = counted[0][0].item<int64_t>();
       return {r, b, i, plan.global_index(r, i)};

@@ -90,11 +90,14 @@ LoadSummary check_weights(const ModelConfig& c, const std::map<std::string, io::
   std::map<std::string, std::optional<std::vector<int64_t>>> redundant;
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     if (!c.is_kv_shared(i) || c.owns_kv_weights(i)) continue;
-    const int64_t hd = c.layer_head_dim(i), rows = c.layer_kv_heads(i) * hd;
-    const std::string l = fmt::format("layers.{}.self_attn.", i);
-    redundant[l + "k_proj.weight"] = std::vector<int64_t>{rows, c.hidden_size};
-    redundant[l + "v_proj.weight"] = c.has_v_proj(i) ? std::optional(std::vector<int64_t>{rows, c.hidden_size}) : std::nullopt;
-    redundant[l + "k_norm.weight"] = std::vector<int64_t>{hd};
+    for (const char* n : {"k_proj.weight", "v_proj.weight", "k_norm.weight"})
+      redundant[fmt::format("layers.{}.self_attn.{}", i, n)] = std::nullopt;
+  }
+  if (!redundant.empty()) {
+    auto gated = c;
+    gated.kv_share_semantics = KvShareSemantics::kCacheGated;
+    for (auto& spec : tensor_specs(gated))
+      if (auto r = redundant.find(spec.name); r != redundant.end()) r->second = spec.shape;
   }
   auto require_float = [&](const std::string& raw_name, torch::ScalarType t) {
     // Weights are converted to the model's dtype; only floating-point values mean the same thing after that (an
@@ -151,10 +154,15 @@ LoadSummary check_weights(const ModelConfig& c, const std::map<std::string, io::
   return summary;
 }
 
-LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::Tensor>& tensors, const std::string& source) {
+LoadSummary check_weights(const ModelConfig& c, const std::map<std::string, torch::Tensor>& tensors,
+                          const std::string& source) {
   std::map<std::string, io::TensorInfo> infos;
   for (auto& [name, t] : tensors) infos[name] = io::TensorInfo{t.scalar_type(), t.sizes().vec()};
-  const LoadSummary summary = check_weights(model->config(), infos, source);
+  return check_weights(c, infos, source);
+}
+
+LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::Tensor>& tensors, const std::string& source) {
+  const LoadSummary summary = check_weights(model->config(), tensors, source);
   auto targets = model_tensors(model);
   torch::NoGradGuard no_grad;
   // A NaN or Inf weight is bad input, not a CP bug: every run would "fail" on it, naming the wrong culprit. Checked

@@ -40,6 +40,9 @@ LoadSummary load_weights(Gemma4Model& model, const std::map<std::string, torch::
 // model, no data. A NaN or Inf weight is found by load_weights (it needs the data).
 LoadSummary check_weights(const ModelConfig& config, const std::map<std::string, io::TensorInfo>& tensors,
                           const std::string& source);
+// The same from the tensors themselves (their dtypes and shapes).
+LoadSummary check_weights(const ModelConfig& config, const std::map<std::string, torch::Tensor>& tensors,
+                          const std::string& source);
 
 // The model's tensors by checkpoint name (parameters and layer_scalar buffers), detached.
 std::map<std::string, torch::Tensor> model_tensors(Gemma4Model& model);

@@ -10,7 +10,6 @@
 #include "harness/model/weights.h"
 #include "harness/train/batch.h"
 
-#include <cstdio>
 #include <limits>
 #include <optional>
 #include <regex>
@@ -147,9 +146,7 @@ HfGolden load_hf_golden(const std::string& path) {
     // Every weight of the model comes from the export. The one absence a checkpoint may have (a cache-gated
     // version's shared layers' own K/V, which newer versions do not save) is no absence here: the exporting
     // version built them and its export holds them, and its no-cache run computes with them.
-    std::map<std::string, io::TensorInfo> infos;
-    for (auto& [name, t] : g.dump.weights) infos[name] = io::TensorInfo{t.scalar_type(), t.sizes().vec()};
-    const auto loaded = model::check_weights(g.config, infos, path);
+    const auto loaded = model::check_weights(g.config, g.dump.weights, path);
     if (!loaded.kept_init.empty())
       throw InputError(path, "weights/" + loaded.kept_init.front(),
                        fmt::format("missing ({} of the shared layers' own K/V weights are): transformers {} builds "
