@@ -450,8 +450,6 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
   StderrRelay relay{-1, StderrScanner(nproc), {}, {}};
   StopSignals forward;  // before the job starts, so no signal is missed
   auto env = job_environment();
-  const std::string verdict_file = opt.require_verdict ? make_verdict_file() : std::string();
-  if (!verdict_file.empty()) env.push_back(std::string(kVerdictFileVar) + "=" + verdict_file);
   const auto cmd = mpirun_command(nproc, exe, args, opt);
   if (!executable_found(cmd.front())) {  // else the job "fails" with mpirun's 127 and names nothing
     const char* from_env = std::getenv("CPHARNESS_MPIRUN");
@@ -460,6 +458,12 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
                          "'" + cmd.front() + "' is not an executable file" +
                              (cmd.front().find('/') == std::string::npos ? " on PATH" : ""));
   }
+  const std::string verdict_file = opt.require_verdict ? make_verdict_file() : std::string();
+  struct RemovedOnReturn {  // on every way out, a spawn that throws included; a stop signal still waits for the job
+    const std::string& path;
+    ~RemovedOnReturn() { if (!path.empty()) ::unlink(path.c_str()); }
+  } remove_verdict_file{verdict_file};
+  if (!verdict_file.empty()) env.push_back(std::string(kVerdictFileVar) + "=" + verdict_file);
   const pid_t pid = spawn_job(cmd, std::move(env), relay.fd);
   JobWatch watch;
   watch.job_timeout = opt.job_timeout;
@@ -475,7 +479,6 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   res.mpirun_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   const int verdict = verdict_file.empty() ? -1 : read_verdict_file(verdict_file);
-  if (!verdict_file.empty()) ::unlink(verdict_file.c_str());
   const bool timed_out = watch.killed && !watch.lingered && !watch.silent;  // job_timeout
   judge_job(res, relay.scan, timed_out, opt.job_timeout, watch.stop_signal, opt.require_verdict, verdict, cmd.front());
   if (watch.lingered && !watch.stop_signal) {

@@ -410,8 +410,13 @@ TEST_F(CliReliability, AnMpirunOrTmpdirThatCannotBeUsedIsNamedBeforeLaunch) {
     SCOPED_TRACE(e.env);
     const auto out = dir_ / "out";
     plant_older_run(out);
-    auto r = run_cli("run " + c + " --comm mpi --nproc 2 --timeout 20 --out " + out.string(), e.env);
+    // The job's verdict file goes to a TMPDIR of our own, so that one left behind shows.
+    const auto tmp = dir_ / "tmp";
+    std::filesystem::create_directories(tmp);
+    const std::string env = e.variable == "TMPDIR" ? e.env : e.env + " TMPDIR=" + tmp.string();
+    auto r = run_cli("run " + c + " --comm mpi --nproc 2 --timeout 20 --out " + out.string(), env);
     EXPECT_EQ(r.exit_code, 2) << r.output;
+    EXPECT_TRUE(std::filesystem::is_empty(tmp)) << "a file was left in TMPDIR";
     EXPECT_NE(r.output.find(e.variable), std::string::npos) << r.output;
     EXPECT_NE(r.output.find(e.path), std::string::npos) << r.output;
     EXPECT_EQ(r.output.find("internal error"), std::string::npos) << r.output;
