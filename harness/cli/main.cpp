@@ -14,6 +14,9 @@ int main(int argc, char** argv) {
   // `cpharness run ... 2>&1 | head` must not die of SIGPIPE (no report, the old one kept): a write to a closed
   // pipe fails with EPIPE instead, and progress output that cannot be shown is dropped (iostreams stay quiet).
   ::signal(SIGPIPE, SIG_IGN);
+  // Likewise a write past a file-size limit (ulimit -f, a CI sandbox's RLIMIT_FSIZE) fails with EFBIG, which the
+  // writers report as they do a full disk, instead of killing the process with no report and a temp file left.
+  ::signal(SIGXFSZ, SIG_IGN);
   // Ranks run as threads of this process; one intra-op thread each keeps runs deterministic and avoids
   // oversubscribing the cores (CPHARNESS_INTRA_OP_THREADS overrides).
   // A value that is not a whole number from 1 to 1024 is a usage error: 0, -1 and words read as 1, and 99999

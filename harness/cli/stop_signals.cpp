@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 
@@ -21,6 +22,11 @@ struct Prepared {
   std::string lines[3];
 };
 Prepared* g_prepared = nullptr;
+
+// Who owns the report files now: two stop signals back to back (timeout's SIGTERM to the child and then to its
+// group, Ctrl-C then a CI cancel) reach two threads at once, and a stop may come while the verdict is being written.
+enum : int { kRunning, kStopping, kWritingVerdict };
+std::atomic<int> g_owner{kRunning};
 
 // False on a short write (a full disk, a file size limit).
 bool write_all(int fd, const char* p, size_t left) {
@@ -51,6 +57,11 @@ void replace_report(const StopReportFile& f, const std::string& temp, int index)
 }
 
 void on_stop_signal_in_verb(int sig) {
+  int owner = kRunning;
+  if (!g_owner.compare_exchange_strong(owner, kStopping)) {
+    if (owner == kWritingVerdict) return;  // the verdict stands, and the process ends with it
+    for (;;) ::pause();                    // another thread's handler is ending the process
+  }
   int i = 0;
   while (i < 2 && kSignals[i] != sig) ++i;
   const Prepared& p = *g_prepared;
@@ -62,6 +73,12 @@ void on_stop_signal_in_verb(int sig) {
 }
 
 }  // namespace
+
+void claim_reports_for_verdict() {
+  int owner = kRunning;
+  if (g_owner.compare_exchange_strong(owner, kWritingVerdict) || owner == kWritingVerdict) return;
+  for (;;) ::pause();  // a stop handler is replacing the reports and will end the process
+}
 
 const char* stop_signal_name(int index) {
   static const char* const kNames[3] = {"SIGTERM", "SIGINT", "SIGHUP"};

@@ -25,6 +25,11 @@ struct StopReportFile {
 // Installs the handlers for the rest of the process; `stale` are removed (a page rendered for another run).
 void end_on_stop_signals(const std::string& verb, std::vector<StopReportFile> reports, std::vector<std::string> stale);
 
+// Called before the verdict (or a final error report) is written: from then on a stop signal is ignored (the
+// verdict stands and the process ends with it). Where a stop's handler already runs, the caller waits for it to end
+// the process. A handler entered while another runs waits likewise, so the reports are written once.
+void claim_reports_for_verdict();
+
 // The names the handler uses, in index order.
 const char* stop_signal_name(int index);
 

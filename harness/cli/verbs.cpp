@@ -22,6 +22,7 @@
 #include "harness/cli/stop_signals.h"
 #include "harness/cli/usage_error.h"
 #include "harness/cp/launcher.h"
+#include "harness/io/atomic_file.h"
 #include "harness/io/error_text.h"
 #include "harness/io/input_error.h"
 #include "harness/report/compare.h"
@@ -164,7 +165,9 @@ StandIn& stand_in() {
 // The files in place always come from one run: the previous run's JSON, XML and page go before the new JSON is
 // written (each file is still replaced atomically), so a run killed between two writes leaves files missing, never
 // an older verdict, alone or beside a newer one; a page that cannot be rendered leaves no page.
-bool write_reports(const ReportOutputs& outputs, const report::Report& r) {
+// `final`: false only for the stand-in, which a stop signal still replaces.
+bool write_reports(const ReportOutputs& outputs, const report::Report& r, bool final = true) {
+  if (final) claim_reports_for_verdict();
   stand_in().standing = false;  // (replaced now, or removed if this write fails)
   const auto o = outputs.resolved();
   if (!o.out_dir.empty()) std::filesystem::create_directories(o.out_dir);
@@ -175,15 +178,19 @@ bool write_reports(const ReportOutputs& outputs, const report::Report& r) {
   // The page that --out adds is a convenience: when it cannot be rendered the run's verdict stands. A page asked
   // for by --html is an output like the others, and its failure is exit 2.
   const bool asked = !outputs.html_path.empty();
+  // Rendered from this run's report in a file of its own beside the page (a directory found writable before any
+  // work), not from report.json, which another run writing to the same place may have replaced meanwhile.
+  const std::string own = io::detail::temp_path_for(o.html_path);  // (removed by a stop signal's handler too)
   bool rendered = false;
-  if (!o.report_path.empty()) {
-    rendered = render_html(o.report_path, o.html_path);
-  } else {
-    const auto tmp = (std::filesystem::temp_directory_path() / ("cpharness-" + std::to_string(::getpid()) + ".json")).string();
-    report::write_report_json(tmp, r);
-    rendered = render_html(tmp, o.html_path);
-    std::filesystem::remove(tmp);
+  try {
+    report::write_report_json(own, r);
+    rendered = render_html(own, o.html_path);
+  } catch (const std::exception& e) {
+    std::cerr << "cpharness: cannot render " << o.html_path << ": " << io::one_line(e) << "\n";
   }
+  std::error_code ec;
+  std::filesystem::remove(own, ec);
+  io::detail::untrack_temp_file(own);
   if (!rendered) remove_files({o.html_path});  // whatever a failed renderer left half-written
   return rendered || !asked;
 }
@@ -261,7 +268,8 @@ void check_outputs_writable(const ReportOutputs& outputs, const std::string& dum
 namespace {
 
 // A run that failed as a whole: an error report (never a partial or passing one).
-void write_error_report(const ReportOutputs& outputs, const std::string& comm, const std::string& message) {
+void write_error_report(const ReportOutputs& outputs, const std::string& comm, const std::string& message,
+                        bool final = true) {
   auto r = report::new_report("cpu", comm);
   r.error = message;
   const auto o = outputs.resolved();
@@ -271,7 +279,7 @@ void write_error_report(const ReportOutputs& outputs, const std::string& comm, c
     if (!p.empty() && std::filesystem::exists(p, ec)) older.push_back(p);
   }
   try {
-    write_reports(outputs, r);
+    write_reports(outputs, r, final);
   } catch (const std::exception& e) {
     // (A full disk.) No report at all rather than another run's beside this exit 2: unlinking needs no space.
     remove_files({o.report_path, o.junit_path, o.html_path});
@@ -300,7 +308,8 @@ void stand_in_until_finished(const std::string& verb, const ReportOutputs& outpu
   o.out_dir.clear();  // (created by check_outputs_writable)
   write_error_report(o, comm, fmt::format("{}{}{} (pid {}) and ended before writing its verdict: it was killed "
                                           "(SIGKILL: an out-of-memory killer, a job's time limit) or it crashed",
-                                          verb, kUnfinished, report::utc_timestamp_now(), ::getpid()));
+                                          verb, kUnfinished, report::utc_timestamp_now(), ::getpid()),
+                     /*final=*/false);
   stand_in() = {o, comm, true};
 }
 
@@ -799,18 +808,8 @@ std::optional<std::string> head_of(const std::string& path, size_t limit) {
   return text;
 }
 
-}  // namespace
-
-void withdraw_older_reports(const std::vector<std::string>& args, const std::string& why) {
-  ReportOutputs asked;
-  for (size_t i = 0; i < args.size(); ++i) {
-    for (auto [flag, field] : std::vector<std::pair<std::string, std::string*>>{
-             {"--report", &asked.report_path}, {"--junit", &asked.junit_path}, {"--html", &asked.html_path},
-             {"--out", &asked.out_dir}}) {
-      if (args[i] == flag && i + 1 < args.size()) *field = args[i + 1];
-      else if (args[i].rfind(flag + "=", 0) == 0) *field = args[i].substr(flag.size() + 1);
-    }
-  }
+// The reports of an older run at the outputs `asked` names are replaced by an error report saying `why`.
+void withdraw_older_reports_at(const ReportOutputs& asked, const std::string& why) {
   const auto o = asked.resolved();
   // Only a file that is a report of ours is touched: the path may name anything (the usage error may be that it
   // names the case file).
@@ -825,6 +824,23 @@ void withdraw_older_reports(const std::vector<std::string>& args, const std::str
   if (auto text = head_of(o.html_path, 65536); text && text->find("cpharness report") != std::string::npos)
     remove_files({o.html_path});
   if (!older.report_path.empty() || !older.junit_path.empty()) write_error_report(older, "local", why);
+}
+
+}  // namespace
+
+void withdraw_older_reports(const std::vector<std::string>& args, const std::string& why) {
+  // Every place an output flag names, a repeated flag's first value too (repeating one is itself the usage error).
+  for (size_t i = 0; i < args.size(); ++i) {
+    for (auto [flag, field] : std::vector<std::pair<std::string, std::string ReportOutputs::*>>{
+             {"--report", &ReportOutputs::report_path}, {"--junit", &ReportOutputs::junit_path},
+             {"--html", &ReportOutputs::html_path}, {"--out", &ReportOutputs::out_dir}}) {
+      ReportOutputs asked;
+      if (args[i] == flag && i + 1 < args.size()) asked.*field = args[i + 1];
+      else if (args[i].rfind(flag + "=", 0) == 0) asked.*field = args[i].substr(flag.size() + 1);
+      else continue;
+      withdraw_older_reports_at(asked, why);
+    }
+  }
 }
 
 bool replace_stand_in(const std::string& why) {

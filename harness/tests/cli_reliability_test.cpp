@@ -116,6 +116,21 @@ TEST_F(CliReliability, AStopSignalOnAFullDiskLeavesNoTruncatedOrOlderReport) {
   for (const auto& e : fs::directory_iterator(out)) ADD_FAILURE() << "left behind: " << e.path();
 }
 
+// A file-size limit (ulimit -f, a CI sandbox) that the final report outgrows, with SIGXFSZ at its default: the write
+// fails like one on a full disk (exit 2, said on stderr), not a process killed by the signal with a temp file left.
+TEST_F(CliReliability, AFileSizeLimitIsAWriteErrorNotADeadProcess) {
+  const auto c = write("g.json", kGoodCase);
+  const auto out = dir_ / "out";
+  plant_older_run(out);
+  auto r = bash("trap - XFSZ; ulimit -f 4; $B run " + c + " --cp 2 --out " + out.string() + "; echo EXIT=$?");
+  EXPECT_NE(r.output.find("EXIT=2"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("File too large"), std::string::npos) << r.output;
+  for (const auto& e : fs::directory_iterator(out)) {
+    EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
+    EXPECT_EQ(read_text(e.path()).find("an older run"), std::string::npos) << e.path();
+  }
+}
+
 // F4: an error report that cannot be written (a full disk) removes the older run's reports instead of leaving
 // their pass beside this run's exit 2, and says so.
 TEST_F(CliReliability, AnErrorReportThatCannotBeWrittenLeavesNoOlderReport) {
@@ -275,6 +290,25 @@ TEST_F(CliReliability, ABadThreadCountWithdrawsTheOlderReport) {
   EXPECT_NE(r.output.find("CPHARNESS_INTRA_OP_THREADS"), std::string::npos) << r.output;
   EXPECT_EQ(read_json(out / "report.json")["status"], "error");
   EXPECT_FALSE(fs::exists(out / "report.html"));
+}
+
+// An output flag given twice is a usage error; an older run's report at either value is withdrawn, not only at the
+// last one (CLI11 keeps the last).
+TEST_F(CliReliability, ARepeatedOutputFlagWithdrawsTheOlderReportAtEveryValue) {
+  const auto c = write("g.json", kGoodCase);
+  const auto first = dir_ / "first", second = dir_ / "second";
+  ASSERT_EQ(run_cli("run " + c + " --cp 2 --out " + first.string()).exit_code, 0);
+  ASSERT_EQ(read_json(first / "report.json")["status"], "pass");
+  auto r = run_cli("run " + c + " --cp 2 --out " + first.string() + " --out " + second.string());
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(read_json(first / "report.json")["status"], "error");
+  EXPECT_FALSE(fs::exists(first / "report.html"));
+  const auto report = dir_ / "r.json";
+  ASSERT_EQ(run_cli("run " + c + " --cp 2 --report " + report.string()).exit_code, 0);
+  ASSERT_EQ(read_json(report)["status"], "pass");
+  r = run_cli("run " + c + " --cp 2 --report=" + report.string() + " --report " + (dir_ / "other.json").string());
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(read_json(report)["status"], "error");
 }
 
 // Started with SIGHUP and SIGINT ignored (nohup, a background job), cpharness ignores them, and so does the child

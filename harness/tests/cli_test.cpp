@@ -1010,6 +1010,33 @@ TEST_F(CliTest, ASignalStoppingALocalRunLeavesTheErrorReportNotAnOlderOne) {
   }
 }
 
+// Stop signals back to back (timeout signals the child and then its group; Ctrl-C, then CI cancelling) reach
+// different threads at once: one handler writes the error report, whole, and no temp file is left behind.
+TEST_F(CliTest, StopSignalsBackToBackLeaveOneWholeErrorReport) {
+  auto c = write("g.json", kGoodCase);
+  for (int trial = 0; trial < 4; ++trial) {
+    SCOPED_TRACE(trial);
+    const auto out = with_an_older_runs_reports(dir_ / ("out-" + std::to_string(trial)));
+    const std::string cmd = "CPHARNESS_INJECT_FAULT=hang@1:0 env --default-signal=INT " + std::string(CPHARNESS_BINARY) +
+                            " run " + c + " --cp 2 --timeout 120 --out " + out.string();
+    const std::string wait_for_stand_in = "for i in $(seq 600); do grep -q \"did not finish\" " +
+                                          (out / "report.json").string() + " && break; sleep 0.1; done";
+    auto r = cpharness::testing::run_command("sh -c '" + cmd + " & pid=$!; " + wait_for_stand_in +
+                                             "; sleep 1; kill -TERM $pid; kill -INT $pid; kill -HUP $pid; kill -TERM "
+                                             "$pid; wait $pid; echo EXIT=$?'");
+    EXPECT_NE(r.output.find("EXIT=2"), std::string::npos) << r.output;
+    const auto j = read_json(out / "report.json");
+    EXPECT_EQ(j["status"], "error") << j.dump(2);
+    EXPECT_NE(j["error"].get<std::string>().find("stopped: received SIG"), std::string::npos) << j.dump(2);
+    std::ifstream xml(out / "report.xml");
+    const std::string xml_text((std::istreambuf_iterator<char>(xml)), std::istreambuf_iterator<char>());
+    EXPECT_NE(xml_text.find("stopped: received SIG"), std::string::npos) << xml_text;
+    EXPECT_NE(xml_text.find("</testsuites>"), std::string::npos) << xml_text;
+    for (const auto& e : fs::directory_iterator(out))
+      EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
+  }
+}
+
 // A process killed outright (SIGKILL from an out-of-memory killer or a job's time limit) runs no handler, and one
 // that crashes (SIGSEGV, SIGABRT) none of cpharness's: the report files then hold the stand-in written before any
 // work, an error saying the run did not finish, never an older run's pass; the older page is gone.
