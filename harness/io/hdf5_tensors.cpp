@@ -551,6 +551,17 @@ Opened open_dataset(const std::string& file, hid_t fid, const std::string& name)
   Opened o;
   o.dset = Hid(H5Dopen2(fid, abs_path(norm).c_str(), H5P_DEFAULT), H5Dclose);
   if (!o.dset.valid()) h5_fail(file, name, "cannot open dataset");
+  // A tensor file holds its own data, as it holds no links to other files: external raw storage (bytes read from
+  // any path, /dev/zero included, whose declared size the stored-bytes guard below would take at its word) and
+  // virtual datasets (another file's data) are refused.
+  {
+    Hid dcpl(H5Dget_create_plist(o.dset.get()), H5Pclose);
+    if (!dcpl.valid()) h5_fail(file, name, "cannot read the dataset's creation properties");
+    if (H5Pget_layout(dcpl.get()) == H5D_VIRTUAL)
+      throw InputError(file, name, "is a virtual dataset (its data live in other files); a tensor file holds its own data");
+    if (H5Pget_external_count(dcpl.get()) != 0)
+      throw InputError(file, name, "keeps its data in external files; a tensor file holds its own data");
+  }
 
   Hid type(H5Dget_type(o.dset.get()), H5Tclose);
   if (!type.valid()) h5_fail(file, name, "cannot read datatype");

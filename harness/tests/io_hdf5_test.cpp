@@ -266,6 +266,35 @@ TEST(IoHdf5, LyingShapesLinksAndDeepNestingAreInputErrorsNamingTheObject) {
   EXPECT_TRUE(throws_input_error([&] { list_hdf5_datasets(path); }, {path, "nested"}));
 }
 
+// Data kept outside the file: external raw storage (here /dev/zero, which claims every declared byte as stored, so a
+// 1 TiB shape would pass the stored-bytes guard and be allocated) and a virtual dataset over another file.
+TEST(IoHdf5, DataKeptOutsideTheFileIsRefused) {
+  TempDir dir;
+  const std::string path = dir.file("outside.h5"), source = dir.file("source.h5");
+  write_hdf5(source, {{"x", torch::arange(3, torch::kFloat32)}});
+  {
+    const hid_t f = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    const hsize_t dims[2] = {hsize_t(1) << 20, hsize_t(1) << 18};
+    const hid_t space = H5Screate_simple(2, dims, nullptr);
+    hid_t plist = H5Pcreate(H5P_DATASET_CREATE);
+    H5Pset_external(plist, "/dev/zero", 0, H5F_UNLIMITED);
+    H5Dclose(H5Dcreate2(f, "external", H5T_IEEE_F32LE, space, H5P_DEFAULT, plist, H5P_DEFAULT));
+    H5Pclose(plist);
+    H5Sclose(space);
+    const hsize_t three = 3;
+    const hid_t small = H5Screate_simple(1, &three, nullptr);
+    plist = H5Pcreate(H5P_DATASET_CREATE);
+    H5Pset_virtual(plist, small, source.c_str(), "/x", small);
+    H5Dclose(H5Dcreate2(f, "virtual", H5T_IEEE_F32LE, small, H5P_DEFAULT, plist, H5P_DEFAULT));
+    H5Pclose(plist);
+    H5Sclose(small);
+    H5Fclose(f);
+  }
+  EXPECT_TRUE(throws_input_error([&] { read_hdf5_dataset(path, "external"); }, {path, "external", "external files"}));
+  EXPECT_TRUE(throws_input_error([&] { read_hdf5_dataset(path, "virtual"); }, {path, "virtual", "virtual dataset"}));
+  EXPECT_TRUE(throws_input_error([&] { read_hdf5(path); }, {path, "external"}));
+}
+
 TEST(IoHdf5, SameContentGivesSameBytes) {
   TempDir dir;
   const TensorMap t = {{"g/a", torch::arange(6).reshape({2, 3})}, {"b", torch::ones({3}, torch::kBFloat16)}};
