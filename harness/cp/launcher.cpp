@@ -387,6 +387,17 @@ std::string make_verdict_file() {
   return path;
 }
 
+// A fresh directory for the job's shared-memory files: in /dev/shm (memory, as OpenMPI's default) where it can be
+// made, else in TMPDIR; none (OpenMPI's default) when neither can.
+std::string make_shared_memory_dir() {
+  const char* tmp = std::getenv("TMPDIR");
+  for (const std::string dir : {std::string("/dev/shm"), std::string(tmp && *tmp ? tmp : "/tmp")}) {
+    std::string path = dir + "/cpharness-shm-XXXXXX";
+    if (::mkdtemp(path.data())) return path;
+  }
+  return {};
+}
+
 // The exit code rank 0 recorded there, or -1 when it recorded none.
 int read_verdict_file(const std::string& path) {
   char buf[16] = {};
@@ -458,12 +469,21 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
                          "'" + cmd.front() + "' is not an executable file" +
                              (cmd.front().find('/') == std::string::npos ? " on PATH" : ""));
   }
-  const std::string verdict_file = opt.require_verdict ? make_verdict_file() : std::string();
   struct RemovedOnReturn {  // on every way out, a spawn that throws included; a stop signal still waits for the job
-    const std::string& path;
-    ~RemovedOnReturn() { if (!path.empty()) ::unlink(path.c_str()); }
-  } remove_verdict_file{verdict_file};
+    std::string path;
+    ~RemovedOnReturn() {
+      std::error_code ec;
+      if (!path.empty()) std::filesystem::remove_all(path, ec);
+    }
+  };
+  const RemovedOnReturn verdict{opt.require_verdict ? make_verdict_file() : std::string()};
+  const std::string& verdict_file = verdict.path;
   if (!verdict_file.empty()) env.push_back(std::string(kVerdictFileVar) + "=" + verdict_file);
+  // OpenMPI's shared-memory files (4 MiB a rank in /dev/shm) outlive a job whose mpirun is killed: they go to a
+  // directory of this job's, removed with it (unless the user chose the directory).
+  const char* backing = std::getenv("OMPI_MCA_btl_vader_backing_directory");
+  const RemovedOnReturn shm{backing && *backing ? std::string() : make_shared_memory_dir()};
+  if (!shm.path.empty()) env.push_back("OMPI_MCA_btl_vader_backing_directory=" + shm.path);
   const pid_t pid = spawn_job(cmd, std::move(env), relay.fd);
   JobWatch watch;
   watch.job_timeout = opt.job_timeout;
@@ -478,9 +498,9 @@ LaunchResult relaunch_under_mpirun(int nproc, const std::string& exe, const std:
   res.stderr_tail = std::move(relay.tail);
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   res.mpirun_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  const int verdict = verdict_file.empty() ? -1 : read_verdict_file(verdict_file);
+  const int recorded = verdict_file.empty() ? -1 : read_verdict_file(verdict_file);
   const bool timed_out = watch.killed && !watch.lingered && !watch.silent;  // job_timeout
-  judge_job(res, relay.scan, timed_out, opt.job_timeout, watch.stop_signal, opt.require_verdict, verdict, cmd.front());
+  judge_job(res, relay.scan, timed_out, opt.job_timeout, watch.stop_signal, opt.require_verdict, recorded, cmd.front());
   if (watch.lingered && !watch.stop_signal) {
     res.exit_code = 2;
     res.message = "cpharness: run failed: " + cmd.front() + " did not end within " +

@@ -101,6 +101,30 @@ TEST_F(CliReliability, AnMpirunThatRanNoRankIsExit2NotAVerdict) {
   }
 }
 
+// OpenMPI's shared-memory files outlive a job whose mpirun is killed: the job gets a directory of its own for them
+// (OMPI_MCA_btl_vader_backing_directory), removed when the job ends however it ends; a directory the user chose is
+// theirs. The stand-in mpirun leaves a segment there and dies of SIGKILL.
+TEST_F(CliReliability, AJobsSharedMemoryFilesGoWithTheJob) {
+  const auto c = write("g.json", kGoodCase);
+  const auto seen = dir_ / "backing";
+  const auto mpirun = write_script("mpirun", "#!/bin/sh\necho \"$OMPI_MCA_btl_vader_backing_directory\" > " +
+                                                 seen.string() + "\ntouch \"$OMPI_MCA_btl_vader_backing_directory/"
+                                                 "vader_segment.0\"\nkill -KILL $$\n");
+  auto r = run_cli("run " + c + " --comm mpi --nproc 2 --timeout 20 --out " + (dir_ / "out").string(),
+                   "CPHARNESS_MPIRUN=" + mpirun);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  const std::string backing = read_text(seen).substr(0, read_text(seen).find('\n'));
+  EXPECT_NE(backing.find("cpharness-shm-"), std::string::npos) << backing;
+  EXPECT_FALSE(fs::exists(backing)) << backing << " outlived the job";
+  const auto chosen = dir_ / "chosen";
+  fs::create_directories(chosen);
+  r = run_cli("run " + c + " --comm mpi --nproc 2 --timeout 20 --out " + (dir_ / "out").string(),
+              "CPHARNESS_MPIRUN=" + mpirun + " OMPI_MCA_btl_vader_backing_directory=" + chosen.string());
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(read_text(seen), chosen.string() + "\n");
+  EXPECT_TRUE(fs::exists(chosen / "vader_segment.0"));
+}
+
 // F3: a stop signal when the error report cannot be written (a full disk; here a file size limit of 0) leaves no
 // report, neither a truncated one nor the older run's pass, and no temp file.
 TEST_F(CliReliability, AStopSignalOnAFullDiskLeavesNoTruncatedOrOlderReport) {
