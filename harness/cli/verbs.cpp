@@ -23,6 +23,7 @@
 #include "harness/cli/usage_error.h"
 #include "harness/cp/launcher.h"
 #include "harness/io/atomic_file.h"
+#include "harness/io/directory_lock.h"
 #include "harness/io/error_text.h"
 #include "harness/io/input_error.h"
 #include "harness/report/compare.h"
@@ -167,10 +168,12 @@ StandIn& stand_in() {
 // an older verdict, alone or beside a newer one; a page that cannot be rendered leaves no page.
 // `final`: false only for the stand-in, which a stop signal still replaces.
 bool write_reports(const ReportOutputs& outputs, const report::Report& r, bool final = true) {
-  if (final) claim_reports_for_verdict();
-  stand_in().standing = false;  // (replaced now, or removed if this write fails)
   const auto o = outputs.resolved();
   if (!o.out_dir.empty()) std::filesystem::create_directories(o.out_dir);
+  // Before the claim: a stop signal while another process holds the lock still stops this one.
+  const io::DirectoryLocks taking_turns({o.report_path, o.junit_path, o.html_path});
+  if (final) claim_reports_for_verdict();
+  stand_in().standing = false;  // (replaced now, or removed if this write fails)
   remove_files({o.report_path, o.junit_path, o.html_path});
   if (!o.report_path.empty()) report::write_report_json(o.report_path, r);
   if (!o.junit_path.empty()) report::write_junit_xml(o.junit_path, r);
