@@ -257,9 +257,14 @@ int run_cli(const std::vector<std::string>& args) {
   } catch (const CLI::CallForAllHelp& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    if (writes_reports) withdraw_older_reports(args, std::string("usage error: ") + e.what());
-    std::cerr << "cpharness: " << e.what() << "\n";
-    auto* verb = app.get_subcommands().empty() ? &app : app.get_subcommands().front();
+    auto* verb = &app;  // the innermost verb parsed ("golden" in "golden frob")
+    while (!verb->get_subcommands().empty()) verb = verb->get_subcommands().front();
+    std::string why = e.what();
+    if (const auto left = verb->remaining(); !verb->get_subcommands({}).empty() && !left.empty() &&
+                                             left.front().rfind("-", 0) != 0 && why == "A subcommand is required")
+      why = "unknown verb '" + left.front() + "'" + (verb == &app ? "" : " of " + verb->get_name());
+    if (writes_reports) withdraw_older_reports(args, "usage error: " + why);
+    std::cerr << "cpharness: " << why << "\n";
     std::cerr << verb->help();
     return bisecting ? 125 : 2;
   }

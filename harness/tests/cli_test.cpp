@@ -232,7 +232,11 @@ TEST_F(CliTest, SettingsThatWereResolvedSilentlyAreExit2) {
 
 TEST_F(CliTest, UsageErrorsAreExit2) {
   EXPECT_EQ(run_cli("").exit_code, 2);
-  EXPECT_EQ(run_cli("frobnicate").exit_code, 2);
+  for (const std::string verb : {"frobnicate", "golden frob"}) {  // named, not "a subcommand is required"
+    auto r = run_cli(verb);
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    EXPECT_NE(r.output.find("unknown verb '" + verb.substr(verb.rfind(' ') + 1) + "'"), std::string::npos) << r.output;
+  }
   EXPECT_EQ(run_cli("run").exit_code, 2);
   EXPECT_EQ(run_cli("run " + write("g.json", kGoodCase) + " --cp x").exit_code, 2);
   for (const char* t : {"nan", "-1", "0", "inf", "5s"}) {
