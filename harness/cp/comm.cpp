@@ -7,6 +7,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <new>
 #include <sstream>
 #include <thread>
 
@@ -417,7 +418,7 @@ void run_local(int n, const std::function<void(Comm&)>& fn, std::chrono::millise
         std::lock_guard<std::mutex> lk(mu);
         if (first_rank < 0) {
           first_rank = r;
-          first_what = e.what();
+          first_what = dynamic_cast<const std::bad_alloc*>(&e) ? std::string("out of memory (") + e.what() + ")" : e.what();
           if (auto* ce = dynamic_cast<const CommError*>(&e)) {
             first_op = ce->op();
             first_peer = ce->peer();

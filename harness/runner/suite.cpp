@@ -160,7 +160,8 @@ void guarded(report::CaseReport& rep, Body&& body, int* failed_peer = nullptr) {
     body();
   } catch (const cp::CommError& e) {
     if (failed_peer) *failed_peer = e.peer();
-    if (!rep.error) rep.error = std::string("communication failed: ") + io::one_line(e);
+    // (A rank's own failure, out of memory say, comes as one too, with no operation: not the communication's.)
+    if (!rep.error) rep.error = (e.op().empty() ? "" : "communication failed: ") + io::one_line(e);
   } catch (const io::InputError& e) {
     if (!rep.error) rep.error = e.what();
   } catch (const std::exception& e) {

@@ -134,6 +134,21 @@ TEST(CpLocalCommTimeout, SilentRankMakesAllRanksFailNamingIt) {
   for (const auto& [r, s] : elapsed_s) EXPECT_LT(s, 1.5) << "rank " << r;
 }
 
+// A rank that runs out of memory is said to have, not to have failed in an exchange: the error names the rank and
+// the cause, and carries no communication operation.
+TEST(CpLocalCommTimeout, ARankOutOfMemoryIsSaidToBe) {
+  try {
+    run_local(2, [](Comm& c) {
+      if (c.rank() == 1) throw std::bad_alloc();
+      c.barrier();
+    }, std::chrono::milliseconds(2000));
+    FAIL() << "run_local did not throw";
+  } catch (const CommError& e) {
+    EXPECT_NE(std::string(e.what()).find("rank 1 failed: out of memory"), std::string::npos) << e.what();
+    EXPECT_EQ(e.op(), "") << e.what();
+  }
+}
+
 // The whole process stopped (SIGSTOP, Ctrl-Z, a paused container) for longer than the timeout stopped every rank
 // alike: after SIGCONT no rank is blamed for the time nobody ran. Here the process stops itself for 3 s while rank
 // 0 waits for rank 1 with a 1.5 s timeout; a child process sends SIGCONT.
