@@ -195,6 +195,7 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
   for (int r = 0; r < n; ++r) {
     const auto& trace = cand.traces.at(size_t(r));
     int64_t wrong_owner = 0, wrong_return = 0, misrouted = 0, wrong_hops = 0, over_held = 0, peak = 0, entries[2] = {0, 0};
+    int64_t wasted = 0;  // chunks computed that hold no allowed pair
     nlohmann::json first, first_misrouted, per_type = nlohmann::json::object();
     for (auto& e : trace) {
       ++entries[e.pass == "backward"];
@@ -227,6 +228,11 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
       t["expected_exchanges_per_pass"] = h;
       t["needed_ring_steps"] = need;
       t["wrong_passes"] = t.value("wrong_passes", 0) + (hops_ok ? 0 : 1);
+      // Under contiguous sharding every key of a later rank comes after every query of this one: on a causal layer
+      // (not vision-bidirectional, whose groups may cross a shard edge) its chunk has no allowed pair and is skipped.
+      if (case_sharding(c) == cp::Sharding::kContiguous && e.layer >= 0 && e.layer < layers &&
+          !c.model.layer_vision_bidirectional(e.layer))
+        for (size_t s = 0; s < e.owners.size() && s < e.computed.size(); ++s) wasted += e.owners[s] > r && e.computed[s];
     }
     const int64_t passes = layers * c.micro_batches;  // per layer and micro-batch: one backward, one or two forwards
     const bool complete = entries[0] == forwards * passes && entries[1] == passes;
@@ -240,6 +246,10 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
                                                "(stream mode backward: twice that, the accumulators travel too), and "
                                                "never fewer ring steps than needed_ring_steps, the farthest ring "
                                                "distance with an allowed (query, key) pair"}}));
+    out.push_back(CheckResult::judge("ring.hop_limit", n, r, "chunks_computed_without_work", double(wasted), 0,
+                                     Policy::Count,
+                                     {{"what", "chunks of a later rank (contiguous sharding, causal layers: every key "
+                                               "after every query) computed instead of skipped"}}));
     out.push_back(CheckResult::judge("ring.chunks_held", n, r, "passes_over_bound", double(over_held), 0, Policy::Count,
                                      {{"mode", c.ring_mode}, {"peak_chunks", peak},
                                       {"what", "K/V chunks alive on the rank at once, per pass: collect mode all h + 1 "

@@ -159,7 +159,7 @@ std::vector<SegmentPair> masks_for(const RingContext& ctx, const LayerCall& call
     for (auto& ks : shard_segments(ctx.sharding, chunk.owner, n, ctx.local_len)) {
       auto mask = ctx.cache.lookup(ctx.generation, q_meta.slice(q_local, qs.length), chunk.meta.slice(kv_local, ks.length),
                                    qs, ks, geometry, ctx.hooks.mask_rows(q.size(0)), ctx.options.q_block, ctx.options.kv_block, q.device());
-      const bool work = kernels::computed_score_elements(*mask) > 0;
+      const bool work = kernels::computed_score_elements(*mask) > 0 || !ctx.hooks.skips_empty_chunks();
       pairs.push_back({qs, ks, q_local, kv_local, std::move(mask), work});
       kv_local += ks.length;
     }

@@ -62,6 +62,10 @@ struct MasksFromRowZero : RingHooks {
   int64_t mask_rows(int64_t) const override { return 1; }
 };
 
+struct ComputesEmptyChunks : RingHooks {
+  bool skips_empty_chunks() const override { return false; }
+};
+
 }  // namespace
 
 int RingHooks::return_destination(int rank, int distance, int n) const { return ring_owner(rank, distance, n); }
@@ -86,6 +90,7 @@ std::unique_ptr<RingHooks> make_ring_hooks(RingMutation mutation) {
     case RingMutation::kStreamCollectsEveryChunk: return std::make_unique<StreamCollectsEveryChunk>();
     case RingMutation::kGradReturnToWrongRank: return std::make_unique<GradReturnToWrongRank>();
     case RingMutation::kMasksFromRowZero: return std::make_unique<MasksFromRowZero>();
+    case RingMutation::kComputesEmptyChunks: return std::make_unique<ComputesEmptyChunks>();
   }
   throw std::logic_error("make_ring_hooks: unknown mutation");
 }

@@ -27,6 +27,8 @@ enum class RingMutation {
                                 // mirror rank): nothing lost, everything misplaced (the same rank at cp 2)
   kMasksFromRowZero,            // block masks built for one row and broadcast (flex's B=None): row 0's documents,
                                 // padding and vision groups mask every row
+  kComputesEmptyChunks,         // chunks with no allowed pair (a later rank's, every key after every query) are
+                                // computed anyway: the causal skip lost (correct numbers: out 0 with LSE -inf)
 };
 
 class RingHooks {
@@ -40,6 +42,8 @@ class RingHooks {
   virtual int ring_steps(int correct, int n) const { return correct; }
   // The rows a block mask is built for, given the batch's (correct: unchanged; one is broadcast over the batch).
   virtual int64_t mask_rows(int64_t rows) const { return rows; }
+  // Whether a chunk with no allowed pair is skipped (correct: always).
+  virtual bool skips_empty_chunks() const { return true; }
   // Whether a ring in stream mode streams (correct: always; else it runs the collect algorithm).
   virtual bool streams() const { return true; }
   // Whether the streaming forward merges the chunk that arrived for ring step `step` of `steps` (correct: always).

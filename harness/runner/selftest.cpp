@@ -44,6 +44,7 @@ SuiteOptions mutate(SuiteOptions o, const std::string& name) {
   else if (name == "stream_collects_every_chunk") ring.mutation = cp::RingMutation::kStreamCollectsEveryChunk;
   else if (name == "micro_batch_mean_of_means") o.run.step_mutation = StepMutation::kMeanOfMicroBatchMeans;
   else if (name == "block_masks_from_row_zero") ring.mutation = cp::RingMutation::kMasksFromRowZero;
+  else if (name == "empty_chunks_computed") ring.mutation = cp::RingMutation::kComputesEmptyChunks;
   else if (name == "candidate_adamw_without_weight_decay") o.run.step_mutation = StepMutation::kCandidatesWithoutWeightDecay;
   else throw std::invalid_argument("unknown mutant '" + name + "'");
   return o;
@@ -70,6 +71,10 @@ std::vector<Mutant> selftest_mutants() {
        "attention.parity", {}, {8}},
       {"hop_limit_one_too_many", "sliding layers fetch one chunk more than the window reaches", "ring.hop_limit", {}, {},
        "default", "\"ring\": {\"hop_limit\": true} and a window shorter than (cp - 1) x S_loc"},
+      // Every number stays bitwise the same (an empty chunk merges with weight 0, its dK/dV are zeros): only the
+      // work shows it, half of a causal ring's compute.
+      {"empty_chunks_computed", "chunks with no allowed pair (a later rank's) computed instead of skipped",
+       "ring.hop_limit"},
       {"zigzag_chunk_order_swapped", "each rank's two zigzag sub-chunks laid in the wrong order (the ring masks by the layout)",
        "shard.layout", {}, {}, "zigzag"},
       {"stream_merge_drops_chunk_in_flight", "streaming ring: the chunk that arrives at the last ring step is never merged",

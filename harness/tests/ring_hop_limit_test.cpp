@@ -108,7 +108,8 @@ TEST(RingHopLimit, EveryCheckPassesWithTheLimit) {
   const auto rep = run_case(make_case(true), SuiteOptions{});
   ASSERT_FALSE(rep.error) << *rep.error;
   testing::expect_no_failed_check(rep);
-  EXPECT_EQ(testing::results_of(rep, "ring.hop_limit").size(), 4u + 8u);  // one per rank
+  // Two per rank: the exchanges per pass, and the chunks computed without work.
+  EXPECT_EQ(testing::results_of(rep, "ring.hop_limit").size(), 2 * (4u + 8u));
 }
 
 // The ring checks judge every rank, the last one too: a cp 4 run passes ring.rotation_order on all four ranks, and
@@ -193,6 +194,41 @@ TEST(RingChecks, AnUncachedRunThatStillCachesFailsTheBuildCount) {
   uncached.cache[0][2].builds = on.builds;
   uncached.cache[0][2].hits = on.lookups - on.builds;
   EXPECT_EQ(statuses(check::check_cache(c, run, &uncached), "cache.build_count"), kRank2Fails);
+}
+
+// A chunk of a later rank holds no allowed pair (contiguous sharding, causal layers): one that is computed anyway
+// (the causal skip lost; no number moves) fails ring.hop_limit on that rank.
+TEST(RingChecks, AChunkComputedWithoutWorkFails) {
+  const auto c = make_case(true);
+  auto run = hop_limited_cp4();
+  EXPECT_EQ(statuses(check::check_ring(c, run), "ring.hop_limit"), std::vector<report::Status>(8, report::Status::Pass));
+  auto& trace = run.traces.at(2);
+  auto pass = std::find_if(trace.begin(), trace.end(), [](auto& e) {
+    return std::find(e.owners.begin(), e.owners.end(), 3) != e.owners.end();  // rank 3's chunk: after all of rank 2's
+  });
+  ASSERT_NE(pass, trace.end()) << "no pass of rank 2 holds rank 3's chunk";
+  const size_t later = size_t(std::find(pass->owners.begin(), pass->owners.end(), 3) - pass->owners.begin());
+  ASSERT_FALSE(pass->computed.at(later)) << "the correct ring computed a chunk with no allowed pair";
+  pass->computed.at(later) = true;
+  int failed_on_rank2 = 0, failed_elsewhere = 0;
+  for (auto& k : check::check_ring(c, run))
+    if (k.name == "ring.hop_limit" && k.status == report::Status::Fail) (k.rank == 2 ? failed_on_rank2 : failed_elsewhere)++;
+  EXPECT_EQ(failed_on_rank2, 1);
+  EXPECT_EQ(failed_elsewhere, 0);
+}
+
+// One block-mask cache reset per batch, and every micro-batch is a batch: a step of two micro-batches with a single
+// reset (the second reuses the first's masks) fails cache.generation_reset on that rank.
+TEST(RingChecks, AStepOfTwoMicroBatchesWithOneCacheResetFails) {
+  auto c = make_case(true);
+  c.micro_batches = 2;
+  auto run = hop_limited_cp4();
+  const auto on = check::expected_cache_counts(c, 4, true);
+  for (auto& step : run.cache)
+    for (auto& k : step) k.lookups = on.lookups, k.builds = on.builds, k.hits = on.lookups - on.builds, k.resets = 2;
+  EXPECT_EQ(statuses(check::check_cache(c, run, nullptr), "cache.generation_reset"), kAllPass);
+  run.cache.at(0).at(2).resets = 1;
+  EXPECT_EQ(statuses(check::check_cache(c, run, nullptr), "cache.generation_reset"), kRank2Fails);
 }
 
 // A rank that holds one token fewer than its share fails shard.layout even though every token it holds is right
