@@ -598,7 +598,7 @@ bool vision_group_past_window_from_string(const std::string& s, const std::strin
   if (s == "group_inside_window") return false;
   if (s == "group_past_window") return true;
   throw InputError(source, key,
-                   "expected \"group_inside_window\" (transformers >= 5.13) or \"group_past_window\" (5.5 .. 5.12), got \"" +
+                   "expected \"group_inside_window\" (transformers >= 5.13) or \"group_past_window\" (5.5 .. 5.8), got \"" +
                        s.substr(0, 64) + "\"");
 }
 

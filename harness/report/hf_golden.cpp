@@ -56,20 +56,42 @@ void require_range(const HfGolden& g, const std::string& name, const torch::Tens
 // the attribute) the rule of its transformers version, 5.5 .. 5.12 OR'ing a group after the window. A version that
 // does not read as MAJOR.MINOR[.PATCH][suffix] ("5.6.2", "5.13.0.dev0", "5.25.0rc1") decides nothing: guessing a
 // rule would run another mask than the export's.
+// MAJOR.MINOR of a transformers version ("5.6.2", "5.13.0.dev0", "5.25.0rc1"); none when it does not read as one.
+std::optional<std::pair<int, int>> major_minor(const std::string& text) {
+  static const std::regex version(R"(^(\d{1,4})\.(\d{1,4})(\.\d{1,6})?([.+-]?[A-Za-z0-9.+-]*)?$)");
+  std::smatch m;
+  if (!std::regex_match(text, m, version)) return std::nullopt;
+  return std::make_pair(std::stoi(m[1].str()), std::stoi(m[2].str()));
+}
+
 bool export_groups_past_window(const HfGolden& g) {
   const auto stated = prov(g.dump, "hf_vision_mask");
   if (!stated.empty()) return model::vision_group_past_window_from_string(stated, g.path, "provenance/hf_vision_mask");
-  static const std::regex version(R"(^(\d{1,4})\.(\d{1,4})(\.\d{1,6})?([.+-]?[A-Za-z0-9.+-]*)?$)");
-  std::smatch m;
-  if (!std::regex_match(g.transformers_version, m, version))
+  const auto version = major_minor(g.transformers_version);
+  if (!version)
     throw InputError(g.path, "provenance/transformers_version",
                      fmt::format("'{}' is not a transformers version (MAJOR.MINOR[.PATCH]), and with vision groups and no "
                                  "provenance/hf_vision_mask the version decides which vision-group rule the export's "
-                                 "masks followed (5.5 .. 5.12 or 5.13 on): give the version, or hf_vision_mask "
-                                 "(group_past_window or group_in_window)",
+                                 "masks followed (5.5 .. 5.8 or 5.13 on): give the version, or hf_vision_mask "
+                                 "(group_past_window or group_inside_window)",
                                  io::clip(g.transformers_version, 64)));
-  const int major = std::stoi(m[1].str()), minor = std::stoi(m[2].str());
-  return major == 5 && minor < 13;
+  return version->first == 5 && version->second < 13;
+}
+
+// transformers 5.9 .. 5.12 opened a vision group on every layer type (create_masks_for_generate with
+// block_sequence_ids: full-attention layers bidirectional inside a group too), a rule the harness does not model; an
+// export of those versions whose batch has a vision group is refused rather than judged under another version's rule
+// (whatever its hf_vision_mask says: the exporter labelled them group_past_window, 5.5 .. 5.8's rule).
+void refuse_unmodelled_vision_rule(const HfGolden& g) {
+  const auto& groups = g.batch.meta.vision_group_ids;
+  if (g.config.use_bidirectional_attention != "vision" || !groups.defined() || !(groups >= 0).any().item<bool>()) return;
+  const auto version = major_minor(g.transformers_version);
+  if (version && version->first == 5 && version->second >= 9 && version->second <= 12)
+    throw InputError(g.path, "provenance/transformers_version",
+                     fmt::format("{}: 5.9 .. 5.12 also make full-attention layers bidirectional inside a vision group, "
+                                 "a mask rule the harness does not model; this batch has vision groups (export it "
+                                 "with 5.5 .. 5.8 or 5.13 on)",
+                                 io::clip(g.transformers_version, 64)));
 }
 
 // The config keys an export must give: those that decide the model's numerics. transformers writes every one of them
@@ -170,6 +192,7 @@ HfGolden load_hf_golden(const std::string& path) {
     if (auto why = train::vision_groups_problem(g.batch.meta.vision_group_ids))
       throw InputError(path, "inputs/vision_group_ids", *why + ": these are not transformers' masks");
   }
+  refuse_unmodelled_vision_rule(g);
   const auto shape = g.batch.input_ids.sizes().vec();
   if (g.batch.position_ids.sizes().vec() != shape) throw InputError(path, "inputs/position_ids", "shape differs from input_ids");
   if (!g.batch.meta.document_ids.defined() && shape.size() == 2 && shape[1] > 0) {

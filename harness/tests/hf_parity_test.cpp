@@ -354,6 +354,36 @@ TEST(HfParity, LongVisionGroupsFailUnderTheOtherVersionsRule) {
   fs::remove(tmp);
 }
 
+// transformers 5.9 .. 5.12 made full-attention layers bidirectional inside a vision group, a rule the harness does not
+// model: such an export whose batch has vision groups is refused naming the version, whatever rule it states (the
+// exporter labelled them group_past_window); one without vision groups, and the versions either side, load.
+TEST(HfParity, AVersionWhoseVisionRuleIsNotModelledIsRefusedWhereItMatters) {
+  const auto tmp = fs::temp_directory_path() / fmt::format("cpharness_hf_vision_rule_{}.h5", ::getpid());
+  auto dump = runner::load_hf_golden((kGoldenDir / "hf-5.6.2" / "tiny-31b-hf-long-vision.h5").string()).dump;
+  for (const std::string version : {"5.9.0", "5.10.4", "5.12.1"}) {
+    SCOPED_TRACE(version);
+    dump.provenance["transformers_version"] = version;
+    report::write_run_dump(tmp.string(), dump);
+    try {
+      runner::load_hf_golden(tmp.string());
+      ADD_FAILURE() << "a " << version << " export with vision groups was accepted";
+    } catch (const io::InputError& e) {
+      EXPECT_EQ(e.subject(), "provenance/transformers_version") << e.what();
+      EXPECT_NE(std::string(e.what()).find("5.9 .. 5.12"), std::string::npos) << e.what();
+    }
+  }
+  for (const std::string version : {"5.8.1", "5.13.0"}) {
+    dump.provenance["transformers_version"] = version;
+    report::write_run_dump(tmp.string(), dump);
+    EXPECT_NO_THROW(runner::load_hf_golden(tmp.string())) << version;
+  }
+  auto plain = runner::load_hf_golden((kGoldenDir / "hf-5.24.0" / "tiny-e2b-hf.h5").string()).dump;
+  plain.provenance["transformers_version"] = "5.10.4";
+  report::write_run_dump(tmp.string(), plain);
+  EXPECT_NO_THROW(runner::load_hf_golden(tmp.string())) << "no vision group in the batch: the rule does not matter";
+  fs::remove(tmp);
+}
+
 // Bad input: a golden that is not an HF export, or has no mechanism, is an InputError naming the field.
 TEST(HfParity, NonHfGoldenIsAnInputErrorNamingTheField) {
   const auto tmp = fs::temp_directory_path() / "cpharness_hf_parity_bad.h5";
