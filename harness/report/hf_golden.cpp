@@ -52,10 +52,6 @@ void require_range(const HfGolden& g, const std::string& name, const torch::Tens
                                hi, also ? fmt::format(" (and is not {})", *also) : ""));
 }
 
-// Which vision-group rule the export's masks followed: its provenance hf_vision_mask, else (exports that predate
-// the attribute) the rule of its transformers version, 5.5 .. 5.12 OR'ing a group after the window. A version that
-// does not read as MAJOR.MINOR[.PATCH][suffix] ("5.6.2", "5.13.0.dev0", "5.25.0rc1") decides nothing: guessing a
-// rule would run another mask than the export's.
 // MAJOR.MINOR of a transformers version ("5.6.2", "5.13.0.dev0", "5.25.0rc1"); none when it does not read as one.
 std::optional<std::pair<int, int>> major_minor(const std::string& text) {
   static const std::regex version(R"(^(\d{1,4})\.(\d{1,4})(\.\d{1,6})?([.+-]?[A-Za-z0-9.+-]*)?$)");
@@ -64,6 +60,10 @@ std::optional<std::pair<int, int>> major_minor(const std::string& text) {
   return std::make_pair(std::stoi(m[1].str()), std::stoi(m[2].str()));
 }
 
+// Which vision-group rule the export's masks followed: its provenance hf_vision_mask, else (exports that predate
+// the attribute) the rule of its transformers version, before 5.13 OR'ing a group after the window (5.9 .. 5.12 with
+// vision groups are refused below). A version that does not read as MAJOR.MINOR[.PATCH][suffix] decides nothing:
+// guessing a rule would run another mask than the export's.
 bool export_groups_past_window(const HfGolden& g) {
   const auto stated = prov(g.dump, "hf_vision_mask");
   if (!stated.empty()) return model::vision_group_past_window_from_string(stated, g.path, "provenance/hf_vision_mask");
