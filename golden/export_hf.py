@@ -176,19 +176,20 @@ def kv_share_mechanism(model: Gemma4ForCausalLM) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Masks: spec §3.4, the rule of this transformers version (the harness's, kernels/dense_mask.cpp, from 5.13 on)
 
-def group_sees_past_window() -> bool:
-    """transformers 5.5 .. 5.12 OR'd a vision group after the sliding window (a group saw itself at any distance);
-    5.13 and later (create_masks_for_vision_model) OR it with causal, then AND the window, as the harness does."""
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return (major, minor) < (5, 13)
+def version_tuple() -> tuple:
+    return tuple(int(x) for x in transformers.__version__.split(".")[:2])
 
 
-def groups_on_full_layers() -> bool:
-    """transformers 5.9 .. 5.12 (create_masks_for_generate with block_sequence_ids) also made full-attention layers
-    bidirectional inside a vision group: a rule neither these explicit masks nor the harness build, so a batch with
-    vision groups is not exported with those versions (the harness refuses such goldens too)."""
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return (5, 9) <= (major, minor) < (5, 13)
+def vision_mask_rule() -> str:
+    """The vision-group rule of this transformers version (the harness's model.vision_mask / hf_vision_mask):
+    5.5 .. 5.8 (create_causal_mask_mapping with mm_token_type_ids) OR a group after the sliding window, full layers
+    causal; 5.9 .. 5.12 (create_masks_for_generate with block_sequence_ids) overlay the group on every layer type, so
+    full layers open it too; 5.13 on (create_masks_for_vision_model) OR it with causal inside the window only."""
+    if version_tuple() < (5, 9):
+        return "group_past_window"
+    if version_tuple() < (5, 13):
+        return "group_on_every_layer"
+    return "group_inside_window"
 
 
 def allowed_mask(inputs: dict, S: int, B: int, window: int | None, vision_bidirectional: bool) -> torch.Tensor:
@@ -197,10 +198,11 @@ def allowed_mask(inputs: dict, S: int, B: int, window: int | None, vision_bidire
     order = (j <= i).expand(B, S, S)
     in_window = (j > i - window).expand(B, S, S) if window is not None else torch.ones(B, S, S, dtype=torch.bool)
     vg = inputs.get("vision_group_ids")
-    if vision_bidirectional and window is not None and vg is not None:
+    rule = vision_mask_rule()
+    if vision_bidirectional and vg is not None and (window is not None or rule == "group_on_every_layer"):
         gq, gk = vg.unsqueeze(2), vg.unsqueeze(1)
         group = (gq == gk) & (gq >= 0)
-        allowed = ((order & in_window) | group) if group_sees_past_window() else (in_window & (order | group))
+        allowed = (in_window & (order | group)) if rule == "group_inside_window" else ((order & in_window) | group)
     else:
         allowed = order & in_window
     doc = inputs.get("document_ids")
@@ -211,6 +213,72 @@ def allowed_mask(inputs: dict, S: int, B: int, window: int | None, vision_bidire
     if pad is not None:
         allowed = allowed & pad.logical_not().unsqueeze(1)
     return allowed
+
+
+def transformers_own_masks(config: Gemma4TextConfig, inputs: dict):
+    """The boolean masks [B, S, S] per layer type that this transformers version builds itself in Gemma4Model's
+    multimodal path (from mm_token_type_ids, padding as the attention mask), or (None, why) where this version has
+    none of the builders known here."""
+    from transformers.models.gemma4 import modeling_gemma4 as mg
+    import transformers.masking_utils as mu
+    B, S = inputs["input_ids"].shape
+    vg = inputs.get("vision_group_ids")
+    mm = (vg >= 0).long() if vg is not None else torch.zeros(B, S, dtype=torch.long)
+    emb = torch.zeros(B, S, 4)
+    pad = inputs.get("padding")
+    attention_mask = (~pad).long() if pad is not None else None
+    kw = dict(config=config, inputs_embeds=emb, attention_mask=attention_mask, past_key_values=None,
+              position_ids=inputs["position_ids"])
+    if hasattr(mg, "create_causal_mask_mapping"):
+        masks = mg.create_causal_mask_mapping(config, emb, attention_mask, None, inputs["position_ids"],
+                                              mm_token_type_ids=mm)
+    elif hasattr(mg, "get_block_sequence_ids_for_mask"):
+        blocks = mg.get_block_sequence_ids_for_mask(mm, device=emb.device)
+        builder = getattr(mg, "create_masks_for_vision_model", None) or mu.create_masks_for_generate
+        accepted = inspect.signature(builder).parameters
+        if "cache" in accepted:  # 5.24 renamed past_key_values
+            kw["cache"] = kw.pop("past_key_values")
+        masks = builder(block_sequence_ids=blocks, **kw)
+    else:
+        return None, "no known mask builder in modeling_gemma4"
+    out = {}
+    for layer_type, m in masks.items():
+        if m is None:
+            return None, f"transformers gives no materialised {layer_type} mask"
+        m = m[:, 0] if m.dim() == 4 else m
+        out[layer_type] = m if m.dtype == torch.bool else (m == 0)
+    return out, ""
+
+
+def check_masks_are_the_versions(config: Gemma4TextConfig, inputs: dict, case_id: str) -> None:
+    """The explicit masks passed to transformers must be the ones this version builds itself (documents, which it
+    cannot derive with a mask given, AND'd onto its own): a version that changes its rule fails the export here
+    instead of yielding a golden of a mask no transformers computes. Compared over real query rows and keys."""
+    theirs, why = transformers_own_masks(config, inputs)
+    if theirs is None:
+        print(f"{case_id}: masks not cross-checked against transformers' own ({why})")
+        return
+    B, S = inputs["input_ids"].shape
+    mine = additive_masks(config, inputs)
+    pad = inputs.get("padding")
+    real = (~pad) if pad is not None else torch.ones(B, S, dtype=torch.bool)
+    rows = real.unsqueeze(2) & real.unsqueeze(1)
+    doc = inputs.get("document_ids")
+    for layer_type in sorted(mine):
+        if layer_type not in theirs:
+            raise SystemExit(f"export_hf.py: error: {case_id}: transformers builds no {layer_type} mask "
+                             f"(it builds {sorted(theirs)})")
+        t = theirs[layer_type].to(torch.bool)
+        if doc is not None:
+            t = t & (doc.unsqueeze(2) == doc.unsqueeze(1)) & (doc.unsqueeze(2) > 0)
+        a = mine[layer_type][:, 0] == 0
+        differ = (a != t) & rows
+        if differ.any():
+            b, i, j = (int(x) for x in differ.nonzero()[0])
+            raise SystemExit(f"export_hf.py: error: {case_id}: the {layer_type} mask built here differs from "
+                             f"transformers {transformers.__version__}'s own in {int(differ.sum())} entries (first: "
+                             f"row {b}, query {i}, key {j}: here {bool(a[b, i, j])}, transformers {bool(t[b, i, j])}); "
+                             f"this version's vision-group rule ({vision_mask_rule()}) is not the one it builds")
 
 
 def additive_masks(config: Gemma4TextConfig, inputs: dict) -> dict:
@@ -338,13 +406,10 @@ def export_one(input_path: str, out_dir: str, no_cache_variant: bool, save_pretr
                packed_by_positions: bool = False) -> list:
     src_prov, inputs = read_inputs(input_path)
     case_id = src_prov.get("case_id") or os.path.splitext(os.path.basename(input_path))[0]
-    if has_vision_groups(inputs) and groups_on_full_layers():
-        print(f"{case_id}: not exported: transformers {transformers.__version__} makes full-attention layers "
-              "bidirectional inside a vision group, a rule these masks and the harness do not build")
-        return []
     cfg = json.loads(src_prov["config"])
     seed = int(src_prov.get("init_seed", "0") or 0)
     config = hf_config(cfg)
+    check_masks_are_the_versions(config, inputs, case_id)
     torch.manual_seed(seed)
     model = Gemma4ForCausalLM(config).to(torch.float32)
     seeded_hf_init(model, seed)
@@ -387,10 +452,10 @@ def export_one(input_path: str, out_dir: str, no_cache_variant: bool, save_pretr
             "hf_use_cache": "true" if use_cache else "false",
             "hf_attn_implementation": "eager",
             "hf_init": f"HF init distribution, per-parameter generator (seed {seed}, name); post-sublayer norms x0.03, q/k norms x hd^-1/4, embed_tokens x3",
-            "hf_mask": "explicit additive fp32 mask per layer type from document_ids, padding, vision_group_ids"
-                       + (" (vision groups OR'd after the window, as this version does)" if group_sees_past_window() else ""),
+            "hf_mask": "explicit additive fp32 mask per layer type from document_ids, padding, vision_group_ids, "
+                       f"vision groups as this version builds them ({vision_mask_rule()}; checked against its own masks)",
             # The rule the harness reproduces (case key model.vision_mask): read by hf-parity.
-            "hf_vision_mask": "group_past_window" if group_sees_past_window() else "group_inside_window",
+            "hf_vision_mask": vision_mask_rule(),
         }
         file_inputs = inputs
         if not explicit_mask:

@@ -8,8 +8,7 @@ TokenMetadata TokenMetadata::slice(int64_t start, int64_t length) const {
 }
 
 bool vision_term_active(const TokenMetadata& q_meta, const TokenMetadata& kv_meta, const LayerGeometry& geometry) {
-  return geometry.vision_bidirectional && geometry.window.has_value() && q_meta.vision_group_ids.defined() &&
-         kv_meta.vision_group_ids.defined();
+  return geometry.vision_bidirectional && q_meta.vision_group_ids.defined() && kv_meta.vision_group_ids.defined();
 }
 
 bool mask_depends_on_batch(const TokenMetadata& q_meta, const TokenMetadata& kv_meta) {
@@ -31,7 +30,8 @@ torch::Tensor dense_mask_at(const TokenMetadata& q_meta, const TokenMetadata& kv
   if (vision_term_active(q_meta, kv_meta, geometry)) {
     // A vision group relaxes causality only, inside the window (transformers >= 5.13, create_masks_for_vision_model:
     // the group is OR'd with causal, then AND'd with the window; gemma4-spec 3.4). 5.5 .. 5.12 OR'd the group after
-    // the window, letting a group see itself beyond it (vision_group_past_window).
+    // the window, letting a group see itself beyond it (vision_group_past_window). On a full layer (no window) both
+    // read causal OR same group.
     auto gq = on(q_meta.vision_group_ids).unsqueeze(2);
     auto gk = on(kv_meta.vision_group_ids).unsqueeze(1);
     auto group = (gq == gk) & (gq >= 0);

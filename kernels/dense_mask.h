@@ -6,7 +6,7 @@ namespace cpharness::kernels {
 
 // Allowed(q, k) for every q in `q_range` and k in `kv_range` (global token indices), as a bool tensor
 // [B, Sq, Skv]. `q_meta` holds the metadata of exactly the q range, `kv_meta` of exactly the kv range.
-//   allowed = (k <= q [if causal] OR same vision group >= 0 [if vision_bidirectional and windowed])
+//   allowed = (k <= q [if causal] OR same vision group >= 0 [if vision_bidirectional])
 //             AND q - k < W [if windowed]
 //             AND same document > 0 [if document ids exist]
 // (transformers >= 5.13; with vision_group_past_window, as 5.5 .. 5.12 built it, the group is OR'd after the window:
@@ -26,8 +26,8 @@ torch::Tensor dense_mask(const TokenMetadata& meta, const LayerGeometry& geometr
 torch::Tensor dense_mask_at(const TokenMetadata& q_meta, const TokenMetadata& kv_meta, const torch::Tensor& q_index,
                             const torch::Tensor& kv_index, const LayerGeometry& geometry, int64_t batch);
 
-// Whether the vision-bidirectional term is live for this geometry and these metadata (windowed layer, flag
-// set, group ids on both sides).
+// Whether the vision-bidirectional term is live for this geometry and these metadata (flag set, group ids on both
+// sides; on a sliding or a full layer alike).
 bool vision_term_active(const TokenMetadata& q_meta, const TokenMetadata& kv_meta, const LayerGeometry& geometry);
 
 // Whether the mask depends on the batch row at all (some metadata tensor is defined). When it does not, block

@@ -24,7 +24,9 @@ struct TokenMetadata {
 struct LayerGeometry {
   bool causal = true;
   std::optional<int64_t> window;      // sliding window W: key allowed when q - k < W. nullopt: full layer.
-  bool vision_bidirectional = false;  // same vision group sees itself both ways (sliding layers only).
+  // Same vision group sees itself both ways. Models set it on the layers their rule names (Gemma4: sliding layers;
+  // transformers 5.9 .. 5.12 also full ones); without a window it reads causal OR same group.
+  bool vision_bidirectional = false;
   // How a vision group meets the window. false: (causal OR same group) AND window, as transformers >= 5.13
   // (create_masks_for_vision_model) and gemma4-spec 3.4. true: (causal AND window) OR same group, as 5.5 .. 5.12
   // built it, a group seeing itself at any distance.

@@ -26,7 +26,7 @@ nlohmann::json base_details(const report::HfGolden& g, const report::HfRun& run)
           {"kv_share_semantics", model::to_string(g.config.kv_share_semantics)},
           {"hf_use_cache", g.hf_use_cache},
           {"vision_mask", g.config.use_bidirectional_attention == "vision"
-                              ? model::vision_mask_name(g.config.vision_group_past_window)
+                              ? model::to_string(g.config.vision_mask)
                               : "none (no vision groups)"},
           {"document_ids", g.document_ids_from_positions ? "derived from position_ids restarts (transformers' packing)"
                            : g.batch.meta.document_ids.defined() ? "inputs/document_ids"

@@ -17,7 +17,7 @@
 namespace cpharness::check {
 
 std::string layer_type_name(const kernels::LayerGeometry& g) {
-  if (!g.window) return "full";
+  if (!g.window) return g.vision_bidirectional ? "full, vision bidirectional" : "full";
   const std::string sliding = fmt::format("sliding (window {})", *g.window);
   if (!g.vision_bidirectional) return sliding;
   return sliding + (g.vision_group_past_window ? ", vision bidirectional past the window" : ", vision bidirectional");

@@ -386,7 +386,7 @@ std::optional<int64_t> ModelConfig::layer_window(int64_t layer) const {
 }
 
 bool ModelConfig::layer_vision_bidirectional(int64_t layer) const {
-  return use_bidirectional_attention == "vision" && !is_full(layer);
+  return use_bidirectional_attention == "vision" && (!is_full(layer) || vision_mask == VisionMask::kGroupOnEveryLayer);
 }
 
 int64_t ModelConfig::parameter_count() const {
@@ -590,16 +590,21 @@ KvShareSemantics kv_share_semantics_from_string(const std::string& s, const std:
   throw InputError(source, "kv_share_semantics", "expected \"shared-kv-states\" or \"cache-gated\", got \"" + s + "\"");
 }
 
-std::string vision_mask_name(bool group_past_window) {
-  return group_past_window ? "group_past_window" : "group_inside_window";
+std::string to_string(VisionMask m) {
+  switch (m) {
+    case VisionMask::kGroupPastWindow: return "group_past_window";
+    case VisionMask::kGroupOnEveryLayer: return "group_on_every_layer";
+    case VisionMask::kGroupInsideWindow: break;
+  }
+  return "group_inside_window";
 }
 
-bool vision_group_past_window_from_string(const std::string& s, const std::string& source, const std::string& key) {
-  if (s == "group_inside_window") return false;
-  if (s == "group_past_window") return true;
+VisionMask vision_mask_from_string(const std::string& s, const std::string& source, const std::string& key) {
+  for (VisionMask m : {VisionMask::kGroupInsideWindow, VisionMask::kGroupPastWindow, VisionMask::kGroupOnEveryLayer})
+    if (s == to_string(m)) return m;
   throw InputError(source, key,
-                   "expected \"group_inside_window\" (transformers >= 5.13) or \"group_past_window\" (5.5 .. 5.8), got \"" +
-                       s.substr(0, 64) + "\"");
+                   "expected \"group_inside_window\" (transformers >= 5.13), \"group_past_window\" (5.5 .. 5.8) or "
+                   "\"group_on_every_layer\" (5.9 .. 5.12), got \"" + s.substr(0, 64) + "\"");
 }
 
 ModelConfig config_from_case_json(const json& j, const std::string& source) {
@@ -658,8 +663,7 @@ ModelConfig config_from_case_json(const json& j, const std::string& source) {
   }
   if (j.contains("vision_mask")) {
     if (!j["vision_mask"].is_string()) throw InputError(source, "model.vision_mask", "wrong type: expected a string");
-    c.vision_group_past_window =
-        vision_group_past_window_from_string(j["vision_mask"].get<std::string>(), source, "model.vision_mask");
+    c.vision_mask = vision_mask_from_string(j["vision_mask"].get<std::string>(), source, "model.vision_mask");
     // A rule for groups no layer has would select nothing and say otherwise.
     if (c.use_bidirectional_attention != "vision")
       throw InputError(source, "model.vision_mask",

@@ -26,6 +26,13 @@ struct RopeConfig {
   double factor = 1.0;
 };
 
+// How vision groups open the mask, by transformers version (gemma4-spec 3.4 is the first):
+//   kGroupInsideWindow  >= 5.13: sliding layers (causal OR same group) AND window; full layers causal.
+//   kGroupPastWindow    5.5 .. 5.8: sliding layers (causal AND window) OR same group; full layers causal.
+//   kGroupOnEveryLayer  5.9 .. 5.12: sliding layers as kGroupPastWindow; full layers causal OR same group
+//                       (create_masks_for_generate with block_sequence_ids overlays the group on every layer type).
+enum class VisionMask { kGroupInsideWindow, kGroupPastWindow, kGroupOnEveryLayer };
+
 struct ModelConfig {
   std::string name = "custom";
   int64_t vocab_size = 262144;
@@ -54,9 +61,8 @@ struct ModelConfig {
   int64_t pad_fill_id() const { return pad_token_id.value_or(0); }
   bool tie_word_embeddings = true;
   KvShareSemantics kv_share_semantics = KvShareSemantics::kSharedKvStates;
-  // Which rule a vision group's sliding mask follows (kernels::LayerGeometry::vision_group_past_window): false, as
-  // transformers >= 5.13 and gemma4-spec 3.4; true, as 5.5 .. 5.12 built it (the group OR'd after the window).
-  bool vision_group_past_window = false;
+  // Which rule vision groups follow (use_bidirectional_attention "vision"): the transformers version's, see VisionMask.
+  VisionMask vision_mask = VisionMask::kGroupInsideWindow;
 
   // Derived per-layer values (gemma4-spec §1).
   bool is_full(int64_t layer) const { return layer_types.at(layer) == LayerType::kFull; }
@@ -102,8 +108,8 @@ std::string to_string(KvShareSemantics s);
 KvShareSemantics kv_share_semantics_from_string(const std::string& s, const std::string& source);
 
 // The case key model.vision_mask and the hf-export provenance hf_vision_mask: "group_inside_window" (transformers
-// >= 5.13, the default) or "group_past_window" (5.5 .. 5.12), as ModelConfig::vision_group_past_window.
-std::string vision_mask_name(bool group_past_window);
-bool vision_group_past_window_from_string(const std::string& s, const std::string& source, const std::string& key);
+// >= 5.13, the default), "group_past_window" (5.5 .. 5.8) or "group_on_every_layer" (5.9 .. 5.12), as VisionMask.
+std::string to_string(VisionMask m);
+VisionMask vision_mask_from_string(const std::string& s, const std::string& source, const std::string& key);
 
 }  // namespace cpharness::model

@@ -60,38 +60,48 @@ std::optional<std::pair<int, int>> major_minor(const std::string& text) {
   return std::make_pair(std::stoi(m[1].str()), std::stoi(m[2].str()));
 }
 
-// Which vision-group rule the export's masks followed: its provenance hf_vision_mask, else (exports that predate
-// the attribute) the rule of its transformers version, before 5.13 OR'ing a group after the window (5.9 .. 5.12 with
-// vision groups are refused below). A version that does not read as MAJOR.MINOR[.PATCH][suffix] decides nothing:
-// guessing a rule would run another mask than the export's.
-bool export_groups_past_window(const HfGolden& g) {
-  const auto stated = prov(g.dump, "hf_vision_mask");
-  if (!stated.empty()) return model::vision_group_past_window_from_string(stated, g.path, "provenance/hf_vision_mask");
-  const auto version = major_minor(g.transformers_version);
-  if (!version)
-    throw InputError(g.path, "provenance/transformers_version",
-                     fmt::format("'{}' is not a transformers version (MAJOR.MINOR[.PATCH]), and with vision groups and no "
-                                 "provenance/hf_vision_mask the version decides which vision-group rule the export's "
-                                 "masks followed (5.5 .. 5.8 or 5.13 on): give the version, or hf_vision_mask "
-                                 "(group_past_window or group_inside_window)",
-                                 io::clip(g.transformers_version, 64)));
-  return version->first == 5 && version->second < 13;
+// The vision-group rule a transformers version builds (model::VisionMask): 5.5 .. 5.8 OR a group after the sliding
+// window; 5.9 .. 5.12 (create_masks_for_generate with block_sequence_ids) do so and open it on full-attention layers
+// too; 5.13 on (create_masks_for_vision_model) OR it with causal inside the window only. None for a text that does
+// not read as a version.
+std::optional<model::VisionMask> version_vision_mask(const std::string& version) {
+  const auto v = major_minor(version);
+  if (!v) return std::nullopt;
+  if (v->first != 5 || v->second >= 13) return model::VisionMask::kGroupInsideWindow;
+  return v->second >= 9 ? model::VisionMask::kGroupOnEveryLayer : model::VisionMask::kGroupPastWindow;
 }
 
-// transformers 5.9 .. 5.12 opened a vision group on every layer type (create_masks_for_generate with
-// block_sequence_ids: full-attention layers bidirectional inside a group too), a rule the harness does not model; an
-// export of those versions whose batch has a vision group is refused rather than judged under another version's rule
-// (whatever its hf_vision_mask says: the exporter labelled them group_past_window, 5.5 .. 5.8's rule).
-void refuse_unmodelled_vision_rule(const HfGolden& g) {
+bool has_vision_groups(const HfGolden& g) {
   const auto& groups = g.batch.meta.vision_group_ids;
-  if (g.config.use_bidirectional_attention != "vision" || !groups.defined() || !(groups >= 0).any().item<bool>()) return;
-  const auto version = major_minor(g.transformers_version);
-  if (version && version->first == 5 && version->second >= 9 && version->second <= 12)
-    throw InputError(g.path, "provenance/transformers_version",
-                     fmt::format("{}: 5.9 .. 5.12 also make full-attention layers bidirectional inside a vision group, "
-                                 "a mask rule the harness does not model; this batch has vision groups (export it "
-                                 "with 5.5 .. 5.8 or 5.13 on)",
-                                 io::clip(g.transformers_version, 64)));
+  return g.config.use_bidirectional_attention == "vision" && groups.defined() && (groups >= 0).any().item<bool>();
+}
+
+// Which vision-group rule the export's masks followed: its provenance hf_vision_mask, else (exports that predate
+// the attribute) its transformers version's. A version that does not read as MAJOR.MINOR[.PATCH][suffix] decides
+// nothing: guessing a rule would run another mask than the export's.
+model::VisionMask export_vision_mask(const HfGolden& g) {
+  const auto stated = prov(g.dump, "hf_vision_mask");
+  if (!stated.empty()) return model::vision_mask_from_string(stated, g.path, "provenance/hf_vision_mask");
+  if (const auto rule = version_vision_mask(g.transformers_version)) return *rule;
+  throw InputError(g.path, "provenance/transformers_version",
+                   fmt::format("'{}' is not a transformers version (MAJOR.MINOR[.PATCH]), and with vision groups and no "
+                               "provenance/hf_vision_mask the version decides which vision-group rule the export's "
+                               "masks followed: give the version, or hf_vision_mask (group_inside_window, "
+                               "group_past_window or group_on_every_layer)",
+                               io::clip(g.transformers_version, 64)));
+}
+
+// The exporter once labelled its exports of transformers 5.9 .. 5.12 group_past_window and built 5.5 .. 5.8's masks
+// for them, which are not what those versions compute (they open a group on full-attention layers too). Such a file
+// whose batch has a vision group is refused rather than passed as parity with a version it does not reproduce.
+void refuse_masks_other_than_the_versions(const HfGolden& g) {
+  if (!has_vision_groups(g) || g.config.vision_mask != model::VisionMask::kGroupPastWindow) return;
+  if (version_vision_mask(g.transformers_version) != model::VisionMask::kGroupOnEveryLayer) return;
+  throw InputError(g.path, "provenance/hf_vision_mask",
+                   fmt::format("group_past_window, but transformers {} also makes full-attention layers bidirectional "
+                               "inside a vision group (group_on_every_layer), and this batch has vision groups: the "
+                               "export's masks are not that version's; export it again with golden/export_hf.py",
+                               io::clip(g.transformers_version, 64)));
 }
 
 // The config keys an export must give: those that decide the model's numerics. transformers writes every one of them
@@ -156,7 +166,7 @@ HfGolden load_hf_golden(const std::string& path) {
                      fmt::format("'{}': expected cache-shared-layers, shared-kv-states-by-index or shared-kv-states-by-type",
                                  g.mechanism));
   g.transformers_version = prov(g.dump, "transformers_version");
-  if (g.config.use_bidirectional_attention == "vision") g.config.vision_group_past_window = export_groups_past_window(g);
+  if (g.config.use_bidirectional_attention == "vision") g.config.vision_mask = export_vision_mask(g);
   const auto use_cache = prov(g.dump, "hf_use_cache");
   if (!use_cache.empty() && use_cache != "true" && use_cache != "false")
     throw InputError(path, "provenance/hf_use_cache", fmt::format("'{}': expected true or false", use_cache));
@@ -192,7 +202,7 @@ HfGolden load_hf_golden(const std::string& path) {
     if (auto why = train::vision_groups_problem(g.batch.meta.vision_group_ids))
       throw InputError(path, "inputs/vision_group_ids", *why + ": these are not transformers' masks");
   }
-  refuse_unmodelled_vision_rule(g);
+  refuse_masks_other_than_the_versions(g);
   const auto shape = g.batch.input_ids.sizes().vec();
   if (g.batch.position_ids.sizes().vec() != shape) throw InputError(path, "inputs/position_ids", "shape differs from input_ids");
   if (!g.batch.meta.document_ids.defined() && shape.size() == 2 && shape[1] > 0) {

@@ -109,20 +109,35 @@ TEST(CaseValidation, ValuesThatCannotMeanAnythingAreRefusedNamingTheKey) {
   EXPECT_EQ(train::case_from_json(apart, "v.json").data.layout.vision_runs.size(), 3u);
 }
 
-// model.vision_mask picks the sliding rule of vision groups (transformers 5.5 .. 5.12 or 5.13+) for every sliding
-// layer of a vision model; a misspelt rule, or one for a model without vision groups, is refused.
+// model.vision_mask picks the vision-group rule of a transformers version for a vision model: groups inside the
+// window (5.13 on) or past it (5.5 .. 5.8) on sliding layers only, or past it and on full layers too (5.9 .. 5.12); a
+// misspelt rule, or one for a model without vision groups, is refused.
 TEST(CaseValidation, VisionMaskPicksTheGroupRuleOfVisionModelsOnly) {
+  using model::VisionMask;
   json j = good_case();
-  EXPECT_FALSE(train::case_from_json(j, "v.json").model.vision_group_past_window);
-  j["model"]["vision_mask"] = "group_past_window";
-  const auto c = train::case_from_json(j, "v.json").model;
-  EXPECT_TRUE(c.vision_group_past_window);
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const auto g = model::layer_geometry(c, l);
-    EXPECT_EQ(g.vision_group_past_window, !c.is_full(l)) << "layer " << l;  // full layers stay causal
+  EXPECT_EQ(train::case_from_json(j, "v.json").model.vision_mask, VisionMask::kGroupInsideWindow);
+  struct Rule {
+    const char* name;
+    VisionMask mask;
+    bool past_window, full_layers_open;
+  };
+  for (const Rule& r : {Rule{"group_inside_window", VisionMask::kGroupInsideWindow, false, false},
+                        Rule{"group_past_window", VisionMask::kGroupPastWindow, true, false},
+                        Rule{"group_on_every_layer", VisionMask::kGroupOnEveryLayer, true, true}}) {
+    SCOPED_TRACE(r.name);
+    j["model"]["vision_mask"] = r.name;
+    const auto c = train::case_from_json(j, "v.json").model;
+    EXPECT_EQ(c.vision_mask, r.mask);
+    EXPECT_EQ(model::to_string(c.vision_mask), r.name);
+    int64_t full = 0;
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      const auto g = model::layer_geometry(c, l);
+      full += c.is_full(l);
+      EXPECT_EQ(g.vision_bidirectional, !c.is_full(l) || r.full_layers_open) << "layer " << l;
+      EXPECT_EQ(g.vision_group_past_window, !c.is_full(l) && r.past_window) << "layer " << l;
+    }
+    ASSERT_GT(full, 0) << "the case has no full layer to tell the rules apart";
   }
-  j["model"]["vision_mask"] = "group_inside_window";
-  EXPECT_FALSE(train::case_from_json(j, "v.json").model.vision_group_past_window);
   expect_refused("misspelt rule", [](json& j) { j["model"]["vision_mask"] = "past_window"; }, "model.vision_mask");
   expect_refused("not a string", [](json& j) { j["model"]["vision_mask"] = true; }, "model.vision_mask");
   expect_refused("no vision groups", [](json& j) {

@@ -139,6 +139,7 @@ TEST(HfParity, Transformers_5_5_0) { expect_version_matches("5.5.0"); }
 TEST(HfParity, Transformers_5_5_2) { expect_version_matches("5.5.2"); }
 TEST(HfParity, Transformers_5_6_2) { expect_version_matches("5.6.2"); }
 TEST(HfParity, Transformers_5_8_1) { expect_version_matches("5.8.1"); }
+TEST(HfParity, Transformers_5_10_4) { expect_version_matches("5.10.4"); }
 TEST(HfParity, Transformers_5_24_0) { expect_version_matches("5.24.0"); }
 
 // The 5.5.0 use_cache=False export: HF's shared layers used their own K/V. The C++ cache-gated model without the
@@ -313,36 +314,48 @@ TEST(HfParity, ConfigReadsPerLayerConfigKeyedByLayerIndex) {
   }
 }
 
-// Vision groups longer than the sliding window (cases/hf/tiny-31b-hf-long-vision.json): transformers 5.6.2 OR'd a
-// group after the window, 5.24.0 ORs it with causal and then ANDs the window. Each export passes under the rule its
-// provenance names (the Transformers_* tests run them at cp 1, 2 and 4); under the other rule it fails, so these
-// goldens tell the rules apart. Without the attribute the version decides; a value naming no rule is refused.
-TEST(HfParity, LongVisionGroupsFailUnderTheOtherVersionsRule) {
-  for (const std::string version : {"5.6.2", "5.24.0"}) {
-    SCOPED_TRACE(version);
+// Vision groups longer than the sliding window (cases/hf/tiny-31b-hf-long-vision.json) under the three rules
+// transformers has built: 5.6.2 OR'd a group after the window, 5.10.4 did so and opened it on full-attention layers
+// too, 5.24.0 ORs it with causal and then ANDs the window. Each export passes under the rule its provenance names (the
+// Transformers_* tests run them at cp 1, 2 and 4); under either other rule it fails, so these goldens tell the rules
+// apart. Without the attribute the version decides; a value naming no rule is refused.
+TEST(HfParity, LongVisionGroupsFailUnderAnotherVersionsRule) {
+  using model::VisionMask;
+  const std::pair<std::string, VisionMask> exports[] = {{"5.6.2", VisionMask::kGroupPastWindow},
+                                                        {"5.10.4", VisionMask::kGroupOnEveryLayer},
+                                                        {"5.24.0", VisionMask::kGroupInsideWindow}};
+  for (const auto& [version, rule] : exports) {
     const auto path = (kGoldenDir / ("hf-" + version) / "tiny-31b-hf-long-vision.h5").string();
     auto g = runner::load_hf_golden(path);
-    const bool past = version == "5.6.2";
-    ASSERT_EQ(g.config.vision_group_past_window, past);
-    g.config.vision_group_past_window = !past;
-    for (int cp : {1, 2}) {
-      bool failed = false;
-      for (auto& c : check::check_hf_parity(g, runner::run_on_hf_golden(g, cp, g.hf_shared_kv())))
-        failed |= c.status == report::Status::Fail;
-      EXPECT_TRUE(failed) << "cp " << cp << ": the other rule passed, so this golden cannot tell the rules apart";
+    ASSERT_EQ(g.config.vision_mask, rule) << version;
+    for (VisionMask other : {VisionMask::kGroupInsideWindow, VisionMask::kGroupPastWindow, VisionMask::kGroupOnEveryLayer}) {
+      if (other == rule) continue;
+      g.config.vision_mask = other;
+      for (int cp : {1, 2}) {
+        SCOPED_TRACE(fmt::format("{} judged under {} at cp {}", version, model::to_string(other), cp));
+        bool failed = false;
+        for (auto& c : check::check_hf_parity(g, runner::run_on_hf_golden(g, cp, g.hf_shared_kv())))
+          failed |= c.status == report::Status::Fail;
+        EXPECT_TRUE(failed) << "the other rule passed, so this golden cannot tell the rules apart";
+      }
     }
   }
   const auto tmp = fs::temp_directory_path() / fmt::format("cpharness_hf_vision_mask_{}.h5", ::getpid());
   auto dump = runner::load_hf_golden((kGoldenDir / "hf-5.6.2" / "tiny-31b-hf-long-vision.h5").string()).dump;
   dump.provenance.erase("hf_vision_mask");
-  report::write_run_dump(tmp.string(), dump);
-  EXPECT_TRUE(runner::load_hf_golden(tmp.string()).config.vision_group_past_window);  // 5.6 < 5.13
-  dump.provenance["transformers_version"] = "5.13.0";
-  report::write_run_dump(tmp.string(), dump);
-  EXPECT_FALSE(runner::load_hf_golden(tmp.string()).config.vision_group_past_window);
+  const std::pair<const char*, VisionMask> by_version[] = {
+      {"5.6.2", VisionMask::kGroupPastWindow},     {"5.8.1", VisionMask::kGroupPastWindow},
+      {"5.9.0", VisionMask::kGroupOnEveryLayer},   {"5.12.1", VisionMask::kGroupOnEveryLayer},
+      {"5.13.0", VisionMask::kGroupInsideWindow},  {"5.24.0", VisionMask::kGroupInsideWindow},
+      {"6.0.0", VisionMask::kGroupInsideWindow}};
+  for (const auto& [version, rule] : by_version) {
+    dump.provenance["transformers_version"] = version;
+    report::write_run_dump(tmp.string(), dump);
+    EXPECT_EQ(runner::load_hf_golden(tmp.string()).config.vision_mask, rule) << version;
+  }
   dump.provenance["hf_vision_mask"] = "group_past_window";  // the attribute wins over the version
   report::write_run_dump(tmp.string(), dump);
-  EXPECT_TRUE(runner::load_hf_golden(tmp.string()).config.vision_group_past_window);
+  EXPECT_EQ(runner::load_hf_golden(tmp.string()).config.vision_mask, VisionMask::kGroupPastWindow);
   dump.provenance["hf_vision_mask"] = "sometimes";
   report::write_run_dump(tmp.string(), dump);
   try {
@@ -354,24 +367,30 @@ TEST(HfParity, LongVisionGroupsFailUnderTheOtherVersionsRule) {
   fs::remove(tmp);
 }
 
-// transformers 5.9 .. 5.12 made full-attention layers bidirectional inside a vision group, a rule the harness does not
-// model: such an export whose batch has vision groups is refused naming the version, whatever rule it states (the
-// exporter labelled them group_past_window); one without vision groups, and the versions either side, load.
-TEST(HfParity, AVersionWhoseVisionRuleIsNotModelledIsRefusedWhereItMatters) {
+// The exporter once labelled its exports of transformers 5.9 .. 5.12 group_past_window and built 5.5 .. 5.8's masks
+// for them, which those versions do not compute (full-attention layers open a vision group there too). Such a file
+// whose batch has vision groups is refused naming the attribute; one without vision groups, one labelled with the
+// version's own rule, and the versions either side load.
+TEST(HfParity, AnExportWhoseMasksAreNotItsVersionsIsRefusedWhereItMatters) {
   const auto tmp = fs::temp_directory_path() / fmt::format("cpharness_hf_vision_rule_{}.h5", ::getpid());
   auto dump = runner::load_hf_golden((kGoldenDir / "hf-5.6.2" / "tiny-31b-hf-long-vision.h5").string()).dump;
+  ASSERT_EQ(dump.provenance.at("hf_vision_mask"), "group_past_window");
   for (const std::string version : {"5.9.0", "5.10.4", "5.12.1"}) {
     SCOPED_TRACE(version);
     dump.provenance["transformers_version"] = version;
     report::write_run_dump(tmp.string(), dump);
     try {
       runner::load_hf_golden(tmp.string());
-      ADD_FAILURE() << "a " << version << " export with vision groups was accepted";
+      ADD_FAILURE() << "a " << version << " export with 5.5 .. 5.8's masks and vision groups was accepted";
     } catch (const io::InputError& e) {
-      EXPECT_EQ(e.subject(), "provenance/transformers_version") << e.what();
-      EXPECT_NE(std::string(e.what()).find("5.9 .. 5.12"), std::string::npos) << e.what();
+      EXPECT_EQ(e.subject(), "provenance/hf_vision_mask") << e.what();
+      EXPECT_NE(std::string(e.what()).find("group_on_every_layer"), std::string::npos) << e.what();
     }
   }
+  dump.provenance["hf_vision_mask"] = "group_on_every_layer";
+  report::write_run_dump(tmp.string(), dump);
+  EXPECT_NO_THROW(runner::load_hf_golden(tmp.string()));
+  dump.provenance["hf_vision_mask"] = "group_past_window";
   for (const std::string version : {"5.8.1", "5.13.0"}) {
     dump.provenance["transformers_version"] = version;
     report::write_run_dump(tmp.string(), dump);
@@ -379,6 +398,7 @@ TEST(HfParity, AVersionWhoseVisionRuleIsNotModelledIsRefusedWhereItMatters) {
   }
   auto plain = runner::load_hf_golden((kGoldenDir / "hf-5.24.0" / "tiny-e2b-hf.h5").string()).dump;
   plain.provenance["transformers_version"] = "5.10.4";
+  plain.provenance["hf_vision_mask"] = "group_past_window";
   report::write_run_dump(tmp.string(), plain);
   EXPECT_NO_THROW(runner::load_hf_golden(tmp.string())) << "no vision group in the batch: the rule does not matter";
   fs::remove(tmp);

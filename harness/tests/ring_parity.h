@@ -25,7 +25,7 @@ struct Scenario {
   std::vector<std::pair<int64_t, int64_t>> vision;  // [start, length)
   std::optional<int64_t> window;
   bool vision_bidirectional = false;
-  bool vision_group_past_window = false;  // the transformers 5.5 .. 5.12 rule
+  bool vision_group_past_window = false;  // the transformers 5.5 .. 5.12 sliding rule
   int64_t block = 4;
   Sharding sharding = Sharding::kContiguous;
   RingMode mode = RingMode::kCollect;
@@ -203,6 +203,7 @@ inline std::vector<Scenario> scenarios() {
   { Scenario x{"last shard all padding"}; x.seq_len = 24; x.padding = 14; s.push_back(x); }
   { Scenario x{"vision groups spanning ranks"}; x.vision = {{4, 9}, {15, 5}}; x.window = 3; x.vision_bidirectional = true; s.push_back(x); }
   { Scenario x{"vision groups past the window (5.5 .. 5.12)"}; x.vision = {{2, 13}, {17, 6}}; x.window = 3; x.vision_bidirectional = true; x.vision_group_past_window = true; s.push_back(x); }
+  { Scenario x{"vision groups on a full layer (5.9 .. 5.12)"}; x.vision = {{3, 12}, {18, 5}}; x.vision_bidirectional = true; s.push_back(x); }
   { Scenario x{"vision and documents"}; x.docs = {10, 12}; x.padding = 2; x.vision = {{6, 8}}; x.window = 4; x.vision_bidirectional = true; s.push_back(x); }
   { Scenario x{"GQA 8 heads on 2"}; x.heads = 8; x.kv_heads = 2; x.window = 6; s.push_back(x); }
   { Scenario x{"length not divisible by cp"}; x.seq_len = 23; x.docs = {10, 10}; x.padding = 3; s.push_back(x); }

@@ -106,7 +106,7 @@ struct MaskTerms {
 };
 __host__ __device__ inline MaskTerms mask_terms(const BlockMaskView& m) {
   return {m.q_document_ids != nullptr && m.kv_document_ids != nullptr,
-          m.vision_bidirectional && m.has_window && m.q_vision_group_ids != nullptr && m.kv_vision_group_ids != nullptr,
+          m.vision_bidirectional && m.q_vision_group_ids != nullptr && m.kv_vision_group_ids != nullptr,
           m.kv_padding != nullptr};
 }
 

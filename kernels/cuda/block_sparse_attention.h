@@ -38,7 +38,7 @@ struct BlockList {
 
 // The block mask (kernels/block_mask.h) and the rule partial tiles evaluate per element (kernels/dense_mask.h):
 //   allowed = (k <= q [causal]
-//              OR same vision group >= 0 [vision_bidirectional and has_window and both group arrays given])
+//              OR same vision group >= 0 [vision_bidirectional and both group arrays given])
 //             AND q - k < window [has_window]
 //             (with vision_group_past_window, as transformers 5.5 .. 5.12: (k <= q AND q - k < window) OR same group)
 //             AND same document > 0 [both document arrays given]

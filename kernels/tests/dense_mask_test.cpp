@@ -59,8 +59,10 @@ TEST(DenseMask, KeyPaddingBlocksColumnsOnly) {
 }
 
 // transformers >= 5.13 (gemma4-spec 3.4): (causal OR same group) AND window; 5.5 .. 5.12 let a group see itself beyond
-// the window (a golden from those versions with a group longer than W disagrees with this rule, by version).
-TEST(DenseMask, VisionGroupsSeeEachOtherOnlyOnWindowedLayersAndWithinDocuments) {
+// the window (a golden from those versions with a group longer than W disagrees with this rule, by version). The flag
+// is the layer's: on a layer with no window it reads causal OR same group (transformers 5.9 .. 5.12's full layers);
+// Gemma4's own full layers stay causal because the model does not set it there (model::layer_geometry).
+TEST(DenseMask, VisionGroupsSeeEachOtherWhereTheFlagIsSetAndWithinDocuments) {
   TokenMetadata meta;
   meta.vision_group_ids = ids({-1, 0, 0, 0, -1});
   auto sliding = dense_mask(meta, LayerGeometry{true, 2, true}, 1, 5);
@@ -69,7 +71,11 @@ TEST(DenseMask, VisionGroupsSeeEachOtherOnlyOnWindowedLayersAndWithinDocuments) 
   EXPECT_TRUE(sliding[0][3][2].item<bool>());
   EXPECT_FALSE(sliding[0][0][1].item<bool>());  // text never sees ahead
   auto global = dense_mask(meta, LayerGeometry{true, std::nullopt, true}, 1, 5);
-  EXPECT_FALSE(global[0][1][3].item<bool>());  // full layers stay causal
+  EXPECT_TRUE(global[0][1][3].item<bool>());   // no window: the group sees ahead at any distance
+  EXPECT_TRUE(global[0][3][1].item<bool>());
+  EXPECT_FALSE(global[0][0][1].item<bool>());  // text stays causal
+  EXPECT_FALSE(global[0][3][4].item<bool>());
+  EXPECT_FALSE(dense_mask(meta, LayerGeometry{true, std::nullopt, false}, 1, 5)[0][1][3].item<bool>());
   auto flag_off = dense_mask(meta, LayerGeometry{true, 2, false}, 1, 5);
   EXPECT_FALSE(flag_off[0][1][3].item<bool>());
   meta.document_ids = ids({1, 1, 1, 2, 2});
@@ -79,7 +85,7 @@ TEST(DenseMask, VisionGroupsSeeEachOtherOnlyOnWindowedLayersAndWithinDocuments) 
 }
 
 // The 5.5 .. 5.12 rule (vision_group_past_window): (causal AND window) OR same group, so a group sees itself at any
-// distance, while text keeps the window and full layers stay causal.
+// distance, while text keeps the window; with no window it reads as the other rule.
 TEST(DenseMask, VisionGroupsPastTheWindowFollowTheOlderRule) {
   TokenMetadata meta;
   meta.vision_group_ids = ids({-1, 0, 0, 0, 0, -1});
@@ -93,7 +99,8 @@ TEST(DenseMask, VisionGroupsPastTheWindowFollowTheOlderRule) {
   EXPECT_FALSE(sliding[0][0][1].item<bool>());  // text never sees ahead
   LayerGeometry older_full{true, std::nullopt, true};
   older_full.vision_group_past_window = true;
-  EXPECT_FALSE(dense_mask(meta, older_full, 1, 6)[0][1][3].item<bool>());  // full layers stay causal
+  LayerGeometry newer_full{true, std::nullopt, true};
+  EXPECT_TRUE(torch::equal(dense_mask(meta, older_full, 1, 6), dense_mask(meta, newer_full, 1, 6)));
   meta.document_ids = ids({1, 1, 1, 2, 2, 2});
   EXPECT_FALSE(dense_mask(meta, older, 1, 6)[0][4][1].item<bool>());  // never across documents
 }

@@ -449,6 +449,11 @@ MaskConfig named(const std::string& kind, int64_t q_block, int64_t kv_block, Tok
     c.meta.vision_group_ids = torch::full({2, 400}, -1, torch::kInt64);
     c.meta.vision_group_ids[0].narrow(0, 100, 120).fill_(0);
     c.meta.vision_group_ids[1].narrow(0, 250, 90).fill_(1);
+  } else if (kind == "vision_full_layer") {  // transformers 5.9 .. 5.12: a group open on a layer with no window too
+    c.geometry.vision_bidirectional = true;
+    c.meta.vision_group_ids = torch::full({2, 400}, -1, torch::kInt64);
+    c.meta.vision_group_ids[0].narrow(0, 100, 120).fill_(0);
+    c.meta.vision_group_ids[1].narrow(0, 250, 90).fill_(1);
   } else if (kind == "non_causal") {
     c.geometry.causal = false;
   } else if (kind == "combined") {
@@ -470,8 +475,8 @@ const std::vector<torch::ScalarType> kAllDtypes = {torch::kFloat32, torch::kBFlo
 
 TEST_F(CudaAttentionGpu, EveryMaskKindAtEveryHeadDimMatchesTheCpuChunkAttention) {
   const std::vector<std::string> kinds = {"causal", "sliding_smaller_than_chunk", "sliding_larger_than_chunk",
-                                          "documents", "padding", "vision", "vision_past_window", "non_causal",
-                                          "combined"};
+                                          "documents", "padding", "vision", "vision_past_window", "vision_full_layer",
+                                          "non_causal", "combined"};
   const std::vector<std::pair<int64_t, int64_t>> blocks = {{128, 128}, {64, 64}, {128, 64}};
   const std::vector<TokenRange> kv_ranges = {{0, 400}, {100, 150}, {270, 130}};  // all keys, chunks
   uint64_t seed = 0;
