@@ -53,6 +53,13 @@ cp::RingMode case_ring_mode(const train::Case& c);
 // details carry the causal work per rank and its imbalance (max/min), what the layout is for.
 std::vector<CheckResult> check_shard_layout(const train::Case& c, const report::LaneRun& candidate);
 
+// train.rank_agreement: every rank's loss, gradient norm, parameter norm and counted tokens at every step are rank
+// 0's, bit for bit. They are global values (each rank computes them from the all-reduced sums and the same weights),
+// while the parity checks read rank 0's alone: a rank whose gradients never received the sums (a reduce to the root,
+// an all-reduce whose result only rank 0 keeps) trains on wrong gradients with its own weights, or, on shared
+// weights, shows it only in its own figures. One result per rank > 0.
+std::vector<CheckResult> check_rank_agreement(const report::LaneRun& candidate);
+
 // ring.rotation_order, ring.grad_return, ring.hop_limit and ring.chunks_held from the candidate's step-0 traces and
 // comm counts. Per layer and micro-batch, with h the layer's ring steps: collect mode: forward h ring exchanges,
 // backward h (replay) and h direct dK/dV returns, h + 1 chunks held; stream mode: forward h, backward 2h (the replay

@@ -171,6 +171,39 @@ std::vector<CheckResult> check_shard_layout(const train::Case& c, const report::
   return out;
 }
 
+std::vector<CheckResult> check_rank_agreement(const report::LaneRun& cand) {
+  std::vector<CheckResult> out;
+  const auto& root = cand.rank_steps.empty() ? cand.steps : cand.rank_steps.front();
+  for (int r = 1; r < cand.cp; ++r) {
+    const std::vector<report::TrainingStep> none;
+    const auto& mine = r < int(cand.rank_steps.size()) ? cand.rank_steps[size_t(r)] : none;
+    // A missing step counts as four differing figures, so a rank that recorded nothing cannot pass.
+    int64_t differing = 4 * std::abs(int64_t(mine.size()) - int64_t(root.size()));
+    nlohmann::json first = nullptr;
+    for (size_t s = 0; s < mine.size() && s < root.size(); ++s) {
+      const std::pair<const char*, std::pair<double, double>> figures[] = {
+          {"loss", {mine[s].loss, root[s].loss}},
+          {"grad_norm", {mine[s].grad_norm, root[s].grad_norm}},
+          {"param_norm", {mine[s].param_norm, root[s].param_norm}},
+          {"counted_tokens", {double(mine[s].counted_tokens), double(root[s].counted_tokens)}}};
+      for (const auto& [name, values] : figures) {
+        // Bitwise: two NaNs agree as the same figure, a NaN against a number does not.
+        const bool same = values.first == values.second || (std::isnan(values.first) && std::isnan(values.second));
+        if (same) continue;
+        ++differing;
+        if (first.is_null()) first = {{"step", s}, {"figure", name}, {"rank", values.first}, {"rank_0", values.second}};
+      }
+    }
+    out.push_back(CheckResult::judge("train.rank_agreement", cand.cp, r, "figures_differing_from_rank_0",
+                                     double(differing), 0, Policy::Count,
+                                     {{"steps", int64_t(mine.size())}, {"first_difference", first},
+                                      {"what", "this rank's loss, grad norm, parameter norm and counted tokens at every "
+                                               "step against rank 0's, bit for bit: global values every rank computes "
+                                               "from the all-reduced sums"}}));
+  }
+  return out;
+}
+
 std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun& cand) {
   const int n = cand.cp;
   const int64_t layers = c.model.num_hidden_layers;

@@ -17,7 +17,8 @@ int64_t gradient_all_reduce_calls(const std::vector<torch::Tensor>& parameters, 
   return (total + bucket_elements - 1) / bucket_elements;
 }
 
-void all_reduce_gradients(Comm& comm, const std::vector<torch::Tensor>& parameters, int64_t bucket_elements) {
+void all_reduce_gradients(Comm& comm, const std::vector<torch::Tensor>& parameters, int64_t bucket_elements,
+                          bool root_only) {
   const int64_t calls = gradient_all_reduce_calls(parameters, bucket_elements);
   if (calls == 0) return;
   // The gradients laid end to end in parameter order, reduced one window of that line at a time through one buffer
@@ -54,6 +55,7 @@ void all_reduce_gradients(Comm& comm, const std::vector<torch::Tensor>& paramete
       if (first_off == flat[first].numel()) ++first, first_off = 0;
     }
     comm.all_reduce(window);
+    if (root_only && comm.rank() != 0) continue;  // the mutant
     for (auto& [param, offset, at, take] : pieces) flat[size_t(param)].narrow(0, offset, take).copy_(window.narrow(0, at, take));
   }
 }
@@ -168,7 +170,8 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
   }
   {
     CommTimer timer(ring);
-    all_reduce_gradients(comm, model->parameters(), step_options.gradient_bucket_elements);
+    all_reduce_gradients(comm, model->parameters(), step_options.gradient_bucket_elements,
+                         step_options.reduce_to_rank_zero_only);
   }
   if (step_options.average_gradients) {  // the mutant: a mean where the global-token normalisation needs a sum
     torch::NoGradGuard no_grad;

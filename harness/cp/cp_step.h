@@ -35,6 +35,7 @@ struct CpStepOptions {
   bool use_share_holder = true;               // pass a fresh KV-share holder (cache-gated semantics need it)
   bool shift_labels_after_sharding = false;   // KNOWN-BAD, selftest only: each rank shifts its own shard
   bool average_gradients = false;             // KNOWN-BAD, selftest only: gradients averaged over ranks, not summed
+  bool reduce_to_rank_zero_only = false;      // KNOWN-BAD, selftest only: the reduced gradients reach rank 0 only
   bool swap_zigzag_halves = false;            // KNOWN-BAD, selftest only: the batch's two sub-chunks per rank are
                                               // laid in the wrong order while the ring masks by the layout
   bool zero_grad_per_micro_batch = false;     // KNOWN-BAD, selftest only: gradients cleared before every micro-batch
@@ -84,8 +85,9 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
 
 // Sums every parameter gradient over the ranks (undefined grads count as zero), in buckets of `bucket_elements`
 // elements of the gradients laid end to end: bit-identical to one flat collective, with one bucket of extra memory.
+// `root_only` is KNOWN-BAD (selftest): only rank 0 takes the sums, the others keep their own gradients.
 void all_reduce_gradients(Comm& comm, const std::vector<torch::Tensor>& parameters,
-                          int64_t bucket_elements = kGradientBucketElements);
+                          int64_t bucket_elements = kGradientBucketElements, bool root_only = false);
 // How many all-reduce calls all_reduce_gradients makes for these parameters (the ring.grad_return count).
 int64_t gradient_all_reduce_calls(const std::vector<torch::Tensor>& parameters,
                                   int64_t bucket_elements = kGradientBucketElements);

@@ -46,6 +46,9 @@ struct LaneRun {
   std::vector<cp::CommStats> comm_step0;
   int64_t gradient_all_reduces = 1;  // all-reduce calls that one gradient reduction takes (its buckets)
   std::vector<std::vector<int64_t>> token_index;  // [rank]: the global index of each local token at step 0
+  // cp > 1 only: [rank][step] each rank's own figures. `steps` are rank 0's; loss, grad norm, parameter norm and
+  // counted tokens are global values every rank must hold alike (train.rank_agreement).
+  std::vector<std::vector<TrainingStep>> rank_steps;
   double seconds = 0;
   std::string device = "cpu";  // where it ran ("cpu", "cuda:0"), and the device's name
   std::string device_name = "cpu";

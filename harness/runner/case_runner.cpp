@@ -274,6 +274,7 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
   step_options.use_share_holder = options.use_share_holder;
   step_options.shift_labels_after_sharding = options.step_mutation == StepMutation::kShiftLabelsAfterSharding;
   step_options.average_gradients = options.step_mutation == StepMutation::kAverageGradients;
+  step_options.reduce_to_rank_zero_only = options.step_mutation == StepMutation::kGradientsReducedToRankZero;
   step_options.swap_zigzag_halves = options.step_mutation == StepMutation::kSwapZigzagHalves;
   step_options.sharding = options.sharding;
   step_options.activation_checkpointing = c.activation_checkpointing;
@@ -353,6 +354,7 @@ LaneRun assemble_cp_run(const train::Case& c, train::DtypeLane lane, cp::Shardin
     run.traces.push_back(rec.trace);
     run.comm_step0.push_back(rec.comm_step0);
     run.token_index.push_back(rec.token_index);
+    run.rank_steps.push_back(rec.steps);
   }
   const cp::ShardPlan plan(c.data.seq_len, n, sharding);
   if (root.logits.defined()) {

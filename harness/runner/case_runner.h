@@ -34,6 +34,8 @@ enum class StepMutation {
   kChunkedLossIgnored,        // the candidates form whole logits although loss_chunk_tokens is set (same numbers)
   kSwapZigzagHalves,          // zigzag: each rank's two sub-chunks laid in the wrong order (the ring masks by the layout)
   kCandidatesWithoutWeightDecay,  // the cp N runs' AdamW without weight decay (3e-6 of the weights after 3 steps)
+  kGradientsReducedToRankZero,    // the reduced gradients copied back on rank 0 only (reduce-to-root): every other rank
+                                  // keeps its own shard's gradients
 };
 
 // A fault injected into one rank of a cp N run (CPHARNESS_INJECT_FAULT=crash@1 or hang@0:2), to prove that a rank

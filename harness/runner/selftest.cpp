@@ -37,6 +37,7 @@ SuiteOptions mutate(SuiteOptions o, const std::string& name) {
   else if (name == "activation_checkpointing_not_applied") o.run.skip_reference_checkpointing = true;
   else if (name == "hop_limit_one_too_many") ring.mutation = cp::RingMutation::kHopLimitOneTooMany;
   else if (name == "cp_gradients_averaged") o.run.step_mutation = StepMutation::kAverageGradients;
+  else if (name == "gradients_reduced_to_rank_zero") o.run.step_mutation = StepMutation::kGradientsReducedToRankZero;
   else if (name == "returned_dkdv_accumulated_in_bf16") ring.mutation = cp::RingMutation::kInputDtypeGradAccumulation;
   else if (name == "zigzag_chunk_order_swapped") o.run.step_mutation = StepMutation::kSwapZigzagHalves;
   else if (name == "micro_batch_gradients_cleared") o.run.step_mutation = StepMutation::kZeroGradPerMicroBatch;
@@ -61,6 +62,8 @@ std::vector<Mutant> selftest_mutants() {
       {"kv_shared_layers_without_holder", "cache-gated sharing without the holder: shared layers use dead K/V", "kvshare.loss_parity"},
       {"labels_shifted_after_sharding", "each rank shifts its own shard; shard-edge targets are lost", "train.loss_parity"},
       {"cp_gradients_averaged", "gradients averaged over the ranks instead of summed", "train.grad_norm_parity"},
+      {"gradients_reduced_to_rank_zero", "the summed gradients copied back on rank 0 only; the other ranks keep their own",
+       "train.rank_agreement"},
       // Weight decay moves a weight by lr x wd of itself a step (1e-6 here), a hundredth of what AdamW's step moves
       // it: judged against the weights it hides under fp32_relative, against the update it is plain.
       {"candidate_adamw_without_weight_decay", "the cp N runs' AdamW drops weight decay (the reference keeps 0.01)",

@@ -418,6 +418,7 @@ void judge_phase(const train::Case& c, const RunOptions& run_options, const Suit
     const auto u = runs.uncached.find(n);
     rep.checks.push_back(check::check_trained(candidate, c.trained_exemptions));  // whatever the case selects
     append(rep.checks, c, check::check_shard_layout(c, candidate));
+    append(rep.checks, c, check::check_rank_agreement(candidate));
     append(rep.checks, c, check::check_ring(c, candidate));
     append(rep.checks, c, check::check_cache(c, candidate, u == runs.uncached.end() ? nullptr : &u->second));
     // fp32 tensors that miss fp32_relative against cp 1 on weights the harness did not condition: the step-0

@@ -463,5 +463,42 @@ TEST(KvShare, TheDeadKvPathMustMoveTheLossBeyondTheToleranceTheParityUses) {
   EXPECT_NE(bf16_blind.message.find("the fp32 lane would"), std::string::npos) << bf16_blind.message;
 }
 
+// train.rank_agreement: ranks that hold rank 0's figures bit for bit pass; one figure of one step a rounding off on
+// one rank fails that rank alone, naming the step and the figure; a NaN on both sides agrees; a rank that recorded
+// fewer steps fails.
+TEST(RankAgreement, EveryRankHoldsRankZerosFiguresBitForBit) {
+  auto run = run_of({{4.85, 0.3}, {4.80, 0.29}, {4.77, 0.31}}, 4);
+  run.rank_steps.assign(4, run.steps);
+  auto failing_ranks = [](const std::vector<CheckResult>& results) {
+    std::vector<int> out;
+    for (auto& r : results) {
+      EXPECT_EQ(r.name, "train.rank_agreement");
+      if (r.status != report::Status::Pass) out.push_back(r.rank.value_or(-1));
+    }
+    return out;
+  };
+  const auto all = check_rank_agreement(run);
+  ASSERT_EQ(all.size(), 3u);  // ranks 1, 2, 3
+  EXPECT_TRUE(failing_ranks(all).empty());
+  auto off = run;
+  off.rank_steps[2][1].grad_norm = std::nextafter(0.29, 1.0);
+  const auto one = check_rank_agreement(off);
+  EXPECT_EQ(failing_ranks(one), std::vector<int>{2});
+  EXPECT_EQ(one[1].observed, 1.0);
+  EXPECT_EQ(one[1].details.at("first_difference").at("step"), 1);
+  EXPECT_EQ(one[1].details.at("first_difference").at("figure"), "grad_norm");
+  auto nan = run;
+  for (auto& rank : nan.rank_steps) rank[0].loss = std::nan("");
+  EXPECT_TRUE(failing_ranks(check_rank_agreement(nan)).empty());
+  nan.rank_steps[3][0].loss = 4.85;
+  EXPECT_EQ(failing_ranks(check_rank_agreement(nan)), std::vector<int>{3});
+  auto short_run = run;
+  short_run.rank_steps[1].pop_back();
+  EXPECT_EQ(failing_ranks(check_rank_agreement(short_run)), std::vector<int>{1});
+  auto missing = run;
+  missing.rank_steps.resize(2);  // ranks 2 and 3 recorded nothing
+  EXPECT_EQ(failing_ranks(check_rank_agreement(missing)), (std::vector<int>{2, 3}));
+}
+
 }  // namespace
 }  // namespace cpharness::check

@@ -241,5 +241,28 @@ TEST(RingChecks, ARankMissingATokenOfItsShardFailsTheLayout) {
   EXPECT_EQ(statuses(check::check_shard_layout(c, run), "shard.layout"), kRank2Fails);
 }
 
+// shard.layout writes the zigzag layout from its definition (sub-chunks r and 2 cp - 1 - r of S_loc / 2), not from
+// cp::ShardPlan: a layout every other part of a run follows alike (the plan, the ring's masks, unshard) passes every
+// number, so a strided one (sub-chunks r and cp + r) must fail here, on every rank.
+TEST(RingChecks, AZigzagLaidOutStridedFailsTheLayoutOnEveryRank) {
+  auto c = make_case(true);
+  c.sharding = "zigzag";
+  auto run = hop_limited_cp4();
+  const int n = 4;
+  const int64_t half = cp::ShardPlan(c.data.seq_len, n).local_len() / 2;
+  auto lay_out = [&](bool strided) {
+    for (int r = 0; r < n; ++r) {
+      auto& index = run.token_index.at(size_t(r));
+      index.clear();
+      for (int64_t i = 0; i < half; ++i) index.push_back(r * half + i);
+      for (int64_t i = 0; i < half; ++i) index.push_back((strided ? n + r : 2 * n - 1 - r) * half + i);
+    }
+  };
+  lay_out(false);
+  EXPECT_EQ(statuses(check::check_shard_layout(c, run), "shard.layout"), kAllPass);
+  lay_out(true);
+  EXPECT_EQ(statuses(check::check_shard_layout(c, run), "shard.layout"), std::vector<report::Status>(4, report::Status::Fail));
+}
+
 }  // namespace
 }  // namespace cpharness::runner

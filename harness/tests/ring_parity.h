@@ -204,6 +204,16 @@ inline std::vector<Scenario> scenarios() {
   { Scenario x{"vision groups spanning ranks"}; x.vision = {{4, 9}, {15, 5}}; x.window = 3; x.vision_bidirectional = true; s.push_back(x); }
   { Scenario x{"vision groups past the window (5.5 .. 5.12)"}; x.vision = {{2, 13}, {17, 6}}; x.window = 3; x.vision_bidirectional = true; x.vision_group_past_window = true; s.push_back(x); }
   { Scenario x{"vision groups on a full layer (5.9 .. 5.12)"}; x.vision = {{3, 12}, {18, 5}}; x.vision_bidirectional = true; s.push_back(x); }
+  {  // ids past 255 (a long row of short documents, video frames): ids sent around the ring in a narrow type wrap
+    Scenario x{"300 documents and 290 vision groups"};
+    x.seq_len = 600;
+    x.docs.assign(300, 2);
+    for (int64_t g = 0; g < 290; ++g) x.vision.push_back({2 * g, 2});
+    x.window = 5;
+    x.vision_bidirectional = true;
+    x.block = 16;
+    s.push_back(x);
+  }
   { Scenario x{"vision and documents"}; x.docs = {10, 12}; x.padding = 2; x.vision = {{6, 8}}; x.window = 4; x.vision_bidirectional = true; s.push_back(x); }
   { Scenario x{"GQA 8 heads on 2"}; x.heads = 8; x.kv_heads = 2; x.window = 6; s.push_back(x); }
   { Scenario x{"length not divisible by cp"}; x.seq_len = 23; x.docs = {10, 10}; x.padding = 3; s.push_back(x); }

@@ -333,5 +333,24 @@ TEST(LseMerge, MatchesTheSoftmaxOverTheUnionAndNoRescaleDoesNot) {
   EXPECT_GT(testing::max_abs_error(buggy.out, full_out), 1e-3);
 }
 
+// Partials whose LSEs lie far apart (a gap of 100 or 1000: exp overflows fp32 past 88 and fp64 past 709) merge to
+// the heavier one, in fp32 as in fp64, with no inf or NaN: the merge must shift by the larger LSE, not by either
+// side's own (a shift by a.lse alone rounds the same at everyday gaps and overflows here).
+TEST(LseMerge, FarApartLsesMergeWithoutOverflow) {
+  for (const auto dtype : {torch::kFloat32, torch::kFloat64}) {
+    for (const double gap : {100.0, 1000.0}) {
+      SCOPED_TRACE(std::to_string(gap) + (dtype == torch::kFloat32 ? " fp32" : " fp64"));
+      torch::manual_seed(3);
+      AttentionPartial low{torch::randn({1, 2, 3, 4}, dtype), torch::full({1, 2, 3}, -gap / 2, dtype)};
+      AttentionPartial high{torch::randn({1, 2, 3, 4}, dtype), torch::full({1, 2, 3}, gap / 2, dtype)};
+      for (const auto& m : {lse_merge(low, high), lse_merge(high, low)}) {
+        EXPECT_TRUE(torch::isfinite(m.out).all().item<bool>());
+        EXPECT_TRUE(torch::allclose(m.out, high.out));
+        EXPECT_TRUE(torch::allclose(m.lse, high.lse));
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace cpharness::kernels
