@@ -62,6 +62,32 @@ TEST(AttentionParityCheck, ABackwardThatMisplacesDkDvFailsOnDkOrDv) {
   }
 }
 
+// The bf16 metric is a ratio to one rounding of the exact result: a correct ring sits near 1 on every rank (never
+// 0, which is what a ratio measured on the candidate itself would read, passing anything), and a ring that sums the
+// returned dK/dV in bf16 rounds once per ring step and exceeds the bound at cp 3 (its only guard besides the selftest).
+TEST(AttentionParityCheck, TheBf16RatioIsNearOneForACorrectRingAndAboveTheBoundForABf16Sum) {
+  const auto c = padded_case();
+  cp::RingOptions ring;
+  ring.q_block = c.q_block;
+  ring.kv_block = c.kv_block;
+  auto ratios = [&](const cp::RingOptions& options) {
+    std::vector<report::CheckResult> out;
+    for (const auto& r : check_attention_parity(c, 3, options))
+      if (r.metric == "bf16_error_over_one_rounding") out.push_back(r);
+    return out;
+  };
+  const auto correct = ratios(ring);
+  ASSERT_EQ(correct.size(), 3u);
+  for (const auto& r : correct) {
+    EXPECT_EQ(r.status, report::Status::Pass) << r.message;
+    EXPECT_GT(r.observed, 0.5) << "rank " << r.rank.value_or(-1) << ": not a ratio to one rounding";
+  }
+  ring.mutation = cp::RingMutation::kInputDtypeGradAccumulation;
+  int failed = 0;
+  for (const auto& r : ratios(ring)) failed += r.status == report::Status::Fail;
+  EXPECT_GT(failed, 0);
+}
+
 // The metric itself, on random tensors: it sees a non-zero value of the output or of dQ in any padded row, and
 // nothing outside them (a NaN there is the relative error's to catch). The ring test above only exercises the
 // output: no known-bad ring leaves padded dQ non-zero with a zero output.
