@@ -230,8 +230,7 @@ def transformers_own_masks(config: Gemma4TextConfig, inputs: dict):
     kw = dict(config=config, inputs_embeds=emb, attention_mask=attention_mask, past_key_values=None,
               position_ids=inputs["position_ids"])
     if hasattr(mg, "create_causal_mask_mapping"):
-        masks = mg.create_causal_mask_mapping(config, emb, attention_mask, None, inputs["position_ids"],
-                                              mm_token_type_ids=mm)
+        masks = mg.create_causal_mask_mapping(mm_token_type_ids=mm, **kw)
     elif hasattr(mg, "get_block_sequence_ids_for_mask"):
         blocks = mg.get_block_sequence_ids_for_mask(mm, device=emb.device)
         builder = getattr(mg, "create_masks_for_vision_model", None) or mu.create_masks_for_generate
