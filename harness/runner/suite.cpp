@@ -12,6 +12,7 @@
 #include <chrono>
 #include <filesystem>
 #include <iostream>
+#include <set>
 
 #include "harness/cp/comm.h"
 #include "harness/cp/cp_step.h"
@@ -175,6 +176,10 @@ struct CaseRuns {
   std::map<int, LaneRun> candidates, uncached;
   std::map<int, LaneRun> perturbed;          // one step with the power check's perturbation
   std::map<int, double> perturbed_seconds;   // what that step cost (the power check's details)
+  // The fp32 lane's fp64 reruns (run_rerun_phase): the reference's, made once per case, and cp N's where needed.
+  std::optional<LaneRun> fp64_reference;
+  std::map<int, LaneRun> fp64_candidates;
+  std::set<int> fp32_noisy;  // the cp sizes with an fp32 figure beyond fp32_relative (judged with fp64_reference)
 };
 
 // ---- The power check: can the case see a CP-shaped bug? ----
@@ -370,6 +375,14 @@ void run_reference_phase(const train::Case& c, const std::vector<int>& cps, cons
   }
 }
 
+// A cp N run as the candidates run: over the world's processes under a process backend (rank 0 gets the run, the
+// others nothing), else ranks as threads of this process.
+std::optional<LaneRun> run_candidate(const SuiteOptions& options, const train::Case& c, train::DtypeLane lane, int n,
+                                     const RunOptions& o) {
+  if (options.world) return run_cp_on(*options.world, c, lane, o);
+  return run_cp(c, lane, n, o);
+}
+
 // Phase B (every rank): the cp N candidates, cached and (for the cache checks) one uncached step.
 void run_candidate_phase(const train::Case& c, const std::vector<int>& cps, const RunOptions& run_options,
                          const SuiteOptions& options, report::CaseReport& rep, CaseRuns& runs) {
@@ -382,9 +395,8 @@ void run_candidate_phase(const train::Case& c, const std::vector<int>& cps, cons
   auto perturbed_options = run_options;  // the power check's one step
   perturbed_options.drop_boundary_label = !options.power_not_perturbed;
   perturbed_options.fault.reset();  // it records step-0 tensors as the candidate does: the gradient check sees most
-  auto candidate_run = [&](const train::Case& k, int n, const RunOptions& o) -> std::optional<LaneRun> {
-    if (options.world) return run_cp_on(*options.world, k, c.dtype, o);
-    return run_cp(k, c.dtype, n, o);
+  auto candidate_run = [&](const train::Case& k, int n, const RunOptions& o) {
+    return run_candidate(options, k, c.dtype, n, o);
   };
   for (int n : cps) {
     if (n == 1 || n == int(c.reference_cp)) continue;  // the reference itself
@@ -406,11 +418,83 @@ void run_candidate_phase(const train::Case& c, const std::vector<int>& cps, cons
   }
 }
 
+// Which fp64 reruns the fp32 lane's judgement of cp N needs, on weights the harness did not condition, where some
+// fp32 figure missed fp32_relative against the reference: the step-0 gradients are then judged against an fp64
+// oracle of the reference, the later steps and the final parameters between fp64 reruns of the reference and of cp N
+// (check::judge_final_params says why). A case that passes in fp32 pays for none.
+struct Fp32Noise {
+  bool params = false, grads = false, later_steps = false, step0 = false;
+  bool any() const { return params || grads || later_steps || step0; }
+};
+
+Fp32Noise fp32_noise_of(const train::Case& c, const check::Tolerances& tol, const LaneRun& ref, const LaneRun& candidate) {
+  Fp32Noise noise;
+  noise.params = wants_check(c, "train.param_parity") && !ref.final_params.empty() &&
+                 !check::final_params_within_fp32(tol, ref, candidate);
+  noise.grads = wants_check(c, "train.grad_norm_parity") && !ref.grads.empty() && !candidate.grads.empty() &&
+                !check::step0_grads_within_fp32(tol, ref, candidate);
+  // From step 1 on, the runs train weights the updates moved apart: their loss, grad norm and param norm too.
+  noise.later_steps = !check::steps_within_fp32(tol, ref, candidate, 1);
+  noise.step0 = !check::steps_within_fp32(tol, ref, candidate, 0) || !check::step0_logits_within_fp32(c, tol, ref, candidate);
+  return noise;
+}
+
+// Phase B2 (every rank under a process backend): the fp64 reruns. The reference's is rank 0's solo work; cp N's runs
+// as the candidate ran, on its own backend (`candidate_run`): a bug of that backend alone (process ranks, MPI, NCCL)
+// is then in the rerun that judges the candidate's later steps, as it was in the fp32 run, instead of a run of ranks
+// as threads that never had it. Rank 0 decides, from the runs it holds, and tells the others.
+void run_rerun_phase(const train::Case& c, const RunOptions& run_options, const RunOptions& solo_options,
+                     const SuiteOptions& options, report::CaseReport& rep, CaseRuns& runs, bool root) {
+  if (c.dtype != train::DtypeLane::kFp32) return;
+  const auto tol = tolerances_of(c);
+  auto rerun = [](RunOptions o) {
+    o.fault.reset();
+    o.record_tensors = true;
+    return o;
+  };
+  std::vector<int> candidates_to_rerun;
+  if (root && !rep.error) guarded(rep, [&] {
+    for (auto& [n, candidate] : runs.candidates) {
+      const auto noise = fp32_noise_of(c, tol, *runs.reference, candidate);
+      if (!noise.any()) continue;
+      runs.fp32_noisy.insert(n);
+      if (!runs.fp64_reference) runs.fp64_reference = reference_run(c, train::DtypeLane::kFp64, rerun(solo_options));
+      const bool grads_beyond_oracle =
+          noise.grads && !check::step0_grads_within_oracle(tol, *runs.reference, candidate, *runs.fp64_reference);
+      if (noise.params || noise.later_steps || grads_beyond_oracle) candidates_to_rerun.push_back(n);
+    }
+  });
+  if (options.world) {  // one cp size, the world's: rank 0's decision reaches every rank
+    try {
+      const int64_t decided = wait_for_root(*options.world, candidates_to_rerun.empty() ? 0 : 1, options.root_wait);
+      candidates_to_rerun.assign(decided ? 1 : 0, options.world->size());
+    } catch (const cp::CommError& e) {
+      if (!rep.error)
+        rep.error = root ? "communication failed: " + io::one_line(e)
+                         : "rank 0 sent no sign of its fp64 rerun of the reference for --timeout (stopped, hung or "
+                           "dead): " + io::one_line(e);
+      options.failed_peer = root ? e.peer() : 0;
+      options.world_failed = true;
+      return;
+    }
+  }
+  for (int n : candidates_to_rerun) {
+    guarded(rep, [&] {
+      if (auto run = run_candidate(options, c, train::DtypeLane::kFp64, n, rerun(run_options)))
+        runs.fp64_candidates.emplace(n, std::move(*run));
+    }, &options.failed_peer);
+    if (rep.error && options.world) {
+      options.world_failed = true;
+      break;
+    }
+  }
+}
+
+
 // Phase C (rank 0): every check that compares a candidate with the reference, and the repeat run.
 void judge_phase(const train::Case& c, const RunOptions& run_options, const SuiteOptions& options,
                  report::CaseReport& rep, const CaseRuns& runs) {
   const auto tol = tolerances_of(c);
-  std::optional<LaneRun> fp64_reference;  // made once per case, only when an fp32 tensor misses (below)
   for (auto& [n, candidate] : runs.candidates) {
     progress(c, candidate);
     rep.trajectories[n] = trajectory_of(candidate);
@@ -421,34 +505,10 @@ void judge_phase(const train::Case& c, const RunOptions& run_options, const Suit
     append(rep.checks, c, check::check_rank_agreement(candidate));
     append(rep.checks, c, check::check_ring(c, candidate));
     append(rep.checks, c, check::check_cache(c, candidate, u == runs.uncached.end() ? nullptr : &u->second));
-    // fp32 tensors that miss fp32_relative against cp 1 on weights the harness did not condition: the step-0
-    // gradients are judged against an fp64 oracle of the reference, the final parameters between fp64 reruns of
-    // cp 1 and cp N (check::judge_final_params says why). Made only then: a case that passes pays nothing.
+    // The fp64 reruns made for this cp size (run_rerun_phase).
     check::Fp64Rerun fp64;
-    std::optional<LaneRun> fp64_candidate;
-    if (c.dtype == train::DtypeLane::kFp32) {
-      const auto& ref = *runs.reference;
-      const bool params_noisy = wants_check(c, "train.param_parity") && !ref.final_params.empty() &&
-                                !check::final_params_within_fp32(tol, ref, candidate);
-      const bool grads_noisy = wants_check(c, "train.grad_norm_parity") && !ref.grads.empty() && !candidate.grads.empty() &&
-                               !check::step0_grads_within_fp32(tol, ref, candidate);
-      // From step 1 on, the runs train weights the updates moved apart: their loss, grad norm and param norm too.
-      const bool later_steps_noisy = !check::steps_within_fp32(tol, ref, candidate, 1);
-      const bool step0_noisy = !check::steps_within_fp32(tol, ref, candidate, 0) ||
-                               !check::step0_logits_within_fp32(c, tol, ref, candidate);
-      const bool any_noisy = params_noisy || grads_noisy || later_steps_noisy || step0_noisy;
-      auto rerun_options = run_options;
-      rerun_options.fault.reset();
-      rerun_options.record_tensors = true;
-      if (any_noisy && !fp64_reference) fp64_reference = reference_run(c, train::DtypeLane::kFp64, rerun_options);
-      if (any_noisy) fp64.reference = &*fp64_reference;
-      const bool grads_beyond_oracle = grads_noisy && !check::step0_grads_within_oracle(tol, ref, candidate, *fp64_reference);
-      // The cp N rerun runs ranks as threads in this process whatever the backend (the judge is one process).
-      if (params_noisy || later_steps_noisy || grads_beyond_oracle) {
-        fp64_candidate = run_cp(c, train::DtypeLane::kFp64, n, rerun_options);
-        fp64.candidate = &*fp64_candidate;
-      }
-    }
+    if (runs.fp32_noisy.count(n) && runs.fp64_reference) fp64.reference = &*runs.fp64_reference;
+    if (auto r = runs.fp64_candidates.find(n); r != runs.fp64_candidates.end()) fp64.candidate = &r->second;
     append(rep.checks, c, check::check_training(c, tol, *runs.reference, candidate, runs.oracle ? &*runs.oracle : nullptr,
                                                 options.dump_dir, &fp64));
     auto profile = check::divergence_profile(c, tol, *runs.reference, candidate, runs.oracle ? &*runs.oracle : nullptr);
@@ -591,6 +651,7 @@ report::CaseReport run_case(const train::Case& c, const SuiteOptions& options) {
     go = false;
   }
   if (go) run_candidate_phase(c, cps, run_options, options, rep, runs);
+  if (go && !options.world_failed && !beat_failed()) run_rerun_phase(c, run_options, solo_options, options, rep, runs, root);
   if (root && !rep.error) guarded(rep, [&] { judge_phase(c, solo_options, options, rep, runs); });
   beat_failed();
   if (rep.error) {  // an error report carries no partial verdicts, nor the page's data of a half-run case

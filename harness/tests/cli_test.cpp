@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <set>
 #include <string>
 #include <thread>
@@ -695,6 +696,34 @@ TEST_F(CliTest, MpiRunMatchesTheLocalRunBitForBit) {
   for (size_t i = 0; i < lc["checks"].size(); ++i) {
     EXPECT_EQ(mc["checks"][i]["name"], lc["checks"][i]["name"]);
     EXPECT_EQ(mc["checks"][i]["status"], lc["checks"][i]["status"]);
+  }
+}
+
+// The fp64 reruns that judge an fp32 candidate's later steps (policy fp64_rerun) run on the candidate's own backend.
+// The planted bug copies the summed gradients back on rank 0 only: under --comm local rank 0 steps the weights every
+// rank shares, so only process ranks train on their own unsummed gradients. A rerun of ranks as threads never had
+// the bug and passed the later steps; a rerun over the same processes has it and fails them.
+TEST_F(CliTest, TheFp64RerunsOfAnMpiCandidateRunOnItsProcessesAndKeepABugOfThatBackend) {
+  const std::string c = std::string(CPHARNESS_SOURCE_DIR) + "/cases/checkpoints/tiny-e4b-hf-checkpoint.json";
+  auto good = run_cli("run " + c + " --comm mpi --nproc 2 --timeout 120 --out " + (dir_ / "good").string());
+  ASSERT_EQ(good.exit_code, 0) << good.output;
+  auto bad = run_cli("run " + c + " --comm mpi --nproc 2 --timeout 120 --out " + (dir_ / "bad").string(),
+                     "CPHARNESS_PLANT_BUG=gradients_reduced_to_rank_zero");
+  ASSERT_EQ(bad.exit_code, 1) << bad.output;
+  auto later_step_verdicts = [](const nlohmann::json& report) {
+    std::map<std::string, std::string> out;  // "name step" -> status, of the checks judged on the reruns
+    for (auto& k : report["cases"][0]["checks"])
+      if (k["policy"] == "fp64_rerun" && k["step"].is_number() && k["step"].get<int>() >= 1)
+        out[k["name"].get<std::string>() + " " + std::to_string(k["step"].get<int>())] = k["status"];
+    return out;
+  };
+  const auto g = later_step_verdicts(read_json(dir_ / "good" / "report.json"));
+  const auto b = later_step_verdicts(read_json(dir_ / "bad" / "report.json"));
+  ASSERT_FALSE(g.empty()) << "the checkpoint's fp32 figures no longer need the reruns: pick another case";
+  for (auto& [what, status] : g) EXPECT_EQ(status, "pass") << what;
+  for (const char* what : {"train.loss_parity 1", "train.grad_norm_parity 1", "train.loss_parity 2"}) {
+    ASSERT_TRUE(b.count(what)) << what;
+    EXPECT_EQ(b.at(what), "fail") << what;
   }
 }
 
