@@ -19,7 +19,7 @@ venv="${CPHARNESS_VENV:-$HOME/.local/share/cpharness/venv}"
 mkdir -p "$bundle/bin" "$bundle/lib"
 
 # Binaries: name -> path inside the build tree. A missing one is an error (the bundle must be complete).
-binaries=(harness/cpharness harness/gpu_tests kernels/cuda/cuda_attention_tests bench/bench_cuda_attention)
+binaries=(harness/cpharness harness/cpharness-core harness/gpu_tests kernels/cuda/cuda_attention_tests bench/bench_cuda_attention)
 optional=(bench/bench_cp_step)
 for b in "${binaries[@]}"; do
   [ -x "$build/$b" ] || { echo "gpu-bundle: $build/$b is missing (build with -DCPHARNESS_CUDA=ON first)" >&2; exit 1; }

@@ -6,7 +6,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build="${CPHARNESS_BUILD_DIR:-$root/build}"
 out="$root/reports/out"
-if [ ! -x "$build/harness/cpharness" ]; then
+if [ ! -x "$build/harness/cpharness" ] || [ ! -x "$build/harness/cpharness-core" ]; then
   "$root/ci/setup.sh"
   "$root/ci/build.sh"
 fi

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <iostream>
 
+#include "harness/cli/older_reports.h"
 #include "harness/cli/usage_error.h"
 #include "harness/cli/verbs.h"
 #include "harness/io/error_text.h"
@@ -214,16 +215,6 @@ int call_verb(CLI::App& app, Verbs& v, const std::vector<std::string>& args) {
   if (verb == "bisect") return bisect_verb(v.bisect_case, v.bisect_golden);
   if (verb == "render") return render_verb(v.render_in, v.render_out);
   return list_verb(v.list_cases);
-}
-
-}  // namespace
-
-namespace {
-
-// The verbs that write reports (run, selftest, golden verify, hf-parity).
-bool verb_writes_reports(const std::vector<std::string>& args) {
-  return !args.empty() && (args[0] == "run" || args[0] == "selftest" || args[0] == "hf-parity" ||
-                           (args[0] == "golden" && args.size() > 1 && args[1] == "verify"));
 }
 
 }  // namespace

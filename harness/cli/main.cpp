@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "harness/cli/app.h"
+#include "harness/cli/verbs.h"
 #include "harness/train/host_memory.h"
 
 int main(int argc, char** argv) {
@@ -17,6 +18,7 @@ int main(int argc, char** argv) {
   // Likewise a write past a file-size limit (ulimit -f, a CI sandbox's RLIMIT_FSIZE) fails with EFBIG, which the
   // writers report as they do a full disk, instead of killing the process with no report and a temp file left.
   ::signal(SIGXFSZ, SIG_IGN);
+  cpharness::cli::take_withdrawn_reports_from_environment();
   // Ranks run as threads of this process; one intra-op thread each keeps runs deterministic and avoids
   // oversubscribing the cores (CPHARNESS_INTRA_OP_THREADS overrides).
   // A value that is not a whole number from 1 to 1024 is a usage error: 0, -1 and words read as 1, and 99999

@@ -19,6 +19,7 @@
 #include <iostream>
 #include <thread>
 
+#include "harness/cli/older_reports.h"
 #include "harness/cli/stop_signals.h"
 #include "harness/cli/usage_error.h"
 #include "harness/cp/launcher.h"
@@ -800,15 +801,16 @@ int bisect_verb_judged(const std::string& case_path, const std::string& golden_p
   }
 }
 
-// The first `limit` bytes of `path` when it is a regular file, else nothing.
-std::optional<std::string> head_of(const std::string& path, size_t limit) {
-  std::error_code ec;
-  if (path.empty() || !std::filesystem::is_regular_file(path, ec)) return std::nullopt;
-  std::ifstream in(path, std::ios::binary);
-  std::string text(limit, '\0');
-  in.read(text.data(), std::streamsize(limit));
-  text.resize(size_t(in.gcount()));
-  return text;
+// The report files the launcher removed before the libraries loaded (older_reports.h): older reports as much as
+// those still there.
+std::vector<std::string>& withdrawn_by_launcher() {
+  static std::vector<std::string> paths;
+  return paths;
+}
+
+bool withdrawn_by_launcher(const std::string& path) {
+  const auto& w = withdrawn_by_launcher();
+  return !path.empty() && std::find(w.begin(), w.end(), path) != w.end();
 }
 
 // The reports of an older run at the outputs `asked` names are replaced by an error report saying `why`.
@@ -817,32 +819,34 @@ void withdraw_older_reports_at(const ReportOutputs& asked, const std::string& wh
   // Only a file that is a report of ours is touched: the path may name anything (the usage error may be that it
   // names the case file).
   ReportOutputs older;
-  if (auto text = head_of(o.report_path, size_t(64) << 20)) {
-    const auto doc = nlohmann::json::parse(*text, nullptr, false);
-    if (doc.is_object() && doc.contains("schema_version") && doc.contains("tool") && doc.contains("status"))
-      older.report_path = o.report_path;
-  }
-  if (auto text = head_of(o.junit_path, 4096); text && text->find("<testsuites name=\"cpharness\"") != std::string::npos)
-    older.junit_path = o.junit_path;
-  if (auto text = head_of(o.html_path, 65536); text && text->find("cpharness report") != std::string::npos)
-    remove_files({o.html_path});
+  if (is_our_json_report(o.report_path) || withdrawn_by_launcher(o.report_path)) older.report_path = o.report_path;
+  if (is_our_junit_report(o.junit_path) || withdrawn_by_launcher(o.junit_path)) older.junit_path = o.junit_path;
+  if (is_our_page(o.html_path)) remove_files({o.html_path});
   if (!older.report_path.empty() || !older.junit_path.empty()) write_error_report(older, "local", why);
 }
 
 }  // namespace
 
+void take_withdrawn_reports_from_environment() {
+  const char* listed = std::getenv(kWithdrawnReportsVar);
+  if (!listed) return;
+  std::string rest = listed;
+  for (size_t end; !rest.empty(); rest.erase(0, end == std::string::npos ? rest.size() : end + 1)) {
+    end = rest.find('\n');
+    if (end != 0) withdrawn_by_launcher().push_back(rest.substr(0, end));
+  }
+  ::unsetenv(kWithdrawnReportsVar);  // (this process's alone: not its ranks', nor a bisected commit's)
+}
+
 void withdraw_older_reports(const std::vector<std::string>& args, const std::string& why) {
   // Every place an output flag names, a repeated flag's first value too (repeating one is itself the usage error).
-  for (size_t i = 0; i < args.size(); ++i) {
-    for (auto [flag, field] : std::vector<std::pair<std::string, std::string ReportOutputs::*>>{
-             {"--report", &ReportOutputs::report_path}, {"--junit", &ReportOutputs::junit_path},
-             {"--html", &ReportOutputs::html_path}, {"--out", &ReportOutputs::out_dir}}) {
-      ReportOutputs asked;
-      if (args[i] == flag && i + 1 < args.size()) asked.*field = args[i + 1];
-      else if (args[i].rfind(flag + "=", 0) == 0) asked.*field = args[i].substr(flag.size() + 1);
-      else continue;
-      withdraw_older_reports_at(asked, why);
-    }
+  for (const auto& [flag, value] : output_flags_in(args)) {
+    ReportOutputs asked;
+    if (flag == "--report") asked.report_path = value;
+    else if (flag == "--junit") asked.junit_path = value;
+    else if (flag == "--html") asked.html_path = value;
+    else asked.out_dir = value;
+    withdraw_older_reports_at(asked, why);
   }
 }
 

@@ -69,6 +69,9 @@ bool replace_stand_in(const std::string& why);
 // the command line names (--report, --junit, --html, --out) must not stay to be read as this one's. Each that is a
 // cpharness report is replaced by the usage error's report (the page removed); any other file is left alone.
 void withdraw_older_reports(const std::vector<std::string>& args, const std::string& why);
+// The report files the launcher withdrew before this process loaded (older_reports.h), taken from the environment
+// (and removed from it) once, first thing in main.
+void take_withdrawn_reports_from_environment();
 
 // One line for an error that ended a verb: "PATH: reason" for a path the OS refused (a symlink loop), else
 // "internal error: ...".

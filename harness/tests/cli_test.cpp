@@ -1105,6 +1105,66 @@ TEST_F(CliTest, AProcessKilledOutrightOrCrashedLeavesTheUnfinishedErrorNotAnOlde
   EXPECT_EQ(read_json(out / "report.json")["status"], "pass");
 }
 
+// Before the stand-in there is the half second and more in which libtorch loads: `cpharness` (which links none)
+// removes an older run's reports and only then execs cpharness-core, so a command killed while the core loads leaves
+// no report, never the older pass. The kill comes the moment the process is the core's (its /proc/PID/exe changed).
+TEST_F(CliTest, AProcessKilledWhileItsLibrariesLoadLeavesNoOlderPass) {
+  auto c = write("g.json", kGoodCase);
+  const auto older = dir_ / "older";  // a real run's reports: the launcher removes only reports of ours
+  ASSERT_EQ(run_cli("run " + c + " --cp 2 --out " + older.string()).exit_code, 0);
+  ASSERT_TRUE(fs::exists(older / "report.html"));
+  const std::string launcher = fs::canonical(CPHARNESS_BINARY).string();
+  for (const std::string outputs : {"--out", "--report"}) {
+    SCOPED_TRACE(outputs);
+    const auto out = dir_ / ("loading" + outputs);
+    fs::copy(older, out, fs::copy_options::recursive);
+    const std::string flags = outputs == "--out" ? "--out " + out.string()
+                                                 : "--report " + (out / "report.json").string() + " --junit " +
+                                                       (out / "report.xml").string() + " --html " + (out / "report.html").string();
+    const std::string cmd = launcher + " run " + c + " --cp 2 " + flags;
+    auto r = cpharness::testing::run_command("sh -c '" + cmd + " & pid=$!; while [ \"$(readlink /proc/$pid/exe)\" = " +
+                                             launcher + " ]; do :; done; kill -KILL $pid; wait $pid; echo EXIT=$?'");
+    EXPECT_NE(r.output.find("EXIT=137"), std::string::npos) << r.output;
+    if (fs::exists(out / "report.json")) {
+      EXPECT_EQ(read_json(out / "report.json")["status"], "error");
+    }
+    if (fs::exists(out / "report.xml")) {
+      std::ifstream xml(out / "report.xml");
+      const std::string xml_text((std::istreambuf_iterator<char>(xml)), std::istreambuf_iterator<char>());
+      EXPECT_NE(xml_text.find("did not finish"), std::string::npos) << xml_text;
+    }
+    EXPECT_FALSE(fs::exists(out / "report.html"));
+  }
+}
+
+// A usage error found once the core runs leaves its error report where the launcher removed the older one.
+TEST_F(CliTest, AUsageErrorAfterTheLauncherStillLeavesItsErrorReport) {
+  auto c = write("g.json", kGoodCase);
+  const auto out = dir_ / "usage";
+  ASSERT_EQ(run_cli("run " + c + " --cp 2 --out " + out.string()).exit_code, 0);
+  ASSERT_EQ(read_json(out / "report.json")["status"], "pass");
+  auto r = run_cli("run " + c + " --cp 0 --out " + out.string());
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(read_json(out / "report.json")["status"], "error");
+  EXPECT_FALSE(fs::exists(out / "report.html"));
+}
+
+// Without its core beside it, `cpharness` says what is missing (exit 2) instead of running something else.
+TEST_F(CliTest, TheLauncherWithoutItsCoreSaysWhatIsMissing) {
+  fs::copy_file(CPHARNESS_BINARY, dir_ / "cpharness");
+  auto r = cpharness::testing::run_command((dir_ / "cpharness").string() + " list");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("cpharness-core"), std::string::npos) << r.output;
+}
+
+TEST_F(CliTest, ARunThatEndsReplacesTheStandInWithItsVerdict) {
+  auto c = write("g.json", kGoodCase);
+  const auto out = dir_ / "finished";
+  auto r = run_cli("run " + c + " --cp 2 --out " + out.string());
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(read_json(out / "report.json")["status"], "pass");
+}
+
 }  // namespace
 
 // ---- Devices: --device, the case key "device", --comm nccl outside a launcher (this machine has no GPU) ----
