@@ -62,12 +62,13 @@ std::vector<std::string> remove_older_reports(const std::vector<std::string>& js
   return removed;
 }
 
-std::string core_path() {
+// cpharness-core beside this program: found through /proc/self/exe (a symlink to cpharness resolves to the build's),
+// else through argv[0] where /proc is not mounted.
+std::string core_path(const char* argv0) {
   char buf[PATH_MAX];
   const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof(buf) - 1);
-  if (n <= 0) return "cpharness-core";
-  buf[n] = '\0';
-  return (std::filesystem::path(buf).parent_path() / "cpharness-core").string();
+  const std::filesystem::path self = n > 0 ? std::filesystem::path(std::string(buf, size_t(n))) : std::filesystem::path(argv0);
+  return (self.parent_path() / "cpharness-core").string();
 }
 
 }  // namespace
@@ -90,7 +91,7 @@ int main(int argc, char** argv) {
     for (const auto& p : remove_older_reports(json, junit, pages)) listed += p + "\n";
     if (!listed.empty()) ::setenv(cli::kWithdrawnReportsVar, listed.c_str(), 1);
   }
-  const std::string core = core_path();
+  const std::string core = core_path(argv[0]);
   ::execv(core.c_str(), argv);
   std::cerr << "cpharness: cannot start " << core << ": " << std::strerror(errno)
             << " (cpharness-core is built beside cpharness; copy both)\n";
