@@ -440,7 +440,7 @@ Fp32Noise fp32_noise_of(const train::Case& c, const check::Tolerances& tol, cons
 }
 
 // Phase B2 (every rank under a process backend): the fp64 reruns. The reference's is rank 0's solo work; cp N's runs
-// as the candidate ran, on its own backend (`candidate_run`): a bug of that backend alone (process ranks, MPI, NCCL)
+// as the candidate ran, on its own backend (`run_candidate`): a bug of that backend alone (process ranks, MPI, NCCL)
 // is then in the rerun that judges the candidate's later steps, as it was in the fp32 run, instead of a run of ranks
 // as threads that never had it. Rank 0 decides, from the runs it holds, and tells the others.
 void run_rerun_phase(const train::Case& c, const RunOptions& run_options, const RunOptions& solo_options,
@@ -489,7 +489,6 @@ void run_rerun_phase(const train::Case& c, const RunOptions& run_options, const 
     }
   }
 }
-
 
 // Phase C (rank 0): every check that compares a candidate with the reference, and the repeat run.
 void judge_phase(const train::Case& c, const RunOptions& run_options, const SuiteOptions& options,
