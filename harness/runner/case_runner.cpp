@@ -381,6 +381,11 @@ LaneRun run_cp(const train::Case& c, train::DtypeLane lane, int n, const RunOpti
                                                      options.zero_weights, options.zero_final_norm)};
   for (int r = 1; r < n; ++r) models.push_back(model::model_sharing_weights(models.front()));
   train::synchronize(options.device);  // the weights are complete before rank streams (which do not wait) read them
+  // The update each weight took, as run_reference records it: a reference_cp > 1 reference is the scale
+  // train.param_parity judges a candidate's final weights by (judge_final_params), and its weights would hide a
+  // wrong update (a weight decay dropped: 3e-6 of the weights after three steps) under their own size.
+  std::map<std::string, torch::Tensor> initial;
+  if (options.record_tensors) initial = model::parameter_copies(models.front(), torch::kFloat64);
   cp::run_local(n, [&](cp::Comm& comm) {
     // On a GPU each rank queues on a stream of its own; the local comm orders what crosses between them.
     train::OwnStream own_stream(options.device);
@@ -388,8 +393,11 @@ LaneRun run_cp(const train::Case& c, train::DtypeLane lane, int n, const RunOpti
   }, options.timeout);
   models.clear();
   train::release_cached_memory(options.device);
-  return assemble_cp_run(c, lane, options.sharding, std::move(ranks), std::chrono::duration<double>(Clock::now() - start).count(),
-                         options.device, 1);
+  auto run = assemble_cp_run(c, lane, options.sharding, std::move(ranks),
+                             std::chrono::duration<double>(Clock::now() - start).count(), options.device, 1);
+  for (auto& [name, p] : run.final_params)
+    if (auto it = initial.find(name); it != initial.end()) run.update_norms[name] = (p - it->second).norm().item<double>();
+  return run;
 }
 
 std::optional<LaneRun> run_cp_on(cp::Comm& world, const train::Case& c, train::DtypeLane lane, const RunOptions& options) {

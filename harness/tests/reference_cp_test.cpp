@@ -59,6 +59,22 @@ TEST(ReferenceCp, APlantedRingBugFailsAgainstEitherReference) {
   }
 }
 
+// train.param_parity judges the final weights by the update the reference made (final - initial), which a ring
+// reference records as cp 1 does: against the weights, a candidate that drops weight decay (3e-6 of the weights
+// after three steps, inside 1e-5) passed against a cp 2 reference while it failed against cp 1.
+TEST(ReferenceCp, AWrongUpdateFailsAgainstEitherReference) {
+  for (int reference_cp : {1, 2}) {
+    SuiteOptions o;
+    o.run.step_mutation = StepMutation::kCandidatesWithoutWeightDecay;
+    const auto r = run_case(make_case(reference_cp), o);
+    ASSERT_FALSE(r.error) << *r.error;
+    bool params_failed = false;
+    for (auto& k : r.checks)
+      if (k.name == "train.param_parity" && !k.step && k.status == report::Status::Fail) params_failed = true;
+    EXPECT_TRUE(params_failed) << "reference_cp " << reference_cp << ": the dropped weight decay went unseen";
+  }
+}
+
 TEST(ReferenceCp, IsValidated) {
   auto j = nlohmann::json::parse(R"({"id": "t", "model": {"preset": "tiny-e2b"}, "data": {"seq_len": 8}})");
   j["reference_cp"] = 0;
