@@ -1157,6 +1157,30 @@ TEST_F(CliTest, TheLauncherWithoutItsCoreSaysWhatIsMissing) {
   EXPECT_NE(r.output.find("cpharness-core"), std::string::npos) << r.output;
 }
 
+// Under a launcher (torchrun, srun, mpirun) the reports are rank 0's: the launcher of any other rank leaves them
+// alone (rank 0 may already have put its stand-in or its verdict there), as the core does.
+TEST_F(CliTest, TheLauncherOfARankOtherThanZeroLeavesTheReportsAlone) {
+  auto c = write("g.json", kGoodCase);
+  const auto out = dir_ / "ranks";
+  ASSERT_EQ(run_cli("run " + c + " --cp 2 --out " + out.string()).exit_code, 0);
+  auto text_of = [](const fs::path& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  };
+  const std::string older_page = text_of(out / "report.html");
+  const std::string rendezvous = "WORLD_SIZE=2 LOCAL_RANK=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29733";
+  auto r = run_cli("run " + c + " --comm nccl --timeout 2 --out " + out.string(), "RANK=1 " + rendezvous);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(read_json(out / "report.json")["status"], "pass");
+  EXPECT_EQ(text_of(out / "report.html"), older_page);
+  // Rank 0 of the same job owns them: the older pass goes (its error verdict may have a page of its own).
+  r = run_cli("run " + c + " --comm nccl --timeout 2 --out " + out.string(),
+              "RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29733");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(read_json(out / "report.json")["status"], "error");
+  EXPECT_NE(text_of(out / "report.html"), older_page);
+}
+
 TEST_F(CliTest, ARunThatEndsReplacesTheStandInWithItsVerdict) {
   auto c = write("g.json", kGoodCase);
   const auto out = dir_ / "finished";
