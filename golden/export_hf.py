@@ -223,7 +223,10 @@ def transformers_own_masks(config: Gemma4TextConfig, inputs: dict):
     import transformers.masking_utils as mu
     B, S = inputs["input_ids"].shape
     vg = inputs.get("vision_group_ids")
-    mm = (vg >= 0).long() if vg is not None else torch.zeros(B, S, dtype=torch.long)
+    # Gemma4Model.forward opens vision groups only where use_bidirectional_attention is "vision"; any other model
+    # gets the plain masks (create_masks_for_generate), which the builders give for a batch without vision tokens.
+    vision = getattr(config, "use_bidirectional_attention", None) == "vision"
+    mm = (vg >= 0).long() if vg is not None and vision else torch.zeros(B, S, dtype=torch.long)
     emb = torch.zeros(B, S, 4)
     pad = inputs.get("padding")
     attention_mask = (~pad).long() if pad is not None else None
@@ -442,6 +445,10 @@ def export_one(input_path: str, out_dir: str, no_cache_variant: bool, save_pretr
             "tool": TOOL,
             "tool_version": "1",
             "torch_version": torch.__version__.split("+")[0],
+            # Where the last bits come from: the same inputs and weights exported by another torch build or CPU
+            # (its vector instruction set) differ in the last bits of the hidden states (2.5e-8 seen).
+            "torch_build": str(torch.__version__),
+            "torch_cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
             "transformers_version": transformers.__version__,
             "dtype": "fp32",
             "case_id": case_id,

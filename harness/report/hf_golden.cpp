@@ -108,7 +108,7 @@ void refuse_masks_other_than_the_versions(const HfGolden& g) {
 // (config.to_dict(), to_json_string(), save_pretrained, and export_hf.py's copy of the harness's own config), and
 // a class default filled in for one left out may not be the exporting version's: a file without one is not read
 // as some model it may not be. global_head_dim and num_global_key_value_heads may instead be per_layer_config's
-// (5.16 on folds them into it).
+// (5.15 on folds them into it).
 void require_numerics_keys(const nlohmann::json& text, const std::string& path, const std::string& prefix) {
   static const char* const kRequired[] = {
       "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
