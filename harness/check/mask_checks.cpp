@@ -7,6 +7,7 @@
 
 #include "harness/check/checks.h"
 #include "harness/cp/comm.h"
+#include "harness/cp/cp_step.h"
 #include "harness/cp/shard_plan.h"
 #include "harness/model/layer_geometry.h"
 #include "kernels/block_mask_builder.h"
@@ -46,12 +47,15 @@ std::vector<LayerShape> distinct_layers(const model::ModelConfig& m) {
   return out;
 }
 
-// The case's step-0 metadata padded for `cp` (cp-reference §4 pad values).
-kernels::TokenMetadata padded_meta(const train::Batch& b, const cp::ShardPlan& plan) {
+// The case's step-0 metadata padded for `cp` as the CP step pads it (prepare_cp_batch; cp-reference §4 pad values):
+// the checks see the pad values the ring trains with. A tail pad given a real document's id, say, opens that
+// document's keys to pad queries, which attention.parity's padded rows then show.
+kernels::TokenMetadata padded_meta(const train::Case& c, const train::Batch& b, const cp::ShardPlan& plan) {
+  const auto p = cp::prepare_cp_batch(cp::token_batch_of(b), plan, c.model.pad_fill_id());
   kernels::TokenMetadata m;
-  m.document_ids = plan.pad(b.meta.document_ids, 0);
-  m.padding = plan.pad(b.meta.padding, true);
-  if (b.meta.vision_group_ids.defined()) m.vision_group_ids = plan.pad(b.meta.vision_group_ids, -1);
+  m.document_ids = p.document_ids;
+  m.padding = p.padding_mask;
+  m.vision_group_ids = p.vision_group_ids;
   return m;
 }
 
@@ -77,7 +81,7 @@ double rel(const Tensor& a, const Tensor& b) { return kernels::relative_error(a,
 std::vector<CheckResult> check_masks(const train::Case& c, int cp, const cp::RingOptions& ring, BlockMaskMutation mutation) {
   const auto batch = train::batch_for_step(c, 0);
   const cp::ShardPlan plan(c.data.seq_len, cp, case_sharding(c));
-  const auto meta = padded_meta(batch, plan);
+  const auto meta = padded_meta(c, batch, plan);
   const int64_t B = c.data.batch;
   std::vector<CheckResult> out;
   for (int r = 0; r < cp; ++r) {
@@ -128,7 +132,7 @@ nlohmann::json block_mask_grids(const train::Case& c, int cp, const cp::RingOpti
                                 (plan.local_len() + ring.kv_block - 1) / ring.kv_block);
   const int64_t per_chunk = int64_t(segment_pairs(plan, 0, 0).size());
   if (int64_t(layers.size()) * cp * cp * per_chunk > kMaxBlockMaskGrids || side > kMaxBlockMaskGridSide) return nullptr;
-  const auto meta = padded_meta(train::batch_for_step(c, 0), plan);
+  const auto meta = padded_meta(c, train::batch_for_step(c, 0), plan);
   const char kTile[3] = {'E', 'P', 'F'};  // kEmptyBlock, kPartialBlock, kFullBlock
   nlohmann::json grids = nlohmann::json::array();
   for (auto& layer : layers) {
@@ -168,7 +172,7 @@ double padded_rows_max_abs(const Tensor& out, const Tensor& dq, const Tensor& pa
 std::vector<CheckResult> check_attention_parity(const train::Case& c, int cp, const cp::RingOptions& ring_options) {
   const auto batch = train::batch_for_step(c, 0);
   const cp::ShardPlan plan(c.data.seq_len, cp, case_sharding(c));
-  const auto meta = padded_meta(batch, plan);
+  const auto meta = padded_meta(c, batch, plan);
   const int64_t B = c.data.batch, L = plan.local_len(), S = plan.padded_len(), Hq = c.model.num_attention_heads;
   const double threshold = 1e-9;  // fp64: the same math in another order
   struct RankError {

@@ -60,9 +60,6 @@ void all_reduce_gradients(Comm& comm, const std::vector<torch::Tensor>& paramete
   }
 }
 
-namespace {
-
-// The training batch as the shard plan takes it (labels not yet shifted).
 TokenBatch token_batch_of(const train::Batch& batch) {
   TokenBatch full;
   full.input_ids = batch.input_ids;
@@ -73,6 +70,8 @@ TokenBatch token_batch_of(const train::Batch& batch) {
   full.vision_group_ids = batch.meta.vision_group_ids;
   return full;
 }
+
+namespace {
 
 // The perturbed token in a batch already prepared for `plan` (labels shifted on the full sequence).
 BoundaryLabel boundary_label_in(const TokenBatch& prepared, const ShardPlan& plan) {

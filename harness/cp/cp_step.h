@@ -63,6 +63,10 @@ struct CpStepOptions {
   std::function<void(const torch::Tensor& loss)> before_backward;
 };
 
+// A training batch as the shard plan takes it (labels not yet shifted), for prepare_cp_batch: what the CP step
+// pads, shards and trains on.
+TokenBatch token_batch_of(const train::Batch& batch);
+
 // The token the power check perturbs: the first counted target (label != -100 after the full-sequence shift) of
 // the first rank > 0 that holds one, i.e. a token at or near a shard edge; in row 0, else in the first row that
 // has one there. rank -1 when no rank > 0 has one in any row.
