@@ -192,6 +192,12 @@ def vision_mask_rule() -> str:
     return "group_inside_window"
 
 
+def opens_vision_groups(config: Gemma4TextConfig) -> bool:
+    """Gemma4Model.forward opens vision groups only where use_bidirectional_attention is "vision"; any other model
+    gets the plain masks (create_masks_for_generate)."""
+    return getattr(config, "use_bidirectional_attention", None) == "vision"
+
+
 def allowed_mask(inputs: dict, S: int, B: int, window: int | None, vision_bidirectional: bool) -> torch.Tensor:
     i = torch.arange(S).view(1, S, 1)
     j = torch.arange(S).view(1, 1, S)
@@ -223,10 +229,8 @@ def transformers_own_masks(config: Gemma4TextConfig, inputs: dict):
     import transformers.masking_utils as mu
     B, S = inputs["input_ids"].shape
     vg = inputs.get("vision_group_ids")
-    # Gemma4Model.forward opens vision groups only where use_bidirectional_attention is "vision"; any other model
-    # gets the plain masks (create_masks_for_generate), which the builders give for a batch without vision tokens.
-    vision = getattr(config, "use_bidirectional_attention", None) == "vision"
-    mm = (vg >= 0).long() if vg is not None and vision else torch.zeros(B, S, dtype=torch.long)
+    # (A model that opens none gets the plain masks, which the builders give for a batch without vision tokens.)
+    mm = (vg >= 0).long() if vg is not None and opens_vision_groups(config) else torch.zeros(B, S, dtype=torch.long)
     emb = torch.zeros(B, S, 4)
     pad = inputs.get("padding")
     attention_mask = (~pad).long() if pad is not None else None
@@ -286,7 +290,7 @@ def check_masks_are_the_versions(config: Gemma4TextConfig, inputs: dict, case_id
 def additive_masks(config: Gemma4TextConfig, inputs: dict) -> dict:
     """{layer_type: [B, 1, S, S] additive fp32 mask}: 0 where allowed, finfo(fp32).min where blocked (HF eager)."""
     B, S = inputs["input_ids"].shape
-    vision = getattr(config, "use_bidirectional_attention", None) == "vision"
+    vision = opens_vision_groups(config)
     out = {}
     for layer_type in sorted(set(config.layer_types)):
         window = config.sliding_window if layer_type == "sliding_attention" else None

@@ -14,20 +14,22 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <filesystem>
 #include <iostream>
 #include <string>
 #include <vector>
 
 #include "harness/cli/older_reports.h"
+#include "harness/cp/launch_env.h"
 #include "harness/io/directory_lock.h"
 
 namespace {
 
 namespace cli = cpharness::cli;
 
-// Whether this process writes the reports the arguments name: as the core decides it (run_verb), a rank other than
-// 0 of a launched job (mpirun, torchrun, srun) under --comm mpi or nccl does not; help writes nothing.
+// Whether this process writes the reports the arguments name, as the core decides it (run_verb): under --comm mpi
+// or nccl a rank other than 0 of a launched job (mpirun, torchrun, srun) does not; help writes nothing.
 bool writes_reports(const std::vector<std::string>& args) {
   if (!cli::verb_writes_reports(args)) return false;
   for (const auto& a : args)
@@ -38,10 +40,12 @@ bool writes_reports(const std::vector<std::string>& args) {
     else if (args[i].rfind("--comm=", 0) == 0) comm = args[i].substr(7);
   }
   if (args[0] != "run" || comm == "local") return true;
-  // The first launcher's variable found, as cp::detect_launch_env reads them; any value but "0" is another rank.
-  for (const char* var : {"OMPI_COMM_WORLD_RANK", "RANK", "SLURM_PROCID"})
-    if (const char* v = std::getenv(var)) return std::string(v) == "0";
-  return true;
+  try {
+    const auto env = cpharness::cp::detect_launch_env();
+    return !env.launched() || env.rank == 0;
+  } catch (const std::runtime_error&) {
+    return true;  // a malformed launcher variable is the core's usage error, which withdraws them too
+  }
 }
 
 // Removes each report of ours among `paths` (under its directory's lock, as writers take it), returning those removed.

@@ -1,11 +1,6 @@
 // Where this process sits in a multi-rank job, and how `--nproc N` starts one.
 //
-// Rank/world detection (detect_launch_env), first match wins:
-//   mpirun (OpenMPI)  OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE, OMPI_COMM_WORLD_LOCAL_RANK
-//   torchrun          RANK, WORLD_SIZE, LOCAL_RANK (+ MASTER_ADDR, MASTER_PORT)
-//   srun (Slurm)      SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID
-// MASTER_ADDR / MASTER_PORT are read under every launcher (default 127.0.0.1:29500: rendezvous binds to loopback
-// unless told otherwise).
+// Rank/world detection: launch_env.h.
 //
 // --nproc N (relaunch_under_mpirun): the current binary is re-executed as
 //   mpirun -np N --allow-run-as-root --oversubscribe --bind-to none <exe> <args...>
@@ -28,27 +23,9 @@
 #include <vector>
 
 #include "harness/cp/comm.h"
+#include "harness/cp/launch_env.h"
 
 namespace cpharness::cp {
-
-struct LaunchEnv {
-  enum class Source { None, Mpirun, Torchrun, Slurm };
-  Source source = Source::None;
-  int rank = 0;
-  int world_size = 1;
-  int local_rank = 0;
-  std::string master_addr = "127.0.0.1";
-  int master_port = 29500;
-  bool agent_store = false;  // torchrun's agent already serves a TCPStore at MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE)
-
-  bool launched() const { return source != Source::None; }
-};
-const char* launch_source_name(LaunchEnv::Source s);
-
-// Reads the process environment (or `getenv_fn`, for tests). Throws std::runtime_error on malformed values
-// (non-numeric, rank outside [0, world)).
-LaunchEnv detect_launch_env();
-LaunchEnv detect_launch_env(const std::function<const char*(const char*)>& getenv_fn);
 
 // Does `--nproc nproc` with this backend need a relaunch from this process? (mpi/nccl, nproc > 1, and not
 // already under a launcher.)

@@ -204,6 +204,16 @@ void prepare_initial_weights(const train::Case& c) {
   initial_weights().copy_into(m, c.init_seed, c.checkpoint);
 }
 
+namespace {
+
+// The update each final weight took from `initial` (final - initial, per tensor): the scale train.param_parity
+// judges candidates by when `run` is a reference.
+void record_update_norms(LaneRun& run, const std::map<std::string, torch::Tensor>& initial) {
+  for (auto& [name, p] : run.final_params) run.update_norms[name] = (p - initial.at(name)).norm().item<double>();
+}
+
+}  // namespace
+
 LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOptions& options) {
   const auto start = Clock::now();
   train::HostMemoryScope counted;  // this lane's allocations are counted (its activation bytes)
@@ -253,7 +263,7 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
   }
   if (options.record_tensors) {
     run.final_params = model::parameter_copies(m, torch::kFloat64);
-    for (auto& [name, p] : run.final_params) run.update_norms[name] = (p - initial.at(name)).norm().item<double>();
+    record_update_norms(run, initial);
   }
   optimizer.reset();
   m = nullptr;
@@ -395,8 +405,7 @@ LaneRun run_cp(const train::Case& c, train::DtypeLane lane, int n, const RunOpti
   train::release_cached_memory(options.device);
   auto run = assemble_cp_run(c, lane, options.sharding, std::move(ranks),
                              std::chrono::duration<double>(Clock::now() - start).count(), options.device, 1);
-  for (auto& [name, p] : run.final_params)
-    if (auto it = initial.find(name); it != initial.end()) run.update_norms[name] = (p - it->second).norm().item<double>();
+  record_update_norms(run, initial);
   return run;
 }
 
