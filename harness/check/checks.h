@@ -60,6 +60,22 @@ std::vector<CheckResult> check_shard_layout(const train::Case& c, const report::
 // weights, shows it only in its own figures. One result per rank > 0.
 std::vector<CheckResult> check_rank_agreement(const report::LaneRun& candidate);
 
+// train.grad_reduction: the gradients the step trained on (rank 0's, after the all-reduce) are the sum of the ranks'
+// own step-0 gradients within what the summation itself may cost: every element within one rounding to the
+// gradients' dtype of the exact sum, plus the fp32 (fp64 in the fp64 lane) accumulation's own bound, (cp - 1) u of
+// the sum of magnitudes. The parity checks judge the bf16 lane by k x cp 1's error, loose enough to hide a reduction
+// that rounds more than once (a predivide factor: two roundings more); this bound is exact. Needs recorded tensors.
+struct ReductionError {
+  int64_t elements = 0, beyond = 0;  // elements judged, and those past the bound
+  double worst = 0;                  // the largest |reduced - sum| / bound (0 where both are 0)
+  int64_t worst_index = -1;          // its flat index
+};
+// `locals` are the ranks' own gradients of one tensor (values of `dtype`, held in fp64), `reduced` their sum as the
+// step made it (likewise), `dtype` the gradients' own.
+ReductionError reduction_error(const std::vector<torch::Tensor>& locals, const torch::Tensor& reduced,
+                               torch::ScalarType dtype);
+std::vector<CheckResult> check_grad_reduction(const report::LaneRun& candidate);
+
 // ring.rotation_order, ring.grad_return, ring.hop_limit and ring.chunks_held from the candidate's step-0 traces and
 // comm counts. Per layer and micro-batch, with h the layer's ring steps: collect mode: forward h ring exchanges,
 // backward h (replay) and h direct dK/dV returns, h + 1 chunks held; stream mode: forward h, backward 2h (the replay

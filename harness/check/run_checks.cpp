@@ -228,8 +228,8 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
   for (int r = 0; r < n; ++r) {
     const auto& trace = cand.traces.at(size_t(r));
     int64_t wrong_owner = 0, wrong_return = 0, misrouted = 0, wrong_hops = 0, over_held = 0, peak = 0, entries[2] = {0, 0};
-    int64_t wasted = 0;  // chunks computed that hold no allowed pair
-    nlohmann::json first, first_misrouted, per_type = nlohmann::json::object();
+    int64_t wasted = 0;  // attentions computed that hold no allowed pair
+    nlohmann::json first, first_misrouted, first_wasted, per_type = nlohmann::json::object();
     for (auto& e : trace) {
       ++entries[e.pass == "backward"];
       const int h = e.layer >= 0 && e.layer < layers ? steps[size_t(e.layer)] : n - 1;
@@ -261,11 +261,18 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
       t["expected_exchanges_per_pass"] = h;
       t["needed_ring_steps"] = need;
       t["wrong_passes"] = t.value("wrong_passes", 0) + (hops_ok ? 0 : 1);
-      // Under contiguous sharding every key of a later rank comes after every query of this one: on a causal layer
-      // (not vision-bidirectional, whose groups may cross a shard edge) its chunk has no allowed pair and is skipped.
-      if (case_sharding(c) == cp::Sharding::kContiguous && e.layer >= 0 && e.layer < layers &&
-          !c.model.layer_vision_bidirectional(e.layer))
-        for (size_t s = 0; s < e.owners.size() && s < e.computed.size(); ++s) wasted += e.owners[s] > r && e.computed[s];
+      // An attention computed whose every key comes after every query has no allowed pair on a causal layer (not
+      // vision-bidirectional, whose groups may cross a shard edge) and must be skipped: under contiguous sharding a
+      // later rank's chunk, under zigzag also the sub-chunk pairs of a chunk that has work elsewhere. Read from what
+      // was computed, not from what the ring decided.
+      if (e.layer >= 0 && e.layer < layers && !c.model.layer_vision_bidirectional(e.layer))
+        for (const auto& [q_start, q_length, kv_start, kv_length] : e.segments) {
+          const bool empty = kv_start >= q_start + q_length;
+          wasted += empty;
+          if (empty && first_wasted.is_null())
+            first_wasted = {{"layer", e.layer}, {"pass", e.pass}, {"queries", {q_start, q_start + q_length}},
+                            {"keys", {kv_start, kv_start + kv_length}}};
+        }
     }
     const int64_t passes = layers * c.micro_batches;  // per layer and micro-batch: one backward, one or two forwards
     const bool complete = entries[0] == forwards * passes && entries[1] == passes;
@@ -281,8 +288,10 @@ std::vector<CheckResult> check_ring(const train::Case& c, const report::LaneRun&
                                                "distance with an allowed (query, key) pair"}}));
     out.push_back(CheckResult::judge("ring.hop_limit", n, r, "chunks_computed_without_work", double(wasted), 0,
                                      Policy::Count,
-                                     {{"what", "chunks of a later rank (contiguous sharding, causal layers: every key "
-                                               "after every query) computed instead of skipped"}}));
+                                     {{"first_computed_without_work", first_wasted},
+                                      {"what", "attentions computed whose every key comes after every query (causal "
+                                               "layers: a later rank's chunk, or a zigzag sub-chunk pair), instead of "
+                                               "skipped"}}));
     out.push_back(CheckResult::judge("ring.chunks_held", n, r, "passes_over_bound", double(over_held), 0, Policy::Count,
                                      {{"mode", c.ring_mode}, {"peak_chunks", peak},
                                       {"what", "K/V chunks alive on the rank at once, per pass: collect mode all h + 1 "

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <iostream>
+#include <regex>
 
 #include "harness/cli/older_reports.h"
 #include "harness/cli/usage_error.h"
@@ -24,8 +25,10 @@ namespace {
 const CLI::Validator kSeconds(
     [](std::string& value) -> std::string {
       try {
+        // Decimal only: stod also takes " 5", "0x1e" (30 s, not 1e0) and "infinity".
+        static const std::regex decimal(R"(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?)");
         size_t used = 0;
-        const double v = std::stod(value, &used);
+        const double v = std::regex_match(value, decimal) ? std::stod(value, &used) : -1;
         // From a millisecond (waits are counted in them: less would be 0 and time out at once, blaming a rank).
         if (used == value.size() && std::isfinite(v) && v >= 0.001 && v <= 366.0 * 86400) return "";
       } catch (const std::exception&) {

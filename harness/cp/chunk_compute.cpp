@@ -35,6 +35,7 @@ const kernels::BlockMask& ChunkCompute::on_device(const std::shared_ptr<const ke
 
 kernels::AttentionPartial ChunkCompute::forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                                 const std::shared_ptr<const kernels::BlockMask>& mask, double scale) {
+  if (computed_) computed_(*mask);
 #ifdef CPHARNESS_HAVE_CUDA
   if (use_kernel(q))
     return kernels::chunk_attention_forward_cuda(q, k, v, on_device(mask, q.device()), scale, nullptr,
@@ -47,6 +48,7 @@ kernels::ChunkAttentionGrads ChunkCompute::backward(const torch::Tensor& q, cons
                                                     const torch::Tensor& v, const torch::Tensor& out,
                                                     const torch::Tensor& lse, const torch::Tensor& dout,
                                                     const std::shared_ptr<const kernels::BlockMask>& mask, double scale) {
+  if (computed_) computed_(*mask);
 #ifdef CPHARNESS_HAVE_CUDA
   if (use_kernel(q))
     return kernels::chunk_attention_backward_cuda(q, k, v, out, lse, dout, on_device(mask, q.device()), scale, nullptr,

@@ -3,6 +3,7 @@
 // mask and batch, or the same libtorch-ops path as the CPU (the reference and fallback: fp64, or when asked for).
 // The ring calls this and nothing else, so the ring algorithm stays the same on every device.
 #pragma once
+#include <functional>
 #include <map>
 #include <memory>
 
@@ -30,6 +31,9 @@ class ChunkCompute {
   kernels::ChunkAttentionGrads backward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                         const torch::Tensor& out, const torch::Tensor& lse, const torch::Tensor& dout,
                                         const std::shared_ptr<const kernels::BlockMask>& mask, double scale);
+  // Called with the mask of every attention computed, before it runs (the ring's trace records what was computed,
+  // not what the ring meant to compute).
+  void report_to(std::function<void(const kernels::BlockMask&)> computed) { computed_ = std::move(computed); }
   // A new batch: the device copies of the last batch's masks are dropped (as the block-mask cache drops them).
   void new_batch() { device_masks_.clear(); }
   // Device copies made so far in this batch (one per host mask: forward and backward share it).
@@ -40,6 +44,7 @@ class ChunkCompute {
   const kernels::BlockMask& on_device(const std::shared_ptr<const kernels::BlockMask>& mask, const torch::Device& d);
 
   CudaAttentionPath path_;
+  std::function<void(const kernels::BlockMask&)> computed_;
   // Host mask -> its device copy; the host mask is held, so its address is never reused while the entry lives.
   std::map<const kernels::BlockMask*, std::pair<std::shared_ptr<const kernels::BlockMask>, kernels::BlockMask>>
       device_masks_;

@@ -167,10 +167,21 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
     result.local_logits = logits;
     return result;
   }
+  if (step_options.local_gradients) *step_options.local_gradients = model::gradient_copies(model, torch::kFloat64);
+  if (step_options.predivide_gradients) {
+    torch::NoGradGuard no_grad;
+    for (auto& p : model->parameters())
+      if (p.grad().defined()) p.mutable_grad().div_(double(n));
+  }
   {
     CommTimer timer(ring);
     all_reduce_gradients(comm, model->parameters(), step_options.gradient_bucket_elements,
                          step_options.reduce_to_rank_zero_only);
+  }
+  if (step_options.predivide_gradients) {
+    torch::NoGradGuard no_grad;
+    for (auto& p : model->parameters())
+      if (p.grad().defined()) p.mutable_grad().mul_(double(n));
   }
   if (step_options.average_gradients) {  // the mutant: a mean where the global-token normalisation needs a sum
     torch::NoGradGuard no_grad;
@@ -191,10 +202,12 @@ CpTrainer::CpTrainer(Comm& comm, model::Gemma4Model model, const train::Optimize
 
 train::StepResult CpTrainer::step(const train::Batch& batch, CpForwardResult* forward,
                                   std::vector<torch::Tensor>* hidden_states,
-                                  std::map<std::string, torch::Tensor>* gradients) {
+                                  std::map<std::string, torch::Tensor>* gradients,
+                                  std::map<std::string, torch::Tensor>* local_gradients) {
   optimizer_->zero_grad();
   auto options = step_options_;
   options.hidden_states = hidden_states;
+  options.local_gradients = local_gradients;
   auto r = cp_forward_backward(comm_, model_, ring_, batch, ++generation_, options);
   if (forward) *forward = r;
   return finish_step(r.loss, r.counted_tokens, gradients);
@@ -206,8 +219,9 @@ static int64_t counted_targets(const train::Batch& batch) {
 
 train::StepResult CpTrainer::step(const std::vector<train::Batch>& micro_batches, CpForwardResult* forward,
                                   std::vector<torch::Tensor>* hidden_states,
-                                  std::map<std::string, torch::Tensor>* gradients) {
-  if (micro_batches.size() == 1) return step(micro_batches.front(), forward, hidden_states, gradients);
+                                  std::map<std::string, torch::Tensor>* gradients,
+                                  std::map<std::string, torch::Tensor>* local_gradients) {
+  if (micro_batches.size() == 1) return step(micro_batches.front(), forward, hidden_states, gradients, local_gradients);
   if (micro_batches.empty()) throw std::invalid_argument("CpTrainer::step: no micro-batch");
   // Every rank holds every micro-batch whole before sharding, so the step's token count needs no collective.
   int64_t step_tokens = 0;
@@ -222,6 +236,7 @@ train::StepResult CpTrainer::step(const std::vector<train::Batch>& micro_batches
     if (step_options_.micro_batch_mean_of_means)  // the mutant: right only when every micro-batch counts alike
       options.step_counted_tokens = counted_targets(micro_batches[m]) * int64_t(micro_batches.size());
     options.reduce_gradients = m + 1 == micro_batches.size();
+    options.local_gradients = local_gradients;  // recorded by the last, before the sum
     options.drop_boundary_label = step_options_.drop_boundary_label && m == 0;  // one perturbed token per step
     options.hidden_states = hidden_states ? &hidden[m] : nullptr;
     if (step_options_.zero_grad_per_micro_batch) optimizer_->zero_grad();  // the mutant: earlier micro-batches lost

@@ -41,6 +41,12 @@ struct CpStepOptions {
   bool zero_grad_per_micro_batch = false;     // KNOWN-BAD, selftest only: gradients cleared before every micro-batch
   bool micro_batch_mean_of_means = false;     // KNOWN-BAD, selftest only: each micro-batch normalised by its own
                                               // counted tokens (x micro-batches) instead of the step's
+  bool predivide_gradients = false;           // KNOWN-BAD, selftest only: each rank's gradients divided by cp in their
+                                              // own dtype before the sum and multiplied back after (fp16 training's
+                                              // predivide factor): two more roundings in bf16
+  // Receives fp64 copies of this rank's own gradients just before they are summed over the ranks (the last
+  // micro-batch's call; train.grad_reduction holds the sum to them).
+  std::map<std::string, torch::Tensor>* local_gradients = nullptr;
   std::vector<torch::Tensor>* hidden_states = nullptr;  // receives this rank's residual stream per layer
   int64_t loss_chunk_tokens = 0;  // > 0: chunked LM head + cross entropy; local_logits stays undefined
   bool chunked_loss_ignored = false;  // KNOWN-BAD, tests only: loss_chunk_tokens not applied under CP
@@ -102,17 +108,20 @@ class CpTrainer {
             CpStepOptions step_options = {});
   // One optimizer step; `forward`, when given, receives the forward result (local logits, plan), and
   // `hidden_states` this rank's residual stream per layer. Gradients stay readable until the next step.
-  // `gradients`, when given, receives fp64 copies of the all-reduced gradients before clipping and the update.
+  // `gradients`, when given, receives fp64 copies of the all-reduced gradients before clipping and the update,
+  // `local_gradients` fp64 copies of this rank's own before the all-reduce.
   train::StepResult step(const train::Batch& batch, CpForwardResult* forward = nullptr,
                          std::vector<torch::Tensor>* hidden_states = nullptr,
-                         std::map<std::string, torch::Tensor>* gradients = nullptr);
+                         std::map<std::string, torch::Tensor>* gradients = nullptr,
+                         std::map<std::string, torch::Tensor>* local_gradients = nullptr);
   // One optimizer step over micro-batches (gradient accumulation): every micro-batch's loss sum is divided by the
   // global count of counted tokens of all of them, gradients accumulate locally and are summed over the ranks once,
   // the grad norm is taken (and clipping applied) on the sum. `forward` receives the first micro-batch's result with
   // its logits and `hidden_states` its residual stream, each the micro-batches' laid along the batch dimension.
   train::StepResult step(const std::vector<train::Batch>& micro_batches, CpForwardResult* forward = nullptr,
                          std::vector<torch::Tensor>* hidden_states = nullptr,
-                         std::map<std::string, torch::Tensor>* gradients = nullptr);
+                         std::map<std::string, torch::Tensor>* gradients = nullptr,
+                         std::map<std::string, torch::Tensor>* local_gradients = nullptr);
   model::Gemma4Model& model() { return model_; }
   RingAttention& ring() { return ring_; }
 

@@ -205,7 +205,7 @@ kernels::AttentionPartial chunk_forward(const RingContext& ctx, const LayerCall&
     std::vector<kernels::AttentionPartial> parts;
     for (; i < pairs.size() && pairs[i].q_local == q_local; ++i) {
       const auto& p = pairs[i];
-      if (p.work)
+      if (p.work || !ctx.hooks.skips_empty_segment_pairs())
         parts.push_back(ctx.compute.forward(rows(q, q_local, q_seg.length), rows(chunk.k, p.kv_local, p.kv.length),
                                             rows(chunk.v, p.kv_local, p.kv.length), p.mask, call.scale));
     }
@@ -226,7 +226,7 @@ kernels::ChunkAttentionGrads chunk_backward(const RingContext& ctx, const LayerC
   const auto acc = kernels::accumulation_dtype(q.scalar_type());
   kernels::ChunkAttentionGrads g{zeros_like_in(q, acc), zeros_like_in(chunk.k, acc), zeros_like_in(chunk.v, acc)};
   for (auto& p : pairs) {
-    if (!p.work) continue;
+    if (!p.work && ctx.hooks.skips_empty_segment_pairs()) continue;
     const int64_t ql = p.q.length, kl = p.kv.length;
     auto pg = ctx.compute.backward(rows(q, p.q_local, ql), rows(chunk.k, p.kv_local, kl), rows(chunk.v, p.kv_local, kl),
                                    rows(out, p.q_local, ql), lse.narrow(2, p.q_local, ql).contiguous(),
@@ -438,7 +438,9 @@ struct RingOp : model::CallerThreadOp {
 
 RingAttention::RingAttention(Comm& comm, RingOptions options)
     : comm_(comm), options_(options), hooks_(make_ring_hooks(options.mutation)),
-      cache_(kernels::BlockMaskCache::kDefaultCapacity, options.cache_enabled), compute_(options.cuda_attention) {}
+      cache_(kernels::BlockMaskCache::kDefaultCapacity, options.cache_enabled), compute_(options.cuda_attention) {
+  compute_.report_to([this](const kernels::BlockMask& mask) { segment_computed(mask.q_range, mask.kv_range); });
+}
 
 void RingAttention::begin_batch(uint64_t generation, int64_t local_len, Sharding sharding) {
   if (options_.hop_limit && sharding == Sharding::kZigzag)  // a late sub-chunk's window reaches rank r + 1: cp - 1 steps away
@@ -484,6 +486,10 @@ CommWorker& RingAttention::worker() {
 }
 
 const char* to_string(RingMode mode) { return mode == RingMode::kStream ? "stream" : "collect"; }
+
+void RingAttention::segment_computed(const kernels::TokenRange& q, const kernels::TokenRange& kv) {
+  current_.segments.push_back({q.start, q.length, kv.start, kv.length});
+}
 
 void RingAttention::chunk(int owner, bool computed) {
   current_.owners.push_back(owner);

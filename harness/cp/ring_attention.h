@@ -15,6 +15,7 @@
 #include <ctime>
 #include <torch/torch.h>
 
+#include <array>
 #include <chrono>
 #include <memory>
 #include <string>
@@ -71,6 +72,9 @@ struct RingTraceEntry {
   std::string pass;            // "forward" or "backward"
   std::vector<int> owners;     // owner of the chunk processed at ring step s
   std::vector<bool> computed;  // false: no allowed pair in that chunk, compute skipped
+  // Every attention computed in the pass, as ChunkCompute ran it: {query start, length, key start, length} in global
+  // token indices (one per chunk under contiguous sharding, up to four under zigzag: its sub-chunk pairs).
+  std::vector<std::array<int64_t, 4>> segments;
   int64_t ring_exchanges = 0;
   int64_t grad_returns = 0;  // exchanges that returned dK/dV to owners
   // Per dK/dV return of the pass, in order: whose chunk the dK/dV belong to, and the rank they were sent to (the
@@ -93,6 +97,8 @@ class RingObserver {
   virtual void pass_begin(int64_t layer, const char* pass) {}
   // The chunk of `owner` at the next ring step; `computed` false when it has no allowed pair.
   virtual void chunk(int owner, bool computed) {}
+  // An attention of the global query range `q` against the key range `kv` was computed.
+  virtual void segment_computed(const kernels::TokenRange& q, const kernels::TokenRange& kv) {}
   virtual void chunk_forward(int64_t layer, int owner, const kernels::AttentionPartial* partial) {}
   virtual void chunk_backward(int64_t layer, int owner, const kernels::ChunkAttentionGrads& grads) {}
   // One exchange of `bytes` (K/V around the ring, or dK/dV home), and the time this rank was blocked on it.
@@ -120,6 +126,8 @@ int ring_steps(const RingOptions& options, const kernels::LayerGeometry& geometr
 class RingAttention : public model::AttentionBackend, public RingObserver {
  public:
   RingAttention(Comm& comm, RingOptions options = {});
+  RingAttention(const RingAttention&) = delete;  // its ChunkCompute reports to this object
+  RingAttention& operator=(const RingAttention&) = delete;
 
   // Call once per batch before its forward: the generation keys the block-mask cache, `local_len` is S_loc and
   // `sharding` the layout that says which global ranges a rank's tokens are.
@@ -148,6 +156,7 @@ class RingAttention : public model::AttentionBackend, public RingObserver {
   // RingObserver: the trace, the chunk records (when options().record_chunks) and the comm time.
   void pass_begin(int64_t layer, const char* pass) override;
   void chunk(int owner, bool computed) override;
+  void segment_computed(const kernels::TokenRange& q, const kernels::TokenRange& kv) override;
   void chunk_forward(int64_t layer, int owner, const kernels::AttentionPartial* partial) override;
   void chunk_backward(int64_t layer, int owner, const kernels::ChunkAttentionGrads& grads) override;
   void exchanged(int64_t bytes, bool grad_return, double wall_s, double cpu_s) override;

@@ -66,6 +66,10 @@ struct ComputesEmptyChunks : RingHooks {
   bool skips_empty_chunks() const override { return false; }
 };
 
+struct ComputesEmptySegmentPairs : RingHooks {
+  bool skips_empty_segment_pairs() const override { return false; }
+};
+
 }  // namespace
 
 int RingHooks::return_destination(int rank, int distance, int n) const { return ring_owner(rank, distance, n); }
@@ -91,6 +95,7 @@ std::unique_ptr<RingHooks> make_ring_hooks(RingMutation mutation) {
     case RingMutation::kGradReturnToWrongRank: return std::make_unique<GradReturnToWrongRank>();
     case RingMutation::kMasksFromRowZero: return std::make_unique<MasksFromRowZero>();
     case RingMutation::kComputesEmptyChunks: return std::make_unique<ComputesEmptyChunks>();
+    case RingMutation::kComputesEmptySegmentPairs: return std::make_unique<ComputesEmptySegmentPairs>();
   }
   throw std::logic_error("make_ring_hooks: unknown mutation");
 }

@@ -29,6 +29,8 @@ enum class RingMutation {
                                 // padding and vision groups mask every row
   kComputesEmptyChunks,         // chunks with no allowed pair (a later rank's, every key after every query) are
                                 // computed anyway: the causal skip lost (correct numbers: out 0 with LSE -inf)
+  kComputesEmptySegmentPairs,   // zigzag: within a chunk that has work, its (query, key) sub-chunk pairs with none
+                                // are computed anyway (correct numbers, wasted work)
 };
 
 class RingHooks {
@@ -44,6 +46,8 @@ class RingHooks {
   virtual int64_t mask_rows(int64_t rows) const { return rows; }
   // Whether a chunk with no allowed pair is skipped (correct: always).
   virtual bool skips_empty_chunks() const { return true; }
+  // Whether a sub-chunk pair with no allowed pair is skipped inside a chunk that has work (correct: always).
+  virtual bool skips_empty_segment_pairs() const { return true; }
   // Whether a ring in stream mode streams (correct: always; else it runs the collect algorithm).
   virtual bool streams() const { return true; }
   // Whether the streaming forward merges the chunk that arrived for ring step `step` of `steps` (correct: always).

@@ -36,6 +36,9 @@ struct LaneRun {
   torch::Tensor logits;
   std::vector<torch::Tensor> hidden;  // index 0: embeddings, i + 1: after layer i
   std::map<std::string, torch::Tensor> grads;
+  // cp > 1 only: [rank] each rank's own step-0 gradients just before they were summed over the ranks (fp64 copies;
+  // train.grad_reduction holds `grads`, the sum, to them).
+  std::vector<std::map<std::string, torch::Tensor>> local_grads;
   std::map<std::string, torch::Tensor> final_params;  // after the last step
   // A reference's (cp 1) per tensor ‖final − initial‖: the update the run made, by which train.param_parity scales
   // cp N's difference. Empty for a cp N run (and a reference_cp > 1 reference): judged relative to the weights then.
@@ -69,6 +72,7 @@ struct CpRankRecord {
   torch::Tensor logits;               // step 0, this rank's shard, fp64
   std::vector<torch::Tensor> hidden;  // step 0, this rank's shard, fp64
   std::map<std::string, torch::Tensor> grads, final_params;  // rank 0 only
+  std::map<std::string, torch::Tensor> local_grads;  // step 0, this rank's own before the all-reduce, fp64
 };
 
 }  // namespace cpharness::report

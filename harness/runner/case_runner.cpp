@@ -290,6 +290,7 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
   step_options.activation_checkpointing = c.activation_checkpointing;
   step_options.zero_grad_per_micro_batch = options.step_mutation == StepMutation::kZeroGradPerMicroBatch;
   step_options.micro_batch_mean_of_means = options.step_mutation == StepMutation::kMeanOfMicroBatchMeans;
+  step_options.predivide_gradients = options.step_mutation == StepMutation::kGradientsPredivided;
   step_options.loss_chunk_tokens = c.loss_chunk_tokens;
   step_options.chunked_loss_ignored = options.step_mutation == StepMutation::kChunkedLossIgnored;
   if (c.gradient_bucket_elements > 0) step_options.gradient_bucket_elements = c.gradient_bucket_elements;
@@ -311,8 +312,9 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
     const bool record = step == 0 && options.record_tensors;
     // Rank 0 alone resets and reads the device's peak (ranks as threads share one device's allocator).
     StepMeter meter(options.device, rec.rank == 0);
-    std::map<std::string, torch::Tensor> grads;
-    auto result = trainer.step(batch, &fwd, record ? &h : nullptr, record && rec.rank == 0 ? &grads : nullptr);
+    std::map<std::string, torch::Tensor> grads, local_grads;
+    auto result = trainer.step(batch, &fwd, record ? &h : nullptr, record && rec.rank == 0 ? &grads : nullptr,
+                               record ? &local_grads : nullptr);
     TrainingStep figures;
     meter.finish(figures);
     figures.loss = result.loss;
@@ -335,6 +337,7 @@ CpRankRecord run_cp_rank(cp::Comm& comm, const train::Case& c, train::DtypeLane 
         if (fwd.local_logits.defined()) rec.logits = fwd.local_logits.to(torch::kCPU, torch::kFloat64);
         for (auto& t : h) rec.hidden.push_back(t.detach().to(torch::kCPU, torch::kFloat64));
         if (rec.rank == 0) rec.grads = std::move(grads);  // all-reduced: identical on every rank
+        rec.local_grads = std::move(local_grads);
       }
     }
   }
@@ -365,7 +368,10 @@ LaneRun assemble_cp_run(const train::Case& c, train::DtypeLane lane, cp::Shardin
     run.comm_step0.push_back(rec.comm_step0);
     run.token_index.push_back(rec.token_index);
     run.rank_steps.push_back(rec.steps);
+    run.local_grads.push_back(std::move(ranks[size_t(r)].local_grads));
   }
+  // None recorded (tensors not recorded): none to judge. One rank's missing map stays, and fails the check.
+  if (std::all_of(run.local_grads.begin(), run.local_grads.end(), [](auto& m) { return m.empty(); })) run.local_grads.clear();
   const cp::ShardPlan plan(c.data.seq_len, n, sharding);
   if (root.logits.defined()) {
     std::vector<torch::Tensor> logits;

@@ -36,6 +36,8 @@ enum class StepMutation {
   kCandidatesWithoutWeightDecay,  // the cp N runs' AdamW without weight decay (3e-6 of the weights after 3 steps)
   kGradientsReducedToRankZero,    // the reduced gradients copied back on rank 0 only (reduce-to-root): every other rank
                                   // keeps its own shard's gradients
+  kGradientsPredivided,           // each rank's gradients divided by cp in their own dtype before the sum, multiplied
+                                  // back after (a predivide factor): in bf16, two roundings more than the one allowed
 };
 
 // A fault injected into one rank of a cp N run (CPHARNESS_INJECT_FAULT=crash@1 or hang@0:2), to prove that a rank

@@ -34,7 +34,7 @@ json small_fields(const CpRankRecord& r) {
     j["trace"].push_back({{"layer", e.layer}, {"pass", e.pass}, {"owners", e.owners}, {"computed", e.computed},
                           {"ring_exchanges", e.ring_exchanges}, {"grad_returns", e.grad_returns}, {"bytes_sent", e.bytes_sent},
                           {"peak_chunks", e.peak_chunks}, {"posted_s", e.posted_s}, {"waited_s", e.waited_s},
-                          {"returned", grad_returns_json(e.returned)}});
+                          {"returned", grad_returns_json(e.returned)}, {"segments", e.segments}});
   j["comm"] = {r.comm_step0.calls, r.comm_step0.tensors_sent, r.comm_step0.bytes_sent};
   j["gradient_all_reduces"] = r.gradient_all_reduces;
   j["token_index"] = r.token_index;
@@ -60,14 +60,15 @@ std::vector<char> encode_rank_record(const CpRankRecord& r) {
   for (auto& h : r.hidden) hidden.push_back(h);
   std::vector<c10::IValue> items{c10::IValue(small_fields(r).dump()),
                                  r.logits.defined() ? c10::IValue(r.logits) : c10::IValue(),
-                                 c10::IValue(hidden), c10::IValue(dict_of(r.grads)), c10::IValue(dict_of(r.final_params))};
+                                 c10::IValue(hidden), c10::IValue(dict_of(r.grads)), c10::IValue(dict_of(r.final_params)),
+                                 c10::IValue(dict_of(r.local_grads))};
   return torch::pickle_save(c10::ivalue::Tuple::create(std::move(items)));
 }
 
 CpRankRecord decode_rank_record(const std::vector<char>& bytes) {
   const auto value = torch::pickle_load(bytes);
   const auto& items = value.toTupleRef().elements();
-  if (items.size() != 5) throw std::runtime_error("rank record: expected 5 fields");
+  if (items.size() != 6) throw std::runtime_error("rank record: expected 6 fields");
   const auto j = json::parse(items[0].toStringRef());
   CpRankRecord r;
   r.rank = j.at("rank").get<int>();
@@ -88,6 +89,7 @@ CpRankRecord decode_rank_record(const std::vector<char>& bytes) {
     t.peak_chunks = e.at("peak_chunks").get<int64_t>();
     t.posted_s = e.at("posted_s").get<std::vector<double>>();
     t.waited_s = e.at("waited_s").get<std::vector<double>>();
+    t.segments = e.at("segments").get<std::vector<std::array<int64_t, 4>>>();
     r.trace.push_back(std::move(t));
   }
   const auto& c = j.at("comm");
@@ -100,6 +102,7 @@ CpRankRecord decode_rank_record(const std::vector<char>& bytes) {
   for (const auto& h : items[2].toTensorList()) r.hidden.push_back(h);
   r.grads = map_of(items[3]);
   r.final_params = map_of(items[4]);
+  r.local_grads = map_of(items[5]);
   return r;
 }
 

@@ -38,6 +38,7 @@ SuiteOptions mutate(SuiteOptions o, const std::string& name) {
   else if (name == "hop_limit_one_too_many") ring.mutation = cp::RingMutation::kHopLimitOneTooMany;
   else if (name == "cp_gradients_averaged") o.run.step_mutation = StepMutation::kAverageGradients;
   else if (name == "gradients_reduced_to_rank_zero") o.run.step_mutation = StepMutation::kGradientsReducedToRankZero;
+  else if (name == "gradients_predivided_in_bf16") o.run.step_mutation = StepMutation::kGradientsPredivided;
   else if (name == "returned_dkdv_accumulated_in_bf16") ring.mutation = cp::RingMutation::kInputDtypeGradAccumulation;
   else if (name == "zigzag_chunk_order_swapped") o.run.step_mutation = StepMutation::kSwapZigzagHalves;
   else if (name == "micro_batch_gradients_cleared") o.run.step_mutation = StepMutation::kZeroGradPerMicroBatch;
@@ -46,6 +47,7 @@ SuiteOptions mutate(SuiteOptions o, const std::string& name) {
   else if (name == "micro_batch_mean_of_means") o.run.step_mutation = StepMutation::kMeanOfMicroBatchMeans;
   else if (name == "block_masks_from_row_zero") ring.mutation = cp::RingMutation::kMasksFromRowZero;
   else if (name == "empty_chunks_computed") ring.mutation = cp::RingMutation::kComputesEmptyChunks;
+  else if (name == "empty_zigzag_pairs_computed") ring.mutation = cp::RingMutation::kComputesEmptySegmentPairs;
   else if (name == "candidate_adamw_without_weight_decay") o.run.step_mutation = StepMutation::kCandidatesWithoutWeightDecay;
   else throw std::invalid_argument("unknown mutant '" + name + "'");
   return o;
@@ -64,6 +66,10 @@ std::vector<Mutant> selftest_mutants() {
       {"cp_gradients_averaged", "gradients averaged over the ranks instead of summed", "train.grad_norm_parity"},
       {"gradients_reduced_to_rank_zero", "the summed gradients copied back on rank 0 only; the other ranks keep their own",
        "train.rank_agreement"},
+      // Within the bf16 lane's k x cp 1 bounds (it survived them at cp 3); in fp32 the two extra roundings stay
+      // inside the summation's own bound, so it acts in bf16 alone.
+      {"gradients_predivided_in_bf16", "each rank's bf16 gradients divided by cp before the all-reduce and multiplied "
+       "back after (a predivide factor)", "train.grad_reduction", {}, {}, "bf16", "\"dtype\": \"bf16\""},
       // Weight decay moves a weight by lr x wd of itself a step (1e-6 here), a hundredth of what AdamW's step moves
       // it: judged against the weights it hides under fp32_relative, against the update it is plain.
       {"candidate_adamw_without_weight_decay", "the cp N runs' AdamW drops weight decay (the reference keeps 0.01)",
@@ -78,6 +84,10 @@ std::vector<Mutant> selftest_mutants() {
       // work shows it, half of a causal ring's compute.
       {"empty_chunks_computed", "chunks with no allowed pair (a later rank's) computed instead of skipped",
        "ring.hop_limit"},
+      // The same waste inside a chunk: under zigzag a chunk with work has sub-chunk pairs without (a rank's own late
+      // queries against its early keys' mirror), which the chunk-level skip cannot see.
+      {"empty_zigzag_pairs_computed", "zigzag sub-chunk pairs with no allowed pair computed inside chunks that have work",
+       "ring.hop_limit", {}, {}, "zigzag", "\"sharding\": \"zigzag\""},
       {"zigzag_chunk_order_swapped", "each rank's two zigzag sub-chunks laid in the wrong order (the ring masks by the layout)",
        "shard.layout", {}, {}, "zigzag"},
       {"stream_merge_drops_chunk_in_flight", "streaming ring: the chunk that arrives at the last ring step is never merged",
@@ -133,6 +143,8 @@ train::Case selftest_case(const std::string& variant) {
     j["data"]["batch"] = 2;
     j["data"]["rows"] = {nlohmann::json::object(), {{"document_lengths", {6, 12, 13}}, {"padding", 9}}};
     if (variant == "micro_batches") j["micro_batches"] = 2;
+  } else if (variant == "bf16") {
+    j["dtype"] = "bf16";
   } else if (variant == "memory") {
     j["reference_checkpointing"] = true;  // its golden (run_selftest records it) holds the checkpointed memory
   } else if (variant != "default") {

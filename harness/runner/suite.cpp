@@ -91,6 +91,8 @@ std::optional<std::string> never_in_report(const train::Case& c, std::string_vie
   if (check.substr(0, 8) == "kvshare." && c.model.num_kv_shared_layers == 0) return "the model has no KV-shared layers";
   if ((check == "golden.match" || check == "memory.activations") && c.golden.empty())
     return "the case names no golden (key golden; `golden verify CASE F.h5` judges a file)";
+  if (check == "train.grad_reduction" && !c.record_tensors)
+    return "record_tensors is false: the ranks' own gradients are not kept";
   if (check == "hf.parity") return "hf.parity judges goldens exported from transformers, with `cpharness hf-parity`";
   return std::nullopt;
 }
@@ -502,6 +504,7 @@ void judge_phase(const train::Case& c, const RunOptions& run_options, const Suit
     rep.checks.push_back(check::check_trained(candidate, c.trained_exemptions));  // whatever the case selects
     append(rep.checks, c, check::check_shard_layout(c, candidate));
     append(rep.checks, c, check::check_rank_agreement(candidate));
+    append(rep.checks, c, check::check_grad_reduction(candidate));
     append(rep.checks, c, check::check_ring(c, candidate));
     append(rep.checks, c, check::check_cache(c, candidate, u == runs.uncached.end() ? nullptr : &u->second));
     // The fp64 reruns made for this cp size (run_rerun_phase).

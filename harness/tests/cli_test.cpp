@@ -240,7 +240,7 @@ TEST_F(CliTest, UsageErrorsAreExit2) {
   }
   EXPECT_EQ(run_cli("run").exit_code, 2);
   EXPECT_EQ(run_cli("run " + write("g.json", kGoodCase) + " --cp x").exit_code, 2);
-  for (const char* t : {"nan", "-1", "0", "inf", "5s"}) {
+  for (const char* t : {"nan", "-1", "0", "inf", "5s", "0x1e", "infinity", "1e", "."}) {
     auto r = run_cli("run " + write("g.json", kGoodCase) + " --timeout " + t);
     EXPECT_EQ(r.exit_code, 2) << t << ": " << r.output;
     EXPECT_NE(r.output.find("--timeout"), std::string::npos) << r.output;

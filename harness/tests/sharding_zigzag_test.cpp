@@ -98,5 +98,39 @@ TEST(ZigzagSharding, SwappedSubChunksAreCaughtByTheLayoutAndTheParityChecks) {
   EXPECT_GT(loss_failures, 0);    // and the numbers show it: the ring attended the wrong tokens
 }
 
+// Under zigzag a chunk with work holds sub-chunk pairs without any: at ring step 0 a rank's early queries against its
+// own late keys. Skipping them moves no number; computing them is waste the chunk-level skip cannot see, so
+// ring.hop_limit counts the attentions the chunk compute actually ran, by their global ranges.
+TEST(ZigzagSharding, SubChunkPairsWithoutWorkAreSkippedAndComputingThemIsCaught) {
+  const auto c = selftest_case("zigzag");
+  RunOptions o;
+  o.ring.q_block = o.ring.kv_block = 4;
+  o.sharding = cp::Sharding::kZigzag;
+  auto wasted_of = [&](const report::LaneRun& run) {
+    int64_t wasted = 0, checked = 0;
+    for (auto& k : check::check_ring(c, run))
+      if (k.name == "ring.hop_limit" && k.metric == "chunks_computed_without_work") wasted += int64_t(k.observed), ++checked;
+    EXPECT_EQ(checked, run.cp);  // one per rank
+    return wasted;
+  };
+  const auto right = run_cp(c, train::DtypeLane::kFp64, 3, o);
+  int64_t segments = 0, chunks_with_work = 0;
+  for (auto& trace : right.traces)
+    for (auto& e : trace) {
+      for (auto& [q, ql, kv, kl] : e.segments) EXPECT_LT(kv, q + ql) << "layer " << e.layer << " " << e.pass;
+      segments += int64_t(e.segments.size());
+      for (bool w : e.computed) chunks_with_work += w;
+    }
+  EXPECT_GT(chunks_with_work, 0);
+  EXPECT_LT(segments, 4 * chunks_with_work);  // some pairs of chunks with work were skipped
+  EXPECT_EQ(wasted_of(right), 0);
+
+  o.ring.mutation = cp::RingMutation::kComputesEmptySegmentPairs;
+  const auto wasteful = run_cp(c, train::DtypeLane::kFp64, 3, o);
+  EXPECT_GT(wasted_of(wasteful), 0);
+  for (size_t s = 0; s < right.steps.size(); ++s) EXPECT_EQ(wasteful.steps[s].loss, right.steps[s].loss);  // bitwise
+  for (auto& [name, g] : right.grads) EXPECT_TRUE(torch::equal(wasteful.grads.at(name), g)) << name;
+}
+
 }  // namespace
 }  // namespace cpharness::runner

@@ -8,13 +8,13 @@
 
 namespace cpharness::train {
 
-inline constexpr std::array<std::string_view, 23> kCheckNames = {
+inline constexpr std::array<std::string_view, 24> kCheckNames = {
     "mask.dense_slice",       "mask.block_classification", "attention.parity",       "ring.rotation_order",
     "ring.grad_return",       "ring.hop_limit",            "ring.chunks_held",       "shard.layout",
     "kvshare.loss_parity",    "kvshare.bug_detected",      "cache.build_count",      "cache.hit_count",
     "cache.generation_reset", "train.loss_parity",         "train.grad_norm_parity", "train.param_parity",
     "train.trained",          "determinism.repeat_bitwise", "golden.match",          "hf.parity",
-    "power.boundary_label",   "memory.activations",        "train.rank_agreement"};
+    "power.boundary_label",   "memory.activations",        "train.rank_agreement",   "train.grad_reduction"};
 
 inline bool is_check_name(std::string_view name) {
   for (auto n : kCheckNames)
