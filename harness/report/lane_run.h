@@ -40,8 +40,9 @@ struct LaneRun {
   // train.grad_reduction holds `grads`, the sum, to them).
   std::vector<std::map<std::string, torch::Tensor>> local_grads;
   std::map<std::string, torch::Tensor> final_params;  // after the last step
-  // A reference's (cp 1) per tensor ‖final − initial‖: the update the run made, by which train.param_parity scales
-  // cp N's difference. Empty for a cp N run (and a reference_cp > 1 reference): judged relative to the weights then.
+  // A reference's (cp 1, or reference_cp) per tensor ‖final − initial‖: the update the run made, by which
+  // train.param_parity scales cp N's difference. Empty for a candidate (never read) and where tensors were not
+  // recorded: judged relative to the weights then.
   std::map<std::string, double> update_norms;
   // cp > 1 only: [step][rank] counters, [rank] step-0 ring traces and comm stats.
   std::vector<std::vector<kernels::BlockMaskCacheCounters>> cache;

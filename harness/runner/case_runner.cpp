@@ -401,7 +401,7 @@ LaneRun run_cp(const train::Case& c, train::DtypeLane lane, int n, const RunOpti
   // train.param_parity judges a candidate's final weights by (judge_final_params), and its weights would hide a
   // wrong update (a weight decay dropped: 3e-6 of the weights after three steps) under their own size.
   std::map<std::string, torch::Tensor> initial;
-  if (options.record_tensors) initial = model::parameter_copies(models.front(), torch::kFloat64);
+  if (options.record_tensors && options.record_update) initial = model::parameter_copies(models.front(), torch::kFloat64);
   cp::run_local(n, [&](cp::Comm& comm) {
     // On a GPU each rank queues on a stream of its own; the local comm orders what crosses between them.
     train::OwnStream own_stream(options.device);
@@ -411,7 +411,7 @@ LaneRun run_cp(const train::Case& c, train::DtypeLane lane, int n, const RunOpti
   train::release_cached_memory(options.device);
   auto run = assemble_cp_run(c, lane, options.sharding, std::move(ranks),
                              std::chrono::duration<double>(Clock::now() - start).count(), options.device, 1);
-  record_update_norms(run, initial);
+  if (!initial.empty()) record_update_norms(run, initial);
   return run;
 }
 

@@ -62,6 +62,9 @@ struct RunOptions {
   bool use_share_holder = true;      // pass the KV-share holder (matters under cache-gated semantics)
   std::optional<model::KvShareSemantics> semantics;  // override the case's semantics
   bool record_tensors = true;        // step-0 logits, hidden states and gradients
+  // With record_tensors, a ring run that is a reference (reference_cp > 1) records the update each weight took
+  // (update_norms), keeping a copy of the initial weights for it; cp 1 references always do, candidates never need to.
+  bool record_update = false;
   std::chrono::milliseconds timeout{120000};
   std::optional<Fault> fault;        // candidates only
   torch::Device device{torch::kCPU}; // where every run of the case trains (the case's "device" or --device)

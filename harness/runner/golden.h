@@ -1,5 +1,6 @@
 // Goldens: the cp 1 reference of a case as a RunDump (golden/README.md), and checking a run against one.
 #pragma once
+#include <map>
 #include <optional>
 #include <string>
 
@@ -24,6 +25,11 @@ report::RunDump reference_dump(const train::Case& c, const LaneRun& run, const s
 // and inputs only, and verify_golden then judges every value against the fp32 oracle of the case (bf16 rounding
 // moves with the CPU's kernels: a fixed bound would fail on another machine or hide a real regression).
 report::ComparePolicy golden_policy(train::DtypeLane lane);
+
+// The bf16 golden judgement's scale of each entry's error against the fp32 oracle (path -> error): a step's loss,
+// grad norm and parameter norm ("steps/S/grad_norm") take the largest error that figure showed at steps <= S; every
+// other entry keeps its own.
+std::map<std::string, double> per_step_figures_at_their_largest(std::map<std::string, double> errors);
 
 // golden verify: one report case holding golden.match (or the input error that stopped it).
 report::Report run_golden_verify(const std::string& case_path, const std::string& golden_path);

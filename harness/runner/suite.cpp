@@ -302,6 +302,7 @@ LaneRun reference_run(const train::Case& c, train::DtypeLane lane, const RunOpti
   // The candidates' known-bad variants (selftest) never reach the reference, or a bug would agree with itself.
   o.ring.mutation = cp::RingMutation::kNone;
   o.step_mutation = StepMutation::kNone;
+  o.record_update = true;
   return run_cp(k, lane, int(c.reference_cp), o);
 }
 

@@ -197,7 +197,8 @@ TEST(RingChecks, AnUncachedRunThatStillCachesFailsTheBuildCount) {
 }
 
 // A chunk of a later rank holds no allowed pair (contiguous sharding, causal layers): one that is computed anyway
-// (the causal skip lost; no number moves) fails ring.hop_limit on that rank.
+// (the causal skip lost; no number moves) fails ring.hop_limit on that rank. The check reads what the chunk compute
+// ran (the trace's segments), not the ring's decision (`computed`): flipping the decision alone changes nothing.
 TEST(RingChecks, AChunkComputedWithoutWorkFails) {
   const auto c = make_case(true);
   auto run = hop_limited_cp4();
@@ -210,6 +211,12 @@ TEST(RingChecks, AChunkComputedWithoutWorkFails) {
   const size_t later = size_t(std::find(pass->owners.begin(), pass->owners.end(), 3) - pass->owners.begin());
   ASSERT_FALSE(pass->computed.at(later)) << "the correct ring computed a chunk with no allowed pair";
   pass->computed.at(later) = true;
+  EXPECT_EQ(statuses(check::check_ring(c, run), "ring.hop_limit"), std::vector<report::Status>(8, report::Status::Pass));
+  // What the chunk compute records when it runs it: rank 2's queries against the keys right after them (rank 3's).
+  ASSERT_FALSE(pass->segments.empty());
+  const auto own = pass->segments.front();
+  ASSERT_EQ(own[0], own[2]) << "the first attention of a pass is the rank's own chunk";
+  pass->segments.push_back({own[0], own[1], own[0] + own[1], own[1]});
   int failed_on_rank2 = 0, failed_elsewhere = 0;
   for (auto& k : check::check_ring(c, run))
     if (k.name == "ring.hop_limit" && k.status == report::Status::Fail) (k.rank == 2 ? failed_on_rank2 : failed_elsewhere)++;
