@@ -234,9 +234,21 @@ report::CheckResult power_check(const train::Case& c, int n, const check::Tolera
   if (oracle64)
     if (auto cand = runs.candidates.find(n); cand != runs.candidates.end()) unperturbed = judged(first_step(cand->second));
   std::vector<report::CheckResult> seen;
-  for (auto& r : check::beyond_unperturbed(judged(p->second), unperturbed))
+  const auto perturbed = judged(p->second);
+  for (auto& r : check::beyond_unperturbed(perturbed, unperturbed))
     if (wants_check(c, r.name)) seen.push_back(r);
   auto res = check::check_power(n, perturbation, seen, true);
+  // How near the perturbed run came to each selected check's bound: an insensitive case says by how much it missed.
+  nlohmann::json nearest = nlohmann::json::object();
+  for (auto& r : perturbed)
+    if (wants_check(c, r.name) && r.policy != report::Policy::Count && r.threshold > 0 && std::isfinite(r.observed)) {
+      const double share = r.observed / r.threshold;
+      auto& best = nearest[r.name];
+      if (best.is_null() || share > best["observed_over_threshold"].get<double>())
+        best = {{"metric", r.metric}, {"step", r.step ? nlohmann::json(*r.step) : nlohmann::json()},
+                {"observed_over_threshold", share}};
+    }
+  res.details["perturbed_nearest_to_bound"] = nearest;
   if (auto s = runs.perturbed_seconds.find(n); s != runs.perturbed_seconds.end()) res.details["perturbed_run_seconds"] = s->second;
   return res;
 }
