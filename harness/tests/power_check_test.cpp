@@ -64,6 +64,10 @@ TEST(PowerCheck, TheBf16LaneSeesItThroughTheStep0Gradients) {
   ASSERT_EQ(power.size(), 1u);
   EXPECT_EQ(power[0]->status, report::Status::Pass) << power[0]->message;
   EXPECT_NE(power[0]->details["seen_by"].dump().find("train.grad_norm_parity"), std::string::npos) << power[0]->details.dump();
+  // How near the perturbed run came to each selected check's bound: past it where seen, under it where not.
+  const auto& nearest = power[0]->details.at("perturbed_nearest_to_bound");
+  EXPECT_GT(nearest.at("train.grad_norm_parity").at("observed_over_threshold").get<double>(), 1.0) << nearest.dump();
+  EXPECT_LE(nearest.at("train.loss_parity").at("observed_over_threshold").get<double>(), 1.0) << nearest.dump();
   int gradient_results = 0;
   for (auto* k : named(r, "train.grad_norm_parity"))
     if (k->metric == "grad_tensors_worst_ratio_step0") {
