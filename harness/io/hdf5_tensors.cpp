@@ -393,7 +393,11 @@ Hdf5Writer::Hdf5Writer(std::string path, bool replace_existing)
   if (path_.empty()) throw InputError("<empty path>", "", "output path is empty");
   impl_->tmp = detail::temp_path_for(path_);
   Hid fapl(file_access_plist(), H5Pclose);
-  impl_->file = Hid(H5Fcreate(impl_->tmp.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl.get()), H5Fclose);
+  // The root group's header too holds no times (groups and datasets below say so in their own lists): two files
+  // of the same content written a second apart differed in it.
+  Hid fcpl(H5Pcreate(H5P_FILE_CREATE), H5Pclose);
+  H5Pset_obj_track_times(fcpl.get(), false);
+  impl_->file = Hid(H5Fcreate(impl_->tmp.c_str(), H5F_ACC_EXCL, fcpl.get(), fapl.get()), H5Fclose);
   if (!impl_->file.valid()) h5_fail(path_, "", "cannot create temp file " + impl_->tmp);
 }
 
