@@ -25,11 +25,12 @@ double rel_scalar(double a, double b) { return kernels::relative_error(a, b); }
 // runs, which moves with the CPU's kernels (AVX2 against AVX512: 2.5x the golden's noise, 1e-10 of the whole
 // gradient). The floor is one fp32 rounding of the whole gradient's norm, read at the tolerance: a difference below
 // 2^-24 x ‖whole‖ is below what fp32 resolves in the gradient, while any tensor above it keeps the relative bound.
+// relative_error's conventions otherwise (a non-finite error is +inf).
 double gradient_error(const torch::Tensor& a, const torch::Tensor& ref, double floor) {
   const auto a64 = a.to(torch::kFloat64), ref64 = ref.to(torch::kFloat64);
-  const double diff = (a64 - ref64).norm().item<double>(), scale = std::max(ref64.norm().item<double>(), floor);
-  if (std::isnan(diff) || std::isnan(scale)) return NAN;
-  return diff == 0 ? 0.0 : diff / scale;
+  const double e = kernels::relative_error_of_norms((a64 - ref64).norm().item<double>(),
+                                                    std::max(ref64.norm().item<double>(), floor));
+  return std::isfinite(e) ? e : INFINITY;
 }
 
 double whole_norm(const std::map<std::string, torch::Tensor>& grads) {

@@ -87,6 +87,14 @@ BoundaryLabel boundary_label_in(const TokenBatch& prepared, const ShardPlan& pla
   return {};
 }
 
+// Applies `f` in place to every gradient the model holds (the known-bad variants rescale them).
+template <class F>
+void each_gradient(model::Gemma4Model& model, F f) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : model->parameters())
+    if (p.grad().defined()) f(p.mutable_grad());
+}
+
 // KNOWN-BAD (selftest only): the shard's two zigzag halves in the wrong order, on every per-token tensor.
 at::Tensor swap_halves(const at::Tensor& t) {
   if (!t.defined()) return t;
@@ -168,26 +176,15 @@ CpForwardResult cp_forward_backward(Comm& comm, model::Gemma4Model& model, RingA
     return result;
   }
   if (step_options.local_gradients) *step_options.local_gradients = model::gradient_copies(model, torch::kFloat64);
-  if (step_options.predivide_gradients) {
-    torch::NoGradGuard no_grad;
-    for (auto& p : model->parameters())
-      if (p.grad().defined()) p.mutable_grad().div_(double(n));
-  }
+  if (step_options.predivide_gradients) each_gradient(model, [n](torch::Tensor& g) { g.div_(double(n)); });
   {
     CommTimer timer(ring);
     all_reduce_gradients(comm, model->parameters(), step_options.gradient_bucket_elements,
                          step_options.reduce_to_rank_zero_only);
   }
-  if (step_options.predivide_gradients) {
-    torch::NoGradGuard no_grad;
-    for (auto& p : model->parameters())
-      if (p.grad().defined()) p.mutable_grad().mul_(double(n));
-  }
-  if (step_options.average_gradients) {  // the mutant: a mean where the global-token normalisation needs a sum
-    torch::NoGradGuard no_grad;
-    for (auto& p : model->parameters())
-      if (p.grad().defined()) p.mutable_grad().div_(double(comm.size()));
-  }
+  if (step_options.predivide_gradients) each_gradient(model, [n](torch::Tensor& g) { g.mul_(double(n)); });
+  if (step_options.average_gradients)  // the mutant: a mean where the global-token normalisation needs a sum
+    each_gradient(model, [n](torch::Tensor& g) { g.div_(double(n)); });
   result.loss = global_sum / denominator;
   result.local_logits = logits;
   return result;

@@ -112,7 +112,6 @@ namespace {
 // passes when neither is more than k times farther from that oracle than the other, plus a floor of one bf16
 // rounding (2^-8 relative, or the case's bf16_floor if larger). A moved golden, or a fresh run whose bf16 path got
 // worse, is far from the oracle while the other is not, and fails; two CPUs rounding differently do not.
-
 void judge_bf16_against_oracle(const train::Case& c, const report::RunDump& golden, const report::RunDump& fresh,
                                const LaneRun* oracle_run, report::CompareResult& result) {
   auto oracle_case = c;
