@@ -452,7 +452,9 @@ std::optional<std::string> fault_problem(const runner::Fault& f, const std::stri
   if (f.rank >= world)
     return fmt::format("rank {} is not a rank of this run (cp sizes {}: ranks 0 to {}), so the fault would never fire",
                        f.rank, fmt::join(sizes, ", "), world - 1);
-  if (f.at_exit) return std::nullopt;
+  if (f.kind == Kind::kSlow && (f.rank != 0 || spec.find(':') != std::string::npos))
+    return fmt::format("slow acts in the steps of rank 0's cp 1 reference (slow@0); {} would never fire", spec);
+  if (f.at_exit || f.kind == Kind::kSlow) return std::nullopt;
   if (f.kind == Kind::kStop || f.kind == Kind::kThrow) {
     if (f.rank != 0 || spec.find(':') != std::string::npos)
       return fmt::format("{} acts on rank 0 before its cp 1 reference ({}@0) or when a rank's process ends ({}@RANK:exit, "

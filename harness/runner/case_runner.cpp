@@ -71,9 +71,20 @@ void describe_device(LaneRun& run, const train::Case& c, const torch::Device& de
   run.tokens_per_step = c.data.batch * c.data.seq_len;
 }
 
+// slow@0: the reference step idles --timeout, in quarters with a sign of life after each, so that the solo work
+// outlasts --timeout by as much as a test asks on a machine of any speed, while no silence exceeds a step's work.
+void idle_if_slow(const RunOptions& options) {
+  if (!options.fault || options.fault->kind != Fault::Kind::kSlow) return;
+  for (int quarter = 0; quarter < 4; ++quarter) {
+    std::this_thread::sleep_for(options.timeout / 4);
+    if (options.root_alive) options.root_alive();
+  }
+}
+
 }  // namespace
 
 void inject_fault(const Fault& fault) {
+  if (fault.kind == Fault::Kind::kSlow) throw std::logic_error("slow is no point fault: it acts in the reference's steps");
   if (fault.kind == Fault::Kind::kCrash) std::abort();  // a rank that dies without a word
   if (fault.kind == Fault::Kind::kStop) ::raise(SIGSTOP);  // a rank frozen by a debugger, a scheduler, ^Z
   if (fault.kind == Fault::Kind::kThrow)  // a bug nobody planned for: what does the report say?
@@ -91,7 +102,8 @@ Fault parse_fault(const std::string& spec) {
   else if (kind == "hang") f.kind = Fault::Kind::kHang;
   else if (kind == "stop") f.kind = Fault::Kind::kStop;
   else if (kind == "throw") f.kind = Fault::Kind::kThrow;
-  else throw std::invalid_argument("fault kind must be crash, hang, stop or throw, got '" + kind + "'");
+  else if (kind == "slow") f.kind = Fault::Kind::kSlow;
+  else throw std::invalid_argument("fault kind must be crash, hang, stop, throw or slow, got '" + kind + "'");
   const auto rest = spec.substr(at + 1);
   const auto colon = rest.find(':');
   try {
@@ -255,6 +267,7 @@ LaneRun run_reference(const train::Case& c, train::DtypeLane lane, const RunOpti
       run.grads = model::gradient_copies(m, torch::kFloat64);
     }
     train::optimizer_step(*optimizer, c.optimizer, rec.grad_norm);
+    idle_if_slow(options);
     meter.finish(rec);
     report_slow_step(c, lane, 1, step, rec);
     rec.param_norm = param_norm(m);

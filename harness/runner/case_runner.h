@@ -43,8 +43,10 @@ enum class StepMutation {
 // A fault injected into one rank of a cp N run (CPHARNESS_INJECT_FAULT=crash@1 or hang@0:2), to prove that a rank
 // that dies or hangs ends the run within the timeout with exit 2 and an error report naming it.
 struct Fault {
-  // stop: the rank sends itself SIGSTOP (frozen, not dead); throw: an unexpected exception (two lines of text)
-  enum class Kind { kCrash, kHang, kStop, kThrow };
+  // stop: the rank sends itself SIGSTOP (frozen, not dead); throw: an unexpected exception (two lines of text);
+  // slow: rank 0 healthy but slow, its cp 1 reference idling --timeout in each step while it sends signs of life
+  // (solo work that outlasts --timeout on any machine, which the waiting ranks must not call a hang)
+  enum class Kind { kCrash, kHang, kStop, kThrow, kSlow };
   Kind kind = Kind::kCrash;
   int rank = 0;
   int64_t step = 0;  // before this optimizer step's forward
@@ -52,7 +54,8 @@ struct Fault {
 };
 Fault parse_fault(const std::string& spec);  // KIND@RANK[:STEP|:exit]; std::invalid_argument when malformed
 // stop@0 and throw@0 act on rank 0 before its cp 1 reference; crash and hang before a candidate step; any kind
-// with :exit at the very end of the rank's run (`run` acts on it, every step-based point ignores it).
+// but slow with :exit at the very end of the rank's run (`run` acts on it, every step-based point ignores it).
+// slow@0 acts in each step of the reference (run_reference) and is no point fault: inject_fault refuses it.
 [[noreturn]] void inject_fault(const Fault& fault);
 
 struct RunOptions {

@@ -239,6 +239,8 @@ TEST_F(CliReliability, FaultsThatCannotFireOrWouldEndTheProcessAreRefused) {
   const std::pair<const char*, const char*> refused[] = {
       {"stop@1", "--comm mpi"},   {"throw@1", "never fire"},    {"throw@0:1", "never fire"}, {"hang@2", "not a rank"},
       {"hang@1:2", "not a step"}, {"crash@1", "--comm mpi"},    {"stop@0", "--comm mpi"},    {"hang@1:exit", "--comm mpi"},
+      {"slow@1", "slow acts in the steps of rank 0's cp 1 reference"}, {"slow@0:1", "never fire"},
+      {"slow@0:exit", "--comm mpi"},
   };
   for (const auto& [spec, why] : refused) {
     SCOPED_TRACE(spec);
