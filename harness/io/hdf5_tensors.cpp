@@ -646,7 +646,27 @@ uint64_t declared_bytes(const std::vector<int64_t>& shape, size_t element) {
 
 }  // namespace
 
-std::vector<std::string> Hdf5Reader::list_datasets(const std::string& group) const {
+namespace {
+
+// How many hard links name the object (1 for a group named once). 0 when it cannot be read.
+unsigned names_of(hid_t obj) {
+#if H5_VERSION_GE(1, 12, 0)
+  H5O_info2_t info{};
+  if (H5Oget_info3(obj, &info, H5O_INFO_BASIC) < 0) return 0;
+#else
+  H5O_info_t info{};
+  if (H5Oget_info2(obj, &info, H5O_INFO_BASIC) < 0) return 0;
+#endif
+  return info.rc;
+}
+
+}  // namespace
+
+std::vector<std::string> Hdf5Reader::list_datasets(const std::string& group) const { return walk(group).datasets; }
+
+std::vector<std::string> Hdf5Reader::list_groups(const std::string& group) const { return walk(group).groups; }
+
+Hdf5Reader::Walk Hdf5Reader::walk(const std::string& group) const {
   H5Guard guard;
   const std::string norm = normalize(path_, group, true);
   const std::string what = norm.empty() ? "/" : norm;
@@ -665,7 +685,7 @@ std::vector<std::string> Hdf5Reader::list_datasets(const std::string& group) con
   Hid g(H5Gopen2(impl_->file.get(), norm.empty() ? "/" : abs_path(norm).c_str(), H5P_DEFAULT), H5Gclose);
   if (!g.valid()) h5_fail(path_, what, "cannot open group");
   struct Ctx {
-    std::vector<std::string> names;
+    Walk found;
     std::string prefix;
     std::string bad_name, bad_reason;  // why the walk stopped, for the error
   } ctx{{}, norm.empty() ? "" : norm + "/", {}, {}};
@@ -690,14 +710,29 @@ std::vector<std::string> Hdf5Reader::list_datasets(const std::string& group) con
         }
         Hid obj(H5Oopen(gid, name, H5P_DEFAULT), H5Oclose);
         if (!obj.valid()) return -1;
-        if (H5Iget_type(obj.get()) == H5I_DATASET) c->names.push_back(c->prefix + name);
+        const auto type = H5Iget_type(obj.get());
+        if (type == H5I_DATASET) c->found.datasets.push_back(c->prefix + name);
+        if (type == H5I_GROUP) {
+          // H5Lvisit enters a group once, under its first name: the contents under a second name (h5py's
+          // f["steps/1"] = f["steps/0"], or a link back to an ancestor) would be missing, not read twice.
+          if (const unsigned n = names_of(obj.get()); n != 1) {
+            c->bad_name = c->prefix + name;
+            c->bad_reason = n == 0 ? "cannot read the group's header"
+                                   : "is a group with " + std::to_string(n) + " names (hard links to one group: an "
+                                     "alias or a cycle, whose contents would be read under one name only); a tensor "
+                                     "file names each group once";
+            return -1;
+          }
+          c->found.groups.push_back(c->prefix + name);
+        }
         return 0;
       },
       &ctx);
   if (!ctx.bad_reason.empty()) throw InputError(path_, ctx.bad_name, ctx.bad_reason);
   if (r < 0) h5_fail(path_, what, "cannot list group");
-  std::sort(ctx.names.begin(), ctx.names.end());
-  return ctx.names;
+  std::sort(ctx.found.datasets.begin(), ctx.found.datasets.end());
+  std::sort(ctx.found.groups.begin(), ctx.found.groups.end());
+  return ctx.found;
 }
 
 bool Hdf5Reader::has_dataset(const std::string& name) const {

@@ -257,7 +257,22 @@ RunDump read_run_dump_here(const std::string& path) {
       throw unknown("unknown dataset (expected under /inputs, /weights or /steps)");
     }
   }
-  if (dump.steps.empty()) throw io::InputError(path, "/steps", "holds no step (a run dump records at least one step)");
+  // Groups hold what the layout names, even empty: a writer's typo (/step/0 beside /steps) or a step group left
+  // without its datasets is refused, not silently read as nothing.
+  for (const std::string& name : r.list_groups("/")) {
+    const std::vector<std::string> c = split(name);
+    if (c[0] == "steps" && c.size() >= 2 && !parse_index(c[1]))
+      throw io::InputError(path, "/steps/" + c[1], "step name is not a decimal step index");
+    const bool known = (c.size() == 1 && (c[0] == "inputs" || c[0] == "weights" || c[0] == "steps" || c[0] == "provenance")) ||
+                       (c[0] == "steps" && c.size() >= 2 && c.size() <= 3 && parse_index(c[1]) &&
+                        (c.size() == 2 || c[2] == "hidden" || c[2] == "grads"));
+    if (!known)
+      throw io::InputError(path, "/" + name, "unknown group (expected /inputs, /weights, /provenance, /steps/<k>, "
+                                             "/steps/<k>/hidden or /steps/<k>/grads; see golden/README.md)");
+    if (c.size() == 2) has_loss.emplace(*parse_index(c[1]), false);  // a step group with no loss is missing it
+  }
+  if (dump.steps.empty() && has_loss.empty())
+    throw io::InputError(path, "/steps", "holds no step (a run dump records at least one step)");
   for (const auto& [k, ok] : has_loss)
     if (!ok) throw io::InputError(path, fmt::format("/steps/{}/loss", k), "missing: every step records its loss");
   return dump;

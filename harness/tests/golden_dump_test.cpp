@@ -459,6 +459,47 @@ TEST(GoldenDump, ALinkOrANumberIsNamedForWhatItIsNotCalledMissing) {
   }
 }
 
+// Groups are part of the layout too. HDF5 enters a group once, under its first name, so a group with two names (an
+// alias of a step, a link back to an ancestor) left data unread; an unknown or empty group was accepted as nothing.
+TEST(GoldenDump, UnknownEmptyOrAliasedGroupsAreRefusedByName) {
+  TempDir dir;
+  RunDump d;
+  d.provenance = {{"kind", "golden"}, {"case_id", "c"}};
+  d.steps[0].loss = 1.0;
+  d.steps[0].grads["w"] = torch::ones({2});
+  const std::vector<std::tuple<std::string, std::string, std::string>> refused = {
+      {"f['steps/1'] = f['steps/0']", "steps/0", "is a group with 2 names"},
+      {"f['steps/0/back'] = f['steps']", "steps/0/back", "is a group with 2 names"},
+      {"f['steps/0/grads/root'] = f['/']", "steps/0/grads/root", "is a group with 2 names"},
+      {"f.create_group('stepz')", "/stepz", "unknown group"},
+      {"f.create_group('steps/0/grad')", "/steps/0/grad", "unknown group"},
+      {"f.create_group('steps/0/grads/w2')", "/steps/0/grads/w2", "unknown group"},
+      {"f.create_group('steps/x')", "/steps/x", "not a decimal step index"},
+      {"f.create_group('steps/3')", "/steps/3/loss", "missing"},
+  };
+  for (const auto& [spoil, subject, why] : refused) {
+    SCOPED_TRACE(spoil);
+    const std::string path = dir.file("dump.h5");
+    write_run_dump(path, d);
+    ASSERT_TRUE(spoil_with_h5py(dir, path, spoil));
+    try {
+      (void)read_run_dump(path);
+      ADD_FAILURE() << "accepted";
+    } catch (const io::InputError& e) {
+      EXPECT_EQ(e.subject(), subject) << e.what();
+      EXPECT_NE(e.reason().find(why), std::string::npos) << e.what();
+    }
+  }
+  // The groups the layout names may be empty: a writer that makes /inputs and /weights before it has anything for
+  // them wrote a valid file.
+  const std::string path = dir.file("dump.h5");
+  write_run_dump(path, d);
+  ASSERT_TRUE(spoil_with_h5py(dir, path, "f.create_group('inputs'); f.create_group('weights'); f.create_group('steps/0/hidden')"));
+  const auto back = read_run_dump(path);
+  EXPECT_EQ(back.steps.size(), 1u);
+  EXPECT_EQ(back.steps.at(0).grads.size(), 1u);
+}
+
 // A damaged file crashed the HDF5 library inside this process (memcpy from a flipped global-heap length, free() of a
 // wild pointer in a link table): 3 of 50 random byte flips of a golden did. Every read is an InputError or a dump,
 // never a crash: this test's process would die. Flips of 1 to 64 bits, half of them in the metadata at the front.
