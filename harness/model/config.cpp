@@ -443,14 +443,16 @@ void ModelConfig::validate(const std::string& source, const std::string& key_pre
     if (num_attention_heads % layer_kv_heads(i))
       throw InputError(source, key("num_key_value_heads"), fmt::format("layer {}: {} heads not a multiple of {} KV heads", i, num_attention_heads, layer_kv_heads(i)));
   if (attention_k_eq_v && !num_global_key_value_heads)
-    throw InputError(source, key("num_global_key_value_heads"), "required when attention_k_eq_v is true");
+    throw InputError(source, key("num_global_key_value_heads"), "required when attention_k_eq_v is true (transformers before 5.16 fail without it; "
+                     "later ones give the full layers num_key_value_heads: write that number for their model)");
   if (!layer_types.empty() && layer_types.back() != LayerType::kFull)
     throw InputError(source, key("layer_types"),
                      fmt::format("the last layer ({}) must be full_attention: transformers forces it so (a config.json saying "
                                  "otherwise is read as transformers reads it)", num_hidden_layers - 1));
   // Every layer shared: no layer computes the K/V they would reuse (transformers refuses such a config too).
   if (num_kv_shared_layers < 0 || num_kv_shared_layers >= num_hidden_layers)
-    throw InputError(source, key("num_kv_shared_layers"), fmt::format("{} outside [0, {}]", num_kv_shared_layers, num_hidden_layers - 1));
+    throw InputError(source, key("num_kv_shared_layers"), fmt::format("{} outside [0, {}]{}", num_kv_shared_layers, num_hidden_layers - 1,
+                                 num_kv_shared_layers > 0 ? ": with every layer shared no layer computes the K/V they reuse" : ""));
   for (int64_t i = 0; i < num_hidden_layers; ++i)
     if (is_kv_shared(i) && kv_source_layer(i) < 0)
       throw InputError(source, key("num_kv_shared_layers"), fmt::format("shared layer {} ({}) has no earlier layer of its type", i, layer_type_name(layer_types[i])));

@@ -71,6 +71,10 @@ TEST(CaseValidation, ValuesThatCannotMeanAnythingAreRefusedNamingTheKey) {
   json unicode = good_case();
   unicode["id"] = "e4b-\xc3\xa9t\xc3\xa9-\xe2\x80\x94";  // accents and an em dash are fine
   EXPECT_NO_THROW(train::case_from_json(unicode, "v.json"));
+  // A row of padding only (it was named as a document length the case never wrote), and every layer KV-shared.
+  expect_refused("all padding", [](json& j) { j["data"]["padding"] = 24; }, "data.padding");
+  expect_refused("every layer shared", [](json& j) { j["model"]["overrides"] = {{"num_kv_shared_layers", 1000}}; },
+                 "model.overrides.num_kv_shared_layers");
   expect_refused("no cp", [](json& j) { j["cp"] = json::array(); }, "cp");
   expect_refused("a cp size twice", [](json& j) { j["cp"] = {2, 3, 2}; }, "cp[2]");  // ran and counted twice
   expect_refused("huge steps", [](json& j) { j["steps"] = int64_t(1) << 62; }, "steps");

@@ -23,6 +23,8 @@ void lay_out_row(const RowLayout& layout, int64_t b, int64_t S, const std::strin
   const int64_t valid = S - layout.padding;
   if (layout.padding < 0 || layout.padding > S)
     throw io::InputError("batch", field + "padding", fmt::format("{} outside [0, {}]", layout.padding, S));
+  if (valid == 0)  // (it was reported as a document length the user never wrote)
+    throw io::InputError("batch", field + "padding", fmt::format("{} = seq_len leaves the row no real token", S));
   std::vector<int64_t> docs = layout.document_lengths;
   if (docs.empty()) docs.push_back(valid);
   int64_t total = 0;
