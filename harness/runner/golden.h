@@ -21,10 +21,11 @@ report::RunDump reference_dump(const train::Case& c, const std::string& kind);
 // The same from a reference run already made (with its tensors recorded).
 report::RunDump reference_dump(const train::Case& c, const LaneRun& run, const std::string& kind);
 
-// The policy a golden of `lane` is verified with: fp32 relative 1e-5 (fp64: the same); bf16 compares structure
+// The policy a golden of the case is verified with: fp32 relative 1e-5; fp64 the case's own fp32_relative (its lane's
+// tolerance, 1e-10 in tiny-e4b-fp64); bf16 compares structure
 // and inputs only, and verify_golden then judges every value against the fp32 oracle of the case (bf16 rounding
 // moves with the CPU's kernels: a fixed bound would fail on another machine or hide a real regression).
-report::ComparePolicy golden_policy(train::DtypeLane lane);
+report::ComparePolicy golden_policy(const train::Case& c);
 
 // The bf16 golden judgement's scale of each entry's error against the fp32 oracle (path -> error): a step's loss,
 // grad norm and parameter norm ("steps/S/grad_norm") take the largest error that figure showed at steps <= S; every

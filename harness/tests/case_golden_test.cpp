@@ -2,6 +2,7 @@
 // reference. cp N against cp 1 cannot see a bug both runs share (a mask rule, the RoPE, a norm); the stored
 // reference can. A golden that moved fails the case, naming the tensor; a golden of another case, or a missing
 // file, is bad input.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <hdf5.h>
 
@@ -76,6 +77,32 @@ GoldenRun run_with_golden(const std::string& case_path) {
   }
   g.golden = *found[0];
   return g;
+}
+
+// An fp64 golden is judged at the lane's own tolerance: a loss 1e-8 off (one more fp32 rounding in code cp 1 and
+// cp N share, as RoPE frequencies computed in fp64 and rounded to fp32: 6e-8) fails there, and fp64 rounding
+// (1e-13) does not; the fp32 lane's 1e-5 lets the same 1e-8 through.
+TEST(CaseGolden, AnFp64GoldenIsJudgedAtTheLanesOwnTolerance) {
+  TempDir dir;
+  auto nudge = [](double by) {
+    return [by](report::RunDump& d) { d.steps.at(0).loss *= 1.0 + by; };
+  };
+  struct Want {
+    const char* lane;
+    double by;
+    bool passes;
+  };
+  for (const Want& w : {Want{"fp64", 1e-8, false}, Want{"fp64", 1e-13, true}, Want{"fp32", 1e-8, true}}) {
+    SCOPED_TRACE(std::string(w.lane) + " nudged by " + fmt::format("{:g}", w.by));
+    auto j = case_json(R"({"golden": "g.h5"})");
+    j["dtype"] = w.lane;
+    if (std::string(w.lane) == "fp64") j["tolerances"] = {{"fp32_relative", 1e-10}};
+    const auto path = write_case(dir, j);
+    record_golden(path, dir.file("g.h5"), nudge(w.by));
+    const auto g = run_with_golden(path);
+    ASSERT_TRUE(g.golden.has_value());
+    EXPECT_EQ(g.golden->status == report::Status::Pass, w.passes) << g.golden->message;
+  }
 }
 
 // A bf16 step figure's error against the oracle is one draw that swings tenfold between steps: it is scaled by the
