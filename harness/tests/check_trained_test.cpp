@@ -25,6 +25,25 @@ report::LaneRun run_of(std::vector<std::pair<double, double>> loss_and_grad_norm
   return r;
 }
 
+// The bounds are what cases/README.md says, at every cp size: a bound loosened in code (a scale that ignores
+// cp_growth is 1 + log2(cp): 2x at cp 2, 3x at cp 4) passes every parity check and shows nowhere else.
+TEST(Tolerances, BoundsAreTheDocumentedFormulaAtEveryCpSize) {
+  const check::Tolerances fixed;  // the defaults: fp32 1e-5, bf16 2 x cp 1's error + 1e-3, no growth with cp
+  for (int cp : {1, 2, 3, 4, 8, 16}) {
+    SCOPED_TRACE(cp);
+    EXPECT_EQ(fixed.scale(cp), 1.0);
+    EXPECT_EQ(fixed.fp32(cp), 1e-5);
+    EXPECT_EQ(fixed.bf16(0.01, cp), 2 * 0.01 + 1e-3);
+    EXPECT_EQ(fixed.fp32_oracle(1e-4, cp), 2 * 1e-4 + 1e-5);
+  }
+  check::Tolerances growing;
+  growing.cp_growth = 0.5;  // x (1 + 0.5 log2 cp)
+  EXPECT_EQ(growing.scale(1), 1.0);
+  EXPECT_EQ(growing.scale(2), 1.5);
+  EXPECT_EQ(growing.scale(4), 2.0);
+  EXPECT_EQ(growing.fp32(16), 1e-5 * 3.0);
+}
+
 TEST(CheckTrained, ARunThatTrainedPasses) {
   EXPECT_EQ(check_trained(run_of({{4.85, 0.3}, {4.80, 0.29}, {4.77, 0.31}})).status, report::Status::Pass);
   EXPECT_EQ(check_trained(run_of({{4.85, 0.3}})).status, report::Status::Pass);  // one step: no movement to ask for
