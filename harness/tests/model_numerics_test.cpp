@@ -38,6 +38,25 @@ TEST(ModelNumerics, EmbeddingScaleIsRoundedToBf16) {
   EXPECT_NEAR(embedding_multiplier(std::sqrt(1536.0), torch::kFloat32).item<float>(), 39.19183731f, 1e-5);
 }
 
+// Both embeddings are scaled by that bf16-rounded multiplier, as HF's ScaledWordEmbedding does (embed_scale cast to
+// the weight dtype). sqrt(P) of the per-layer inputs is no bf16 value (sqrt(8) -> 2.828125): a plain double scale
+// there moved bf16 per-layer inputs by 1e-4 and was caught by one noisy entry of one golden only.
+TEST(ModelNumerics, Bf16EmbeddingsAreScaledByTheBf16RoundedMultiplier) {
+  auto c = preset_config("tiny-e4b");
+  ASSERT_TRUE(c.has_per_layer_inputs());
+  Gemma4Model m(c);
+  m->to(torch::kBFloat16);
+  torch::NoGradGuard no_grad;
+  m->embed_tokens_per_layer->weight.normal_();  // (a model is built with zero weights; init fills them)
+  const int64_t P = c.hidden_size_per_layer_input;
+  auto ids = torch::randint(0, c.vocab_size_per_layer_input, {2, 5}, torch::kInt64);
+  const auto rounded = torch::tensor(float(std::sqrt(double(P)))).to(torch::kBFloat16);  // the fp32 scale, then bf16
+  ASSERT_NE(rounded.item<double>(), std::sqrt(double(P))) << "a P whose root is a bf16 value cannot tell the two apart";
+  auto expected = (m->embed_tokens_per_layer->weight.index_select(0, ids.flatten()) * rounded)
+                      .reshape({2, 5, c.num_hidden_layers, P});
+  EXPECT_TRUE(torch::equal(m->per_layer_token_inputs(ids), expected));
+}
+
 TEST(ModelNumerics, DefaultRopeRotatesNonInterleavedPairs) {
   RopeConfig rope{"default", 10000.0, 1.0, 1.0};
   auto inv = rope_inverse_frequencies(rope, 4);  // [1, 1e-2]
