@@ -389,6 +389,22 @@ with h5py.File(sys.argv[1], "w") as f:
   return ::testing::AssertionFailure() << statement << ": " << io::testing::read_bytes(log);
 }
 
+// `d` written, then spoiled by the h5py statement `spoil`: reading it is an InputError naming `subject` for `why`.
+void expect_refused_once_spoiled(const TempDir& dir, const RunDump& d, const std::string& spoil, const std::string& subject,
+                                 const std::string& why) {
+  SCOPED_TRACE(spoil);
+  const std::string path = dir.file("dump.h5");
+  write_run_dump(path, d);
+  ASSERT_TRUE(spoil_with_h5py(dir, path, spoil));
+  try {
+    (void)read_run_dump(path);
+    ADD_FAILURE() << "accepted";
+  } catch (const io::InputError& e) {
+    EXPECT_EQ(e.subject(), subject) << e.what();
+    EXPECT_NE(e.reason().find(why), std::string::npos) << e.what();
+  }
+}
+
 // ---------- compare ----------
 
 // Provenance values are strings (golden/README.md). A number h5py stored (attrs["case_id"] = 7) used to be skipped
@@ -444,19 +460,7 @@ TEST(GoldenDump, ALinkOrANumberIsNamedForWhatItIsNotCalledMissing) {
       {"f['steps']['7'] = h5py.SoftLink('/steps/0')", "steps/7", "is a soft link"},
       {"f.attrs['layout_version'] = np.int64(1)", "/@layout_version", "stored as integer"},
   };
-  for (const auto& [spoil, subject, why] : cases) {
-    SCOPED_TRACE(spoil);
-    const std::string path = dir.file("dump.h5");
-    write_run_dump(path, d);
-    ASSERT_TRUE(spoil_with_h5py(dir, path, spoil));
-    try {
-      (void)read_run_dump(path);
-      ADD_FAILURE() << "accepted";
-    } catch (const io::InputError& e) {
-      EXPECT_EQ(e.subject(), subject) << e.what();
-      EXPECT_NE(e.reason().find(why), std::string::npos) << e.what();
-    }
-  }
+  for (const auto& [spoil, subject, why] : cases) expect_refused_once_spoiled(dir, d, spoil, subject, why);
 }
 
 // Groups are part of the layout too. HDF5 enters a group once, under its first name, so a group with two names (an
@@ -477,19 +481,7 @@ TEST(GoldenDump, UnknownEmptyOrAliasedGroupsAreRefusedByName) {
       {"f.create_group('steps/x')", "/steps/x", "not a decimal step index"},
       {"f.create_group('steps/3')", "/steps/3/loss", "missing"},
   };
-  for (const auto& [spoil, subject, why] : refused) {
-    SCOPED_TRACE(spoil);
-    const std::string path = dir.file("dump.h5");
-    write_run_dump(path, d);
-    ASSERT_TRUE(spoil_with_h5py(dir, path, spoil));
-    try {
-      (void)read_run_dump(path);
-      ADD_FAILURE() << "accepted";
-    } catch (const io::InputError& e) {
-      EXPECT_EQ(e.subject(), subject) << e.what();
-      EXPECT_NE(e.reason().find(why), std::string::npos) << e.what();
-    }
-  }
+  for (const auto& [spoil, subject, why] : refused) expect_refused_once_spoiled(dir, d, spoil, subject, why);
   // The groups the layout names may be empty: a writer that makes /inputs and /weights before it has anything for
   // them wrote a valid file.
   const std::string path = dir.file("dump.h5");
