@@ -662,11 +662,9 @@ unsigned names_of(hid_t obj) {
 
 }  // namespace
 
-std::vector<std::string> Hdf5Reader::list_datasets(const std::string& group) const { return walk(group).datasets; }
+std::vector<std::string> Hdf5Reader::list_datasets(const std::string& group) const { return contents(group).datasets; }
 
-std::vector<std::string> Hdf5Reader::list_groups(const std::string& group) const { return walk(group).groups; }
-
-Hdf5Reader::Walk Hdf5Reader::walk(const std::string& group) const {
+Hdf5Reader::Contents Hdf5Reader::contents(const std::string& group) const {
   H5Guard guard;
   const std::string norm = normalize(path_, group, true);
   const std::string what = norm.empty() ? "/" : norm;
@@ -685,7 +683,7 @@ Hdf5Reader::Walk Hdf5Reader::walk(const std::string& group) const {
   Hid g(H5Gopen2(impl_->file.get(), norm.empty() ? "/" : abs_path(norm).c_str(), H5P_DEFAULT), H5Gclose);
   if (!g.valid()) h5_fail(path_, what, "cannot open group");
   struct Ctx {
-    Walk found;
+    Contents found;
     std::string prefix;
     std::string bad_name, bad_reason;  // why the walk stopped, for the error
   } ctx{{}, norm.empty() ? "" : norm + "/", {}, {}};

@@ -93,8 +93,12 @@ class Hdf5Reader {
   // A missing group (or one that is a dataset) is an InputError, and so is a group below it with more than one name
   // (a hard link to a group: a cycle or an alias, whose contents a walk would see under one name only).
   std::vector<std::string> list_datasets(const std::string& group = "/") const;
-  // Every group strictly below `group`, the same way (empty ones included: a layout may refuse them by name).
-  std::vector<std::string> list_groups(const std::string& group = "/") const;
+  // Every dataset and every group strictly below `group` (empty groups included: a layout may refuse them by name),
+  // from one walk with list_datasets' rules.
+  struct Contents {
+    std::vector<std::string> datasets, groups;
+  };
+  Contents contents(const std::string& group = "/") const;
   bool has_dataset(const std::string& name) const;
   DatasetInfo info(const std::string& name) const;
   // Reads one dataset as an owned contiguous CPU tensor in its stored dtype. With `expected`, a different stored
@@ -111,11 +115,6 @@ class Hdf5Reader {
   const std::string& path() const { return path_; }
 
  private:
-  struct Walk {
-    std::vector<std::string> datasets, groups;
-  };
-  Walk walk(const std::string& group) const;  // list_datasets and list_groups in one visit
-
   struct Impl;
   std::string path_;
   std::unique_ptr<Impl> impl_;

@@ -218,7 +218,8 @@ RunDump read_run_dump_here(const std::string& path) {
   }
 
   std::map<std::int64_t, bool> has_loss;
-  for (const std::string& name : r.list_datasets("/")) {
+  const auto found = r.contents("/");
+  for (const std::string& name : found.datasets) {
     const std::vector<std::string> c = split(name);
     const std::string where = "/" + name;
     auto unknown = [&](const std::string& why) { return io::InputError(path, where, why + " (see golden/README.md)"); };
@@ -259,7 +260,7 @@ RunDump read_run_dump_here(const std::string& path) {
   }
   // Groups hold what the layout names, even empty: a writer's typo (/step/0 beside /steps) or a step group left
   // without its datasets is refused, not silently read as nothing.
-  for (const std::string& name : r.list_groups("/")) {
+  for (const std::string& name : found.groups) {
     const std::vector<std::string> c = split(name);
     if (c[0] == "steps" && c.size() >= 2 && !parse_index(c[1]))
       throw io::InputError(path, "/steps/" + c[1], "step name is not a decimal step index");
